@@ -1,0 +1,383 @@
+//! Configuration (contract §9): `config/default.toml`, then `config/local.toml`,
+//! then `--config FILE`, then `TXNFLOW__SECTION__KEY` environment variables.
+//!
+//! The defaults file is compiled in, so it is the single place where a key
+//! and its default are written. An environment value is parsed with the type
+//! of the key's default, so `TXNFLOW__KAFKA__BROKERS=a:1` stays text while
+//! `TXNFLOW__BUFFER__MAX_RECORDS=x` is refused, naming the key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The compiled-in defaults: every key, with a comment.
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "TXNFLOW__";
+const LOCAL_FILE: &str = "config/local.toml";
+
+/// A configuration that cannot be used. `key` is the dotted path of the culprit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { key: key.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub shutdown_timeout_ms: u64,
+    pub kafka: KafkaConfig,
+    pub buffer: BufferConfig,
+    pub predict: PredictConfig,
+    pub breaker: BreakerConfig,
+    pub db: DbConfig,
+    pub s3: S3Config,
+    pub admin: AdminConfig,
+    pub chaos: ChaosConfig,
+    pub ml_api: MlApiConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub dlq_topic: String,
+    pub predictions_topic: String,
+    pub session_timeout_ms: u64,
+    pub partitions: i32,
+    pub auto_offset_reset: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    pub max_records: usize,
+    pub max_wait_ms: u64,
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictConfig {
+    pub url: String,
+    pub batch_size: usize,
+    pub concurrency: usize,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    pub default_model_version: String,
+    pub categories: Vec<String>,
+    pub backfill_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    pub failure_rate: f64,
+    pub window: usize,
+    pub half_open_probes: usize,
+    pub open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbConfig {
+    pub url: String,
+    pub pool_size: u32,
+    pub auto_migrate: bool,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlApiConfig {
+    pub listen: SocketAddr,
+    pub error_rate: f64,
+    pub latency_ms: u64,
+    pub malformed_rate: f64,
+    pub drop_rate: f64,
+    pub extended: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Loads the layers from the process environment and working directory.
+    pub fn load(config_file: Option<&Path>) -> Result<Config, ConfigError> {
+        let local = Path::new(LOCAL_FILE);
+        let local = local.exists().then_some(local);
+        Config::from_layers(local.into_iter().chain(config_file), std::env::vars())
+    }
+
+    /// Loads the defaults, then each file in order, then the environment.
+    pub fn from_layers<'a>(
+        files: impl IntoIterator<Item = &'a Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let defaults: toml::Table = DEFAULTS_TOML.parse().expect("config/default.toml is valid TOML");
+        let mut merged = defaults.clone();
+        for file in files {
+            let name = file.display().to_string();
+            let text =
+                std::fs::read_to_string(file).map_err(|e| ConfigError::new(&name, format!("cannot read file: {e}")))?;
+            let table: toml::Table =
+                text.parse().map_err(|e| ConfigError::new(&name, format!("not valid TOML: {e}")))?;
+            merge(&mut merged, table);
+        }
+        let mut overrides: Vec<(String, String)> =
+            env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
+        overrides.sort();
+        for (name, value) in overrides {
+            apply_env(&defaults, &mut merged, &name, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|error| {
+            let key = error.path().to_string();
+            ConfigError::new(key, error.into_inner().to_string())
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rules that types alone cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let positive = |key: &str, value: u64| {
+            if value == 0 { Err(ConfigError::new(key, "must be greater than 0")) } else { Ok(()) }
+        };
+        let share = |key: &str, value: f64| {
+            if (0.0..=1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(key, format!("must be in [0, 1], got {value}")))
+            }
+        };
+        let http_url = |key: &str, value: &str| {
+            if value.starts_with("http://") || value.starts_with("https://") {
+                Ok(())
+            } else {
+                Err(ConfigError::new(key, format!("must be an http:// or https:// URL, got {value:?}")))
+            }
+        };
+        let non_empty = |key: &str, value: &str| {
+            if value.trim().is_empty() { Err(ConfigError::new(key, "must not be empty")) } else { Ok(()) }
+        };
+        non_empty("kafka.brokers", &self.kafka.brokers)?;
+        non_empty("kafka.topic", &self.kafka.topic)?;
+        non_empty("kafka.group_id", &self.kafka.group_id)?;
+        non_empty("kafka.dlq_topic", &self.kafka.dlq_topic)?;
+        positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
+        positive("kafka.partitions", self.kafka.partitions.max(0) as u64)?;
+        if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return Err(ConfigError::new("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\""));
+        }
+        positive("buffer.max_records", self.buffer.max_records as u64)?;
+        positive("buffer.max_wait_ms", self.buffer.max_wait_ms)?;
+        if self.buffer.capacity < self.buffer.max_records {
+            return Err(ConfigError::new("buffer.capacity", "must be at least buffer.max_records"));
+        }
+        http_url("predict.url", &self.predict.url)?;
+        positive("predict.batch_size", self.predict.batch_size as u64)?;
+        positive("predict.concurrency", self.predict.concurrency as u64)?;
+        positive("predict.timeout_ms", self.predict.timeout_ms)?;
+        positive("predict.retry_initial_backoff_ms", self.predict.retry_initial_backoff_ms)?;
+        positive("predict.backfill_interval_ms", self.predict.backfill_interval_ms)?;
+        non_empty("predict.default_model_version", &self.predict.default_model_version)?;
+        if self.predict.categories.is_empty() {
+            return Err(ConfigError::new("predict.categories", "must name at least one category"));
+        }
+        share("breaker.failure_rate", self.breaker.failure_rate)?;
+        positive("breaker.window", self.breaker.window as u64)?;
+        positive("breaker.half_open_probes", self.breaker.half_open_probes as u64)?;
+        positive("breaker.open_ms", self.breaker.open_ms)?;
+        if !self.db.url.starts_with("postgres://") && !self.db.url.starts_with("postgresql://") {
+            return Err(ConfigError::new("db.url", "must be a postgres:// URL"));
+        }
+        positive("db.pool_size", u64::from(self.db.pool_size))?;
+        positive("db.connect_timeout_ms", self.db.connect_timeout_ms)?;
+        http_url("s3.endpoint", &self.s3.endpoint)?;
+        non_empty("s3.bucket", &self.s3.bucket)?;
+        share("ml_api.error_rate", self.ml_api.error_rate)?;
+        share("ml_api.malformed_rate", self.ml_api.malformed_rate)?;
+        share("ml_api.drop_rate", self.ml_api.drop_rate)?;
+        Ok(())
+    }
+}
+
+/// Deep-merges `overlay` into `base`: tables merge, any other value replaces.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `TXNFLOW__SECTION__KEY=value`, typed like the key's default.
+fn apply_env(defaults: &toml::Table, merged: &mut toml::Table, name: &str, text: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+    let dotted = path.join(".");
+    let unknown = || ConfigError::new(format!("{dotted} (from {name})"), "unknown key");
+    let (leaf, sections) = path.split_last().ok_or_else(unknown)?;
+    let mut default_table = defaults;
+    let mut target = merged;
+    for section in sections {
+        default_table = default_table.get(section).and_then(toml::Value::as_table).ok_or_else(unknown)?;
+        target = target.get_mut(section).and_then(toml::Value::as_table_mut).ok_or_else(unknown)?;
+    }
+    let default = default_table.get(leaf).ok_or_else(unknown)?;
+    let bad = |expected: &str| {
+        ConfigError::new(format!("{dotted} (from {name})"), format!("expected {expected}, got {text:?}"))
+    };
+    let value = match default {
+        toml::Value::String(_) => toml::Value::String(text.to_string()),
+        toml::Value::Integer(_) => toml::Value::Integer(text.trim().parse().map_err(|_| bad("an integer"))?),
+        toml::Value::Float(_) => toml::Value::Float(text.trim().parse().map_err(|_| bad("a number"))?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(text.trim().parse().map_err(|_| bad("true or false"))?),
+        toml::Value::Array(_) => {
+            // A TOML array (`["a", "b"]`) or a comma-separated list (`a,b`).
+            match format!("v = {text}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")) {
+                Some(array @ toml::Value::Array(_)) => array,
+                _ => toml::Value::Array(
+                    text.split(',').map(|item| toml::Value::String(item.trim().to_string())).collect(),
+                ),
+            }
+        }
+        toml::Value::Table(_) => {
+            return Err(ConfigError::new(format!("{dotted} (from {name})"), "is a section, not a key"));
+        }
+        toml::Value::Datetime(_) => toml::Value::String(text.to_string()),
+    };
+    target.insert(leaf.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load_with(files: &[&Path], pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_layers(files.iter().copied(), env(pairs))
+    }
+
+    #[test]
+    fn the_defaults_are_complete_and_valid() {
+        let config = load_with(&[], &[]).unwrap();
+        assert_eq!(config.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(config.kafka.group_id, "txnflow");
+        assert_eq!(config.db.url, "postgres://txnflow:txnflow@127.0.0.1:5432/txnflow");
+        assert_eq!(config.predict.categories.len(), 15);
+        assert_eq!(config.admin.listen.to_string(), "127.0.0.1:8088");
+    }
+
+    #[test]
+    fn environment_overrides_are_typed_by_the_default() {
+        let config = load_with(
+            &[],
+            &[
+                ("TXNFLOW__KAFKA__BROKERS", "k1:9092,k2:9092"),
+                ("TXNFLOW__BUFFER__MAX_RECORDS", "42"),
+                ("TXNFLOW__CHAOS__ENABLED", "true"),
+                ("TXNFLOW__ML_API__ERROR_RATE", "0.25"),
+                ("TXNFLOW__PREDICT__CATEGORIES", "Food, Rent"),
+                ("TXNFLOW__SHUTDOWN_TIMEOUT_MS", "5"),
+                ("OTHER", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(config.buffer.max_records, 42);
+        assert!(config.chaos.enabled);
+        assert_eq!(config.ml_api.error_rate, 0.25);
+        assert_eq!(config.predict.categories, ["Food", "Rent"]);
+        assert_eq!(config.shutdown_timeout_ms, 5);
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let error = load_with(&[], &[("TXNFLOW__KAFKA__BROKER", "x")]).unwrap_err();
+        assert_eq!(error.key, "kafka.broker (from TXNFLOW__KAFKA__BROKER)");
+        let error = load_with(&[], &[("TXNFLOW__BUFFER__MAX_RECORDS", "many")]).unwrap_err();
+        assert!(error.to_string().starts_with("configuration key `buffer.max_records"), "{error}");
+        let error = load_with(&[], &[("TXNFLOW__BUFFER__MAX_RECORDS", "0")]).unwrap_err();
+        assert_eq!(error.key, "buffer.max_records");
+        let error = load_with(&[], &[("TXNFLOW__ADMIN__LISTEN", "nowhere")]).unwrap_err();
+        assert_eq!(error.key, "admin.listen");
+        let error = load_with(&[], &[("TXNFLOW__BREAKER__FAILURE_RATE", "1.5")]).unwrap_err();
+        assert_eq!(error.key, "breaker.failure_rate");
+    }
+
+    #[test]
+    fn files_layer_in_order_and_unknown_file_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("txnflow-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = dir.join("first.toml");
+        let second = dir.join("second.toml");
+        std::fs::write(&first, "[buffer]\nmax_records = 7\nmax_wait_ms = 9\n").unwrap();
+        std::fs::write(&second, "[buffer]\nmax_records = 8\n").unwrap();
+        let config = load_with(&[&first, &second], &[]).unwrap();
+        assert_eq!((config.buffer.max_records, config.buffer.max_wait_ms), (8, 9));
+
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "[db]\npool_sise = 3\n").unwrap();
+        let error = load_with(&[&typo], &[]).unwrap_err();
+        assert_eq!(error.key, "db.pool_sise");
+
+        let wrong_type = dir.join("wrong_type.toml");
+        std::fs::write(&wrong_type, "[db]\npool_size = \"four\"\n").unwrap();
+        assert_eq!(load_with(&[&wrong_type], &[]).unwrap_err().key, "db.pool_size");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

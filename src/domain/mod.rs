@@ -1,0 +1,18 @@
+//! The business rules of txnflow, as plain functions with no I/O.
+//!
+//! Every record that enters the pipeline, from Kafka or from a CSV file, goes
+//! through these rules: [`event::decode_event`] or [`csv_rules::CsvLayout`]
+//! turn bytes into a [`validation::RawTransaction`], [`validation::validate`]
+//! turns that into a [`transaction::Transaction`] with its canonical
+//! [`identity`], and [`prediction::check_answer`] decides which items of an ML
+//! API answer can be trusted. The actors only move these values around.
+
+pub mod amount;
+pub mod categories;
+pub mod csv_rules;
+pub mod event;
+pub mod identity;
+pub mod prediction;
+pub mod timestamp;
+pub mod transaction;
+pub mod validation;

@@ -1,0 +1,23 @@
+//! txnflow: classifies financial transactions from a Kafka stream or CSV
+//! files, with an ML prediction API, into PostgreSQL, losing nothing.
+//!
+//! - [`domain`]: the business rules, pure functions with no I/O.
+//! - [`config`]: layered configuration (contract §9).
+//! - [`db`], [`kafka`], [`s3`]: adapters to the outside world.
+//! - [`ml_api`]: the reference prediction server and its fault knobs.
+//! - [`produce`]: the simulated producers.
+//! - [`actors`]: the supervised actix pipeline (`actors/` at the crate root).
+
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod kafka;
+pub mod ml_api;
+pub mod produce;
+pub mod s3;
+
+#[path = "../actors/mod.rs"]
+pub mod actors;
+
+/// `txnflow/<version>`, as the DLQ's `service` header and logs name us.
+pub const SERVICE: &str = concat!("txnflow/", env!("CARGO_PKG_VERSION"));

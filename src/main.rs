@@ -1,0 +1,170 @@
+//! The `txnflow` command line (contract §9).
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use txnflow::config::{Config, LogFormat};
+use txnflow::{db, kafka, ml_api, produce, s3};
+
+/// Exit status of a configuration that cannot be used (contract §9).
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "txnflow", version, about = "Classifies financial transactions, losing nothing.")]
+struct Cli {
+    /// A TOML file layered over config/default.toml and config/local.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending database migrations (harmless when up to date).
+    Migrate,
+    /// Create what the pipeline needs: topics, the bucket, the schema.
+    Setup,
+    /// Simulate the seed system's two producers on the input topic.
+    Produce(ProduceArgs),
+    /// Run the reference ML prediction server.
+    MlApi(MlApiArgs),
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    /// One steady producer at this many records per second, instead of the seed's two.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop after this many records.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Share of malformed records (bad JSON, missing field, bad amount, bad side, bad timestamp).
+    #[arg(long, default_value_t = 0.0)]
+    invalid_ratio: f64,
+    /// Replay this CSV file instead of generating records.
+    #[arg(long, value_name = "FILE.csv")]
+    from: Option<PathBuf>,
+    /// Seed of the generator, for reproducible runs.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Topic to write to (default: kafka.topic).
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+#[derive(Args)]
+struct MlApiArgs {
+    /// Listen address (default: ml_api.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Share of requests answered 500.
+    #[arg(long)]
+    error_rate: Option<f64>,
+    /// Milliseconds added to every answer.
+    #[arg(long)]
+    latency_ms: Option<u64>,
+    /// Share of answers that are not valid JSON.
+    #[arg(long)]
+    malformed_rate: Option<f64>,
+    /// Share of items left out of each answer.
+    #[arg(long)]
+    drop_rate: Option<f64>,
+    /// Also answer confidence_score and model_version.
+    #[arg(long)]
+    extended: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("txnflow: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    init_logging(&config);
+    match run(cli.command, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("txnflow: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => migrate(&config),
+        Command::Setup => {
+            tokio_runtime()?.block_on(async {
+                kafka::ensure_topics(&config.kafka, &kafka::pipeline_topics(&config.kafka)).await?;
+                println!("topics ready: {:?}", kafka::pipeline_topics(&config.kafka));
+                s3::ensure_bucket(&s3::client(&config.s3), &config.s3.bucket).await?;
+                println!("bucket ready: {}", config.s3.bucket);
+                anyhow::Ok(())
+            })?;
+            migrate(&config)
+        }
+        Command::Produce(args) => {
+            if !(0.0..=1.0).contains(&args.invalid_ratio) {
+                anyhow::bail!("--invalid-ratio must be in [0, 1], got {}", args.invalid_ratio);
+            }
+            let options = produce::ProduceOptions {
+                rate: args.rate,
+                count: args.count,
+                invalid_ratio: args.invalid_ratio,
+                from: args.from,
+                seed: args.seed,
+                topic: args.topic,
+            };
+            let delivered = tokio_runtime()?.block_on(produce::run(&config.kafka, options))?;
+            println!("produced {delivered} records");
+            Ok(())
+        }
+        Command::MlApi(args) => {
+            let mut faults = ml_api::Faults::from_config(&config.ml_api);
+            faults.error_rate = args.error_rate.unwrap_or(faults.error_rate);
+            faults.latency_ms = args.latency_ms.unwrap_or(faults.latency_ms);
+            faults.malformed_rate = args.malformed_rate.unwrap_or(faults.malformed_rate);
+            faults.drop_rate = args.drop_rate.unwrap_or(faults.drop_rate);
+            faults.extended |= args.extended;
+            let listen = args.listen.unwrap_or(config.ml_api.listen);
+            actix_rt::System::new().block_on(async move {
+                let running = ml_api::start(listen, faults)?;
+                tracing::info!(address = %running.address, ?faults, "ml-api listening");
+                running.server.await?;
+                anyhow::Ok(())
+            })
+        }
+    }
+}
+
+fn migrate(config: &Config) -> anyhow::Result<()> {
+    let mut connection = db::connect(&config.db.url)?;
+    let applied = db::migrate(&mut connection)?;
+    if applied.is_empty() {
+        println!("schema up to date");
+    } else {
+        println!("applied migrations: {}", applied.join(", "));
+    }
+    Ok(())
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

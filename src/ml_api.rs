@@ -1,0 +1,227 @@
+//! `txnflow ml-api`: the reference prediction server (contract §4).
+//!
+//! It answers what the seed system's FastAPI server answered, byte for byte:
+//! a compact JSON array of `{"transaction_id","category"}` with the category
+//! given by CPython's UUID hash ([`crate::domain::categories`]). An invalid
+//! item makes the whole request fail with 422, as pydantic validation did.
+//!
+//! Fault knobs make it misbehave on purpose for failure tests: errors, added
+//! latency, malformed answers and dropped items. They are set at start and
+//! changed at runtime with `POST /faults`.
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::config::MlApiConfig;
+use crate::domain::categories::{REFERENCE_MODEL_VERSION, reference_category, reference_confidence};
+use crate::domain::timestamp::parse_timestamp;
+
+/// The fault knobs. Rates are shares in [0, 1], drawn per request (per item
+/// for `drop_rate`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    pub error_rate: f64,
+    pub latency_ms: u64,
+    pub malformed_rate: f64,
+    pub drop_rate: f64,
+    /// Answer `confidence_score` and `model_version` too.
+    pub extended: bool,
+}
+
+impl Faults {
+    pub fn from_config(config: &MlApiConfig) -> Faults {
+        Faults {
+            error_rate: config.error_rate,
+            latency_ms: config.latency_ms,
+            malformed_rate: config.malformed_rate,
+            drop_rate: config.drop_rate,
+            extended: config.extended,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (name, rate) in
+            [("error_rate", self.error_rate), ("malformed_rate", self.malformed_rate), ("drop_rate", self.drop_rate)]
+        {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{name} must be in [0, 1], got {rate}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A partial update of the knobs: `POST /faults {"error_rate": 0.5}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsUpdate {
+    error_rate: Option<f64>,
+    latency_ms: Option<u64>,
+    malformed_rate: Option<f64>,
+    drop_rate: Option<f64>,
+    extended: Option<bool>,
+}
+
+type SharedFaults = Arc<RwLock<Faults>>;
+
+#[derive(Serialize)]
+struct PredictionItem<'a> {
+    transaction_id: Uuid,
+    category: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    confidence_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_version: Option<&'a str>,
+}
+
+/// One validation error, in FastAPI's `{"detail": [...]}` shape.
+#[derive(Serialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    loc: (&'static str, usize, &'static str),
+    msg: String,
+}
+
+/// Checks one request item as the seed's pydantic model did: every key
+/// present, `merchant` may be null, types right, the timestamp a date-time.
+fn check_item(index: usize, item: &serde_json::Value, errors: &mut Vec<ErrorDetail>) -> Option<Uuid> {
+    use serde_json::Value;
+    let mut error = |field: &'static str, kind: &'static str, msg: String| {
+        errors.push(ErrorDetail { kind, loc: ("body", index, field), msg });
+    };
+    let Some(object) = item.as_object() else {
+        error("item", "model_type", "Input should be an object".to_string());
+        return None;
+    };
+    let mut id = None;
+    for field in ["id", "description", "amount", "timestamp", "merchant", "operation_type", "side"] {
+        match (field, object.get(field)) {
+            (_, None) => error(field, "missing", "Field required".to_string()),
+            ("id", Some(Value::String(text))) => match Uuid::try_parse(text) {
+                Ok(parsed) => id = Some(parsed),
+                Err(e) => error(field, "uuid_parsing", format!("Input should be a valid UUID, {e}")),
+            },
+            ("amount", Some(value)) if !value.is_number() => {
+                error(field, "float_type", "Input should be a valid number".to_string())
+            }
+            ("timestamp", Some(Value::String(text))) if parse_timestamp(text).is_err() => {
+                error(field, "datetime_from_date_parsing", "Input should be a valid datetime".to_string())
+            }
+            ("merchant", Some(Value::Null | Value::String(_))) => {}
+            ("amount", Some(_)) | (_, Some(Value::String(_))) => {}
+            (_, Some(_)) => error(field, "string_type", "Input should be a valid string".to_string()),
+        }
+    }
+    id
+}
+
+async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpResponse {
+    let faults = *faults.read().expect("faults lock");
+    if faults.latency_ms > 0 {
+        actix_rt::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    let mut rng = rand::rng();
+    if rng.random_bool(faults.error_rate) {
+        return HttpResponse::InternalServerError().json(serde_json::json!({"detail": "injected fault: error_rate"}));
+    }
+    let items: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(serde_json::Value::Array(items)) => items,
+        Ok(_) => {
+            return unprocessable(vec![ErrorDetail {
+                kind: "list_type",
+                loc: ("body", 0, "body"),
+                msg: "Input should be a valid list".into(),
+            }]);
+        }
+        Err(e) => {
+            return unprocessable(vec![ErrorDetail {
+                kind: "json_invalid",
+                loc: ("body", 0, "body"),
+                msg: format!("JSON decode error: {e}"),
+            }]);
+        }
+    };
+    let mut errors = Vec::new();
+    let ids: Vec<Option<Uuid>> =
+        items.iter().enumerate().map(|(index, item)| check_item(index, item, &mut errors)).collect();
+    if !errors.is_empty() {
+        return unprocessable(errors);
+    }
+    if rng.random_bool(faults.malformed_rate) {
+        // A cut-off answer, as from a proxy that dropped the connection.
+        return HttpResponse::Ok().content_type("application/json").body("[{\"transaction_id\": \"");
+    }
+    let answer: Vec<PredictionItem<'_>> = ids
+        .into_iter()
+        .flatten()
+        .filter(|_| !rng.random_bool(faults.drop_rate))
+        .map(|id| PredictionItem {
+            transaction_id: id,
+            category: reference_category(id),
+            confidence_score: faults.extended.then(|| reference_confidence(id)),
+            model_version: faults.extended.then_some(REFERENCE_MODEL_VERSION),
+        })
+        .collect();
+    HttpResponse::Ok().json(answer)
+}
+
+fn unprocessable(detail: Vec<ErrorDetail>) -> HttpResponse {
+    HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": detail }))
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "model_version": REFERENCE_MODEL_VERSION}))
+}
+
+async fn get_faults(faults: web::Data<SharedFaults>) -> HttpResponse {
+    HttpResponse::Ok().json(*faults.read().expect("faults lock"))
+}
+
+async fn set_faults(update: web::Json<FaultsUpdate>, faults: web::Data<SharedFaults>) -> HttpResponse {
+    let mut current = faults.write().expect("faults lock");
+    let next = Faults {
+        error_rate: update.error_rate.unwrap_or(current.error_rate),
+        latency_ms: update.latency_ms.unwrap_or(current.latency_ms),
+        malformed_rate: update.malformed_rate.unwrap_or(current.malformed_rate),
+        drop_rate: update.drop_rate.unwrap_or(current.drop_rate),
+        extended: update.extended.unwrap_or(current.extended),
+    };
+    if let Err(message) = next.check() {
+        return HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": message }));
+    }
+    *current = next;
+    tracing::info!(?next, "fault knobs changed");
+    HttpResponse::Ok().json(next)
+}
+
+/// A running server: its bound address (port 0 picks a free one) and handle.
+pub struct RunningServer {
+    pub address: SocketAddr,
+    pub server: actix_web::dev::Server,
+}
+
+/// Binds and starts the server; `.server` resolves when it stops.
+pub fn start(listen: SocketAddr, faults: Faults) -> anyhow::Result<RunningServer> {
+    faults.check().map_err(|message| anyhow::anyhow!(message))?;
+    let shared: SharedFaults = Arc::new(RwLock::new(faults));
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(shared.clone()))
+            .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
+            .route("/predict", web::post().to(predict))
+            .route("/health", web::get().to(health))
+            .route("/faults", web::get().to(get_faults))
+            .route("/faults", web::post().to(set_faults))
+    })
+    .bind(listen)
+    .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let address = *server.addrs().first().ok_or_else(|| anyhow::anyhow!("no address bound"))?;
+    Ok(RunningServer { address, server: server.shutdown_timeout(5).run() })
+}
