@@ -1,1 +1,10 @@
-//! Integration tests against the real local stack (`make up`).
+//! Integration tests against the real local stack (`make up`): PostgreSQL,
+//! the Kafka-API broker, S3 and the reference ML API. One test binary for
+//! every area keeps link time down.
+
+mod cli;
+mod helpers;
+mod migrations;
+mod ml_api;
+mod produce;
+mod stack;

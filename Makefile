@@ -1,0 +1,35 @@
+# txnflow: the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+TXNFLOW := target/debug/txnflow
+
+.PHONY: help up down status run test test-unit test-integration lint bench-ml-api
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+up: ## Start the local stack (PostgreSQL, Tansu, SeaweedFS, ML API), installing what is missing
+	@scripts/stack.sh up
+
+down: ## Stop what `make up` started
+	@scripts/stack.sh down
+
+status: ## Show which services run and answer
+	@scripts/stack.sh status
+
+run: up ## Start the stack and the two simulated producers (Ctrl-C stops them)
+	@echo "[run] producing simulated traffic to topic 'transactions' (Ctrl-C to stop)"
+	@$(TXNFLOW) produce
+
+test: up ## Run every test: lint, unit, and integration against the local stack
+	@echo "[test] clippy and fmt"
+	@cargo fmt --all -- --check
+	@cargo clippy --all-targets -- -D warnings
+	@echo "[test] unit and integration tests (cargo nextest)"
+	@cargo nextest run --no-fail-fast
+
+test-unit: ## Unit tests only (no stack needed)
+	@cargo nextest run --lib
+
+bench-ml-api: ## Throughput of the reference ML API in batches of 100
+	@cargo bench --bench ml_api

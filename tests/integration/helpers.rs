@@ -1,0 +1,191 @@
+//! Test fixtures: each test gets its own database, its own topics and, when
+//! it needs fault knobs, its own ML API server, so tests run in parallel and
+//! never share state. Everything is real: the local stack of `make up`.
+
+use diesel::pg::PgConnection;
+use diesel::sql_types::Text;
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use txnflow::config::{Config, KafkaConfig};
+
+/// The stack's administrative database URL (the role may create databases).
+pub fn admin_db_url() -> String {
+    std::env::var("TXNFLOW_TEST_DB_URL").unwrap_or_else(|_| "postgres://txnflow:txnflow@127.0.0.1:5432/txnflow".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("TXNFLOW_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The default configuration, as the tests' starting point.
+pub fn default_config() -> Config {
+    Config::from_layers([], []).expect("defaults are valid")
+}
+
+/// A database of its own, dropped when the test ends.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub fn create() -> TestDatabase {
+        let name = format!("txnflow_test_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::establish(&admin_db_url()).expect("the stack's PostgreSQL answers (make up)");
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
+        let base = admin_db_url();
+        let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+        TestDatabase { name, url }
+    }
+
+    pub fn connect(&self) -> PgConnection {
+        PgConnection::establish(&self.url).unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&admin_db_url()) {
+            let _ =
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin);
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct JsonRow {
+    #[diesel(sql_type = Text)]
+    row: String,
+}
+
+/// Runs a query and returns each row as a JSON object, for exact assertions.
+pub fn query_json(connection: &mut PgConnection, sql: &str) -> Vec<serde_json::Value> {
+    diesel::sql_query(format!("SELECT row_to_json(q)::text AS row FROM ({sql}) q"))
+        .load::<JsonRow>(connection)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .map(|r| serde_json::from_str(&r.row).unwrap())
+        .collect()
+}
+
+/// A topic name no other test uses, created with `partitions` partitions.
+pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    let name = format!("test-{prefix}-{}", Uuid::new_v4().simple());
+    txnflow::kafka::ensure_topics(&kafka_config(), &[(&name, partitions)]).await.expect("the stack's broker answers");
+    name
+}
+
+pub fn kafka_config() -> KafkaConfig {
+    KafkaConfig { brokers: brokers(), ..default_config().kafka }
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub partition: i32,
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// Reads `expected` records from every partition of `topic`, from the start,
+/// without a consumer group (Tansu's group join is slow and not under test).
+/// Fails after `deadline` with what it has read, and reads briefly past the
+/// expected count so that extra records are seen too.
+pub fn read_topic(topic: &str, partitions: i32, expected: usize, deadline: Duration) -> Vec<ReadRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("reader-{}", Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let started = Instant::now();
+    let mut records = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    while started.elapsed() < deadline {
+        if records.len() >= expected {
+            let until = *settle_until.get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            records.push(ReadRecord {
+                partition: message.partition(),
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                value: message.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    records
+}
+
+/// The `txnflow` binary built with this test run.
+pub fn txnflow() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_txnflow"));
+    // Tests set what they need; the developer's local overrides must not leak in.
+    command.current_dir(std::env::temp_dir()).env_remove("RUST_LOG");
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("TXNFLOW__")) {
+        command.env_remove(name);
+    }
+    command
+}
+
+pub fn run(command: &mut Command) -> Output {
+    command.output().expect("txnflow runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Starts a reference ML API of this test's own on a free port.
+pub fn spawn_ml_api(faults: txnflow::ml_api::Faults) -> SocketAddr {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let running = txnflow::ml_api::start("127.0.0.1:0".parse().unwrap(), faults).unwrap();
+            sender.send(running.address).unwrap();
+            let _ = running.server.await;
+        })
+    });
+    receiver.recv_timeout(Duration::from_secs(10)).expect("the ML API starts")
+}
+
+pub fn no_faults() -> txnflow::ml_api::Faults {
+    txnflow::ml_api::Faults { error_rate: 0.0, latency_ms: 0, malformed_rate: 0.0, drop_rate: 0.0, extended: false }
+}
+
+/// A port that was free a moment ago, for servers started as processes.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The seed system's sample file, read from the shared folder (never copied).
+pub fn seed_csv_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed-data/transactions_fr.csv")
+}
+
+/// A child process killed when the test ends, even when it fails.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

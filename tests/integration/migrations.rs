@@ -1,0 +1,149 @@
+//! Migrations (contract §6) and the `migrate` command, on databases of their own.
+
+use diesel::RunQueryDsl;
+use diesel::connection::SimpleConnection;
+use serde_json::json;
+
+use crate::helpers::{TestDatabase, query_json, run, stdout, txnflow};
+
+fn migrate(database: &TestDatabase) -> std::process::Output {
+    run(txnflow().arg("migrate").env("TXNFLOW__DB__URL", &database.url))
+}
+
+#[test]
+fn migrate_applies_the_schema_once_and_is_harmless_twice() {
+    let database = TestDatabase::create();
+    let first = migrate(&database);
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(
+        stdout(&first).trim(),
+        "applied migrations: 20261126000001, 20261126000002",
+        "both migrations, in order"
+    );
+    let second = migrate(&database);
+    assert!(second.status.success());
+    assert_eq!(stdout(&second).trim(), "schema up to date");
+
+    let mut connection = database.connect();
+    let columns = query_json(
+        &mut connection,
+        "SELECT table_name, column_name, data_type, is_nullable, numeric_precision, numeric_scale
+         FROM information_schema.columns WHERE table_name IN ('transactions', 'predictions')
+         ORDER BY table_name, ordinal_position",
+    );
+    let described: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            format!(
+                "{}.{} {} null={}",
+                c["table_name"].as_str().unwrap(),
+                c["column_name"].as_str().unwrap(),
+                c["data_type"].as_str().unwrap(),
+                c["is_nullable"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            "predictions.id bigint null=NO",
+            "predictions.transaction_id uuid null=NO",
+            "predictions.category character varying null=NO",
+            "predictions.confidence_score double precision null=NO",
+            "predictions.model_version character varying null=NO",
+            "predictions.predicted_at timestamp with time zone null=NO",
+            "transactions.id uuid null=NO",
+            "transactions.description text null=NO",
+            "transactions.amount numeric null=NO",
+            "transactions.timestamp timestamp with time zone null=NO",
+            "transactions.merchant character varying null=YES",
+            "transactions.operation_type character varying null=NO",
+            "transactions.side character varying null=NO",
+            "transactions.created_at timestamp with time zone null=NO",
+            "transactions.updated_at timestamp with time zone null=NO",
+            "transactions.processing_type character varying null=NO",
+            "transactions.run_id text null=YES",
+            "transactions.batch_id text null=YES",
+            "transactions.source text null=YES",
+        ]
+    );
+    let amount = columns.iter().find(|c| c["column_name"] == "amount").unwrap();
+    assert_eq!((amount["numeric_precision"].clone(), amount["numeric_scale"].clone()), (json!(12), json!(2)));
+    let views = query_json(
+        &mut connection,
+        "SELECT table_name FROM information_schema.views WHERE table_schema = 'public' ORDER BY table_name",
+    );
+    assert_eq!(
+        views,
+        [
+            json!({"table_name": "transaction_stats"}),
+            json!({"table_name": "transactions_with_predictions"}),
+            json!({"table_name": "unprocessed_transactions"})
+        ]
+    );
+}
+
+#[test]
+fn the_views_report_what_is_predicted() {
+    let database = TestDatabase::create();
+    assert!(migrate(&database).status.success());
+    let mut connection = database.connect();
+    connection
+        .batch_execute(
+        "INSERT INTO transactions (id, description, amount, timestamp, merchant, operation_type, side, processing_type, run_id, batch_id, source)
+         VALUES ('00000000-0000-0000-0000-000000000001', 'Purchase at Fnac', -9999999999.99, '2026-01-11T10:00:00Z', NULL, 'payment', 'debit', 'batch', 'r1', 's3://b/k.csv', 's3://b/k.csv:2'),
+                ('00000000-0000-0000-0000-000000000002', 'Incoming transfer', 1500.00, '2026-01-12T10:00:00Z', 'SNCF', 'transfer', 'credit', 'streaming', NULL, NULL, 'transactions/0/7');
+         INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
+         VALUES ('00000000-0000-0000-0000-000000000002', 'Salary Income', 1.0, 'v1.0.0');",
+        )
+        .unwrap();
+    let unprocessed =
+        query_json(&mut connection, "SELECT id, merchant, amount::text AS amount FROM unprocessed_transactions");
+    assert_eq!(
+        unprocessed,
+        [json!({"id": "00000000-0000-0000-0000-000000000001", "merchant": null, "amount": "-9999999999.99"})]
+    );
+    let stats = query_json(
+        &mut connection,
+        "SELECT total_transactions, predicted_transactions, unprocessed_transactions, prediction_coverage_pct::text AS coverage,
+                streaming_transactions, batch_transactions FROM transaction_stats",
+    );
+    assert_eq!(
+        stats,
+        [
+            json!({"total_transactions": 2, "predicted_transactions": 1, "unprocessed_transactions": 1, "coverage": "50.00",
+                "streaming_transactions": 1, "batch_transactions": 1})
+        ]
+    );
+    let joined = query_json(&mut connection, "SELECT id, category FROM transactions_with_predictions ORDER BY id");
+    assert_eq!(joined[1], json!({"id": "00000000-0000-0000-0000-000000000002", "category": "Salary Income"}));
+    // The checks mirror the domain rules.
+    let bad_side = diesel::sql_query(
+        "INSERT INTO transactions (id, description, amount, timestamp, operation_type, side)
+         VALUES ('00000000-0000-0000-0000-000000000003', 'x', 1, now(), 'payment', 'sideways')",
+    )
+    .execute(&mut connection);
+    assert!(bad_side.is_err());
+}
+
+/// A database the seed system already populated is upgraded in place.
+#[test]
+fn a_seed_system_database_is_upgraded_in_place() {
+    let database = TestDatabase::create();
+    let mut connection = database.connect();
+    let seed_schema = include_str!("../../migrations/2026-11-26-000001_seed_schema/up.sql");
+    connection.batch_execute(seed_schema).unwrap();
+    diesel::sql_query(
+        "INSERT INTO transactions (id, description, amount, timestamp, merchant, operation_type, side)
+         VALUES ('e15d1546-4798-54fb-b2ff-35d10197b1b9', 'Card expense at EDF', -952.40, '2023-11-28 06:35:12+00', 'EDF', 'refund', 'debit')",
+    )
+    .execute(&mut connection)
+    .unwrap();
+    let output = migrate(&database);
+    assert!(output.status.success(), "{output:?}");
+    let rows = query_json(&mut connection, "SELECT id, amount::text AS amount, processing_type FROM transactions");
+    assert_eq!(
+        rows,
+        [json!({"id": "e15d1546-4798-54fb-b2ff-35d10197b1b9", "amount": "-952.40", "processing_type": "streaming"})]
+    );
+}

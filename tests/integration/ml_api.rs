@@ -1,0 +1,137 @@
+//! The reference ML API (contract §4), over real HTTP.
+
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use crate::helpers::{ChildGuard, free_port, no_faults, spawn_ml_api, txnflow};
+use txnflow::domain::categories::{CPYTHON_VECTORS, REFERENCE_MODEL_VERSION, reference_category};
+
+fn item(id: &str) -> Value {
+    json!({"id": id, "description": "Purchase at Fnac", "amount": -12.5, "timestamp": "2026-01-11T10:00:00",
+           "merchant": null, "operation_type": "payment", "side": "debit"})
+}
+
+async fn post(base: &str, path: &str, body: &Value) -> (u16, String) {
+    let response = reqwest::Client::new().post(format!("{base}{path}")).json(body).send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn answers_the_cpython_categories_byte_for_byte() {
+    let base = format!("http://{}", spawn_ml_api(no_faults()));
+    let request: Vec<Value> = CPYTHON_VECTORS.iter().map(|(id, _)| item(id)).collect();
+    let (status, body) = post(&base, "/predict", &Value::Array(request)).await;
+    assert_eq!(status, 200);
+    // FastAPI renders compact JSON with keys in model order.
+    let expected: Vec<String> = CPYTHON_VECTORS
+        .iter()
+        .map(|(id, category)| format!(r#"{{"transaction_id":"{id}","category":"{category}"}}"#))
+        .collect();
+    assert_eq!(body, format!("[{}]", expected.join(",")));
+    assert!(body.contains(r#""b9fa6684-502b-4695-8f92-247432ba610d","category":"Transportation""#));
+}
+
+#[tokio::test]
+async fn any_invalid_item_fails_the_request_with_422_and_a_json_error() {
+    let base = format!("http://{}", spawn_ml_api(no_faults()));
+    let mut missing_merchant = item("00000000-0000-0000-0000-000000000002");
+    missing_merchant.as_object_mut().unwrap().remove("merchant");
+    let mut bad_amount = item("00000000-0000-0000-0000-000000000003");
+    bad_amount["amount"] = json!("abc");
+    let request =
+        json!([item("00000000-0000-0000-0000-000000000001"), missing_merchant, bad_amount, item("not-a-uuid")]);
+    let (status, body) = post(&base, "/predict", &request).await;
+    assert_eq!(status, 422);
+    let detail: Value = serde_json::from_str(&body).unwrap();
+    let locations: Vec<Value> = detail["detail"].as_array().unwrap().iter().map(|e| e["loc"].clone()).collect();
+    assert_eq!(locations, [json!(["body", 1, "merchant"]), json!(["body", 2, "amount"]), json!(["body", 3, "id"])]);
+
+    let (status, _) = post(&base, "/predict", &json!({"not": "a list"})).await;
+    assert_eq!(status, 422);
+    let (status, body) = post(&base, "/predict", &json!([])).await;
+    assert_eq!((status, body.as_str()), (200, "[]"));
+}
+
+#[tokio::test]
+async fn fault_knobs_change_at_runtime() {
+    let base = format!("http://{}", spawn_ml_api(no_faults()));
+    let id = "b9fa6684-502b-4695-8f92-247432ba610d";
+    let request = json!([item(id)]);
+
+    let (status, _) = post(&base, "/faults", &json!({"error_rate": 1.0})).await;
+    assert_eq!(status, 200);
+    assert_eq!(post(&base, "/predict", &request).await.0, 500);
+
+    post(&base, "/faults", &json!({"error_rate": 0.0, "malformed_rate": 1.0})).await;
+    let (status, body) = post(&base, "/predict", &request).await;
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<Value>(&body).is_err(), "a malformed answer: {body}");
+
+    post(&base, "/faults", &json!({"malformed_rate": 0.0, "drop_rate": 1.0})).await;
+    assert_eq!(post(&base, "/predict", &request).await, (200, "[]".to_string()));
+
+    post(&base, "/faults", &json!({"drop_rate": 0.0, "latency_ms": 300, "extended": true})).await;
+    let started = Instant::now();
+    let (status, body) = post(&base, "/predict", &request).await;
+    assert!(started.elapsed() >= Duration::from_millis(300), "the added latency is a lower bound");
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer[0]["category"], "Transportation");
+    assert_eq!(answer[0]["model_version"], REFERENCE_MODEL_VERSION);
+    let confidence = answer[0]["confidence_score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&confidence));
+
+    let current: Value = reqwest::get(format!("{base}/faults")).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        current,
+        json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true})
+    );
+    assert_eq!(post(&base, "/faults", &json!({"error_rate": 2.0})).await.0, 422, "an out-of-range knob is refused");
+    assert_eq!(post(&base, "/faults", &json!({"eror_rate": 0.1})).await.0, 400, "an unknown knob is refused");
+}
+
+#[tokio::test]
+async fn partial_drops_leave_out_some_items_only() {
+    let base = format!("http://{}", spawn_ml_api(txnflow::ml_api::Faults { drop_rate: 0.5, ..no_faults() }));
+    let ids: Vec<Uuid> = (1..=200u128).map(Uuid::from_u128).collect();
+    let request: Vec<Value> = ids.iter().map(|id| item(&id.to_string())).collect();
+    let (status, body) = post(&base, "/predict", &Value::Array(request)).await;
+    assert_eq!(status, 200);
+    let answer: Vec<Value> = serde_json::from_str(&body).unwrap();
+    // Each item is dropped with probability 1/2: all 200 or none would be a broken knob.
+    assert!(!answer.is_empty() && answer.len() < 200, "{} items answered", answer.len());
+    for item in answer {
+        let id = Uuid::parse_str(item["transaction_id"].as_str().unwrap()).unwrap();
+        assert!(ids.contains(&id));
+        assert_eq!(item["category"], reference_category(id));
+    }
+}
+
+/// The binary's flags set the knobs at start; /health answers.
+#[tokio::test]
+async fn the_command_takes_fault_flags_at_start() {
+    let port = free_port();
+    let _child = ChildGuard(
+        txnflow()
+            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--error-rate", "1", "--latency-ms", "5"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(response) = client.get(format!("{base}/health")).send().await {
+            health = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health, Some(json!({"status": "ok", "model_version": REFERENCE_MODEL_VERSION})));
+    let faults: Value = client.get(format!("{base}/faults")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(faults["error_rate"], 1.0);
+    assert_eq!(faults["latency_ms"], 5);
+    assert_eq!(post(&base, "/predict", &json!([item("b9fa6684-502b-4695-8f92-247432ba610d")])).await.0, 500);
+}

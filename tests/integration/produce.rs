@@ -1,0 +1,83 @@
+//! `txnflow produce` against the stack's broker, read back exactly.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::helpers::{brokers, create_topic, read_topic, run, seed_csv_path, stderr, stdout, txnflow};
+use txnflow::domain::event::parse_event;
+use txnflow::produce::TransactionGenerator;
+
+const PARTITIONS: i32 = 3;
+
+#[tokio::test]
+async fn a_steady_rate_sends_exactly_count_records_keyed_by_id() {
+    let topic = create_topic("produce", PARTITIONS).await;
+    let output = run(txnflow()
+        .args([
+            "produce",
+            "--count",
+            "300",
+            "--rate",
+            "2000",
+            "--invalid-ratio",
+            "0.2",
+            "--seed",
+            "9",
+            "--topic",
+            &topic,
+        ])
+        .env("TXNFLOW__KAFKA__BROKERS", brokers()));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "produced 300 records");
+
+    // With one producer loop, the records are the generator's first 300.
+    let mut generator = TransactionGenerator::new(9, 0.2);
+    let expected: Vec<_> = (0..300).map(|_| generator.next_record()).collect();
+    let expected_keys: BTreeSet<String> = expected.iter().map(|r| r.key.clone()).collect();
+    let expected_invalid: BTreeSet<String> =
+        expected.iter().filter(|r| r.invalid.is_some()).map(|r| r.key.clone()).collect();
+
+    let records = read_topic(&topic, PARTITIONS, 300, Duration::from_secs(60));
+    assert_eq!(records.len(), 300, "exactly the records sent, no more");
+    let keys: BTreeSet<String> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, expected_keys);
+    let invalid: BTreeSet<String> =
+        records.iter().filter(|r| parse_event(&r.value).is_err()).map(|r| r.key.clone()).collect();
+    assert_eq!(invalid, expected_invalid);
+    assert!(!expected_invalid.is_empty());
+    for record in records.iter().filter(|r| !invalid.contains(&r.key)) {
+        assert_eq!(parse_event(&record.value).unwrap().id.to_string(), record.key, "keyed by id");
+    }
+    let used_partitions: BTreeSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert_eq!(used_partitions, (0..PARTITIONS).collect(), "keys spread over every partition");
+}
+
+#[tokio::test]
+async fn the_two_seed_producers_share_the_count() {
+    let topic = create_topic("produce-two", PARTITIONS).await;
+    let output =
+        run(txnflow().args(["produce", "--count", "40", "--topic", &topic]).env("TXNFLOW__KAFKA__BROKERS", brokers()));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let records = read_topic(&topic, PARTITIONS, 40, Duration::from_secs(60));
+    assert_eq!(records.len(), 40);
+    assert!(records.iter().all(|r| parse_event(&r.value).is_ok()));
+}
+
+#[tokio::test]
+async fn a_csv_file_is_replayed_with_its_own_ids() {
+    let topic = create_topic("produce-csv", PARTITIONS).await;
+    let seed_file = seed_csv_path();
+    let output = run(txnflow()
+        .args(["produce", "--count", "100", "--rate", "5000", "--topic", &topic, "--from"])
+        .arg(&seed_file)
+        .env("TXNFLOW__KAFKA__BROKERS", brokers()));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let records = read_topic(&topic, PARTITIONS, 100, Duration::from_secs(60));
+    let keys: BTreeSet<u32> = records.iter().map(|r| r.key.parse().unwrap()).collect();
+    assert_eq!(keys, (1..=100).collect(), "the file's first 100 rows");
+    let first = records.iter().find(|r| r.key == "1").unwrap();
+    let transaction = parse_event(&first.value).unwrap();
+    assert_eq!(transaction.id.to_string(), "e15d1546-4798-54fb-b2ff-35d10197b1b9");
+    assert_eq!(transaction.amount.to_string(), "-952.40");
+    assert_eq!(transaction.description, "Card expense at EDF");
+}
