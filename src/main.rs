@@ -112,8 +112,11 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Migrate => migrate(&config),
         Command::Setup => {
             tokio_runtime()?.block_on(async {
-                kafka::ensure_topics(&config.kafka, &kafka::pipeline_topics(&config.kafka)).await?;
-                println!("topics ready: {:?}", kafka::pipeline_topics(&config.kafka));
+                let topics = kafka::pipeline_topics(&config.kafka);
+                kafka::ensure_topics(&config.kafka, &topics).await?;
+                let described: Vec<String> =
+                    topics.iter().map(|(name, partitions)| format!("{name} ({partitions})")).collect();
+                println!("topics ready: {}", described.join(", "));
                 s3::ensure_bucket(&s3::client(&config.s3), &config.s3.bucket).await?;
                 println!("bucket ready: {}", config.s3.bucket);
                 anyhow::Ok(())

@@ -225,3 +225,23 @@ pub fn start(listen: SocketAddr, faults: Faults) -> anyhow::Result<RunningServer
     let address = *server.addrs().first().ok_or_else(|| anyhow::anyhow!("no address bound"))?;
     Ok(RunningServer { address, server: server.shutdown_timeout(5).run() })
 }
+
+/// Runs a server on a thread of its own (with its own actix system) and
+/// returns its address once it listens. For tests and benchmarks.
+pub fn spawn_in_thread(listen: SocketAddr, faults: Faults) -> anyhow::Result<SocketAddr> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("ml-api".into()).spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            match start(listen, faults) {
+                Ok(running) => {
+                    let _ = sender.send(Ok(running.address));
+                    let _ = running.server.await;
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error));
+                }
+            }
+        })
+    })?;
+    receiver.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow::anyhow!("the ML API did not start in 10 s"))?
+}

@@ -10,9 +10,12 @@
 pub mod amount;
 pub mod categories;
 pub mod csv_rules;
+pub mod dead_letter;
 pub mod event;
 pub mod identity;
+pub mod offsets;
 pub mod prediction;
+pub mod retry;
 pub mod timestamp;
 pub mod transaction;
 pub mod validation;

@@ -155,15 +155,7 @@ pub fn stderr(output: &Output) -> String {
 
 /// Starts a reference ML API of this test's own on a free port.
 pub fn spawn_ml_api(faults: txnflow::ml_api::Faults) -> SocketAddr {
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        actix_rt::System::new().block_on(async move {
-            let running = txnflow::ml_api::start("127.0.0.1:0".parse().unwrap(), faults).unwrap();
-            sender.send(running.address).unwrap();
-            let _ = running.server.await;
-        })
-    });
-    receiver.recv_timeout(Duration::from_secs(10)).expect("the ML API starts")
+    txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the ML API starts")
 }
 
 pub fn no_faults() -> txnflow::ml_api::Faults {

@@ -1,0 +1,139 @@
+//! What a dead-lettered record says about itself (contract §5): the DLQ
+//! record's headers, and the origin every record carries.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use std::fmt;
+
+/// Where a record came from. Drives acknowledgements and lineage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Kafka { topic: String, partition: i32, offset: i64 },
+    File { uri: String, line: u64 },
+}
+
+impl fmt::Display for Origin {
+    /// `topic/partition/offset` or `uri:line`, the DLQ `source` header and
+    /// the `source` lineage column.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Kafka { topic, partition, offset } => write!(f, "{topic}/{partition}/{offset}"),
+            Origin::File { uri, line } => write!(f, "{uri}:{line}"),
+        }
+    }
+}
+
+/// The DLQ's `error_type` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorType {
+    Invalid,
+    PredictionFailed,
+    PersistFailed,
+}
+
+impl ErrorType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Invalid => "invalid",
+            ErrorType::PredictionFailed => "prediction_failed",
+            ErrorType::PersistFailed => "persist_failed",
+        }
+    }
+}
+
+/// The DLQ's `stage` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Decode,
+    Validate,
+    Predict,
+    Persist,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Validate => "validate",
+            Stage::Predict => "predict",
+            Stage::Persist => "persist",
+        }
+    }
+}
+
+impl From<super::event::RejectStage> for Stage {
+    fn from(stage: super::event::RejectStage) -> Self {
+        match stage {
+            super::event::RejectStage::Decode => Stage::Decode,
+            super::event::RejectStage::Validate => Stage::Validate,
+        }
+    }
+}
+
+/// Why one record is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error_type: ErrorType,
+    pub stage: Stage,
+    pub message: String,
+    pub attempts: u32,
+}
+
+/// The headers of a DLQ record, in the contract's order.
+pub fn dlq_headers(
+    failure: &Failure,
+    origin: &Origin,
+    run_id: Option<&str>,
+    failed_at: DateTime<Utc>,
+    service: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("error_type", failure.error_type.as_str().to_string()),
+        ("error_message", failure.message.clone()),
+        ("stage", failure.stage.as_str().to_string()),
+        ("failed_at", failed_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        ("attempts", failure.attempts.to_string()),
+        ("source", origin.to_string()),
+        ("run_id", run_id.unwrap_or_default().to_string()),
+        ("service", service.to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn origins_print_as_the_source_header() {
+        let kafka = Origin::Kafka { topic: "transactions".into(), partition: 2, offset: 41 };
+        assert_eq!(kafka.to_string(), "transactions/2/41");
+        let file = Origin::File { uri: "s3://transactions/in/a.csv".into(), line: 7 };
+        assert_eq!(file.to_string(), "s3://transactions/in/a.csv:7");
+    }
+
+    #[test]
+    fn headers_follow_the_contract() {
+        let failure = Failure {
+            error_type: ErrorType::Invalid,
+            stage: Stage::Validate,
+            message: "amount: not a number: \"abc\"".into(),
+            attempts: 1,
+        };
+        let origin = Origin::Kafka { topic: "t".into(), partition: 0, offset: 3 };
+        let at = Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap();
+        let headers = dlq_headers(&failure, &origin, Some("run-1"), at, "txnflow/0.1.0");
+        assert_eq!(
+            headers,
+            [
+                ("error_type", "invalid".to_string()),
+                ("error_message", "amount: not a number: \"abc\"".to_string()),
+                ("stage", "validate".to_string()),
+                ("failed_at", "2026-11-26T10:00:00.000Z".to_string()),
+                ("attempts", "1".to_string()),
+                ("source", "t/0/3".to_string()),
+                ("run_id", "run-1".to_string()),
+                ("service", "txnflow/0.1.0".to_string()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! Which Kafka offsets may be committed (guarantee 1), as pure bookkeeping.
+//!
+//! Records of one partition finish out of order: a batch of invalid records
+//! reaches the DLQ before the valid ones before them are written. Kafka's
+//! committed offset means "everything before this is done", so per partition
+//! the committable offset is the lowest offset still in flight, or one past
+//! the highest offset read when nothing is in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One partition's records read and not yet durable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PartitionState {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset read; `None` until something is read.
+    next: Option<i64>,
+    /// The last offset handed out for commit, to avoid committing it twice.
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    fn committable(&self) -> Option<i64> {
+        self.in_flight.first().copied().or(self.next)
+    }
+}
+
+/// The in-flight offsets of every assigned partition.
+#[derive(Debug, Clone, Default)]
+pub struct OffsetTracker {
+    partitions: BTreeMap<i32, PartitionState>,
+}
+
+impl OffsetTracker {
+    /// A record at `offset` was read and is now in flight.
+    pub fn read(&mut self, partition: i32, offset: i64) {
+        let state = self.partitions.entry(partition).or_default();
+        state.in_flight.insert(offset);
+        state.next = Some(state.next.map_or(offset + 1, |next| next.max(offset + 1)));
+    }
+
+    /// The record at `offset` is durable (in PostgreSQL, or acknowledged by
+    /// the DLQ). Acks for offsets not in flight, such as late acks from
+    /// before a rewind, change nothing: they only ever confirm durability.
+    pub fn durable(&mut self, partition: i32, offset: i64) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.in_flight.remove(&offset);
+        }
+    }
+
+    /// Offsets to commit now: for each partition whose committable offset
+    /// moved since the last call, `(partition, offset)`, where `offset` is
+    /// Kafka's "next offset to read".
+    pub fn take_commits(&mut self) -> Vec<(i32, i64)> {
+        let mut commits = Vec::new();
+        for (partition, state) in &mut self.partitions {
+            if let Some(offset) = state.committable()
+                && state.committed != Some(offset)
+            {
+                state.committed = Some(offset);
+                commits.push((*partition, offset));
+            }
+        }
+        commits
+    }
+
+    /// The committable offset of every partition, moved or not.
+    pub fn committable(&self) -> Vec<(i32, i64)> {
+        self.partitions.iter().filter_map(|(partition, state)| state.committable().map(|o| (*partition, o))).collect()
+    }
+
+    /// Where to resume reading each partition after in-flight work was lost:
+    /// its committable offset. The partition's in-flight set is cleared, since
+    /// everything from there on will be read again.
+    pub fn rewind(&mut self) -> Vec<(i32, i64)> {
+        let mut positions = Vec::new();
+        for (partition, state) in &mut self.partitions {
+            if let Some(offset) = state.committable() {
+                positions.push((*partition, offset));
+                state.in_flight.clear();
+                state.next = Some(offset);
+            }
+        }
+        positions
+    }
+
+    /// Records in flight in `partition`.
+    pub fn in_flight(&self, partition: i32) -> usize {
+        self.partitions.get(&partition).map_or(0, |state| state.in_flight.len())
+    }
+
+    pub fn total_in_flight(&self) -> usize {
+        self.partitions.values().map(|state| state.in_flight.len()).sum()
+    }
+
+    /// Forgets a partition that was revoked or lost.
+    pub fn forget(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_read_means_nothing_to_commit() {
+        assert!(OffsetTracker::default().take_commits().is_empty());
+    }
+
+    #[test]
+    fn the_commit_stops_at_the_first_record_in_flight() {
+        let mut tracker = OffsetTracker::default();
+        for offset in 10..15 {
+            tracker.read(0, offset);
+        }
+        tracker.durable(0, 11);
+        tracker.durable(0, 12);
+        assert_eq!(tracker.take_commits(), [(0, 10)], "10 is still in flight");
+        assert_eq!(tracker.take_commits(), [], "an unchanged offset is not committed twice");
+        tracker.durable(0, 10);
+        assert_eq!(tracker.take_commits(), [(0, 13)]);
+        tracker.durable(0, 14);
+        tracker.durable(0, 13);
+        assert_eq!(tracker.take_commits(), [(0, 15)], "one past the last record read");
+        assert_eq!(tracker.in_flight(0), 0);
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut tracker = OffsetTracker::default();
+        tracker.read(0, 0);
+        tracker.read(1, 7);
+        tracker.durable(1, 7);
+        assert_eq!(tracker.take_commits(), [(0, 0), (1, 8)]);
+        assert_eq!(tracker.total_in_flight(), 1);
+    }
+
+    #[test]
+    fn unknown_and_repeated_acks_change_nothing() {
+        let mut tracker = OffsetTracker::default();
+        tracker.read(0, 5);
+        tracker.durable(0, 99);
+        tracker.durable(3, 1);
+        assert_eq!(tracker.committable(), [(0, 5)]);
+        tracker.durable(0, 5);
+        tracker.durable(0, 5);
+        assert_eq!(tracker.committable(), [(0, 6)]);
+    }
+
+    #[test]
+    fn a_rewind_restarts_from_the_first_record_not_durable() {
+        let mut tracker = OffsetTracker::default();
+        for offset in 0..5 {
+            tracker.read(0, offset);
+        }
+        tracker.durable(0, 0);
+        tracker.durable(0, 3);
+        assert_eq!(tracker.rewind(), [(0, 1)]);
+        assert_eq!(tracker.total_in_flight(), 0);
+        // Reading again from 1; a late ack of 3 from before the rewind only confirms it.
+        tracker.read(0, 1);
+        tracker.read(0, 2);
+        tracker.read(0, 3);
+        tracker.durable(0, 3);
+        assert_eq!(tracker.committable(), [(0, 1)]);
+    }
+
+    #[test]
+    fn a_forgotten_partition_is_not_committed() {
+        let mut tracker = OffsetTracker::default();
+        tracker.read(2, 0);
+        tracker.forget(2);
+        assert!(tracker.take_commits().is_empty());
+    }
+}
