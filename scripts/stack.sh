@@ -50,9 +50,16 @@ wait_for() {
 # line every 20 crates, plus every line that is not "Compiling", so a long
 # build is never silent and never floods the terminal.
 cargo_progress() {
-  tee "$2" | awk -v label="$1" '
-    /^ *Compiling/ { n++; if (n % 20 == 0) { printf "[stack] %s: %d crates compiled (%s)\n", label, n, $2; fflush() } ; next }
-    /^ *(Finished|Installing|Installed|error|warning: unused)/ { printf "[stack] %s: %s\n", label, $0; fflush() }'
+  local label="$1" n=0 line
+  # A bash loop, not awk: Debian's mawk buffers its input and would stay silent.
+  tee "$2" | while IFS= read -r line; do
+    case "$line" in
+      *Compiling*)
+        n=$((n + 1))
+        if (( n % 20 == 0 )); then printf '[stack] %s: %d crates compiled (%s)\n' "$label" "$n" "$(awk '{print $2}' <<<"$line")"; fi ;;
+      *Finished*|*Installing*|*Installed*|*error*) printf '[stack] %s: %s\n' "$label" "$line" ;;
+    esac
+  done
 }
 
 pid_alive() { [[ -f "$PIDS/$1.pid" ]] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
