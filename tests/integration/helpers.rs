@@ -167,9 +167,18 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The seed system's sample file, read from the shared folder (never copied).
+/// The seed system's sample file, read where it is shared (never copied):
+/// `TXNFLOW_SEED_CSV`, else `../shared/` beside the checkout, else `/work/shared/`.
 pub fn seed_csv_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed-data/transactions_fr.csv")
+    let relative = "shared/seed-data/transactions_fr.csv";
+    let candidates = [
+        std::env::var("TXNFLOW_SEED_CSV").ok().map(std::path::PathBuf::from),
+        Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)),
+        Some(std::path::Path::new("/work").join(relative)),
+    ];
+    candidates.into_iter().flatten().find(|path| path.exists()).unwrap_or_else(|| {
+        panic!("the seed file {relative} is not beside the checkout nor in /work; set TXNFLOW_SEED_CSV")
+    })
 }
 
 /// A child process killed when the test ends, even when it fails.
