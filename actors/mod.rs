@@ -1,5 +1,257 @@
 //! The supervised actix pipeline (contract §1), one file per actor:
-//! KafkaReader, Buffer, PredictClient, DbWriter, DlqPublisher and CsvLoader.
 //!
-//! The actors arrive with the streaming-pipeline issue; the rules they apply
-//! already live in `src/domain`, and the adapters they use in `src/`.
+//! ```text
+//! KafkaReader ─┐                      ┌─> DbWriter ──> PostgreSQL
+//!              ├─> Buffer ─> PredictClient
+//! CsvLoader ───┘                      └─> DlqPublisher ──> Kafka DLQ
+//!                                Backfill: predicts stored transactions that have none
+//! ```
+//!
+//! Every actor runs on an arbiter (thread) of its own under a `Supervisor`,
+//! so an actor that fails through its error path is restarted in place, and
+//! one that panics takes only its own thread down: the watchdog here sees its
+//! closed mailbox and starts it again. Either way the records it held are
+//! lost from memory, so [`Pipeline::work_lost`] bumps an epoch that makes
+//! the KafkaReader rewind to its last durable offset and read them again;
+//! writes are idempotent, so re-reading never duplicates a row.
+//!
+//! The pipeline's memory is bounded by a semaphore: every record read takes
+//! a permit, held inside its [`messages::Envelope`] until it is durable or
+//! dropped. When none are left, sources pause (backpressure).
+
+pub mod backfill;
+pub mod buffer;
+pub mod db_writer;
+pub mod dlq_publisher;
+pub mod kafka_reader;
+pub mod messages;
+pub mod predict_client;
+
+use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, Supervised, Supervisor};
+use rdkafka::producer::FutureProducer;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::db::PgPool;
+use crate::domain::dead_letter::Origin;
+use crate::domain::offsets::OffsetTracker;
+use crate::metrics::METRICS;
+use crate::ml_client::MlClient;
+
+/// The actors' names, as the chaos endpoint and the restart metric name them.
+pub const ACTOR_NAMES: [&str; 7] =
+    ["kafka_reader", "buffer", "predict_client", "db_writer", "dlq_publisher", "csv_loader", "backfill"];
+
+/// What every actor shares: configuration, clients, the capacity, the
+/// offsets in flight and the addresses of the other actors.
+pub struct Pipeline {
+    pub config: Config,
+    pub pool: PgPool,
+    pub ml: MlClient,
+    pub producer: FutureProducer,
+    pub capacity: Arc<Semaphore>,
+    offsets: Mutex<OffsetTracker>,
+    epoch: AtomicU64,
+    shutting_down: AtomicBool,
+    addrs: RwLock<Option<Addrs>>,
+}
+
+/// The running actors and the arbiters they live on.
+#[derive(Clone)]
+pub struct Addrs {
+    pub kafka_reader: Option<Addr<kafka_reader::KafkaReader>>,
+    pub buffer: Addr<buffer::Buffer>,
+    pub predict_client: Addr<predict_client::PredictClient>,
+    pub db_writer: Addr<db_writer::DbWriter>,
+    pub dlq_publisher: Addr<dlq_publisher::DlqPublisher>,
+    pub backfill: Addr<backfill::Backfill>,
+    arbiters: Vec<ArbiterHandle>,
+}
+
+/// Starts an actor under a supervisor on an arbiter of its own.
+fn spawn_supervised<A, F>(make: F) -> (Addr<A>, ArbiterHandle)
+where
+    A: Actor<Context = Context<A>> + Supervised,
+    F: FnOnce() -> A + Send + 'static,
+{
+    let arbiter = Arbiter::new();
+    let handle = arbiter.handle();
+    let addr = Supervisor::start_in_arbiter(&handle, move |_| make());
+    (addr, handle)
+}
+
+impl Pipeline {
+    pub fn new(config: Config, pool: PgPool, ml: MlClient, producer: FutureProducer) -> Arc<Pipeline> {
+        let capacity = Arc::new(Semaphore::new(config.buffer.capacity));
+        Arc::new(Pipeline {
+            config,
+            pool,
+            ml,
+            producer,
+            capacity,
+            offsets: Mutex::new(OffsetTracker::default()),
+            epoch: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+            addrs: RwLock::new(None),
+        })
+    }
+
+    /// Starts every actor; `read_kafka` adds the KafkaReader.
+    pub fn start(self: &Arc<Self>, read_kafka: bool) {
+        let mut arbiters = Vec::new();
+        macro_rules! start {
+            ($module:ident :: $actor:ident) => {{
+                let pipeline = self.clone();
+                let (addr, arbiter) = spawn_supervised(move || $module::$actor::new(pipeline));
+                arbiters.push(arbiter);
+                addr
+            }};
+        }
+        let dlq_publisher = start!(dlq_publisher::DlqPublisher);
+        let db_writer = start!(db_writer::DbWriter);
+        let predict_client = start!(predict_client::PredictClient);
+        let buffer = start!(buffer::Buffer);
+        let backfill = start!(backfill::Backfill);
+        *self.addrs.write().expect("addrs lock") = Some(Addrs {
+            kafka_reader: None,
+            buffer,
+            predict_client,
+            db_writer,
+            dlq_publisher,
+            backfill,
+            arbiters: Vec::new(),
+        });
+        if read_kafka {
+            let reader = start!(kafka_reader::KafkaReader);
+            self.with_addrs(|addrs| addrs.kafka_reader = Some(reader));
+        }
+        self.with_addrs(|addrs| addrs.arbiters = arbiters);
+        self.clone().start_watchdog();
+    }
+
+    fn with_addrs(&self, change: impl FnOnce(&mut Addrs)) {
+        if let Some(addrs) = self.addrs.write().expect("addrs lock").as_mut() {
+            change(addrs);
+        }
+    }
+
+    /// The current addresses (they change when the watchdog restarts an actor).
+    pub fn addrs(&self) -> Addrs {
+        self.addrs.read().expect("addrs lock").clone().expect("the pipeline is started")
+    }
+
+    /// Re-creates every actor whose mailbox closed: a panic ended its thread.
+    fn start_watchdog(self: Arc<Self>) {
+        actix::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                ticker.tick().await;
+                let addrs = self.addrs();
+                macro_rules! revive {
+                    ($field:ident, $module:ident :: $actor:ident) => {
+                        if !addrs.$field.connected() {
+                            let p = self.clone();
+                            let (addr, arbiter) = spawn_supervised(move || $module::$actor::new(p));
+                            self.with_addrs(|a| {
+                                a.$field = addr;
+                                a.arbiters.push(arbiter);
+                            });
+                            self.work_lost(stringify!($field), "its mailbox closed (panic)");
+                        }
+                    };
+                }
+                revive!(buffer, buffer::Buffer);
+                revive!(predict_client, predict_client::PredictClient);
+                revive!(db_writer, db_writer::DbWriter);
+                revive!(dlq_publisher, dlq_publisher::DlqPublisher);
+                revive!(backfill, backfill::Backfill);
+                if let Some(reader) = &addrs.kafka_reader
+                    && !reader.connected()
+                    && !self.is_shutting_down()
+                {
+                    let p = self.clone();
+                    let (addr, arbiter) = spawn_supervised(move || kafka_reader::KafkaReader::new(p));
+                    self.with_addrs(|a| {
+                        a.kafka_reader = Some(addr);
+                        a.arbiters.push(arbiter);
+                    });
+                    self.work_lost("kafka_reader", "its mailbox closed (panic)");
+                }
+            }
+        });
+    }
+
+    /// An actor restarted and the records it held are gone: count it, and
+    /// make the sources read again from what is durable.
+    pub fn work_lost(&self, actor: &'static str, why: &str) {
+        METRICS.actor_restarts.with_label_values(&[actor]).inc();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        tracing::warn!(actor, why, "actor restarted; in-flight records will be read again");
+    }
+
+    /// Changes whenever in-flight work may have been lost.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The record at `origin` is durable: in PostgreSQL, or acknowledged by the DLQ.
+    pub fn durable(&self, origin: &Origin) {
+        if let Origin::Kafka { partition, offset, .. } = origin {
+            self.offsets.lock().expect("offsets lock").durable(*partition, *offset);
+        }
+    }
+
+    /// The Kafka offsets in flight, for the KafkaReader.
+    pub fn offsets(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
+        self.offsets.lock().expect("offsets lock")
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Records read and not yet durable or dropped.
+    pub fn in_flight(&self) -> usize {
+        self.config.buffer.capacity - self.capacity.available_permits()
+    }
+
+    /// Stops every arbiter (after a graceful shutdown).
+    pub fn stop_arbiters(&self) {
+        if let Some(addrs) = self.addrs.read().expect("addrs lock").as_ref() {
+            for arbiter in &addrs.arbiters {
+                arbiter.stop();
+            }
+        }
+    }
+}
+
+/// The source label of the records metric.
+pub fn source_label(origin: &Origin) -> &'static str {
+    match origin {
+        Origin::Kafka { .. } => "kafka",
+        Origin::File { .. } => "file",
+    }
+}
+
+/// Applies a chaos hook inside an actor's handler: `Crash` fails through the
+/// error path (the supervisor restarts the actor), `Panic` panics.
+pub fn chaos<A: Actor<Context = Context<A>>>(actor: &'static str, chaos: messages::Chaos, ctx: &mut Context<A>) {
+    use actix::ActorContext;
+    match chaos {
+        messages::Chaos::Crash => {
+            tracing::warn!(actor, "chaos: crashing through the error path");
+            ctx.stop();
+        }
+        messages::Chaos::Panic => {
+            tracing::warn!(actor, "chaos: panicking in a handler");
+            panic!("chaos: {actor} panics in a handler");
+        }
+    }
+}

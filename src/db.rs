@@ -67,3 +67,191 @@ mod tests {
         assert_eq!(super::redact("postgres://db/x"), "postgres://db/x");
     }
 }
+
+/// One transaction to store, with its lineage (contract §6).
+pub struct TransactionRow<'a> {
+    pub transaction: &'a crate::domain::transaction::Transaction,
+    pub processing_type: crate::domain::transaction::ProcessingType,
+    pub run_id: Option<&'a str>,
+    pub batch_id: Option<&'a str>,
+    pub source: String,
+}
+
+/// Why a write failed, as the writer must react to it.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The database is unreachable or busy: retry the same write later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The data itself was refused: retrying it as it is cannot succeed.
+    #[error("data refused by the database: {0}")]
+    Refused(String),
+}
+
+impl From<diesel::result::Error> for WriteError {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
+        match &error {
+            Error::DatabaseError(
+                Kind::CheckViolation | Kind::NotNullViolation | Kind::ForeignKeyViolation | Kind::UniqueViolation,
+                _,
+            ) => WriteError::Refused(error.to_string()),
+            Error::DatabaseError(Kind::Unknown, info)
+                if ["invalid input", "out of range", "value too long", "invalid byte sequence", "violates"]
+                    .iter()
+                    .any(|needle| info.message().contains(needle)) =>
+            {
+                WriteError::Refused(error.to_string())
+            }
+            _ => WriteError::Unavailable(error.to_string()),
+        }
+    }
+}
+
+/// Writes one flush in one database transaction: transactions inserted
+/// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`.
+/// Each table takes one statement of column arrays (UNNEST), so a flush of
+/// any size binds 11 and 4 parameters, far under PostgreSQL's 65,535.
+pub fn write_flush(
+    connection: &mut PgConnection,
+    rows: &[TransactionRow<'_>],
+    predictions: &[crate::domain::prediction::Prediction],
+) -> Result<(), WriteError> {
+    connection.transaction::<(), WriteError, _>(|tx| {
+        insert_transactions(tx, rows)?;
+        upsert_predictions(tx, predictions)?;
+        Ok(())
+    })
+}
+
+fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> Result<(), WriteError> {
+    use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut descriptions = Vec::with_capacity(rows.len());
+    let mut amounts = Vec::with_capacity(rows.len());
+    let mut timestamps = Vec::with_capacity(rows.len());
+    let mut merchants = Vec::with_capacity(rows.len());
+    let mut operation_types = Vec::with_capacity(rows.len());
+    let mut sides = Vec::with_capacity(rows.len());
+    let mut processing_types = Vec::with_capacity(rows.len());
+    let mut run_ids = Vec::with_capacity(rows.len());
+    let mut batch_ids = Vec::with_capacity(rows.len());
+    let mut sources = Vec::with_capacity(rows.len());
+    for row in rows {
+        let t = row.transaction;
+        ids.push(t.id);
+        descriptions.push(t.description.as_str());
+        amounts.push(t.amount.to_string());
+        timestamps.push(t.timestamp);
+        merchants.push(t.merchant.as_deref());
+        operation_types.push(t.operation_type.as_str());
+        sides.push(t.side.as_str());
+        processing_types.push(row.processing_type.as_str());
+        run_ids.push(row.run_id);
+        batch_ids.push(row.batch_id);
+        sources.push(row.source.as_str());
+    }
+    diesel::sql_query(
+        "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side,
+                                   processing_type, run_id, batch_id, source)
+         SELECT id, description, amount::numeric(12, 2), ts, merchant, operation_type, side,
+                processing_type, run_id, batch_id, source
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[], $11::text[])
+              AS r(id, description, amount, ts, merchant, operation_type, side, processing_type, run_id, batch_id, source)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Text>, _>(descriptions)
+    .bind::<Array<Text>, _>(amounts)
+    .bind::<Array<Timestamptz>, _>(timestamps)
+    .bind::<Array<Nullable<Text>>, _>(merchants)
+    .bind::<Array<Text>, _>(operation_types)
+    .bind::<Array<Text>, _>(sides)
+    .bind::<Array<Text>, _>(processing_types)
+    .bind::<Array<Nullable<Text>>, _>(run_ids)
+    .bind::<Array<Nullable<Text>>, _>(batch_ids)
+    .bind::<Array<Text>, _>(sources)
+    .execute(connection)?;
+    Ok(())
+}
+
+/// Upserts predictions. Repeats of one id within the call keep the last:
+/// PostgreSQL refuses to update one row twice in one statement.
+pub fn upsert_predictions(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+) -> Result<(), WriteError> {
+    use diesel::sql_types::{Array, Double, Text, Uuid as SqlUuid};
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let mut latest: std::collections::HashMap<uuid::Uuid, &crate::domain::prediction::Prediction> =
+        std::collections::HashMap::with_capacity(predictions.len());
+    for prediction in predictions {
+        latest.insert(prediction.transaction_id, prediction);
+    }
+    let ids: Vec<uuid::Uuid> = latest.keys().copied().collect();
+    let categories: Vec<&str> = ids.iter().map(|id| latest[id].category.as_str()).collect();
+    let scores: Vec<f64> = ids.iter().map(|id| latest[id].confidence_score).collect();
+    let versions: Vec<&str> = ids.iter().map(|id| latest[id].model_version.as_str()).collect();
+    diesel::sql_query(
+        "INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::text[])
+         ON CONFLICT (transaction_id) DO UPDATE
+         SET category = EXCLUDED.category, confidence_score = EXCLUDED.confidence_score,
+             model_version = EXCLUDED.model_version, predicted_at = now()",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Text>, _>(categories)
+    .bind::<Array<Double>, _>(scores)
+    .bind::<Array<Text>, _>(versions)
+    .execute(connection)?;
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct UnpredictedRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    description: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    amount: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    timestamp: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    merchant: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    operation_type: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    side: String,
+}
+
+/// Up to `limit` stored transactions without a prediction, as ML API items.
+pub fn unpredicted(
+    connection: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<crate::domain::prediction::PredictRequestItem>, WriteError> {
+    let rows: Vec<UnpredictedRow> = diesel::sql_query(
+        "SELECT id, description, amount::text AS amount, \"timestamp\", merchant, operation_type, side
+         FROM unprocessed_transactions ORDER BY created_at LIMIT $1",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(connection)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| crate::domain::prediction::PredictRequestItem {
+            id: row.id,
+            description: row.description,
+            amount: row.amount.parse().unwrap_or_default(),
+            timestamp: crate::domain::transaction::format_timestamp(&row.timestamp),
+            merchant: row.merchant,
+            operation_type: row.operation_type,
+            side: row.side,
+        })
+        .collect())
+}

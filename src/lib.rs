@@ -6,15 +6,22 @@
 //! - [`db`], [`kafka`], [`s3`]: adapters to the outside world.
 //! - [`ml_api`]: the reference prediction server and its fault knobs.
 //! - [`produce`]: the simulated producers.
+//! - [`service`], [`admin`], [`metrics`], [`ml_client`], [`breaker`]: the
+//!   streaming service around the actors.
 //! - [`actors`]: the supervised actix pipeline (`actors/` at the crate root).
 
+pub mod admin;
+pub mod breaker;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod kafka;
+pub mod metrics;
 pub mod ml_api;
+pub mod ml_client;
 pub mod produce;
 pub mod s3;
+pub mod service;
 
 #[path = "../actors/mod.rs"]
 pub mod actors;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use txnflow::config::{Config, LogFormat};
-use txnflow::{db, kafka, ml_api, produce, s3};
+use txnflow::{breaker, db, kafka, ml_api, produce, s3, service};
 
 /// Exit status of a configuration that cannot be used (contract §9).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -23,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the streaming service: Kafka -> ML API -> PostgreSQL, with the admin HTTP server.
+    Run,
     /// Apply pending database migrations (harmless when up to date).
     Migrate,
     /// Create what the pipeline needs: topics, the bucket, the schema.
@@ -100,15 +102,22 @@ fn main() -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    use tracing_subscriber::prelude::*;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.log.format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        // Sees recloser's transition events whatever the log level.
+        .with(breaker::BreakerStateLayer.with_filter(breaker::layer_filter()))
+        .init();
 }
 
 fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
+        Command::Run => service::run(config),
         Command::Migrate => migrate(&config),
         Command::Setup => {
             tokio_runtime()?.block_on(async {

@@ -217,6 +217,8 @@ struct Tally {
 pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result<u64> {
     let producer = crate::kafka::producer(kafka)?;
     let topic = options.topic.clone().unwrap_or_else(|| kafka.topic.clone());
+    // The broker may not create topics on first use (Tansu does not).
+    crate::kafka::ensure_topics(kafka, &[(topic.as_str(), kafka.partitions)]).await?;
     let tally = Arc::new(Tally::default());
     let limit = options.count.unwrap_or(u64::MAX);
 
@@ -252,10 +254,11 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
             let mut tick_rng = SmallRng::seed_from_u64(index as u64);
             loop {
                 ticker.tick().await;
+                let mut sends = Vec::new();
                 for _ in 0..tick_rng.random_range(per_tick.clone()) {
                     // Claim a slot first so that concurrent loops never exceed the total.
                     if tally.queued.fetch_add(1, Ordering::SeqCst) >= total {
-                        return;
+                        break;
                     }
                     let record = match &file_records {
                         Some(records) => records[next_file_row.fetch_add(1, Ordering::SeqCst) as usize].clone(),
@@ -264,7 +267,14 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
                     if record.invalid.is_some() {
                         tally.invalid.fetch_add(1, Ordering::Relaxed);
                     }
-                    send(&producer, &topic, record, &tally).await;
+                    sends.push(send(&producer, &topic, record, &tally));
+                }
+                // A tick's records are in flight together: waiting for each
+                // acknowledgement in turn would cap the rate at one per round trip.
+                let sent = sends.len();
+                futures_util::future::join_all(sends).await;
+                if tally.queued.load(Ordering::SeqCst) >= total && sent == 0 {
+                    return;
                 }
             }
         });

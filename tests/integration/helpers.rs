@@ -91,6 +91,7 @@ pub struct ReadRecord {
     pub partition: i32,
     pub key: String,
     pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// Reads `expected` records from every partition of `topic`, from the start,
@@ -120,7 +121,18 @@ pub fn read_topic(topic: &str, partitions: i32, expected: usize, deadline: Durat
             }
         }
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            use rdkafka::message::Headers;
+            let headers = message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
             records.push(ReadRecord {
+                headers,
                 partition: message.partition(),
                 key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
                 value: message.payload().unwrap_or_default().to_vec(),
@@ -189,4 +201,24 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Asserts two sets are equal, reporting counts and a few examples instead
+/// of printing thousands of ids.
+#[track_caller]
+pub fn assert_same_set<T: Ord + std::fmt::Debug>(
+    actual: &std::collections::BTreeSet<T>,
+    expected: &std::collections::BTreeSet<T>,
+    what: &str,
+) {
+    let missing: Vec<&T> = expected.difference(actual).take(5).collect();
+    let extra: Vec<&T> = actual.difference(expected).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} expected, {} found; missing {} (e.g. {missing:?}), unexpected {} (e.g. {extra:?})",
+        expected.len(),
+        actual.len(),
+        expected.difference(actual).count(),
+        actual.difference(expected).count(),
+    );
 }

@@ -7,4 +7,6 @@ mod helpers;
 mod migrations;
 mod ml_api;
 mod produce;
+mod scenario;
 mod stack;
+mod streaming;

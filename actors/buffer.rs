@@ -1,0 +1,98 @@
+//! Buffer: collects valid records and flushes them as one batch when it holds
+//! `buffer.max_records` or when the oldest has waited `buffer.max_wait_ms`,
+//! whichever comes first (contract §1).
+//!
+//! Each time flush carries the id of the batch it was set for, so a timer
+//! set for a batch that already left on size never flushes a newer batch.
+
+use actix::{Actor, AsyncContext, Context, Handler, Supervised};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Pipeline;
+use super::messages::{Chaos, Envelope, FlushNow, FlushTrigger, Ingest, PredictBatch};
+use crate::metrics::METRICS;
+
+pub struct Buffer {
+    pipeline: Arc<Pipeline>,
+    records: Vec<Envelope>,
+    /// Id of the batch being filled.
+    batch_id: u64,
+}
+
+impl Buffer {
+    pub fn new(pipeline: Arc<Pipeline>) -> Buffer {
+        Buffer { pipeline, records: Vec::new(), batch_id: 0 }
+    }
+
+    fn flush(&mut self, trigger: FlushTrigger) {
+        if self.records.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.records);
+        let flush_id = self.batch_id;
+        self.batch_id += 1;
+        METRICS.buffer_depth.set(0);
+        METRICS.flush_size.with_label_values(&[trigger.as_str()]).observe(records.len() as f64);
+        tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
+        // The records hold capacity permits, which bound what is in flight;
+        // the PredictClient's mailbox never grows past that bound.
+        self.pipeline.addrs().predict_client.do_send(PredictBatch {
+            flush_id,
+            trigger,
+            flushed_at: Instant::now(),
+            records,
+        });
+    }
+}
+
+impl Actor for Buffer {
+    type Context = Context<Self>;
+}
+
+impl Supervised for Buffer {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // The records held are dropped (their permits return); the source reads them again.
+        self.records.clear();
+        METRICS.buffer_depth.set(0);
+        self.batch_id += 1;
+        self.pipeline.work_lost("buffer", "restarted by its supervisor");
+    }
+}
+
+impl Handler<Ingest> for Buffer {
+    type Result = ();
+
+    fn handle(&mut self, Ingest(records): Ingest, ctx: &mut Context<Self>) {
+        if self.records.is_empty() && !records.is_empty() {
+            let batch_id = self.batch_id;
+            let wait = Duration::from_millis(self.pipeline.config.buffer.max_wait_ms);
+            ctx.run_later(wait, move |buffer, _| {
+                if buffer.batch_id == batch_id {
+                    buffer.flush(FlushTrigger::Time);
+                }
+            });
+        }
+        self.records.extend(records);
+        METRICS.buffer_depth.set(self.records.len() as i64);
+        if self.records.len() >= self.pipeline.config.buffer.max_records {
+            self.flush(FlushTrigger::Size);
+        }
+    }
+}
+
+impl Handler<FlushNow> for Buffer {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushNow, _ctx: &mut Context<Self>) {
+        self.flush(FlushTrigger::Forced);
+    }
+}
+
+impl Handler<Chaos> for Buffer {
+    type Result = ();
+
+    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
+        super::chaos("buffer", chaos, ctx);
+    }
+}

@@ -1,0 +1,320 @@
+//! KafkaReader: consumes the input topic in the consumer group, decodes and
+//! validates each record with the pure rules, sends valid records to the
+//! Buffer and invalid ones to the DlqPublisher, and commits offsets only as
+//! far as every record before them is durable (guarantee 1).
+//!
+//! - The consumer runs on this actor's own arbiter, so a rebalance, whose
+//!   callback may wait for in-flight records, stalls no other actor.
+//! - Backpressure: every record takes a capacity permit. When none is left
+//!   the assigned partitions are paused, and resumed when permits return;
+//!   the consumer keeps polling meanwhile, so it stays in the group.
+//! - On a revoke it flushes the Buffer, waits (bounded) for the records of
+//!   the revoked partitions to become durable, and commits them.
+//! - When another actor lost in-flight records (the pipeline's epoch moved),
+//!   it seeks every partition back to its first record not durable.
+
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, SpawnHandle, Supervised, WrapFuture};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Pipeline;
+use super::messages::{Chaos, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
+use crate::domain::dead_letter::{ErrorType, Failure, Origin};
+use crate::domain::event::parse_event;
+use crate::domain::transaction::ProcessingType;
+use crate::metrics::METRICS;
+
+/// How long a revoke waits for in-flight records before committing what is durable.
+const REVOKE_WAIT: Duration = Duration::from_secs(10);
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The consumer's callbacks: rebalances and statistics (consumer lag).
+pub struct ReaderContext {
+    pipeline: Arc<Pipeline>,
+}
+
+impl ClientContext for ReaderContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in statistics.topics {
+            for (partition, partition_stats) in stats.partitions {
+                if partition >= 0 && partition_stats.consumer_lag >= 0 {
+                    METRICS
+                        .consumer_lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(partition_stats.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else { return };
+        let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
+        tracing::info!(?partitions, "partitions revoked: flushing and committing what is durable");
+        if let Some(addrs) = self.pipeline.addrs.read().expect("addrs lock").as_ref() {
+            addrs.buffer.do_send(super::messages::FlushNow);
+        }
+        // Blocking is fine here: this is the reader's own thread.
+        let deadline = Instant::now() + REVOKE_WAIT;
+        while partitions.iter().any(|p| self.pipeline.offsets().in_flight(*p) > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let topic = self.pipeline.config.kafka.topic.clone();
+        let mut offsets = self.pipeline.offsets();
+        let mut commit = TopicPartitionList::new();
+        for (partition, offset) in offsets.committable() {
+            if partitions.contains(&partition) {
+                let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(offset));
+            }
+        }
+        for partition in &partitions {
+            offsets.forget(*partition);
+        }
+        drop(offsets);
+        if commit.count() > 0
+            && let Err(error) = consumer.commit(&commit, CommitMode::Sync)
+        {
+            tracing::warn!(%error, "commit on revoke failed; the next owner re-reads from the last commit");
+        }
+    }
+}
+
+type Reader = StreamConsumer<ReaderContext>;
+
+pub struct KafkaReader {
+    pipeline: Arc<Pipeline>,
+    consumer: Option<Arc<Reader>>,
+    read_loop: Option<SpawnHandle>,
+}
+
+impl KafkaReader {
+    pub fn new(pipeline: Arc<Pipeline>) -> KafkaReader {
+        KafkaReader { pipeline, consumer: None, read_loop: None }
+    }
+
+    fn create_consumer(&self) -> anyhow::Result<Arc<Reader>> {
+        let kafka = &self.pipeline.config.kafka;
+        let consumer: Reader = crate::kafka::client_config(kafka)
+            .set("group.id", &kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", &kafka.auto_offset_reset)
+            .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(ReaderContext { pipeline: self.pipeline.clone() })?;
+        consumer.subscribe(&[&kafka.topic])?;
+        Ok(Arc::new(consumer))
+    }
+
+    /// Commits every offset whose records are all durable.
+    fn commit(&self, mode: CommitMode) {
+        let Some(consumer) = &self.consumer else { return };
+        let commits = match mode {
+            CommitMode::Sync => self.pipeline.offsets().committable(),
+            CommitMode::Async => self.pipeline.offsets().take_commits(),
+        };
+        if commits.is_empty() {
+            return;
+        }
+        let topic = &self.pipeline.config.kafka.topic;
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in commits {
+            let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+        }
+        if let Err(error) = consumer.commit(&list, mode) {
+            tracing::warn!(%error, "offset commit failed; it is retried on the next tick");
+        }
+    }
+}
+
+/// Reads until stopped or an unrecoverable error.
+async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Result<()> {
+    let topic = pipeline.config.kafka.topic.clone();
+    let mut seen_epoch = pipeline.epoch();
+    let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
+    loop {
+        if pipeline.is_shutting_down() {
+            return Ok(());
+        }
+        if pipeline.epoch() != seen_epoch {
+            seen_epoch = pipeline.epoch();
+            backlog.clear();
+            rewind(&pipeline, &consumer, &topic)?;
+        }
+        let permit = match pipeline.capacity.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => wait_for_capacity(&pipeline, &consumer, &mut backlog).await?,
+        };
+        let message = match backlog.pop_front() {
+            Some(message) => message,
+            None => match consumer.recv().await {
+                Ok(message) => message.detach(),
+                Err(error) => {
+                    tracing::warn!(%error, "consumer error");
+                    continue;
+                }
+            },
+        };
+        handle_message(&pipeline, &message, permit).await;
+    }
+}
+
+/// Pauses the partitions until capacity returns, holding any message that
+/// was already fetched; keeps polling so the group stays alive.
+async fn wait_for_capacity(
+    pipeline: &Pipeline,
+    consumer: &Reader,
+    backlog: &mut VecDeque<OwnedMessage>,
+) -> anyhow::Result<tokio::sync::OwnedSemaphorePermit> {
+    let assignment = consumer.assignment()?;
+    consumer.pause(&assignment)?;
+    tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: partitions paused");
+    let permit = loop {
+        tokio::select! {
+            permit = pipeline.capacity.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
+            message = consumer.recv() => {
+                if let Ok(message) = message {
+                    backlog.push_back(message.detach());
+                }
+            }
+        }
+    };
+    // The assignment may have changed while paused; resume what is ours now.
+    consumer.resume(&consumer.assignment()?)?;
+    Ok(permit)
+}
+
+/// Seeks each partition back to its first record that is not durable.
+fn rewind(pipeline: &Pipeline, consumer: &Reader, topic: &str) -> anyhow::Result<()> {
+    let positions = pipeline.offsets().rewind();
+    tracing::info!(?positions, "rewinding to the first records not yet durable");
+    for (partition, offset) in positions {
+        consumer
+            .seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("cannot seek {topic}/{partition} to {offset}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn handle_message(pipeline: &Pipeline, message: &OwnedMessage, permit: tokio::sync::OwnedSemaphorePermit) {
+    let origin =
+        Origin::Kafka { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
+    pipeline.offsets().read(message.partition(), message.offset());
+    METRICS.records.with_label_values(&["kafka", "read"]).inc();
+    let payload = message.payload().unwrap_or_default();
+    let key = message.key().map(<[u8]>::to_vec);
+    let addrs = pipeline.addrs();
+    match parse_event(payload) {
+        Ok(transaction) => {
+            let lineage = Lineage {
+                processing_type: transaction.processing_type.unwrap_or(ProcessingType::Streaming),
+                run_id: transaction.run_id.clone(),
+                batch_id: None,
+            };
+            let envelope = Envelope { transaction, origin, raw: payload.to_vec(), key, lineage, permit };
+            // send().await, not do_send: a slow Buffer slows the reader.
+            if addrs.buffer.send(Ingest(vec![envelope])).await.is_err() {
+                tracing::warn!("the Buffer is restarting; the record will be read again");
+            }
+        }
+        Err(error) => {
+            METRICS.records.with_label_values(&["kafka", "invalid"]).inc();
+            let failure = Failure {
+                error_type: ErrorType::Invalid,
+                stage: error.stage.into(),
+                message: error.message,
+                attempts: 1,
+            };
+            let letter = DeadLetter {
+                key,
+                value: payload.to_vec(),
+                failure,
+                origin,
+                run_id: None,
+                acknowledges_origin: true,
+                permit: Some(permit),
+            };
+            if addrs.dlq_publisher.send(DeadLetters(vec![letter])).await.is_err() {
+                tracing::warn!("the DlqPublisher is restarting; the record will be read again");
+            }
+        }
+    }
+}
+
+impl Actor for KafkaReader {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let consumer = match self.create_consumer() {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                tracing::error!(%error, "cannot create the Kafka consumer; retrying");
+                ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.stop());
+                return;
+            }
+        };
+        self.consumer = Some(consumer.clone());
+        // A fresh consumer resumes from the committed offsets: forget what
+        // the previous one had in flight.
+        *self.pipeline.offsets() = Default::default();
+        let pipeline = self.pipeline.clone();
+        self.read_loop = Some(ctx.spawn(read_loop(pipeline, consumer).into_actor(self).map(|result, actor, ctx| {
+            if let Err(error) = result {
+                tracing::error!(%error, "the read loop failed; restarting the reader");
+                actor.pipeline.work_lost("kafka_reader", "its read loop failed");
+                ctx.stop();
+            }
+        })));
+        ctx.run_interval(COMMIT_INTERVAL, |actor, _| actor.commit(CommitMode::Async));
+    }
+}
+
+impl Supervised for KafkaReader {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Commit what is durable, then leave the group; the new consumer
+        // re-reads everything after the last commit.
+        self.commit(CommitMode::Sync);
+        self.consumer = None;
+        METRICS.actor_restarts.with_label_values(&["kafka_reader"]).inc();
+    }
+}
+
+impl Handler<StopReading> for KafkaReader {
+    type Result = ();
+
+    fn handle(&mut self, _: StopReading, ctx: &mut Context<Self>) {
+        // Dropping the loop drops a record caught mid-way: it was never
+        // tracked as read, so no commit passes it, and it is read again.
+        if let Some(read_loop) = self.read_loop.take() {
+            ctx.cancel_future(read_loop);
+        }
+        if let Some(consumer) = &self.consumer
+            && let Ok(assignment) = consumer.assignment()
+        {
+            let _ = consumer.pause(&assignment);
+        }
+    }
+}
+
+impl Handler<CommitNow> for KafkaReader {
+    type Result = ();
+
+    fn handle(&mut self, _: CommitNow, _ctx: &mut Context<Self>) {
+        self.commit(CommitMode::Sync);
+    }
+}
+
+impl Handler<Chaos> for KafkaReader {
+    type Result = ();
+
+    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
+        super::chaos("kafka_reader", chaos, ctx);
+    }
+}

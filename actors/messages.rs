@@ -1,0 +1,120 @@
+//! The typed messages the actors pass, named for what is asked or happened.
+
+use actix::Message;
+use std::collections::HashMap;
+use std::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
+use uuid::Uuid;
+
+use crate::domain::dead_letter::{Failure, Origin};
+use crate::domain::prediction::Prediction;
+use crate::domain::transaction::{ProcessingType, Transaction};
+
+/// How and in which run a record entered txnflow (lineage columns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    pub processing_type: ProcessingType,
+    pub run_id: Option<String>,
+    pub batch_id: Option<String>,
+}
+
+/// A valid record on its way to the database. It holds one unit of the
+/// pipeline's bounded capacity until it is durable or dropped.
+#[derive(Debug)]
+pub struct Envelope {
+    pub transaction: Transaction,
+    pub origin: Origin,
+    /// The record as it arrived, for the DLQ value.
+    pub raw: Vec<u8>,
+    pub key: Option<Vec<u8>>,
+    pub lineage: Lineage,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A record for the DLQ topic.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub failure: Failure,
+    pub origin: Origin,
+    pub run_id: Option<String>,
+    /// Whether the DLQ's acknowledgement is what makes the origin durable
+    /// (an invalid record), or the record is in PostgreSQL already (a
+    /// failed prediction).
+    pub acknowledges_origin: bool,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Source -> Buffer: valid records to batch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ingest(pub Vec<Envelope>);
+
+/// Anyone -> Buffer: flush now (rebalance, shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushNow;
+
+/// What made the Buffer flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushTrigger {
+    Size,
+    Time,
+    Forced,
+}
+
+impl FlushTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushTrigger::Size => "size",
+            FlushTrigger::Time => "time",
+            FlushTrigger::Forced => "forced",
+        }
+    }
+}
+
+/// Buffer -> PredictClient: one flush.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PredictBatch {
+    pub flush_id: u64,
+    pub trigger: FlushTrigger,
+    pub flushed_at: Instant,
+    pub records: Vec<Envelope>,
+}
+
+/// PredictClient -> DbWriter: a flush with its predictions and failures.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteBatch {
+    pub flush_id: u64,
+    pub trigger: FlushTrigger,
+    pub flushed_at: Instant,
+    pub records: Vec<Envelope>,
+    pub predictions: HashMap<Uuid, Prediction>,
+    pub failures: HashMap<Uuid, Failure>,
+}
+
+/// Anyone -> DlqPublisher.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeadLetters(pub Vec<DeadLetter>);
+
+/// KafkaReader: stop reading (shutdown); in-flight records go on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopReading;
+
+/// KafkaReader: commit every durable offset now, synchronously.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CommitNow;
+
+/// Chaos hooks (contract §8): fail through the error path, or panic.
+#[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub enum Chaos {
+    Crash,
+    Panic,
+}

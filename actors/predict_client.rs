@@ -1,0 +1,69 @@
+//! PredictClient: asks the ML API for the category of every record of a
+//! flush, through [`crate::ml_client::MlClient`] (batches, concurrency,
+//! retries, circuit breaker, bisection, per-record checks), then hands the
+//! flush to the DbWriter. A record without a usable prediction is still
+//! written (guarantee 2); its failure travels with it to the DLQ.
+
+use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Pipeline;
+use super::messages::{Chaos, PredictBatch, WriteBatch};
+use crate::domain::prediction::PredictRequestItem;
+
+pub struct PredictClient {
+    pipeline: Arc<Pipeline>,
+}
+
+impl PredictClient {
+    pub fn new(pipeline: Arc<Pipeline>) -> PredictClient {
+        PredictClient { pipeline }
+    }
+}
+
+impl Actor for PredictClient {
+    type Context = Context<Self>;
+}
+
+impl Supervised for PredictClient {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Flushes being predicted were dropped with the old context.
+        self.pipeline.work_lost("predict_client", "restarted by its supervisor");
+    }
+}
+
+impl Handler<PredictBatch> for PredictClient {
+    type Result = ();
+
+    fn handle(&mut self, batch: PredictBatch, ctx: &mut Context<Self>) {
+        let pipeline = self.pipeline.clone();
+        // Spawned, not awaited: the mailbox keeps taking flushes while this
+        // one waits for the API; MlClient bounds the requests in flight.
+        let predict = async move {
+            let items: Vec<PredictRequestItem> =
+                batch.records.iter().map(|r| PredictRequestItem::from(&r.transaction)).collect();
+            let predicted = pipeline.ml.predict(items, "pipeline").await;
+            (batch, predicted)
+        };
+        ctx.spawn(predict.into_actor(self).map(|(batch, predicted), actor, _ctx| {
+            let write = WriteBatch {
+                flush_id: batch.flush_id,
+                trigger: batch.trigger,
+                flushed_at: batch.flushed_at,
+                records: batch.records,
+                predictions: predicted.predictions.into_iter().map(|p| (p.transaction_id, p)).collect(),
+                failures: predicted.failures.into_iter().collect::<HashMap<_, _>>(),
+            };
+            actor.pipeline.addrs().db_writer.do_send(write);
+        }));
+    }
+}
+
+impl Handler<Chaos> for PredictClient {
+    type Result = ();
+
+    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
+        super::chaos("predict_client", chaos, ctx);
+    }
+}

@@ -1,0 +1,116 @@
+//! The admin HTTP server of `txnflow run` (contract §8): health, readiness,
+//! Prometheus metrics and, when `chaos.enabled`, the chaos hooks.
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use rdkafka::producer::Producer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::actors::Pipeline;
+use crate::actors::messages::Chaos;
+use crate::metrics::METRICS;
+
+struct AdminState {
+    pipeline: Arc<Pipeline>,
+    chaos_enabled: bool,
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when the database and the broker both answer.
+async fn ready(state: web::Data<AdminState>) -> HttpResponse {
+    let pool = state.pipeline.pool.clone();
+    let database = tokio::task::spawn_blocking(move || {
+        use diesel::RunQueryDsl;
+        let mut connection = pool.get_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        diesel::sql_query("SELECT 1").execute(&mut connection).map(|_| ()).map_err(|e| e.to_string())
+    });
+    let producer = state.pipeline.producer.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(None, Duration::from_secs(2)).map(|_| ()).map_err(|e| e.to_string())
+    });
+    let (database, broker) = tokio::join!(database, broker);
+    let database = database.unwrap_or_else(|e| Err(e.to_string()));
+    let broker = broker.unwrap_or_else(|e| Err(e.to_string()));
+    let body = serde_json::json!({
+        "database": database.as_ref().err().map_or("ok".to_string(), |e| e.clone()),
+        "broker": broker.as_ref().err().map_or("ok".to_string(), |e| e.clone()),
+    });
+    if database.is_ok() && broker.is_ok() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(METRICS.render())
+}
+
+async fn chaos(path: web::Path<(String, String)>, state: web::Data<AdminState>) -> HttpResponse {
+    if !state.chaos_enabled {
+        return HttpResponse::NotFound()
+            .json(serde_json::json!({"error": "chaos is disabled (chaos.enabled = false)"}));
+    }
+    let (actor, kind) = path.into_inner();
+    let chaos = match kind.as_str() {
+        "crash" => Chaos::Crash,
+        "panic" => Chaos::Panic,
+        _ => return HttpResponse::NotFound().json(serde_json::json!({"error": format!("unknown chaos {kind:?}")})),
+    };
+    let addrs = state.pipeline.addrs();
+    let sent = match actor.as_str() {
+        "kafka_reader" => addrs.kafka_reader.as_ref().map(|a| a.do_send(chaos)).is_some(),
+        "buffer" => {
+            addrs.buffer.do_send(chaos);
+            true
+        }
+        "predict_client" => {
+            addrs.predict_client.do_send(chaos);
+            true
+        }
+        "db_writer" => {
+            addrs.db_writer.do_send(chaos);
+            true
+        }
+        "dlq_publisher" => {
+            addrs.dlq_publisher.do_send(chaos);
+            true
+        }
+        "backfill" => {
+            addrs.backfill.do_send(chaos);
+            true
+        }
+        _ => false,
+    };
+    if sent {
+        HttpResponse::Accepted().json(serde_json::json!({"actor": actor, "chaos": kind}))
+    } else {
+        HttpResponse::NotFound().json(serde_json::json!({"error": format!("no running actor {actor:?}")}))
+    }
+}
+
+/// Binds and starts the admin server.
+pub fn start(
+    listen: SocketAddr,
+    pipeline: Arc<Pipeline>,
+    chaos_enabled: bool,
+) -> anyhow::Result<actix_web::dev::Server> {
+    let state = web::Data::new(AdminState { pipeline, chaos_enabled });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/health", web::get().to(health))
+            .route("/ready", web::get().to(ready))
+            .route("/metrics", web::get().to(metrics))
+            .route("/chaos/{actor}/{kind}", web::post().to(chaos))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(listen)
+    .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (admin.listen): {e}"))?;
+    Ok(server.run())
+}

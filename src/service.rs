@@ -1,0 +1,132 @@
+//! `txnflow run`: the streaming service. Starts the pipeline and the admin
+//! server, reports progress, and shuts down gracefully (guarantee 8): on
+//! SIGTERM or SIGINT it stops reading, flushes, waits for the writes,
+//! commits, and exits 0 within `shutdown_timeout_ms`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::actors::Pipeline;
+use crate::actors::messages::{CommitNow, FlushNow, StopReading};
+use crate::config::Config;
+use crate::metrics::METRICS;
+use crate::{admin, breaker, db, kafka, ml_client};
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    actix_rt::System::new().block_on(async move {
+        if config.db.auto_migrate {
+            migrate_when_reachable(&config).await?;
+        }
+        if let Err(error) = kafka::ensure_topics(&config.kafka, &kafka::pipeline_topics(&config.kafka)).await {
+            tracing::warn!(%error, "cannot create the topics; expecting them to exist");
+        }
+        let ml = ml_client::MlClient::new(&config.predict, breaker::build(&config.breaker))?;
+        let pipeline = Pipeline::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
+        pipeline.start(true);
+        let admin = admin::start(config.admin.listen, pipeline.clone(), config.chaos.enabled)?;
+        let admin_handle = admin.handle();
+        actix_rt::spawn(admin);
+        let progress = actix_rt::spawn(report_progress(pipeline.clone()));
+        tracing::info!(
+            topic = config.kafka.topic,
+            group = config.kafka.group_id,
+            admin = %config.admin.listen,
+            "txnflow is running"
+        );
+        wait_for_signal().await;
+        let clean = shutdown(&pipeline, Duration::from_millis(config.shutdown_timeout_ms)).await;
+        progress.abort();
+        admin_handle.stop(true).await;
+        pipeline.stop_arbiters();
+        if clean {
+            tracing::info!("stopped cleanly: every record read is durable and committed");
+        } else {
+            tracing::warn!(
+                in_flight = pipeline.in_flight(),
+                "stopped at the shutdown timeout; uncommitted records will be read again"
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Applies migrations, waiting for PostgreSQL if it is not up yet.
+async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()> {
+    let mut warned = false;
+    loop {
+        let url = config.db.url.clone();
+        let result =
+            tokio::task::spawn_blocking(move || db::connect(&url).and_then(|mut c| db::migrate(&mut c))).await?;
+        match result {
+            Ok(applied) => {
+                if !applied.is_empty() {
+                    tracing::info!(?applied, "migrations applied");
+                }
+                return Ok(());
+            }
+            Err(error) if error.to_string().contains("cannot connect") => {
+                if !warned {
+                    tracing::warn!(%error, "waiting for PostgreSQL");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Stops reading, flushes, waits for every record in flight, commits.
+/// Returns whether everything read became durable in time.
+async fn shutdown(pipeline: &Arc<Pipeline>, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(500));
+    pipeline.begin_shutdown();
+    let addrs = pipeline.addrs();
+    if let Some(reader) = &addrs.kafka_reader {
+        let _ = reader.send(StopReading).await;
+    }
+    let _ = addrs.buffer.send(FlushNow).await;
+    while pipeline.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let clean = pipeline.in_flight() == 0;
+    if let Some(reader) = &pipeline.addrs().kafka_reader {
+        let _ = reader.send(CommitNow).await;
+    }
+    clean
+}
+
+/// One line every 5 s: records in, written, predicted, dead-lettered,
+/// buffer depth, in flight, breaker state.
+async fn report_progress(pipeline: Arc<Pipeline>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let count = |outcome: &str| {
+            ["kafka", "file"]
+                .iter()
+                .map(|source| METRICS.records.with_label_values(&[source, outcome]).get())
+                .sum::<u64>()
+        };
+        tracing::info!(
+            "in {} written {} predicted {} dead-lettered {} buffer {} in-flight {} breaker {}",
+            count("read"),
+            count("written"),
+            count("predicted"),
+            count("dead_lettered"),
+            METRICS.buffer_depth.get(),
+            pipeline.in_flight(),
+            breaker::state().as_str()
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! A streaming scenario: its own database, topics, consumer group and ML API,
+//! and `txnflow run` started as a real process, so that tests can stop it
+//! with SIGTERM or SIGKILL as an operator would.
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use crate::helpers::{
+    ChildGuard, ReadRecord, TestDatabase, brokers, create_topic, free_port, kafka_config, no_faults, query_json,
+    read_topic, spawn_ml_api, txnflow,
+};
+
+pub const PARTITIONS: i32 = 3;
+
+pub struct Scenario {
+    pub db: TestDatabase,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+    pub ml_api: SocketAddr,
+    producer: FutureProducer,
+}
+
+/// One produced event: its key, its bytes, and where the broker put it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub key: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Scenario {
+    pub async fn new(name: &str) -> Scenario {
+        let topic = create_topic(name, PARTITIONS).await;
+        let dlq_topic = format!("{topic}-dlq");
+        txnflow::kafka::ensure_topics(&kafka_config(), &[(&dlq_topic, 1)]).await.unwrap();
+        Scenario {
+            db: TestDatabase::create(),
+            group: format!("{topic}-group"),
+            dlq_topic,
+            topic,
+            ml_api: spawn_ml_api(no_faults()),
+            producer: txnflow::kafka::producer(&kafka_config()).unwrap(),
+        }
+    }
+
+    pub fn ml_api_url(&self) -> String {
+        format!("http://{}", self.ml_api)
+    }
+
+    /// Starts `txnflow run` for this scenario, with `extra` overrides.
+    pub async fn start_service(&self, extra: &[(&str, &str)]) -> Service {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("{}-{port}.log", self.topic));
+        let mut command = txnflow();
+        command
+            .arg("run")
+            .env("TXNFLOW__KAFKA__BROKERS", brokers())
+            .env("TXNFLOW__KAFKA__TOPIC", &self.topic)
+            .env("TXNFLOW__KAFKA__DLQ_TOPIC", &self.dlq_topic)
+            .env("TXNFLOW__KAFKA__GROUP_ID", &self.group)
+            .env("TXNFLOW__KAFKA__PARTITIONS", PARTITIONS.to_string())
+            .env("TXNFLOW__DB__URL", &self.db.url)
+            .env("TXNFLOW__PREDICT__URL", self.ml_api_url())
+            .env("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "500")
+            .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+            .env("TXNFLOW__CHAOS__ENABLED", "true")
+            .env("TXNFLOW__SHUTDOWN_TIMEOUT_MS", "20000");
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let log_file = std::fs::File::create(&log).unwrap();
+        command.stdout(Stdio::null()).stderr(log_file);
+        let service = Service {
+            child: Some(ChildGuard(command.spawn().expect("txnflow run starts"))),
+            admin: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        service.wait_ready().await;
+        service
+    }
+
+    /// Sends every `(key, value)` and returns where each landed.
+    pub async fn produce(&self, events: &[(String, Vec<u8>)]) -> Vec<Sent> {
+        let mut sent = Vec::with_capacity(events.len());
+        for chunk in events.chunks(2000) {
+            let deliveries = chunk.iter().map(|(key, value)| async move {
+                let record = FutureRecord::to(&self.topic).key(key).payload(value);
+                let delivery =
+                    self.producer.send(record, Duration::from_secs(30)).await.expect("the broker takes the event");
+                Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset }
+            });
+            sent.extend(futures_util::future::join_all(deliveries).await);
+        }
+        sent
+    }
+
+    /// One past the last offset sent, per partition. (Tansu's ListOffsets
+    /// "latest" is not reliable, so the end offsets come from the sends.)
+    pub fn end_offsets(sent: &[Sent]) -> BTreeMap<i32, i64> {
+        let mut ends = BTreeMap::new();
+        for s in sent {
+            let end = ends.entry(s.partition).or_insert(0);
+            *end = (*end).max(s.offset + 1);
+        }
+        ends
+    }
+
+    /// The group's committed offsets, per partition (without joining it).
+    pub fn committed_offsets(&self) -> BTreeMap<i32, i64> {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", &self.group).create().unwrap();
+        let mut partitions = TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            partitions.add_partition(&self.topic, partition);
+        }
+        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10)).unwrap();
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(offset) => Some((e.partition(), offset)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn transaction_ids(&self) -> BTreeSet<Uuid> {
+        query_json(&mut self.db.connect(), "SELECT id FROM transactions")
+            .into_iter()
+            .map(|row| Uuid::parse_str(row["id"].as_str().unwrap()).unwrap())
+            .collect()
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        query_json(&mut self.db.connect(), &format!("SELECT ({sql}) AS n"))[0]["n"].as_i64().unwrap()
+    }
+
+    /// Category per transaction id.
+    pub fn predictions(&self) -> BTreeMap<Uuid, String> {
+        query_json(&mut self.db.connect(), "SELECT transaction_id, category FROM predictions")
+            .into_iter()
+            .map(|row| {
+                (
+                    Uuid::parse_str(row["transaction_id"].as_str().unwrap()).unwrap(),
+                    row["category"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn dlq(&self, expected: usize) -> Vec<ReadRecord> {
+        read_topic(&self.dlq_topic, 1, expected, Duration::from_secs(60))
+    }
+
+    /// Waits until the committed offsets equal `ends`; returns the last seen.
+    pub async fn wait_committed(&self, ends: &BTreeMap<i32, i64>, deadline: Duration) -> BTreeMap<i32, i64> {
+        let started = Instant::now();
+        loop {
+            let committed = self.committed_offsets();
+            if &committed == ends || started.elapsed() > deadline {
+                return committed;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits until `condition` holds or `deadline` passes; returns whether it held.
+    pub async fn wait_for(&self, deadline: Duration, mut condition: impl FnMut(&Scenario) -> bool) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < deadline {
+            if condition(self) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        condition(self)
+    }
+}
+
+/// A running `txnflow run` process.
+pub struct Service {
+    child: Option<ChildGuard>,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Service {
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(response) = client.get(format!("{}/ready", self.admin)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("txnflow run did not become ready; log:\n{}", self.log_tail());
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one metric series, as written in the exposition.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in /metrics"))
+    }
+
+    pub async fn chaos(&self, actor: &str, kind: &str) {
+        let response =
+            reqwest::Client::new().post(format!("{}/chaos/{actor}/{kind}", self.admin)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 202, "chaos {actor}/{kind}");
+    }
+
+    /// Sends a signal and waits for the exit status (None: still running at the deadline).
+    pub fn signal(&mut self, signal: &str, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let mut guard = self.child.take().expect("the service is running");
+        let pid = guard.0.id().to_string();
+        std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
+        let started = Instant::now();
+        while started.elapsed() < deadline {
+            if let Some(status) = guard.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// `count` valid events from a seeded generator: (key, bytes).
+pub fn valid_events(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    (0..count)
+        .map(|_| {
+            let record = generator.next_record();
+            (record.key, record.value)
+        })
+        .collect()
+}
+
+/// `count` invalid events, the five kinds in turn.
+pub fn invalid_events(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 1.0);
+    (0..count)
+        .map(|_| {
+            let record = generator.next_record();
+            (format!("bad-{}", record.key), record.value)
+        })
+        .collect()
+}
+
+pub fn ids_of(events: &[(String, Vec<u8>)]) -> BTreeSet<Uuid> {
+    events.iter().map(|(key, _)| Uuid::parse_str(key).unwrap()).collect()
+}

@@ -1,0 +1,87 @@
+//! The streaming pipeline (contract §1, §2, §5, §6) against the real stack.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::helpers::assert_same_set;
+use crate::scenario::{Scenario, ids_of, invalid_events, valid_events};
+use txnflow::domain::categories::reference_category;
+
+const HEADERS: [&str; 8] =
+    ["error_type", "error_message", "stage", "failed_at", "attempts", "source", "run_id", "service"];
+
+/// Acceptance 1: 20,000 valid and 1,000 invalid events, then the same again.
+#[tokio::test]
+async fn every_event_ends_in_exactly_one_place_and_replays_change_nothing() {
+    let scenario = Scenario::new("happy").await;
+    let valid = valid_events(1, 20_000);
+    let invalid = invalid_events(2, 1_000);
+    let mut events = valid.clone();
+    events.extend(invalid.iter().cloned());
+    // Mix the bad records in among the good ones.
+    events.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut service = scenario.start_service(&[]).await;
+    let sent = scenario.produce(&events).await;
+    let ends = Scenario::end_offsets(&sent);
+
+    let committed = scenario.wait_committed(&ends, Duration::from_secs(180)).await;
+    assert_eq!(committed, ends, "committed offsets equal the end offsets; log:\n{}", service.log_tail());
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&valid), "stored transaction ids");
+    let predictions = scenario.predictions();
+    assert_eq!(predictions.len(), 20_000);
+    for (id, category) in &predictions {
+        assert_eq!(category, reference_category(*id), "the reference category of {id}");
+    }
+
+    let dlq = scenario.dlq(1_000);
+    assert_eq!(dlq.len(), 1_000, "exactly the invalid records are dead-lettered");
+    let dead_keys: BTreeSet<&str> = dlq.iter().map(|r| r.key.as_str()).collect();
+    let invalid_keys: BTreeSet<&str> = invalid.iter().map(|(key, _)| key.as_str()).collect();
+    assert_same_set(&dead_keys, &invalid_keys, "dead-lettered keys");
+    let by_key: std::collections::HashMap<&str, &Vec<u8>> = invalid.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    for record in &dlq {
+        let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, HEADERS, "the §5 headers, in order");
+        let header = |name: &str| record.headers.iter().find(|(k, _)| k == name).unwrap().1.as_str();
+        assert_eq!(header("error_type"), "invalid");
+        assert!(["decode", "validate"].contains(&header("stage")));
+        assert_eq!(header("attempts"), "1");
+        assert!(header("source").starts_with(&format!("{}/", scenario.topic)));
+        assert!(chrono::DateTime::parse_from_rfc3339(header("failed_at")).is_ok());
+        assert_eq!(header("service"), txnflow::SERVICE);
+        assert!(!header("error_message").is_empty());
+        assert_eq!(&record.value, by_key[record.key.as_str()], "the original bytes, unchanged");
+    }
+
+    // The same 21,000 events again: nothing changes in the database.
+    let again = scenario.produce(&events).await;
+    let ends = Scenario::end_offsets(&again);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(180)).await, ends);
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 20_000);
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 20_000);
+    assert_eq!(service.signal("TERM", Duration::from_secs(30)).map(|s| s.code()), Some(Some(0)));
+}
+
+/// Lineage: streaming rows carry their processing type and Kafka source.
+#[tokio::test]
+async fn streaming_rows_carry_their_lineage() {
+    let scenario = Scenario::new("lineage").await;
+    let events = valid_events(3, 10);
+    let _service = scenario.start_service(&[]).await;
+    let sent = scenario.produce(&events).await;
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends);
+    let rows = crate::helpers::query_json(
+        &mut scenario.db.connect(),
+        "SELECT id, processing_type, run_id, batch_id, source FROM transactions",
+    );
+    assert_eq!(rows.len(), 10);
+    for row in rows {
+        let id = Uuid::parse_str(row["id"].as_str().unwrap()).unwrap();
+        let sent = sent.iter().find(|s| s.key == id.to_string()).unwrap();
+        assert_eq!(row["processing_type"], "streaming");
+        assert_eq!(row["run_id"], serde_json::Value::Null);
+        assert_eq!(row["source"], format!("{}/{}/{}", scenario.topic, sent.partition, sent.offset));
+    }
+}
