@@ -47,13 +47,7 @@ fn request_bodies(count: usize) -> Vec<Vec<u8>> {
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 10);
     let clients = env_or("BENCH_CLIENTS", 8) as usize;
-    let faults = txnflow::ml_api::Faults {
-        error_rate: 0.0,
-        latency_ms: 0,
-        malformed_rate: 0.0,
-        drop_rate: 0.0,
-        extended: false,
-    };
+    let faults = txnflow::ml_api::Faults::default();
     let address = txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
     let url = format!("http://{address}/predict");
     let bodies = Arc::new(request_bodies(256));

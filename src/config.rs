@@ -130,6 +130,7 @@ pub struct MlApiConfig {
     pub malformed_rate: f64,
     pub drop_rate: f64,
     pub extended: bool,
+    pub poison_marker: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -77,6 +77,9 @@ struct MlApiArgs {
     /// Also answer confidence_score and model_version.
     #[arg(long)]
     extended: bool,
+    /// Answer 422 to any request with an item whose description contains this text.
+    #[arg(long)]
+    poison_marker: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -155,10 +158,11 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             faults.malformed_rate = args.malformed_rate.unwrap_or(faults.malformed_rate);
             faults.drop_rate = args.drop_rate.unwrap_or(faults.drop_rate);
             faults.extended |= args.extended;
+            faults.poison_marker = args.poison_marker.unwrap_or(faults.poison_marker);
             let listen = args.listen.unwrap_or(config.ml_api.listen);
             actix_rt::System::new().block_on(async move {
-                let running = ml_api::start(listen, faults)?;
-                tracing::info!(address = %running.address, ?faults, "ml-api listening");
+                let running = ml_api::start(listen, faults.clone())?;
+                tracing::info!(address = %running.address, "ml-api listening");
                 running.server.await?;
                 anyhow::Ok(())
             })

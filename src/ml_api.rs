@@ -23,7 +23,8 @@ use crate::domain::timestamp::parse_timestamp;
 
 /// The fault knobs. Rates are shares in [0, 1], drawn per request (per item
 /// for `drop_rate`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// `Faults::default()` is a well-behaved server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
     pub error_rate: f64,
@@ -32,6 +33,9 @@ pub struct Faults {
     pub drop_rate: f64,
     /// Answer `confidence_score` and `model_version` too.
     pub extended: bool,
+    /// When not empty, any item whose description contains it makes the
+    /// whole request fail with 422: a poison record.
+    pub poison_marker: String,
 }
 
 impl Faults {
@@ -42,6 +46,7 @@ impl Faults {
             malformed_rate: config.malformed_rate,
             drop_rate: config.drop_rate,
             extended: config.extended,
+            poison_marker: config.poison_marker.clone(),
         }
     }
 
@@ -66,6 +71,7 @@ struct FaultsUpdate {
     malformed_rate: Option<f64>,
     drop_rate: Option<f64>,
     extended: Option<bool>,
+    poison_marker: Option<String>,
 }
 
 type SharedFaults = Arc<RwLock<Faults>>;
@@ -91,7 +97,12 @@ struct ErrorDetail {
 
 /// Checks one request item as the seed's pydantic model did: every key
 /// present, `merchant` may be null, types right, the timestamp a date-time.
-fn check_item(index: usize, item: &serde_json::Value, errors: &mut Vec<ErrorDetail>) -> Option<Uuid> {
+fn check_item(
+    index: usize,
+    item: &serde_json::Value,
+    poison_marker: &str,
+    errors: &mut Vec<ErrorDetail>,
+) -> Option<Uuid> {
     use serde_json::Value;
     let mut error = |field: &'static str, kind: &'static str, msg: String| {
         errors.push(ErrorDetail { kind, loc: ("body", index, field), msg });
@@ -114,6 +125,9 @@ fn check_item(index: usize, item: &serde_json::Value, errors: &mut Vec<ErrorDeta
             ("timestamp", Some(Value::String(text))) if parse_timestamp(text).is_err() => {
                 error(field, "datetime_from_date_parsing", "Input should be a valid datetime".to_string())
             }
+            ("description", Some(Value::String(text))) if !poison_marker.is_empty() && text.contains(poison_marker) => {
+                error(field, "value_error", format!("Value error, poison record (contains {poison_marker:?})"))
+            }
             ("merchant", Some(Value::Null | Value::String(_))) => {}
             ("amount", Some(_)) | (_, Some(Value::String(_))) => {}
             (_, Some(_)) => error(field, "string_type", "Input should be a valid string".to_string()),
@@ -123,7 +137,7 @@ fn check_item(index: usize, item: &serde_json::Value, errors: &mut Vec<ErrorDeta
 }
 
 async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpResponse {
-    let faults = *faults.read().expect("faults lock");
+    let faults = faults.read().expect("faults lock").clone();
     if faults.latency_ms > 0 {
         actix_rt::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
@@ -149,8 +163,11 @@ async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpRespo
         }
     };
     let mut errors = Vec::new();
-    let ids: Vec<Option<Uuid>> =
-        items.iter().enumerate().map(|(index, item)| check_item(index, item, &mut errors)).collect();
+    let ids: Vec<Option<Uuid>> = items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| check_item(index, item, &faults.poison_marker, &mut errors))
+        .collect();
     if !errors.is_empty() {
         return unprocessable(errors);
     }
@@ -181,7 +198,7 @@ async fn health() -> HttpResponse {
 }
 
 async fn get_faults(faults: web::Data<SharedFaults>) -> HttpResponse {
-    HttpResponse::Ok().json(*faults.read().expect("faults lock"))
+    HttpResponse::Ok().json(faults.read().expect("faults lock").clone())
 }
 
 async fn set_faults(update: web::Json<FaultsUpdate>, faults: web::Data<SharedFaults>) -> HttpResponse {
@@ -192,12 +209,13 @@ async fn set_faults(update: web::Json<FaultsUpdate>, faults: web::Data<SharedFau
         malformed_rate: update.malformed_rate.unwrap_or(current.malformed_rate),
         drop_rate: update.drop_rate.unwrap_or(current.drop_rate),
         extended: update.extended.unwrap_or(current.extended),
+        poison_marker: update.poison_marker.clone().unwrap_or_else(|| current.poison_marker.clone()),
     };
     if let Err(message) = next.check() {
         return HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": message }));
     }
-    *current = next;
     tracing::info!(?next, "fault knobs changed");
+    *current = next.clone();
     HttpResponse::Ok().json(next)
 }
 

@@ -171,7 +171,7 @@ pub fn spawn_ml_api(faults: txnflow::ml_api::Faults) -> SocketAddr {
 }
 
 pub fn no_faults() -> txnflow::ml_api::Faults {
-    txnflow::ml_api::Faults { error_rate: 0.0, latency_ms: 0, malformed_rate: 0.0, drop_rate: 0.0, extended: false }
+    txnflow::ml_api::Faults::default()
 }
 
 /// A port that was free a moment ago, for servers started as processes.

@@ -3,6 +3,7 @@
 //! every area keeps link time down.
 
 mod cli;
+mod faults;
 mod helpers;
 mod migrations;
 mod ml_api;
@@ -10,3 +11,4 @@ mod produce;
 mod scenario;
 mod stack;
 mod streaming;
+mod supervision;

@@ -85,9 +85,14 @@ async fn fault_knobs_change_at_runtime() {
     let current: Value = reqwest::get(format!("{base}/faults")).await.unwrap().json().await.unwrap();
     assert_eq!(
         current,
-        json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true})
+        json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true, "poison_marker": ""})
     );
     assert_eq!(post(&base, "/faults", &json!({"error_rate": 2.0})).await.0, 422, "an out-of-range knob is refused");
+    post(&base, "/faults", &json!({"latency_ms": 0, "poison_marker": "POISON"})).await;
+    let mut poison = item("00000000-0000-0000-0000-000000000009");
+    poison["description"] = json!("a POISON record");
+    assert_eq!(post(&base, "/predict", &json!([item(id), poison])).await.0, 422, "a poison item fails its batch");
+    assert_eq!(post(&base, "/predict", &request).await.0, 200, "a batch without it passes");
     assert_eq!(post(&base, "/faults", &json!({"eror_rate": 0.1})).await.0, 400, "an unknown knob is refused");
 }
 

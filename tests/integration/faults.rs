@@ -1,0 +1,133 @@
+//! ML API faults (guarantees 2, 3 and 4), each with the scenario's own
+//! reference server and its fault knobs.
+
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::helpers::assert_same_set;
+use crate::scenario::{Scenario, ids_of, valid_events};
+use txnflow::domain::categories::reference_category;
+
+/// A breaker that reacts within a test's time: 10 calls, 2 s open, quick retries.
+const QUICK_BREAKER: [(&str, &str); 5] = [
+    ("TXNFLOW__BREAKER__WINDOW", "10"),
+    ("TXNFLOW__BREAKER__OPEN_MS", "2000"),
+    ("TXNFLOW__PREDICT__MAX_RETRIES", "2"),
+    ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "200"),
+    ("TXNFLOW__PREDICT__TIMEOUT_MS", "2000"),
+];
+
+async fn set_faults(scenario: &Scenario, knobs: serde_json::Value) {
+    let response =
+        reqwest::Client::new().post(format!("{}/faults", scenario.ml_api_url())).json(&knobs).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+fn assert_all_predicted(scenario: &Scenario, expected: &BTreeSet<uuid::Uuid>) {
+    let predictions = scenario.predictions();
+    assert_same_set(&predictions.keys().copied().collect(), expected, "predicted ids");
+    for (id, category) in predictions {
+        assert_eq!(category, reference_category(id));
+    }
+}
+
+fn dlq_types(records: &[crate::helpers::ReadRecord]) -> BTreeSet<String> {
+    records.iter().map(|r| r.headers.iter().find(|(k, _)| k == "error_type").unwrap().1.clone()).collect()
+}
+
+#[tokio::test]
+async fn a_30_percent_error_rate_loses_nothing() {
+    let scenario = Scenario::new("errors30").await;
+    set_faults(&scenario, json!({"error_rate": 0.3})).await;
+    let events = valid_events(11, 2_000);
+    let expected = ids_of(&events);
+    let service = scenario.start_service(&[("TXNFLOW__BREAKER__FAILURE_RATE", "0.9")]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    let covered =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 2_000).await;
+    assert!(covered, "all 2,000 predicted, by retries or backfill; log:\n{}", service.log_tail());
+    assert_all_predicted(&scenario, &expected);
+}
+
+#[tokio::test]
+async fn an_api_outage_opens_the_breaker_writes_anyway_and_backfills() {
+    let scenario = Scenario::new("outage").await;
+    let service = scenario.start_service(&QUICK_BREAKER).await;
+    set_faults(&scenario, json!({"error_rate": 1.0})).await;
+    let events = valid_events(12, 1_000);
+    let expected = ids_of(&events);
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(
+        scenario.wait_committed(&ends, Duration::from_secs(120)).await,
+        ends,
+        "ingestion never waits on the API"
+    );
+    assert_same_set(&scenario.transaction_ids(), &expected, "transactions written while the API is down");
+    assert!(
+        service.metric("txnflow_circuit_breaker_transitions_total{to=\"open\"}").await >= 1.0,
+        "the breaker opened"
+    );
+    let dlq = scenario.dlq(1_000);
+    assert_eq!(dlq.len(), 1_000, "each unpredicted record is dead-lettered once");
+    assert_eq!(dlq_types(&dlq), BTreeSet::from(["prediction_failed".to_string()]));
+    let dead: BTreeSet<uuid::Uuid> = dlq.iter().map(|r| r.key.parse().unwrap()).collect();
+    assert_same_set(&dead, &expected, "prediction_failed keys");
+    for record in &dlq {
+        let stage = &record.headers.iter().find(|(k, _)| k == "stage").unwrap().1;
+        assert_eq!(stage, "predict");
+    }
+
+    // The API comes back: coverage returns to 100% with no operator action.
+    set_faults(&scenario, json!({"error_rate": 0.0})).await;
+    let covered =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 1_000).await;
+    assert!(covered, "backfill completes; log:\n{}", service.log_tail());
+    assert_all_predicted(&scenario, &expected);
+    assert_eq!(scenario.count("SELECT count(*) FROM unprocessed_transactions"), 0);
+}
+
+#[tokio::test]
+async fn malformed_answers_and_dropped_items_are_handled_per_record() {
+    let scenario = Scenario::new("malformed").await;
+    set_faults(&scenario, json!({"malformed_rate": 0.3, "drop_rate": 0.2})).await;
+    let events = valid_events(13, 2_000);
+    let expected = ids_of(&events);
+    let service = scenario.start_service(&[]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends);
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    let failed = service.metric("txnflow_dlq_records_total{error_type=\"prediction_failed\"}").await;
+    assert!(failed > 0.0, "some records lost their prediction to the faults");
+    set_faults(&scenario, json!({"malformed_rate": 0.0, "drop_rate": 0.0})).await;
+    let covered =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 2_000).await;
+    assert!(covered, "backfill completes; log:\n{}", service.log_tail());
+    assert_all_predicted(&scenario, &expected);
+}
+
+#[tokio::test]
+async fn a_poison_record_is_the_only_one_dead_lettered() {
+    let scenario = Scenario::new("poison").await;
+    set_faults(&scenario, json!({"poison_marker": "POISON"})).await;
+    let mut events = valid_events(14, 500);
+    let mut poison: serde_json::Value = serde_json::from_slice(&events[250].1).unwrap();
+    poison["description"] = json!("Card expense at POISON");
+    let poison_key = events[250].0.clone();
+    events[250].1 = poison.to_string().into_bytes();
+    let service = scenario
+        .start_service(&[("TXNFLOW__BUFFER__MAX_RECORDS", "500"), ("TXNFLOW__BUFFER__MAX_WAIT_MS", "2000")])
+        .await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends);
+    assert_eq!(scenario.transaction_ids().len(), 500, "the poison transaction is stored too");
+    let mut expected = ids_of(&events);
+    expected.remove(&poison_key.parse().unwrap());
+    assert_all_predicted(&scenario, &expected);
+    let dlq = scenario.dlq(1);
+    assert_eq!(dlq.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), [poison_key.as_str()], "{}", service.log_tail());
+    let message = &dlq[0].headers.iter().find(|(k, _)| k == "error_message").unwrap().1;
+    assert!(message.starts_with("rejected by the ML API (422)"), "{message}");
+}

@@ -1,0 +1,120 @@
+//! Supervision (guarantee 6), shutdown (guarantee 8) and restarts.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::helpers::assert_same_set;
+use crate::scenario::{Scenario, ids_of, invalid_events, valid_events};
+
+const ACTORS: [&str; 6] = ["kafka_reader", "buffer", "predict_client", "db_writer", "dlq_publisher", "backfill"];
+
+async fn assert_exact_books(
+    scenario: &Scenario,
+    valid: &[(String, Vec<u8>)],
+    invalid: &[(String, Vec<u8>)],
+    log: &str,
+) {
+    assert_same_set(&scenario.transaction_ids(), &ids_of(valid), &format!("stored ids; log:\n{log}"));
+    let covered = scenario
+        .wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == valid.len() as i64)
+        .await;
+    assert!(covered, "every stored transaction is predicted");
+    let dlq = scenario.dlq(invalid.len());
+    let dead: BTreeSet<&str> = dlq.iter().filter(|r| r.key.starts_with("bad-")).map(|r| r.key.as_str()).collect();
+    let expected: BTreeSet<&str> = invalid.iter().map(|(k, _)| k.as_str()).collect();
+    assert_same_set(&dead, &expected, "dead-lettered invalid records");
+}
+
+#[tokio::test]
+async fn every_actor_crashed_and_panicked_under_load_loses_nothing() {
+    let scenario = Scenario::new("supervision").await;
+    let valid = valid_events(21, 10_000);
+    let invalid = invalid_events(22, 200);
+    let service = scenario.start_service(&[]).await;
+    let mut all = Vec::new();
+    let rounds: Vec<(&str, &str)> =
+        ACTORS.iter().map(|a| (*a, "crash")).chain(ACTORS.iter().map(|a| (*a, "panic"))).collect();
+    let per_round = valid.len() / rounds.len() + 1;
+    for (round, (actor, kind)) in rounds.iter().enumerate() {
+        let mut chunk: Vec<_> = valid.iter().skip(round * per_round).take(per_round).cloned().collect();
+        chunk.extend(invalid.iter().skip(round * 17).take(17).cloned());
+        let sending = scenario.produce(&chunk);
+        let (sent, ()) = tokio::join!(sending, service.chaos(actor, kind));
+        all.extend(sent);
+    }
+    let rest: Vec<_> = invalid.iter().skip(rounds.len() * 17).cloned().collect();
+    all.extend(scenario.produce(&rest).await);
+    let ends = Scenario::end_offsets(&all);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(180)).await, ends, "{}", service.log_tail());
+    assert_exact_books(&scenario, &valid, &invalid, &service.log_tail()).await;
+    for actor in ACTORS {
+        let restarts = service.metric(&format!("txnflow_actor_restarts_total{{actor=\"{actor}\"}}")).await;
+        assert!(restarts >= 2.0, "{actor}: crashed and panicked, {restarts} restarts counted");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_under_load_exits_0_and_a_restart_finishes_the_work() {
+    let scenario = Scenario::new("sigterm").await;
+    let valid = valid_events(31, 5_000);
+    let invalid = invalid_events(32, 100);
+    let mut events = valid.clone();
+    events.extend(invalid.iter().cloned());
+    let mut service = scenario.start_service(&[("TXNFLOW__SHUTDOWN_TIMEOUT_MS", "15000")]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    let status = service.signal("TERM", Duration::from_secs(20));
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "exit 0 within the shutdown timeout; log:\n{}",
+        service.log_tail()
+    );
+    let service = scenario.start_service(&[]).await;
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_exact_books(&scenario, &valid, &invalid, &service.log_tail()).await;
+}
+
+#[tokio::test]
+async fn kill_9_and_a_restart_lose_nothing() {
+    let scenario = Scenario::new("kill9").await;
+    let valid = valid_events(41, 5_000);
+    let invalid = invalid_events(42, 100);
+    let mut events = valid.clone();
+    events.extend(invalid.iter().cloned());
+    let mut service = scenario.start_service(&[]).await;
+    let first = scenario.produce(&events[..2_500]).await;
+    // Kill while the first half is being processed.
+    let _ = service.signal("KILL", Duration::from_secs(10));
+    let mut all = first;
+    all.extend(scenario.produce(&events[2_500..]).await);
+    let ends = Scenario::end_offsets(&all);
+    let service = scenario.start_service(&[]).await;
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_exact_books(&scenario, &valid, &invalid, &service.log_tail()).await;
+}
+
+/// Acceptance 7: arbitrary bytes never crash the reader; each is one DLQ record.
+#[tokio::test]
+async fn arbitrary_bytes_each_become_one_dlq_record() {
+    use rand::{Rng, SeedableRng};
+    let scenario = Scenario::new("fuzz").await;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let events: Vec<(String, Vec<u8>)> = (0..500)
+        .map(|i| {
+            let len = rng.random_range(0..200);
+            (format!("fuzz-{i}"), (0..len).map(|_| rng.random::<u8>()).collect())
+        })
+        .collect();
+    let service = scenario.start_service(&[]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    let dlq = scenario.dlq(500);
+    let keys: BTreeSet<&str> = dlq.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(dlq.len(), 500, "one DLQ record per event");
+    assert_same_set(&keys, &events.iter().map(|(k, _)| k.as_str()).collect(), "fuzzed keys");
+    assert_eq!(
+        service.metric("txnflow_actor_restarts_total{actor=\"kafka_reader\"}").await,
+        0.0,
+        "the reader never crashed"
+    );
+}
