@@ -6,8 +6,14 @@
 //! - The consumer runs on this actor's own arbiter, so a rebalance, whose
 //!   callback may wait for in-flight records, stalls no other actor.
 //! - Backpressure: every record takes a capacity permit. When none is left
-//!   the assigned partitions are paused, and resumed when permits return;
-//!   the consumer keeps polling meanwhile, so it stays in the group.
+//!   the reader stops polling until one returns; librdkafka then stops
+//!   fetching once its prefetch queue (`queued.max.messages.kbytes`, set to
+//!   4 MB) is full. We tried pausing and resuming the partitions instead, as
+//!   the design card says, but against Tansu 0.6 a resumed partition either
+//!   delivered nothing more or skipped records (our PostgreSQL-outage test
+//!   lost 326 records that way), so we do not rely on it. The cost: a stall
+//!   longer than `max.poll.interval.ms` (5 min) makes the consumer leave the
+//!   group, and it re-reads from its last commit when it comes back.
 //! - On a revoke it flushes the Buffer, waits (bounded) for the records of
 //!   the revoked partitions to become durable, and commits them.
 //! - When another actor lost in-flight records (the pipeline's epoch moved),
@@ -18,7 +24,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,6 +113,7 @@ impl KafkaReader {
             .set("auto.offset.reset", &kafka.auto_offset_reset)
             .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
             .set("statistics.interval.ms", "5000")
+            .set("queued.max.messages.kbytes", "4096")
             .create_with_context(ReaderContext { pipeline: self.pipeline.clone() })?;
         consumer.subscribe(&[&kafka.topic])?;
         Ok(Arc::new(consumer))
@@ -138,57 +144,33 @@ impl KafkaReader {
 async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
     let mut seen_epoch = pipeline.epoch();
-    let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
     loop {
         if pipeline.is_shutting_down() {
             return Ok(());
         }
         if pipeline.epoch() != seen_epoch {
             seen_epoch = pipeline.epoch();
-            backlog.clear();
             rewind(&pipeline, &consumer, &topic)?;
         }
+        let message = match consumer.recv().await {
+            Ok(message) => message.detach(),
+            Err(error) => {
+                tracing::warn!(%error, "consumer error");
+                continue;
+            }
+        };
+        // The permit is taken once a record is in hand, so an idle reader
+        // holds none. When none is left, the reader stops polling until one
+        // returns: see the module comment on why this is not pause/resume.
         let permit = match pipeline.capacity.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => wait_for_capacity(&pipeline, &consumer, &mut backlog).await?,
-        };
-        let message = match backlog.pop_front() {
-            Some(message) => message,
-            None => match consumer.recv().await {
-                Ok(message) => message.detach(),
-                Err(error) => {
-                    tracing::warn!(%error, "consumer error");
-                    continue;
-                }
-            },
+            Err(_) => {
+                tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading stops");
+                pipeline.capacity.clone().acquire_owned().await.expect("the semaphore is never closed")
+            }
         };
         handle_message(&pipeline, &message, permit).await;
     }
-}
-
-/// Pauses the partitions until capacity returns, holding any message that
-/// was already fetched; keeps polling so the group stays alive.
-async fn wait_for_capacity(
-    pipeline: &Pipeline,
-    consumer: &Reader,
-    backlog: &mut VecDeque<OwnedMessage>,
-) -> anyhow::Result<tokio::sync::OwnedSemaphorePermit> {
-    let assignment = consumer.assignment()?;
-    consumer.pause(&assignment)?;
-    tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: partitions paused");
-    let permit = loop {
-        tokio::select! {
-            permit = pipeline.capacity.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
-            message = consumer.recv() => {
-                if let Ok(message) = message {
-                    backlog.push_back(message.detach());
-                }
-            }
-        }
-    };
-    // The assignment may have changed while paused; resume what is ours now.
-    consumer.resume(&consumer.assignment()?)?;
-    Ok(permit)
 }
 
 /// Seeks each partition back to its first record that is not durable.
@@ -294,11 +276,6 @@ impl Handler<StopReading> for KafkaReader {
         // tracked as read, so no commit passes it, and it is read again.
         if let Some(read_loop) = self.read_loop.take() {
             ctx.cancel_future(read_loop);
-        }
-        if let Some(consumer) = &self.consumer
-            && let Ok(assignment) = consumer.assignment()
-        {
-            let _ = consumer.pause(&assignment);
         }
     }
 }

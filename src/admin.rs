@@ -46,7 +46,8 @@ async fn ready(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
-async fn metrics() -> HttpResponse {
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    METRICS.in_flight.set(state.pipeline.in_flight() as i64);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(METRICS.render())
 }
 

@@ -7,6 +7,7 @@ mod faults;
 mod helpers;
 mod migrations;
 mod ml_api;
+mod outage;
 mod produce;
 mod scenario;
 mod stack;
