@@ -14,6 +14,7 @@ pub mod admin;
 pub mod breaker;
 pub mod config;
 pub mod db;
+pub mod dlq_replay;
 pub mod domain;
 pub mod kafka;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use txnflow::config::{Config, LogFormat};
-use txnflow::{breaker, db, kafka, ml_api, produce, s3, service};
+use txnflow::{breaker, db, dlq_replay, kafka, ml_api, produce, s3, service};
 
 /// Exit status of a configuration that cannot be used (contract §9).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -33,6 +33,25 @@ enum Command {
     Produce(ProduceArgs),
     /// Run the reference ML prediction server.
     MlApi(MlApiArgs),
+    /// Dead-letter queue tools.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Republish dead-lettered records to the input topic, through the pipeline again (idempotent).
+    Replay {
+        /// Replay only this error_type (invalid, prediction_failed, persist_failed).
+        #[arg(long)]
+        error_type: Option<String>,
+        /// Stop once the DLQ has been quiet this many milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        idle_ms: u64,
+        /// Consumer group of the replay; a second replay in the same group resumes.
+        #[arg(long, default_value = "txnflow-dlq-replay")]
+        group: String,
+    },
 }
 
 #[derive(Args)]
@@ -149,6 +168,13 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             };
             let delivered = tokio_runtime()?.block_on(produce::run(&config.kafka, options))?;
             println!("produced {delivered} records");
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Replay { error_type, idle_ms, group }) => {
+            let options =
+                dlq_replay::ReplayOptions { error_type, idle: std::time::Duration::from_millis(idle_ms), group };
+            let (replayed, skipped) = tokio_runtime()?.block_on(dlq_replay::run(&config.kafka, options))?;
+            println!("replayed {replayed} skipped {skipped}");
             Ok(())
         }
         Command::MlApi(args) => {
