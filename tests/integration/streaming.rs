@@ -85,3 +85,70 @@ async fn streaming_rows_carry_their_lineage() {
         assert_eq!(row["source"], format!("{}/{}/{}", scenario.topic, sent.partition, sent.offset));
     }
 }
+
+/// The metric families of contract §8, as `/metrics` must name them.
+pub const METRIC_FAMILIES: [&str; 14] = [
+    "txnflow_records_total",
+    "txnflow_buffer_depth",
+    "txnflow_flush_size",
+    "txnflow_flush_duration_seconds",
+    "txnflow_ml_api_latency_seconds",
+    "txnflow_ml_api_batch_size",
+    "txnflow_circuit_breaker_state",
+    "txnflow_circuit_breaker_transitions_total",
+    "txnflow_dlq_records_total",
+    "txnflow_db_write_duration_seconds",
+    "txnflow_db_pool_connections",
+    "txnflow_consumer_lag",
+    "txnflow_actor_restarts_total",
+    "txnflow_in_flight_records",
+];
+
+/// Acceptance 2: flushes on size or time; the metrics show the flush sizes.
+#[tokio::test]
+async fn the_buffer_flushes_on_size_or_time() {
+    let scenario = Scenario::new("flush").await;
+    let service = scenario
+        .start_service(&[("TXNFLOW__BUFFER__MAX_RECORDS", "100"), ("TXNFLOW__BUFFER__MAX_WAIT_MS", "200")])
+        .await;
+    // A first event waits for the consumer group join; the second is timed.
+    let lone = valid_events(61, 2);
+    scenario.produce(&lone[..1]).await;
+    assert!(scenario.wait_for(Duration::from_secs(30), |s| s.count("SELECT count(*) FROM transactions") == 1).await);
+    let started = std::time::Instant::now();
+    scenario.produce(&lone[1..]).await;
+    assert!(scenario.wait_for(Duration::from_secs(30), |s| s.count("SELECT count(*) FROM transactions") == 2).await);
+    // Measured, not asserted: timing never decides a test.
+    eprintln!("a lone event was stored {} ms after it was produced", started.elapsed().as_millis());
+    assert_eq!(service.metric("txnflow_flush_size_count{trigger=\"time\"}").await, 2.0, "each lone event left on time");
+    assert_eq!(service.metric("txnflow_flush_size_sum{trigger=\"time\"}").await, 2.0);
+    assert_eq!(service.metric("txnflow_flush_size_count{trigger=\"size\"}").await, 0.0);
+
+    scenario.produce(&valid_events(62, 1_000)).await;
+    assert!(
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM transactions") == 1_002).await
+    );
+    let mut flushed = 0.0;
+    let mut flushes = 0.0;
+    for trigger in ["size", "time", "forced"] {
+        flushed += service.metric(&format!("txnflow_flush_size_sum{{trigger=\"{trigger}\"}}")).await;
+        flushes += service.metric(&format!("txnflow_flush_size_count{{trigger=\"{trigger}\"}}")).await;
+    }
+    let size_flushes = service.metric("txnflow_flush_size_count{trigger=\"size\"}").await;
+    eprintln!("1,002 records in {flushes} flushes, {size_flushes} of them full");
+    assert_eq!(flushed, 1_002.0, "every record flushed exactly once");
+    // At most 100 per flush, so at least 12 flushes; far fewer than one per record.
+    assert!((12.0..=102.0).contains(&flushes), "{flushes} flushes");
+    assert!(size_flushes >= 1.0);
+
+    // Every family of §8 is exported (the lag once librdkafka's statistics arrive).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let has_all = |text: &str| METRIC_FAMILIES.iter().all(|family| text.contains(&format!("# TYPE {family} ")));
+    while !has_all(&service.metrics().await) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let text = service.metrics().await;
+    let missing: Vec<&str> =
+        METRIC_FAMILIES.iter().copied().filter(|f| !text.contains(&format!("# TYPE {f} "))).collect();
+    assert!(missing.is_empty(), "families missing from /metrics: {missing:?}");
+}
