@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
 
-.PHONY: help up down status run test test-unit test-integration lint bench-ml-api
+.PHONY: help up down status run test test-unit bench-ml-api bench-pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -17,9 +17,8 @@ down: ## Stop what `make up` started
 status: ## Show which services run and answer
 	@scripts/stack.sh status
 
-run: up ## Start the stack and the two simulated producers (Ctrl-C stops them)
-	@echo "[run] producing simulated traffic to topic 'transactions' (Ctrl-C to stop)"
-	@$(TXNFLOW) produce
+run: up ## Start the stack, the two simulated producers and the streaming service (Ctrl-C stops them)
+	@scripts/run.sh
 
 test: up ## Run every test: lint, unit, and integration against the local stack
 	@echo "[test] clippy and fmt"
@@ -33,3 +32,6 @@ test-unit: ## Unit tests only (no stack needed)
 
 bench-ml-api: ## Throughput of the reference ML API in batches of 100
 	@cargo bench --bench ml_api
+
+bench-pipeline: up ## End-to-end throughput beside psql \copy, latency at the seed rate, peak memory
+	@cargo bench --bench pipeline
