@@ -25,14 +25,16 @@ impl Buffer {
         Buffer { pipeline, records: Vec::new(), batch_id: 0 }
     }
 
-    fn flush(&mut self, trigger: FlushTrigger) {
+    /// Sends the oldest `count` records on as one batch.
+    fn flush(&mut self, trigger: FlushTrigger, count: usize) {
         if self.records.is_empty() {
             return;
         }
-        let records = std::mem::take(&mut self.records);
+        let rest = self.records.split_off(count.min(self.records.len()));
+        let records = std::mem::replace(&mut self.records, rest);
         let flush_id = self.batch_id;
         self.batch_id += 1;
-        METRICS.buffer_depth.set(0);
+        METRICS.buffer_depth.set(self.records.len() as i64);
         METRICS.flush_size.with_label_values(&[trigger.as_str()]).observe(records.len() as f64);
         tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
         // The records hold capacity permits, which bound what is in flight;
@@ -42,6 +44,22 @@ impl Buffer {
             trigger,
             flushed_at: Instant::now(),
             records,
+        });
+    }
+
+    fn flush_all(&mut self, trigger: FlushTrigger) {
+        let count = self.records.len();
+        self.flush(trigger, count);
+    }
+
+    /// Arms the time flush of the batch being filled.
+    fn arm_timer(&self, ctx: &mut Context<Self>) {
+        let batch_id = self.batch_id;
+        let wait = Duration::from_millis(self.pipeline.config.buffer.max_wait_ms);
+        ctx.run_later(wait, move |buffer, _| {
+            if buffer.batch_id == batch_id {
+                buffer.flush_all(FlushTrigger::Time);
+            }
         });
     }
 }
@@ -64,20 +82,23 @@ impl Handler<Ingest> for Buffer {
     type Result = ();
 
     fn handle(&mut self, Ingest(records): Ingest, ctx: &mut Context<Self>) {
-        if self.records.is_empty() && !records.is_empty() {
-            let batch_id = self.batch_id;
-            let wait = Duration::from_millis(self.pipeline.config.buffer.max_wait_ms);
-            ctx.run_later(wait, move |buffer, _| {
-                if buffer.batch_id == batch_id {
-                    buffer.flush(FlushTrigger::Time);
-                }
-            });
+        if records.is_empty() {
+            return;
         }
+        let was_empty = self.records.is_empty();
         self.records.extend(records);
-        METRICS.buffer_depth.set(self.records.len() as i64);
-        if self.records.len() >= self.pipeline.config.buffer.max_records {
-            self.flush(FlushTrigger::Size);
+        let max_records = self.pipeline.config.buffer.max_records;
+        let mut flushed = false;
+        while self.records.len() >= max_records {
+            self.flush(FlushTrigger::Size, max_records);
+            flushed = true;
         }
+        // A new batch starts its own clock: when the buffer was empty, or
+        // when a size flush left a remainder behind.
+        if !self.records.is_empty() && (was_empty || flushed) {
+            self.arm_timer(ctx);
+        }
+        METRICS.buffer_depth.set(self.records.len() as i64);
     }
 }
 
@@ -85,7 +106,7 @@ impl Handler<FlushNow> for Buffer {
     type Result = ();
 
     fn handle(&mut self, _: FlushNow, _ctx: &mut Context<Self>) {
-        self.flush(FlushTrigger::Forced);
+        self.flush_all(FlushTrigger::Forced);
     }
 }
 

@@ -114,6 +114,9 @@ impl KafkaReader {
             .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
             .set("statistics.interval.ms", "5000")
             .set("queued.max.messages.kbytes", "4096")
+            // Tansu answers a fetch only at its max wait; keep that short so
+            // a record's time in the Buffer dominates its latency.
+            .set("fetch.wait.max.ms", "100")
             .create_with_context(ReaderContext { pipeline: self.pipeline.clone() })?;
         consumer.subscribe(&[&kafka.topic])?;
         Ok(Arc::new(consumer))
@@ -152,24 +155,107 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
             seen_epoch = pipeline.epoch();
             rewind(&pipeline, &consumer, &topic)?;
         }
-        let message = match consumer.recv().await {
+        let first = match consumer.recv().await {
             Ok(message) => message.detach(),
             Err(error) => {
                 tracing::warn!(%error, "consumer error");
                 continue;
             }
         };
-        // The permit is taken once a record is in hand, so an idle reader
-        // holds none. When none is left, the reader stops polling until one
-        // returns: see the module comment on why this is not pause/resume.
-        let permit = match pipeline.capacity.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading stops");
-                pipeline.capacity.clone().acquire_owned().await.expect("the semaphore is never closed")
+        // Take what else is already fetched, without waiting, so that one
+        // message to the Buffer carries many records.
+        let mut messages = vec![first];
+        while messages.len() < READ_BATCH {
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(message)) => messages.push(message.detach()),
+                _ => break,
             }
+        }
+        let mut batch = ReadBatch::default();
+        for message in messages {
+            // The permit is taken once a record is in hand, so an idle reader
+            // holds none. When none is left, what is read so far goes on and
+            // the reader stops polling until a permit returns: see the module
+            // comment on why this is not pause/resume.
+            let permit = match pipeline.capacity.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    batch.send(&pipeline).await;
+                    tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading stops");
+                    pipeline.capacity.clone().acquire_owned().await.expect("the semaphore is never closed")
+                }
+            };
+            batch.add(&pipeline, &message, permit);
+        }
+        batch.send(&pipeline).await;
+    }
+}
+
+/// Records read at once, at most.
+const READ_BATCH: usize = 500;
+
+/// What one pass of the read loop sends on: valid records to the Buffer,
+/// invalid ones to the DlqPublisher.
+#[derive(Default)]
+struct ReadBatch {
+    valid: Vec<Envelope>,
+    invalid: Vec<DeadLetter>,
+}
+
+impl ReadBatch {
+    fn add(&mut self, pipeline: &Pipeline, message: &OwnedMessage, permit: tokio::sync::OwnedSemaphorePermit) {
+        let origin = Origin::Kafka {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
         };
-        handle_message(&pipeline, &message, permit).await;
+        pipeline.offsets().read(message.partition(), message.offset());
+        METRICS.records.with_label_values(&["kafka", "read"]).inc();
+        let payload = message.payload().unwrap_or_default();
+        let key = message.key().map(<[u8]>::to_vec);
+        match parse_event(payload) {
+            Ok(transaction) => {
+                let lineage = Lineage {
+                    processing_type: transaction.processing_type.unwrap_or(ProcessingType::Streaming),
+                    run_id: transaction.run_id.clone(),
+                    batch_id: None,
+                };
+                self.valid.push(Envelope { transaction, origin, raw: payload.to_vec(), key, lineage, permit });
+            }
+            Err(error) => {
+                METRICS.records.with_label_values(&["kafka", "invalid"]).inc();
+                let failure = Failure {
+                    error_type: ErrorType::Invalid,
+                    stage: error.stage.into(),
+                    message: error.message,
+                    attempts: 1,
+                };
+                self.invalid.push(DeadLetter {
+                    key,
+                    value: payload.to_vec(),
+                    failure,
+                    origin,
+                    run_id: None,
+                    acknowledges_origin: true,
+                    permit: Some(permit),
+                });
+            }
+        }
+    }
+
+    /// send().await, not do_send: a slow Buffer slows the reader. A record
+    /// lost to a restarting actor was tracked as read and never acknowledged,
+    /// so no commit passes it, and the rewind reads it again.
+    async fn send(&mut self, pipeline: &Pipeline) {
+        let addrs = pipeline.addrs();
+        if !self.valid.is_empty() && addrs.buffer.send(Ingest(std::mem::take(&mut self.valid))).await.is_err() {
+            tracing::warn!("the Buffer is restarting; its records will be read again");
+        }
+        if !self.invalid.is_empty()
+            && addrs.dlq_publisher.send(DeadLetters(std::mem::take(&mut self.invalid))).await.is_err()
+        {
+            tracing::warn!("the DlqPublisher is restarting; its records will be read again");
+        }
     }
 }
 
@@ -183,51 +269,6 @@ fn rewind(pipeline: &Pipeline, consumer: &Reader, topic: &str) -> anyhow::Result
             .map_err(|e| anyhow::anyhow!("cannot seek {topic}/{partition} to {offset}: {e}"))?;
     }
     Ok(())
-}
-
-async fn handle_message(pipeline: &Pipeline, message: &OwnedMessage, permit: tokio::sync::OwnedSemaphorePermit) {
-    let origin =
-        Origin::Kafka { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
-    pipeline.offsets().read(message.partition(), message.offset());
-    METRICS.records.with_label_values(&["kafka", "read"]).inc();
-    let payload = message.payload().unwrap_or_default();
-    let key = message.key().map(<[u8]>::to_vec);
-    let addrs = pipeline.addrs();
-    match parse_event(payload) {
-        Ok(transaction) => {
-            let lineage = Lineage {
-                processing_type: transaction.processing_type.unwrap_or(ProcessingType::Streaming),
-                run_id: transaction.run_id.clone(),
-                batch_id: None,
-            };
-            let envelope = Envelope { transaction, origin, raw: payload.to_vec(), key, lineage, permit };
-            // send().await, not do_send: a slow Buffer slows the reader.
-            if addrs.buffer.send(Ingest(vec![envelope])).await.is_err() {
-                tracing::warn!("the Buffer is restarting; the record will be read again");
-            }
-        }
-        Err(error) => {
-            METRICS.records.with_label_values(&["kafka", "invalid"]).inc();
-            let failure = Failure {
-                error_type: ErrorType::Invalid,
-                stage: error.stage.into(),
-                message: error.message,
-                attempts: 1,
-            };
-            let letter = DeadLetter {
-                key,
-                value: payload.to_vec(),
-                failure,
-                origin,
-                run_id: None,
-                acknowledges_origin: true,
-                permit: Some(permit),
-            };
-            if addrs.dlq_publisher.send(DeadLetters(vec![letter])).await.is_err() {
-                tracing::warn!("the DlqPublisher is restarting; the record will be read again");
-            }
-        }
-    }
 }
 
 impl Actor for KafkaReader {

@@ -71,6 +71,25 @@ pub struct Addrs {
     arbiters: Vec<ArbiterHandle>,
 }
 
+impl Addrs {
+    /// Sends a chaos hook to the actor of that name; false when none runs.
+    pub fn chaos(&self, actor: &str, chaos: messages::Chaos) -> bool {
+        match actor {
+            "kafka_reader" => match &self.kafka_reader {
+                Some(reader) => reader.do_send(chaos),
+                None => return false,
+            },
+            "buffer" => self.buffer.do_send(chaos),
+            "predict_client" => self.predict_client.do_send(chaos),
+            "db_writer" => self.db_writer.do_send(chaos),
+            "dlq_publisher" => self.dlq_publisher.do_send(chaos),
+            "backfill" => self.backfill.do_send(chaos),
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// Starts an actor under a supervisor on an arbiter of its own.
 fn spawn_supervised<A, F>(make: F) -> (Addr<A>, ArbiterHandle)
 where

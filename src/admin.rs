@@ -62,31 +62,7 @@ async fn chaos(path: web::Path<(String, String)>, state: web::Data<AdminState>) 
         "panic" => Chaos::Panic,
         _ => return HttpResponse::NotFound().json(serde_json::json!({"error": format!("unknown chaos {kind:?}")})),
     };
-    let addrs = state.pipeline.addrs();
-    let sent = match actor.as_str() {
-        "kafka_reader" => addrs.kafka_reader.as_ref().map(|a| a.do_send(chaos)).is_some(),
-        "buffer" => {
-            addrs.buffer.do_send(chaos);
-            true
-        }
-        "predict_client" => {
-            addrs.predict_client.do_send(chaos);
-            true
-        }
-        "db_writer" => {
-            addrs.db_writer.do_send(chaos);
-            true
-        }
-        "dlq_publisher" => {
-            addrs.dlq_publisher.do_send(chaos);
-            true
-        }
-        "backfill" => {
-            addrs.backfill.do_send(chaos);
-            true
-        }
-        _ => false,
-    };
+    let sent = state.pipeline.addrs().chaos(&actor, chaos);
     if sent {
         HttpResponse::Accepted().json(serde_json::json!({"actor": actor, "chaos": kind}))
     } else {

@@ -57,6 +57,7 @@ async fn an_api_outage_opens_the_breaker_writes_anyway_and_backfills() {
     let scenario = Scenario::new("outage").await;
     let service = scenario.start_service(&QUICK_BREAKER).await;
     set_faults(&scenario, json!({"error_rate": 1.0})).await;
+    let outage = std::time::Instant::now();
     let events = valid_events(12, 1_000);
     let expected = ids_of(&events);
     let ends = Scenario::end_offsets(&scenario.produce(&events).await);
@@ -80,7 +81,10 @@ async fn an_api_outage_opens_the_breaker_writes_anyway_and_backfills() {
         assert_eq!(stage, "predict");
     }
 
-    // The API comes back: coverage returns to 100% with no operator action.
+    // The outage lasts 10 s (the scenario, not a timing check); then the API
+    // comes back and coverage returns to 100% with no operator action.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 0, "nothing is predicted while the API is down");
     set_faults(&scenario, json!({"error_rate": 0.0})).await;
     let covered =
         scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 1_000).await;
