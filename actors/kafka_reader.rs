@@ -59,6 +59,55 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {
+    /// Assigns partitions at explicit offsets: the group's committed offset,
+    /// or 0 when there is none. Leaving it to `auto.offset.reset` asks the
+    /// broker for its earliest offset, and Tansu 0.6 answered that with a
+    /// later offset while records were being appended: our SIGTERM test then
+    /// lost the first 288 records of a partition, committed past unread.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr;
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
+                for element in tpl.clone().elements() {
+                    let start = committed
+                        .as_ref()
+                        .ok()
+                        .and_then(|c| c.find_partition(element.topic(), element.partition()))
+                        .map(|c| c.offset())
+                        .and_then(|offset| match offset {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                        .unwrap_or(0);
+                    let _ = tpl.set_partition_offset(element.topic(), element.partition(), Offset::Offset(start));
+                }
+                if let Err(error) = &committed {
+                    tracing::warn!(%error, "cannot read committed offsets; starting assigned partitions at 0");
+                }
+                tracing::info!(assigned = ?tpl.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(), "partitions assigned");
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                if let Err(error) = consumer.assign(tpl) {
+                    tracing::error!(%error, "assign failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                if let Err(error) = consumer.unassign() {
+                    tracing::error!(%error, "unassign failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();

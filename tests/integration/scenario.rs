@@ -166,6 +166,7 @@ impl Scenario {
         loop {
             let committed = self.committed_offsets();
             if &committed == ends || started.elapsed() > deadline {
+                eprintln!("committed offsets {committed:?} (end offsets {ends:?}) after {:?}", started.elapsed());
                 return committed;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
