@@ -9,11 +9,13 @@
 //!   the reader stops polling until one returns; librdkafka then stops
 //!   fetching once its prefetch queue (`queued.max.messages.kbytes`, set to
 //!   4 MB) is full. We tried pausing and resuming the partitions instead, as
-//!   the design card says, but against Tansu 0.6 a resumed partition either
-//!   delivered nothing more or skipped records (our PostgreSQL-outage test
-//!   lost 326 records that way), so we do not rely on it. The cost: a stall
-//!   longer than `max.poll.interval.ms` (5 min) makes the consumer leave the
-//!   group, and it re-reads from its last commit when it comes back.
+//!   the design card says, but a resumed partition fetches from the middle
+//!   of a record batch, which Tansu 0.6 answers with the next batch: our
+//!   PostgreSQL-outage test lost 326 records that way. The cost of not
+//!   pausing: a stall longer than `max.poll.interval.ms` (5 min) makes the
+//!   consumer leave the group; it re-reads from its last commit when back.
+//! - Starting mid-batch (a committed offset, a seek) has the same hazard;
+//!   [`check_start`] detects the skip and reads the gap again.
 //! - On a revoke it flushes the Buffer, waits (bounded) for the records of
 //!   the revoked partitions to become durable, and commits them.
 //! - When another actor lost in-flight records (the pipeline's epoch moved),
@@ -41,6 +43,9 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// The consumer's callbacks: rebalances and statistics (consumer lag).
 pub struct ReaderContext {
     pipeline: Arc<Pipeline>,
+    /// Where each partition's reading (re)started, until its first record
+    /// arrives: see [`check_start`].
+    starts: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
 }
 
 impl ClientContext for ReaderContext {
@@ -86,6 +91,7 @@ impl ConsumerContext for ReaderContext {
                         })
                         .unwrap_or(0);
                     let _ = tpl.set_partition_offset(element.topic(), element.partition(), Offset::Offset(start));
+                    self.starts.lock().expect("starts lock").insert(element.partition(), start);
                 }
                 if let Err(error) = &committed {
                     tracing::warn!(%error, "cannot read committed offsets; starting assigned partitions at 0");
@@ -166,7 +172,7 @@ impl KafkaReader {
             // Tansu answers a fetch only at its max wait; keep that short so
             // a record's time in the Buffer dominates its latency.
             .set("fetch.wait.max.ms", "100")
-            .create_with_context(ReaderContext { pipeline: self.pipeline.clone() })?;
+            .create_with_context(ReaderContext { pipeline: self.pipeline.clone(), starts: Default::default() })?;
         consumer.subscribe(&[&kafka.topic])?;
         Ok(Arc::new(consumer))
     }
@@ -196,6 +202,7 @@ impl KafkaReader {
 async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
     let mut seen_epoch = pipeline.epoch();
+    let mut rewound = std::collections::HashSet::new();
     loop {
         if pipeline.is_shutting_down() {
             return Ok(());
@@ -221,7 +228,15 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
             }
         }
         let mut batch = ReadBatch::default();
+        let mut restarted: Vec<i32> = Vec::new();
         for message in messages {
+            if restarted.contains(&message.partition()) {
+                continue; // fetched before the seek back; read again after it
+            }
+            if !check_start(&consumer, &message, &mut rewound)? {
+                restarted.push(message.partition());
+                continue;
+            }
             // The permit is taken once a record is in hand, so an idle reader
             // holds none. When none is left, what is read so far goes on and
             // the reader stops polling until a permit returns: see the module
@@ -313,11 +328,54 @@ fn rewind(pipeline: &Pipeline, consumer: &Reader, topic: &str) -> anyhow::Result
     let positions = pipeline.offsets().rewind();
     tracing::info!(?positions, "rewinding to the first records not yet durable");
     for (partition, offset) in positions {
-        consumer
-            .seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10))
-            .map_err(|e| anyhow::anyhow!("cannot seek {topic}/{partition} to {offset}: {e}"))?;
+        seek(consumer, topic, partition, offset)?;
     }
     Ok(())
+}
+
+fn seek(consumer: &Reader, topic: &str, partition: i32, offset: i64) -> anyhow::Result<()> {
+    consumer
+        .seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot seek {topic}/{partition} to {offset}: {e}"))?;
+    consumer.context().starts.lock().expect("starts lock").insert(partition, offset);
+    Ok(())
+}
+
+/// How far back a read that started mid-batch steps to find a batch start.
+const GAP_REWIND: i64 = 10_000;
+
+/// Whether `message` may be used, given where its partition's reading
+/// started. Tansu 0.6 answers a fetch from an offset inside a record batch
+/// with the *next* batch (fetching a 10-record batch from offset 5 returned
+/// offsets 10..; from 15 of 20, nothing), so a reader starting mid-batch,
+/// at a committed offset or after a seek, would silently skip records. When
+/// the first record after a start lies beyond it, the reader seeks back by
+/// `GAP_REWIND` (to a batch start before it) and reads the gap again; records
+/// read twice are harmless, writes being idempotent. Only the first record
+/// after a start is checked: within continuous reading, a gap is the topic's
+/// own (compaction, transaction markers) and is kept.
+fn check_start(
+    consumer: &Reader,
+    message: &OwnedMessage,
+    rewound: &mut std::collections::HashSet<(i32, i64)>,
+) -> anyhow::Result<bool> {
+    let partition = message.partition();
+    let Some(start) = consumer.context().starts.lock().expect("starts lock").remove(&partition) else {
+        return Ok(true);
+    };
+    if message.offset() <= start || !rewound.insert((partition, start)) {
+        return Ok(true);
+    }
+    let back = (start - GAP_REWIND).max(0);
+    tracing::warn!(
+        partition,
+        start,
+        first = message.offset(),
+        back,
+        "records skipped by the broker after a start; reading again from further back"
+    );
+    seek(consumer, message.topic(), partition, back)?;
+    Ok(false)
 }
 
 impl Actor for KafkaReader {
