@@ -141,6 +141,8 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
     let mut dead_letters = Vec::new();
     let mut predicted_for_fanout = Vec::new();
     let total = records.len();
+    // Counted per source here, added to the metrics once per flush.
+    let (mut written, mut predicted) = (std::collections::HashMap::new(), std::collections::HashMap::new());
     for (position, record) in records.into_iter().enumerate() {
         let source = source_label(&record.origin);
         if let Some(reason) = refused.remove(&position) {
@@ -150,9 +152,9 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
             continue;
         }
         pipeline.durable(&record.origin);
-        METRICS.records.with_label_values(&[source, "written"]).inc();
+        *written.entry(source).or_insert(0) += 1;
         if let Some(prediction) = predictions.remove(&record.transaction.id) {
-            METRICS.records.with_label_values(&[source, "predicted"]).inc();
+            *predicted.entry(source).or_insert(0) += 1;
             predicted_for_fanout.push(prediction);
         } else {
             let failure = failures.remove(&record.transaction.id).unwrap_or(Failure {
@@ -163,6 +165,12 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
             });
             dead_letters.push(dead_letter(record, failure, false));
         }
+    }
+    for (source, count) in written {
+        METRICS.records.with_label_values(&[source, "written"]).inc_by(count);
+    }
+    for (source, count) in predicted {
+        METRICS.records.with_label_values(&[source, "predicted"]).inc_by(count);
     }
     METRICS.flush_duration.with_label_values(&[trigger.as_str()]).observe(flushed_at.elapsed().as_secs_f64());
     tracing::debug!(flush_id, total, dead_letters = dead_letters.len(), "flush durable");

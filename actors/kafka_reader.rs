@@ -65,7 +65,8 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {
     /// Assigns partitions at explicit offsets: the group's committed offset,
-    /// or 0 when there is none. Leaving it to `auto.offset.reset` asks the
+    /// or, when there is none, 0 (`auto_offset_reset = "earliest"`) or the
+    /// end of the partition ("latest"). Leaving it to `auto.offset.reset` asks the
     /// broker for its earliest offset, and Tansu 0.6 answered that with a
     /// later offset while records were being appended: our SIGTERM test then
     /// lost the first 288 records of a partition, committed past unread.
@@ -88,13 +89,23 @@ impl ConsumerContext for ReaderContext {
                         .and_then(|offset| match offset {
                             Offset::Offset(o) => Some(o),
                             _ => None,
-                        })
-                        .unwrap_or(0);
-                    let _ = tpl.set_partition_offset(element.topic(), element.partition(), Offset::Offset(start));
-                    self.starts.lock().expect("starts lock").insert(element.partition(), start);
+                        });
+                    // No commit yet: `kafka.auto_offset_reset` decides, with
+                    // "earliest" as an explicit 0 (see above) and "latest" as
+                    // the end of the partition.
+                    let start = match start {
+                        Some(offset) => Some(offset),
+                        None if self.pipeline.config.kafka.auto_offset_reset == "latest" => None,
+                        None => Some(0),
+                    };
+                    let offset = start.map_or(Offset::End, Offset::Offset);
+                    let _ = tpl.set_partition_offset(element.topic(), element.partition(), offset);
+                    if let Some(start) = start {
+                        self.starts.lock().expect("starts lock").insert(element.partition(), start);
+                    }
                 }
                 if let Err(error) = &committed {
-                    tracing::warn!(%error, "cannot read committed offsets; starting assigned partitions at 0");
+                    tracing::warn!(%error, "cannot read committed offsets; starting as kafka.auto_offset_reset says");
                 }
                 tracing::info!(assigned = ?tpl.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(), "partitions assigned");
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
@@ -264,6 +275,9 @@ const READ_BATCH: usize = 500;
 struct ReadBatch {
     valid: Vec<Envelope>,
     invalid: Vec<DeadLetter>,
+    /// Counted here and added to the metrics once per send, not per record.
+    read: u64,
+    rejected: u64,
 }
 
 impl ReadBatch {
@@ -274,7 +288,7 @@ impl ReadBatch {
             offset: message.offset(),
         };
         pipeline.offsets().read(message.partition(), message.offset());
-        METRICS.records.with_label_values(&["kafka", "read"]).inc();
+        self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
         match parse_event(payload) {
@@ -287,7 +301,7 @@ impl ReadBatch {
                 self.valid.push(Envelope { transaction, origin, raw: payload.to_vec(), key, lineage, permit });
             }
             Err(error) => {
-                METRICS.records.with_label_values(&["kafka", "invalid"]).inc();
+                self.rejected += 1;
                 let failure = Failure {
                     error_type: ErrorType::Invalid,
                     stage: error.stage.into(),
@@ -311,6 +325,8 @@ impl ReadBatch {
     /// lost to a restarting actor was tracked as read and never acknowledged,
     /// so no commit passes it, and the rewind reads it again.
     async fn send(&mut self, pipeline: &Pipeline) {
+        METRICS.records.with_label_values(&["kafka", "read"]).inc_by(std::mem::take(&mut self.read));
+        METRICS.records.with_label_values(&["kafka", "invalid"]).inc_by(std::mem::take(&mut self.rejected));
         let addrs = pipeline.addrs();
         if !self.valid.is_empty() && addrs.buffer.send(Ingest(std::mem::take(&mut self.valid))).await.is_err() {
             tracing::warn!("the Buffer is restarting; its records will be read again");
