@@ -72,11 +72,19 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
         let pool = pipeline.pool.clone();
         let written = tokio::task::spawn_blocking(move || {
             let mut connection = pool.get().map_err(|e| e.to_string())?;
-            db::upsert_predictions(&mut connection, &predicted.predictions).map_err(|e| e.to_string())
+            db::upsert_predictions(&mut connection, &predicted.predictions)
+                .map(|()| predicted.predictions)
+                .map_err(|e| e.to_string())
         })
         .await;
         match written {
-            Ok(Ok(())) => predicted_total += count,
+            Ok(Ok(predictions)) => {
+                predicted_total += count;
+                // Late predictions are published like the flush's own.
+                if !pipeline.config.kafka.predictions_topic.is_empty() {
+                    super::dlq_publisher::fan_out_predictions(&pipeline, predictions);
+                }
+            }
             _ => return predicted_total,
         }
         if count < asked {

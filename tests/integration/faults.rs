@@ -18,12 +18,6 @@ const QUICK_BREAKER: [(&str, &str); 5] = [
     ("TXNFLOW__PREDICT__TIMEOUT_MS", "2000"),
 ];
 
-async fn set_faults(scenario: &Scenario, knobs: serde_json::Value) {
-    let response =
-        reqwest::Client::new().post(format!("{}/faults", scenario.ml_api_url())).json(&knobs).send().await.unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-}
-
 fn assert_all_predicted(scenario: &Scenario, expected: &BTreeSet<uuid::Uuid>) {
     let predictions = scenario.predictions();
     assert_same_set(&predictions.keys().copied().collect(), expected, "predicted ids");
@@ -39,7 +33,7 @@ fn dlq_types(records: &[crate::helpers::ReadRecord]) -> BTreeSet<String> {
 #[tokio::test]
 async fn a_30_percent_error_rate_loses_nothing() {
     let scenario = Scenario::new("errors30").await;
-    set_faults(&scenario, json!({"error_rate": 0.3})).await;
+    scenario.set_faults(json!({"error_rate": 0.3})).await;
     let events = valid_events(11, 2_000);
     let expected = ids_of(&events);
     let service = scenario.start_service(&[("TXNFLOW__BREAKER__FAILURE_RATE", "0.9")]).await;
@@ -56,7 +50,7 @@ async fn a_30_percent_error_rate_loses_nothing() {
 async fn an_api_outage_opens_the_breaker_writes_anyway_and_backfills() {
     let scenario = Scenario::new("outage").await;
     let service = scenario.start_service(&QUICK_BREAKER).await;
-    set_faults(&scenario, json!({"error_rate": 1.0})).await;
+    scenario.set_faults(json!({"error_rate": 1.0})).await;
     let outage = std::time::Instant::now();
     let events = valid_events(12, 1_000);
     let expected = ids_of(&events);
@@ -85,7 +79,7 @@ async fn an_api_outage_opens_the_breaker_writes_anyway_and_backfills() {
     // comes back and coverage returns to 100% with no operator action.
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
     assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 0, "nothing is predicted while the API is down");
-    set_faults(&scenario, json!({"error_rate": 0.0})).await;
+    scenario.set_faults(json!({"error_rate": 0.0})).await;
     let covered =
         scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 1_000).await;
     assert!(covered, "backfill completes; log:\n{}", service.log_tail());
@@ -96,7 +90,7 @@ async fn an_api_outage_opens_the_breaker_writes_anyway_and_backfills() {
 #[tokio::test]
 async fn malformed_answers_and_dropped_items_are_handled_per_record() {
     let scenario = Scenario::new("malformed").await;
-    set_faults(&scenario, json!({"malformed_rate": 0.3, "drop_rate": 0.2})).await;
+    scenario.set_faults(json!({"malformed_rate": 0.3, "drop_rate": 0.2})).await;
     let events = valid_events(13, 2_000);
     let expected = ids_of(&events);
     let service = scenario.start_service(&[]).await;
@@ -105,7 +99,7 @@ async fn malformed_answers_and_dropped_items_are_handled_per_record() {
     assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
     let failed = service.metric("txnflow_dlq_records_total{error_type=\"prediction_failed\"}").await;
     assert!(failed > 0.0, "some records lost their prediction to the faults");
-    set_faults(&scenario, json!({"malformed_rate": 0.0, "drop_rate": 0.0})).await;
+    scenario.set_faults(json!({"malformed_rate": 0.0, "drop_rate": 0.0})).await;
     let covered =
         scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 2_000).await;
     assert!(covered, "backfill completes; log:\n{}", service.log_tail());
@@ -115,7 +109,7 @@ async fn malformed_answers_and_dropped_items_are_handled_per_record() {
 #[tokio::test]
 async fn a_poison_record_is_the_only_one_dead_lettered() {
     let scenario = Scenario::new("poison").await;
-    set_faults(&scenario, json!({"poison_marker": "POISON"})).await;
+    scenario.set_faults(json!({"poison_marker": "POISON"})).await;
     let mut events = valid_events(14, 500);
     let mut poison: serde_json::Value = serde_json::from_slice(&events[250].1).unwrap();
     poison["description"] = json!("Card expense at POISON");
@@ -144,7 +138,7 @@ async fn dlq_replay_predicts_failed_records_without_duplicates() {
     let mut env = QUICK_BREAKER.to_vec();
     env.push(("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "3600000"));
     let service = scenario.start_service(&env).await;
-    set_faults(&scenario, json!({"error_rate": 1.0})).await;
+    scenario.set_faults(json!({"error_rate": 1.0})).await;
     let events = valid_events(15, 300);
     let expected = ids_of(&events);
     let ends = Scenario::end_offsets(&scenario.produce(&events).await);
@@ -152,7 +146,7 @@ async fn dlq_replay_predicts_failed_records_without_duplicates() {
     assert_eq!(scenario.dlq(300).len(), 300);
     assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 0, "the backfill is off in this test");
 
-    set_faults(&scenario, json!({"error_rate": 0.0})).await;
+    scenario.set_faults(json!({"error_rate": 0.0})).await;
     let output = crate::helpers::run(
         crate::helpers::txnflow()
             .args(["dlq", "replay", "--idle-ms", "3000", "--error-type", "prediction_failed", "--group"])

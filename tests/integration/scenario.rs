@@ -55,6 +55,13 @@ impl Scenario {
         format!("http://{}", self.ml_api)
     }
 
+    /// Turns the fault knobs of this scenario's own reference ML API.
+    pub async fn set_faults(&self, knobs: serde_json::Value) {
+        let response =
+            reqwest::Client::new().post(format!("{}/faults", self.ml_api_url())).json(&knobs).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+    }
+
     /// Starts `txnflow run` for this scenario, with `extra` overrides.
     pub async fn start_service(&self, extra: &[(&str, &str)]) -> Service {
         let port = free_port();

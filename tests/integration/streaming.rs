@@ -152,3 +152,46 @@ async fn the_buffer_flushes_on_size_or_time() {
         METRIC_FAMILIES.iter().copied().filter(|f| !text.contains(&format!("# TYPE {f} "))).collect();
     assert!(missing.is_empty(), "families missing from /metrics: {missing:?}");
 }
+
+/// Deliver 3: with `kafka.predictions_topic` set, every written prediction,
+/// from a flush or from the backfill, is published once, keyed by id.
+#[tokio::test]
+async fn written_predictions_fan_out_to_the_predictions_topic() {
+    let scenario = Scenario::new("fanout").await;
+    let predictions_topic = format!("{}-predictions", scenario.topic);
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__KAFKA__PREDICTIONS_TOPIC", predictions_topic.as_str()),
+            ("TXNFLOW__PREDICT__MAX_RETRIES", "1"),
+            ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "100"),
+        ])
+        .await;
+    // 300 predicted in their flush, then 100 while the API fails, which the
+    // backfill predicts once it is back.
+    let flushed = valid_events(71, 300);
+    let ends = Scenario::end_offsets(&scenario.produce(&flushed).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "log:\n{}", service.log_tail());
+    scenario.set_faults(serde_json::json!({"error_rate": 1.0})).await;
+    let backfilled = valid_events(72, 100);
+    let ends = Scenario::end_offsets(&scenario.produce(&backfilled).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends);
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 300, "the last 100 wait for the backfill");
+    scenario.set_faults(serde_json::json!({"error_rate": 0.0})).await;
+    assert!(scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 400).await);
+
+    let published = crate::helpers::read_topic(&predictions_topic, 1, 400, Duration::from_secs(30));
+    let mut expected = ids_of(&flushed);
+    expected.extend(ids_of(&backfilled));
+    let keys: BTreeSet<Uuid> = published.iter().map(|r| Uuid::parse_str(&r.key).unwrap()).collect();
+    assert_same_set(&keys, &expected, "published prediction keys");
+    assert_eq!(published.len(), 400, "one message per prediction");
+    for record in &published {
+        let value: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+        let id = Uuid::parse_str(&record.key).unwrap();
+        assert_eq!(value["transaction_id"], record.key);
+        assert_eq!(value["category"], reference_category(id));
+        // The compact answer names no model, so `predict.default_model_version` applies.
+        assert_eq!(value["model_version"], "unknown");
+        assert!(value["confidence_score"].as_f64().is_some_and(|c| (0.0..=1.0).contains(&c)));
+    }
+}
