@@ -16,6 +16,7 @@ pub mod identity;
 pub mod offsets;
 pub mod prediction;
 pub mod retry;
+pub mod run_progress;
 pub mod timestamp;
 pub mod transaction;
 pub mod validation;
