@@ -143,6 +143,13 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
     let total = records.len();
     // Counted per source here, added to the metrics once per flush.
     let (mut written, mut predicted) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    pipeline.written(
+        records
+            .iter()
+            .enumerate()
+            .filter(|(position, _)| !refused.contains_key(position))
+            .map(|(_, record)| (record, predictions.contains_key(&record.transaction.id))),
+    );
     for (position, record) in records.into_iter().enumerate() {
         let source = source_label(&record.origin);
         if let Some(reason) = refused.remove(&position) {
@@ -151,7 +158,6 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
             dead_letters.push(dead_letter(record, failure, true));
             continue;
         }
-        pipeline.durable(&record.origin);
         *written.entry(source).or_insert(0) += 1;
         if let Some(prediction) = predictions.remove(&record.transaction.id) {
             *predicted.entry(source).or_insert(0) += 1;

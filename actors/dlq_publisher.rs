@@ -65,9 +65,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     }
     METRICS.dlq_records.with_label_values(&[letter.failure.error_type.as_str()]).inc();
     METRICS.records.with_label_values(&[source_label(&letter.origin), "dead_lettered"]).inc();
-    if letter.acknowledges_origin {
-        pipeline.durable(&letter.origin);
-    }
+    pipeline.dead_lettered(&letter);
 }
 
 impl Handler<DeadLetters> for DlqPublisher {

@@ -296,7 +296,7 @@ impl ReadBatch {
                 let lineage = Lineage {
                     processing_type: transaction.processing_type.unwrap_or(ProcessingType::Streaming),
                     run_id: transaction.run_id.clone(),
-                    batch_id: None,
+                    batch_id: transaction.batch_id.clone(),
                 };
                 self.valid.push(Envelope { transaction, origin, raw: payload.to_vec(), key, lineage, permit });
             }

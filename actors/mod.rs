@@ -21,6 +21,7 @@
 
 pub mod backfill;
 pub mod buffer;
+pub mod csv_loader;
 pub mod db_writer;
 pub mod dlq_publisher;
 pub mod kafka_reader;
@@ -34,10 +35,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
+use crate::batch::BatchRuns;
 use crate::config::Config;
 use crate::db::PgPool;
 use crate::domain::dead_letter::Origin;
 use crate::domain::offsets::OffsetTracker;
+use crate::domain::run_progress::RowOutcome;
 use crate::metrics::METRICS;
 use crate::ml_client::MlClient;
 
@@ -54,6 +57,8 @@ pub struct Pipeline {
     pub producer: FutureProducer,
     pub capacity: Arc<Semaphore>,
     offsets: Mutex<OffsetTracker>,
+    /// Batch runs and the progress of each (the CsvLoader's acknowledgements).
+    pub batches: BatchRuns,
     epoch: AtomicU64,
     shutting_down: AtomicBool,
     addrs: RwLock<Option<Addrs>>,
@@ -67,6 +72,7 @@ pub struct Addrs {
     pub predict_client: Addr<predict_client::PredictClient>,
     pub db_writer: Addr<db_writer::DbWriter>,
     pub dlq_publisher: Addr<dlq_publisher::DlqPublisher>,
+    pub csv_loader: Addr<csv_loader::CsvLoader>,
     pub backfill: Addr<backfill::Backfill>,
     arbiters: Vec<ArbiterHandle>,
 }
@@ -83,6 +89,7 @@ impl Addrs {
             "predict_client" => self.predict_client.do_send(chaos),
             "db_writer" => self.db_writer.do_send(chaos),
             "dlq_publisher" => self.dlq_publisher.do_send(chaos),
+            "csv_loader" => self.csv_loader.do_send(chaos),
             "backfill" => self.backfill.do_send(chaos),
             _ => return false,
         }
@@ -112,6 +119,7 @@ impl Pipeline {
             producer,
             capacity,
             offsets: Mutex::new(OffsetTracker::default()),
+            batches: BatchRuns::default(),
             epoch: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             addrs: RwLock::new(None),
@@ -134,12 +142,14 @@ impl Pipeline {
         let predict_client = start!(predict_client::PredictClient);
         let buffer = start!(buffer::Buffer);
         let backfill = start!(backfill::Backfill);
+        let csv_loader = start!(csv_loader::CsvLoader);
         *self.addrs.write().expect("addrs lock") = Some(Addrs {
             kafka_reader: None,
             buffer,
             predict_client,
             db_writer,
             dlq_publisher,
+            csv_loader,
             backfill,
             arbiters: Vec::new(),
         });
@@ -187,6 +197,18 @@ impl Pipeline {
                 revive!(db_writer, db_writer::DbWriter);
                 revive!(dlq_publisher, dlq_publisher::DlqPublisher);
                 revive!(backfill, backfill::Backfill);
+                if !addrs.csv_loader.connected() {
+                    // Its unsent rows are read again by the new loader's
+                    // started(); nothing elsewhere was lost.
+                    let p = self.clone();
+                    let (addr, arbiter) = spawn_supervised(move || csv_loader::CsvLoader::new(p));
+                    self.with_addrs(|a| {
+                        a.csv_loader = addr;
+                        a.arbiters.push(arbiter);
+                    });
+                    METRICS.actor_restarts.with_label_values(&["csv_loader"]).inc();
+                    tracing::warn!(actor = "csv_loader", "actor restarted; its batch runs resume");
+                }
                 if let Some(reader) = &addrs.kafka_reader
                     && !reader.connected()
                     && !self.is_shutting_down()
@@ -216,10 +238,45 @@ impl Pipeline {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// The record at `origin` is durable: in PostgreSQL, or acknowledged by the DLQ.
-    pub fn durable(&self, origin: &Origin) {
-        if let Origin::Kafka { partition, offset, .. } = origin {
-            self.offsets.lock().expect("offsets lock").durable(*partition, *offset);
+    /// The records are in PostgreSQL (`predicted` tells which got their
+    /// prediction). A Kafka offset is durable now; a file row is settled
+    /// once it is predicted, or once its `prediction_failed` dead letter is
+    /// acknowledged.
+    pub fn written<'a>(&self, records: impl IntoIterator<Item = (&'a messages::Envelope, bool)>) {
+        let mut settled: Vec<(&str, &str, u64)> = Vec::new();
+        {
+            let mut offsets = self.offsets.lock().expect("offsets lock");
+            for (record, predicted) in records {
+                match &record.origin {
+                    Origin::Kafka { partition, offset, .. } => offsets.durable(*partition, *offset),
+                    Origin::File { uri, line } if predicted => {
+                        settled.push((record.lineage.run_id.as_deref().unwrap_or_default(), uri, *line));
+                    }
+                    Origin::File { .. } => {}
+                }
+            }
+        }
+        // Rows of one flush mostly share one run and file: settle them together.
+        settled.sort_unstable();
+        for group in settled.chunk_by(|a, b| a.0 == b.0 && a.1 == b.1) {
+            let lines = group.iter().map(|&(_, _, line)| (line, RowOutcome::Predicted));
+            self.batches.settle(group[0].0, group[0].1, lines);
+        }
+    }
+
+    /// The DLQ acknowledged a dead letter. An invalid or refused record's
+    /// origin is durable now; a file row is settled either way.
+    pub fn dead_lettered(&self, letter: &messages::DeadLetter) {
+        match &letter.origin {
+            Origin::Kafka { partition, offset, .. } if letter.acknowledges_origin => {
+                self.offsets.lock().expect("offsets lock").durable(*partition, *offset);
+            }
+            Origin::Kafka { .. } => {}
+            Origin::File { uri, line } => {
+                let outcome =
+                    if letter.acknowledges_origin { RowOutcome::Refused } else { RowOutcome::PredictionFailed };
+                self.batches.settle(letter.run_id.as_deref().unwrap_or_default(), uri, [(*line, outcome)]);
+            }
         }
     }
 

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::actors::Pipeline;
+use crate::actors::csv_loader::LoadCsv;
 use crate::actors::messages::Chaos;
+use crate::batch::BatchError;
 use crate::metrics::METRICS;
 
 struct AdminState {
@@ -70,6 +72,40 @@ async fn chaos(path: web::Path<(String, String)>, state: web::Data<AdminState>) 
     }
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    uri: String,
+    run_id: Option<String>,
+}
+
+/// `POST /batches {"uri", "run_id"?}`: checks the input, starts the run,
+/// answers 202 with the run id; 400 names a bad input, 409 a run id in use.
+async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminState>) -> HttpResponse {
+    let BatchRequest { uri, run_id } = request.into_inner();
+    let loader = state.pipeline.addrs().csv_loader;
+    match loader.send(LoadCsv { uri, run_id }).await {
+        Ok(Ok(run_id)) => {
+            HttpResponse::Accepted().json(serde_json::json!({"run_id": run_id, "status": format!("/batches/{run_id}")}))
+        }
+        Ok(Err(error @ BatchError::AlreadyRunning(_))) => {
+            HttpResponse::Conflict().json(serde_json::json!({"error": error.to_string()}))
+        }
+        Ok(Err(error)) => HttpResponse::BadRequest().json(serde_json::json!({"error": error.to_string()})),
+        Err(error) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"error": format!("the CsvLoader is restarting: {error}")})),
+    }
+}
+
+/// `GET /batches/<run_id>`: the run's status, counts and error files.
+async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
+    match state.pipeline.batches.report(&run_id) {
+        Some(report) => HttpResponse::Ok().json(report),
+        None => HttpResponse::NotFound()
+            .json(serde_json::json!({"error": format!("no batch run {:?} in this process", run_id.as_str())})),
+    }
+}
+
 /// Binds and starts the admin server.
 pub fn start(
     listen: SocketAddr,
@@ -84,6 +120,8 @@ pub fn start(
             .route("/ready", web::get().to(ready))
             .route("/metrics", web::get().to(metrics))
             .route("/chaos/{actor}/{kind}", web::post().to(chaos))
+            .route("/batches", web::post().to(start_batch))
+            .route("/batches/{run_id}", web::get().to(batch_status))
     })
     .workers(1)
     .disable_signals()

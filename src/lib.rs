@@ -11,6 +11,8 @@
 //! - [`actors`]: the supervised actix pipeline (`actors/` at the crate root).
 
 pub mod admin;
+pub mod batch;
+pub mod batch_command;
 pub mod breaker;
 pub mod config;
 pub mod db;

@@ -29,6 +29,9 @@ enum Command {
     Migrate,
     /// Create what the pipeline needs: topics, the bucket, the schema.
     Setup,
+    /// Load a CSV file through the pipeline (batch mode): s3://bucket/key.csv,
+    /// s3://bucket/prefix/ (every .csv under it) or a local path.
+    Batch(BatchArgs),
     /// Simulate the seed system's two producers on the input topic.
     Produce(ProduceArgs),
     /// Run the reference ML prediction server.
@@ -52,6 +55,18 @@ enum DlqCommand {
         #[arg(long, default_value = "txnflow-dlq-replay")]
         group: String,
     },
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    /// s3://bucket/key.csv, s3://bucket/prefix/, or a local file or directory.
+    uri: String,
+    /// The run id (lineage and error file name); generated when absent.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Publish the valid rows to the input topic instead, for every replica to share.
+    #[arg(long)]
+    via_kafka: bool,
 }
 
 #[derive(Args)]
@@ -154,6 +169,8 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             })?;
             migrate(&config)
         }
+        Command::Batch(args) if args.via_kafka => txnflow::batch_command::publish(config, args.uri, args.run_id),
+        Command::Batch(args) => txnflow::batch_command::run(config, args.uri, args.run_id),
         Command::Produce(args) => {
             if !(0.0..=1.0).contains(&args.invalid_ratio) {
                 anyhow::bail!("--invalid-ratio must be in [0, 1], got {}", args.invalid_ratio);

@@ -51,7 +51,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Applies migrations, waiting for PostgreSQL if it is not up yet.
-async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()> {
+pub(crate) async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()> {
     let mut warned = false;
     loop {
         let url = config.db.url.clone();

@@ -116,6 +116,7 @@ impl CsvLayout {
             side: text(side),
             processing_type: optional(self.optional[0]),
             run_id: optional(self.optional[1]),
+            batch_id: RawField::Missing,
             decimal_separator: DecimalSeparator::DotOrComma,
         })
     }

@@ -81,6 +81,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<RawTransaction, RecordError> {
         side: take("side"),
         processing_type: take("processing_type"),
         run_id: take("run_id"),
+        batch_id: take("batch_id"),
         decimal_separator: DecimalSeparator::Dot,
     })
 }
@@ -125,6 +126,8 @@ pub struct TransactionEvent<'a> {
     pub processing_type: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<&'a str>,
 }
 
 impl<'a> TransactionEvent<'a> {
@@ -140,6 +143,7 @@ impl<'a> TransactionEvent<'a> {
             side: transaction.side.as_str(),
             processing_type: transaction.processing_type.map(|kind| kind.as_str()),
             run_id: transaction.run_id.as_deref(),
+            batch_id: transaction.batch_id.as_deref(),
         }
     }
 }

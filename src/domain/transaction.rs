@@ -79,6 +79,7 @@ pub struct Transaction {
     /// `batch --via-kafka`); otherwise the pipeline derives it from the origin.
     pub processing_type: Option<ProcessingType>,
     pub run_id: Option<String>,
+    pub batch_id: Option<String>,
 }
 
 /// RFC 3339 in UTC with microseconds, the precision PostgreSQL keeps.

@@ -49,6 +49,8 @@ pub struct RawTransaction {
     pub side: RawField,
     pub processing_type: RawField,
     pub run_id: RawField,
+    /// The batch a row came from (events published by `batch --via-kafka`).
+    pub batch_id: RawField,
     /// CSV files may use a decimal comma; JSON text amounts may not.
     pub decimal_separator: DecimalSeparator,
 }
@@ -65,6 +67,7 @@ impl Default for RawTransaction {
             side: RawField::Missing,
             processing_type: RawField::Missing,
             run_id: RawField::Missing,
+            batch_id: RawField::Missing,
             decimal_separator: DecimalSeparator::Dot,
         }
     }
@@ -189,8 +192,9 @@ pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
         },
     });
     let run_id = check.optional_text("run_id", &raw.run_id);
+    let batch_id = check.optional_text("batch_id", &raw.batch_id);
 
-    match (id, description, amount, timestamp, merchant, operation_type, side, processing_type, run_id) {
+    match (id, description, amount, timestamp, merchant, operation_type, side, processing_type, run_id, batch_id) {
         (
             Some(id),
             Some(description),
@@ -201,6 +205,7 @@ pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
             Some(side),
             Some(processing_type),
             Some(run_id),
+            Some(batch_id),
         ) if check.errors.is_empty() => Ok(Transaction {
             id,
             description,
@@ -211,6 +216,7 @@ pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
             side,
             processing_type,
             run_id: run_id.filter(|run| !run.is_empty()),
+            batch_id: batch_id.filter(|batch| !batch.is_empty()),
         }),
         _ => Err(ValidationError { errors: check.errors }),
     }

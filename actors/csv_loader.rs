@@ -1,0 +1,288 @@
+//! CsvLoader: batch mode's source (contract §7). `LoadCsv { uri, run_id }`
+//! checks every file of the run first (uri, bucket, object, header), so a
+//! bad input writes nothing; then it streams each file, in key order, row by
+//! row, into the same Buffer the KafkaReader feeds.
+//!
+//! - Memory stays constant: the body is read as it arrives, each row takes
+//!   a capacity permit (so a full pipeline pauses the reading), and the
+//!   progress keeps one bit per line in flight (`domain::run_progress`).
+//! - Valid rows carry `File{uri, line}` and batch lineage; invalid rows go to
+//!   the run's error file with their line and reason.
+//! - A file is done when every row is settled: written, dead-lettered or in
+//!   the error file. Its rows settle through [`Pipeline::written`] and
+//!   [`Pipeline::dead_lettered`].
+//! - Lost work is read again: when an actor restarts (the pipeline's epoch
+//!   changes), or this loader restarts, or the stream breaks, the file is
+//!   read again from its first unsettled line; settled rows are skipped, and
+//!   a row that settles twice counts once.
+
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, Supervised, WrapFuture,
+};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Pipeline;
+use super::messages::{Chaos, Envelope, Ingest, Lineage};
+use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
+use crate::domain::dead_letter::Origin;
+use crate::domain::event::TransactionEvent;
+use crate::domain::retry::backoff_delay;
+use crate::domain::run_progress::{RowAction, RowKind};
+use crate::domain::transaction::{ProcessingType, Transaction};
+use crate::metrics::METRICS;
+
+/// Rows sent to the Buffer per message.
+const CHUNK: usize = 500;
+
+/// Anyone -> CsvLoader: load a file, a prefix or a local path as one run.
+/// Answers once the input is checked, with the run id, or why it cannot run.
+#[derive(Message)]
+#[rtype(result = "Result<String, BatchError>")]
+pub struct LoadCsv {
+    pub uri: String,
+    pub run_id: Option<String>,
+}
+
+pub struct CsvLoader {
+    pipeline: Arc<Pipeline>,
+    s3: aws_sdk_s3::Client,
+}
+
+impl CsvLoader {
+    pub fn new(pipeline: Arc<Pipeline>) -> CsvLoader {
+        let s3 = crate::s3::client(&pipeline.config.s3);
+        CsvLoader { pipeline, s3 }
+    }
+
+    fn spawn_run(&self, spec: Arc<RunSpec>, ctx: &mut Context<Self>) {
+        let (pipeline, s3) = (self.pipeline.clone(), self.s3.clone());
+        ctx.spawn(run(pipeline, s3, spec).into_actor(self));
+    }
+}
+
+impl Actor for CsvLoader {
+    type Context = Context<Self>;
+
+    /// Also runs after a restart: runs still running go on where they were.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        for spec in self.pipeline.batches.running() {
+            tracing::info!(run_id = spec.run_id, "resuming the batch run");
+            self.spawn_run(spec, ctx);
+        }
+    }
+}
+
+impl Supervised for CsvLoader {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Only this loader's unsent rows are lost; started() reads them again.
+        METRICS.actor_restarts.with_label_values(&["csv_loader"]).inc();
+    }
+}
+
+impl Handler<LoadCsv> for CsvLoader {
+    type Result = ResponseActFuture<Self, Result<String, BatchError>>;
+
+    fn handle(&mut self, load: LoadCsv, _ctx: &mut Context<Self>) -> Self::Result {
+        let s3 = self.s3.clone();
+        let pipeline = self.pipeline.clone();
+        let check = async move {
+            let run_id = load.run_id.unwrap_or_else(batch::new_run_id);
+            let spec = batch::prepare(&s3, &load.uri, &run_id).await?;
+            pipeline.batches.begin(spec)
+        };
+        Box::pin(check.into_actor(self).map(|checked, actor, ctx| {
+            let spec = checked?;
+            let run_id = spec.run_id.clone();
+            tracing::info!(run_id, uri = spec.uri, files = spec.files.len(), "batch run started");
+            actor.spawn_run(spec, ctx);
+            Ok(run_id)
+        }))
+    }
+}
+
+impl Handler<Chaos> for CsvLoader {
+    type Result = ();
+
+    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
+        super::chaos("csv_loader", chaos, ctx);
+    }
+}
+
+/// Loads every file of the run not done yet, in order.
+async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
+    let runs = &pipeline.batches;
+    let first = runs.files_done(&spec.run_id);
+    for file in &spec.files[first..] {
+        runs.start_file(&spec.run_id, &file.uri);
+        let mut errors = ErrorFile::new(&spec, file);
+        let mut attempt = 0u32;
+        loop {
+            if pipeline.is_shutting_down() {
+                return;
+            }
+            let epoch = pipeline.epoch();
+            match read_file(&pipeline, &s3, &spec, file, &mut errors, epoch).await {
+                Ok(Pass::Complete) => {
+                    if wait_settled(&pipeline, &spec.run_id, &file.uri, epoch).await {
+                        break;
+                    }
+                }
+                Ok(Pass::WorkLost) => {}
+                Err(error) => {
+                    attempt += 1;
+                    let delay = backoff_delay(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                        rand::rng().random(),
+                    );
+                    tracing::warn!(run_id = spec.run_id, uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
+            tracing::info!(
+                run_id = spec.run_id,
+                uri = file.uri,
+                "work was lost; reading again from the first unsettled row"
+            );
+        }
+        let error_file = if errors.has_rows() {
+            match errors.finish(&s3).await {
+                Ok(uri) => Some(uri),
+                Err(error) => {
+                    runs.finish(&spec.run_id, Some(format!("cannot store the error file: {error}")));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        runs.file_done(&spec.run_id, error_file);
+    }
+    runs.finish(&spec.run_id, None);
+    if let Some(report) = runs.report(&spec.run_id) {
+        tracing::info!(run_id = spec.run_id, summary = report.summary, "batch run completed");
+    }
+}
+
+enum Pass {
+    /// Every row was read and handed on.
+    Complete,
+    /// The epoch changed: rows in flight may be gone.
+    WorkLost,
+}
+
+/// Waits until every row of the file is settled; false when work was lost meanwhile.
+async fn wait_settled(pipeline: &Pipeline, run_id: &str, uri: &str, epoch: u64) -> bool {
+    loop {
+        if pipeline.batches.is_file_done(run_id, uri) {
+            return true;
+        }
+        if pipeline.epoch() != epoch {
+            return false;
+        }
+        pipeline.batches.changed(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads the file once from the start, sending the rows not yet settled.
+async fn read_file(
+    pipeline: &Pipeline,
+    s3: &aws_sdk_s3::Client,
+    spec: &RunSpec,
+    file: &InputFile,
+    errors: &mut ErrorFile,
+    epoch: u64,
+) -> Result<Pass, String> {
+    let runs = &pipeline.batches;
+    let run_id = spec.run_id.as_str();
+    let resume = runs.resume_line(run_id, &file.uri);
+    let body = batch::open(s3, &file.location).await.map_err(|e| e.to_string())?;
+    let mut reader = file.csv_reader(body);
+    let mut record = csv_async::ByteRecord::new();
+    let mut chunk: Vec<Envelope> = Vec::with_capacity(CHUNK);
+    loop {
+        if !reader.read_byte_record(&mut record).await.map_err(|e| e.to_string())? {
+            break;
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        if line < resume {
+            continue;
+        }
+        if pipeline.epoch() != epoch {
+            return Ok(Pass::WorkLost);
+        }
+        if runs.is_settled(run_id, &file.uri, line) {
+            // A re-read: the row's outcome is known, and counted.
+            continue;
+        }
+        let parsed = file.parse_row(&record);
+        let kind = if parsed.is_ok() { RowKind::Valid } else { RowKind::Invalid };
+        match (runs.row(run_id, &file.uri, line, kind), parsed) {
+            (RowAction::Send, Ok(transaction)) => {
+                let permit = match pipeline.capacity.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // The pipeline is full: hand on what we hold, then wait (backpressure).
+                        send(pipeline, &mut chunk);
+                        pipeline.capacity.clone().acquire_owned().await.map_err(|e| e.to_string())?
+                    }
+                };
+                chunk.push(envelope(spec, file, line, transaction, permit));
+                if chunk.len() >= CHUNK {
+                    send(pipeline, &mut chunk);
+                }
+            }
+            (RowAction::RecordInvalid, Err(reason)) => {
+                let fields: Vec<Vec<u8>> = record.iter().map(<[u8]>::to_vec).collect();
+                errors.record(&fields, line, &reason).map_err(|e| format!("cannot write the error file: {e}"))?;
+                METRICS.records.with_label_values(&["file", "read"]).inc();
+                METRICS.records.with_label_values(&["file", "invalid"]).inc();
+            }
+            _ => {}
+        }
+    }
+    send(pipeline, &mut chunk);
+    runs.end_of_file(run_id, &file.uri, reader.position().line());
+    Ok(Pass::Complete)
+}
+
+fn envelope(
+    spec: &RunSpec,
+    file: &InputFile,
+    line: u64,
+    transaction: Transaction,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Envelope {
+    let id = transaction.id.to_string();
+    // The DLQ value: the row as a canonical event, which `dlq replay` can
+    // send through the pipeline again (a decimal comma would not decode).
+    let mut event = TransactionEvent::of(&transaction, &id);
+    event.processing_type = Some(ProcessingType::Batch.as_str());
+    event.run_id = Some(&spec.run_id);
+    event.batch_id = Some(&file.uri);
+    let raw = serde_json::to_vec(&event).expect("an event serialises");
+    Envelope {
+        origin: Origin::File { uri: file.uri.clone(), line },
+        key: Some(id.into_bytes()),
+        raw,
+        lineage: Lineage {
+            processing_type: ProcessingType::Batch,
+            run_id: Some(spec.run_id.clone()),
+            batch_id: Some(file.uri.clone()),
+        },
+        transaction,
+        permit,
+    }
+}
+
+fn send(pipeline: &Pipeline, chunk: &mut Vec<Envelope>) {
+    if chunk.is_empty() {
+        return;
+    }
+    METRICS.records.with_label_values(&["file", "read"]).inc_by(chunk.len() as u64);
+    pipeline.addrs().buffer.do_send(Ingest(std::mem::take(chunk)));
+}

@@ -1,0 +1,652 @@
+//! Batch inputs (contract §7): where a run's files are, how they are opened
+//! and checked before any row moves, where invalid rows go, and the
+//! registry of runs that `GET /batches/<run_id>` reports.
+//!
+//! The CsvLoader actor drives a run; this module holds its I/O and state.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+
+use crate::domain::csv_rules::{CsvLayout, HeaderError, detect_delimiter};
+use crate::domain::run_progress::{FileProgress, RowAction, RowKind, RowOutcome, RunCounts};
+use crate::domain::transaction::Transaction;
+use crate::domain::validation::validate;
+
+/// Why a batch cannot start. Each names the input and the problem; none
+/// writes anything.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("bad batch uri {uri:?}: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error("bad run id {0:?}: use 1 to 200 characters, without '/', spaces or control characters")]
+    BadRunId(String),
+    #[error("bucket {bucket:?} does not exist ({uri})")]
+    NoSuchBucket { bucket: String, uri: String },
+    #[error("{uri} does not exist")]
+    NotFound { uri: String },
+    #[error("no .csv file under {uri}")]
+    NoCsvFiles { uri: String },
+    #[error("{uri} is not a CSV file: {reason}")]
+    NotCsv { uri: String, reason: String },
+    #[error("{uri}: {error}")]
+    Header { uri: String, error: HeaderError },
+    #[error("cannot read {uri}: {reason}")]
+    Unreadable { uri: String, reason: String },
+    #[error("run {0:?} is already running")]
+    AlreadyRunning(String),
+}
+
+/// Where one file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    S3 { bucket: String, key: String },
+    Local(PathBuf),
+}
+
+impl Location {
+    pub fn uri(&self) -> String {
+        match self {
+            Location::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
+            Location::Local(path) => path.display().to_string(),
+        }
+    }
+}
+
+/// What a batch uri names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchUri {
+    /// `s3://bucket/key.csv`
+    S3Object { bucket: String, key: String },
+    /// `s3://bucket/prefix/` or `s3://bucket`: every `.csv` under it.
+    S3Prefix { bucket: String, prefix: String },
+    /// A local file, or a directory: every `.csv` in it.
+    Local(PathBuf),
+}
+
+/// Parses a batch uri. `file://` and plain paths are local.
+pub fn parse_uri(uri: &str) -> Result<BatchUri, BatchError> {
+    let bad = |reason: &str| BatchError::BadUri { uri: uri.to_string(), reason: reason.to_string() };
+    if uri.trim().is_empty() {
+        return Err(bad("empty"));
+    }
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket name after s3://"));
+        }
+        if !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.') {
+            return Err(bad("a bucket name has lowercase letters, digits, '-' and '.' only"));
+        }
+        return Ok(if key.is_empty() || key.ends_with('/') {
+            BatchUri::S3Prefix { bucket: bucket.to_string(), prefix: key.to_string() }
+        } else {
+            BatchUri::S3Object { bucket: bucket.to_string(), key: key.to_string() }
+        });
+    }
+    if let Some(path) = uri.strip_prefix("file://") {
+        return Ok(BatchUri::Local(PathBuf::from(path)));
+    }
+    if let Some((scheme, _)) = uri.split_once("://") {
+        return Err(bad(&format!("unsupported scheme {scheme:?}; use s3://bucket/key, s3://bucket/prefix/ or a path")));
+    }
+    Ok(BatchUri::Local(PathBuf::from(uri)))
+}
+
+/// Checks a run id: it names the error file, so it must be a file name.
+pub fn check_run_id(run_id: &str) -> Result<(), BatchError> {
+    let fine = !run_id.is_empty()
+        && run_id.len() <= 200
+        && run_id != "."
+        && run_id != ".."
+        && !run_id.chars().any(|c| c == '/' || c == '\\' || c.is_whitespace() || c.is_control());
+    if fine { Ok(()) } else { Err(BatchError::BadRunId(run_id.to_string())) }
+}
+
+/// A fresh run id: `batch-<UTC time>-<6 hex>`.
+pub fn new_run_id() -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("batch-{}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &suffix[..6])
+}
+
+/// One checked input file of a run.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    pub location: Location,
+    pub uri: String,
+    pub delimiter: u8,
+    pub layout: CsvLayout,
+}
+
+impl InputFile {
+    /// One row's transaction, or why it is invalid.
+    pub fn parse_row(&self, record: &csv_async::ByteRecord) -> Result<Transaction, String> {
+        let mut fields = Vec::with_capacity(record.len());
+        for (index, field) in record.iter().enumerate() {
+            match std::str::from_utf8(field) {
+                Ok(text) => fields.push(text),
+                Err(_) => {
+                    let name = self.layout.headers.get(index).map_or("?", String::as_str);
+                    return Err(format!("{name}: not UTF-8 text"));
+                }
+            }
+        }
+        let raw = self.layout.raw_transaction(&fields).map_err(|e| e.to_string())?;
+        validate(&raw).map_err(|e| e.to_string())
+    }
+
+    /// A streaming CSV reader over the file's bytes, past the header.
+    pub fn csv_reader(&self, body: ByteReader) -> csv_async::AsyncReader<ByteReader> {
+        csv_async::AsyncReaderBuilder::new()
+            .delimiter(self.delimiter)
+            .has_headers(true)
+            .flexible(true)
+            .create_reader(body)
+    }
+}
+
+/// Everything a run needs, checked before any row moves.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub run_id: String,
+    pub uri: String,
+    pub files: Vec<InputFile>,
+    /// One error file per run; per input file when the input is a prefix.
+    pub errors_per_file: bool,
+}
+
+impl RunSpec {
+    /// Where the invalid rows of `file` go: `errors/<run_id>.csv` in the
+    /// input's bucket (or beside a local input), or
+    /// `errors/<run_id>/<file name>` for a prefix run.
+    pub fn error_location(&self, file: &InputFile) -> Location {
+        let name = |location: &Location| match location {
+            Location::S3 { key, .. } => key.rsplit('/').next().unwrap_or(key).to_string(),
+            Location::Local(path) => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        let relative = if self.errors_per_file {
+            format!("errors/{}/{}", self.run_id, name(&file.location))
+        } else {
+            format!("errors/{}.csv", self.run_id)
+        };
+        match &file.location {
+            Location::S3 { bucket, .. } => Location::S3 { bucket: bucket.clone(), key: relative },
+            Location::Local(path) => Location::Local(path.parent().unwrap_or(Path::new(".")).join(relative)),
+        }
+    }
+}
+
+/// Resolves the uri to its files and checks each file's header.
+pub async fn prepare(s3: &aws_sdk_s3::Client, uri: &str, run_id: &str) -> Result<RunSpec, BatchError> {
+    check_run_id(run_id)?;
+    let (locations, errors_per_file) = match parse_uri(uri)? {
+        BatchUri::S3Object { bucket, key } => {
+            check_bucket(s3, &bucket, uri).await?;
+            (vec![Location::S3 { bucket, key }], false)
+        }
+        BatchUri::S3Prefix { bucket, prefix } => {
+            check_bucket(s3, &bucket, uri).await?;
+            (list_s3_csv(s3, &bucket, &prefix, uri).await?, true)
+        }
+        BatchUri::Local(path) if path.is_dir() => (list_local_csv(&path, uri)?, true),
+        BatchUri::Local(path) if path.exists() => (vec![Location::Local(path)], false),
+        BatchUri::Local(_) => return Err(BatchError::NotFound { uri: uri.to_string() }),
+    };
+    let mut files = Vec::with_capacity(locations.len());
+    for location in locations {
+        let file_uri = location.uri();
+        let mut reader = open(s3, &location).await?;
+        let head = reader.fill_buf().await.map_err(|e| unreadable(&file_uri, e))?;
+        let (delimiter, layout) = check_header(head, &file_uri)?;
+        files.push(InputFile { location, uri: file_uri, delimiter, layout });
+    }
+    Ok(RunSpec { run_id: run_id.to_string(), uri: uri.to_string(), files, errors_per_file })
+}
+
+fn unreadable(uri: &str, error: impl std::fmt::Display) -> BatchError {
+    BatchError::Unreadable { uri: uri.to_string(), reason: error.to_string() }
+}
+
+/// The header from the first bytes of a file: its delimiter and layout.
+pub fn check_header(head: &[u8], uri: &str) -> Result<(u8, CsvLayout), BatchError> {
+    let not_csv = |reason: &str| BatchError::NotCsv { uri: uri.to_string(), reason: reason.to_string() };
+    if head.is_empty() {
+        return Err(not_csv("the file is empty; a header line is required"));
+    }
+    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    let line = &head[..line_end];
+    if line.contains(&0) {
+        return Err(not_csv("it holds binary data"));
+    }
+    let text = std::str::from_utf8(line).map_err(|_| not_csv("the header is not UTF-8 text"))?;
+    let delimiter = detect_delimiter(line);
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).delimiter(delimiter).from_reader(text.as_bytes());
+    let header = match reader.records().next() {
+        Some(Ok(record)) => record,
+        _ => return Err(not_csv("the header line cannot be read as CSV")),
+    };
+    let layout = CsvLayout::from_header(header.iter().map(|name| name.trim_end_matches('\r')))
+        .map_err(|error| BatchError::Header { uri: uri.to_string(), error })?;
+    Ok((delimiter, layout))
+}
+
+async fn check_bucket(s3: &aws_sdk_s3::Client, bucket: &str, uri: &str) -> Result<(), BatchError> {
+    match s3.head_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let service = error.into_service_error();
+            if service.is_not_found() {
+                Err(BatchError::NoSuchBucket { bucket: bucket.to_string(), uri: uri.to_string() })
+            } else {
+                Err(unreadable(uri, format!("{service} ({})", service.code().unwrap_or("no code"))))
+            }
+        }
+    }
+}
+
+/// Every `.csv` key under the prefix, in key order; `errors/` is skipped,
+/// since it holds the error files of earlier runs.
+async fn list_s3_csv(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    uri: &str,
+) -> Result<Vec<Location>, BatchError> {
+    let mut keys = Vec::new();
+    let mut pages = s3.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| unreadable(uri, e.into_service_error()))?;
+        for object in page.contents() {
+            if let Some(key) = object.key()
+                && key.to_ascii_lowercase().ends_with(".csv")
+                && !key[prefix.len()..].starts_with("errors/")
+            {
+                keys.push(key.to_string());
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Err(BatchError::NoCsvFiles { uri: uri.to_string() });
+    }
+    keys.sort();
+    Ok(keys.into_iter().map(|key| Location::S3 { bucket: bucket.to_string(), key }).collect())
+}
+
+fn list_local_csv(dir: &Path, uri: &str) -> Result<Vec<Location>, BatchError> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| unreadable(uri, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_file() && path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("csv")))
+        .collect();
+    if paths.is_empty() {
+        return Err(BatchError::NoCsvFiles { uri: uri.to_string() });
+    }
+    paths.sort();
+    Ok(paths.into_iter().map(Location::Local).collect())
+}
+
+/// A buffered stream of the file's bytes, from the start.
+pub type ByteReader = Box<dyn AsyncBufRead + Unpin + Send>;
+
+/// Opens a file as a stream: an S3 body is read as it arrives, never whole.
+pub async fn open(s3: &aws_sdk_s3::Client, location: &Location) -> Result<ByteReader, BatchError> {
+    const BUFFER: usize = 256 * 1024;
+    let uri = location.uri();
+    match location {
+        Location::S3 { bucket, key } => match s3.get_object().bucket(bucket).key(key).send().await {
+            Ok(object) => Ok(Box::new(BufReader::with_capacity(BUFFER, object.body.into_async_read()))),
+            Err(error) => {
+                let service = error.into_service_error();
+                if service.is_no_such_key() {
+                    Err(BatchError::NotFound { uri })
+                } else if service.code() == Some("NoSuchBucket") {
+                    Err(BatchError::NoSuchBucket { bucket: bucket.clone(), uri })
+                } else {
+                    Err(unreadable(&uri, format!("{service} ({})", service.code().unwrap_or("no code"))))
+                }
+            }
+        },
+        Location::Local(path) => match tokio::fs::File::open(path).await {
+            Ok(file) => Ok(Box::new(BufReader::with_capacity(BUFFER, file))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(BatchError::NotFound { uri }),
+            Err(error) => Err(unreadable(&uri, error)),
+        },
+    }
+}
+
+/// The invalid rows of one input file: written to a local file as they come
+/// (constant memory), then uploaded when the file is done.
+pub struct ErrorFile {
+    pub destination: Location,
+    staging: PathBuf,
+    writer: Option<csv::Writer<std::fs::File>>,
+    delimiter: u8,
+    header: Vec<String>,
+}
+
+impl ErrorFile {
+    pub fn new(spec: &RunSpec, file: &InputFile) -> ErrorFile {
+        let destination = spec.error_location(file);
+        let staging = match &destination {
+            Location::Local(path) => path.clone(),
+            Location::S3 { .. } => std::env::temp_dir().join(format!(
+                "txnflow-errors-{}-{}.csv",
+                spec.run_id,
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, file.uri.as_bytes()).simple()
+            )),
+        };
+        ErrorFile { destination, staging, writer: None, delimiter: file.delimiter, header: file.layout.headers.clone() }
+    }
+
+    /// Appends one invalid row: its original fields, then `line` and `error`.
+    pub fn record(&mut self, fields: &[Vec<u8>], line: u64, error: &str) -> std::io::Result<()> {
+        if self.writer.is_none() {
+            if let Some(parent) = self.staging.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            // Appends: a resumed run keeps what an earlier pass recorded.
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.staging)?;
+            let empty = file.metadata()?.len() == 0;
+            let mut writer = csv::WriterBuilder::new().delimiter(self.delimiter).flexible(true).from_writer(file);
+            if empty {
+                let mut header: Vec<&[u8]> = self.header.iter().map(|h| h.as_bytes()).collect();
+                header.extend([b"line".as_slice(), b"error".as_slice()]);
+                writer.write_record(header)?;
+            }
+            self.writer = Some(writer);
+        }
+        let writer = self.writer.as_mut().expect("opened above");
+        let line = line.to_string();
+        let record = fields.iter().map(Vec::as_slice).chain([line.as_bytes(), error.as_bytes()]);
+        writer.write_record(record)?;
+        Ok(())
+    }
+
+    /// Whether any row was recorded (in this process or an earlier pass).
+    pub fn has_rows(&self) -> bool {
+        self.writer.is_some() || self.staging.exists()
+    }
+
+    /// Flushes, and uploads an S3 destination. Returns its uri.
+    pub async fn finish(mut self, s3: &aws_sdk_s3::Client) -> Result<String, String> {
+        if let Some(mut writer) = self.writer.take() {
+            writer.flush().map_err(|e| e.to_string())?;
+        }
+        let uri = self.destination.uri();
+        if let Location::S3 { bucket, key } = &self.destination {
+            let body = aws_sdk_s3::primitives::ByteStream::from_path(&self.staging).await.map_err(|e| e.to_string())?;
+            s3.put_object()
+                .bucket(bucket)
+                .key(key)
+                .content_type("text/csv")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| format!("cannot upload {uri}: {}", e.into_service_error()))?;
+            let _ = std::fs::remove_file(&self.staging);
+        }
+        Ok(uri)
+    }
+}
+
+/// How a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed,
+}
+
+/// What `GET /batches/<run_id>` answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub uri: String,
+    pub status: RunStatus,
+    pub files: usize,
+    pub files_done: usize,
+    #[serde(flatten)]
+    pub counts: RunCounts,
+    pub error_files: Vec<String>,
+    pub error: Option<String>,
+    pub elapsed_seconds: f64,
+    pub summary: String,
+}
+
+struct RunState {
+    spec: Arc<RunSpec>,
+    status: RunStatus,
+    files_done: usize,
+    /// Counts of the finished files.
+    done: RunCounts,
+    /// The file being read, and its progress.
+    current: Option<(String, FileProgress)>,
+    error_files: Vec<String>,
+    error: Option<String>,
+    started: Instant,
+    elapsed: Option<f64>,
+}
+
+impl RunState {
+    fn counts(&self) -> RunCounts {
+        let mut counts = self.done;
+        if let Some((_, progress)) = &self.current {
+            counts.add(&progress.counts);
+        }
+        counts
+    }
+}
+
+/// Every batch run of this process, and the progress of each.
+#[derive(Default)]
+pub struct BatchRuns {
+    runs: Mutex<HashMap<String, RunState>>,
+    changed: tokio::sync::Notify,
+}
+
+impl BatchRuns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunState>> {
+        self.runs.lock().expect("batch runs lock")
+    }
+
+    /// Registers a run; a run id that is still running is refused.
+    pub fn begin(&self, spec: RunSpec) -> Result<Arc<RunSpec>, BatchError> {
+        let mut runs = self.lock();
+        if runs.get(&spec.run_id).is_some_and(|run| run.status == RunStatus::Running) {
+            return Err(BatchError::AlreadyRunning(spec.run_id));
+        }
+        let spec = Arc::new(spec);
+        runs.insert(
+            spec.run_id.clone(),
+            RunState {
+                spec: spec.clone(),
+                status: RunStatus::Running,
+                files_done: 0,
+                done: RunCounts::default(),
+                current: None,
+                error_files: Vec::new(),
+                error: None,
+                started: Instant::now(),
+                elapsed: None,
+            },
+        );
+        Ok(spec)
+    }
+
+    /// Runs still running, to resume after the loader restarted.
+    pub fn running(&self) -> Vec<Arc<RunSpec>> {
+        self.lock().values().filter(|run| run.status == RunStatus::Running).map(|run| run.spec.clone()).collect()
+    }
+
+    /// How many files of the run are done: where a resumed run goes on.
+    pub fn files_done(&self, run_id: &str) -> usize {
+        self.lock().get(run_id).map_or(0, |run| run.files_done)
+    }
+
+    /// Makes `uri` the run's current file, keeping its progress if it is already.
+    pub fn start_file(&self, run_id: &str, uri: &str) {
+        if let Some(run) = self.lock().get_mut(run_id)
+            && run.current.as_ref().is_none_or(|(current, _)| current != uri)
+        {
+            run.current = Some((uri.to_string(), FileProgress::default()));
+        }
+    }
+
+    fn with_file<T>(&self, run_id: &str, uri: &str, change: impl FnOnce(&mut FileProgress) -> T) -> Option<T> {
+        let mut runs = self.lock();
+        let (current, progress) = runs.get_mut(run_id)?.current.as_mut()?;
+        (current == uri).then(|| change(progress))
+    }
+
+    /// A row was parsed: what the loader does with it.
+    pub fn row(&self, run_id: &str, uri: &str, line: u64, kind: RowKind) -> RowAction {
+        self.with_file(run_id, uri, |progress| progress.row(line, kind)).unwrap_or(RowAction::Skip)
+    }
+
+    /// Whether the row at `line` is settled (a re-read skips it unvalidated).
+    pub fn is_settled(&self, run_id: &str, uri: &str, line: u64) -> bool {
+        self.with_file(run_id, uri, |progress| progress.is_settled(line)).unwrap_or(true)
+    }
+
+    pub fn resume_line(&self, run_id: &str, uri: &str) -> u64 {
+        self.with_file(run_id, uri, |progress| progress.resume_line()).unwrap_or(0)
+    }
+
+    pub fn end_of_file(&self, run_id: &str, uri: &str, last_line: u64) {
+        self.with_file(run_id, uri, |progress| progress.end_of_file(last_line));
+        self.changed.notify_waiters();
+    }
+
+    /// Rows of a run settled (from the DbWriter or the DlqPublisher).
+    pub fn settle(&self, run_id: &str, uri: &str, lines: impl IntoIterator<Item = (u64, RowOutcome)>) {
+        self.with_file(run_id, uri, |progress| {
+            for (line, outcome) in lines {
+                progress.settle(line, outcome);
+            }
+        });
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_file_done(&self, run_id: &str, uri: &str) -> bool {
+        self.with_file(run_id, uri, |progress| progress.is_done()).unwrap_or(true)
+    }
+
+    /// Waits for a change of any run's progress, or `timeout`.
+    pub async fn changed(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+
+    /// The current file is done: its counts join the run's.
+    pub fn file_done(&self, run_id: &str, error_file: Option<String>) {
+        if let Some(run) = self.lock().get_mut(run_id) {
+            if let Some((_, progress)) = run.current.take() {
+                run.done.add(&progress.counts);
+            }
+            run.files_done += 1;
+            run.error_files.extend(error_file);
+        }
+    }
+
+    pub fn finish(&self, run_id: &str, error: Option<String>) {
+        if let Some(run) = self.lock().get_mut(run_id) {
+            run.status = if error.is_some() { RunStatus::Failed } else { RunStatus::Completed };
+            run.error = error;
+            run.elapsed = Some(run.started.elapsed().as_secs_f64());
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn report(&self, run_id: &str) -> Option<RunReport> {
+        let runs = self.lock();
+        let run = runs.get(run_id)?;
+        let counts = run.counts();
+        let elapsed = run.elapsed.unwrap_or_else(|| run.started.elapsed().as_secs_f64());
+        Some(RunReport {
+            run_id: run_id.to_string(),
+            uri: run.spec.uri.clone(),
+            status: run.status,
+            files: run.spec.files.len(),
+            files_done: run.files_done,
+            counts,
+            error_files: run.error_files.clone(),
+            error: run.error.clone(),
+            elapsed_seconds: elapsed,
+            summary: counts.summary(elapsed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_name_an_object_a_prefix_or_a_path() {
+        assert_eq!(
+            parse_uri("s3://transactions/2026/01.csv"),
+            Ok(BatchUri::S3Object { bucket: "transactions".into(), key: "2026/01.csv".into() })
+        );
+        assert_eq!(
+            parse_uri("s3://transactions/month=2026-01/"),
+            Ok(BatchUri::S3Prefix { bucket: "transactions".into(), prefix: "month=2026-01/".into() })
+        );
+        assert_eq!(
+            parse_uri("s3://transactions"),
+            Ok(BatchUri::S3Prefix { bucket: "transactions".into(), prefix: "".into() })
+        );
+        assert_eq!(parse_uri("/data/in.csv"), Ok(BatchUri::Local("/data/in.csv".into())));
+        assert_eq!(parse_uri("file:///data/in.csv"), Ok(BatchUri::Local("/data/in.csv".into())));
+        for bad in ["", "s3://", "s3:///key.csv", "ftp://host/file.csv", "s3://Bad_Bucket/x.csv"] {
+            assert!(matches!(parse_uri(bad), Err(BatchError::BadUri { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn run_ids_are_file_names() {
+        assert!(check_run_id("scheduled__2026-01-01T00:00:00+00:00").is_ok());
+        assert!(check_run_id(&new_run_id()).is_ok());
+        for bad in ["", "a/b", "two words", "..", &"x".repeat(201)] {
+            assert!(check_run_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn headers_are_checked_before_any_row() {
+        let (delimiter, layout) = check_header(
+            "\u{feff}id;description;amount;timestamp;merchant;operation_type;side\r\n1;x;1,5;2026-01-01 00:00:00;;a;debit\n"
+                .as_bytes(),
+            "f.csv",
+        )
+        .unwrap();
+        assert_eq!(delimiter, b';');
+        assert_eq!(layout.headers[0], "id");
+        assert_eq!(layout.headers[6], "side");
+        let error = check_header(b"id,description,amount\n", "f.csv").unwrap_err();
+        assert!(error.to_string().starts_with("f.csv: the header lacks the required column(s)"), "{error}");
+        assert!(matches!(check_header(b"", "f.csv"), Err(BatchError::NotCsv { .. })));
+        assert!(matches!(check_header(b"\x89PNG\r\n\x1a\n\0\0", "f.csv"), Err(BatchError::NotCsv { .. })));
+        assert!(matches!(check_header(b"\xff\xfeid\n", "f.csv"), Err(BatchError::NotCsv { .. })));
+    }
+
+    #[test]
+    fn error_files_go_beside_the_input() {
+        let file = |location: Location| InputFile {
+            uri: location.uri(),
+            location,
+            delimiter: b',',
+            layout: CsvLayout::from_header(crate::domain::csv_rules::REQUIRED_COLUMNS).unwrap(),
+        };
+        let s3 = file(Location::S3 { bucket: "b".into(), key: "in/jan.csv".into() });
+        let local = file(Location::Local("/data/in/jan.csv".into()));
+        let single = RunSpec { run_id: "r1".into(), uri: "x".into(), files: vec![], errors_per_file: false };
+        assert_eq!(single.error_location(&s3).uri(), "s3://b/errors/r1.csv");
+        assert_eq!(single.error_location(&local).uri(), "/data/in/errors/r1.csv");
+        let prefix = RunSpec { errors_per_file: true, ..single };
+        assert_eq!(prefix.error_location(&s3).uri(), "s3://b/errors/r1/jan.csv");
+    }
+}

@@ -1,0 +1,140 @@
+//! `txnflow batch <uri>`: one batch run in this process, through the same
+//! actors as the service (without the KafkaReader), or, with `--via-kafka`,
+//! the rows published to the input topic for the consumer group to share.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::actors::Pipeline;
+use crate::actors::csv_loader::LoadCsv;
+use crate::batch::RunStatus;
+use crate::config::Config;
+use crate::{breaker, db, kafka, ml_client, service};
+
+/// Runs the batch to completion, prints its summary line, and returns an
+/// error when it could not start or did not complete.
+pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
+    actix_rt::System::new().block_on(async move {
+        if config.db.auto_migrate {
+            service::migrate_when_reachable(&config).await?;
+        }
+        if let Err(error) = kafka::ensure_topics(&config.kafka, &kafka::pipeline_topics(&config.kafka)).await {
+            tracing::warn!(%error, "cannot create the topics; expecting them to exist");
+        }
+        let ml = ml_client::MlClient::new(&config.predict, breaker::build(&config.breaker))?;
+        let pipeline = Pipeline::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
+        pipeline.start(false);
+        let outcome = load(&pipeline, uri, run_id).await;
+        pipeline.begin_shutdown();
+        pipeline.stop_arbiters();
+        outcome
+    })
+}
+
+async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
+    let run_id = pipeline.addrs().csv_loader.send(LoadCsv { uri, run_id }).await??;
+    let mut last_progress = Instant::now();
+    loop {
+        let report = pipeline.batches.report(&run_id).expect("the run is registered");
+        if report.status != RunStatus::Running {
+            println!("{}", report.summary);
+            for error_file in &report.error_files {
+                eprintln!("invalid rows: {error_file}");
+            }
+            return match report.error {
+                None => Ok(()),
+                Some(error) => Err(anyhow::anyhow!("batch run {run_id} failed: {error}")),
+            };
+        }
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            tracing::info!(
+                run_id,
+                "file {}/{}: {}",
+                (report.files_done + 1).min(report.files),
+                report.files,
+                report.counts.summary(report.elapsed_seconds)
+            );
+            last_progress = Instant::now();
+        }
+        pipeline.batches.changed(Duration::from_millis(200)).await;
+    }
+}
+
+/// `--via-kafka`: checks the input like a run, then publishes every valid
+/// row to the input topic as an event keyed by id, with its batch lineage;
+/// invalid rows go to the error file. The replicas of the consumer group
+/// share the rows and write them; this command only publishes.
+pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use rdkafka::producer::FutureRecord;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let started = Instant::now();
+        let s3 = crate::s3::client(&config.s3);
+        let run_id = run_id.unwrap_or_else(crate::batch::new_run_id);
+        let spec = crate::batch::prepare(&s3, &uri, &run_id).await?;
+        let topic = config.kafka.topic.clone();
+        kafka::ensure_topics(&config.kafka, &[(&topic, config.kafka.partitions)]).await?;
+        let producer = kafka::producer(&config.kafka)?;
+        let (mut read, mut invalid, mut published) = (0u64, 0u64, 0u64);
+        let mut last_progress = Instant::now();
+        let mut error_files = Vec::new();
+        for file in &spec.files {
+            let mut errors = crate::batch::ErrorFile::new(&spec, file);
+            let mut reader = file.csv_reader(crate::batch::open(&s3, &file.location).await?);
+            let mut record = csv_async::ByteRecord::new();
+            let mut in_flight = futures_util::stream::FuturesUnordered::new();
+            while reader.read_byte_record(&mut record).await? {
+                read += 1;
+                let line = record.position().map_or(0, |p| p.line());
+                let transaction = match file.parse_row(&record) {
+                    Ok(transaction) => transaction,
+                    Err(reason) => {
+                        invalid += 1;
+                        let fields: Vec<Vec<u8>> = record.iter().map(<[u8]>::to_vec).collect();
+                        errors.record(&fields, line, &reason)?;
+                        continue;
+                    }
+                };
+                let id = transaction.id.to_string();
+                let mut event = crate::domain::event::TransactionEvent::of(&transaction, &id);
+                event.processing_type = Some("batch");
+                event.run_id = Some(&run_id);
+                event.batch_id = Some(&file.uri);
+                let value = serde_json::to_vec(&event)?;
+                let producer = producer.clone();
+                let topic = topic.clone();
+                in_flight.push(async move {
+                    let record = FutureRecord::to(&topic).key(&id).payload(&value);
+                    producer.send(record, Duration::from_secs(60)).await.map_err(|(error, _)| error)
+                });
+                // Bounded: at most 10,000 sends in flight.
+                while in_flight.len() >= 10_000 {
+                    in_flight.next().await.expect("not empty")?;
+                    published += 1;
+                }
+                if last_progress.elapsed() >= Duration::from_secs(5) {
+                    tracing::info!(run_id, "{}: read {read} invalid {invalid} published {published}", file.uri);
+                    last_progress = Instant::now();
+                }
+            }
+            while let Some(sent) = in_flight.next().await {
+                sent?;
+                published += 1;
+            }
+            if errors.has_rows() {
+                error_files.push(errors.finish(&s3).await.map_err(|e| anyhow::anyhow!(e))?);
+            }
+        }
+        println!(
+            "read {read} valid {} invalid {invalid} published {published} to {topic} in {:.1} s",
+            read - invalid,
+            started.elapsed().as_secs_f64()
+        );
+        for error_file in error_files {
+            eprintln!("invalid rows: {error_file}");
+        }
+        anyhow::Ok(())
+    })
+}
