@@ -217,10 +217,14 @@ pub fn check_header(head: &[u8], uri: &str) -> Result<(u8, CsvLayout), BatchErro
     if head.is_empty() {
         return Err(not_csv("the file is empty; a header line is required"));
     }
+    // Text never holds NUL bytes; images, archives and the like do, early.
+    if head[..head.len().min(8192)].contains(&0) {
+        return Err(not_csv("it holds binary data"));
+    }
     let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
     let line = &head[..line_end];
-    if line.contains(&0) {
-        return Err(not_csv("it holds binary data"));
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Err(not_csv("the first line is blank; a header line is required"));
     }
     let text = std::str::from_utf8(line).map_err(|_| not_csv("the header is not UTF-8 text"))?;
     let delimiter = detect_delimiter(line);

@@ -15,6 +15,11 @@ pub fn client(s3: &S3Config) -> Client {
         .region(Region::new(s3.region.clone()))
         .credentials_provider(credentials)
         .force_path_style(true)
+        // Checksums only where S3 requires them: the SDK's default trailer
+        // checksums on streamed uploads are refused by SeaweedFS (and older
+        // MinIO) as InvalidAccessKeyId.
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
         .build();
     Client::from_conf(config)
 }

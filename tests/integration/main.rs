@@ -2,6 +2,7 @@
 //! the Kafka-API broker, S3 and the reference ML API. One test binary for
 //! every area keeps link time down.
 
+mod batch;
 mod cli;
 mod faults;
 mod helpers;

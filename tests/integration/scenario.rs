@@ -220,6 +220,24 @@ impl Service {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Waits until this instance holds at least one partition of its group.
+    pub async fn wait_assigned(&self, deadline: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < deadline {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log
+                .lines()
+                .rev()
+                .find(|line| line.contains("partitions assigned"))
+                .is_some_and(|l| l.contains("Offset("))
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
     }

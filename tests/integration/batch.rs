@@ -1,0 +1,529 @@
+//! Batch mode (contract §7) against the real stack: SeaweedFS S3, PostgreSQL,
+//! the broker (DLQ) and a reference ML API of each test's own.
+
+use aws_sdk_s3::primitives::ByteStream;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Output;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::helpers::{assert_same_set, query_json, run, seed_csv_path, stderr, stdout, txnflow};
+use crate::scenario::Scenario;
+use txnflow::domain::categories::reference_category;
+use txnflow::domain::identity::canonical_id;
+
+/// A folder of its own in the pipeline's bucket.
+struct Folder {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl Folder {
+    async fn new() -> Folder {
+        let config = crate::helpers::default_config();
+        let client = txnflow::s3::client(&config.s3);
+        txnflow::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
+        Folder { client, bucket: config.s3.bucket, prefix: format!("tests/{}/", Uuid::new_v4().simple()) }
+    }
+
+    /// Uploads `bytes` as `name` under the folder; returns its uri.
+    async fn put(&self, name: &str, bytes: Vec<u8>) -> String {
+        let key = format!("{}{name}", self.prefix);
+        self.client.put_object().bucket(&self.bucket).key(&key).body(ByteStream::from(bytes)).send().await.unwrap();
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    async fn get(&self, uri: &str) -> Vec<u8> {
+        let key = uri.strip_prefix(&format!("s3://{}/", self.bucket)).unwrap();
+        let object = self.client.get_object().bucket(&self.bucket).key(key).send().await.unwrap();
+        object.body.collect().await.unwrap().into_bytes().to_vec()
+    }
+}
+
+/// `txnflow batch ARGS` with the scenario's database, DLQ topic and ML API.
+fn batch(scenario: &Scenario, args: &[&str]) -> Output {
+    run(txnflow()
+        .arg("batch")
+        .args(args)
+        .env("TXNFLOW__KAFKA__BROKERS", crate::helpers::brokers())
+        .env("TXNFLOW__KAFKA__TOPIC", &scenario.topic)
+        .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic)
+        .env("TXNFLOW__DB__URL", &scenario.db.url)
+        .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url()))
+}
+
+/// The summary line's counts, checked for its exact shape.
+#[track_caller]
+fn summary_counts(output: &Output) -> [u64; 6] {
+    assert!(output.status.success(), "txnflow batch failed:\n{}", stderr(output));
+    let out = stdout(output);
+    let line = out.lines().last().unwrap_or_default();
+    let words: Vec<&str> = line.split(' ').collect();
+    let labels = ["read", "valid", "invalid", "predicted", "written", "dead-lettered", "in", "s"];
+    assert_eq!(words.len(), 15, "summary line {line:?}");
+    for (i, label) in labels.iter().enumerate().take(7) {
+        assert_eq!(words[i * 2], *label, "summary line {line:?}");
+    }
+    assert_eq!(words[14], "s");
+    assert!(words[13].parse::<f64>().is_ok(), "summary line {line:?}");
+    std::array::from_fn(|i| words[i * 2 + 1].parse().unwrap())
+}
+
+/// The seed file's rows, parsed here independently of txnflow's own rules.
+struct SeedRow {
+    line: u64,
+    id: String,
+    description: String,
+    amount: String,
+    timestamp: String,
+    merchant: String,
+    operation_type: String,
+    side: String,
+}
+
+fn seed_rows() -> (String, Vec<SeedRow>) {
+    let text = std::fs::read_to_string(seed_csv_path()).unwrap();
+    let header = text.lines().next().unwrap().to_string();
+    let mut reader = csv::ReaderBuilder::new().delimiter(b';').from_reader(text.as_bytes());
+    let rows = reader
+        .records()
+        .map(|record| {
+            let record = record.unwrap();
+            let field = |i: usize| record[i].to_string();
+            SeedRow {
+                line: record.position().unwrap().line(),
+                id: field(0),
+                description: field(1),
+                amount: field(2).replace(',', "."),
+                timestamp: field(3),
+                merchant: field(4),
+                operation_type: field(5),
+                side: field(6),
+            }
+        })
+        .collect();
+    (header, rows)
+}
+
+fn seed_line(row: &SeedRow) -> String {
+    format!(
+        "{};\"{}\";{};\"{}\";\"{}\";\"{}\";\"{}\"",
+        row.id,
+        row.description,
+        row.amount.replace('.', ","),
+        row.timestamp,
+        row.merchant,
+        row.operation_type,
+        row.side
+    )
+}
+
+fn id_of(source: &str) -> Uuid {
+    canonical_id(source).unwrap()
+}
+
+/// Acceptance 1: the seed file loads as it is, and a re-run adds nothing.
+#[tokio::test]
+async fn the_seed_file_loads_as_it_is_and_a_rerun_adds_nothing() {
+    let scenario = Scenario::new("batchseed").await;
+    let folder = Folder::new().await;
+    let uri = folder.put("transactions_fr.csv", std::fs::read(seed_csv_path()).unwrap()).await;
+    let run_id = format!("seed-{}", Uuid::new_v4().simple());
+
+    let output = batch(&scenario, &[&uri, "--run-id", &run_id]);
+    assert_eq!(summary_counts(&output), [10_000, 10_000, 0, 10_000, 10_000, 0], "{}", stdout(&output));
+
+    let (_, rows) = seed_rows();
+    let expected: BTreeSet<Uuid> = rows.iter().map(|row| id_of(&row.id)).collect();
+    assert_eq!(expected.len(), 10_000);
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    let one = Uuid::parse_str("e15d1546-4798-54fb-b2ff-35d10197b1b9").unwrap();
+    assert!(scenario.transaction_ids().contains(&one), "id 1 is uuid5(uuid5(URL, \"txnflow/transaction\"), \"1\")");
+    let predictions = scenario.predictions();
+    assert_eq!(predictions.len(), 10_000);
+    for (id, category) in &predictions {
+        assert_eq!(category, reference_category(*id), "the reference category of {id}");
+    }
+
+    let stored = query_json(
+        &mut scenario.db.connect(),
+        "SELECT id, description, amount::text AS amount,
+                to_char(\"timestamp\" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS ts,
+                merchant, operation_type, side, processing_type, run_id, batch_id, source
+         FROM transactions",
+    );
+    let by_id: BTreeMap<String, &serde_json::Value> =
+        stored.iter().map(|row| (row["id"].as_str().unwrap().to_string(), row)).collect();
+    for row in &rows {
+        let stored = by_id[&id_of(&row.id).to_string()];
+        assert_eq!(stored["description"], row.description.as_str());
+        assert_eq!(stored["amount"], row.amount.as_str(), "amount of id {}", row.id);
+        assert_eq!(stored["ts"], row.timestamp.as_str(), "timestamp of id {}", row.id);
+        assert_eq!(stored["merchant"], row.merchant.as_str());
+        assert_eq!(stored["operation_type"], row.operation_type.as_str());
+        assert_eq!(stored["side"], row.side.as_str());
+        assert_eq!(stored["processing_type"], "batch");
+        assert_eq!(stored["run_id"], run_id.as_str());
+        assert_eq!(stored["batch_id"], uri.as_str());
+        assert_eq!(stored["source"], format!("{uri}:{}", row.line));
+    }
+
+    // A second run: the same counts, and not one row more or changed.
+    let again = batch(&scenario, &[&uri, "--run-id", &format!("{run_id}-again")]);
+    assert_eq!(summary_counts(&again), [10_000, 10_000, 0, 10_000, 10_000, 0]);
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 10_000);
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 10_000);
+    assert_eq!(
+        scenario.count(&format!("SELECT count(*) FROM transactions WHERE run_id = '{run_id}'")),
+        10_000,
+        "the first run's lineage stays"
+    );
+    // No invalid row: no error file.
+    assert!(!stderr(&output).contains("invalid rows:"));
+}
+
+/// Acceptance 2: 100 corrupted lines land in the error file, the rest in the table.
+#[tokio::test]
+async fn corrupted_lines_go_to_the_error_file_with_their_line_and_reason() {
+    let scenario = Scenario::new("batchbad").await;
+    let folder = Folder::new().await;
+    let (header, rows) = seed_rows();
+    // Every 100th row, five kinds in turn.
+    let kinds = ["columns", "amount", "date", "description", "side"];
+    let mut text = format!("{header}\n");
+    let mut corrupted: BTreeMap<u64, (&str, String)> = BTreeMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let line = if i % 100 == 50 {
+            let kind = kinds[(i / 100) % kinds.len()];
+            let bad = match kind {
+                "columns" => SeedRow { side: String::new(), ..clone_row(row) },
+                "amount" => SeedRow { amount: "12.34.56".into(), ..clone_row(row) },
+                "date" => SeedRow { timestamp: "2023-13-45 25:61:00".into(), ..clone_row(row) },
+                "description" => SeedRow { description: String::new(), ..clone_row(row) },
+                _ => SeedRow { side: "sideways".into(), ..clone_row(row) },
+            };
+            let mut line = seed_line(&bad);
+            if kind == "columns" {
+                // Drop the last field: six columns instead of seven.
+                line.truncate(line.rfind(';').unwrap());
+            }
+            corrupted.insert(row.line, (kind, line.clone()));
+            line
+        } else {
+            seed_line(row)
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    assert_eq!(corrupted.len(), 100);
+    let uri = folder.put("corrupted.csv", text.into_bytes()).await;
+    let run_id = format!("bad-{}", Uuid::new_v4().simple());
+
+    let output = batch(&scenario, &[&uri, "--run-id", &run_id]);
+    assert_eq!(summary_counts(&output), [10_000, 9_900, 100, 9_900, 9_900, 0]);
+    let expected: BTreeSet<Uuid> =
+        rows.iter().filter(|row| !corrupted.contains_key(&row.line)).map(|row| id_of(&row.id)).collect();
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+
+    let error_uri = format!("s3://{}/errors/{run_id}.csv", folder.bucket);
+    assert!(stderr(&output).contains(&format!("invalid rows: {error_uri}")), "{}", stderr(&output));
+    let errors = folder.get(&error_uri).await;
+    let mut reader = csv::ReaderBuilder::new().delimiter(b';').flexible(true).from_reader(errors.as_slice());
+    let columns: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
+    assert_eq!(
+        columns,
+        ["id", "description", "amount", "timestamp", "merchant", "operation_type", "side", "line", "error"],
+        "the original columns, then line and error"
+    );
+    let mut seen = BTreeSet::new();
+    for record in reader.records() {
+        let record = record.unwrap();
+        let fields: Vec<&str> = record.iter().collect();
+        let (line, reason) = (fields[fields.len() - 2], fields[fields.len() - 1]);
+        let line: u64 = line.parse().unwrap();
+        let (kind, original) = &corrupted[&line];
+        let mut written = csv::WriterBuilder::new().delimiter(b';').from_writer(Vec::new());
+        written.write_record(&fields[..fields.len() - 2]).unwrap();
+        let original_fields: Vec<String> = csv::ReaderBuilder::new()
+            .delimiter(b';')
+            .has_headers(false)
+            .from_reader(original.as_bytes())
+            .records()
+            .next()
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(&fields[..fields.len() - 2], original_fields.as_slice(), "line {line} keeps its fields");
+        let expected_reason = match *kind {
+            "columns" => "expected 7 columns, found 6",
+            "amount" => "amount:",
+            "date" => "timestamp:",
+            "description" => "description:",
+            _ => "side:",
+        };
+        assert!(reason.contains(expected_reason), "line {line} ({kind}): {reason:?}");
+        assert!(seen.insert(line), "line {line} once");
+    }
+    assert_same_set(&seen, &corrupted.keys().copied().collect(), "error file lines");
+}
+
+fn clone_row(row: &SeedRow) -> SeedRow {
+    SeedRow {
+        line: row.line,
+        id: row.id.clone(),
+        description: row.description.clone(),
+        amount: row.amount.clone(),
+        timestamp: row.timestamp.clone(),
+        merchant: row.merchant.clone(),
+        operation_type: row.operation_type.clone(),
+        side: row.side.clone(),
+    }
+}
+
+/// Acceptance 3: a prefix of three files, a local path, and a `,` file with
+/// a dot decimal, shuffled columns, an extra column and a BOM.
+#[tokio::test]
+async fn a_prefix_a_local_path_and_a_shuffled_comma_file_all_load() {
+    let scenario = Scenario::new("batchinputs").await;
+    let folder = Folder::new().await;
+    let (header, rows) = seed_rows();
+    let file_of = |part: &[SeedRow]| {
+        let mut text = format!("{header}\n");
+        for row in part {
+            text.push_str(&seed_line(row));
+            text.push('\n');
+        }
+        text.into_bytes()
+    };
+    // Three files under one prefix, plus what a prefix run must skip.
+    let mut files = Vec::new();
+    for (n, part) in rows[..300].chunks(100).enumerate() {
+        files.push(folder.put(&format!("month=2026-0{}/part-{n}.csv", 1), file_of(part)).await);
+    }
+    folder.put("month=2026-01/readme.txt", b"not a csv".to_vec()).await;
+    folder.put("month=2026-01/errors/old-run.csv", b"id\n1\n".to_vec()).await;
+    let prefix = format!("{}month=2026-01/", folder.uri());
+    let output = batch(&scenario, &[&prefix, "--run-id", &format!("prefix-{}", Uuid::new_v4().simple())]);
+    assert_eq!(summary_counts(&output), [300, 300, 0, 300, 300, 0]);
+    let stored = query_json(&mut scenario.db.connect(), "SELECT id, batch_id FROM transactions");
+    for (n, part) in rows[..300].chunks(100).enumerate() {
+        for row in part {
+            let id = id_of(&row.id).to_string();
+            let found = stored.iter().find(|s| s["id"] == id.as_str()).expect("stored");
+            assert_eq!(found["batch_id"], files[n].as_str(), "batch_id is the row's own file");
+        }
+    }
+
+    // A local path.
+    let dir = std::env::temp_dir().join(format!("txnflow-batch-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let local = dir.join("local.csv");
+    std::fs::write(&local, file_of(&rows[300..350])).unwrap();
+    let output = batch(&scenario, &[local.to_str().unwrap(), "--run-id", "local-run"]);
+    assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0]);
+    assert_eq!(
+        scenario.count(&format!("SELECT count(*) FROM transactions WHERE batch_id = '{}'", local.display())),
+        50
+    );
+
+    // `,`, dot decimals, shuffled and extra columns, a BOM, CRLF line ends.
+    let mut text = String::from("\u{feff}side,amount,extra,timestamp,id,operation_type,merchant,description\r\n");
+    for row in &rows[350..400] {
+        text.push_str(&format!(
+            "{},{},x,{},{},{},\"{}\",\"{}\"\r\n",
+            row.side, row.amount, row.timestamp, row.id, row.operation_type, row.merchant, row.description
+        ));
+    }
+    let comma = folder.put("comma.csv", text.into_bytes()).await;
+    let output = batch(&scenario, &[&comma, "--run-id", "comma-run"]);
+    assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0]);
+    let stored = query_json(
+        &mut scenario.db.connect(),
+        &format!("SELECT id, amount::text AS amount, side, description FROM transactions WHERE batch_id = '{comma}'"),
+    );
+    assert_eq!(stored.len(), 50);
+    for row in &rows[350..400] {
+        let found = stored.iter().find(|s| s["id"] == id_of(&row.id).to_string().as_str()).expect("stored");
+        assert_eq!(found["amount"], row.amount.as_str());
+        assert_eq!(found["side"], row.side.as_str());
+        assert_eq!(found["description"], row.description.as_str());
+    }
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 400);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Acceptance 6: each bad input names its problem, exits non-zero, writes nothing.
+#[tokio::test]
+async fn bad_inputs_fail_clearly_and_write_nothing() {
+    let scenario = Scenario::new("batcherrors").await;
+    let folder = Folder::new().await;
+    let header_without_side = folder
+        .put(
+            "no-side.csv",
+            b"id;description;amount;timestamp;merchant;operation_type\n1;a;1;2026-01-01 00:00:00;m;t\n".to_vec(),
+        )
+        .await;
+    let png = folder.put("image.csv", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0".to_vec()).await;
+    let json = folder.put("events.csv", br#"{"id": "1", "amount": 3}"#.to_vec()).await;
+    let empty = folder.put("empty.csv", Vec::new()).await;
+    let missing_object = format!("{}nothing-here.csv", folder.uri());
+    let missing_bucket = format!("s3://no-such-bucket-{}/x.csv", Uuid::new_v4().simple());
+    let empty_prefix = format!("{}empty-prefix/", folder.uri());
+    let cases: [(&str, String); 9] = [
+        ("ftp://host/file.csv", "bad batch uri \"ftp://host/file.csv\": unsupported scheme \"ftp\"".into()),
+        ("s3://", "bad batch uri \"s3://\": no bucket name after s3://".into()),
+        (
+            &missing_bucket,
+            format!("bucket \"{}\" does not exist", &missing_bucket[5..missing_bucket.rfind('/').unwrap()]),
+        ),
+        (&missing_object, format!("{missing_object} does not exist")),
+        (&empty_prefix, format!("no .csv file under {empty_prefix}")),
+        (&png, format!("{png} is not a CSV file: it holds binary data")),
+        (&empty, format!("{empty} is not a CSV file: the file is empty")),
+        (&json, format!("{json}: the header lacks the required column(s)")),
+        (&header_without_side, format!("{header_without_side}: the header lacks the required column(s) [\"side\"]")),
+    ];
+    for (uri, message) in &cases {
+        let output = batch(&scenario, &[uri]);
+        assert_eq!(output.status.code(), Some(1), "{uri}: exit status; stderr:\n{}", stderr(&output));
+        assert!(stderr(&output).contains(message.as_str()), "{uri}: expected {message:?} in:\n{}", stderr(&output));
+        assert!(stdout(&output).is_empty(), "{uri}: no summary");
+    }
+    let local_missing = batch(&scenario, &["/nonexistent/dir/file.csv"]);
+    assert_eq!(local_missing.status.code(), Some(1));
+    assert!(stderr(&local_missing).contains("/nonexistent/dir/file.csv does not exist"));
+    let bad_run_id = batch(&scenario, &[&png, "--run-id", "a/b"]);
+    assert_eq!(bad_run_id.status.code(), Some(1));
+    assert!(stderr(&bad_run_id).contains("bad run id \"a/b\""));
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 0, "nothing written");
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 0);
+}
+
+/// Acceptance 4: `POST /batches` on a running service, polled with
+/// `GET /batches/<run_id>`, while streaming traffic goes on.
+#[tokio::test]
+async fn a_batch_posted_to_the_service_completes_beside_streaming() {
+    let scenario = Scenario::new("batchpost").await;
+    let folder = Folder::new().await;
+    let uri = folder.put("transactions_fr.csv", std::fs::read(seed_csv_path()).unwrap()).await;
+    let service = scenario.start_service(&[]).await;
+    let streamed = crate::scenario::valid_events(81, 3_000);
+    let client = reqwest::Client::new();
+
+    let (sent, response) = tokio::join!(scenario.produce(&streamed), async {
+        client.post(format!("{}/batches", service.admin)).json(&serde_json::json!({"uri": uri})).send().await.unwrap()
+    });
+    assert_eq!(response.status().as_u16(), 202);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let run_id = body["run_id"].as_str().unwrap().to_string();
+    assert_eq!(body["status"], format!("/batches/{run_id}"));
+
+    let mut report = serde_json::Value::Null;
+    for _ in 0..600 {
+        report = client.get(format!("{}/batches/{run_id}", service.admin)).send().await.unwrap().json().await.unwrap();
+        if report["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(report["status"], "completed", "{report}");
+    for (field, value) in [
+        ("read", 10_000),
+        ("valid", 10_000),
+        ("invalid", 0),
+        ("predicted", 10_000),
+        ("written", 10_000),
+        ("dead_lettered", 0),
+    ] {
+        assert_eq!(report[field], value, "{field} in {report}");
+    }
+    assert_eq!(report["files"], 1);
+    assert_eq!(report["files_done"], 1);
+    assert_eq!(report["uri"], uri.as_str());
+
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "log:\n{}", service.log_tail());
+    let mut expected = crate::scenario::ids_of(&streamed);
+    let (_, rows) = seed_rows();
+    expected.extend(rows.iter().map(|row| id_of(&row.id)));
+    assert_same_set(&scenario.transaction_ids(), &expected, "streamed and batch ids");
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions WHERE processing_type = 'batch'"), 10_000);
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions WHERE processing_type = 'streaming'"), 3_000);
+
+    // Unknown runs and bad inputs answer clearly.
+    let unknown = client.get(format!("{}/batches/no-such-run", service.admin)).send().await.unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    let bad = client
+        .post(format!("{}/batches", service.admin))
+        .json(&serde_json::json!({"uri": "ftp://nowhere/x.csv"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let error: serde_json::Value = bad.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains("unsupported scheme"), "{error}");
+}
+
+/// Acceptance 5: `--via-kafka` with two instances in one group.
+#[tokio::test]
+async fn via_kafka_spreads_a_file_over_two_instances() {
+    let scenario = Scenario::new("batchkafka").await;
+    let folder = Folder::new().await;
+    let uri = folder.put("transactions_fr.csv", std::fs::read(seed_csv_path()).unwrap()).await;
+    let first = scenario.start_service(&[]).await;
+    let second = scenario.start_service(&[]).await;
+    // Publish once the group has settled with both members holding partitions.
+    assert!(second.wait_assigned(Duration::from_secs(60)).await, "second:\n{}", second.log_tail());
+    assert!(first.wait_assigned(Duration::from_secs(60)).await, "first:\n{}", first.log_tail());
+    let run_id = format!("kafka-{}", Uuid::new_v4().simple());
+
+    let output = batch(&scenario, &["--via-kafka", &uri, "--run-id", &run_id]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line = stdout(&output);
+    assert!(
+        line.starts_with(&format!("read 10000 valid 10000 invalid 0 published 10000 to {} in ", scenario.topic)),
+        "{line}"
+    );
+
+    let (_, rows) = seed_rows();
+    let expected: BTreeSet<Uuid> = rows.iter().map(|row| id_of(&row.id)).collect();
+    let stored =
+        scenario.wait_for(Duration::from_secs(180), |s| s.count("SELECT count(*) FROM predictions") == 10_000).await;
+    assert!(stored, "first:\n{}\nsecond:\n{}", first.log_tail(), second.log_tail());
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    assert_eq!(
+        scenario.count(&format!(
+            "SELECT count(*) FROM transactions WHERE processing_type = 'batch' AND run_id = '{run_id}' AND batch_id = '{uri}'"
+        )),
+        10_000,
+        "batch lineage travels with the events"
+    );
+    // Every published record is committed: 10,000 offsets over the partitions.
+    let committed = async {
+        for _ in 0..120 {
+            if scenario.committed_offsets().values().sum::<i64>() == 10_000 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    };
+    assert!(committed.await, "committed offsets {:?}", scenario.committed_offsets());
+    let read_by = |text: String| {
+        text.lines()
+            .find(|l| l.starts_with("txnflow_records_total{outcome=\"read\",source=\"kafka\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (first_read, second_read) = (read_by(first.metrics().await), read_by(second.metrics().await));
+    assert!(first_read > 0.0 && second_read > 0.0, "both instances took part: {first_read} and {second_read} records");
+    assert!(first_read + second_read >= 10_000.0);
+}
