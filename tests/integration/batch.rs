@@ -192,36 +192,9 @@ async fn the_seed_file_loads_as_it_is_and_a_rerun_adds_nothing() {
 async fn corrupted_lines_go_to_the_error_file_with_their_line_and_reason() {
     let scenario = Scenario::new("batchbad").await;
     let folder = Folder::new().await;
-    let (header, rows) = seed_rows();
-    // Every 100th row, five kinds in turn.
-    let kinds = ["columns", "amount", "date", "description", "side"];
-    let mut text = format!("{header}\n");
-    let mut corrupted: BTreeMap<u64, (&str, String)> = BTreeMap::new();
-    for (i, row) in rows.iter().enumerate() {
-        let line = if i % 100 == 50 {
-            let kind = kinds[(i / 100) % kinds.len()];
-            let bad = match kind {
-                "columns" => SeedRow { side: String::new(), ..clone_row(row) },
-                "amount" => SeedRow { amount: "12.34.56".into(), ..clone_row(row) },
-                "date" => SeedRow { timestamp: "2023-13-45 25:61:00".into(), ..clone_row(row) },
-                "description" => SeedRow { description: String::new(), ..clone_row(row) },
-                _ => SeedRow { side: "sideways".into(), ..clone_row(row) },
-            };
-            let mut line = seed_line(&bad);
-            if kind == "columns" {
-                // Drop the last field: six columns instead of seven.
-                line.truncate(line.rfind(';').unwrap());
-            }
-            corrupted.insert(row.line, (kind, line.clone()));
-            line
-        } else {
-            seed_line(row)
-        };
-        text.push_str(&line);
-        text.push('\n');
-    }
+    let (rows, text, corrupted) = corrupted_seed();
     assert_eq!(corrupted.len(), 100);
-    let uri = folder.put("corrupted.csv", text.into_bytes()).await;
+    let uri = folder.put("corrupted.csv", text).await;
     let run_id = format!("bad-{}", Uuid::new_v4().simple());
 
     let output = batch(&scenario, &[&uri, "--run-id", &run_id]);
@@ -272,6 +245,40 @@ async fn corrupted_lines_go_to_the_error_file_with_their_line_and_reason() {
         assert!(seen.insert(line), "line {line} once");
     }
     assert_same_set(&seen, &corrupted.keys().copied().collect(), "error file lines");
+}
+
+/// The seed file with every 100th row corrupted, five kinds in turn: its
+/// rows, its bytes, and the corrupted lines with their kind.
+fn corrupted_seed() -> (Vec<SeedRow>, Vec<u8>, BTreeMap<u64, (&'static str, String)>) {
+    let (header, rows) = seed_rows();
+    // Every 100th row, five kinds in turn.
+    let kinds = ["columns", "amount", "date", "description", "side"];
+    let mut text = format!("{header}\n");
+    let mut corrupted: BTreeMap<u64, (&'static str, String)> = BTreeMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let line = if i % 100 == 50 {
+            let kind = kinds[(i / 100) % kinds.len()];
+            let bad = match kind {
+                "columns" => SeedRow { side: String::new(), ..clone_row(row) },
+                "amount" => SeedRow { amount: "12.34.56".into(), ..clone_row(row) },
+                "date" => SeedRow { timestamp: "2023-13-45 25:61:00".into(), ..clone_row(row) },
+                "description" => SeedRow { description: String::new(), ..clone_row(row) },
+                _ => SeedRow { side: "sideways".into(), ..clone_row(row) },
+            };
+            let mut line = seed_line(&bad);
+            if kind == "columns" {
+                // Drop the last field: six columns instead of seven.
+                line.truncate(line.rfind(';').unwrap());
+            }
+            corrupted.insert(row.line, (kind, line.clone()));
+            line
+        } else {
+            seed_line(row)
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    (rows, text.into_bytes(), corrupted)
 }
 
 fn clone_row(row: &SeedRow) -> SeedRow {
@@ -526,4 +533,88 @@ async fn via_kafka_spreads_a_file_over_two_instances() {
     let (first_read, second_read) = (read_by(first.metrics().await), read_by(second.metrics().await));
     assert!(first_read > 0.0 && second_read > 0.0, "both instances took part: {first_read} and {second_read} records");
     assert!(first_read + second_read >= 10_000.0);
+}
+
+/// Guarantee 6 for batch runs: every actor crashes and panics while a run
+/// is loading; the run completes with exact counts, exact rows, and an error
+/// file without a repeated line.
+#[tokio::test]
+async fn a_batch_run_survives_every_actor_crashing() {
+    let scenario = Scenario::new("batchchaos").await;
+    let folder = Folder::new().await;
+    let (rows, text, corrupted) = corrupted_seed();
+    let uri = folder.put("corrupted.csv", text).await;
+    // Slow enough for the chaos to land mid-run: 100 ms per ML call, 300 in flight.
+    scenario.set_faults(serde_json::json!({"latency_ms": 100})).await;
+    let service =
+        scenario.start_service(&[("TXNFLOW__BUFFER__MAX_RECORDS", "100"), ("TXNFLOW__BUFFER__CAPACITY", "300")]).await;
+    let client = reqwest::Client::new();
+    let response =
+        client.post(format!("{}/batches", service.admin)).json(&serde_json::json!({"uri": uri})).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let run_id = response.json::<serde_json::Value>().await.unwrap()["run_id"].as_str().unwrap().to_string();
+    let status = || async {
+        client
+            .get(format!("{}/batches/{run_id}", service.admin))
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let actors = ["csv_loader", "buffer", "predict_client", "db_writer", "dlq_publisher", "backfill"];
+    let mut crashed_mid_run = 0;
+    for kind in ["crash", "panic"] {
+        for actor in actors {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            service.chaos(actor, kind).await;
+            if status().await["status"] == "running" {
+                crashed_mid_run += 1;
+            }
+        }
+    }
+    let mut report = serde_json::Value::Null;
+    for _ in 0..600 {
+        report = status().await;
+        if report["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(report["status"], "completed", "{report}\n{}", service.log_tail());
+    eprintln!("{crashed_mid_run} of 12 faults landed while the run was running; {report}");
+    assert!(crashed_mid_run >= 6, "the faults must hit the run, not its aftermath");
+    assert_eq!(report["read"], 10_000);
+    assert_eq!(report["valid"], 9_900);
+    assert_eq!(report["invalid"], 100);
+    assert_eq!(report["written"], 9_900);
+    let predicted = report["predicted"].as_u64().unwrap();
+    let dead = report["dead_lettered"].as_u64().unwrap();
+    assert_eq!(
+        predicted + dead,
+        9_900,
+        "each valid row settled once: predicted, or dead-lettered as prediction_failed"
+    );
+
+    let expected: BTreeSet<Uuid> =
+        rows.iter().filter(|row| !corrupted.contains_key(&row.line)).map(|row| id_of(&row.id)).collect();
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    let covered =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 9_900).await;
+    assert!(covered, "the backfill completes the predictions");
+    let errors = folder.get(&format!("s3://{}/errors/{run_id}.csv", folder.bucket)).await;
+    let lines: Vec<u64> = csv::ReaderBuilder::new()
+        .delimiter(b';')
+        .flexible(true)
+        .from_reader(errors.as_slice())
+        .records()
+        .map(|r| r.unwrap().iter().rev().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(lines.len(), 100, "each invalid line recorded once, re-reads notwithstanding");
+    assert_same_set(&lines.iter().copied().collect(), &corrupted.keys().copied().collect(), "error file lines");
+    for actor in actors {
+        let restarts = service.metric(&format!("txnflow_actor_restarts_total{{actor=\"{actor}\"}}")).await;
+        assert!(restarts >= 2.0, "{actor}: crashed and panicked, {restarts} restarts counted");
+    }
 }
