@@ -247,14 +247,17 @@ async fn corrupted_lines_go_to_the_error_file_with_their_line_and_reason() {
     assert_same_set(&seen, &corrupted.keys().copied().collect(), "error file lines");
 }
 
+/// Corrupted lines: line number -> (kind of damage, the line as written).
+type Corrupted = BTreeMap<u64, (&'static str, String)>;
+
 /// The seed file with every 100th row corrupted, five kinds in turn: its
 /// rows, its bytes, and the corrupted lines with their kind.
-fn corrupted_seed() -> (Vec<SeedRow>, Vec<u8>, BTreeMap<u64, (&'static str, String)>) {
+fn corrupted_seed() -> (Vec<SeedRow>, Vec<u8>, Corrupted) {
     let (header, rows) = seed_rows();
     // Every 100th row, five kinds in turn.
     let kinds = ["columns", "amount", "date", "description", "side"];
     let mut text = format!("{header}\n");
-    let mut corrupted: BTreeMap<u64, (&'static str, String)> = BTreeMap::new();
+    let mut corrupted = Corrupted::new();
     for (i, row) in rows.iter().enumerate() {
         let line = if i % 100 == 50 {
             let kind = kinds[(i / 100) % kinds.len()];
