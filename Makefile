@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
 
-.PHONY: help up down status run test test-unit bench-ml-api bench-pipeline
+.PHONY: help up down status run test test-unit bench-ml-api bench-pipeline bench-batch
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -35,3 +35,6 @@ bench-ml-api: ## Throughput of the reference ML API in batches of 100
 
 bench-pipeline: up ## End-to-end throughput beside psql \copy, latency at the seed rate, peak memory
 	@cargo bench --bench pipeline
+
+bench-batch: up ## txnflow batch of 1M rows from S3 beside psql \copy; peak RSS at 1M and 5M rows
+	@cargo bench --bench batch

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Pipeline;
-use super::messages::{Chaos, Envelope, Ingest, Lineage};
+use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
 use crate::domain::dead_letter::Origin;
 use crate::domain::event::TransactionEvent;
@@ -130,6 +130,7 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
                     }
                 }
                 Ok(Pass::WorkLost) => {}
+                Ok(Pass::ShuttingDown) => return,
                 Err(error) => {
                     attempt += 1;
                     let delay = backoff_delay(
@@ -173,6 +174,8 @@ enum Pass {
     Complete,
     /// The epoch changed: rows in flight may be gone.
     WorkLost,
+    /// The service is stopping: read no more, so that what is in flight can drain.
+    ShuttingDown,
 }
 
 /// Waits until every row of the file is settled; false when work was lost meanwhile.
@@ -215,6 +218,10 @@ async fn read_file(
         if pipeline.epoch() != epoch {
             return Ok(Pass::WorkLost);
         }
+        if pipeline.is_shutting_down() {
+            send(pipeline, &mut chunk);
+            return Ok(Pass::ShuttingDown);
+        }
         if runs.is_settled(run_id, &file.uri, line) {
             // A re-read: the row's outcome is known, and counted.
             continue;
@@ -247,6 +254,8 @@ async fn read_file(
     }
     send(pipeline, &mut chunk);
     runs.end_of_file(run_id, &file.uri, reader.position().line());
+    // The file's last rows need not wait for the Buffer's timer.
+    pipeline.addrs().buffer.do_send(FlushNow);
     Ok(Pass::Complete)
 }
 

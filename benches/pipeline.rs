@@ -17,22 +17,12 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-const ADMIN_DB: &str = "postgres://txnflow:txnflow@127.0.0.1:5432/txnflow";
+mod common;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn fresh_database(prefix: &str) -> String {
-    let name = format!("bench_{prefix}_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = diesel::PgConnection::establish(ADMIN_DB).expect("make up first");
-    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
-    format!("postgres://txnflow:txnflow@127.0.0.1:5432/{name}")
-}
+use common::{CopyRow, copy_rate, env_or, fresh_database, processing_window};
 
 fn kafka() -> txnflow::config::KafkaConfig {
     txnflow::config::Config::from_layers([], []).unwrap().kafka
@@ -112,59 +102,6 @@ impl Service {
     }
 }
 
-/// `psql \copy` of the same rows into both tables of a fresh, migrated database.
-fn copy_rate(events: &[(String, Vec<u8>)]) -> f64 {
-    let db = fresh_database("copy");
-    let status = Command::new(env!("CARGO_BIN_EXE_txnflow"))
-        .arg("migrate")
-        .env("TXNFLOW__DB__URL", &db)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let dir = std::env::temp_dir();
-    let transactions_csv = dir.join(format!("bench-transactions-{}.csv", std::process::id()));
-    let predictions_csv = dir.join(format!("bench-predictions-{}.csv", std::process::id()));
-    let mut transactions = std::io::BufWriter::new(std::fs::File::create(&transactions_csv).unwrap());
-    let mut predictions = std::io::BufWriter::new(std::fs::File::create(&predictions_csv).unwrap());
-    for (offset, (_, value)) in events.iter().enumerate() {
-        let t = txnflow::domain::event::parse_event(value).unwrap();
-        let mut row = csv::Writer::from_writer(Vec::new());
-        row.write_record([
-            t.id.to_string(),
-            t.description.clone(),
-            t.amount.to_string(),
-            txnflow::domain::transaction::format_timestamp(&t.timestamp),
-            t.merchant.clone().unwrap_or_default(),
-            t.operation_type.clone(),
-            t.side.as_str().to_string(),
-            "streaming".into(),
-            format!("bench/0/{offset}"),
-        ])
-        .unwrap();
-        transactions.write_all(&row.into_inner().unwrap()).unwrap();
-        writeln!(predictions, "{},{},1.0,v1.0.0", t.id, txnflow::domain::categories::reference_category(t.id)).unwrap();
-    }
-    drop((transactions, predictions));
-    let started = Instant::now();
-    for (table, columns, file) in [
-        (
-            "transactions",
-            "id, description, amount, \"timestamp\", merchant, operation_type, side, processing_type, source",
-            &transactions_csv,
-        ),
-        ("predictions", "transaction_id, category, confidence_score, model_version", &predictions_csv),
-    ] {
-        let command = format!("\\copy {table} ({columns}) FROM '{}' WITH (FORMAT csv)", file.display());
-        let status = Command::new("psql").arg(&db).args(["-q", "-c", &command]).status().unwrap();
-        assert!(status.success(), "psql \\copy {table}");
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(transactions_csv);
-    let _ = std::fs::remove_file(predictions_csv);
-    events.len() as f64 / elapsed
-}
-
 fn main() {
     let count = env_or("BENCH_EVENTS", 300_000) as usize;
     let latency_seconds = env_or("BENCH_LATENCY_SECONDS", 30);
@@ -178,7 +115,7 @@ fn main() {
         let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
         txnflow::kafka::ensure_topics(&kafka(), &[(&topic, 3), (&format!("{topic}-dlq"), 1)]).await.unwrap();
         let ends = produce(&topic, &events).await;
-        let db = fresh_database("pipeline");
+        let db = fresh_database("pipeline", false);
         let service = Service::start(&topic, &db, 18391, &ml_api);
         let started = Instant::now();
         let mut last_report = Instant::now();
@@ -199,28 +136,27 @@ fn main() {
         service.stop();
         // The processing window, from the first row stored to the last; the
         // wall time above also holds the start and the consumer group join.
-        #[derive(diesel::QueryableByName)]
-        struct Window {
-            #[diesel(sql_type = diesel::sql_types::Double)]
-            seconds: f64,
-        }
-        let window: Window = diesel::sql_query("SELECT extract(epoch FROM max(created_at) - min(created_at))::float8 AS seconds FROM transactions")
-            .get_result(&mut diesel::PgConnection::establish(&db).unwrap())
-            .unwrap();
-        let pipeline_rate = count as f64 / window.seconds;
+        let window = processing_window(&db);
+        let pipeline_rate = count as f64 / window;
         println!(
             "throughput: {count} events durable {elapsed:.1} s after the start; first to last row {:.1} s = {pipeline_rate:.0} transactions/s",
-            window.seconds
+            window
         );
         println!("bulk load: psql \\copy of the same rows into both tables");
-        let copy = copy_rate(&events);
+        let copy = copy_rate(events.iter().enumerate().map(|(offset, (_, value))| CopyRow {
+            transaction: txnflow::domain::event::parse_event(value).unwrap(),
+            processing_type: "streaming",
+            run_id: String::new(),
+            batch_id: String::new(),
+            source: format!("bench/0/{offset}"),
+        }));
         println!("bulk load: {copy:.0} rows/s; pipeline / copy = {:.0}%", 100.0 * pipeline_rate / copy);
         println!("peak RSS of txnflow run during the throughput run: {rss:.1} MB");
 
         println!("latency: ~23 events/s for {latency_seconds} s, default configuration");
         let topic = format!("bench-latency-{}", uuid::Uuid::new_v4().simple());
         txnflow::kafka::ensure_topics(&kafka(), &[(&topic, 3), (&format!("{topic}-dlq"), 1)]).await.unwrap();
-        let db = fresh_database("latency");
+        let db = fresh_database("latency", false);
         let service = Service::start(&topic, &db, 18392, &ml_api);
         // Let the consumer join its group before the clock starts.
         tokio::time::sleep(Duration::from_secs(5)).await;

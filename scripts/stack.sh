@@ -94,7 +94,17 @@ pg_cluster() { pg_lsclusters --no-header 2>/dev/null | awk 'NR==1 {print $1, $2}
 
 pg_ready() { PGPASSWORD=txnflow psql -h 127.0.0.1 -U txnflow -d txnflow -Atc 'select 1' ; }
 
+# GNU time: the benchmarks report peak memory with /usr/bin/time -v.
+ensure_gnu_time() {
+  [[ -x /usr/bin/time ]] && return 0
+  log "installing GNU time from Debian (apt-get install time), for the benchmarks' peak memory"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y time >"$LOGS/apt-time.log" 2>&1 \
+    || { apt-get update >>"$LOGS/apt-time.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y time >>"$LOGS/apt-time.log" 2>&1; } \
+    || log "apt-get install time failed (see $LOGS/apt-time.log); only make bench-batch needs it"
+}
+
 up_postgres() {
+  ensure_gnu_time
   if ! command -v pg_ctlcluster >/dev/null || [[ -z "$(pg_cluster)" ]]; then
     log "installing PostgreSQL from Debian (apt-get install postgresql)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >"$LOGS/apt-postgresql.log" 2>&1 \
