@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
 
-.PHONY: help up down status run test test-unit bench-ml-api bench-pipeline bench-batch
+.PHONY: help up down status run test test-unit chaos fuzz bench-ml-api bench-pipeline bench-batch
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -29,6 +29,23 @@ test: up ## Run every test: lint, unit, and integration against the local stack
 
 test-unit: ## Unit tests only (no stack needed)
 	@cargo nextest run --lib
+
+CHAOS_REPORT := $(CURDIR)/target/chaos-report.md
+
+chaos: up ## The chaos suite at full load (30,000 events + 10,000 batch rows per scenario); prints its table
+	@mkdir -p target
+	@printf '| scenario | events | lost | duplicated | unpredicted | dead-lettered | actor restarts | recovery | peak lag | peak RSS | took | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n' > $(CHAOS_REPORT)
+	@CHAOS_SCALE=full CHAOS_REPORT=$(CHAOS_REPORT) cargo nextest run --test integration -E 'test(/^chaos::/)' --no-fail-fast --test-threads 2; \
+	  status=$$?; echo; cat $(CHAOS_REPORT); exit $$status
+
+FUZZ_SECONDS ?= 60
+
+fuzz: ## Fuzz the event decoder/validator and the CSV rules, FUZZ_SECONDS (60) each; new inputs join fuzz/corpus/
+	@command -v cargo-fuzz >/dev/null || { echo "[fuzz] installing cargo-fuzz (one time, a few minutes)"; cargo install cargo-fuzz --locked; }
+	@for target in event csv_row; do \
+	  echo "[fuzz] $$target for $(FUZZ_SECONDS) s (stable Rust: --sanitizer none)"; \
+	  cargo fuzz run --sanitizer none $$target -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 bench-ml-api: ## Throughput of the reference ML API in batches of 100
 	@cargo bench --bench ml_api

@@ -13,14 +13,14 @@ use txnflow::domain::categories::reference_category;
 use txnflow::domain::identity::canonical_id;
 
 /// A folder of its own in the pipeline's bucket.
-struct Folder {
+pub struct Folder {
     client: aws_sdk_s3::Client,
     bucket: String,
     prefix: String,
 }
 
 impl Folder {
-    async fn new() -> Folder {
+    pub async fn new() -> Folder {
         let config = crate::helpers::default_config();
         let client = txnflow::s3::client(&config.s3);
         txnflow::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
@@ -28,7 +28,7 @@ impl Folder {
     }
 
     /// Uploads `bytes` as `name` under the folder; returns its uri.
-    async fn put(&self, name: &str, bytes: Vec<u8>) -> String {
+    pub async fn put(&self, name: &str, bytes: Vec<u8>) -> String {
         let key = format!("{}{name}", self.prefix);
         self.client.put_object().bucket(&self.bucket).key(&key).body(ByteStream::from(bytes)).send().await.unwrap();
         format!("s3://{}/{key}", self.bucket)

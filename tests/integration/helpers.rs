@@ -32,16 +32,23 @@ pub fn default_config() -> Config {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    /// The server's administrative URL, where the database is dropped.
+    admin: String,
 }
 
 impl TestDatabase {
     pub fn create() -> TestDatabase {
+        TestDatabase::create_on(&admin_db_url())
+    }
+
+    /// A database of its own on the server of `admin_url` (for example a
+    /// private cluster that a test stops and starts).
+    pub fn create_on(admin_url: &str) -> TestDatabase {
         let name = format!("txnflow_test_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::establish(&admin_db_url()).expect("the stack's PostgreSQL answers (make up)");
+        let mut admin = PgConnection::establish(admin_url).expect("the stack's PostgreSQL answers (make up)");
         diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
-        let base = admin_db_url();
-        let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
-        TestDatabase { name, url }
+        let url = format!("{}/{name}", &admin_url[..admin_url.rfind('/').unwrap()]);
+        TestDatabase { name, url, admin: admin_url.to_string() }
     }
 
     pub fn connect(&self) -> PgConnection {
@@ -51,7 +58,7 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&admin_db_url()) {
+        if let Ok(mut admin) = PgConnection::establish(&self.admin) {
             let _ =
                 diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin);
         }
@@ -82,7 +89,11 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
 }
 
 pub fn kafka_config() -> KafkaConfig {
-    KafkaConfig { brokers: brokers(), ..default_config().kafka }
+    kafka_config_for(&brokers())
+}
+
+pub fn kafka_config_for(brokers: &str) -> KafkaConfig {
+    KafkaConfig { brokers: brokers.to_string(), ..default_config().kafka }
 }
 
 /// One record read back from a topic.
@@ -96,11 +107,23 @@ pub struct ReadRecord {
 
 /// Reads `expected` records from every partition of `topic`, from the start,
 /// without a consumer group (Tansu's group join is slow and not under test).
-/// Fails after `deadline` with what it has read, and reads briefly past the
-/// expected count so that extra records are seen too.
+/// Fails after `deadline` with what it has read, and past the expected
+/// count reads on until no record came for 500 ms, so extra records are
+/// seen too.
 pub fn read_topic(topic: &str, partitions: i32, expected: usize, deadline: Duration) -> Vec<ReadRecord> {
+    read_topic_from(&brokers(), topic, partitions, expected, deadline)
+}
+
+/// [`read_topic`] on the broker at `brokers`.
+pub fn read_topic_from(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    deadline: Duration,
+) -> Vec<ReadRecord> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
         .create()
@@ -121,6 +144,10 @@ pub fn read_topic(topic: &str, partitions: i32, expected: usize, deadline: Durat
             }
         }
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            // Past the expected count, read on until the topic is quiet.
+            if records.len() >= expected {
+                settle_until = Some(Instant::now() + Duration::from_millis(500));
+            }
             use rdkafka::message::Headers;
             let headers = message
                 .headers()

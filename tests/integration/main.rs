@@ -3,6 +3,7 @@
 //! every area keeps link time down.
 
 mod batch;
+mod chaos;
 mod cli;
 mod faults;
 mod helpers;

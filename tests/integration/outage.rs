@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::helpers::{assert_same_set, free_port};
 use crate::scenario::{Scenario, ids_of, invalid_events, valid_events};
 
-struct PrivatePostgres {
+pub struct PrivatePostgres {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
@@ -27,7 +27,7 @@ fn as_postgres(program: &std::path::Path, args: &[&str]) {
 }
 
 impl PrivatePostgres {
-    fn start() -> PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("Debian's PostgreSQL is installed")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -44,11 +44,11 @@ impl PrivatePostgres {
         cluster
     }
 
-    fn url(&self, database: &str) -> String {
+    pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    fn up(&self) {
+    pub fn up(&self) {
         let options = format!("-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
         let log = self.dir.join("server.log");
         as_postgres(
@@ -57,7 +57,7 @@ impl PrivatePostgres {
         );
     }
 
-    fn down(&self) {
+    pub fn down(&self) {
         as_postgres(&self.bin.join("pg_ctl"), &["-D", self.dir.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::helpers::{
-    ChildGuard, ReadRecord, TestDatabase, brokers, create_topic, free_port, kafka_config, no_faults, query_json,
-    read_topic, spawn_ml_api, txnflow,
+    ChildGuard, ReadRecord, TestDatabase, brokers, free_port, kafka_config_for, no_faults, query_json, read_topic_from,
+    spawn_ml_api, txnflow,
 };
 
 pub const PARTITIONS: i32 = 3;
@@ -23,9 +23,10 @@ pub struct Scenario {
     pub db: TestDatabase,
     pub topic: String,
     pub dlq_topic: String,
-    pub group: String,
+    group: std::sync::Mutex<String>,
     pub ml_api: SocketAddr,
-    producer: FutureProducer,
+    producer: std::sync::Mutex<FutureProducer>,
+    pub brokers: String,
 }
 
 /// One produced event: its key, its bytes, and where the broker put it.
@@ -38,17 +39,51 @@ pub struct Sent {
 
 impl Scenario {
     pub async fn new(name: &str) -> Scenario {
-        let topic = create_topic(name, PARTITIONS).await;
+        Scenario::with_database(name, TestDatabase::create()).await
+    }
+
+    /// A scenario whose database is `db` (for example on a private cluster).
+    pub async fn with_database(name: &str, db: TestDatabase) -> Scenario {
+        Scenario::with(name, db, brokers()).await
+    }
+
+    /// A scenario on the broker at `brokers` (for example a private one).
+    pub async fn with(name: &str, db: TestDatabase, brokers: String) -> Scenario {
+        let topic = format!("test-{name}-{}", Uuid::new_v4().simple());
         let dlq_topic = format!("{topic}-dlq");
-        txnflow::kafka::ensure_topics(&kafka_config(), &[(&dlq_topic, 1)]).await.unwrap();
-        Scenario {
-            db: TestDatabase::create(),
-            group: format!("{topic}-group"),
+        let scenario = Scenario {
+            db,
+            group: std::sync::Mutex::new(format!("{topic}-group")),
             dlq_topic,
             topic,
             ml_api: spawn_ml_api(no_faults()),
-            producer: txnflow::kafka::producer(&kafka_config()).unwrap(),
-        }
+            producer: std::sync::Mutex::new(txnflow::kafka::producer(&kafka_config_for(&brokers)).unwrap()),
+            brokers,
+        };
+        scenario.create_topics().await;
+        scenario
+    }
+
+    /// The consumer group the scenario's services join.
+    pub fn group(&self) -> String {
+        self.group.lock().unwrap().clone()
+    }
+
+    /// Services started from now on join `group` instead.
+    pub fn switch_group(&self, group: String) {
+        *self.group.lock().unwrap() = group;
+    }
+
+    /// A new producer: an idempotent producer's sequence state means
+    /// nothing to a broker that restarted empty.
+    pub fn renew_producer(&self) {
+        *self.producer.lock().unwrap() = txnflow::kafka::producer(&kafka_config_for(&self.brokers)).unwrap();
+    }
+
+    /// Creates the scenario's input and DLQ topics (again, after a broker lost them).
+    pub async fn create_topics(&self) {
+        let topics = [(self.topic.as_str(), PARTITIONS), (self.dlq_topic.as_str(), 1)];
+        txnflow::kafka::ensure_topics(&kafka_config_for(&self.brokers), &topics).await.expect("the broker answers");
     }
 
     pub fn ml_api_url(&self) -> String {
@@ -69,10 +104,10 @@ impl Scenario {
         let mut command = txnflow();
         command
             .arg("run")
-            .env("TXNFLOW__KAFKA__BROKERS", brokers())
+            .env("TXNFLOW__KAFKA__BROKERS", &self.brokers)
             .env("TXNFLOW__KAFKA__TOPIC", &self.topic)
             .env("TXNFLOW__KAFKA__DLQ_TOPIC", &self.dlq_topic)
-            .env("TXNFLOW__KAFKA__GROUP_ID", &self.group)
+            .env("TXNFLOW__KAFKA__GROUP_ID", self.group())
             .env("TXNFLOW__KAFKA__PARTITIONS", PARTITIONS.to_string())
             .env("TXNFLOW__DB__URL", &self.db.url)
             .env("TXNFLOW__PREDICT__URL", self.ml_api_url())
@@ -97,12 +132,16 @@ impl Scenario {
     /// Sends every `(key, value)` and returns where each landed.
     pub async fn produce(&self, events: &[(String, Vec<u8>)]) -> Vec<Sent> {
         let mut sent = Vec::with_capacity(events.len());
+        let producer = self.producer.lock().unwrap().clone();
         for chunk in events.chunks(2000) {
-            let deliveries = chunk.iter().map(|(key, value)| async move {
-                let record = FutureRecord::to(&self.topic).key(key).payload(value);
-                let delivery =
-                    self.producer.send(record, Duration::from_secs(30)).await.expect("the broker takes the event");
-                Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset }
+            let deliveries = chunk.iter().map(|(key, value)| {
+                let producer = producer.clone();
+                async move {
+                    let record = FutureRecord::to(&self.topic).key(key).payload(value);
+                    let delivery =
+                        producer.send(record, Duration::from_secs(30)).await.expect("the broker takes the event");
+                    Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset }
+                }
             });
             sent.extend(futures_util::future::join_all(deliveries).await);
         }
@@ -123,7 +162,7 @@ impl Scenario {
     /// The group's committed offsets, per partition (without joining it).
     pub fn committed_offsets(&self) -> BTreeMap<i32, i64> {
         let consumer: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", &self.group).create().unwrap();
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).set("group.id", self.group()).create().unwrap();
         let mut partitions = TopicPartitionList::new();
         for partition in 0..PARTITIONS {
             partitions.add_partition(&self.topic, partition);
@@ -164,7 +203,7 @@ impl Scenario {
     }
 
     pub fn dlq(&self, expected: usize) -> Vec<ReadRecord> {
-        read_topic(&self.dlq_topic, 1, expected, Duration::from_secs(60))
+        read_topic_from(&self.brokers, &self.dlq_topic, 1, expected, Duration::from_secs(60))
     }
 
     /// Waits until the committed offsets equal `ends`; returns the last seen.
@@ -236,6 +275,22 @@ impl Service {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         false
+    }
+
+    /// Whether the process has ended (by itself: a crash).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.0.try_wait().ok().flatten().is_some())
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in MB.
+    pub fn peak_rss_mb(&self) -> f64 {
+        let pid = self.child.as_ref().map_or(0, |c| c.0.id());
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
     }
 
     pub async fn metrics(&self) -> String {
