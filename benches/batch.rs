@@ -22,23 +22,9 @@ use common::{CopyRow, copy_rate, env_or, fresh_database, processing_window};
 /// Writes `rows` generated transactions as a seed-format CSV file.
 fn generate(path: &std::path::Path, rows: u64) {
     let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    writeln!(file, "id;description;amount;timestamp;merchant;operation_type;side").unwrap();
+    writeln!(file, "{}", txnflow::domain::csv_rules::SEED_HEADER).unwrap();
     for (n, t) in transactions(rows).enumerate() {
-        let cents = t.amount.cents();
-        writeln!(
-            file,
-            "{};\"{}\";{}{},{:02};\"{}\";\"{}\";\"{}\";\"{}\"",
-            t.id,
-            t.description,
-            if cents < 0 { "-" } else { "" },
-            cents.abs() / 100,
-            cents.abs() % 100,
-            t.timestamp.format("%Y-%m-%d %H:%M:%S"),
-            t.merchant.as_deref().unwrap_or_default(),
-            t.operation_type,
-            t.side.as_str()
-        )
-        .unwrap();
+        writeln!(file, "{}", txnflow::domain::csv_rules::seed_row(&t)).unwrap();
         if (n + 1) % 500_000 == 0 {
             println!("  generated {} / {rows} rows", n + 1);
         }

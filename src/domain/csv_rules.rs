@@ -5,11 +5,34 @@
 //! header line and at fields already split by the `csv` crate.
 
 use super::amount::DecimalSeparator;
+use super::transaction::Transaction;
 use super::validation::{RawField, RawTransaction};
 
 /// The columns a transaction file must have, in any order.
 pub const REQUIRED_COLUMNS: [&str; 7] =
     ["id", "description", "amount", "timestamp", "merchant", "operation_type", "side"];
+
+/// The header of the seed system's files.
+pub const SEED_HEADER: &str = "id;description;amount;timestamp;merchant;operation_type;side";
+
+/// A transaction as a row of the seed system's files (no line end): `;`
+/// separators, a decimal comma, quoted text, the timestamp without a zone.
+pub fn seed_row(transaction: &Transaction) -> String {
+    let quote = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
+    let cents = transaction.amount.cents();
+    format!(
+        "{};{};{}{},{:02};{};{};{};{}",
+        transaction.id,
+        quote(&transaction.description),
+        if cents < 0 { "-" } else { "" },
+        cents.unsigned_abs() / 100,
+        cents.unsigned_abs() % 100,
+        quote(&transaction.timestamp.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        quote(transaction.merchant.as_deref().unwrap_or_default()),
+        quote(&transaction.operation_type),
+        quote(transaction.side.as_str()),
+    )
+}
 
 /// Optional lineage columns that are read when present.
 const OPTIONAL_COLUMNS: [&str; 2] = ["processing_type", "run_id"];
@@ -138,8 +161,6 @@ mod tests {
     use super::*;
     use crate::domain::validation::validate;
 
-    const SEED_HEADER: &str = "id;description;amount;timestamp;merchant;operation_type;side";
-
     fn split(line: &str, delimiter: u8) -> Vec<String> {
         let mut reader = csv::ReaderBuilder::new().has_headers(false).delimiter(delimiter).from_reader(line.as_bytes());
         reader.records().next().unwrap().unwrap().iter().map(str::to_string).collect()
@@ -200,5 +221,21 @@ mod tests {
         assert_eq!(layout.row_json(&["1", "2"]), serde_json::json!({"id": "1", "description": "2"}));
         let wide = ["a", "b", "c", "d", "e", "f", "g", "h"];
         assert_eq!(layout.row_json(&wide)["_extra_7"], "h");
+    }
+
+    #[test]
+    fn a_seed_row_reads_back_as_the_same_transaction() {
+        let layout = CsvLayout::from_header(split(SEED_HEADER, b';').iter().map(String::as_str)).unwrap();
+        let raw = layout
+            .raw_transaction(&split(
+                "7;\"Say \"\"hi\"\"; now\";-0,05;\"2026-01-02 03:04:05.123456\";\"\";\"fee\";\"debit\"",
+                b';',
+            ))
+            .unwrap();
+        let transaction = validate(&raw).unwrap();
+        let again = validate(&layout.raw_transaction(&split(&seed_row(&transaction), b';')).unwrap()).unwrap();
+        assert_eq!(again, transaction);
+        assert_eq!(transaction.description, "Say \"hi\"; now");
+        assert_eq!(transaction.amount.cents(), -5);
     }
 }

@@ -78,22 +78,11 @@ impl Chaos {
         let invalid = invalid_events(seed + 1, events / 20);
         // The batch file: transactions of their own, in the seed's CSV format.
         let rows = valid_events(seed + 2, batch_rows);
-        let mut text = String::from("id;description;amount;timestamp;merchant;operation_type;side\n");
+        let mut text = format!("{}\n", txnflow::domain::csv_rules::SEED_HEADER);
         for (_, value) in &rows {
-            let t = txnflow::domain::event::parse_event(value).unwrap();
-            let cents = t.amount.cents();
-            text.push_str(&format!(
-                "{};\"{}\";{}{},{:02};\"{}\";\"{}\";\"{}\";\"{}\"\n",
-                t.id,
-                t.description,
-                if cents < 0 { "-" } else { "" },
-                cents.abs() / 100,
-                cents.abs() % 100,
-                t.timestamp.format("%Y-%m-%d %H:%M:%S"),
-                t.merchant.as_deref().unwrap_or_default(),
-                t.operation_type,
-                t.side.as_str()
-            ));
+            let transaction = txnflow::domain::event::parse_event(value).unwrap();
+            text.push_str(&txnflow::domain::csv_rules::seed_row(&transaction));
+            text.push('\n');
         }
         let batch_uri = Folder::new().await.put(&format!("{name}.csv"), text.into_bytes()).await;
         let chaos = Chaos {
