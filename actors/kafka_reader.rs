@@ -163,11 +163,40 @@ pub struct KafkaReader {
     pipeline: Arc<Pipeline>,
     consumer: Option<Arc<Reader>>,
     read_loop: Option<SpawnHandle>,
+    /// Since when this reader holds no partition, and when it last said so.
+    unassigned: Option<(Instant, Option<Instant>)>,
 }
+
+/// How long a reader may hold no partition before it warns.
+const UNASSIGNED_WARNING: Duration = Duration::from_secs(30);
 
 impl KafkaReader {
     pub fn new(pipeline: Arc<Pipeline>) -> KafkaReader {
-        KafkaReader { pipeline, consumer: None, read_loop: None }
+        KafkaReader { pipeline, consumer: None, read_loop: None, unassigned: None }
+    }
+
+    /// Warns, once a minute, while the reader holds no partition. Normal when
+    /// the group has more members than partitions; otherwise the group may
+    /// be waiting for a member that died (Tansu waits for the rebalance
+    /// timeout, 5 min, when a member joins before a dead one's session
+    /// expired; see the README).
+    fn watch_assignment(&mut self) {
+        let Some(consumer) = &self.consumer else { return };
+        let holds_partitions = consumer.assignment().is_ok_and(|tpl| tpl.count() > 0);
+        if holds_partitions || self.pipeline.is_shutting_down() {
+            self.unassigned = None;
+            return;
+        }
+        let now = Instant::now();
+        let (since, warned) = self.unassigned.get_or_insert((now, None));
+        let due = warned.is_none_or(|at| now.duration_since(at) >= 2 * UNASSIGNED_WARNING);
+        if now.duration_since(*since) >= UNASSIGNED_WARNING && due {
+            tracing::warn!(
+                seconds = now.duration_since(*since).as_secs(),
+                "this reader holds no partition of its group; normal only if the group has more members than partitions"
+            );
+            *warned = Some(now);
+        }
     }
 
     fn create_consumer(&self) -> anyhow::Result<Arc<Reader>> {
@@ -418,7 +447,10 @@ impl Actor for KafkaReader {
                 ctx.stop();
             }
         })));
-        ctx.run_interval(COMMIT_INTERVAL, |actor, _| actor.commit(CommitMode::Async));
+        ctx.run_interval(COMMIT_INTERVAL, |actor, _| {
+            actor.commit(CommitMode::Async);
+            actor.watch_assignment();
+        });
     }
 }
 
