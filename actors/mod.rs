@@ -62,6 +62,8 @@ pub struct Pipeline {
     epoch: AtomicU64,
     shutting_down: AtomicBool,
     addrs: RwLock<Option<Addrs>>,
+    /// Every arbiter thread started, joined by [`Pipeline::stop_arbiters`].
+    threads: Mutex<Vec<Arbiter>>,
 }
 
 /// The running actors and the arbiters they live on.
@@ -97,8 +99,9 @@ impl Addrs {
     }
 }
 
-/// Starts an actor under a supervisor on an arbiter of its own.
-fn spawn_supervised<A, F>(make: F) -> (Addr<A>, ArbiterHandle)
+/// Starts an actor under a supervisor on an arbiter of its own; the
+/// arbiter's thread joins `threads`, to be joined at the end.
+fn spawn_supervised<A, F>(threads: &Mutex<Vec<Arbiter>>, make: F) -> (Addr<A>, ArbiterHandle)
 where
     A: Actor<Context = Context<A>> + Supervised,
     F: FnOnce() -> A + Send + 'static,
@@ -106,6 +109,7 @@ where
     let arbiter = Arbiter::new();
     let handle = arbiter.handle();
     let addr = Supervisor::start_in_arbiter(&handle, move |_| make());
+    threads.lock().expect("threads lock").push(arbiter);
     (addr, handle)
 }
 
@@ -123,6 +127,7 @@ impl Pipeline {
             epoch: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             addrs: RwLock::new(None),
+            threads: Mutex::default(),
         })
     }
 
@@ -132,7 +137,7 @@ impl Pipeline {
         macro_rules! start {
             ($module:ident :: $actor:ident) => {{
                 let pipeline = self.clone();
-                let (addr, arbiter) = spawn_supervised(move || $module::$actor::new(pipeline));
+                let (addr, arbiter) = spawn_supervised(&self.threads, move || $module::$actor::new(pipeline));
                 arbiters.push(arbiter);
                 addr
             }};
@@ -183,7 +188,7 @@ impl Pipeline {
                     ($field:ident, $module:ident :: $actor:ident) => {
                         if !addrs.$field.connected() {
                             let p = self.clone();
-                            let (addr, arbiter) = spawn_supervised(move || $module::$actor::new(p));
+                            let (addr, arbiter) = spawn_supervised(&self.threads, move || $module::$actor::new(p));
                             self.with_addrs(|a| {
                                 a.$field = addr;
                                 a.arbiters.push(arbiter);
@@ -201,7 +206,7 @@ impl Pipeline {
                     // Its unsent rows are read again by the new loader's
                     // started(); nothing elsewhere was lost.
                     let p = self.clone();
-                    let (addr, arbiter) = spawn_supervised(move || csv_loader::CsvLoader::new(p));
+                    let (addr, arbiter) = spawn_supervised(&self.threads, move || csv_loader::CsvLoader::new(p));
                     self.with_addrs(|a| {
                         a.csv_loader = addr;
                         a.arbiters.push(arbiter);
@@ -214,7 +219,7 @@ impl Pipeline {
                     && !self.is_shutting_down()
                 {
                     let p = self.clone();
-                    let (addr, arbiter) = spawn_supervised(move || kafka_reader::KafkaReader::new(p));
+                    let (addr, arbiter) = spawn_supervised(&self.threads, move || kafka_reader::KafkaReader::new(p));
                     self.with_addrs(|a| {
                         a.kafka_reader = Some(addr);
                         a.arbiters.push(arbiter);
@@ -298,12 +303,28 @@ impl Pipeline {
         self.config.buffer.capacity - self.capacity.available_permits()
     }
 
-    /// Stops every arbiter (after a graceful shutdown).
-    pub fn stop_arbiters(&self) {
+    /// Stops every arbiter (after a graceful shutdown) and waits, at most
+    /// `wait`, for their threads to end. Without the wait, the process could
+    /// exit while an arbiter thread is still destroying a librdkafka client,
+    /// and the two would free the same memory: "double free or corruption"
+    /// after a batch run's summary line, seen once in CI.
+    pub fn stop_arbiters(&self, wait: Duration) {
         if let Some(addrs) = self.addrs.read().expect("addrs lock").as_ref() {
             for arbiter in &addrs.arbiters {
                 arbiter.stop();
             }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        let (done, joined) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for thread in threads {
+                // A thread a panic ended joins with an error: nothing to do.
+                let _ = thread.join();
+            }
+            let _ = done.send(());
+        });
+        if joined.recv_timeout(wait).is_err() {
+            tracing::warn!(?wait, "actor threads still running at exit");
         }
     }
 }

@@ -26,7 +26,7 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
         pipeline.start(false);
         let outcome = load(&pipeline, uri, run_id).await;
         pipeline.begin_shutdown();
-        pipeline.stop_arbiters();
+        pipeline.stop_arbiters(Duration::from_secs(10));
         outcome
     })
 }

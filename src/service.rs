@@ -37,7 +37,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let clean = shutdown(&pipeline, Duration::from_millis(config.shutdown_timeout_ms)).await;
         progress.abort();
         admin_handle.stop(true).await;
-        pipeline.stop_arbiters();
+        pipeline.stop_arbiters(Duration::from_secs(5));
         if clean {
             tracing::info!("stopped cleanly: every record read is durable and committed");
         } else {
