@@ -5,6 +5,7 @@
 mod batch;
 mod chaos;
 mod cli;
+mod deploy;
 mod faults;
 mod helpers;
 mod migrations;

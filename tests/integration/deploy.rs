@@ -1,0 +1,144 @@
+//! The deployment (contract §10): `compose.yaml` and the Grafana dashboard,
+//! checked without a Docker engine.
+
+use std::collections::BTreeSet;
+
+fn compose() -> serde_yaml::Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/compose.yaml")).unwrap();
+    let mut compose: serde_yaml::Value = serde_yaml::from_str(&text).expect("compose.yaml is YAML");
+    // Resolve the `<<: *anchor` merge keys, as compose does.
+    compose.apply_merge().unwrap();
+    compose
+}
+
+fn services(compose: &serde_yaml::Value) -> Vec<(String, serde_yaml::Value)> {
+    compose["services"]
+        .as_mapping()
+        .expect("services")
+        .iter()
+        .map(|(name, service)| (name.as_str().unwrap().to_string(), service.clone()))
+        .collect()
+}
+
+#[test]
+fn compose_runs_three_brokers_two_replicas_and_checks_every_service() {
+    let compose = compose();
+    let services = services(&compose);
+    let brokers: Vec<&str> = services
+        .iter()
+        .filter(|(_, s)| s["environment"]["KAFKA_PROCESS_ROLES"].as_str().is_some_and(|r| r.contains("broker")))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(brokers, ["kafka-1", "kafka-2", "kafka-3"], "three KRaft brokers");
+    let init = services.iter().find(|(name, _)| name == "kafka-init").expect("a topic init service");
+    let script = serde_yaml::to_string(&init.1["command"]).unwrap();
+    for topic in ["transactions:3", "failed-transactions", "predictions"] {
+        assert!(script.contains(topic), "kafka-init creates {topic}");
+    }
+    assert!(script.contains("--replication-factor 3"), "replication factor 3");
+    assert!(script.contains("min.insync.replicas=2"), "min ISR 2");
+    let txnflow = services.iter().find(|(name, _)| name == "txnflow").expect("the txnflow service");
+    assert_eq!(txnflow.1["deploy"]["replicas"].as_u64(), Some(2), "two replicas in one consumer group");
+    assert_eq!(txnflow.1["command"][0].as_str(), Some("run"));
+
+    for (name, service) in &services {
+        assert!(service["healthcheck"]["test"].is_sequence(), "{name} has a health check");
+        let image = service["image"].as_str().unwrap_or_else(|| panic!("{name} names its image"));
+        let tag = image.rsplit_once(':').map(|(_, tag)| tag);
+        assert!(tag.is_some_and(|t| !t.is_empty() && t != "latest"), "{name}: {image} has a pinned tag");
+        if let Some(depends) = service["depends_on"].as_mapping() {
+            for (on, how) in depends {
+                assert!(how["condition"].is_string(), "{name} depends on {on:?} with a condition");
+            }
+        }
+        if let Some(environment) = service["environment"].as_mapping() {
+            for (key, value) in environment {
+                let (key, value) = (key.as_str().unwrap(), value.as_str().unwrap_or_default());
+                if key.contains("PASSWORD") || key.contains("SECRET") {
+                    assert!(value.starts_with("${"), "{name}: {key} comes from the environment");
+                }
+            }
+        }
+    }
+    // txnflow is configured through TXNFLOW__ variables only.
+    let environment = txnflow.1["environment"].as_mapping().unwrap();
+    assert!(environment.keys().all(|k| k.as_str().unwrap().starts_with("TXNFLOW__")));
+}
+
+#[test]
+fn the_dockerfile_builds_the_binary_ci_tests() {
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    // CI builds the default features of this package; so does the image.
+    assert!(dockerfile.contains("cargo build --release --locked --bin txnflow"), "{dockerfile}");
+    assert!(!dockerfile.contains("--features") && !dockerfile.contains("--no-default-features"));
+    assert!(dockerfile.lines().filter(|l| l.starts_with("FROM ")).count() >= 2, "multi-stage");
+    assert!(!dockerfile.contains(":latest"));
+}
+
+/// The metric names a dashboard query uses (histogram series reduced to
+/// their family).
+fn dashboard_metrics() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/dashboards/txnflow.json"))
+        .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut names = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(start) = rest.find("txnflow_") {
+                let name: String =
+                    rest[start..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[start + name.len()..];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(&name)
+                    .to_string();
+                names.insert(family);
+            }
+        }
+    }
+    names
+}
+
+/// The dashboard names only metrics a running instance exports, and shows
+/// what §8 asks: throughput by outcome, lag, DLQ rate, ML latency, breaker,
+/// buffer depth, actor restarts.
+#[tokio::test]
+async fn the_dashboard_queries_only_exported_metrics() {
+    let used = dashboard_metrics();
+    for family in [
+        "txnflow_records_total",
+        "txnflow_consumer_lag",
+        "txnflow_dlq_records_total",
+        "txnflow_ml_api_latency_seconds",
+        "txnflow_circuit_breaker_state",
+        "txnflow_buffer_depth",
+        "txnflow_actor_restarts_total",
+    ] {
+        assert!(used.contains(family), "the dashboard shows {family}");
+    }
+    let scenario = crate::scenario::Scenario::new("dashboard").await;
+    let service = scenario.start_service(&[]).await;
+    let ends = crate::scenario::Scenario::end_offsets(&scenario.produce(&crate::scenario::valid_events(91, 30)).await);
+    assert_eq!(scenario.wait_committed(&ends, std::time::Duration::from_secs(60)).await, ends);
+    // The lag family appears once librdkafka's statistics report a lag.
+    let mut exported = BTreeSet::new();
+    for _ in 0..60 {
+        exported = service
+            .metrics()
+            .await
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split(' ').next())
+            .map(str::to_string)
+            .collect();
+        if used.is_subset(&exported) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(unknown.is_empty(), "dashboard metrics not exported: {unknown:?}");
+}
