@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
 
-.PHONY: help up down status run test test-unit chaos fuzz bench-ml-api bench-pipeline bench-batch
+.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: up ## Run every test: lint, unit, and integration against the local stack
 
 test-unit: ## Unit tests only (no stack needed)
 	@cargo nextest run --lib
+
+test-airflow: up ## The Airflow DAG: integrity in Apache Airflow 3.1 from PyPI, then airflow dags test against a local txnflow
+	@bash scripts/test-airflow.sh
 
 CHAOS_REPORT := $(CURDIR)/target/chaos-report.md
 
