@@ -142,3 +142,52 @@ async fn the_dashboard_queries_only_exported_metrics() {
     let unknown: Vec<&String> = used.difference(&exported).collect();
     assert!(unknown.is_empty(), "dashboard metrics not exported: {unknown:?}");
 }
+
+/// Every family of §8 is on a running instance's `/metrics`, and the
+/// counters the dashboard plots move by exactly the load put through.
+#[tokio::test]
+async fn metric_values_move_with_the_load() {
+    let scenario = crate::scenario::Scenario::new("metricsmove").await;
+    let service = scenario.start_service(&[]).await;
+    let first = crate::scenario::valid_events(92, 10);
+    let ends = crate::scenario::Scenario::end_offsets(&scenario.produce(&first).await);
+    assert_eq!(scenario.wait_committed(&ends, std::time::Duration::from_secs(60)).await, ends);
+    let series = [
+        "txnflow_records_total{outcome=\"read\",source=\"kafka\"}",
+        "txnflow_records_total{outcome=\"written\",source=\"kafka\"}",
+        "txnflow_records_total{outcome=\"predicted\",source=\"kafka\"}",
+        "txnflow_records_total{outcome=\"invalid\",source=\"kafka\"}",
+        "txnflow_dlq_records_total{error_type=\"invalid\"}",
+        "txnflow_ml_api_batch_size_sum{caller=\"pipeline\"}",
+        "txnflow_db_write_duration_seconds_count{outcome=\"ok\"}",
+        "txnflow_ml_api_latency_seconds_count{outcome=\"ok\"}",
+    ];
+    let mut before = Vec::new();
+    for name in series {
+        before.push(service.metric(name).await);
+    }
+    let valid = crate::scenario::valid_events(93, 500);
+    let invalid = crate::scenario::invalid_events(94, 20);
+    let mut events = valid.clone();
+    events.extend(invalid);
+    let sent = scenario.produce(&events).await;
+    let mut all = crate::scenario::Scenario::end_offsets(&sent);
+    for (partition, end) in ends {
+        let known = all.entry(partition).or_insert(0);
+        *known = (*known).max(end);
+    }
+    assert_eq!(scenario.wait_committed(&all, std::time::Duration::from_secs(60)).await, all);
+    let mut after = Vec::new();
+    for name in series {
+        after.push(service.metric(name).await);
+    }
+    let moved: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(moved[0], 520.0, "records read");
+    assert_eq!(moved[1], 500.0, "records written");
+    assert_eq!(moved[2], 500.0, "records predicted");
+    assert_eq!(moved[3], 20.0, "records invalid");
+    assert_eq!(moved[4], 20.0, "DLQ records, invalid");
+    assert_eq!(moved[5], 500.0, "transactions sent to the ML API");
+    assert!(moved[6] >= 1.0, "database writes counted: {}", moved[6]);
+    assert!(moved[7] >= 5.0, "ML API calls counted (500 in batches of 100): {}", moved[7]);
+}
