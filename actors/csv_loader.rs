@@ -27,7 +27,6 @@ use super::Pipeline;
 use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
 use crate::domain::dead_letter::Origin;
-use crate::domain::event::TransactionEvent;
 use crate::domain::retry::backoff_delay;
 use crate::domain::run_progress::{RowAction, RowKind};
 use crate::domain::transaction::{ProcessingType, Transaction};
@@ -266,18 +265,13 @@ fn envelope(
     transaction: Transaction,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Envelope {
-    let id = transaction.id.to_string();
-    // The DLQ value: the row as a canonical event, which `dlq replay` can
-    // send through the pipeline again (a decimal comma would not decode).
-    let mut event = TransactionEvent::of(&transaction, &id);
-    event.processing_type = Some(ProcessingType::Batch.as_str());
-    event.run_id = Some(&spec.run_id);
-    event.batch_id = Some(&file.uri);
-    let raw = serde_json::to_vec(&event).expect("an event serialises");
+    // No raw bytes and no key: a dead letter builds them from the
+    // transaction (Envelope::dead_letter_value), so rows that are written
+    // cost neither.
     Envelope {
         origin: Origin::File { uri: file.uri.clone(), line },
-        key: Some(id.into_bytes()),
-        raw,
+        key: None,
+        raw: None,
         lineage: Lineage {
             processing_type: ProcessingType::Batch,
             run_id: Some(spec.run_id.clone()),

@@ -188,10 +188,10 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
     }
 }
 
-fn dead_letter(record: Envelope, failure: Failure, acknowledges_origin: bool) -> DeadLetter {
+fn dead_letter(mut record: Envelope, failure: Failure, acknowledges_origin: bool) -> DeadLetter {
     DeadLetter {
+        value: record.dead_letter_value(),
         key: record.key.or_else(|| Some(record.transaction.id.to_string().into_bytes())),
-        value: record.raw,
         failure,
         origin: record.origin,
         run_id: record.lineage.run_id,

@@ -327,7 +327,7 @@ impl ReadBatch {
                     run_id: transaction.run_id.clone(),
                     batch_id: transaction.batch_id.clone(),
                 };
-                self.valid.push(Envelope { transaction, origin, raw: payload.to_vec(), key, lineage, permit });
+                self.valid.push(Envelope { transaction, origin, raw: Some(payload.to_vec()), key, lineage, permit });
             }
             Err(error) => {
                 self.rejected += 1;

@@ -24,11 +24,30 @@ pub struct Lineage {
 pub struct Envelope {
     pub transaction: Transaction,
     pub origin: Origin,
-    /// The record as it arrived, for the DLQ value.
-    pub raw: Vec<u8>,
+    /// The record as it arrived, for the DLQ value. None for a CSV row: its
+    /// DLQ value is built only if it is dead-lettered (see
+    /// [`Envelope::dead_letter_value`]).
+    pub raw: Option<Vec<u8>>,
     pub key: Option<Vec<u8>>,
     pub lineage: Lineage,
     pub permit: OwnedSemaphorePermit,
+}
+
+impl Envelope {
+    /// The DLQ value: the bytes as they arrived, or for a CSV row its
+    /// canonical batch event.
+    pub fn dead_letter_value(&mut self) -> Vec<u8> {
+        self.raw.take().unwrap_or_else(|| {
+            let id = self.transaction.id.to_string();
+            let event = crate::domain::event::TransactionEvent::of_batch_row(
+                &self.transaction,
+                &id,
+                self.lineage.run_id.as_deref().unwrap_or_default(),
+                self.lineage.batch_id.as_deref().unwrap_or_default(),
+            );
+            serde_json::to_vec(&event).expect("an event serialises")
+        })
+    }
 }
 
 /// A record for the DLQ topic.

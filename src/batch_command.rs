@@ -98,10 +98,7 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
                     }
                 };
                 let id = transaction.id.to_string();
-                let mut event = crate::domain::event::TransactionEvent::of(&transaction, &id);
-                event.processing_type = Some("batch");
-                event.run_id = Some(&run_id);
-                event.batch_id = Some(&file.uri);
+                let event = crate::domain::event::TransactionEvent::of_batch_row(&transaction, &id, &run_id, &file.uri);
                 let value = serde_json::to_vec(&event)?;
                 let producer = producer.clone();
                 let topic = topic.clone();

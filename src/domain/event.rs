@@ -131,6 +131,19 @@ pub struct TransactionEvent<'a> {
 }
 
 impl<'a> TransactionEvent<'a> {
+    /// The event of a row loaded by batch run `run_id` from the file
+    /// `batch_id`: what `batch --via-kafka` publishes, and a CSV row's DLQ
+    /// value, which `dlq replay` can send through the pipeline again (a
+    /// decimal comma would not decode).
+    pub fn of_batch_row(transaction: &'a Transaction, id: &'a str, run_id: &'a str, batch_id: &'a str) -> Self {
+        TransactionEvent {
+            processing_type: Some(crate::domain::transaction::ProcessingType::Batch.as_str()),
+            run_id: Some(run_id),
+            batch_id: Some(batch_id),
+            ..TransactionEvent::of(transaction, id)
+        }
+    }
+
     /// The event of a validated transaction, with `id` as its source id.
     pub fn of(transaction: &'a Transaction, id: &'a str) -> Self {
         TransactionEvent {

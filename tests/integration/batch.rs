@@ -621,3 +621,39 @@ async fn a_batch_run_survives_every_actor_crashing() {
         assert!(restarts >= 2.0, "{actor}: crashed and panicked, {restarts} restarts counted");
     }
 }
+
+/// A CSV row's dead letter is its canonical batch event, which `dlq replay`
+/// can send through the pipeline (a decimal comma would not decode).
+#[tokio::test]
+async fn a_csv_rows_dead_letter_is_a_replayable_event() {
+    let scenario = Scenario::new("batchdlq").await;
+    scenario.set_faults(serde_json::json!({"error_rate": 1.0})).await;
+    let (header, rows) = seed_rows();
+    let dir = std::env::temp_dir().join(format!("txnflow-batchdlq-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("twenty.csv");
+    let text: String = std::iter::once(header).chain(rows[..20].iter().map(seed_line)).map(|l| l + "\n").collect();
+    std::fs::write(&file, text).unwrap();
+    let output = run(txnflow()
+        .args(["batch", file.to_str().unwrap(), "--run-id", "dlq-run"])
+        .env("TXNFLOW__KAFKA__BROKERS", crate::helpers::brokers())
+        .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic)
+        .env("TXNFLOW__DB__URL", &scenario.db.url)
+        .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url())
+        .env("TXNFLOW__PREDICT__MAX_RETRIES", "0"));
+    assert_eq!(summary_counts(&output), [20, 20, 0, 0, 20, 20], "{}", stdout(&output));
+    let dlq = scenario.dlq(20);
+    assert_eq!(dlq.len(), 20);
+    let mut keys = BTreeSet::new();
+    for record in &dlq {
+        let event: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+        let transaction = txnflow::domain::event::parse_event(&record.value).expect("the DLQ value decodes");
+        assert_eq!(transaction.id.to_string(), record.key, "keyed by id");
+        assert_eq!(event["processing_type"], "batch");
+        assert_eq!(event["run_id"], "dlq-run");
+        assert_eq!(event["batch_id"], file.to_str().unwrap());
+        keys.insert(transaction.id);
+    }
+    assert_same_set(&keys, &rows[..20].iter().map(|row| id_of(&row.id)).collect(), "dead-lettered ids");
+    let _ = std::fs::remove_dir_all(dir);
+}
