@@ -28,7 +28,7 @@ use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
 use crate::domain::dead_letter::Origin;
 use crate::domain::retry::backoff_delay;
-use crate::domain::run_progress::{RowAction, RowKind};
+use crate::domain::run_progress::RowAction;
 use crate::domain::transaction::{ProcessingType, Transaction};
 use crate::metrics::METRICS;
 
@@ -221,14 +221,9 @@ async fn read_file(
             send(pipeline, &mut chunk);
             return Ok(Pass::ShuttingDown);
         }
-        if runs.is_settled(run_id, &file.uri, line) {
-            // A re-read: the row's outcome is known, and counted.
-            continue;
-        }
-        let parsed = file.parse_row(&record);
-        let kind = if parsed.is_ok() { RowKind::Valid } else { RowKind::Invalid };
-        match (runs.row(run_id, &file.uri, line, kind), parsed) {
-            (RowAction::Send, Ok(transaction)) => {
+        // A settled row (on a re-read) comes back as Skip, unparsed.
+        match runs.row(run_id, &file.uri, line, || file.parse_row(&record)) {
+            (RowAction::Send, Some(Ok(transaction))) => {
                 let permit = match pipeline.capacity.clone().try_acquire_owned() {
                     Ok(permit) => permit,
                     Err(_) => {
@@ -242,7 +237,7 @@ async fn read_file(
                     send(pipeline, &mut chunk);
                 }
             }
-            (RowAction::RecordInvalid, Err(reason)) => {
+            (RowAction::RecordInvalid, Some(Err(reason))) => {
                 let fields: Vec<Vec<u8>> = record.iter().map(<[u8]>::to_vec).collect();
                 errors.record(&fields, line, &reason).map_err(|e| format!("cannot write the error file: {e}"))?;
                 METRICS.records.with_label_values(&["file", "read"]).inc();

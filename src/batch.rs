@@ -507,14 +507,25 @@ impl BatchRuns {
         (current == uri).then(|| change(progress))
     }
 
-    /// A row was parsed: what the loader does with it.
-    pub fn row(&self, run_id: &str, uri: &str, line: u64, kind: RowKind) -> RowAction {
-        self.with_file(run_id, uri, |progress| progress.row(line, kind)).unwrap_or(RowAction::Skip)
-    }
-
-    /// Whether the row at `line` is settled (a re-read skips it unvalidated).
-    pub fn is_settled(&self, run_id: &str, uri: &str, line: u64) -> bool {
-        self.with_file(run_id, uri, |progress| progress.is_settled(line)).unwrap_or(true)
+    /// A row starting at `line` was read: what the loader does with it, and
+    /// the row `parse`d, unless it is settled already (a re-read skips it
+    /// unparsed). One lock per row.
+    pub fn row<T>(
+        &self,
+        run_id: &str,
+        uri: &str,
+        line: u64,
+        parse: impl FnOnce() -> Result<T, String>,
+    ) -> (RowAction, Option<Result<T, String>>) {
+        self.with_file(run_id, uri, |progress| {
+            if progress.is_settled(line) {
+                return (RowAction::Skip, None);
+            }
+            let parsed = parse();
+            let kind = if parsed.is_ok() { RowKind::Valid } else { RowKind::Invalid };
+            (progress.row(line, kind), Some(parsed))
+        })
+        .unwrap_or((RowAction::Skip, None))
     }
 
     pub fn resume_line(&self, run_id: &str, uri: &str) -> u64 {
