@@ -22,6 +22,7 @@ use actix::{
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use super::Pipeline;
 use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
@@ -57,7 +58,8 @@ impl CsvLoader {
 
     fn spawn_run(&self, spec: Arc<RunSpec>, ctx: &mut Context<Self>) {
         let (pipeline, s3) = (self.pipeline.clone(), self.s3.clone());
-        ctx.spawn(run(pipeline, s3, spec).into_actor(self));
+        let span = tracing::info_span!("batch_run", run_id = spec.run_id.as_str());
+        ctx.spawn(run(pipeline, s3, spec).instrument(span).into_actor(self));
     }
 }
 
@@ -138,16 +140,12 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
                         Duration::from_secs(10),
                         rand::rng().random(),
                     );
-                    tracing::warn!(run_id = spec.run_id, uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row");
+                    tracing::warn!(uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
             }
-            tracing::info!(
-                run_id = spec.run_id,
-                uri = file.uri,
-                "work was lost; reading again from the first unsettled row"
-            );
+            tracing::info!(uri = file.uri, "work was lost; reading again from the first unsettled row");
         }
         let error_file = if errors.has_rows() {
             match errors.finish(&s3).await {
@@ -164,7 +162,7 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
     }
     runs.finish(&spec.run_id, None);
     if let Some(report) = runs.report(&spec.run_id) {
-        tracing::info!(run_id = spec.run_id, summary = report.summary, "batch run completed");
+        tracing::info!(summary = report.summary, "batch run completed");
     }
 }
 

@@ -18,6 +18,7 @@ use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, W
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use super::messages::{Chaos, DeadLetter, DeadLetters, Envelope, WriteBatch};
 use super::{Pipeline, source_label};
@@ -96,8 +97,10 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
         attempt += 1;
         let started = Instant::now();
         let shared = pipeline.clone();
+        // The blocking pool's thread is outside the actor's span: take it along.
+        let span = tracing::Span::current();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = write_batch(&shared, &batch);
+            let result = span.in_scope(|| write_batch(&shared, &batch));
             (batch, result)
         })
         .await;
@@ -119,7 +122,7 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
                 batch = returned;
                 let delay =
                     backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
-                tracing::warn!(flush_id = batch.flush_id, attempt, ?delay, %error, "write failed; retrying (nothing is acknowledged)");
+                tracing::warn!(attempt, ?delay, %error, "write failed; retrying (nothing is acknowledged)");
                 tokio::time::sleep(delay).await;
             }
             Err(join_error) => {
@@ -204,7 +207,8 @@ impl Handler<WriteBatch> for DbWriter {
     type Result = ();
 
     fn handle(&mut self, batch: WriteBatch, ctx: &mut Context<Self>) {
-        ctx.spawn(persist(self.pipeline.clone(), batch).into_actor(self).map(|(), _, _| ()));
+        let span = tracing::info_span!("flush", flush_id = batch.flush_id);
+        ctx.spawn(persist(self.pipeline.clone(), batch).instrument(span).into_actor(self).map(|(), _, _| ()));
     }
 }
 

@@ -7,6 +7,7 @@
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use super::Pipeline;
 use super::messages::{Chaos, PredictBatch, WriteBatch};
@@ -38,14 +39,22 @@ impl Handler<PredictBatch> for PredictClient {
 
     fn handle(&mut self, batch: PredictBatch, ctx: &mut Context<Self>) {
         let pipeline = self.pipeline.clone();
+        let span = tracing::info_span!("flush", flush_id = batch.flush_id);
         // Spawned, not awaited: the mailbox keeps taking flushes while this
         // one waits for the API; MlClient bounds the requests in flight.
         let predict = async move {
             let items: Vec<PredictRequestItem> =
                 batch.records.iter().map(|r| PredictRequestItem::from(&r.transaction)).collect();
             let predicted = pipeline.ml.predict(items, "pipeline").await;
+            tracing::debug!(
+                asked = batch.records.len(),
+                predicted = predicted.predictions.len(),
+                failed = predicted.failures.len(),
+                "flush predicted"
+            );
             (batch, predicted)
-        };
+        }
+        .instrument(span);
         ctx.spawn(predict.into_actor(self).map(|(batch, predicted), actor, _ctx| {
             let write = WriteBatch {
                 flush_id: batch.flush_id,

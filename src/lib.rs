@@ -6,8 +6,8 @@
 //! - [`db`], [`kafka`], [`s3`]: adapters to the outside world.
 //! - [`ml_api`]: the reference prediction server and its fault knobs.
 //! - [`produce`]: the simulated producers.
-//! - [`service`], [`admin`], [`metrics`], [`ml_client`], [`breaker`]: the
-//!   streaming service around the actors.
+//! - [`service`], [`admin`], [`metrics`], [`ml_client`], [`breaker`],
+//!   [`log_format`]: the streaming service around the actors.
 //! - [`actors`]: the supervised actix pipeline (`actors/` at the crate root).
 
 pub mod admin;
@@ -19,6 +19,7 @@ pub mod db;
 pub mod dlq_replay;
 pub mod domain;
 pub mod kafka;
+pub mod log_format;
 pub mod metrics;
 pub mod ml_api;
 pub mod ml_client;

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tracing_subscriber::fmt::format::JsonFields;
 use txnflow::config::{Config, LogFormat};
-use txnflow::{breaker, db, dlq_replay, kafka, ml_api, produce, s3, service};
+use txnflow::{breaker, db, dlq_replay, kafka, log_format, ml_api, produce, s3, service};
 
 /// Exit status of a configuration that cannot be used (contract §9).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -145,7 +146,7 @@ fn init_logging(config: &Config) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match config.log.format {
-        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(log_format::FlatJson).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
     tracing_subscriber::registry()

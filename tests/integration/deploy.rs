@@ -191,3 +191,104 @@ async fn metric_values_move_with_the_load() {
     assert!(moved[6] >= 1.0, "database writes counted: {}", moved[6]);
     assert!(moved[7] >= 5.0, "ML API calls counted (500 in batches of 100): {}", moved[7]);
 }
+
+/// `log.format = "json"`: each line is one flat JSON object, and the lines
+/// of the pipeline carry the actor that wrote them, the flush a batch of
+/// records belongs to, and the batch run (issue: observability).
+#[tokio::test]
+async fn json_logs_carry_the_actor_the_flush_id_and_the_run_id() {
+    use crate::scenario::{Scenario, invalid_events, valid_events};
+    use std::collections::BTreeMap;
+    let scenario = Scenario::new("jsonlogs").await;
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__LOG__FORMAT", "json"),
+            ("TXNFLOW__LOG__LEVEL", "info,txnflow=debug"),
+            ("TXNFLOW__BUFFER__MAX_RECORDS", "100"),
+        ])
+        .await;
+    let mut events = valid_events(95, 300);
+    events.extend(invalid_events(96, 10));
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, std::time::Duration::from_secs(60)).await, ends);
+
+    let seed = std::fs::read_to_string(crate::helpers::seed_csv_path()).unwrap();
+    let file: String = seed.lines().take(121).map(|line| format!("{line}\n")).collect();
+    let uri = crate::batch::Folder::new().await.put("month.csv", file.into_bytes()).await;
+    let run_id = format!("jsonlogs-{}", uuid::Uuid::new_v4().simple());
+    let client = reqwest::Client::new();
+    let posted = client
+        .post(format!("{}/batches", service.admin))
+        .json(&serde_json::json!({"uri": uri, "run_id": run_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status().as_u16(), 202);
+    let mut status = String::new();
+    for _ in 0..600 {
+        let report: serde_json::Value =
+            client.get(format!("{}/batches/{run_id}", service.admin)).send().await.unwrap().json().await.unwrap();
+        status = report["status"].as_str().unwrap_or_default().to_string();
+        if status != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "completed");
+
+    let text = std::fs::read_to_string(&service.log).unwrap();
+    let lines: Vec<serde_json::Map<String, serde_json::Value>> = text
+        .lines()
+        .map(|line| match serde_json::from_str(line) {
+            Ok(serde_json::Value::Object(object)) => object,
+            _ => panic!("not one JSON object: {line}"),
+        })
+        .collect();
+    let text_of = |line: &serde_json::Map<String, serde_json::Value>, key: &str| {
+        line.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string()
+    };
+    let mut actors_seen = BTreeSet::new();
+    // flush id -> (records flushed, asked to predict, made durable)
+    let mut flushes: BTreeMap<u64, [u64; 3]> = BTreeMap::new();
+    for line in &lines {
+        for key in ["timestamp", "level", "target"] {
+            assert!(line.get(key).is_some_and(|v| v.is_string()), "{key} in {line:?}");
+        }
+        let target = text_of(line, "target");
+        if let Some(module) = target.strip_prefix("txnflow::actors::") {
+            assert_eq!(text_of(line, "actor"), module, "the actor of {line:?}");
+            actors_seen.insert(module.to_string());
+        }
+        let count = |key: &str| line[key].as_u64().unwrap_or_else(|| panic!("{key} in {line:?}"));
+        let slot = match text_of(line, "message").as_str() {
+            "flush" => Some((0, count("size"))),
+            "flush predicted" => Some((1, count("asked"))),
+            "flush durable" => Some((2, count("total"))),
+            _ => None,
+        };
+        if let Some((stage, records)) = slot {
+            let flush_id = line["flush_id"].as_u64().unwrap_or_else(|| panic!("flush_id in {line:?}"));
+            let counts = flushes.entry(flush_id).or_default();
+            assert_eq!(counts[stage], 0, "flush {flush_id} logged once per stage");
+            counts[stage] = records;
+        }
+    }
+    assert_eq!(
+        actors_seen,
+        BTreeSet::from(["buffer", "csv_loader", "db_writer", "kafka_reader", "predict_client"].map(String::from)),
+    );
+    for (flush_id, [flushed, asked, durable]) in &flushes {
+        assert!(*flushed > 0 && *flushed <= 100, "flush {flush_id}: {flushed} records");
+        assert_eq!((asked, durable), (flushed, flushed), "flush {flush_id} through every stage");
+    }
+    let total: u64 = flushes.values().map(|[flushed, _, _]| flushed).sum();
+    assert_eq!(total, 300 + 120, "every valid record and row is in one flush");
+
+    let run_lines: Vec<(String, String)> = lines
+        .iter()
+        .filter(|line| text_of(line, "run_id") == run_id)
+        .map(|line| (text_of(line, "actor"), text_of(line, "message")))
+        .collect();
+    let actor = || "csv_loader".to_string();
+    assert_eq!(run_lines, [(actor(), "batch run started".to_string()), (actor(), "batch run completed".to_string())]);
+}
