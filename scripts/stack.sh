@@ -94,17 +94,20 @@ pg_cluster() { pg_lsclusters --no-header 2>/dev/null | awk 'NR==1 {print $1, $2}
 
 pg_ready() { PGPASSWORD=txnflow psql -h 127.0.0.1 -U txnflow -d txnflow -Atc 'select 1' ; }
 
-# GNU time: the benchmarks report peak memory with /usr/bin/time -v.
-ensure_gnu_time() {
-  [[ -x /usr/bin/time ]] && return 0
-  log "installing GNU time from Debian (apt-get install time), for the benchmarks' peak memory"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y time >"$LOGS/apt-time.log" 2>&1 \
-    || { apt-get update >>"$LOGS/apt-time.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y time >>"$LOGS/apt-time.log" 2>&1; } \
-    || log "apt-get install time failed (see $LOGS/apt-time.log); only make bench-batch needs it"
+# A Debian tool the project needs besides the stack: installed when missing.
+# A failure is reported, not fatal: only what uses the tool needs it.
+ensure_apt_tool() {
+  local binary="$1" package="$2" why="$3"
+  [[ -x "$binary" ]] && return 0
+  log "installing $package from Debian (apt-get install $package), $why"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "$package" >"$LOGS/apt-$package.log" 2>&1 \
+    || { apt-get update >>"$LOGS/apt-$package.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$package" >>"$LOGS/apt-$package.log" 2>&1; } \
+    || log "apt-get install $package failed (see $LOGS/apt-$package.log)"
 }
 
 up_postgres() {
-  ensure_gnu_time
+  ensure_apt_tool /usr/bin/time time "for the benchmarks' peak memory (/usr/bin/time -v)"
+  ensure_apt_tool /usr/bin/docker-compose docker-compose "to validate compose.yaml offline (docker-compose config)"
   if ! command -v pg_ctlcluster >/dev/null || [[ -z "$(pg_cluster)" ]]; then
     log "installing PostgreSQL from Debian (apt-get install postgresql)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >"$LOGS/apt-postgresql.log" 2>&1 \

@@ -65,6 +65,55 @@ fn compose_runs_three_brokers_two_replicas_and_checks_every_service() {
     assert!(environment.keys().all(|k| k.as_str().unwrap().starts_with("TXNFLOW__")));
 }
 
+/// The `airflow` profile adds Airflow, off by default, with the DAG folder
+/// mounted and the txnflow service as the DAG's target.
+#[test]
+fn the_airflow_profile_adds_airflow_with_the_dag() {
+    let compose = compose();
+    let services = services(&compose);
+    let in_profile: Vec<&str> = services
+        .iter()
+        .filter(|(_, s)| s["profiles"].as_sequence().is_some_and(|p| p.iter().any(|p| p == "airflow")))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        in_profile,
+        ["airflow-db", "airflow-init", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor"]
+    );
+    for (name, service) in services.iter().filter(|(name, _)| name.starts_with("airflow-") && name != "airflow-db") {
+        assert_eq!(service["image"].as_str(), Some("apache/airflow:3.1.8"), "{name}");
+        assert_eq!(service["environment"]["TXNFLOW_ADMIN_URL"].as_str(), Some("http://txnflow:8088"), "{name}");
+        let volumes = serde_yaml::to_string(&service["volumes"]).unwrap();
+        assert!(volumes.contains("./orchestration/dags:/opt/airflow/dags"), "{name} mounts the DAGs: {volumes}");
+    }
+    let scheduler = &services.iter().find(|(name, _)| name == "airflow-scheduler").unwrap().1;
+    assert_eq!(scheduler["depends_on"]["txnflow"]["condition"].as_str(), Some("service_healthy"));
+}
+
+/// Debian's `docker-compose` (1.29, installed by `make up`) validates the
+/// file offline, with and without the airflow profile: no engine is needed
+/// for `config`.
+#[test]
+fn docker_compose_config_accepts_the_file() {
+    for profile in [None, Some("airflow")] {
+        let mut command = std::process::Command::new("docker-compose");
+        command.current_dir(env!("CARGO_MANIFEST_DIR")).args(["-f", "compose.yaml"]);
+        if let Some(profile) = profile {
+            command.args(["--profile", profile]);
+        }
+        let output = command
+            .args(["config", "-q"])
+            .output()
+            .expect("docker-compose runs (make up installs Debian's docker-compose)");
+        assert!(
+            output.status.success(),
+            "docker-compose config, profile {profile:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no warning");
+    }
+}
+
 #[test]
 fn the_dockerfile_builds_the_binary_ci_tests() {
     let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
