@@ -48,12 +48,14 @@ pub struct LoadCsv {
 pub struct CsvLoader {
     pipeline: Arc<Pipeline>,
     s3: aws_sdk_s3::Client,
+    /// A heartbeat is being written: the next tick skips rather than queue.
+    recording: bool,
 }
 
 impl CsvLoader {
     pub fn new(pipeline: Arc<Pipeline>) -> CsvLoader {
         let s3 = crate::s3::client(&pipeline.config.s3);
-        CsvLoader { pipeline, s3 }
+        CsvLoader { pipeline, s3, recording: false }
     }
 
     fn spawn_run(&self, spec: Arc<RunSpec>, ctx: &mut Context<Self>) {
@@ -72,6 +74,16 @@ impl Actor for CsvLoader {
             tracing::info!(run_id = spec.run_id, "resuming the batch run");
             self.spawn_run(spec, ctx);
         }
+        // The heartbeat: every run's progress into `batch_runs`, for the
+        // other replicas' GET /batches and to show this process is alive.
+        let every = Duration::from_millis(self.pipeline.config.batch.heartbeat_ms);
+        ctx.run_interval(every, |loader, ctx| {
+            if !loader.recording {
+                loader.recording = true;
+                let record = record_runs(loader.pipeline.clone());
+                ctx.spawn(record.into_actor(loader).map(|(), loader, _| loader.recording = false));
+            }
+        });
     }
 }
 
@@ -91,6 +103,10 @@ impl Handler<LoadCsv> for CsvLoader {
         let check = async move {
             let run_id = load.run_id.unwrap_or_else(batch::new_run_id);
             let spec = batch::prepare(&s3, &load.uri, &run_id).await?;
+            if pipeline.batches.is_running(&run_id) {
+                return Err(BatchError::AlreadyRunning(run_id));
+            }
+            claim(&pipeline, &spec).await?;
             pipeline.batches.begin(spec)
         };
         Box::pin(check.into_actor(self).map(|checked, actor, ctx| {
@@ -152,6 +168,7 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
                 Ok(uri) => Some(uri),
                 Err(error) => {
                     runs.finish(&spec.run_id, Some(format!("cannot store the error file: {error}")));
+                    record_runs(pipeline.clone()).await;
                     return;
                 }
             }
@@ -161,8 +178,71 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
         runs.file_done(&spec.run_id, error_file);
     }
     runs.finish(&spec.run_id, None);
+    record_runs(pipeline.clone()).await;
     if let Some(report) = runs.report(&spec.run_id) {
         tracing::info!(summary = report.summary, "batch run completed");
+    }
+}
+
+/// Records the run in `batch_runs` as this process's, unless another live
+/// process runs it (then `AlreadyRunning`, whichever replica was asked).
+/// When PostgreSQL cannot be reached the run starts anyway: the heartbeat
+/// records it once the database is back.
+async fn claim(pipeline: &Arc<Pipeline>, spec: &RunSpec) -> Result<(), BatchError> {
+    let report = batch::BatchRuns::starting_report(spec);
+    let shared = pipeline.clone();
+    let claimed = tokio::task::spawn_blocking(move || {
+        let mut connection = shared.pool.get().map_err(|e| e.to_string())?;
+        let stale_after = shared.config.batch.stale_after_ms;
+        crate::db::record_run(&mut connection, &shared.instance, &report, true, stale_after).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|join_error| Err(join_error.to_string()));
+    match claimed {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BatchError::AlreadyRunning(spec.run_id.clone())),
+        Err(error) => {
+            tracing::warn!(run_id = spec.run_id, %error, "cannot record the run in PostgreSQL; starting it anyway");
+            Ok(())
+        }
+    }
+}
+
+/// Writes what `batch_runs` lacks: every running run's progress, and each
+/// finished run's final report (once it is in, it is not sent again). A
+/// failure is logged and retried by the next heartbeat.
+pub async fn record_runs(pipeline: Arc<Pipeline>) {
+    let reports = pipeline.batches.to_record();
+    if reports.is_empty() {
+        return;
+    }
+    let shared = pipeline.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut connection = shared.pool.get().map_err(|e| e.to_string())?;
+        let stale_after = shared.config.batch.stale_after_ms;
+        let mut recorded = Vec::new();
+        for report in reports {
+            let mine = crate::db::record_run(&mut connection, &shared.instance, &report, false, stale_after)
+                .map_err(|e| e.to_string())?;
+            recorded.push((report, mine));
+        }
+        Ok::<_, String>(recorded)
+    })
+    .await
+    .unwrap_or_else(|join_error| Err(join_error.to_string()));
+    match outcome {
+        Ok(recorded) => {
+            for (report, mine) in recorded {
+                if !mine {
+                    // Another process took the run over while this one was
+                    // silent (see batch.stale_after_ms). Both load it; writes
+                    // are idempotent. The table keeps the other's reports.
+                    tracing::warn!(run_id = report.run_id, "another instance took this batch run over");
+                }
+                pipeline.batches.recorded(&report);
+            }
+        }
+        Err(error) => tracing::debug!(%error, "cannot record batch runs; the next heartbeat tries again"),
     }
 }
 

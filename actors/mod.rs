@@ -59,6 +59,9 @@ pub struct Pipeline {
     offsets: Mutex<OffsetTracker>,
     /// Batch runs and the progress of each (the CsvLoader's acknowledgements).
     pub batches: BatchRuns,
+    /// This process, as the `batch_runs` table names the one running a run:
+    /// `host/pid`.
+    pub instance: String,
     epoch: AtomicU64,
     shutting_down: AtomicBool,
     addrs: RwLock<Option<Addrs>>,
@@ -99,6 +102,16 @@ impl Addrs {
     }
 }
 
+/// `host/pid`: unique among live processes. A container restarted in place
+/// keeps its name (same host, pid 1), which is harmless: the old process is
+/// gone, and its runs are the new one's to resume.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{host}/{}", std::process::id())
+}
+
 /// Starts an actor under a supervisor on an arbiter of its own; the
 /// arbiter's thread joins `threads`, to be joined at the end.
 fn spawn_supervised<A, F>(threads: &Mutex<Vec<Arbiter>>, actor: &'static str, make: F) -> (Addr<A>, ArbiterHandle)
@@ -130,6 +143,7 @@ impl Pipeline {
             capacity,
             offsets: Mutex::new(OffsetTracker::default()),
             batches: BatchRuns::default(),
+            instance: instance_name(),
             epoch: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             addrs: RwLock::new(None),

@@ -97,12 +97,40 @@ async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminSta
     }
 }
 
-/// `GET /batches/<run_id>`: the run's status, counts and error files.
+/// `GET /batches/<run_id>`: the run's status, counts and error files, with
+/// the `instance` running it. A run of this process is answered from
+/// memory (live counts); any other from the `batch_runs` table, so every
+/// replica answers for every run, and a run whose process stopped
+/// reporting shows as `interrupted`.
 async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
-    match state.pipeline.batches.report(&run_id) {
-        Some(report) => HttpResponse::Ok().json(report),
-        None => HttpResponse::NotFound()
-            .json(serde_json::json!({"error": format!("no batch run {:?} in this process", run_id.as_str())})),
+    let pipeline = state.pipeline.clone();
+    let local = pipeline.batches.report(&run_id).map(|report| {
+        let mut answer = serde_json::to_value(report).expect("a report serialises");
+        answer["instance"] = pipeline.instance.clone().into();
+        answer
+    });
+    let pool = pipeline.pool.clone();
+    let id = run_id.clone();
+    let recorded = web::block(move || {
+        let mut connection = pool.get().map_err(|e| e.to_string())?;
+        crate::db::recorded_run(&mut connection, &id).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|error| Err(error.to_string()));
+    let from_table = |row: crate::db::RecordedRun| {
+        let stale_after = pipeline.config.batch.stale_after_ms;
+        HttpResponse::Ok().json(crate::batch::recorded_answer(&row.report, &row.instance, row.age_ms, stale_after))
+    };
+    match (local, recorded) {
+        // Another process ran it since: its report is the newer one.
+        (Some(_), Ok(Some(row))) if row.instance != pipeline.instance => from_table(row),
+        (Some(answer), _) => HttpResponse::Ok().json(answer),
+        (None, Ok(Some(row))) => from_table(row),
+        (None, Ok(None)) => {
+            HttpResponse::NotFound().json(serde_json::json!({"error": format!("no batch run {:?}", run_id.as_str())}))
+        }
+        (None, Err(error)) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"error": format!("cannot read the batch_runs table: {error}")})),
     }
 }
 

@@ -397,6 +397,24 @@ impl ErrorFile {
     }
 }
 
+/// What `GET /batches/<run_id>` answers for a run this process does not
+/// run, from its `batch_runs` row: the report its instance last recorded,
+/// `age_ms` old. A running run whose instance stopped reporting for longer
+/// than `stale_after_ms` is `interrupted`: POSTing it again resumes it.
+pub fn recorded_answer(report: &str, instance: &str, age_ms: i64, stale_after_ms: u64) -> serde_json::Value {
+    let mut answer: serde_json::Value = serde_json::from_str(report).unwrap_or_else(|_| serde_json::json!({}));
+    if answer["status"] == "running" && age_ms > stale_after_ms as i64 {
+        answer["status"] = "interrupted".into();
+        answer["error"] = format!(
+            "{instance}, which runs it, stopped reporting {:.0} s ago; POST the run again to resume it",
+            age_ms as f64 / 1000.0
+        )
+        .into();
+    }
+    answer["instance"] = instance.into();
+    answer
+}
+
 /// How a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -434,6 +452,8 @@ struct RunState {
     error: Option<String>,
     started: Instant,
     elapsed: Option<f64>,
+    /// The finished report is in the `batch_runs` table.
+    final_recorded: bool,
 }
 
 impl RunState {
@@ -477,6 +497,7 @@ impl BatchRuns {
                 error: None,
                 started: Instant::now(),
                 elapsed: None,
+                final_recorded: false,
             },
         );
         Ok(spec)
@@ -576,6 +597,51 @@ impl BatchRuns {
         self.changed.notify_waiters();
     }
 
+    /// Whether this process is running `run_id`.
+    pub fn is_running(&self, run_id: &str) -> bool {
+        self.lock().get(run_id).is_some_and(|run| run.status == RunStatus::Running)
+    }
+
+    /// The reports the `batch_runs` table does not have yet: every running
+    /// run's progress, and each finished run's final report until it is
+    /// recorded ([`BatchRuns::recorded`]).
+    pub fn to_record(&self) -> Vec<RunReport> {
+        let ids: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, run)| run.status == RunStatus::Running || !run.final_recorded)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter().filter_map(|id| self.report(id)).collect()
+    }
+
+    /// `report` is in the table: a finished one need not be sent again.
+    pub fn recorded(&self, report: &RunReport) {
+        if report.status != RunStatus::Running
+            && let Some(run) = self.lock().get_mut(&report.run_id)
+            && run.status == report.status
+        {
+            run.final_recorded = true;
+        }
+    }
+
+    /// A run's report before it starts: nothing counted yet.
+    pub fn starting_report(spec: &RunSpec) -> RunReport {
+        let counts = RunCounts::default();
+        RunReport {
+            run_id: spec.run_id.clone(),
+            uri: spec.uri.clone(),
+            status: RunStatus::Running,
+            files: spec.files.len(),
+            files_done: 0,
+            counts,
+            error_files: Vec::new(),
+            error: None,
+            elapsed_seconds: 0.0,
+            summary: counts.summary(0.0),
+        }
+    }
+
     pub fn report(&self, run_id: &str) -> Option<RunReport> {
         let runs = self.lock();
         let run = runs.get(run_id)?;
@@ -663,5 +729,25 @@ mod tests {
         assert_eq!(single.error_location(&local).uri(), "/data/in/errors/r1.csv");
         let prefix = RunSpec { errors_per_file: true, ..single };
         assert_eq!(prefix.error_location(&s3).uri(), "s3://b/errors/r1/jan.csv");
+    }
+
+    #[test]
+    fn a_recorded_run_is_interrupted_once_its_instance_is_silent_too_long() {
+        let report = r#"{"run_id":"2026-01","status":"running","read":10,"error":null}"#;
+        let fresh = recorded_answer(report, "host-a/1", 1_000, 30_000);
+        assert_eq!(fresh["status"], "running");
+        assert_eq!(fresh["error"], serde_json::Value::Null);
+        assert_eq!(fresh["instance"], "host-a/1");
+        assert_eq!(fresh["read"], 10);
+        let silent = recorded_answer(report, "host-a/1", 45_000, 30_000);
+        assert_eq!(silent["status"], "interrupted");
+        assert_eq!(
+            silent["error"],
+            "host-a/1, which runs it, stopped reporting 45 s ago; POST the run again to resume it"
+        );
+        // A finished run stays as it was, however old.
+        let done = recorded_answer(r#"{"status":"completed","error":null}"#, "host-a/1", 9_000_000, 30_000);
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["error"], serde_json::Value::Null);
     }
 }

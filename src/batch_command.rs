@@ -37,6 +37,8 @@ async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> 
     loop {
         let report = pipeline.batches.report(&run_id).expect("the run is registered");
         if report.status != RunStatus::Running {
+            // The final report into batch_runs before the process ends.
+            crate::actors::csv_loader::record_runs(pipeline.clone()).await;
             println!("{}", report.summary);
             for error_file in &report.error_files {
                 eprintln!("invalid rows: {error_file}");

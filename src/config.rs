@@ -39,6 +39,7 @@ pub struct Config {
     pub breaker: BreakerConfig,
     pub db: DbConfig,
     pub s3: S3Config,
+    pub batch: BatchConfig,
     pub admin: AdminConfig,
     pub chaos: ChaosConfig,
     pub ml_api: MlApiConfig,
@@ -107,6 +108,13 @@ pub struct S3Config {
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub heartbeat_ms: u64,
+    pub stale_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +249,10 @@ impl Config {
         positive("db.connect_timeout_ms", self.db.connect_timeout_ms)?;
         http_url("s3.endpoint", &self.s3.endpoint)?;
         non_empty("s3.bucket", &self.s3.bucket)?;
+        positive("batch.heartbeat_ms", self.batch.heartbeat_ms)?;
+        if self.batch.stale_after_ms <= self.batch.heartbeat_ms {
+            return Err(ConfigError::new("batch.stale_after_ms", "must be greater than batch.heartbeat_ms"));
+        }
         share("ml_api.error_rate", self.ml_api.error_rate)?;
         share("ml_api.malformed_rate", self.ml_api.malformed_rate)?;
         share("ml_api.drop_rate", self.ml_api.drop_rate)?;

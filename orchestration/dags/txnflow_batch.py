@@ -6,7 +6,9 @@ txnflow service to load ``s3://<bucket>/month=YYYY-MM/`` through
 ``GET /batches/<run_id>`` until the run is done; a failed run fails the task.
 A retried task posts the same run id again: txnflow answers 409 while that
 run is still going (the task then just polls), and a re-run of a finished
-month inserts nothing new.
+month inserts nothing new. Any replica answers for any run (txnflow records
+runs in PostgreSQL); a run whose replica stopped is reported ``interrupted``
+and is posted again, to resume on a live replica.
 
 Settings (Airflow worker environment):
   TXNFLOW_ADMIN_URL  the service's admin HTTP address (default http://txnflow:8088)
@@ -47,14 +49,19 @@ def _request(method: str, url: str, body: dict | None = None) -> tuple[int, dict
         return error.code, json.loads(error.read() or b"{}")
 
 
-def load_month(run_id: str, data_interval_start: datetime, **_context) -> dict:
-    """Starts the month's batch run in txnflow and waits for its outcome."""
-    admin = os.environ.get("TXNFLOW_ADMIN_URL", "http://txnflow:8088").rstrip("/")
-    uri = month_uri(data_interval_start, os.environ.get("TXNFLOW_BUCKET", "transactions"))
+def start(admin: str, uri: str, run_id: str) -> None:
+    """POSTs the run; 409 means a replica is already running it, which is fine."""
     status, body = _request("POST", f"{admin}/batches", {"uri": uri, "run_id": run_id})
     if status not in (202, 409):
         raise RuntimeError(f"txnflow refused the batch {uri} ({status}): {body.get('error', body)}")
     print(f"txnflow batch run {run_id} for {uri}: {'started' if status == 202 else 'already running'}")
+
+
+def load_month(run_id: str, data_interval_start: datetime, **_context) -> dict:
+    """Starts the month's batch run in txnflow and waits for its outcome."""
+    admin = os.environ.get("TXNFLOW_ADMIN_URL", "http://txnflow:8088").rstrip("/")
+    uri = month_uri(data_interval_start, os.environ.get("TXNFLOW_BUCKET", "transactions"))
+    start(admin, uri, run_id)
     while True:
         status, report = _request("GET", f"{admin}/batches/{run_id}")
         if status != 200:
@@ -64,6 +71,11 @@ def load_month(run_id: str, data_interval_start: datetime, **_context) -> dict:
             return report
         if report["status"] == "failed":
             raise RuntimeError(f"txnflow batch run {run_id} failed: {report.get('error')}")
+        if report["status"] == "interrupted":
+            # The replica running it stopped (killed, redeployed): any
+            # replica resumes it; rows already stored are not written twice.
+            print(f"txnflow batch run {run_id} interrupted ({report.get('error')}); starting it again")
+            start(admin, uri, run_id)
         time.sleep(POLL_SECONDS)
 
 

@@ -657,3 +657,125 @@ async fn a_csv_rows_dead_letter_is_a_replayable_event() {
     assert_same_set(&keys, &rows[..20].iter().map(|row| id_of(&row.id)).collect(), "dead-lettered ids");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `GET /batches/<run_id>` on `service`, as JSON.
+async fn run_status(service: &crate::scenario::Service, run_id: &str) -> serde_json::Value {
+    let response = reqwest::get(format!("{}/batches/{run_id}", service.admin)).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "GET /batches/{run_id}");
+    response.json().await.unwrap()
+}
+
+async fn post_run(service: &crate::scenario::Service, uri: &str, run_id: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/batches", service.admin))
+        .json(&serde_json::json!({"uri": uri, "run_id": run_id}))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Polls `service` until the run's status is no longer `running`.
+async fn wait_not_running(service: &crate::scenario::Service, run_id: &str) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let status = run_status(service, run_id).await;
+        if status["status"] != "running" || started.elapsed() > Duration::from_secs(180) {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const COUNT_KEYS: [&str; 6] = ["read", "valid", "invalid", "predicted", "written", "dead_lettered"];
+
+fn counts_of(report: &serde_json::Value) -> Vec<u64> {
+    COUNT_KEYS.iter().map(|key| report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"))).collect()
+}
+
+/// Behind one service name (compose's two replicas), a run posted to one
+/// replica is followed from the other, and the other refuses to start it
+/// a second time.
+#[tokio::test]
+async fn any_replica_answers_for_a_run_and_none_runs_it_twice() {
+    let scenario = Scenario::new("runjournal").await;
+    // Slow predictions keep the run going while the other replica is asked.
+    scenario.set_faults(serde_json::json!({"latency_ms": 200})).await;
+    let first = scenario.start_service(&[]).await;
+    let second = scenario.start_service(&[]).await;
+    let (header, rows) = seed_rows();
+    let mut file = format!("{header}\n");
+    for row in &rows[..3_000] {
+        file.push_str(&seed_line(row));
+        file.push('\n');
+    }
+    let uri = Folder::new().await.put("month.csv", file.into_bytes()).await;
+    let run_id = format!("journal-{}", Uuid::new_v4().simple());
+
+    assert_eq!(post_run(&first, &uri, &run_id).await.0, 202);
+    let (status, body) = post_run(&second, &uri, &run_id).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], format!("run {run_id:?} is already running"));
+    let seen_from_second = run_status(&second, &run_id).await;
+    let owner = run_status(&first, &run_id).await["instance"].as_str().unwrap().to_string();
+    assert_eq!(seen_from_second["instance"], owner.as_str());
+    assert_ne!(seen_from_second["status"], "interrupted");
+
+    let from_second = wait_not_running(&second, &run_id).await;
+    let from_first = run_status(&first, &run_id).await;
+    assert_eq!(from_second["status"], "completed", "{from_second}");
+    assert_eq!(counts_of(&from_second), [3_000, 3_000, 0, 3_000, 3_000, 0]);
+    assert_eq!(counts_of(&from_first), counts_of(&from_second));
+    assert_eq!(from_first["summary"], from_second["summary"]);
+    let expected: BTreeSet<Uuid> = rows[..3_000].iter().map(|row| id_of(&row.id)).collect();
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    let recorded = query_json(&mut scenario.db.connect(), "SELECT run_id, status, instance FROM batch_runs");
+    assert_eq!(recorded, [serde_json::json!({"run_id": run_id, "status": "completed", "instance": owner})]);
+}
+
+/// A replica killed in the middle of a run: the other reports the run
+/// `interrupted` once the dead one has been silent for
+/// `batch.stale_after_ms`, takes it over when it is posted again, and the
+/// run completes with every row stored once.
+#[tokio::test]
+async fn a_run_whose_replica_died_is_interrupted_and_resumes_on_another() {
+    let scenario = Scenario::new("runtakeover").await;
+    scenario.set_faults(serde_json::json!({"latency_ms": 300})).await;
+    let quick = [("TXNFLOW__BATCH__HEARTBEAT_MS", "300"), ("TXNFLOW__BATCH__STALE_AFTER_MS", "3000")];
+    let mut doomed = scenario.start_service(&quick).await;
+    let survivor = scenario.start_service(&quick).await;
+    let uri = Folder::new().await.put("transactions_fr.csv", std::fs::read(seed_csv_path()).unwrap()).await;
+    let run_id = format!("takeover-{}", Uuid::new_v4().simple());
+
+    assert_eq!(post_run(&doomed, &uri, &run_id).await.0, 202);
+    let owner = run_status(&doomed, &run_id).await["instance"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let status = run_status(&doomed, &run_id).await;
+        assert_eq!(status["status"], "running", "killed before it ends: {status}");
+        if status["written"].as_u64().unwrap() >= 1_000 || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(doomed.signal("KILL", Duration::from_secs(10)).is_some(), "kill -9");
+
+    let interrupted = wait_not_running(&survivor, &run_id).await;
+    assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
+    assert_eq!(interrupted["instance"], owner.as_str());
+    let error = interrupted["error"].as_str().unwrap();
+    assert!(error.starts_with(&format!("{owner}, which runs it, stopped reporting")), "{error}");
+
+    assert_eq!(post_run(&survivor, &uri, &run_id).await.0, 202, "the survivor takes the run over");
+    let done = wait_not_running(&survivor, &run_id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_ne!(done["instance"], owner.as_str());
+    // The second pass reads the whole file again: rows stored by the first
+    // are written again as they were (idempotent), so every count is whole.
+    assert_eq!(counts_of(&done), [10_000, 10_000, 0, 10_000, 10_000, 0]);
+    let (_, rows) = seed_rows();
+    let expected: BTreeSet<Uuid> = rows.iter().map(|row| id_of(&row.id)).collect();
+    assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 10_000);
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 10_000);
+}

@@ -122,6 +122,12 @@ fn the_dockerfile_builds_the_binary_ci_tests() {
     assert!(!dockerfile.contains("--features") && !dockerfile.contains("--no-default-features"));
     assert!(dockerfile.lines().filter(|l| l.starts_with("FROM ")).count() >= 2, "multi-stage");
     assert!(!dockerfile.contains(":latest"));
+    // `COPY . .` takes the context: a local config (secrets) stays out.
+    let ignored = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.dockerignore")).unwrap();
+    let ignored: BTreeSet<&str> = ignored.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    for path in ["config/local.toml", "target", ".stack", ".git"] {
+        assert!(ignored.contains(path), ".dockerignore leaves out {path}");
+    }
 }
 
 /// The metric names a dashboard query uses (histogram series reduced to

@@ -17,8 +17,8 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         stdout(&first).trim(),
-        "applied migrations: 20261126000001, 20261126000002",
-        "both migrations, in order"
+        "applied migrations: 20261126000001, 20261126000002, 20261126000003",
+        "every migration, in order"
     );
     let second = migrate(&database);
     assert!(second.status.success());
@@ -28,7 +28,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     let columns = query_json(
         &mut connection,
         "SELECT table_name, column_name, data_type, is_nullable, numeric_precision, numeric_scale
-         FROM information_schema.columns WHERE table_name IN ('transactions', 'predictions')
+         FROM information_schema.columns WHERE table_name IN ('transactions', 'predictions', 'batch_runs')
          ORDER BY table_name, ordinal_position",
     );
     let described: Vec<String> = columns
@@ -46,6 +46,12 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert_eq!(
         described,
         [
+            "batch_runs.run_id text null=NO",
+            "batch_runs.uri text null=NO",
+            "batch_runs.status text null=NO",
+            "batch_runs.instance text null=NO",
+            "batch_runs.report jsonb null=NO",
+            "batch_runs.updated_at timestamp with time zone null=NO",
             "predictions.id bigint null=NO",
             "predictions.transaction_id uuid null=NO",
             "predictions.category character varying null=NO",
