@@ -108,6 +108,7 @@ ensure_apt_tool() {
 up_postgres() {
   ensure_apt_tool /usr/bin/time time "for the benchmarks' peak memory (/usr/bin/time -v)"
   ensure_apt_tool /usr/bin/docker-compose docker-compose "to validate compose.yaml offline (docker-compose config)"
+  ensure_apt_tool /usr/bin/promtool prometheus "to test the alert rules and the dashboard's queries (promtool, prometheus)"
   if ! command -v pg_ctlcluster >/dev/null || [[ -z "$(pg_cluster)" ]]; then
     log "installing PostgreSQL from Debian (apt-get install postgresql)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >"$LOGS/apt-postgresql.log" 2>&1 \
