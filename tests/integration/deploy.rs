@@ -30,6 +30,18 @@ fn compose_runs_three_brokers_two_replicas_and_checks_every_service() {
         .map(|(name, _)| name.as_str())
         .collect();
     assert_eq!(brokers, ["kafka-1", "kafka-2", "kafka-3"], "three KRaft brokers");
+    for (name, broker) in services.iter().filter(|(name, _)| brokers.contains(&name.as_str())) {
+        // kafka-storage format refuses a cluster id that is not a base64 UUID.
+        let cluster_id = broker["environment"]["CLUSTER_ID"].as_str().unwrap();
+        assert!(
+            cluster_id.len() == 22 && cluster_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{name}: CLUSTER_ID {cluster_id:?} is a URL-safe base64 UUID"
+        );
+        // The log lives on the broker's volume, not in the image's /tmp default.
+        let log_dirs = broker["environment"]["KAFKA_LOG_DIRS"].as_str().unwrap();
+        let volume = broker["volumes"][0].as_str().unwrap();
+        assert_eq!(volume, format!("{name}:{log_dirs}"), "{name} keeps its log on its volume");
+    }
     let init = services.iter().find(|(name, _)| name == "kafka-init").expect("a topic init service");
     let script = serde_yaml::to_string(&init.1["command"]).unwrap();
     for topic in ["transactions:3", "failed-transactions", "predictions"] {
