@@ -54,11 +54,24 @@ pub fn state() -> BreakerState {
     }
 }
 
+/// Records a state recloser reports. Recloser also reports the state a
+/// breaker starts in (closed): that is no transition, so it is neither
+/// counted nor logged.
 fn record_transition(to: BreakerState) {
-    STATE.store(to as u8, Ordering::Relaxed);
+    let from = STATE.swap(to as u8, Ordering::Relaxed);
     METRICS.breaker_state.set(to as i64);
+    if from == to as u8 {
+        return;
+    }
     METRICS.breaker_transitions.with_label_values(&[to.as_str()]).inc();
-    tracing::warn!(state = to.as_str(), "ML API circuit breaker changed state");
+    match to {
+        BreakerState::Open => {
+            tracing::warn!(state = to.as_str(), "ML API circuit breaker opened: predictions wait for the backfill")
+        }
+        BreakerState::HalfOpen | BreakerState::Closed => {
+            tracing::info!(state = to.as_str(), "ML API circuit breaker changed state")
+        }
+    }
 }
 
 /// Builds the breaker from `[breaker]`.
@@ -127,4 +140,23 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for BreakerStateLayer 
 /// The filter that lets exactly recloser's events reach [`BreakerStateLayer`].
 pub fn layer_filter() -> tracing_subscriber::filter::Targets {
     tracing_subscriber::filter::Targets::new().with_target(recloser::RECLOSER_EVENT, tracing::Level::INFO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_change_of_state_counts_as_a_transition() {
+        let count = |to: BreakerState| METRICS.breaker_transitions.with_label_values(&[to.as_str()]).get();
+        let (closed, open) = (count(BreakerState::Closed), count(BreakerState::Open));
+        record_transition(BreakerState::Closed); // the state a breaker starts in
+        assert_eq!(count(BreakerState::Closed), closed);
+        record_transition(BreakerState::Open);
+        record_transition(BreakerState::Open);
+        assert_eq!((state(), count(BreakerState::Open)), (BreakerState::Open, open + 1));
+        record_transition(BreakerState::Closed);
+        assert_eq!((state(), count(BreakerState::Closed)), (BreakerState::Closed, closed + 1));
+        assert_eq!(METRICS.breaker_state.get(), 0);
+    }
 }

@@ -139,7 +139,10 @@ fn main() -> ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level))
+        // Recloser's raw events feed BreakerStateLayer, which logs the
+        // transitions in our words; printed as well, they would be noise.
+        .add_directive("recloser_event=off".parse().expect("a valid directive"));
     use tracing_subscriber::prelude::*;
     // Colours only on a terminal: log files and pipes get plain text.
     let fmt = tracing_subscriber::fmt::layer()
