@@ -153,3 +153,55 @@ fn a_seed_system_database_is_upgraded_in_place() {
         [json!({"id": "e15d1546-4798-54fb-b2ff-35d10197b1b9", "amount": "-952.40", "processing_type": "streaming"})]
     );
 }
+
+/// Reverting txnflow's migrations gives the seed schema back, views and
+/// all, and migrating again restores txnflow's.
+#[test]
+fn reverting_txnflow_migrations_restores_the_seed_schema() {
+    use diesel_migrations::MigrationHarness;
+    let database = TestDatabase::create();
+    assert!(migrate(&database).status.success());
+    let mut connection = database.connect();
+    let reverted: Vec<String> =
+        (0..2).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
+    assert_eq!(reverted, ["20261126000003", "20261126000002"]);
+
+    let tables = query_json(
+        &mut connection,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'
+         AND table_name <> '__diesel_schema_migrations' ORDER BY table_name",
+    );
+    let tables: Vec<&str> = tables.iter().map(|t| t["table_name"].as_str().unwrap()).collect();
+    assert_eq!(
+        tables,
+        [
+            "predictions",
+            "transaction_stats",
+            "transactions",
+            "transactions_with_predictions",
+            "unprocessed_transactions"
+        ],
+        "the seed's tables and views, and no batch_runs"
+    );
+    let lineage = query_json(
+        &mut connection,
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'transactions'
+         AND column_name IN ('processing_type', 'run_id', 'batch_id', 'source')",
+    );
+    assert_eq!(lineage, Vec::<serde_json::Value>::new(), "no lineage columns");
+    // The seed's views work on the seed's columns.
+    connection
+        .batch_execute(
+            "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side)
+             VALUES ('00000000-0000-0000-0000-000000000009', 'Coffee', -3.5, now(), 'Cafe', 'card', 'debit')",
+        )
+        .unwrap();
+    let stats =
+        query_json(&mut connection, "SELECT total_transactions, unprocessed_transactions FROM transaction_stats");
+    assert_eq!(stats, [json!({"total_transactions": 1, "unprocessed_transactions": 1})]);
+
+    let again = migrate(&database);
+    assert_eq!(stdout(&again).trim(), "applied migrations: 20261126000002, 20261126000003");
+    let stored = query_json(&mut connection, "SELECT processing_type, run_id FROM transactions");
+    assert_eq!(stored, [json!({"processing_type": "streaming", "run_id": null})]);
+}
