@@ -178,10 +178,10 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
         runs.file_done(&spec.run_id, error_file);
     }
     runs.finish(&spec.run_id, None);
-    record_runs(pipeline.clone()).await;
     if let Some(report) = runs.report(&spec.run_id) {
         tracing::info!(summary = report.summary, "batch run completed");
     }
+    record_runs(pipeline.clone()).await;
 }
 
 /// Records the run in `batch_runs` as this process's, unless another live
