@@ -208,6 +208,13 @@ async fn the_dashboard_queries_only_exported_metrics() {
     }
     let unknown: Vec<&String> = used.difference(&exported).collect();
     assert!(unknown.is_empty(), "dashboard metrics not exported: {unknown:?}");
+    // Every family of §8 (the lag's included, now it is reported) says
+    // what it measures.
+    let text = service.metrics().await;
+    for family in crate::streaming::METRIC_FAMILIES {
+        let help = text.lines().find_map(|line| line.strip_prefix(&format!("# HELP {family} ")));
+        assert!(help.is_some_and(|help| help.len() > 10), "{family} has help text: {help:?}");
+    }
 }
 
 /// Every family of §8 is on a running instance's `/metrics`, and the
