@@ -233,13 +233,12 @@ pub async fn record_runs(pipeline: Arc<Pipeline>) {
     match outcome {
         Ok(recorded) => {
             for (report, mine) in recorded {
-                if !mine {
+                if pipeline.batches.recorded(&report, mine) {
                     // Another process took the run over while this one was
                     // silent (see batch.stale_after_ms). Both load it; writes
                     // are idempotent. The table keeps the other's reports.
                     tracing::warn!(run_id = report.run_id, "another instance took this batch run over");
                 }
-                pipeline.batches.recorded(&report);
             }
         }
         Err(error) => tracing::debug!(%error, "cannot record batch runs; the next heartbeat tries again"),

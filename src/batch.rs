@@ -454,6 +454,8 @@ struct RunState {
     elapsed: Option<f64>,
     /// The finished report is in the `batch_runs` table.
     final_recorded: bool,
+    /// Another process took the run over in `batch_runs` (said once).
+    taken_over: bool,
 }
 
 impl RunState {
@@ -498,6 +500,7 @@ impl BatchRuns {
                 started: Instant::now(),
                 elapsed: None,
                 final_recorded: false,
+                taken_over: false,
             },
         );
         Ok(spec)
@@ -615,14 +618,19 @@ impl BatchRuns {
         ids.iter().filter_map(|id| self.report(id)).collect()
     }
 
-    /// `report` is in the table: a finished one need not be sent again.
-    pub fn recorded(&self, report: &RunReport) {
-        if report.status != RunStatus::Running
-            && let Some(run) = self.lock().get_mut(&report.run_id)
-            && run.status == report.status
-        {
+    /// `report` was sent to the table: `mine` when it is in, false when
+    /// another process has taken the run over. A finished one is not sent
+    /// again either way. Returns true the first time the run is found taken
+    /// over, so that it is said once, not at every heartbeat.
+    pub fn recorded(&self, report: &RunReport, mine: bool) -> bool {
+        let mut runs = self.lock();
+        let Some(run) = runs.get_mut(&report.run_id) else { return false };
+        if report.status != RunStatus::Running && run.status == report.status {
             run.final_recorded = true;
         }
+        let first_refusal = !mine && !run.taken_over;
+        run.taken_over |= !mine;
+        first_refusal
     }
 
     /// A run's report before it starts: nothing counted yet.
@@ -749,5 +757,24 @@ mod tests {
         let done = recorded_answer(r#"{"status":"completed","error":null}"#, "host-a/1", 9_000_000, 30_000);
         assert_eq!(done["status"], "completed");
         assert_eq!(done["error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_run_is_recorded_until_its_final_report_is_in_and_a_takeover_is_said_once() {
+        let runs = BatchRuns::default();
+        let spec =
+            RunSpec { run_id: "2026-01".into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
+        runs.begin(spec).unwrap();
+        let running = runs.to_record();
+        assert_eq!(running.len(), 1);
+        assert!(!runs.recorded(&running[0], true), "recorded as ours");
+        assert_eq!(runs.to_record().len(), 1, "a running run is recorded at every heartbeat");
+        assert!(runs.recorded(&running[0], false), "first refusal: say it");
+        assert!(!runs.recorded(&running[0], false), "then quiet");
+        runs.finish("2026-01", None);
+        let done = runs.to_record();
+        assert_eq!(done[0].status, RunStatus::Completed);
+        runs.recorded(&done[0], true);
+        assert!(runs.to_record().is_empty(), "the final report is in");
     }
 }
