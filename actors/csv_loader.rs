@@ -190,15 +190,7 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
 /// records it once the database is back.
 async fn claim(pipeline: &Arc<Pipeline>, spec: &RunSpec) -> Result<(), BatchError> {
     let report = batch::BatchRuns::starting_report(spec);
-    let shared = pipeline.clone();
-    let claimed = tokio::task::spawn_blocking(move || {
-        let mut connection = shared.pool.get().map_err(|e| e.to_string())?;
-        let stale_after = shared.config.batch.stale_after_ms;
-        crate::db::record_run(&mut connection, &shared.instance, &report, true, stale_after).map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap_or_else(|join_error| Err(join_error.to_string()));
-    match claimed {
+    match write_reports(pipeline, vec![report], true).await.map(|recorded| recorded[0].1) {
         Ok(true) => Ok(()),
         Ok(false) => Err(BatchError::AlreadyRunning(spec.run_id.clone())),
         Err(error) => {
@@ -206,6 +198,31 @@ async fn claim(pipeline: &Arc<Pipeline>, spec: &RunSpec) -> Result<(), BatchErro
             Ok(())
         }
     }
+}
+
+/// Writes `reports` to `batch_runs` as this process's (see
+/// [`crate::db::record_run`] for `take_over`), on the blocking pool; each
+/// comes back with whether the row is now this process's.
+async fn write_reports(
+    pipeline: &Arc<Pipeline>,
+    reports: Vec<batch::RunReport>,
+    take_over: bool,
+) -> Result<Vec<(batch::RunReport, bool)>, String> {
+    let shared = pipeline.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut connection = shared.pool.get().map_err(|e| e.to_string())?;
+        let stale_after = shared.config.batch.stale_after_ms;
+        reports
+            .into_iter()
+            .map(|report| {
+                crate::db::record_run(&mut connection, &shared.instance, &report, take_over, stale_after)
+                    .map(|mine| (report, mine))
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|join_error| Err(join_error.to_string()))
 }
 
 /// Writes what `batch_runs` lacks: every running run's progress, and each
@@ -216,20 +233,7 @@ pub async fn record_runs(pipeline: Arc<Pipeline>) {
     if reports.is_empty() {
         return;
     }
-    let shared = pipeline.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut connection = shared.pool.get().map_err(|e| e.to_string())?;
-        let stale_after = shared.config.batch.stale_after_ms;
-        let mut recorded = Vec::new();
-        for report in reports {
-            let mine = crate::db::record_run(&mut connection, &shared.instance, &report, false, stale_after)
-                .map_err(|e| e.to_string())?;
-            recorded.push((report, mine));
-        }
-        Ok::<_, String>(recorded)
-    })
-    .await
-    .unwrap_or_else(|join_error| Err(join_error.to_string()));
+    let outcome = write_reports(&pipeline, reports, false).await;
     match outcome {
         Ok(recorded) => {
             for (report, mine) in recorded {

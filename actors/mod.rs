@@ -328,10 +328,9 @@ impl Pipeline {
     }
 
     /// Stops every arbiter (after a graceful shutdown) and waits, at most
-    /// `wait`, for their threads to end. Without the wait, the process could
-    /// exit while an arbiter thread is still destroying a librdkafka client,
-    /// and the two would free the same memory: "double free or corruption"
-    /// after a batch run's summary line, seen once in CI.
+    /// `wait`, for their threads to end, so that the actors and the clients
+    /// they hold are gone before the process ends. (The "double free" once
+    /// seen at exit had another cause: see `leave` in main.rs.)
     pub fn stop_arbiters(&self, wait: Duration) {
         if let Some(addrs) = self.addrs.read().expect("addrs lock").as_ref() {
             for arbiter in &addrs.arbiters {
