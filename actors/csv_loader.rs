@@ -43,6 +43,9 @@ const CHUNK: usize = 500;
 pub struct LoadCsv {
     pub uri: String,
     pub run_id: Option<String>,
+    /// What the asker may read: anything from the CLI, the allowed
+    /// buckets and local roots over HTTP.
+    pub policy: batch::InputPolicy,
 }
 
 pub struct CsvLoader {
@@ -102,7 +105,7 @@ impl Handler<LoadCsv> for CsvLoader {
         let pipeline = self.pipeline.clone();
         let check = async move {
             let run_id = load.run_id.unwrap_or_else(batch::new_run_id);
-            let spec = batch::prepare(&s3, &load.uri, &run_id).await?;
+            let spec = batch::prepare(&s3, &load.uri, &run_id, &load.policy).await?;
             if pipeline.batches.is_running(&run_id) {
                 return Err(BatchError::AlreadyRunning(run_id));
             }

@@ -8,11 +8,15 @@
 //! because its concurrency is bounded by the pool without an unbounded
 //! SyncArbiter queue in front of it.
 //!
-//! PostgreSQL unreachable: the same write is retried with backoff, forever,
-//! and nothing is acknowledged, so the capacity fills and the sources pause
+//! PostgreSQL unreachable: the same write is retried with backoff, and
+//! nothing is acknowledged, so the capacity fills and the sources pause
 //! (guarantee 5). Data the database refuses: the flush is split in halves
 //! until the refused records stand alone; those go to the DLQ as
-//! `persist_failed`, and the rest is written.
+//! `persist_failed`, and the rest is written. A lone refused record is tried
+//! once more without its prediction: if that is stored, only the prediction
+//! failed (`prediction_failed`). An error that persists while the database
+//! answers `SELECT 1` counts as a refusal, whatever its text, so no record
+//! can hold its partition forever.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
 use rand::Rng;
@@ -47,15 +51,59 @@ impl Supervised for DbWriter {
     }
 }
 
-/// Refused records of a write, by position in the flush, with the reason.
-type Refused = Vec<(usize, String)>;
+/// What a write refused, by position in the flush, with the reason.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Records the database refused whole: dead-lettered as `persist_failed`.
+    records: Vec<(usize, String)>,
+    /// Records stored without their prediction, which the database refused:
+    /// they count as `prediction_failed`, and the backfill predicts them again.
+    predictions: Vec<(usize, String)>,
+}
 
-/// Writes the records at `positions`, splitting on refused data.
+/// How much a failing write is trusted to be the database's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Suspicion {
+    /// An error is the database's (unreachable, busy) unless it says the data is bad.
+    Database,
+    /// The same write kept failing while the database answers: any error
+    /// that persists while `SELECT 1` works is a refusal of the data.
+    Data,
+}
+
+/// Consecutive failures of one write after which it is suspected, not the database.
+const SUSPECT_DATA_AFTER: u32 = 3;
+
+/// Whether the database answers a trivial query on this connection.
+fn answers(connection: &mut diesel::pg::PgConnection) -> bool {
+    use diesel::RunQueryDsl;
+    diesel::sql_query("SELECT 1").execute(connection).is_ok()
+}
+
+/// The refusal reason of a failed write, or the error when the database
+/// itself is the problem (then the whole write is retried later).
+fn refusal(
+    connection: &mut diesel::pg::PgConnection,
+    error: WriteError,
+    suspicion: Suspicion,
+) -> Result<String, WriteError> {
+    match error {
+        WriteError::Refused(reason) => Ok(reason),
+        WriteError::Unavailable(reason) if suspicion == Suspicion::Data && answers(connection) => Ok(reason),
+        unavailable => Err(unavailable),
+    }
+}
+
+/// Writes the records at `positions`, splitting on refused data until each
+/// refused record stands alone; a lone record is tried once more without
+/// its prediction, since a bad prediction must not cost the transaction.
 fn write_positions(
     connection: &mut diesel::pg::PgConnection,
     batch: &WriteBatch,
     positions: &[usize],
-) -> Result<Refused, WriteError> {
+    suspicion: Suspicion,
+    refusals: &mut Refusals,
+) -> Result<(), WriteError> {
     let rows: Vec<TransactionRow<'_>> = positions
         .iter()
         .map(|&i| {
@@ -71,36 +119,48 @@ fn write_positions(
         .collect();
     let predictions: Vec<_> =
         positions.iter().filter_map(|&i| batch.predictions.get(&batch.records[i].transaction.id).cloned()).collect();
-    match write_flush(connection, &rows, &predictions) {
-        Ok(()) => Ok(Vec::new()),
-        Err(WriteError::Refused(reason)) if positions.len() == 1 => Ok(vec![(positions[0], reason)]),
-        Err(WriteError::Refused(_)) => {
-            let (left, right) = positions.split_at(positions.len() / 2);
-            let mut refused = write_positions(connection, batch, left)?;
-            refused.extend(write_positions(connection, batch, right)?);
-            Ok(refused)
-        }
-        Err(unavailable) => Err(unavailable),
+    let Err(error) = write_flush(connection, &rows, &predictions) else { return Ok(()) };
+    let reason = refusal(connection, error, suspicion)?;
+    if positions.len() > 1 {
+        let (left, right) = positions.split_at(positions.len() / 2);
+        write_positions(connection, batch, left, suspicion, refusals)?;
+        return write_positions(connection, batch, right, suspicion, refusals);
     }
+    if predictions.is_empty() {
+        refusals.records.push((positions[0], reason));
+        return Ok(());
+    }
+    match write_flush(connection, &rows, &[]) {
+        Ok(()) => refusals.predictions.push((positions[0], format!("prediction refused by the database: {reason}"))),
+        Err(error) => refusals.records.push((positions[0], refusal(connection, error, suspicion)?)),
+    }
+    Ok(())
 }
 
-fn write_batch(pipeline: &Pipeline, batch: &WriteBatch) -> Result<Refused, WriteError> {
+fn write_batch(pipeline: &Pipeline, batch: &WriteBatch, suspicion: Suspicion) -> Result<Refusals, WriteError> {
     let mut connection = pipeline.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
     let positions: Vec<usize> = (0..batch.records.len()).collect();
-    write_positions(&mut connection, batch, &positions)
+    let mut refusals = Refusals::default();
+    write_positions(&mut connection, batch, &positions, suspicion, &mut refusals)?;
+    Ok(refusals)
 }
 
-/// Writes a flush until the database takes it, then acknowledges it.
+/// Writes a flush until the database takes it, then acknowledges it. While
+/// the database is unreachable this retries without end and acknowledges
+/// nothing (guarantee 5); once the same write has failed
+/// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
+/// answers are taken as refusals of the records, which are isolated.
 async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
     let mut attempt = 0u32;
-    let refused = loop {
+    let refusals = loop {
         attempt += 1;
+        let suspicion = if attempt > SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
         let started = Instant::now();
         let shared = pipeline.clone();
         // The blocking pool's thread is outside the actor's span: take it along.
         let span = tracing::Span::current();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = span.in_scope(|| write_batch(&shared, &batch));
+            let result = span.in_scope(|| write_batch(&shared, &batch, suspicion));
             (batch, result)
         })
         .await;
@@ -111,18 +171,20 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
             .with_label_values(&["in_use"])
             .set(i64::from(state.connections - state.idle_connections));
         match outcome {
-            Ok((returned, Ok(refused))) => {
-                let label = if refused.is_empty() { "ok" } else { "data_error" };
+            Ok((returned, Ok(refusals))) => {
+                let clean = refusals.records.is_empty() && refusals.predictions.is_empty();
+                let label = if clean { "ok" } else { "data_error" };
                 METRICS.db_write_duration.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
                 batch = returned;
-                break refused;
+                break refusals;
             }
             Ok((returned, Err(error))) => {
                 METRICS.db_write_duration.with_label_values(&["retry"]).observe(started.elapsed().as_secs_f64());
                 batch = returned;
                 let delay =
                     backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
-                tracing::warn!(attempt, ?delay, %error, "write failed; retrying (nothing is acknowledged)");
+                let error = crate::db::short_reason(&error);
+                tracing::warn!(attempt, ?delay, error, "write failed; retrying (nothing is acknowledged)");
                 tokio::time::sleep(delay).await;
             }
             Err(join_error) => {
@@ -133,14 +195,24 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
             }
         }
     };
-    acknowledge(&pipeline, batch, refused);
+    acknowledge(&pipeline, batch, refusals);
 }
 
 /// Acknowledges the written records, and sends the failed predictions and
 /// the refused records to the DLQ.
-fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refused: Refused) {
-    let mut refused: std::collections::HashMap<usize, String> = refused.into_iter().collect();
+fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refusals: Refusals) {
+    let mut refused: std::collections::HashMap<usize, String> = refusals.records.into_iter().collect();
     let WriteBatch { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = batch;
+    // A refused prediction: the transaction is stored, its prediction failed.
+    for (position, reason) in refusals.predictions {
+        let id = records[position].transaction.id;
+        predictions.remove(&id);
+        let attempts = failures.get(&id).map_or(1, |failure| failure.attempts);
+        failures.insert(
+            id,
+            Failure { error_type: ErrorType::PredictionFailed, stage: Stage::Persist, message: reason, attempts },
+        );
+    }
     let mut dead_letters = Vec::new();
     let mut predicted_for_fanout = Vec::new();
     let total = records.len();

@@ -197,7 +197,8 @@ up_ml_api() {
   if pid_alive ml-api; then log "ml-api already running (pid $(cat "$PIDS/ml-api.pid"))"; return; fi
   if port_open 8000; then log "port 8000 is already served by another process; using it as the ML API"; return; fi
   log "starting the reference ML API on 127.0.0.1:8000"
-  start_daemon ml-api "$TXNFLOW_BIN" ml-api --listen 127.0.0.1:8000
+  # --faults: the local stack is for testing; its knobs are on loopback only.
+  start_daemon ml-api "$TXNFLOW_BIN" ml-api --listen 127.0.0.1:8000 --faults
   wait_for ml-api "$LOGS/ml-api.log" ml_api_ready
 }
 

@@ -1,9 +1,11 @@
 //! The admin HTTP server of `txnflow run` (contract §8): health, readiness,
 //! Prometheus metrics and, when `chaos.enabled`, the chaos hooks.
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use rdkafka::producer::Producer;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +19,40 @@ struct AdminState {
     pipeline: Arc<Pipeline>,
     chaos_enabled: bool,
 }
+
+/// The endpoints anyone may call: probes and scrapes carry no token.
+const OPEN_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
+
+/// Whether `header` is `Bearer <token>`. Compared in constant time, so the
+/// answer's timing tells nothing about how much of a guess was right.
+pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
+    let Some(presented) = header.and_then(|value| value.strip_prefix("Bearer ")) else { return false };
+    let (presented, token) = (presented.trim().as_bytes(), token.as_bytes());
+    presented.len() == token.len() && presented.iter().zip(token).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+/// Requires the bearer token on every endpoint but [`OPEN_PATHS`].
+async fn require_token(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let token = request.app_data::<web::Data<AdminToken>>().map(|token| token.0.clone()).unwrap_or_default();
+    let open = OPEN_PATHS.contains(&request.path());
+    if token.is_empty() || open {
+        return next.call(request).await.map(ServiceResponse::map_into_boxed_body);
+    }
+    let header = request.headers().get("authorization").and_then(|value| value.to_str().ok());
+    if bearer_matches(header, &token) {
+        return next.call(request).await.map(ServiceResponse::map_into_boxed_body);
+    }
+    let answer = HttpResponse::Unauthorized()
+        .insert_header(("www-authenticate", "Bearer"))
+        .json(serde_json::json!({"error": "this endpoint requires Authorization: Bearer <admin.token>"}));
+    Ok(request.into_response(answer))
+}
+
+/// The configured token (empty: none).
+struct AdminToken(String);
 
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
@@ -35,8 +71,9 @@ async fn ready(state: web::Data<AdminState>) -> HttpResponse {
         producer.client().fetch_metadata(None, Duration::from_secs(2)).map(|_| ()).map_err(|e| e.to_string())
     });
     let (database, broker) = tokio::join!(database, broker);
-    let database = database.unwrap_or_else(|e| Err(e.to_string()));
-    let broker = broker.unwrap_or_else(|e| Err(e.to_string()));
+    // A short reason, secrets hidden: the answer says which dependency failed.
+    let database = database.unwrap_or_else(|e| Err(e.to_string())).map_err(crate::db::short_reason);
+    let broker = broker.unwrap_or_else(|e| Err(e.to_string())).map_err(crate::db::short_reason);
     let body = serde_json::json!({
         "database": database.as_ref().err().map_or("ok".to_string(), |e| e.clone()),
         "broker": broker.as_ref().err().map_or("ok".to_string(), |e| e.clone()),
@@ -80,16 +117,21 @@ struct BatchRequest {
 }
 
 /// `POST /batches {"uri", "run_id"?}`: checks the input, starts the run,
-/// answers 202 with the run id; 400 names a bad input, 409 a run id in use.
+/// answers 202 with the run id; 400 names a bad input, 403 one outside
+/// `batch.allowed_buckets` and `batch.local_roots`, 409 a run id in use.
 async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminState>) -> HttpResponse {
     let BatchRequest { uri, run_id } = request.into_inner();
     let loader = state.pipeline.addrs().csv_loader;
-    match loader.send(LoadCsv { uri, run_id }).await {
+    let policy = crate::batch::InputPolicy::for_http(&state.pipeline.config);
+    match loader.send(LoadCsv { uri, run_id, policy }).await {
         Ok(Ok(run_id)) => {
             HttpResponse::Accepted().json(serde_json::json!({"run_id": run_id, "status": format!("/batches/{run_id}")}))
         }
         Ok(Err(error @ BatchError::AlreadyRunning(_))) => {
             HttpResponse::Conflict().json(serde_json::json!({"error": error.to_string()}))
+        }
+        Ok(Err(error @ BatchError::NotAllowed { .. })) => {
+            HttpResponse::Forbidden().json(serde_json::json!({"error": error.to_string()}))
         }
         Ok(Err(error)) => HttpResponse::BadRequest().json(serde_json::json!({"error": error.to_string()})),
         Err(error) => HttpResponse::ServiceUnavailable()
@@ -134,16 +176,22 @@ async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -
     }
 }
 
-/// Binds and starts the admin server.
+/// Binds and starts the admin server. A listen address beyond loopback
+/// needs `admin.token` (see [`crate::config::AdminConfig::check_exposure`]).
 pub fn start(
-    listen: SocketAddr,
+    admin: &crate::config::AdminConfig,
     pipeline: Arc<Pipeline>,
     chaos_enabled: bool,
 ) -> anyhow::Result<actix_web::dev::Server> {
+    admin.check_exposure()?;
+    let listen = admin.listen;
     let state = web::Data::new(AdminState { pipeline, chaos_enabled });
+    let token = web::Data::new(AdminToken(admin.token.clone()));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(token.clone())
+            .wrap(actix_web::middleware::from_fn(require_token))
             .route("/health", web::get().to(health))
             .route("/ready", web::get().to(ready))
             .route("/metrics", web::get().to(metrics))

@@ -39,6 +39,96 @@ pub enum BatchError {
     Unreadable { uri: String, reason: String },
     #[error("run {0:?} is already running")]
     AlreadyRunning(String),
+    #[error("{uri} may not be read here: {reason}")]
+    NotAllowed { uri: String, reason: String },
+}
+
+/// Which inputs a run may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputPolicy {
+    /// The operator's own shell (`txnflow batch`): any uri.
+    Any,
+    /// `POST /batches`: s3:// uris in these buckets, and local paths that
+    /// resolve (`..` and symlinks) to a place under one of these roots.
+    Restricted { buckets: Vec<String>, local_roots: Vec<PathBuf> },
+}
+
+impl InputPolicy {
+    /// The policy of `POST /batches`, from `batch.allowed_buckets` and `batch.local_roots`.
+    pub fn for_http(config: &crate::config::Config) -> InputPolicy {
+        InputPolicy::Restricted {
+            buckets: config.batch.buckets_allowed(&config.s3).into_iter().map(str::to_string).collect(),
+            local_roots: config.batch.local_roots.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    /// The uri as it may be read: a local path comes back resolved, so
+    /// that what is opened is what was checked.
+    pub fn check(&self, uri: &str) -> Result<BatchUri, BatchError> {
+        let parsed = parse_uri(uri)?;
+        let InputPolicy::Restricted { buckets, local_roots } = self else { return Ok(parsed) };
+        let refuse = |reason: String| BatchError::NotAllowed { uri: uri.to_string(), reason };
+        match parsed {
+            BatchUri::S3Object { ref bucket, .. } | BatchUri::S3Prefix { ref bucket, .. } => {
+                if buckets.iter().any(|allowed| allowed == bucket) {
+                    Ok(parsed)
+                } else {
+                    Err(refuse(format!("bucket {bucket:?} is not in batch.allowed_buckets")))
+                }
+            }
+            BatchUri::Local(_) if local_roots.is_empty() => {
+                Err(refuse("local paths are not accepted here (batch.local_roots is empty); use s3://".into()))
+            }
+            BatchUri::Local(path) if !path.is_absolute() => Err(refuse("a local path must be absolute".into())),
+            BatchUri::Local(path) => {
+                let roots = resolved_roots(local_roots);
+                match std::fs::canonicalize(&path) {
+                    Ok(real) if under_any(&real, &roots) => Ok(BatchUri::Local(real)),
+                    Ok(_) => Err(refuse("it is not under batch.local_roots".into())),
+                    // Missing: say so only inside a root, so that the answer
+                    // tells nothing about what exists elsewhere.
+                    Err(_) if under_any(&lexically_normal(&path), &roots) => {
+                        Err(BatchError::NotFound { uri: uri.to_string() })
+                    }
+                    Err(_) => Err(refuse("it is not under batch.local_roots".into())),
+                }
+            }
+        }
+    }
+
+    /// Whether a file found by listing an allowed directory may be read:
+    /// a symlink in a root may point out of it.
+    fn allows_file(&self, path: &Path) -> bool {
+        match self {
+            InputPolicy::Any => true,
+            InputPolicy::Restricted { local_roots, .. } => {
+                std::fs::canonicalize(path).is_ok_and(|real| under_any(&real, &resolved_roots(local_roots)))
+            }
+        }
+    }
+}
+
+fn resolved_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
+    roots.iter().filter_map(|root| std::fs::canonicalize(root).ok()).collect()
+}
+
+fn under_any(path: &Path, roots: &[PathBuf]) -> bool {
+    roots.iter().any(|root| path.starts_with(root))
+}
+
+/// `..` and `.` removed without touching the file system.
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal
 }
 
 /// Where one file is.
@@ -180,10 +270,15 @@ impl RunSpec {
     }
 }
 
-/// Resolves the uri to its files and checks each file's header.
-pub async fn prepare(s3: &aws_sdk_s3::Client, uri: &str, run_id: &str) -> Result<RunSpec, BatchError> {
+/// Resolves the uri to its files, as `policy` allows, and checks each file's header.
+pub async fn prepare(
+    s3: &aws_sdk_s3::Client,
+    uri: &str,
+    run_id: &str,
+    policy: &InputPolicy,
+) -> Result<RunSpec, BatchError> {
     check_run_id(run_id)?;
-    let (locations, errors_per_file) = match parse_uri(uri)? {
+    let (locations, errors_per_file) = match policy.check(uri)? {
         BatchUri::S3Object { bucket, key } => {
             check_bucket(s3, &bucket, uri).await?;
             (vec![Location::S3 { bucket, key }], false)
@@ -192,7 +287,7 @@ pub async fn prepare(s3: &aws_sdk_s3::Client, uri: &str, run_id: &str) -> Result
             check_bucket(s3, &bucket, uri).await?;
             (list_s3_csv(s3, &bucket, &prefix, uri).await?, true)
         }
-        BatchUri::Local(path) if path.is_dir() => (list_local_csv(&path, uri)?, true),
+        BatchUri::Local(path) if path.is_dir() => (list_local_csv(&path, uri, policy)?, true),
         BatchUri::Local(path) if path.exists() => (vec![Location::Local(path)], false),
         BatchUri::Local(_) => return Err(BatchError::NotFound { uri: uri.to_string() }),
     };
@@ -280,11 +375,12 @@ async fn list_s3_csv(
     Ok(keys.into_iter().map(|key| Location::S3 { bucket: bucket.to_string(), key }).collect())
 }
 
-fn list_local_csv(dir: &Path, uri: &str) -> Result<Vec<Location>, BatchError> {
+fn list_local_csv(dir: &Path, uri: &str, policy: &InputPolicy) -> Result<Vec<Location>, BatchError> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| unreadable(uri, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.is_file() && path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("csv")))
+        .filter(|path| policy.allows_file(path))
         .collect();
     if paths.is_empty() {
         return Err(BatchError::NoCsvFiles { uri: uri.to_string() });
@@ -696,6 +792,37 @@ mod tests {
     }
 
     #[test]
+    fn over_http_only_allowed_buckets_and_paths_under_a_root_are_read() {
+        let dir = std::env::temp_dir().join(format!("txnflow-policy-{}", uuid::Uuid::new_v4().simple()));
+        let root = dir.join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("in.csv"), "x").unwrap();
+        std::fs::write(dir.join("outside.csv"), "x").unwrap();
+        std::os::unix::fs::symlink(dir.join("outside.csv"), root.join("link.csv")).unwrap();
+        let policy = InputPolicy::Restricted { buckets: vec!["transactions".into()], local_roots: vec![root.clone()] };
+        let allowed = |uri: &str| policy.check(uri);
+        let refused = |uri: &str| matches!(policy.check(uri), Err(BatchError::NotAllowed { .. }));
+        assert!(allowed("s3://transactions/m/a.csv").is_ok());
+        assert!(refused("s3://other/a.csv"));
+        let inside = root.join("in.csv").display().to_string();
+        assert_eq!(allowed(&inside), Ok(BatchUri::Local(std::fs::canonicalize(&inside).unwrap())));
+        assert!(allowed(&format!("file://{inside}")).is_ok());
+        assert!(refused("/etc/passwd"));
+        assert!(refused("file:///etc/passwd"));
+        assert!(refused(&format!("{}/../outside.csv", root.display())));
+        assert!(refused(&format!("{}/link.csv", root.display())), "a symlink out of the root");
+        assert!(refused("relative/in.csv"));
+        assert!(matches!(allowed(&format!("{}/missing.csv", root.display())), Err(BatchError::NotFound { .. })));
+        assert!(refused(&format!("{}/../missing.csv", root.display())), "missing and outside: refused");
+        let listed = list_local_csv(&root, "root", &policy).unwrap();
+        assert_eq!(listed, [Location::Local(root.join("in.csv"))], "the symlink out is not listed");
+        let closed = InputPolicy::Restricted { buckets: vec!["transactions".into()], local_roots: vec![] };
+        assert!(matches!(closed.check(&inside), Err(BatchError::NotAllowed { .. })));
+        assert!(InputPolicy::Any.check("/etc/passwd").is_ok(), "the CLI reads what its operator names");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn run_ids_are_file_names() {
         assert!(check_run_id("scheduled__2026-01-01T00:00:00+00:00").is_ok());
         assert!(check_run_id(&new_run_id()).is_ok());
@@ -716,7 +843,13 @@ mod tests {
         assert_eq!(layout.headers[0], "id");
         assert_eq!(layout.headers[6], "side");
         let error = check_header(b"id,description,amount\n", "f.csv").unwrap_err();
-        assert!(error.to_string().starts_with("f.csv: the header lacks the required column(s)"), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "f.csv: the header lacks the required column(s) timestamp, merchant, operation_type, side"
+        );
+        // The file's own first line is never repeated (it may be a secret).
+        let error = check_header(b"root:x:0:0:root:/root:/bin/bash\n", "/etc/passwd").unwrap_err();
+        assert!(!error.to_string().contains("root:x"), "{error}");
         assert!(matches!(check_header(b"", "f.csv"), Err(BatchError::NotCsv { .. })));
         assert!(matches!(check_header(b"\x89PNG\r\n\x1a\n\0\0", "f.csv"), Err(BatchError::NotCsv { .. })));
         assert!(matches!(check_header(b"\xff\xfeid\n", "f.csv"), Err(BatchError::NotCsv { .. })));

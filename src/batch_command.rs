@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::actors::Pipeline;
 use crate::actors::csv_loader::LoadCsv;
-use crate::batch::RunStatus;
+use crate::batch::{InputPolicy, RunStatus};
 use crate::config::Config;
 use crate::{breaker, db, kafka, ml_client, service};
 
@@ -15,6 +15,10 @@ use crate::{breaker, db, kafka, ml_client, service};
 /// error when it could not start or did not complete.
 pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
     actix_rt::System::new().block_on(async move {
+        // The input first: a bad uri or file fails at once, before any
+        // connection to the database or the broker is tried.
+        let run_id = run_id.unwrap_or_else(crate::batch::new_run_id);
+        crate::batch::prepare(&crate::s3::client(&config.s3), &uri, &run_id, &InputPolicy::Any).await?;
         if config.db.auto_migrate {
             service::migrate_when_reachable(&config).await?;
         }
@@ -24,7 +28,7 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
         let ml = ml_client::MlClient::new(&config.predict, breaker::build(&config.breaker))?;
         let pipeline = Pipeline::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
         pipeline.start(false);
-        let outcome = load(&pipeline, uri, run_id).await;
+        let outcome = load(&pipeline, uri, Some(run_id)).await;
         pipeline.begin_shutdown();
         pipeline.stop_arbiters(Duration::from_secs(10));
         outcome
@@ -32,7 +36,7 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
 }
 
 async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
-    let run_id = pipeline.addrs().csv_loader.send(LoadCsv { uri, run_id }).await??;
+    let run_id = pipeline.addrs().csv_loader.send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
     let mut last_progress = Instant::now();
     loop {
         let report = pipeline.batches.report(&run_id).expect("the run is registered");
@@ -75,7 +79,7 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
         let started = Instant::now();
         let s3 = crate::s3::client(&config.s3);
         let run_id = run_id.unwrap_or_else(crate::batch::new_run_id);
-        let spec = crate::batch::prepare(&s3, &uri, &run_id).await?;
+        let spec = crate::batch::prepare(&s3, &uri, &run_id, &InputPolicy::Any).await?;
         let topic = config.kafka.topic.clone();
         kafka::ensure_topics(&config.kafka, &[(&topic, config.kafka.partitions)]).await?;
         let producer = kafka::producer(&config.kafka)?;

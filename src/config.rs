@@ -115,12 +115,51 @@ pub struct S3Config {
 pub struct BatchConfig {
     pub heartbeat_ms: u64,
     pub stale_after_ms: u64,
+    /// Buckets `POST /batches` may read; empty means `[s3.bucket]`.
+    pub allowed_buckets: Vec<String>,
+    /// Local directories `POST /batches` may read; empty means none.
+    pub local_roots: Vec<String>,
+}
+
+impl BatchConfig {
+    /// The buckets `POST /batches` may read.
+    pub fn buckets_allowed<'a>(&'a self, s3: &'a S3Config) -> Vec<&'a str> {
+        if self.allowed_buckets.is_empty() {
+            vec![s3.bucket.as_str()]
+        } else {
+            self.allowed_buckets.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The bearer token of every endpoint but /health, /ready and /metrics.
+    /// Empty means none. `token_file` fills it at load time.
+    pub token: String,
+    pub token_file: String,
+    pub allow_unauthenticated: bool,
+}
+
+impl AdminConfig {
+    /// Refuses a listen address beyond loopback without a token, unless
+    /// `allow_unauthenticated` says so. Checked by the commands that listen,
+    /// not at load time: `txnflow batch` with the service's settings serves nothing.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && self.token.is_empty() && !self.allow_unauthenticated {
+            return Err(ConfigError::new(
+                "admin.token",
+                format!(
+                    "admin.listen {} is not a loopback address, so a token is required: set admin.token or \
+                     admin.token_file (or admin.allow_unauthenticated = true to accept anyone who can reach it)",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,8 +227,28 @@ impl Config {
             let key = error.path().to_string();
             ConfigError::new(key, error.into_inner().to_string())
         })?;
+        let mut config = config;
+        config.read_secret_files()?;
         config.check()?;
         Ok(config)
+    }
+
+    /// Fills the secrets given as files (`*_file` keys), trimmed.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let admin = &mut self.admin;
+        if !admin.token_file.is_empty() {
+            if !admin.token.is_empty() {
+                return Err(ConfigError::new("admin.token_file", "set admin.token or admin.token_file, not both"));
+            }
+            // The error names the file, never its content.
+            let text = std::fs::read_to_string(&admin.token_file)
+                .map_err(|e| ConfigError::new("admin.token_file", format!("cannot read {}: {e}", admin.token_file)))?;
+            admin.token = text.trim().to_string();
+            if admin.token.is_empty() {
+                return Err(ConfigError::new("admin.token_file", format!("{} is empty", admin.token_file)));
+            }
+        }
+        Ok(())
     }
 
     /// Rules that types alone cannot express.
@@ -235,6 +294,16 @@ impl Config {
         positive("predict.retry_initial_backoff_ms", self.predict.retry_initial_backoff_ms)?;
         positive("predict.backfill_interval_ms", self.predict.backfill_interval_ms)?;
         non_empty("predict.default_model_version", &self.predict.default_model_version)?;
+        let longest = crate::domain::prediction::MODEL_VERSION_MAX_CHARS;
+        if self.predict.default_model_version.chars().count() > longest {
+            return Err(ConfigError::new("predict.default_model_version", format!("longer than {longest} characters")));
+        }
+        if let Some(category) = self.predict.categories.iter().find(|c| c.is_empty() || c.chars().count() > 100) {
+            return Err(ConfigError::new(
+                "predict.categories",
+                format!("each category has 1 to 100 characters (the column), got {} characters", category.len()),
+            ));
+        }
         if self.predict.categories.is_empty() {
             return Err(ConfigError::new("predict.categories", "must name at least one category"));
         }
@@ -252,6 +321,20 @@ impl Config {
         positive("batch.heartbeat_ms", self.batch.heartbeat_ms)?;
         if self.batch.stale_after_ms <= self.batch.heartbeat_ms {
             return Err(ConfigError::new("batch.stale_after_ms", "must be greater than batch.heartbeat_ms"));
+        }
+        if !self.admin.token.is_empty() && self.admin.token.chars().count() < 16 {
+            return Err(ConfigError::new("admin.token", "must be at least 16 characters"));
+        }
+        if self.admin.token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::new("admin.token", "must not contain spaces or control characters"));
+        }
+        for (index, root) in self.batch.local_roots.iter().enumerate() {
+            if !Path::new(root).is_absolute() {
+                return Err(ConfigError::new(
+                    format!("batch.local_roots[{index}]"),
+                    format!("must be an absolute path, got {root:?}"),
+                ));
+            }
         }
         share("ml_api.error_rate", self.ml_api.error_rate)?;
         share("ml_api.malformed_rate", self.ml_api.malformed_rate)?;
@@ -370,6 +453,52 @@ mod tests {
         assert_eq!(error.key, "admin.listen");
         let error = load_with(&[], &[("TXNFLOW__BREAKER__FAILURE_RATE", "1.5")]).unwrap_err();
         assert_eq!(error.key, "breaker.failure_rate");
+    }
+
+    #[test]
+    fn an_exposed_admin_port_needs_a_token_or_the_explicit_escape() {
+        let exposed = load_with(&[], &[("TXNFLOW__ADMIN__LISTEN", "0.0.0.0:8088")]).unwrap();
+        assert_eq!(exposed.admin.check_exposure().unwrap_err().key, "admin.token");
+        let with_token = load_with(
+            &[],
+            &[("TXNFLOW__ADMIN__LISTEN", "0.0.0.0:8088"), ("TXNFLOW__ADMIN__TOKEN", "0123456789abcdef")],
+        )
+        .unwrap();
+        assert!(with_token.admin.check_exposure().is_ok());
+        let escaped = load_with(
+            &[],
+            &[("TXNFLOW__ADMIN__LISTEN", "[::]:8088"), ("TXNFLOW__ADMIN__ALLOW_UNAUTHENTICATED", "true")],
+        )
+        .unwrap();
+        assert!(escaped.admin.check_exposure().is_ok());
+        assert!(load_with(&[], &[]).unwrap().admin.check_exposure().is_ok(), "loopback needs none");
+        assert!(load_with(&[], &[("TXNFLOW__ADMIN__LISTEN", "[::1]:8088")]).unwrap().admin.check_exposure().is_ok());
+        let short = load_with(&[], &[("TXNFLOW__ADMIN__TOKEN", "hunter2")]).unwrap_err();
+        assert_eq!(short.key, "admin.token");
+        assert!(!short.to_string().contains("hunter2"), "{short}");
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file_whose_content_is_never_repeated() {
+        let dir = std::env::temp_dir().join(format!("txnflow-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "0123456789abcdef-from-file\n").unwrap();
+        let path = file.display().to_string();
+        let config = load_with(&[], &[("TXNFLOW__ADMIN__TOKEN_FILE", &path)]).unwrap();
+        assert_eq!(config.admin.token, "0123456789abcdef-from-file");
+        let missing = load_with(&[], &[("TXNFLOW__ADMIN__TOKEN_FILE", "/nonexistent/token")]).unwrap_err();
+        assert_eq!(missing.key, "admin.token_file");
+        let both = load_with(
+            &[],
+            &[("TXNFLOW__ADMIN__TOKEN_FILE", &path), ("TXNFLOW__ADMIN__TOKEN", "x".repeat(20).as_str())],
+        );
+        assert_eq!(both.unwrap_err().key, "admin.token_file");
+        std::fs::write(&file, "short\n").unwrap();
+        let error = load_with(&[], &[("TXNFLOW__ADMIN__TOKEN_FILE", &path)]).unwrap_err();
+        assert_eq!(error.key, "admin.token");
+        assert!(!error.to_string().contains("short"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

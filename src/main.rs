@@ -112,9 +112,21 @@ struct MlApiArgs {
     /// Also answer confidence_score and model_version.
     #[arg(long)]
     extended: bool,
-    /// Answer 422 to any request with an item whose description contains this text.
+    /// Answer 422 (or --status-for-marker) to any request with an item whose description contains this text.
     #[arg(long)]
     poison_marker: Option<String>,
+    /// The status answered to a request holding a poison record (422, 500, 401, ...).
+    #[arg(long, value_name = "CODE")]
+    status_for_marker: Option<u16>,
+    /// Share of ids refused with 422 on every request, the same ids each time.
+    #[arg(long)]
+    refuse_rate: Option<f64>,
+    /// The model version answered with --extended.
+    #[arg(long, value_name = "V")]
+    model_version: Option<String>,
+    /// Serve GET/POST /faults, to change the knobs at runtime (tests, local stack). Off by default.
+    #[arg(long)]
+    faults: bool,
 }
 
 fn main() -> ExitCode {
@@ -129,6 +141,11 @@ fn main() -> ExitCode {
     init_logging(&config);
     let code = match run(cli.command, config) {
         Ok(()) => 0,
+        // A rule checked only by the command that needs it (admin exposure).
+        Err(error) if error.downcast_ref::<txnflow::config::ConfigError>().is_some() => {
+            eprintln!("txnflow: {error:#}");
+            i32::from(EXIT_BAD_CONFIG)
+        }
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("txnflow: {error:#}");
@@ -226,9 +243,13 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             faults.drop_rate = args.drop_rate.unwrap_or(faults.drop_rate);
             faults.extended |= args.extended;
             faults.poison_marker = args.poison_marker.unwrap_or(faults.poison_marker);
+            faults.marker_status = args.status_for_marker.unwrap_or(faults.marker_status);
+            faults.refuse_rate = args.refuse_rate.unwrap_or(faults.refuse_rate);
+            faults.model_version = args.model_version.unwrap_or(faults.model_version);
+            let endpoint = if args.faults { ml_api::FaultsEndpoint::Served } else { ml_api::FaultsEndpoint::Absent };
             let listen = args.listen.unwrap_or(config.ml_api.listen);
             actix_rt::System::new().block_on(async move {
-                let running = ml_api::start(listen, faults.clone())?;
+                let running = ml_api::start(listen, faults.clone(), endpoint)?;
                 tracing::info!(address = %running.address, "ml-api listening");
                 running.server.await?;
                 anyhow::Ok(())

@@ -24,7 +24,7 @@ use crate::domain::timestamp::parse_timestamp;
 /// The fault knobs. Rates are shares in [0, 1], drawn per request (per item
 /// for `drop_rate`).
 /// `Faults::default()` is a well-behaved server.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
     pub error_rate: f64,
@@ -34,8 +34,39 @@ pub struct Faults {
     /// Answer `confidence_score` and `model_version` too.
     pub extended: bool,
     /// When not empty, any item whose description contains it makes the
-    /// whole request fail with 422: a poison record.
+    /// whole request fail with `marker_status`: a poison record.
     pub poison_marker: String,
+    /// The status of a request holding a poison record: 422 (the seed
+    /// server's validation error), or e.g. 500 or 401 to test those paths.
+    pub marker_status: u16,
+    /// Share of ids refused (422) on every request, chosen by id, so the
+    /// same ids are refused every time ([`refuses`]).
+    pub refuse_rate: f64,
+    /// The model version answered with `extended` (empty: the reference one).
+    pub model_version: String,
+}
+
+impl Default for Faults {
+    fn default() -> Faults {
+        Faults {
+            error_rate: 0.0,
+            latency_ms: 0,
+            malformed_rate: 0.0,
+            drop_rate: 0.0,
+            extended: false,
+            poison_marker: String::new(),
+            marker_status: 422,
+            refuse_rate: 0.0,
+            model_version: String::new(),
+        }
+    }
+}
+
+/// Whether `refuse_rate` refuses `id`: a share of the id space, fixed per
+/// id (the id's last 8 bytes as a fraction), independent of its category.
+pub fn refuses(id: Uuid, refuse_rate: f64) -> bool {
+    let low = id.as_u128() as u64;
+    (low as f64 / u64::MAX as f64) < refuse_rate
 }
 
 impl Faults {
@@ -47,16 +78,23 @@ impl Faults {
             drop_rate: config.drop_rate,
             extended: config.extended,
             poison_marker: config.poison_marker.clone(),
+            ..Faults::default()
         }
     }
 
     fn check(&self) -> Result<(), String> {
-        for (name, rate) in
-            [("error_rate", self.error_rate), ("malformed_rate", self.malformed_rate), ("drop_rate", self.drop_rate)]
-        {
+        for (name, rate) in [
+            ("error_rate", self.error_rate),
+            ("malformed_rate", self.malformed_rate),
+            ("drop_rate", self.drop_rate),
+            ("refuse_rate", self.refuse_rate),
+        ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("{name} must be in [0, 1], got {rate}"));
             }
+        }
+        if !(400..=599).contains(&self.marker_status) {
+            return Err(format!("marker_status must be an error status (400 to 599), got {}", self.marker_status));
         }
         Ok(())
     }
@@ -72,6 +110,9 @@ struct FaultsUpdate {
     drop_rate: Option<f64>,
     extended: Option<bool>,
     poison_marker: Option<String>,
+    marker_status: Option<u16>,
+    refuse_rate: Option<f64>,
+    model_version: Option<String>,
 }
 
 type SharedFaults = Arc<RwLock<Faults>>;
@@ -102,6 +143,7 @@ fn check_item(
     item: &serde_json::Value,
     poison_marker: &str,
     errors: &mut Vec<ErrorDetail>,
+    poisoned: &mut bool,
 ) -> Option<Uuid> {
     use serde_json::Value;
     let mut error = |field: &'static str, kind: &'static str, msg: String| {
@@ -126,6 +168,7 @@ fn check_item(
                 error(field, "datetime_from_date_parsing", "Input should be a valid datetime".to_string())
             }
             ("description", Some(Value::String(text))) if !poison_marker.is_empty() && text.contains(poison_marker) => {
+                *poisoned = true;
                 error(field, "value_error", format!("Value error, poison record (contains {poison_marker:?})"))
             }
             ("merchant", Some(Value::Null | Value::String(_))) => {}
@@ -163,11 +206,28 @@ async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpRespo
         }
     };
     let mut errors = Vec::new();
+    let mut poisoned = false;
     let ids: Vec<Option<Uuid>> = items
         .iter()
         .enumerate()
-        .map(|(index, item)| check_item(index, item, &faults.poison_marker, &mut errors))
+        .map(|(index, item)| check_item(index, item, &faults.poison_marker, &mut errors, &mut poisoned))
         .collect();
+    if faults.refuse_rate > 0.0 {
+        for (index, id) in ids.iter().enumerate() {
+            if id.is_some_and(|id| refuses(id, faults.refuse_rate)) {
+                errors.push(ErrorDetail {
+                    kind: "value_error",
+                    loc: ("body", index, "id"),
+                    msg: "Value error, refused (refuse_rate)".into(),
+                });
+            }
+        }
+    }
+    if poisoned && faults.marker_status != 422 {
+        let status = actix_web::http::StatusCode::from_u16(faults.marker_status)
+            .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+        return HttpResponse::build(status).json(serde_json::json!({"detail": "injected fault: poison marker"}));
+    }
     if !errors.is_empty() {
         return unprocessable(errors);
     }
@@ -175,6 +235,8 @@ async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpRespo
         // A cut-off answer, as from a proxy that dropped the connection.
         return HttpResponse::Ok().content_type("application/json").body("[{\"transaction_id\": \"");
     }
+    let model_version =
+        if faults.model_version.is_empty() { REFERENCE_MODEL_VERSION } else { faults.model_version.as_str() };
     let answer: Vec<PredictionItem<'_>> = ids
         .into_iter()
         .flatten()
@@ -183,7 +245,7 @@ async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpRespo
             transaction_id: id,
             category: reference_category(id),
             confidence_score: faults.extended.then(|| reference_confidence(id)),
-            model_version: faults.extended.then_some(REFERENCE_MODEL_VERSION),
+            model_version: faults.extended.then_some(model_version),
         })
         .collect();
     HttpResponse::Ok().json(answer)
@@ -210,6 +272,9 @@ async fn set_faults(update: web::Json<FaultsUpdate>, faults: web::Data<SharedFau
         drop_rate: update.drop_rate.unwrap_or(current.drop_rate),
         extended: update.extended.unwrap_or(current.extended),
         poison_marker: update.poison_marker.clone().unwrap_or_else(|| current.poison_marker.clone()),
+        marker_status: update.marker_status.unwrap_or(current.marker_status),
+        refuse_rate: update.refuse_rate.unwrap_or(current.refuse_rate),
+        model_version: update.model_version.clone().unwrap_or_else(|| current.model_version.clone()),
     };
     if let Err(message) = next.check() {
         return HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": message }));
@@ -225,18 +290,31 @@ pub struct RunningServer {
     pub server: actix_web::dev::Server,
 }
 
+/// Whether `/faults` is served: only when asked (`--faults`), since
+/// anyone who reaches it could make the server misbehave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultsEndpoint {
+    Served,
+    Absent,
+}
+
 /// Binds and starts the server; `.server` resolves when it stops.
-pub fn start(listen: SocketAddr, faults: Faults) -> anyhow::Result<RunningServer> {
+pub fn start(listen: SocketAddr, faults: Faults, endpoint: FaultsEndpoint) -> anyhow::Result<RunningServer> {
     faults.check().map_err(|message| anyhow::anyhow!(message))?;
     let shared: SharedFaults = Arc::new(RwLock::new(faults));
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(web::Data::new(shared.clone()))
             .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
             .route("/predict", web::post().to(predict))
-            .route("/health", web::get().to(health))
-            .route("/faults", web::get().to(get_faults))
-            .route("/faults", web::post().to(set_faults))
+            .route("/health", web::get().to(health));
+        match endpoint {
+            FaultsEndpoint::Served => {
+                app.route("/faults", web::get().to(get_faults)).route("/faults", web::post().to(set_faults))
+            }
+            // actix answers 404 for a path without a route.
+            FaultsEndpoint::Absent => app,
+        }
     })
     .bind(listen)
     .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -245,12 +323,13 @@ pub fn start(listen: SocketAddr, faults: Faults) -> anyhow::Result<RunningServer
 }
 
 /// Runs a server on a thread of its own (with its own actix system) and
-/// returns its address once it listens. For tests and benchmarks.
+/// returns its address once it listens. For tests and benchmarks, so
+/// `/faults` is served.
 pub fn spawn_in_thread(listen: SocketAddr, faults: Faults) -> anyhow::Result<SocketAddr> {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("ml-api".into()).spawn(move || {
         actix_rt::System::new().block_on(async move {
-            match start(listen, faults) {
+            match start(listen, faults, FaultsEndpoint::Served) {
                 Ok(running) => {
                     let _ = sender.send(Ok(running.address));
                     let _ = running.server.await;

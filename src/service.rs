@@ -13,6 +13,9 @@ use crate::metrics::METRICS;
 use crate::{admin, breaker, db, kafka, ml_client};
 
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything connects: an exposed admin port without a token is a
+    // configuration error (exit 2), not a runtime failure.
+    config.admin.check_exposure()?;
     actix_rt::System::new().block_on(async move {
         if config.db.auto_migrate {
             migrate_when_reachable(&config).await?;
@@ -23,7 +26,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let ml = ml_client::MlClient::new(&config.predict, breaker::build(&config.breaker))?;
         let pipeline = Pipeline::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
         pipeline.start(true);
-        let admin = admin::start(config.admin.listen, pipeline.clone(), config.chaos.enabled)?;
+        let admin = admin::start(&config.admin, pipeline.clone(), config.chaos.enabled)?;
         let admin_handle = admin.handle();
         actix_rt::spawn(admin);
         let progress = actix_rt::spawn(report_progress(pipeline.clone()));

@@ -12,6 +12,7 @@ and is posted again, to resume on a live replica.
 
 Settings (Airflow worker environment):
   TXNFLOW_ADMIN_URL  the service's admin HTTP address (default http://txnflow:8088)
+  TXNFLOW_ADMIN_TOKEN  its admin.token, sent as a bearer token (none when empty)
   TXNFLOW_BUCKET     the bucket holding the month partitions (default transactions)
 """
 
@@ -41,7 +42,11 @@ def month_uri(data_interval_start: datetime, bucket: str) -> str:
 
 def _request(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    token = os.environ.get("TXNFLOW_ADMIN_TOKEN", "")
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read() or b"{}")

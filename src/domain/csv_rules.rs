@@ -58,8 +58,10 @@ pub fn detect_delimiter(header_line: &[u8]) -> u8 {
 /// Why a header cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    #[error("the header lacks the required column(s) {missing:?} (found {found:?})")]
-    MissingColumns { missing: Vec<&'static str>, found: Vec<String> },
+    /// Names the missing columns only: the line found may be anything,
+    /// even a secret, and is never repeated.
+    #[error("the header lacks the required column(s) {}", missing.join(", "))]
+    MissingColumns { missing: Vec<&'static str> },
     #[error("the header names column {0:?} twice")]
     DuplicateColumn(String),
 }
@@ -107,7 +109,7 @@ impl CsvLayout {
             }
         }
         if !missing.is_empty() {
-            return Err(HeaderError::MissingColumns { missing, found: headers });
+            return Err(HeaderError::MissingColumns { missing });
         }
         let optional = [position(OPTIONAL_COLUMNS[0])?, position(OPTIONAL_COLUMNS[1])?];
         Ok(CsvLayout { headers, required, optional })
@@ -205,10 +207,11 @@ mod tests {
         let error = CsvLayout::from_header(["id", "amount", "side", "when"]).unwrap_err();
         assert_eq!(
             error,
-            HeaderError::MissingColumns {
-                missing: vec!["description", "timestamp", "merchant", "operation_type"],
-                found: vec!["id".into(), "amount".into(), "side".into(), "when".into()],
-            }
+            HeaderError::MissingColumns { missing: vec!["description", "timestamp", "merchant", "operation_type"] }
+        );
+        assert_eq!(
+            error.to_string(),
+            "the header lacks the required column(s) description, timestamp, merchant, operation_type"
         );
         let duplicate = CsvLayout::from_header(REQUIRED_COLUMNS.iter().copied().chain(["ID"])).unwrap_err();
         assert_eq!(duplicate, HeaderError::DuplicateColumn("id".into()));

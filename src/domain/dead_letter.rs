@@ -78,6 +78,21 @@ pub struct Failure {
     pub attempts: u32,
 }
 
+/// The longest `error_message` header, in bytes: a reason, not a copy of the record.
+pub const ERROR_MESSAGE_MAX_BYTES: usize = 1024;
+
+/// `message` cut to at most `max` bytes, on a character boundary, with `…` when cut.
+pub fn capped(message: &str, max: usize) -> String {
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
 /// The headers of a DLQ record, in the contract's order.
 pub fn dlq_headers(
     failure: &Failure,
@@ -88,7 +103,7 @@ pub fn dlq_headers(
 ) -> Vec<(&'static str, String)> {
     vec![
         ("error_type", failure.error_type.as_str().to_string()),
-        ("error_message", failure.message.clone()),
+        ("error_message", capped(&failure.message, ERROR_MESSAGE_MAX_BYTES)),
         ("stage", failure.stage.as_str().to_string()),
         ("failed_at", failed_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
         ("attempts", failure.attempts.to_string()),
@@ -109,6 +124,15 @@ mod tests {
         assert_eq!(kafka.to_string(), "transactions/2/41");
         let file = Origin::File { uri: "s3://transactions/in/a.csv".into(), line: 7 };
         assert_eq!(file.to_string(), "s3://transactions/in/a.csv:7");
+    }
+
+    #[test]
+    fn error_messages_are_capped_on_a_character_boundary() {
+        assert_eq!(capped("short", 1024), "short");
+        let long = "é".repeat(2000);
+        let cut = capped(&long, ERROR_MESSAGE_MAX_BYTES);
+        assert!(cut.len() <= ERROR_MESSAGE_MAX_BYTES && cut.ends_with('…'), "{}", cut.len());
+        assert_eq!(cut.len(), 1023, "511 two-byte characters and the ellipsis");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct CheckedAnswer {
     pub unattributed: usize,
 }
 
+/// The longest model version stored (the `predictions.model_version` column).
+pub const MODEL_VERSION_MAX_CHARS: usize = 50;
+
 /// What the checks need besides the answer.
 pub struct AnswerRules<'a> {
     pub categories: &'a HashSet<String>,
@@ -115,6 +118,12 @@ fn check_item(id: Uuid, item: &serde_json::Value, rules: &AnswerRules<'_>) -> Re
     };
     let model_version = match item.get("model_version") {
         None | Some(serde_json::Value::Null) => rules.default_model_version.to_string(),
+        Some(serde_json::Value::String(version)) if version.chars().count() > MODEL_VERSION_MAX_CHARS => {
+            return Err(format!(
+                "model_version longer than {MODEL_VERSION_MAX_CHARS} characters ({})",
+                version.chars().count()
+            ));
+        }
         Some(serde_json::Value::String(version)) if !version.is_empty() => version.clone(),
         Some(value) => return Err(format!("model_version not a non-empty text: {value}")),
     };
@@ -169,6 +178,21 @@ mod tests {
         );
         assert_eq!(answer.predicted[0].confidence_score, 0.25);
         assert_eq!(answer.predicted[0].model_version, "m2");
+    }
+
+    #[test]
+    fn a_model_version_longer_than_its_column_fails_the_item() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let long = "v".repeat(300);
+        let answer = check(
+            &[a, b],
+            serde_json::json!([
+                {"transaction_id": a, "category": "Rent", "model_version": long},
+                {"transaction_id": b, "category": "Rent", "model_version": "v".repeat(50)},
+            ]),
+        );
+        assert_eq!(answer.failed, [(a, "model_version longer than 50 characters (300)".to_string())]);
+        assert_eq!(answer.predicted.len(), 1);
     }
 
     #[test]

@@ -107,8 +107,22 @@ impl fmt::Display for ValidationError {
 
 impl std::error::Error for ValidationError {}
 
-/// Maximum length of `operation_type`, in characters (the seed's VARCHAR(50)).
+/// Maximum length of each text field, in characters. Every value within
+/// them fits its column and its index (PostgreSQL refuses a btree entry
+/// over about 2,700 bytes; 255 characters of 4 bytes stay well under).
+pub const ID_MAX_CHARS: usize = 200;
+pub const DESCRIPTION_MAX_CHARS: usize = 1000;
+/// The seed's VARCHAR(255).
+pub const MERCHANT_MAX_CHARS: usize = 255;
+/// The seed's VARCHAR(50).
 pub const OPERATION_TYPE_MAX_CHARS: usize = 50;
+/// As `txnflow batch --run-id` takes it.
+pub const RUN_ID_MAX_CHARS: usize = 200;
+/// A batch's uri.
+pub const BATCH_ID_MAX_CHARS: usize = 2048;
+/// Amounts, timestamps, sides and processing types are short; a longer
+/// value is refused before it is parsed or repeated in a reason.
+const SCALAR_MAX_CHARS: usize = 64;
 
 /// PostgreSQL text cannot hold U+0000, so such a record could never be stored.
 const NUL_REASON: &str = "contains a NUL character";
@@ -126,8 +140,14 @@ impl Checker {
 
     /// Text content of a required field; numbers are accepted as their text
     /// (a JSON id `1` is the same source id as the CSV's `1`).
-    fn required_text<'a>(&mut self, field: &'static str, raw: &'a RawField) -> Option<std::borrow::Cow<'a, str>> {
+    fn required_text<'a>(
+        &mut self,
+        field: &'static str,
+        raw: &'a RawField,
+        max_chars: usize,
+    ) -> Option<std::borrow::Cow<'a, str>> {
         match raw {
+            RawField::Text(text) if too_long(text, max_chars) => self.too_long(field, text, max_chars),
             RawField::Text(text) if text.contains('\0') => self.fail(field, NUL_REASON),
             RawField::Text(text) if !text.trim().is_empty() => Some(std::borrow::Cow::Borrowed(text)),
             RawField::Text(_) => self.fail(field, "empty"),
@@ -137,9 +157,15 @@ impl Checker {
         }
     }
 
-    fn optional_text(&mut self, field: &'static str, raw: &RawField) -> Option<Option<String>> {
+    /// Says how long the value is, never what it holds.
+    fn too_long<T>(&mut self, field: &'static str, text: &str, max_chars: usize) -> Option<T> {
+        self.fail(field, format!("longer than {max_chars} characters ({})", text.chars().count()))
+    }
+
+    fn optional_text(&mut self, field: &'static str, raw: &RawField, max_chars: usize) -> Option<Option<String>> {
         match raw {
             RawField::Missing | RawField::Null => Some(None),
+            RawField::Text(text) if too_long(text, max_chars) => self.too_long(field, text, max_chars),
             RawField::Text(text) if text.contains('\0') => self.fail(field, NUL_REASON),
             RawField::Text(text) => Some(Some(text.clone())),
             other => self.fail(field, format!("expected text or null, got {}", other.kind())),
@@ -147,16 +173,25 @@ impl Checker {
     }
 }
 
+/// Whether `text` has more than `max_chars` characters, counted no further than needed.
+fn too_long(text: &str, max_chars: usize) -> bool {
+    text.len() > max_chars && text.chars().nth(max_chars).is_some()
+}
+
 /// Applies contract §3 to one record.
 pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
     let mut check = Checker { errors: Vec::new() };
 
-    let id = check.required_text("id", &raw.id).and_then(|text| match canonical_id(&text) {
+    let id = check.required_text("id", &raw.id, ID_MAX_CHARS).and_then(|text| match canonical_id(&text) {
         Some(id) => Some(id),
         None => check.fail("id", "empty"),
     });
-    let description = check.required_text("description", &raw.description).map(|text| text.into_owned());
+    let description =
+        check.required_text("description", &raw.description, DESCRIPTION_MAX_CHARS).map(|text| text.into_owned());
     let amount = match &raw.amount {
+        RawField::Text(text) if too_long(text, SCALAR_MAX_CHARS) => {
+            Err(format!("longer than {SCALAR_MAX_CHARS} characters ({})", text.chars().count()))
+        }
         RawField::Number(number) => Amount::from_json_number(number).map_err(|e| e.to_string()),
         RawField::Text(text) => Amount::parse(text, raw.decimal_separator).map_err(|e| e.to_string()),
         RawField::Missing | RawField::Null => Err("missing".to_string()),
@@ -164,6 +199,7 @@ pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
     }
     .map_or_else(|reason| check.fail("amount", reason), Some);
     let timestamp = match &raw.timestamp {
+        RawField::Text(text) if too_long(text, SCALAR_MAX_CHARS) => check.too_long("timestamp", text, SCALAR_MAX_CHARS),
         RawField::Text(text) if !text.trim().is_empty() => match parse_timestamp(text) {
             Ok(timestamp) => Some(timestamp),
             Err(reason) => check.fail("timestamp", reason),
@@ -171,28 +207,23 @@ pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
         RawField::Text(_) | RawField::Missing | RawField::Null => check.fail("timestamp", "missing"),
         other => check.fail("timestamp", format!("expected an ISO-8601 text, got {}", other.kind())),
     };
-    let merchant = check.optional_text("merchant", &raw.merchant);
-    let operation_type = check.required_text("operation_type", &raw.operation_type).and_then(|text| {
-        let chars = text.chars().count();
-        if chars > OPERATION_TYPE_MAX_CHARS {
-            check.fail("operation_type", format!("longer than {OPERATION_TYPE_MAX_CHARS} characters ({chars})"))
-        } else {
-            Some(text.into_owned())
-        }
-    });
-    let side = check.required_text("side", &raw.side).and_then(|text| match Side::parse(&text) {
+    let merchant = check.optional_text("merchant", &raw.merchant, MERCHANT_MAX_CHARS);
+    let operation_type =
+        check.required_text("operation_type", &raw.operation_type, OPERATION_TYPE_MAX_CHARS).map(|t| t.into_owned());
+    let side = check.required_text("side", &raw.side, SCALAR_MAX_CHARS).and_then(|text| match Side::parse(&text) {
         Some(side) => Some(side),
         None => check.fail("side", format!("expected \"debit\" or \"credit\", got {text:?}")),
     });
-    let processing_type = check.optional_text("processing_type", &raw.processing_type).and_then(|text| match text {
-        None => Some(None),
-        Some(text) => match ProcessingType::parse(&text) {
-            Some(kind) => Some(Some(kind)),
-            None => check.fail("processing_type", format!("expected \"streaming\" or \"batch\", got {text:?}")),
-        },
-    });
-    let run_id = check.optional_text("run_id", &raw.run_id);
-    let batch_id = check.optional_text("batch_id", &raw.batch_id);
+    let processing_type =
+        check.optional_text("processing_type", &raw.processing_type, SCALAR_MAX_CHARS).and_then(|text| match text {
+            None => Some(None),
+            Some(text) => match ProcessingType::parse(&text) {
+                Some(kind) => Some(Some(kind)),
+                None => check.fail("processing_type", format!("expected \"streaming\" or \"batch\", got {text:?}")),
+            },
+        });
+    let run_id = check.optional_text("run_id", &raw.run_id, RUN_ID_MAX_CHARS);
+    let batch_id = check.optional_text("batch_id", &raw.batch_id, BATCH_ID_MAX_CHARS);
 
     match (id, description, amount, timestamp, merchant, operation_type, side, processing_type, run_id, batch_id) {
         (
@@ -309,6 +340,39 @@ mod tests {
             rejected_fields(RawTransaction { operation_type: text(&fifty_one), ..valid_raw() }),
             ["operation_type"]
         );
+    }
+
+    #[test]
+    fn every_text_field_has_a_bound_and_the_reason_gives_lengths_only() {
+        let at_bound = RawTransaction {
+            id: text(&"i".repeat(ID_MAX_CHARS)),
+            description: text(&"é".repeat(DESCRIPTION_MAX_CHARS)),
+            merchant: text(&"m".repeat(MERCHANT_MAX_CHARS)),
+            run_id: text(&"r".repeat(RUN_ID_MAX_CHARS)),
+            batch_id: text(&"b".repeat(BATCH_ID_MAX_CHARS)),
+            ..valid_raw()
+        };
+        assert!(validate(&at_bound).is_ok());
+        let over = RawTransaction {
+            id: text(&"i".repeat(ID_MAX_CHARS + 1)),
+            description: text(&"x".repeat(600_000)),
+            merchant: text(&"m".repeat(MERCHANT_MAX_CHARS + 1)),
+            run_id: text(&"r".repeat(9_000)),
+            batch_id: text(&"b".repeat(BATCH_ID_MAX_CHARS + 1)),
+            amount: text(&"1".repeat(100)),
+            timestamp: text(&"2".repeat(100)),
+            side: text(&"d".repeat(100)),
+            processing_type: text(&"p".repeat(100)),
+            ..valid_raw()
+        };
+        let error = validate(&over).unwrap_err();
+        assert_eq!(
+            error.fields(),
+            ["id", "description", "amount", "timestamp", "merchant", "side", "processing_type", "run_id", "batch_id"]
+        );
+        assert!(error.to_string().contains("description: longer than 1000 characters (600000)"), "{error}");
+        assert!(error.to_string().contains("run_id: longer than 200 characters (9000)"), "{error}");
+        assert!(error.to_string().len() < 1024, "the reason names lengths, not values");
     }
 
     #[test]

@@ -398,7 +398,7 @@ async fn bad_inputs_fail_clearly_and_write_nothing() {
         (&png, format!("{png} is not a CSV file: it holds binary data")),
         (&empty, format!("{empty} is not a CSV file: the file is empty")),
         (&json, format!("{json}: the header lacks the required column(s)")),
-        (&header_without_side, format!("{header_without_side}: the header lacks the required column(s) [\"side\"]")),
+        (&header_without_side, format!("{header_without_side}: the header lacks the required column(s) side")),
     ];
     for (uri, message) in &cases {
         let output = batch(&scenario, &[uri]);

@@ -66,7 +66,7 @@ fn compose_runs_three_brokers_two_replicas_and_checks_every_service() {
         if let Some(environment) = service["environment"].as_mapping() {
             for (key, value) in environment {
                 let (key, value) = (key.as_str().unwrap(), value.as_str().unwrap_or_default());
-                if key.contains("PASSWORD") || key.contains("SECRET") {
+                if key.contains("PASSWORD") || key.contains("SECRET") || key.contains("TOKEN") {
                     assert!(value.starts_with("${"), "{name}: {key} comes from the environment");
                 }
             }
@@ -75,6 +75,10 @@ fn compose_runs_three_brokers_two_replicas_and_checks_every_service() {
     // txnflow is configured through TXNFLOW__ variables only.
     let environment = txnflow.1["environment"].as_mapping().unwrap();
     assert!(environment.keys().all(|k| k.as_str().unwrap().starts_with("TXNFLOW__")));
+    // It listens beyond loopback, so it needs a token, which compose requires.
+    assert_eq!(environment[&serde_yaml::Value::from("TXNFLOW__ADMIN__LISTEN")].as_str(), Some("0.0.0.0:8088"));
+    let token = environment[&serde_yaml::Value::from("TXNFLOW__ADMIN__TOKEN")].as_str().unwrap();
+    assert!(token.starts_with("${TXNFLOW_ADMIN_TOKEN:?"), "the token is required from the environment: {token}");
 }
 
 /// The `airflow` profile adds Airflow, off by default, with the DAG folder
@@ -113,8 +117,11 @@ fn docker_compose_config_accepts_the_file() {
         if let Some(profile) = profile {
             command.args(["--profile", profile]);
         }
+        let without_token = command.args(["config", "-q"]).env_remove("TXNFLOW_ADMIN_TOKEN").output().unwrap();
+        assert!(!without_token.status.success(), "compose refuses to deploy without an admin token");
+        assert!(String::from_utf8_lossy(&without_token.stderr).contains("TXNFLOW_ADMIN_TOKEN"));
         let output = command
-            .args(["config", "-q"])
+            .env("TXNFLOW_ADMIN_TOKEN", "a-token-of-the-operator")
             .output()
             .expect("docker-compose runs (make up installs Debian's docker-compose)");
         assert!(

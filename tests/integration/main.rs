@@ -13,6 +13,7 @@ mod ml_api;
 mod outage;
 mod produce;
 mod scenario;
+mod security;
 mod stack;
 mod streaming;
 mod supervision;

@@ -120,6 +120,7 @@ async fn the_command_takes_fault_flags_at_start() {
     let _child = ChildGuard(
         txnflow()
             .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--error-rate", "1", "--latency-ms", "5"])
+            .arg("--faults")
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
@@ -139,4 +140,52 @@ async fn the_command_takes_fault_flags_at_start() {
     assert_eq!(faults["error_rate"], 1.0);
     assert_eq!(faults["latency_ms"], 5);
     assert_eq!(post(&base, "/predict", &json!([item("b9fa6684-502b-4695-8f92-247432ba610d")])).await.0, 500);
+}
+
+/// Without `--faults`, the knobs cannot be read or turned from outside;
+/// the start flags still apply, the new ones included.
+#[tokio::test]
+async fn the_faults_endpoint_is_absent_unless_asked_for() {
+    let port = free_port();
+    let _child = ChildGuard(
+        txnflow()
+            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--extended", "--model-version", "m-2026"])
+            .args(["--poison-marker", "POISON", "--status-for-marker", "401"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client.get(format!("{base}/health")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.get(format!("{base}/faults")).send().await.unwrap().status().as_u16(), 404);
+    assert_eq!(post(&base, "/faults", &json!({"error_rate": 1.0})).await.0, 404);
+    let id = "b9fa6684-502b-4695-8f92-247432ba610d";
+    let (status, body) = post(&base, "/predict", &json!([item(id)])).await;
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer[0]["model_version"], "m-2026");
+    let mut poison = item(id);
+    poison["description"] = json!("POISON here");
+    assert_eq!(post(&base, "/predict", &json!([item(id), poison])).await.0, 401, "--status-for-marker");
+}
+
+/// `refuse_rate` refuses the same ids on every request, and only them.
+#[tokio::test]
+async fn the_refuse_rate_refuses_the_same_ids_every_time() {
+    let base = format!("http://{}", spawn_ml_api(txnflow::ml_api::Faults { refuse_rate: 0.3, ..no_faults() }));
+    let ids: Vec<Uuid> = (0..1_000).map(|i| Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("r{i}").as_bytes())).collect();
+    let refused: Vec<Uuid> = ids.iter().copied().filter(|id| txnflow::ml_api::refuses(*id, 0.3)).collect();
+    assert!((250..350).contains(&refused.len()), "about 30% of ids: {}", refused.len());
+    let accepted: Vec<Value> = ids.iter().filter(|id| !refused.contains(id)).map(|id| item(&id.to_string())).collect();
+    let (status, body) = post(&base, "/predict", &Value::Array(accepted)).await;
+    assert_eq!(status, 200, "{body}");
+    for id in refused.iter().take(20) {
+        assert_eq!(post(&base, "/predict", &json!([item(&id.to_string())])).await.0, 422, "{id}");
+    }
 }
