@@ -1,7 +1,15 @@
 //! Backfill: every `predict.backfill_interval_ms`, predicts the stored
-//! transactions that have no prediction (the `unprocessed_transactions`
-//! view), in batches, until none are left or the API stops answering
-//! (guarantee 2: coverage returns to 100% with no operator action).
+//! transactions that have no prediction, in batches, until none are left
+//! or the API stops answering (guarantee 2: coverage returns to 100% with
+//! no operator action).
+//!
+//! Each transaction is claimed from the `prediction_backlog` with an
+//! attempt count and a next-try time (exponential backoff), so a record the
+//! API always refuses does not hold back the ones behind it, and replicas
+//! never claim the same rows. Attempts lost to the API as a whole (open
+//! breaker, outage, 401/403/404) are given back. Past
+//! `backfill.max_attempts` a transaction is refused: it leaves the queue and
+//! shows in the `refused_predictions` view.
 //!
 //! While the breaker is open the calls are refused at once, without
 //! touching the API; after its open time the breaker lets trial calls
@@ -14,6 +22,7 @@ use std::time::Duration;
 use super::Pipeline;
 use super::messages::Chaos;
 use crate::db;
+use crate::metrics::METRICS;
 
 pub struct Backfill {
     pipeline: Arc<Pipeline>,
@@ -40,55 +49,76 @@ impl Backfill {
     }
 }
 
-/// Predicts unpredicted transactions until none are left or a round makes
-/// no progress. Returns how many it predicted.
+/// Predicts the claimable transactions until none are left or a round
+/// leaves some unpredicted. Returns how many it predicted.
 async fn backfill(pipeline: Arc<Pipeline>) -> usize {
     let round = (pipeline.config.predict.batch_size * pipeline.config.predict.concurrency) as i64;
+    let settings = pipeline.config.backfill.clone();
     let mut predicted_total = 0;
     loop {
         let pool = pipeline.pool.clone();
+        let (initial, max) = (settings.initial_backoff_ms, settings.max_backoff_ms);
         let items = match tokio::task::spawn_blocking(move || {
             pool.get()
                 .map_err(|e| e.to_string())
-                .and_then(|mut c| db::unpredicted(&mut c, round).map_err(|e| e.to_string()))
+                .and_then(|mut c| db::claim_unpredicted(&mut c, round, initial, max).map_err(|e| e.to_string()))
         })
         .await
         {
             Ok(Ok(items)) if !items.is_empty() => items,
             Ok(Ok(_)) => return predicted_total,
             Ok(Err(error)) => {
-                tracing::debug!(%error, "backfill cannot read the database");
+                tracing::debug!(error = db::short_reason(&error), "backfill cannot read the database");
                 return predicted_total;
             }
             Err(_) => return predicted_total,
         };
         let asked = items.len();
         let predicted = pipeline.ml.predict(items, "backfill").await;
-        if predicted.predictions.is_empty() {
-            tracing::debug!(asked, failed = predicted.failures.len(), "backfill made no progress; next round later");
-            return predicted_total;
-        }
         let count = predicted.predictions.len();
+        let (not_at_fault, failed): (Vec<_>, Vec<_>) =
+            predicted.failures.into_iter().partition(|(id, _)| predicted.unavailable.contains(id));
+        let failed: Vec<(uuid::Uuid, String)> = failed.into_iter().map(|(id, failure)| (id, failure.message)).collect();
+        let not_at_fault: Vec<uuid::Uuid> = not_at_fault.into_iter().map(|(id, _)| id).collect();
+        let predictions = predicted.predictions;
         let pool = pipeline.pool.clone();
+        let max_attempts = settings.max_attempts;
         let written = tokio::task::spawn_blocking(move || {
             let mut connection = pool.get().map_err(|e| e.to_string())?;
-            db::upsert_predictions(&mut connection, &predicted.predictions)
-                .map(|()| predicted.predictions)
-                .map_err(|e| e.to_string())
+            if !predictions.is_empty() {
+                db::write_backfilled(&mut connection, &predictions).map_err(|e| e.to_string())?;
+            }
+            let refused = db::record_backfill_failures(&mut connection, &failed, &not_at_fault, max_attempts)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((predictions, refused))
         })
         .await;
         match written {
-            Ok(Ok(predictions)) => {
+            Ok(Ok((predictions, refused))) => {
                 predicted_total += count;
+                if refused > 0 {
+                    METRICS.backfill_refused.inc_by(refused as u64);
+                    tracing::warn!(
+                        refused,
+                        max_attempts,
+                        "the backfill gave up on transactions it could not predict (see the refused_predictions view)"
+                    );
+                }
                 // Late predictions are published like the flush's own.
-                if !pipeline.config.kafka.predictions_topic.is_empty() {
-                    super::dlq_publisher::fan_out_predictions(&pipeline, predictions);
+                if !pipeline.config.kafka.predictions_topic.is_empty() && !predictions.is_empty() {
+                    let room = super::dlq_publisher::fan_out_room(&pipeline, predictions.len()).await;
+                    super::dlq_publisher::fan_out_predictions(&pipeline, predictions, room);
                 }
             }
-            _ => return predicted_total,
+            Ok(Err(error)) => {
+                tracing::debug!(error = db::short_reason(&error), "backfill cannot write; next round later");
+                return predicted_total;
+            }
+            Err(_) => return predicted_total,
         }
         if count < asked {
-            // Some stayed unpredicted (poison or API trouble): try again next tick.
+            // Some stayed unpredicted: they are tried again once their backoff is over.
+            tracing::debug!(asked, predicted = count, "backfill round left some unpredicted; next round later");
             return predicted_total;
         }
     }
@@ -108,7 +138,7 @@ impl Supervised for Backfill {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.running = None;
         // The backfill holds no pipeline records: nothing to read again.
-        crate::metrics::METRICS.actor_restarts.with_label_values(&["backfill"]).inc();
+        METRICS.actor_restarts.with_label_values(&["backfill"]).inc();
     }
 }
 

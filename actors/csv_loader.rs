@@ -109,8 +109,16 @@ impl Handler<LoadCsv> for CsvLoader {
             if pipeline.batches.is_running(&run_id) {
                 return Err(BatchError::AlreadyRunning(run_id));
             }
+            let max_running = pipeline.config.batch.max_concurrent_runs;
+            if pipeline.batches.running().len() >= max_running {
+                return Err(BatchError::TooManyRuns(max_running));
+            }
             claim(&pipeline, &spec).await?;
-            pipeline.batches.begin(spec)
+            // A re-run of a run id starts a new error file.
+            for file in &spec.files {
+                ErrorFile::new(&spec, file).reset();
+            }
+            pipeline.batches.begin(spec, max_running)
         };
         Box::pin(check.into_actor(self).map(|checked, actor, ctx| {
             let spec = checked?;
@@ -166,7 +174,11 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
             }
             tracing::info!(uri = file.uri, "work was lost; reading again from the first unsettled row");
         }
-        let error_file = if errors.has_rows() {
+        let error_file = if !errors.has_rows() {
+            // A re-run without invalid rows leaves no error file behind from an earlier one.
+            errors.remove_stale(&s3).await;
+            None
+        } else {
             match errors.finish(&s3).await {
                 Ok(uri) => Some(uri),
                 Err(error) => {
@@ -175,8 +187,6 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
                     return;
                 }
             }
-        } else {
-            None
         };
         runs.file_done(&spec.run_id, error_file);
     }
@@ -308,12 +318,13 @@ async fn read_file(
         // A settled row (on a re-read) comes back as Skip, unparsed.
         match runs.row(run_id, &file.uri, line, || file.parse_row(&record)) {
             (RowAction::Send, Some(Ok(transaction))) => {
-                let permit = match pipeline.capacity.clone().try_acquire_owned() {
-                    Ok(permit) => permit,
-                    Err(_) => {
+                let bytes = record.as_slice().len();
+                let permit = match pipeline.try_reserve(bytes) {
+                    Some(permit) => permit,
+                    None => {
                         // The pipeline is full: hand on what we hold, then wait (backpressure).
                         send(pipeline, &mut chunk);
-                        pipeline.capacity.clone().acquire_owned().await.map_err(|e| e.to_string())?
+                        pipeline.reserve(bytes).await
                     }
                 };
                 chunk.push(envelope(spec, file, line, transaction, permit));
@@ -342,7 +353,7 @@ fn envelope(
     file: &InputFile,
     line: u64,
     transaction: Transaction,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: super::messages::Capacity,
 ) -> Envelope {
     // No raw bytes and no key: a dead letter builds them from the
     // transaction (Envelope::dead_letter_value), so rows that are written

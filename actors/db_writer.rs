@@ -195,12 +195,24 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
             }
         }
     };
-    acknowledge(&pipeline, batch, refusals);
+    // Room in the fan-out queue first, holding the records: a predictions
+    // topic that is down then pauses the sources instead of piling up sends.
+    let room = if pipeline.config.kafka.predictions_topic.is_empty() {
+        None
+    } else {
+        Some(super::dlq_publisher::fan_out_room(&pipeline, batch.predictions.len()).await)
+    };
+    acknowledge(&pipeline, batch, refusals, room);
 }
 
 /// Acknowledges the written records, and sends the failed predictions and
 /// the refused records to the DLQ.
-fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refusals: Refusals) {
+fn acknowledge(
+    pipeline: &Pipeline,
+    batch: WriteBatch,
+    refusals: Refusals,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let mut refused: std::collections::HashMap<usize, String> = refusals.records.into_iter().collect();
     let WriteBatch { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = batch;
     // A refused prediction: the transaction is stored, its prediction failed.
@@ -258,8 +270,10 @@ fn acknowledge(pipeline: &Pipeline, batch: WriteBatch, refusals: Refusals) {
     if !dead_letters.is_empty() {
         pipeline.addrs().dlq_publisher.do_send(DeadLetters(dead_letters));
     }
-    if !pipeline.config.kafka.predictions_topic.is_empty() && !predicted_for_fanout.is_empty() {
-        super::dlq_publisher::fan_out_predictions(pipeline, predicted_for_fanout);
+    if let Some(room) = room
+        && !predicted_for_fanout.is_empty()
+    {
+        super::dlq_publisher::fan_out_predictions(pipeline, predicted_for_fanout, room);
     }
 }
 

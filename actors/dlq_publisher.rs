@@ -1,11 +1,14 @@
 //! DlqPublisher: writes dead letters to the DLQ topic with the headers of
 //! contract §5, through an idempotent producer. A record counts as
-//! dead-lettered only once the broker acknowledges it; then, for an invalid
-//! or refused record, its origin is durable. Sends are retried with backoff
-//! until the broker takes them: a dead letter is never dropped.
+//! dead-lettered only once the broker acknowledges it, or, when the broker
+//! refuses it for good (too large, not authorised, no such topic), once it
+//! is stored in the `dead_letters` table; then, for an invalid or refused
+//! record, its origin is durable. Other send failures (a broker down) are
+//! retried with backoff: a dead letter is never dropped.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
 use rand::Rng;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use std::sync::Arc;
@@ -38,34 +41,112 @@ impl Supervised for DlqPublisher {
     }
 }
 
+/// How many times a send may fail with "no such topic" before that counts
+/// as permanent: a topic being created answers so for a moment.
+const UNKNOWN_TOPIC_ATTEMPTS: u32 = 5;
+
+/// Why the broker will never take this record, if it will not: too large,
+/// not authorised, or a topic that does not exist. Anything else (a broker
+/// down, a leader moving, a full queue) passes and is retried.
+fn refused_for_good(error: &KafkaError, attempt: u32) -> Option<String> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code()? {
+        Code::MessageSizeTooLarge | Code::InvalidMessageSize | Code::MessageBatchTooLarge | Code::InvalidMessage => {
+            Some(format!("too large or invalid for the topic: {error}"))
+        }
+        Code::TopicAuthorizationFailed | Code::ClusterAuthorizationFailed => {
+            Some(format!("not authorised on the topic: {error}"))
+        }
+        Code::UnknownTopicOrPartition | Code::UnknownTopic | Code::UnknownPartition | Code::InvalidTopic
+            if attempt >= UNKNOWN_TOPIC_ATTEMPTS =>
+        {
+            Some(format!("no such topic: {error}"))
+        }
+        _ => None,
+    }
+}
+
+/// Sends one dead letter until the topic takes it, or, when the topic
+/// refuses it for good, stores it in the `dead_letters` table. Then the
+/// record counts as dead-lettered.
 async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     let topic = &pipeline.config.kafka.dlq_topic;
+    let header_values =
+        dlq_headers(&letter.failure, &letter.origin, letter.run_id.as_deref(), chrono::Utc::now(), crate::SERVICE);
     let mut headers = OwnedHeaders::new();
-    for (key, value) in
-        dlq_headers(&letter.failure, &letter.origin, letter.run_id.as_deref(), chrono::Utc::now(), crate::SERVICE)
-    {
-        headers = headers.insert(Header { key, value: Some(&value) });
+    for (key, value) in &header_values {
+        headers = headers.insert(Header { key, value: Some(value) });
     }
     let mut attempt = 0u32;
-    loop {
+    let refused_by = loop {
         attempt += 1;
         let mut record = FutureRecord::to(topic).payload(&letter.value).headers(headers.clone());
         if let Some(key) = &letter.key {
             record = record.key(key);
         }
         match pipeline.producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => break,
+            Ok(_) => break None,
             Err((error, _)) => {
+                if let Some(reason) = refused_for_good(&error, attempt) {
+                    break Some(reason);
+                }
                 let delay =
                     backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
                 tracing::warn!(%error, attempt, ?delay, source = %letter.origin, "DLQ send failed; retrying");
                 tokio::time::sleep(delay).await;
             }
         }
+    };
+    match refused_by {
+        None => METRICS.dlq_records.with_label_values(&[letter.failure.error_type.as_str()]).inc(),
+        Some(reason) => {
+            tracing::warn!(
+                source = %letter.origin,
+                bytes = letter.value.len(),
+                reason,
+                "the DLQ topic refuses this dead letter for good; storing it in the dead_letters table"
+            );
+            store(pipeline, &letter, &header_values, &reason).await;
+            METRICS.dead_letters_stored.with_label_values(&[letter.failure.error_type.as_str()]).inc();
+        }
     }
-    METRICS.dlq_records.with_label_values(&[letter.failure.error_type.as_str()]).inc();
     METRICS.records.with_label_values(&[source_label(&letter.origin), "dead_lettered"]).inc();
     pipeline.dead_lettered(&letter);
+}
+
+/// Stores a dead letter in PostgreSQL, retrying while the database is
+/// unreachable (as a flush does: nothing is acknowledged meanwhile).
+async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static str, String)], refused_by: &str) {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let pool = pipeline.pool.clone();
+        let (topic, key, value) = (pipeline.config.kafka.dlq_topic.clone(), letter.key.clone(), letter.value.clone());
+        let (headers, refused_by) = (headers.to_vec(), refused_by.to_string());
+        let stored = tokio::task::spawn_blocking(move || {
+            let mut connection = pool.get().map_err(|e| e.to_string())?;
+            let row = crate::db::StoredDeadLetter {
+                topic: &topic,
+                key: key.as_deref(),
+                value: &value,
+                headers: &headers,
+                refused_by: &refused_by,
+            };
+            crate::db::store_dead_letter(&mut connection, &row).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|join_error| Err(join_error.to_string()));
+        match stored {
+            Ok(()) => return,
+            Err(error) => {
+                let delay =
+                    backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
+                let error = crate::db::short_reason(&error);
+                tracing::warn!(error, attempt, ?delay, "cannot store the dead letter; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 impl Handler<DeadLetters> for DlqPublisher {
@@ -89,26 +170,42 @@ impl Handler<Chaos> for DlqPublisher {
     }
 }
 
+/// Room for `count` predictions in the fan-out queue, waited for: while
+/// the predictions topic is slow or down, the queue (`buffer.capacity`
+/// predictions) fills and the writer waits here holding its records, so the
+/// sources pause as they do for the DLQ.
+pub async fn fan_out_room(pipeline: &Pipeline, count: usize) -> tokio::sync::OwnedSemaphorePermit {
+    let count = count.clamp(1, pipeline.config.buffer.capacity) as u32;
+    pipeline.fan_out_slots.clone().acquire_many_owned(count).await.expect("the semaphore is never closed")
+}
+
 /// Publishes written predictions to `kafka.predictions_topic`, as JSON keyed
-/// by transaction id. Best effort: the database is the record of truth.
-pub fn fan_out_predictions(pipeline: &Pipeline, predictions: Vec<Prediction>) {
+/// by transaction id, in the room taken by [`fan_out_room`], freed once
+/// every send is done. Best effort: the database is the record of truth,
+/// and a send that fails (after the producer's 30 s) is logged and dropped.
+pub fn fan_out_predictions(pipeline: &Pipeline, predictions: Vec<Prediction>, room: tokio::sync::OwnedSemaphorePermit) {
     let producer = pipeline.producer.clone();
     let topic = pipeline.config.kafka.predictions_topic.clone();
     actix::spawn(async move {
-        for prediction in predictions {
-            let key = prediction.transaction_id.to_string();
-            let value = serde_json::json!({
-                "transaction_id": key,
-                "category": prediction.category,
-                "confidence_score": prediction.confidence_score,
-                "model_version": prediction.model_version,
-            })
-            .to_string();
-            if let Err((error, _)) =
-                producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30)).await
-            {
-                tracing::warn!(%error, "prediction fan-out failed");
+        let _room = room;
+        let sends = predictions.into_iter().map(|prediction| {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move {
+                let key = prediction.transaction_id.to_string();
+                let value = serde_json::json!({
+                    "transaction_id": key,
+                    "category": prediction.category,
+                    "confidence_score": prediction.confidence_score,
+                    "model_version": prediction.model_version,
+                })
+                .to_string();
+                if let Err((error, _)) =
+                    producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30)).await
+                {
+                    tracing::warn!(%error, "prediction fan-out failed");
+                }
             }
-        }
+        });
+        futures_util::future::join_all(sends).await;
     });
 }

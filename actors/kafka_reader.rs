@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use super::Pipeline;
 use super::messages::{Chaos, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
 use crate::domain::dead_letter::{ErrorType, Failure, Origin};
-use crate::domain::event::parse_event;
+use crate::domain::event::{RecordError, RejectStage, parse_event};
 use crate::domain::transaction::ProcessingType;
 use crate::metrics::METRICS;
 
@@ -281,12 +281,13 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
             // holds none. When none is left, what is read so far goes on and
             // the reader stops polling until a permit returns: see the module
             // comment on why this is not pause/resume.
-            let permit = match pipeline.capacity.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
+            let bytes = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+            let permit = match pipeline.try_reserve(bytes) {
+                Some(permit) => permit,
+                None => {
                     batch.send(&pipeline).await;
                     tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading stops");
-                    pipeline.capacity.clone().acquire_owned().await.expect("the semaphore is never closed")
+                    pipeline.reserve(bytes).await
                 }
             };
             batch.add(&pipeline, &message, permit);
@@ -310,7 +311,7 @@ struct ReadBatch {
 }
 
 impl ReadBatch {
-    fn add(&mut self, pipeline: &Pipeline, message: &OwnedMessage, permit: tokio::sync::OwnedSemaphorePermit) {
+    fn add(&mut self, pipeline: &Pipeline, message: &OwnedMessage, permit: super::messages::Capacity) {
         let origin = Origin::Kafka {
             topic: message.topic().to_string(),
             partition: message.partition(),
@@ -320,7 +321,16 @@ impl ReadBatch {
         self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
-        match parse_event(payload) {
+        let max_bytes = pipeline.config.kafka.max_record_bytes;
+        let decoded = if payload.len() > max_bytes {
+            Err(RecordError {
+                stage: RejectStage::Decode,
+                message: format!("record of {} bytes, over kafka.max_record_bytes ({max_bytes})", payload.len()),
+            })
+        } else {
+            parse_event(payload)
+        };
+        match decoded {
             Ok(transaction) => {
                 let lineage = Lineage {
                     processing_type: transaction.processing_type.unwrap_or(ProcessingType::Streaming),

@@ -18,7 +18,16 @@ pub struct Lineage {
     pub batch_id: Option<String>,
 }
 
-/// A valid record on its way to the database. It holds one unit of the
+/// One record's share of the pipeline's bounded capacity: one unit of the
+/// record bound and its size in bytes. Both return when it is dropped, so
+/// the bounds cannot leak, even through a crashing actor.
+#[derive(Debug)]
+pub struct Capacity {
+    pub(crate) _record: OwnedSemaphorePermit,
+    pub(crate) _bytes: OwnedSemaphorePermit,
+}
+
+/// A valid record on its way to the database. It holds its share of the
 /// pipeline's bounded capacity until it is durable or dropped.
 #[derive(Debug)]
 pub struct Envelope {
@@ -30,7 +39,7 @@ pub struct Envelope {
     pub raw: Option<Vec<u8>>,
     pub key: Option<Vec<u8>>,
     pub lineage: Lineage,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Capacity,
 }
 
 impl Envelope {
@@ -62,7 +71,7 @@ pub struct DeadLetter {
     /// (an invalid record), or the record is in PostgreSQL already (a
     /// failed prediction).
     pub acknowledges_origin: bool,
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub permit: Option<Capacity>,
 }
 
 /// Source -> Buffer: valid records to batch.

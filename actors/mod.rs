@@ -55,7 +55,12 @@ pub struct Pipeline {
     pub pool: PgPool,
     pub ml: MlClient,
     pub producer: FutureProducer,
+    /// Records in memory (`buffer.capacity`).
     pub capacity: Arc<Semaphore>,
+    /// Bytes those records hold (`buffer.capacity_bytes`).
+    pub capacity_bytes: Arc<Semaphore>,
+    /// Predictions queued for the fan-out topic (`buffer.capacity`).
+    pub fan_out_slots: Arc<Semaphore>,
     offsets: Mutex<OffsetTracker>,
     /// Batch runs and the progress of each (the CsvLoader's acknowledgements).
     pub batches: BatchRuns,
@@ -135,12 +140,16 @@ where
 impl Pipeline {
     pub fn new(config: Config, pool: PgPool, ml: MlClient, producer: FutureProducer) -> Arc<Pipeline> {
         let capacity = Arc::new(Semaphore::new(config.buffer.capacity));
+        let capacity_bytes = Arc::new(Semaphore::new(config.buffer.capacity_bytes));
+        let fan_out_slots = Arc::new(Semaphore::new(config.buffer.capacity));
         Arc::new(Pipeline {
+            fan_out_slots,
             config,
             pool,
             ml,
             producer,
             capacity,
+            capacity_bytes,
             offsets: Mutex::new(OffsetTracker::default()),
             batches: BatchRuns::default(),
             instance: instance_name(),
@@ -325,6 +334,37 @@ impl Pipeline {
     /// Records read and not yet durable or dropped.
     pub fn in_flight(&self) -> usize {
         self.config.buffer.capacity - self.capacity.available_permits()
+    }
+
+    /// The bytes those records hold.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.config.buffer.capacity_bytes - self.capacity_bytes.available_permits()
+    }
+
+    /// A record's share of the capacity, for a record of `bytes`, if both
+    /// bounds have room now.
+    pub fn try_reserve(&self, bytes: usize) -> Option<messages::Capacity> {
+        let record = self.capacity.clone().try_acquire_owned().ok()?;
+        let bytes = self.capacity_bytes.clone().try_acquire_many_owned(self.byte_permits(bytes)).ok()?;
+        Some(messages::Capacity { _record: record, _bytes: bytes })
+    }
+
+    /// The same, waiting until both bounds have room (backpressure).
+    pub async fn reserve(&self, bytes: usize) -> messages::Capacity {
+        let record = self.capacity.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let bytes = self
+            .capacity_bytes
+            .clone()
+            .acquire_many_owned(self.byte_permits(bytes))
+            .await
+            .expect("the semaphore is never closed");
+        messages::Capacity { _record: record, _bytes: bytes }
+    }
+
+    /// A record counts at least one byte, and at most the whole byte bound
+    /// (a larger one still passes, alone).
+    fn byte_permits(&self, bytes: usize) -> u32 {
+        bytes.clamp(1, self.config.buffer.capacity_bytes) as u32
     }
 
     /// Stops every arbiter (after a graceful shutdown) and waits, at most

@@ -87,6 +87,7 @@ async fn ready(state: web::Data<AdminState>) -> HttpResponse {
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     METRICS.in_flight.set(state.pipeline.in_flight() as i64);
+    METRICS.in_flight_bytes.set(state.pipeline.in_flight_bytes() as i64);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(METRICS.render())
 }
 
@@ -118,7 +119,8 @@ struct BatchRequest {
 
 /// `POST /batches {"uri", "run_id"?}`: checks the input, starts the run,
 /// answers 202 with the run id; 400 names a bad input, 403 one outside
-/// `batch.allowed_buckets` and `batch.local_roots`, 409 a run id in use.
+/// `batch.allowed_buckets` and `batch.local_roots`, 409 a run id in use,
+/// 429 a run beyond `batch.max_concurrent_runs`.
 async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminState>) -> HttpResponse {
     let BatchRequest { uri, run_id } = request.into_inner();
     let loader = state.pipeline.addrs().csv_loader;
@@ -132,6 +134,9 @@ async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminSta
         }
         Ok(Err(error @ BatchError::NotAllowed { .. })) => {
             HttpResponse::Forbidden().json(serde_json::json!({"error": error.to_string()}))
+        }
+        Ok(Err(error @ BatchError::TooManyRuns(_))) => {
+            HttpResponse::TooManyRequests().json(serde_json::json!({"error": error.to_string()}))
         }
         Ok(Err(error)) => HttpResponse::BadRequest().json(serde_json::json!({"error": error.to_string()})),
         Err(error) => HttpResponse::ServiceUnavailable()

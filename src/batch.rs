@@ -41,6 +41,8 @@ pub enum BatchError {
     AlreadyRunning(String),
     #[error("{uri} may not be read here: {reason}")]
     NotAllowed { uri: String, reason: String },
+    #[error("{0} batch runs are running already (batch.max_concurrent_runs); try again when one is done")]
+    TooManyRuns(usize),
 }
 
 /// Which inputs a run may read.
@@ -466,9 +468,24 @@ impl ErrorFile {
         Ok(())
     }
 
+    /// Removes what an earlier run of the same run id left, so that a
+    /// re-run's error file holds its own rows only (a pass resumed within
+    /// one run appends, and does not call this).
+    pub fn reset(&self) {
+        let _ = std::fs::remove_file(&self.staging);
+    }
+
     /// Whether any row was recorded (in this process or an earlier pass).
     pub fn has_rows(&self) -> bool {
         self.writer.is_some() || self.staging.exists()
+    }
+
+    /// Deletes an S3 error file an earlier run of this run id uploaded
+    /// (best effort: a leftover file is harmless, only misleading).
+    pub async fn remove_stale(self, s3: &aws_sdk_s3::Client) {
+        if let Location::S3 { bucket, key } = &self.destination {
+            let _ = s3.delete_object().bucket(bucket).key(key).send().await;
+        }
     }
 
     /// Flushes, and uploads an S3 destination. Returns its uri.
@@ -564,6 +581,27 @@ impl RunState {
     }
 }
 
+/// Finished runs kept in memory, newest first, once the table has them;
+/// older ones are answered from `batch_runs`.
+const FINISHED_KEPT: usize = 16;
+
+/// Drops the finished runs, already recorded, beyond the newest [`FINISHED_KEPT`].
+fn forget_finished(runs: &mut HashMap<String, RunState>) {
+    let mut finished: Vec<(f64, String)> = runs
+        .iter()
+        .filter(|(_, run)| run.status != RunStatus::Running && run.final_recorded)
+        .map(|(id, run)| (run.started.elapsed().as_secs_f64() - run.elapsed.unwrap_or(0.0), id.clone()))
+        .collect();
+    if finished.len() <= FINISHED_KEPT {
+        return;
+    }
+    // Since each finished, smallest first: the newest.
+    finished.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (_, id) in finished.into_iter().skip(FINISHED_KEPT) {
+        runs.remove(&id);
+    }
+}
+
 /// Every batch run of this process, and the progress of each.
 #[derive(Default)]
 pub struct BatchRuns {
@@ -576,11 +614,15 @@ impl BatchRuns {
         self.runs.lock().expect("batch runs lock")
     }
 
-    /// Registers a run; a run id that is still running is refused.
-    pub fn begin(&self, spec: RunSpec) -> Result<Arc<RunSpec>, BatchError> {
+    /// Registers a run; a run id that is still running is refused, and so
+    /// is a run beyond `max_running`.
+    pub fn begin(&self, spec: RunSpec, max_running: usize) -> Result<Arc<RunSpec>, BatchError> {
         let mut runs = self.lock();
         if runs.get(&spec.run_id).is_some_and(|run| run.status == RunStatus::Running) {
             return Err(BatchError::AlreadyRunning(spec.run_id));
+        }
+        if runs.values().filter(|run| run.status == RunStatus::Running).count() >= max_running {
+            return Err(BatchError::TooManyRuns(max_running));
         }
         let spec = Arc::new(spec);
         runs.insert(
@@ -726,6 +768,7 @@ impl BatchRuns {
         }
         let first_refusal = !mine && !run.taken_over;
         run.taken_over |= !mine;
+        forget_finished(&mut runs);
         first_refusal
     }
 
@@ -893,11 +936,36 @@ mod tests {
     }
 
     #[test]
+    fn runs_beyond_the_bound_are_refused_and_finished_ones_leave_memory() {
+        let runs = BatchRuns::default();
+        let spec =
+            |id: &str| RunSpec { run_id: id.into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
+        runs.begin(spec("a"), 2).unwrap();
+        runs.begin(spec("b"), 2).unwrap();
+        assert_eq!(runs.begin(spec("c"), 2).unwrap_err(), BatchError::TooManyRuns(2));
+        runs.finish("a", None);
+        runs.begin(spec("c"), 2).unwrap();
+        runs.finish("b", None);
+        runs.finish("c", None);
+        for i in 0..FINISHED_KEPT + 5 {
+            let id = format!("r{i}");
+            runs.begin(spec(&id), 2).unwrap();
+            runs.finish(&id, None);
+        }
+        for report in runs.to_record() {
+            runs.recorded(&report, true);
+        }
+        assert_eq!(runs.lock().len(), FINISHED_KEPT, "only the newest finished runs stay in memory");
+        assert!(runs.report(&format!("r{}", FINISHED_KEPT + 4)).is_some(), "the newest is kept");
+        assert!(runs.report("a").is_none(), "the oldest is answered from the table");
+    }
+
+    #[test]
     fn a_run_is_recorded_until_its_final_report_is_in_and_a_takeover_is_said_once() {
         let runs = BatchRuns::default();
         let spec =
             RunSpec { run_id: "2026-01".into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
-        runs.begin(spec).unwrap();
+        runs.begin(spec, 4).unwrap();
         let running = runs.to_record();
         assert_eq!(running.len(), 1);
         assert!(!runs.recorded(&running[0], true), "recorded as ours");

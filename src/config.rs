@@ -37,6 +37,7 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub predict: PredictConfig,
     pub breaker: BreakerConfig,
+    pub backfill: BackfillConfig,
     pub db: DbConfig,
     pub s3: S3Config,
     pub batch: BatchConfig,
@@ -57,6 +58,8 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u64,
     pub partitions: i32,
     pub auto_offset_reset: String,
+    /// A record larger than this is dead-lettered as invalid, unread.
+    pub max_record_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +68,7 @@ pub struct BufferConfig {
     pub max_records: usize,
     pub max_wait_ms: u64,
     pub capacity: usize,
+    pub capacity_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +93,14 @@ pub struct BreakerConfig {
     pub window: usize,
     pub half_open_probes: usize,
     pub open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillConfig {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +131,10 @@ pub struct BatchConfig {
     pub allowed_buckets: Vec<String>,
     /// Local directories `POST /batches` may read; empty means none.
     pub local_roots: Vec<String>,
+    /// Runs at once in one process; more are refused (429).
+    pub max_concurrent_runs: usize,
+    /// A CSV row larger than this goes to the error file, unparsed.
+    pub max_record_bytes: usize,
 }
 
 impl BatchConfig {
@@ -287,6 +303,21 @@ impl Config {
         if self.buffer.capacity < self.buffer.max_records {
             return Err(ConfigError::new("buffer.capacity", "must be at least buffer.max_records"));
         }
+        // One record of either source must fit in the byte capacity, or it
+        // could never be admitted.
+        positive("kafka.max_record_bytes", self.kafka.max_record_bytes as u64)?;
+        positive("batch.max_record_bytes", self.batch.max_record_bytes as u64)?;
+        positive("batch.max_concurrent_runs", self.batch.max_concurrent_runs as u64)?;
+        let largest = self.kafka.max_record_bytes.max(self.batch.max_record_bytes);
+        if self.buffer.capacity_bytes < largest {
+            return Err(ConfigError::new(
+                "buffer.capacity_bytes",
+                "must be at least kafka.max_record_bytes and batch.max_record_bytes",
+            ));
+        }
+        if self.buffer.capacity_bytes > u32::MAX as usize {
+            return Err(ConfigError::new("buffer.capacity_bytes", format!("must be at most {}", u32::MAX)));
+        }
         http_url("predict.url", &self.predict.url)?;
         positive("predict.batch_size", self.predict.batch_size as u64)?;
         positive("predict.concurrency", self.predict.concurrency as u64)?;
@@ -311,6 +342,11 @@ impl Config {
         positive("breaker.window", self.breaker.window as u64)?;
         positive("breaker.half_open_probes", self.breaker.half_open_probes as u64)?;
         positive("breaker.open_ms", self.breaker.open_ms)?;
+        positive("backfill.max_attempts", u64::from(self.backfill.max_attempts))?;
+        positive("backfill.initial_backoff_ms", self.backfill.initial_backoff_ms)?;
+        if self.backfill.max_backoff_ms < self.backfill.initial_backoff_ms {
+            return Err(ConfigError::new("backfill.max_backoff_ms", "must be at least backfill.initial_backoff_ms"));
+        }
         if !self.db.url.starts_with("postgres://") && !self.db.url.starts_with("postgresql://") {
             return Err(ConfigError::new("db.url", "must be a postgres:// URL"));
         }

@@ -293,7 +293,7 @@ pub fn upsert_predictions(
 }
 
 #[derive(diesel::QueryableByName)]
-struct UnpredictedRow {
+struct ClaimedRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: uuid::Uuid,
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -310,16 +310,47 @@ struct UnpredictedRow {
     side: String,
 }
 
-/// Up to `limit` stored transactions without a prediction, as ML API items.
-pub fn unpredicted(
+/// Claims up to `limit` stored transactions without a prediction whose
+/// next try is due, oldest first, and returns them as ML API items.
+///
+/// A claim counts an attempt and moves the transaction's next try
+/// `initial_ms * 2^(attempts-1)` ahead (at most `max_ms`): that is both
+/// its backoff and its lease. Rows are locked `FOR NO KEY UPDATE SKIP
+/// LOCKED` (which a prediction's foreign-key check does not wait on), and a
+/// row claimed meanwhile by another replica is left alone (`WHERE` on the
+/// upsert), so two replicas never claim the same transaction.
+pub fn claim_unpredicted(
     connection: &mut PgConnection,
     limit: i64,
+    initial_ms: u64,
+    max_ms: u64,
 ) -> Result<Vec<crate::domain::prediction::PredictRequestItem>, WriteError> {
-    let rows: Vec<UnpredictedRow> = diesel::sql_query(
-        "SELECT id, description, amount::text AS amount, \"timestamp\", merchant, operation_type, side
-         FROM unprocessed_transactions ORDER BY created_at LIMIT $1",
+    use diesel::sql_types::{BigInt, Double};
+    let rows: Vec<ClaimedRow> = diesel::sql_query(
+        "WITH due AS (
+             SELECT t.id FROM transactions t
+             LEFT JOIN prediction_backlog b ON b.transaction_id = t.id
+             WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.transaction_id = t.id)
+               AND (b.transaction_id IS NULL OR (b.refused_at IS NULL AND b.next_attempt_at <= now()))
+             ORDER BY t.created_at
+             LIMIT $1
+             FOR NO KEY UPDATE OF t SKIP LOCKED
+         ), claimed AS (
+             INSERT INTO prediction_backlog AS b (transaction_id, attempts, next_attempt_at)
+             SELECT id, 1, now() + $2 * interval '1 millisecond' FROM due
+             ON CONFLICT (transaction_id) DO UPDATE
+                 SET attempts = b.attempts + 1,
+                     next_attempt_at = now() + least($2 * power(2, b.attempts), $3) * interval '1 millisecond'
+                 WHERE b.refused_at IS NULL AND b.next_attempt_at <= now()
+             RETURNING transaction_id
+         )
+         SELECT t.id, t.description, t.amount::text AS amount, t.\"timestamp\", t.merchant, t.operation_type, t.side
+         FROM claimed c JOIN transactions t ON t.id = c.transaction_id
+         ORDER BY t.created_at",
     )
-    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .bind::<BigInt, _>(limit)
+    .bind::<Double, _>(initial_ms as f64)
+    .bind::<Double, _>(max_ms as f64)
     .load(connection)?;
     Ok(rows
         .into_iter()
@@ -333,6 +364,64 @@ pub fn unpredicted(
             side: row.side,
         })
         .collect())
+}
+
+/// Stores backfilled predictions, and takes their transactions out of the
+/// backlog, in one database transaction.
+pub fn write_backfilled(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+) -> Result<(), WriteError> {
+    let ids: Vec<uuid::Uuid> = predictions.iter().map(|p| p.transaction_id).collect();
+    connection.transaction::<(), WriteError, _>(|tx| {
+        upsert_predictions(tx, predictions)?;
+        diesel::sql_query("DELETE FROM prediction_backlog WHERE transaction_id = ANY($1)")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(ids)
+            .execute(tx)?;
+        Ok(())
+    })
+}
+
+#[derive(diesel::QueryableByName)]
+struct RefusedNow {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    refused: bool,
+}
+
+/// Records how claimed transactions failed: `failed` with their reason
+/// (a transaction past `max_attempts` is refused from now on), and
+/// `not_at_fault` (the API failed as a whole) with their attempt given
+/// back. Returns how many were refused now.
+pub fn record_backfill_failures(
+    connection: &mut PgConnection,
+    failed: &[(uuid::Uuid, String)],
+    not_at_fault: &[uuid::Uuid],
+    max_attempts: u32,
+) -> Result<usize, WriteError> {
+    use diesel::sql_types::{Array, Integer, Text, Uuid as SqlUuid};
+    let ids: Vec<uuid::Uuid> = failed.iter().map(|(id, _)| *id).collect();
+    let reasons: Vec<String> =
+        failed.iter().map(|(_, reason)| crate::domain::dead_letter::capped(reason, 1024)).collect();
+    connection.transaction::<usize, WriteError, _>(|tx| {
+        let refused: Vec<RefusedNow> = diesel::sql_query(
+            "UPDATE prediction_backlog b
+             SET last_error = f.reason,
+                 refused_at = CASE WHEN b.attempts >= $3 THEN now() END
+             FROM UNNEST($1::uuid[], $2::text[]) AS f(id, reason)
+             WHERE b.transaction_id = f.id
+             RETURNING b.refused_at IS NOT NULL AS refused",
+        )
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Text>, _>(reasons)
+        .bind::<Integer, _>(max_attempts as i32)
+        .load(tx)?;
+        diesel::sql_query(
+            "UPDATE prediction_backlog SET attempts = greatest(attempts - 1, 0) WHERE transaction_id = ANY($1)",
+        )
+        .bind::<Array<SqlUuid>, _>(not_at_fault.to_vec())
+        .execute(tx)?;
+        Ok(refused.iter().filter(|row| row.refused).count())
+    })
 }
 
 #[derive(diesel::QueryableByName)]
@@ -402,4 +491,99 @@ pub fn recorded_run(connection: &mut PgConnection, run_id: &str) -> Result<Optio
     .bind::<diesel::sql_types::Text, _>(run_id)
     .load(connection)?;
     Ok(rows.pop())
+}
+
+/// A dead letter the DLQ topic refused for good, as `dead_letters` stores it.
+pub struct StoredDeadLetter<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    /// The DLQ headers of contract §5, by name.
+    pub headers: &'a [(&'static str, String)],
+    pub refused_by: &'a str,
+}
+
+/// Stores a dead letter in `dead_letters`; one row per source and error
+/// type, so a record dead-lettered again replaces its row (and is replayable again).
+pub fn store_dead_letter(connection: &mut PgConnection, letter: &StoredDeadLetter<'_>) -> Result<(), WriteError> {
+    use diesel::sql_types::{Bytea, Integer, Nullable, Text};
+    let header = |name: &str| {
+        // PostgreSQL text cannot hold NUL: never let a reason be refused for it.
+        letter.headers.iter().find(|(key, _)| *key == name).map_or(String::new(), |(_, v)| v.replace('\0', " "))
+    };
+    let run_id = header("run_id");
+    diesel::sql_query(
+        "INSERT INTO dead_letters (topic, record_key, record_value, error_type, error_message, stage, failed_at,
+                                   attempts, source, run_id, service, refused_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7::timestamptz, $8, $9, $10, $11, $12)
+         ON CONFLICT (source, error_type) DO UPDATE SET
+             topic = EXCLUDED.topic, record_key = EXCLUDED.record_key, record_value = EXCLUDED.record_value,
+             error_message = EXCLUDED.error_message, stage = EXCLUDED.stage, failed_at = EXCLUDED.failed_at,
+             attempts = EXCLUDED.attempts, run_id = EXCLUDED.run_id, service = EXCLUDED.service,
+             refused_by = EXCLUDED.refused_by, stored_at = now(), replayed_at = NULL",
+    )
+    .bind::<Text, _>(letter.topic)
+    .bind::<Nullable<Bytea>, _>(letter.key)
+    .bind::<Bytea, _>(letter.value)
+    .bind::<Text, _>(header("error_type"))
+    .bind::<Text, _>(header("error_message"))
+    .bind::<Text, _>(header("stage"))
+    .bind::<Text, _>(header("failed_at"))
+    .bind::<Integer, _>(header("attempts").parse::<i32>().unwrap_or(0))
+    .bind::<Text, _>(header("source"))
+    .bind::<Nullable<Text>, _>((!run_id.is_empty()).then_some(run_id))
+    .bind::<Text, _>(header("service"))
+    .bind::<Text, _>(letter.refused_by.replace('\0', " "))
+    .execute(connection)?;
+    Ok(())
+}
+
+/// One row of `dead_letters`, for `txnflow dlq list` and replay.
+#[derive(diesel::QueryableByName, Debug)]
+pub struct DeadLetterRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bytea>)]
+    pub record_key: Option<Vec<u8>>,
+    #[diesel(sql_type = diesel::sql_types::Bytea)]
+    pub record_value: Vec<u8>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub error_type: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub error_message: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub source: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub refused_by: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    pub replayed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Dead letters stored in the table, oldest first, of the given error
+/// types, at most `limit`; `pending_only` leaves out those replayed.
+pub fn dead_letters(
+    connection: &mut PgConnection,
+    error_types: &[String],
+    pending_only: bool,
+    limit: i64,
+) -> Result<Vec<DeadLetterRow>, WriteError> {
+    use diesel::sql_types::{Array, BigInt, Bool, Text};
+    Ok(diesel::sql_query(
+        "SELECT id, record_key, record_value, error_type, error_message, source, refused_by, replayed_at
+         FROM dead_letters
+         WHERE error_type = ANY($1) AND (NOT $2 OR replayed_at IS NULL)
+         ORDER BY id LIMIT $3",
+    )
+    .bind::<Array<Text>, _>(error_types)
+    .bind::<Bool, _>(pending_only)
+    .bind::<BigInt, _>(limit)
+    .load(connection)?)
+}
+
+/// Marks a stored dead letter as replayed (it stays, for the record).
+pub fn mark_replayed(connection: &mut PgConnection, id: i64) -> Result<(), WriteError> {
+    diesel::sql_query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(id)
+        .execute(connection)?;
+    Ok(())
 }

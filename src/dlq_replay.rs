@@ -6,7 +6,11 @@
 //! It reads the DLQ in its own consumer group, so a second replay resumes
 //! where the first stopped, and commits a DLQ offset only once the input
 //! topic has acknowledged the record. It stops when the DLQ has been quiet
-//! for `idle`.
+//! for `idle`. Then it replays the dead letters the topic refused, stored in
+//! the `dead_letters` table, marking each replayed once the input topic has it.
+//!
+//! By default it replays `prediction_failed` and `persist_failed`: an
+//! `invalid` record fails again as it is, so it is replayed only when asked.
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -16,17 +20,33 @@ use std::time::Duration;
 
 use crate::config::KafkaConfig;
 
+/// What `txnflow dlq replay` replays unless told otherwise.
+pub const DEFAULT_ERROR_TYPES: [&str; 2] = ["prediction_failed", "persist_failed"];
+
 pub struct ReplayOptions {
-    /// Replay only records whose `error_type` header is this.
-    pub error_type: Option<String>,
+    /// Replay only records whose `error_type` header is one of these.
+    pub error_types: Vec<String>,
     /// Stop after the DLQ has been quiet this long.
     pub idle: Duration,
     /// Consumer group of the replay.
     pub group: String,
 }
 
-/// Returns (replayed, skipped by the filter).
-pub async fn run(kafka: &KafkaConfig, options: ReplayOptions) -> anyhow::Result<(u64, u64)> {
+/// Replays the topic, then the table (when `db` is given). Returns
+/// (replayed, skipped by the filter).
+pub async fn run(
+    kafka: &KafkaConfig,
+    db: Option<&crate::config::DbConfig>,
+    options: ReplayOptions,
+) -> anyhow::Result<(u64, u64)> {
+    let (mut replayed, skipped) = replay_topic(kafka, &options).await?;
+    if let Some(db) = db {
+        replayed += replay_table(kafka, db, &options.error_types).await?;
+    }
+    Ok((replayed, skipped))
+}
+
+async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::Result<(u64, u64)> {
     let producer = crate::kafka::producer(kafka)?;
     let consumer: StreamConsumer = crate::kafka::client_config(kafka)
         .set("group.id", &options.group)
@@ -49,7 +69,7 @@ pub async fn run(kafka: &KafkaConfig, options: ReplayOptions) -> anyhow::Result<
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         });
-        if options.error_type.as_deref().is_none_or(|wanted| error_type.as_deref() == Some(wanted)) {
+        if error_type.as_ref().is_some_and(|kind| options.error_types.contains(kind)) {
             let headers = OwnedHeaders::new().insert(Header {
                 key: "replayed_from",
                 value: Some(&format!("{}/{}/{}", message.topic(), message.partition(), message.offset())),
@@ -76,4 +96,74 @@ pub async fn run(kafka: &KafkaConfig, options: ReplayOptions) -> anyhow::Result<
     }
     consumer.commit_consumer_state(CommitMode::Sync).ok();
     Ok((replayed, skipped))
+}
+
+/// Republishes the pending rows of `dead_letters` of those types to the
+/// input topic, each marked replayed once the topic has it.
+async fn replay_table(
+    kafka: &KafkaConfig,
+    db: &crate::config::DbConfig,
+    error_types: &[String],
+) -> anyhow::Result<u64> {
+    let producer = crate::kafka::producer(kafka)?;
+    let pool = crate::db::pool(db);
+    let mut replayed = 0u64;
+    loop {
+        let (types, shared) = (error_types.to_vec(), pool.clone());
+        let rows = tokio::task::spawn_blocking(move || {
+            let mut connection = shared.get()?;
+            anyhow::Ok(crate::db::dead_letters(&mut connection, &types, true, 500)?)
+        })
+        .await??;
+        if rows.is_empty() {
+            return Ok(replayed);
+        }
+        for row in rows {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "replayed_from", value: Some(&format!("dead_letters/{}", row.id)) });
+            let mut record = FutureRecord::to(&kafka.topic).payload(&row.record_value).headers(headers);
+            if let Some(key) = &row.record_key {
+                record = record.key(key);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("republishing dead letter {} to {}: {e}", row.id, kafka.topic))?;
+            let shared = pool.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut connection = shared.get()?;
+                anyhow::Ok(crate::db::mark_replayed(&mut connection, row.id)?)
+            })
+            .await??;
+            replayed += 1;
+        }
+        tracing::info!(replayed, "replaying the dead_letters table");
+    }
+}
+
+/// `txnflow dlq list`: one line per stored dead letter, without its value
+/// (it is the input record).
+pub fn list(
+    db: &crate::config::DbConfig,
+    error_types: &[String],
+    pending_only: bool,
+    limit: i64,
+) -> anyhow::Result<()> {
+    let mut connection = crate::db::connect(&db.url)?;
+    let rows = crate::db::dead_letters(&mut connection, error_types, pending_only, limit)?;
+    println!("id\terror_type\tsource\tbytes\treplayed\trefused_by\terror_message");
+    for row in &rows {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            row.id,
+            row.error_type,
+            row.source,
+            row.record_value.len(),
+            row.replayed_at.map_or("no".to_string(), |at| at.to_rfc3339()),
+            row.refused_by,
+            row.error_message
+        );
+    }
+    eprintln!("{} dead letter(s) in the table", rows.len());
+    Ok(())
 }

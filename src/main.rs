@@ -44,17 +44,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// Republish dead-lettered records to the input topic, through the pipeline again (idempotent).
+    /// Republish dead-lettered records (the DLQ topic, then the dead_letters table) to the input topic,
+    /// through the pipeline again (idempotent).
     Replay {
-        /// Replay only this error_type (invalid, prediction_failed, persist_failed).
+        /// Replay these error types (repeatable): invalid, prediction_failed, persist_failed.
+        /// Default: prediction_failed and persist_failed (invalid records fail again as they are).
+        #[arg(long, value_parser = ["invalid", "prediction_failed", "persist_failed"])]
+        error_type: Vec<String>,
+        /// Replay the DLQ topic only, not the dead_letters table.
         #[arg(long)]
-        error_type: Option<String>,
+        topic_only: bool,
         /// Stop once the DLQ has been quiet this many milliseconds.
         #[arg(long, default_value_t = 5000)]
         idle_ms: u64,
         /// Consumer group of the replay; a second replay in the same group resumes.
         #[arg(long, default_value = "txnflow-dlq-replay")]
         group: String,
+    },
+    /// List the dead letters stored in the dead_letters table (the DLQ topic refused them), without their values.
+    List {
+        /// Only these error types (repeatable); default: all.
+        #[arg(long, value_parser = ["invalid", "prediction_failed", "persist_failed"])]
+        error_type: Vec<String>,
+        /// Also those already replayed.
+        #[arg(long)]
+        all: bool,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
     },
 }
 
@@ -228,12 +245,26 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("produced {delivered} records");
             Ok(())
         }
-        Command::Dlq(DlqCommand::Replay { error_type, idle_ms, group }) => {
+        Command::Dlq(DlqCommand::Replay { error_type, topic_only, idle_ms, group }) => {
+            let error_types = if error_type.is_empty() {
+                dlq_replay::DEFAULT_ERROR_TYPES.iter().map(|t| t.to_string()).collect()
+            } else {
+                error_type
+            };
             let options =
-                dlq_replay::ReplayOptions { error_type, idle: std::time::Duration::from_millis(idle_ms), group };
-            let (replayed, skipped) = tokio_runtime()?.block_on(dlq_replay::run(&config.kafka, options))?;
+                dlq_replay::ReplayOptions { error_types, idle: std::time::Duration::from_millis(idle_ms), group };
+            let db = (!topic_only).then_some(&config.db);
+            let (replayed, skipped) = tokio_runtime()?.block_on(dlq_replay::run(&config.kafka, db, options))?;
             println!("replayed {replayed} skipped {skipped}");
             Ok(())
+        }
+        Command::Dlq(DlqCommand::List { error_type, all, limit }) => {
+            let error_types = if error_type.is_empty() {
+                ["invalid", "prediction_failed", "persist_failed"].iter().map(|t| t.to_string()).collect()
+            } else {
+                error_type
+            };
+            dlq_replay::list(&config.db, &error_types, !all, limit)
         }
         Command::MlApi(args) => {
             let mut faults = ml_api::Faults::from_config(&config.ml_api);

@@ -25,6 +25,13 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub actor_restarts: IntCounterVec,
     pub in_flight: IntGauge,
+    pub in_flight_bytes: IntGauge,
+    /// ML API answers that mean txnflow is misconfigured (401, 403, 404).
+    pub ml_api_config_errors: IntCounterVec,
+    /// Stored transactions the backfill gave up predicting (`backfill.max_attempts`).
+    pub backfill_refused: prometheus::IntCounter,
+    /// Dead letters the DLQ topic refused for good, stored in `dead_letters`.
+    pub dead_letters_stored: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
@@ -103,6 +110,19 @@ impl Metrics {
                 IntCounterVec::new(Opts::new("txnflow_actor_restarts_total", "Actor restarts by supervisor or watchdog, per actor."), &["actor"]).unwrap(),
             ),
             in_flight: register(r, IntGauge::new("txnflow_in_flight_records", "Records read and not yet durable (the bounded capacity in use).").unwrap()),
+            in_flight_bytes: register(r, IntGauge::new("txnflow_in_flight_bytes", "Bytes held by the records in flight (bounded by buffer.capacity_bytes).").unwrap()),
+            ml_api_config_errors: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_ml_api_config_errors_total", "ML API answers that mean txnflow is misconfigured (401, 403, 404: check predict.url and its credentials), by status."), &["status"]).unwrap(),
+            ),
+            dead_letters_stored: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_dead_letters_stored_total", "Dead letters the DLQ topic refused for good (too large, not authorised, no such topic), stored in the dead_letters table instead, by error_type."), &["error_type"]).unwrap(),
+            ),
+            backfill_refused: register(
+                r,
+                prometheus::IntCounter::new("txnflow_backfill_refused_total", "Stored transactions the backfill stopped predicting after backfill.max_attempts (see the refused_predictions view).").unwrap(),
+            ),
             registry,
         }
     }
@@ -119,8 +139,11 @@ impl Metrics {
             self.flush_size.with_label_values(&[trigger]);
             self.flush_duration.with_label_values(&[trigger]);
         }
-        for outcome in ["ok", "retriable", "rejected"] {
+        for outcome in ["ok", "retriable", "rejected", "misconfigured"] {
             self.ml_api_latency.with_label_values(&[outcome]);
+        }
+        for status in ["401", "403", "404"] {
+            self.ml_api_config_errors.with_label_values(&[status]);
         }
         for caller in ["pipeline", "backfill"] {
             self.ml_api_batch_size.with_label_values(&[caller]);
@@ -130,6 +153,7 @@ impl Metrics {
         }
         for error_type in ["invalid", "prediction_failed", "persist_failed"] {
             self.dlq_records.with_label_values(&[error_type]);
+            self.dead_letters_stored.with_label_values(&[error_type]);
         }
         for outcome in ["ok", "retry", "data_error"] {
             self.db_write_duration.with_label_values(&[outcome]);

@@ -63,10 +63,11 @@ impl Default for Faults {
 }
 
 /// Whether `refuse_rate` refuses `id`: a share of the id space, fixed per
-/// id (the id's last 8 bytes as a fraction), independent of its category.
+/// id (its first 4 bytes as a fraction: random in v4 and v5 ids, unlike the
+/// version and variant bits further on).
 pub fn refuses(id: Uuid, refuse_rate: f64) -> bool {
-    let low = id.as_u128() as u64;
-    (low as f64 / u64::MAX as f64) < refuse_rate
+    let high = (id.as_u128() >> 96) as u32;
+    (f64::from(high) / f64::from(u32::MAX)) < refuse_rate
 }
 
 impl Faults {

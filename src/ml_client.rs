@@ -3,7 +3,15 @@
 //!
 //! Shared by the PredictClient actor (new records) and the Backfill actor
 //! (stored transactions without a prediction). It never fails as a whole: it
-//! returns, for each requested transaction, a prediction or a failure.
+//! returns, for each requested transaction, a prediction or a failure, and
+//! which failures were the API's rather than the record's.
+//!
+//! - 422 and other 4xx: the batch is split until the refused records stand alone.
+//! - 5xx: retried; when retries run out while the API answers other requests,
+//!   the batch is split the same way, and the record it fails on is that
+//!   record's failure, not counted against the API.
+//! - 401, 403, 404: a configuration error. Not retried, not split; counted
+//!   by the breaker, logged naming the URL, and counted in a metric.
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -26,24 +34,61 @@ use crate::metrics::METRICS;
 pub struct Predicted {
     pub predictions: Vec<Prediction>,
     pub failures: Vec<(Uuid, Failure)>,
+    /// The failed ids that are not at fault: the API was unreachable, down
+    /// for everyone, refused txnflow itself (401, 403, 404) or the breaker
+    /// was open. The backfill does not count these attempts against them.
+    pub unavailable: HashSet<Uuid>,
 }
 
 /// Why one HTTP call did not give an answer.
 #[derive(Debug)]
 enum CallError {
-    /// Connect error, timeout, 408, 429 or 5xx: worth retrying.
+    /// Connect error, timeout, 408 or 429: worth retrying.
     Retriable(String),
+    /// A 5xx: worth retrying, and, while other requests are answered, a
+    /// sign that something in this request breaks the server.
+    ServerError { status: u16, body: String },
+    /// 401, 403 or 404: txnflow's configuration, not the records.
+    Misconfigured { status: u16 },
     /// Any other 4xx: this request will never be accepted as it is.
     Rejected { status: u16, body: String },
 }
 
 /// What a request came to after its retries.
 enum Attempted {
-    Answered { body: Vec<u8>, attempts: u32 },
-    Rejected { status: u16, body: String, attempts: u32 },
-    GaveUp { reason: String, attempts: u32 },
+    Answered {
+        body: Vec<u8>,
+        attempts: u32,
+    },
+    Rejected {
+        status: u16,
+        body: String,
+        attempts: u32,
+    },
+    /// Retries exhausted; `server_error` when the API answered a 5xx last.
+    GaveUp {
+        reason: String,
+        attempts: u32,
+        server_error: bool,
+    },
+    Misconfigured {
+        status: u16,
+    },
     BreakerOpen,
 }
+
+/// How a request is treated while a batch is split to find a record the
+/// server fails on: a 5xx is then the record's answer, as a 422 would be:
+/// not retried, and not counted against the API by the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolating {
+    No,
+    Yes,
+}
+
+/// A 5xx is taken as a record's fault only while the API answers others:
+/// a 2xx within this window.
+const ANSWERING_WITHIN: Duration = Duration::from_secs(30);
 
 pub struct MlClient {
     http: reqwest::Client,
@@ -53,6 +98,8 @@ pub struct MlClient {
     categories: HashSet<String>,
     /// Bounds the requests in flight across every caller to `concurrency`.
     in_flight: Arc<Semaphore>,
+    /// When the API last answered 2xx.
+    last_answer: std::sync::Mutex<Option<Instant>>,
 }
 
 impl MlClient {
@@ -70,7 +117,14 @@ impl MlClient {
             categories: config.categories.iter().cloned().collect(),
             in_flight: Arc::new(Semaphore::new(config.concurrency)),
             config: config.clone(),
+            last_answer: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether the API answered 2xx recently: then a request it keeps
+    /// failing with 5xx holds a record that breaks it.
+    fn answers_others(&self) -> bool {
+        self.last_answer.lock().expect("last answer lock").is_some_and(|at| at.elapsed() < ANSWERING_WITHIN)
     }
 
     /// Predicts `items` in requests of `batch_size`, up to `concurrency` at once.
@@ -78,24 +132,50 @@ impl MlClient {
         let chunks: Vec<Vec<PredictRequestItem>> =
             items.chunks(self.config.batch_size).map(<[PredictRequestItem]>::to_vec).collect();
         let outcomes: Vec<Predicted> = futures_util::stream::iter(chunks)
-            .map(|chunk| self.predict_chunk(chunk, caller))
+            .map(|chunk| self.predict_chunk(chunk, caller, Isolating::No))
             .buffer_unordered(self.config.concurrency)
             .collect()
             .await;
         let mut all = Predicted::default();
         for outcome in outcomes {
-            all.predictions.extend(outcome.predictions);
-            all.failures.extend(outcome.failures);
+            all.merge(outcome);
         }
         all
     }
 
     /// One request, split in halves when the API rejects it, so that only
     /// the records it refuses fail (guarantee 3).
-    fn predict_chunk<'a>(&'a self, items: Vec<PredictRequestItem>, caller: &'static str) -> BoxFuture<'a, Predicted> {
+    fn predict_chunk<'a>(
+        &'a self,
+        items: Vec<PredictRequestItem>,
+        caller: &'static str,
+        isolating: Isolating,
+    ) -> BoxFuture<'a, Predicted> {
+        Box::pin(async move {
+            let attempted = self.call_with_retries(&items, caller, isolating).await;
+            self.resolve(items, attempted, caller).await
+        })
+    }
+
+    /// What a request's outcome means for each of its records.
+    fn resolve<'a>(
+        &'a self,
+        items: Vec<PredictRequestItem>,
+        attempted: Attempted,
+        caller: &'static str,
+    ) -> BoxFuture<'a, Predicted> {
         Box::pin(async move {
             let ids: Vec<Uuid> = items.iter().map(|item| item.id).collect();
-            match self.call_with_retries(&items, caller).await {
+            let unavailable = |reason: String, attempts: u32| Predicted {
+                failures: ids.iter().map(|id| (*id, prediction_failed(reason.clone(), attempts))).collect(),
+                unavailable: ids.iter().copied().collect(),
+                ..Predicted::default()
+            };
+            let own_failure = |reason: String, attempts: u32| Predicted {
+                failures: vec![(ids[0], prediction_failed(reason, attempts))],
+                ..Predicted::default()
+            };
+            match attempted {
                 Attempted::Answered { body, attempts } => {
                     let rules = AnswerRules {
                         categories: &self.categories,
@@ -115,42 +195,99 @@ impl MlClient {
                             .into_iter()
                             .map(|(id, reason)| (id, prediction_failed(reason, attempts)))
                             .collect(),
+                        ..Predicted::default()
                     }
                 }
                 Attempted::Rejected { status, body, attempts } if items.len() == 1 => {
-                    let reason = format!("rejected by the ML API ({status}): {}", truncate(&body, 500));
-                    Predicted { failures: vec![(ids[0], prediction_failed(reason, attempts))], ..Predicted::default() }
+                    own_failure(format!("rejected by the ML API ({status}): {}", truncate(&body, 500)), attempts)
                 }
                 Attempted::Rejected { .. } => {
                     let mut items = items;
                     let second = items.split_off(items.len() / 2);
-                    let (left, right) =
-                        tokio::join!(self.predict_chunk(items, caller), self.predict_chunk(second, caller));
+                    let (left, right) = tokio::join!(
+                        self.predict_chunk(items, caller, Isolating::Yes),
+                        self.predict_chunk(second, caller, Isolating::Yes)
+                    );
                     let mut both = left;
-                    both.predictions.extend(right.predictions);
-                    both.failures.extend(right.failures);
+                    both.merge(right);
                     both
                 }
-                Attempted::GaveUp { reason, attempts } => Predicted {
-                    failures: ids.into_iter().map(|id| (id, prediction_failed(reason.clone(), attempts))).collect(),
-                    ..Predicted::default()
-                },
-                Attempted::BreakerOpen => Predicted {
-                    failures: ids
-                        .into_iter()
-                        .map(|id| (id, prediction_failed("circuit breaker open".into(), 0)))
-                        .collect(),
-                    ..Predicted::default()
-                },
+                Attempted::GaveUp { server_error: true, .. } if items.len() > 1 => {
+                    self.isolate_server_error(items, caller).await
+                }
+                Attempted::GaveUp { reason, attempts, server_error: true } if self.answers_others() => {
+                    own_failure(format!("the ML API fails on this record while it answers others: {reason}"), attempts)
+                }
+                Attempted::GaveUp { reason, attempts, .. } => unavailable(reason, attempts),
+                Attempted::Misconfigured { status } => {
+                    unavailable(format!("the ML API answered {status}: check predict.url and its credentials"), 1)
+                }
+                Attempted::BreakerOpen => unavailable("circuit breaker open".into(), 0),
             }
         })
     }
 
-    async fn call_with_retries(&self, items: &[PredictRequestItem], caller: &'static str) -> Attempted {
+    /// A batch the API kept failing with 5xx: each half is tried once. When
+    /// both fail too, the API fails everything and no record is at fault;
+    /// when one is answered, the other holds what breaks the server, and is
+    /// split again until that record stands alone. Those tries are not
+    /// counted against the API by the breaker.
+    fn isolate_server_error<'a>(
+        &'a self,
+        mut items: Vec<PredictRequestItem>,
+        caller: &'static str,
+    ) -> BoxFuture<'a, Predicted> {
+        Box::pin(async move {
+            let second = items.split_off(items.len() / 2);
+            let (left, right) = tokio::join!(
+                self.call_with_retries(&items, caller, Isolating::Yes),
+                self.call_with_retries(&second, caller, Isolating::Yes)
+            );
+            let fails = |attempted: &Attempted| matches!(attempted, Attempted::GaveUp { server_error: true, .. });
+            let mut all = Predicted::default();
+            if fails(&left) && fails(&right) {
+                let reason = "the ML API answered 5xx to every part of the batch".to_string();
+                for item in items.iter().chain(&second) {
+                    all.failures.push((item.id, prediction_failed(reason.clone(), 1)));
+                    all.unavailable.insert(item.id);
+                }
+                return all;
+            }
+            for (half, attempted) in [(items, left), (second, right)] {
+                let outcome = match attempted {
+                    Attempted::GaveUp { reason, attempts, server_error: true } if half.len() == 1 => Predicted {
+                        failures: vec![(
+                            half[0].id,
+                            prediction_failed(
+                                format!("the ML API fails on this record while it answers others: {reason}"),
+                                attempts,
+                            ),
+                        )],
+                        ..Predicted::default()
+                    },
+                    Attempted::GaveUp { server_error: true, .. } => self.isolate_server_error(half, caller).await,
+                    other => self.resolve(half, other, caller).await,
+                };
+                all.merge(outcome);
+            }
+            all
+        })
+    }
+
+    async fn call_with_retries(
+        &self,
+        items: &[PredictRequestItem],
+        caller: &'static str,
+        isolating: Isolating,
+    ) -> Attempted {
         let body = match serde_json::to_vec(items) {
             Ok(body) => body,
             Err(error) => {
-                return Attempted::GaveUp { reason: format!("cannot encode the request: {error}"), attempts: 0 };
+                return Attempted::GaveUp {
+                    reason: format!("cannot encode the request: {error}"),
+                    attempts: 0,
+                    server_error: false,
+                };
             }
         };
         let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
@@ -158,23 +295,52 @@ impl MlClient {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            // Only retriable failures count against the API: a 4xx means
-            // this request is bad, not that the API is down.
-            let call = self
-                .breaker
-                .call_with(|error: &CallError| matches!(error, CallError::Retriable(_)), self.call(body.clone()));
-            let reason = match call.await {
-                Ok(answer) => return Attempted::Answered { body: answer, attempts },
+            // What counts against the API: a 4xx means this request is bad,
+            // not that the API is down; a 401, 403 or 404 means txnflow
+            // cannot use it at all, so it counts. While a batch is split
+            // to isolate a record, that record's 5xx is its own.
+            let against_the_api = |error: &CallError| match error {
+                CallError::Retriable(_) | CallError::Misconfigured { .. } => true,
+                CallError::ServerError { .. } => isolating == Isolating::No,
+                CallError::Rejected { .. } => false,
+            };
+            let call = self.breaker.call_with(against_the_api, self.call(body.clone()));
+            let (reason, server_error) = match call.await {
+                Ok(answer) => {
+                    *self.last_answer.lock().expect("last answer lock") = Some(Instant::now());
+                    return Attempted::Answered { body: answer, attempts };
+                }
                 Err(recloser::Error::Rejected) => return Attempted::BreakerOpen,
                 Err(recloser::Error::Inner(CallError::Rejected { status, body })) => {
                     return Attempted::Rejected { status, body, attempts };
                 }
-                Err(recloser::Error::Inner(CallError::Retriable(reason))) => reason,
+                Err(recloser::Error::Inner(CallError::Misconfigured { status })) => {
+                    METRICS.ml_api_config_errors.with_label_values(&[&status.to_string()]).inc();
+                    tracing::error!(
+                        status,
+                        url = self.url,
+                        "the ML API refuses txnflow: check predict.url and its credentials; \
+                         records are stored without predictions until it is fixed"
+                    );
+                    return Attempted::Misconfigured { status };
+                }
+                Err(recloser::Error::Inner(CallError::ServerError { status, body })) => {
+                    if isolating == Isolating::Yes {
+                        return Attempted::GaveUp {
+                            reason: format!("status {status}: {}", truncate(&body, 200)),
+                            attempts,
+                            server_error: true,
+                        };
+                    }
+                    (format!("status {status}: {}", truncate(&body, 200)), true)
+                }
+                Err(recloser::Error::Inner(CallError::Retriable(reason))) => (reason, false),
             };
             if attempts > self.config.max_retries {
                 return Attempted::GaveUp {
                     reason: format!("ML API failed after {attempts} attempts: {reason}"),
                     attempts,
+                    server_error,
                 };
             }
             let delay = backoff_delay(
@@ -200,10 +366,15 @@ impl MlClient {
                     (StatusClass::Success, Err(error)) => {
                         Err(CallError::Retriable(format!("reading the answer: {error}")))
                     }
+                    (StatusClass::Retriable, body) if status >= 500 => Err(CallError::ServerError {
+                        status,
+                        body: truncate(&String::from_utf8_lossy(&body.unwrap_or_default()), 200),
+                    }),
                     (StatusClass::Retriable, body) => Err(CallError::Retriable(format!(
                         "status {status}: {}",
                         truncate(&String::from_utf8_lossy(&body.unwrap_or_default()), 200)
                     ))),
+                    (StatusClass::Misconfigured, _) => Err(CallError::Misconfigured { status }),
                     (StatusClass::Rejected, body) => Err(CallError::Rejected {
                         status,
                         body: String::from_utf8_lossy(&body.unwrap_or_default()).into_owned(),
@@ -213,11 +384,20 @@ impl MlClient {
         };
         let label = match &outcome {
             Ok(_) => "ok",
-            Err(CallError::Retriable(_)) => "retriable",
+            Err(CallError::Retriable(_) | CallError::ServerError { .. }) => "retriable",
+            Err(CallError::Misconfigured { .. }) => "misconfigured",
             Err(CallError::Rejected { .. }) => "rejected",
         };
         METRICS.ml_api_latency.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
         outcome
+    }
+}
+
+impl Predicted {
+    fn merge(&mut self, other: Predicted) {
+        self.predictions.extend(other.predictions);
+        self.failures.extend(other.failures);
+        self.unavailable.extend(other.unavailable);
     }
 }
 

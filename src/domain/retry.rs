@@ -19,6 +19,10 @@ pub enum StatusClass {
     Success,
     /// 408, 429 and 5xx: the API may answer next time.
     Retriable,
+    /// 401, 403 and 404: txnflow is not allowed in, or calls the wrong
+    /// URL. No record is at fault, and none will do better until the
+    /// configuration is fixed.
+    Misconfigured,
     /// Any other 4xx: the request itself is refused; split it to find why.
     Rejected,
 }
@@ -27,6 +31,7 @@ pub fn classify_status(status: u16) -> StatusClass {
     match status {
         200..=299 => StatusClass::Success,
         408 | 429 | 500..=599 => StatusClass::Retriable,
+        401 | 403 | 404 => StatusClass::Misconfigured,
         _ => StatusClass::Rejected,
     }
 }
@@ -58,6 +63,9 @@ mod tests {
         assert_eq!(classify_status(200), StatusClass::Success);
         assert_eq!(classify_status(429), StatusClass::Retriable);
         assert_eq!(classify_status(503), StatusClass::Retriable);
+        assert_eq!(classify_status(401), StatusClass::Misconfigured);
+        assert_eq!(classify_status(403), StatusClass::Misconfigured);
+        assert_eq!(classify_status(404), StatusClass::Misconfigured);
         assert_eq!(classify_status(408), StatusClass::Retriable);
         assert_eq!(classify_status(422), StatusClass::Rejected);
         assert_eq!(classify_status(400), StatusClass::Rejected);

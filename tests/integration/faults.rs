@@ -153,7 +153,8 @@ async fn dlq_replay_predicts_failed_records_without_duplicates() {
             .arg(format!("{}-replay", scenario.topic))
             .env("TXNFLOW__KAFKA__BROKERS", crate::helpers::brokers())
             .env("TXNFLOW__KAFKA__TOPIC", &scenario.topic)
-            .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic),
+            .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic)
+            .env("TXNFLOW__DB__URL", &scenario.db.url),
     );
     assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
     // Records replayed while the breaker is still open fail again, return to

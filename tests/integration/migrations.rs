@@ -17,7 +17,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         stdout(&first).trim(),
-        "applied migrations: 20261126000001, 20261126000002, 20261126000003",
+        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004",
         "every migration, in order"
     );
     let second = migrate(&database);
@@ -28,7 +28,8 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     let columns = query_json(
         &mut connection,
         "SELECT table_name, column_name, data_type, is_nullable, numeric_precision, numeric_scale
-         FROM information_schema.columns WHERE table_name IN ('transactions', 'predictions', 'batch_runs')
+         FROM information_schema.columns
+         WHERE table_name IN ('transactions', 'predictions', 'batch_runs', 'prediction_backlog')
          ORDER BY table_name, ordinal_position",
     );
     let described: Vec<String> = columns
@@ -52,6 +53,11 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
             "batch_runs.instance text null=NO",
             "batch_runs.report jsonb null=NO",
             "batch_runs.updated_at timestamp with time zone null=NO",
+            "prediction_backlog.transaction_id uuid null=NO",
+            "prediction_backlog.attempts integer null=NO",
+            "prediction_backlog.next_attempt_at timestamp with time zone null=NO",
+            "prediction_backlog.last_error text null=YES",
+            "prediction_backlog.refused_at timestamp with time zone null=YES",
             "predictions.id bigint null=NO",
             "predictions.transaction_id uuid null=NO",
             "predictions.category character varying null=NO",
@@ -82,6 +88,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert_eq!(
         views,
         [
+            json!({"table_name": "refused_predictions"}),
             json!({"table_name": "transaction_stats"}),
             json!({"table_name": "transactions_with_predictions"}),
             json!({"table_name": "unprocessed_transactions"})
@@ -163,8 +170,8 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert!(migrate(&database).status.success());
     let mut connection = database.connect();
     let reverted: Vec<String> =
-        (0..2).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
-    assert_eq!(reverted, ["20261126000003", "20261126000002"]);
+        (0..3).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
+    assert_eq!(reverted, ["20261201000004", "20261126000003", "20261126000002"]);
 
     let tables = query_json(
         &mut connection,
@@ -181,7 +188,7 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
             "transactions_with_predictions",
             "unprocessed_transactions"
         ],
-        "the seed's tables and views, and no batch_runs"
+        "the seed's tables and views, and none of txnflow's"
     );
     let lineage = query_json(
         &mut connection,
@@ -201,7 +208,7 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert_eq!(stats, [json!({"total_transactions": 1, "unprocessed_transactions": 1})]);
 
     let again = migrate(&database);
-    assert_eq!(stdout(&again).trim(), "applied migrations: 20261126000002, 20261126000003");
+    assert_eq!(stdout(&again).trim(), "applied migrations: 20261126000002, 20261126000003, 20261201000004");
     let stored = query_json(&mut connection, "SELECT processing_type, run_id FROM transactions");
     assert_eq!(stored, [json!({"processing_type": "streaming", "run_id": null})]);
 }

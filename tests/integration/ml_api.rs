@@ -85,7 +85,8 @@ async fn fault_knobs_change_at_runtime() {
     let current: Value = reqwest::get(format!("{base}/faults")).await.unwrap().json().await.unwrap();
     assert_eq!(
         current,
-        json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true, "poison_marker": ""})
+        json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true,
+               "poison_marker": "", "marker_status": 422, "refuse_rate": 0.0, "model_version": ""})
     );
     assert_eq!(post(&base, "/faults", &json!({"error_rate": 2.0})).await.0, 422, "an out-of-range knob is refused");
     post(&base, "/faults", &json!({"latency_ms": 0, "poison_marker": "POISON"})).await;
