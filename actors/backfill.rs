@@ -75,7 +75,7 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
         };
         let asked = items.len();
         let predicted = pipeline.ml.predict(items, "backfill").await;
-        let count = predicted.predictions.len();
+        let stored;
         let (not_at_fault, failed): (Vec<_>, Vec<_>) =
             predicted.failures.into_iter().partition(|(id, _)| predicted.unavailable.contains(id));
         let failed: Vec<(uuid::Uuid, String)> = failed.into_iter().map(|(id, failure)| (id, failure.message)).collect();
@@ -85,17 +85,16 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
         let max_attempts = settings.max_attempts;
         let written = tokio::task::spawn_blocking(move || {
             let mut connection = pool.get().map_err(|e| e.to_string())?;
-            if !predictions.is_empty() {
-                db::write_backfilled(&mut connection, &predictions).map_err(|e| e.to_string())?;
-            }
+            let (stored, failed) = write_predictions(&mut connection, predictions, failed)?;
             let refused = db::record_backfill_failures(&mut connection, &failed, &not_at_fault, max_attempts)
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((predictions, refused))
+            Ok::<_, String>((stored, refused))
         })
         .await;
         match written {
             Ok(Ok((predictions, refused))) => {
-                predicted_total += count;
+                stored = predictions.len();
+                predicted_total += stored;
                 if refused > 0 {
                     METRICS.backfill_refused.inc_by(refused as u64);
                     tracing::warn!(
@@ -116,12 +115,41 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
             }
             Err(_) => return predicted_total,
         }
-        if count < asked {
+        if stored < asked {
             // Some stayed unpredicted: they are tried again once their backoff is over.
-            tracing::debug!(asked, predicted = count, "backfill round left some unpredicted; next round later");
+            tracing::debug!(asked, predicted = stored, "backfill round left some unpredicted; next round later");
             return predicted_total;
         }
     }
+}
+
+/// Stores the round's predictions in one database transaction; when the
+/// database refuses that while it answers, each on its own, so that one
+/// prediction it refuses (a value a column cannot hold, say) fails alone
+/// and joins `failed`, instead of stalling every round.
+fn write_predictions(
+    connection: &mut diesel::pg::PgConnection,
+    predictions: Vec<crate::domain::prediction::Prediction>,
+    mut failed: Vec<(uuid::Uuid, String)>,
+) -> Result<(Vec<crate::domain::prediction::Prediction>, Vec<(uuid::Uuid, String)>), String> {
+    if predictions.is_empty() || db::write_backfilled(connection, &predictions).is_ok() {
+        return Ok((predictions, failed));
+    }
+    {
+        use diesel::RunQueryDsl;
+        diesel::sql_query("SELECT 1").execute(connection).map_err(|e| e.to_string())?;
+    }
+    let mut stored = Vec::with_capacity(predictions.len());
+    for prediction in predictions {
+        match db::write_backfilled(connection, std::slice::from_ref(&prediction)) {
+            Ok(()) => stored.push(prediction),
+            Err(error) => failed.push((
+                prediction.transaction_id,
+                format!("prediction refused by the database: {}", db::short_reason(&error)),
+            )),
+        }
+    }
+    Ok((stored, failed))
 }
 
 impl Actor for Backfill {

@@ -7,9 +7,10 @@
 //! which failures were the API's rather than the record's.
 //!
 //! - 422 and other 4xx: the batch is split until the refused records stand alone.
-//! - 5xx: retried; when retries run out while the API answers other requests,
-//!   the batch is split the same way, and the record it fails on is that
-//!   record's failure, not counted against the API.
+//! - 5xx: retried; when retries run out, the batch is split the same way
+//!   as long as one half is answered, and the record it fails on is that
+//!   record's failure, not counted against the API. A lone record is its
+//!   own fault only if the API answers an empty request right after.
 //! - 401, 403, 404: a configuration error. Not retried, not split; counted
 //!   by the breaker, logged naming the URL, and counted in a metric.
 
@@ -86,10 +87,6 @@ enum Isolating {
     Yes,
 }
 
-/// A 5xx is taken as a record's fault only while the API answers others:
-/// a 2xx within this window.
-const ANSWERING_WITHIN: Duration = Duration::from_secs(30);
-
 pub struct MlClient {
     http: reqwest::Client,
     url: String,
@@ -98,8 +95,6 @@ pub struct MlClient {
     categories: HashSet<String>,
     /// Bounds the requests in flight across every caller to `concurrency`.
     in_flight: Arc<Semaphore>,
-    /// When the API last answered 2xx.
-    last_answer: std::sync::Mutex<Option<Instant>>,
 }
 
 impl MlClient {
@@ -117,14 +112,15 @@ impl MlClient {
             categories: config.categories.iter().cloned().collect(),
             in_flight: Arc::new(Semaphore::new(config.concurrency)),
             config: config.clone(),
-            last_answer: std::sync::Mutex::new(None),
         })
     }
 
-    /// Whether the API answered 2xx recently: then a request it keeps
-    /// failing with 5xx holds a record that breaks it.
-    fn answers_others(&self) -> bool {
-        self.last_answer.lock().expect("last answer lock").is_some_and(|at| at.elapsed() < ANSWERING_WITHIN)
+    /// Whether the API answers a request without records (`[]`) right now:
+    /// after it kept failing one record with 5xx, that tells the record's
+    /// fault from an outage. Not counted by the breaker.
+    async fn answers_without_it(&self) -> bool {
+        let probe = self.http.post(&self.url).header("content-type", "application/json").body("[]").send().await;
+        probe.is_ok_and(|response| response.status().is_success())
     }
 
     /// Predicts `items` in requests of `batch_size`, up to `concurrency` at once.
@@ -215,8 +211,15 @@ impl MlClient {
                 Attempted::GaveUp { server_error: true, .. } if items.len() > 1 => {
                     self.isolate_server_error(items, caller).await
                 }
-                Attempted::GaveUp { reason, attempts, server_error: true } if self.answers_others() => {
-                    own_failure(format!("the ML API fails on this record while it answers others: {reason}"), attempts)
+                Attempted::GaveUp { reason, attempts, server_error: true } => {
+                    if self.answers_without_it().await {
+                        own_failure(
+                            format!("the ML API fails on this record while it answers others: {reason}"),
+                            attempts,
+                        )
+                    } else {
+                        unavailable(reason, attempts)
+                    }
                 }
                 Attempted::GaveUp { reason, attempts, .. } => unavailable(reason, attempts),
                 Attempted::Misconfigured { status } => {
@@ -306,10 +309,7 @@ impl MlClient {
             };
             let call = self.breaker.call_with(against_the_api, self.call(body.clone()));
             let (reason, server_error) = match call.await {
-                Ok(answer) => {
-                    *self.last_answer.lock().expect("last answer lock") = Some(Instant::now());
-                    return Attempted::Answered { body: answer, attempts };
-                }
+                Ok(answer) => return Attempted::Answered { body: answer, attempts },
                 Err(recloser::Error::Rejected) => return Attempted::BreakerOpen,
                 Err(recloser::Error::Inner(CallError::Rejected { status, body })) => {
                     return Attempted::Rejected { status, body, attempts };

@@ -8,6 +8,7 @@ mod cli;
 mod deploy;
 mod faults;
 mod helpers;
+mod hostile;
 mod migrations;
 mod ml_api;
 mod outage;

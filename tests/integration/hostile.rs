@@ -1,0 +1,455 @@
+//! Hostile input and permanent failures (contract §2.9): no record can
+//! stall a partition, a run or the service, and each still ends in exactly
+//! one place with its reason. Every case asserts exact outcomes, committed
+//! offsets equal to the end offsets, a healthy service afterwards, and
+//! prints its figures (peak RSS among them) on one `hostile |` line.
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use crate::helpers::{ReadRecord, assert_same_set, kafka_config_for, query_json};
+use crate::scenario::{Scenario, Sent, Service, ids_of, valid_events};
+
+/// A backfill that gives up within a test's time.
+const QUICK_BACKFILL: [(&str, &str); 4] = [
+    ("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "300"),
+    ("TXNFLOW__BACKFILL__MAX_ATTEMPTS", "3"),
+    ("TXNFLOW__BACKFILL__INITIAL_BACKOFF_MS", "300"),
+    ("TXNFLOW__BACKFILL__MAX_BACKOFF_MS", "1000"),
+];
+
+fn header<'a>(record: &'a ReadRecord, name: &str) -> &'a str {
+    record.headers.iter().find(|(key, _)| key == name).map_or("", |(_, value)| value.as_str())
+}
+
+fn source_of(scenario: &Scenario, sent: &Sent) -> String {
+    format!("{}/{}/{}", scenario.topic, sent.partition, sent.offset)
+}
+
+/// After a case: every offset committed, and the service still answers.
+async fn assert_healthy(scenario: &Scenario, service: &mut Service, sent: &[Sent]) {
+    let ends = Scenario::end_offsets(sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert!(!service.has_exited(), "the service is still running");
+    let ready = reqwest::get(format!("{}/ready", service.admin)).await.unwrap().status().as_u16();
+    assert_eq!(ready, 200, "the service is ready after the case");
+}
+
+fn event_with(seed: u64, change: impl FnOnce(&mut serde_json::Value)) -> (String, Vec<u8>) {
+    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    let mut event = generator.valid_event();
+    change(&mut event);
+    (event["id"].as_str().unwrap().to_string(), event.to_string().into_bytes())
+}
+
+/// Case 1 (and field bounds): a 9 KB run_id, a 2,000-character description
+/// and a 300-character merchant among 1,000 good events: the three are
+/// invalid with their field named, the 1,000 are stored and predicted.
+#[tokio::test]
+async fn oversized_fields_are_invalid_and_the_rest_flows() {
+    let scenario = Scenario::new("hostile-fields").await;
+    let mut service = scenario.start_service(&[]).await;
+    let good = valid_events(1101, 1_000);
+    let bad = [
+        event_with(1, |e| e["run_id"] = json!("r".repeat(9_000))),
+        event_with(2, |e| e["description"] = json!("d".repeat(2_000))),
+        event_with(3, |e| e["merchant"] = json!("m".repeat(300))),
+    ];
+    let mut events = good.clone();
+    events.splice(500..500, bad.iter().cloned());
+    let sent = scenario.produce(&events).await;
+    assert_healthy(&scenario, &mut service, &sent).await;
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&good), "stored ids");
+    let covered = scenario.wait_for(Duration::from_secs(60), |s| s.predictions().len() == 1_000).await;
+    assert!(covered, "{}", service.log_tail());
+    let dlq = scenario.dlq(3);
+    let reasons: BTreeSet<(String, String, String)> = dlq
+        .iter()
+        .map(|r| (r.key.clone(), header(r, "error_type").to_string(), header(r, "error_message").to_string()))
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        (bad[0].0.clone(), "invalid".into(), "run_id: longer than 200 characters (9000)".into()),
+        (bad[1].0.clone(), "invalid".into(), "description: longer than 1000 characters (2000)".into()),
+        (bad[2].0.clone(), "invalid".into(), "merchant: longer than 255 characters (300)".into()),
+    ]
+    .into();
+    assert_eq!(reasons, expected);
+    for record in &dlq {
+        let original = &bad.iter().find(|(key, _)| *key == record.key).unwrap().1;
+        assert_eq!(&record.value, original, "the DLQ keeps the original bytes");
+    }
+    eprintln!(
+        "hostile | 9 KB run_id, 2,000-char description, 300-char merchant among 1,000 | stored 1000, invalid 3 (DLQ), \
+         committed = end | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
+
+/// Case 2 and 9: a 600 KB field and a 2 MB event. Both are over
+/// kafka.max_record_bytes, so neither is decoded: both are invalid. The
+/// 600 KB one fits the DLQ topic; the 2 MB one is over the producer's
+/// 1 MB message limit, so the DLQ refuses it for good and it is stored in
+/// the dead_letters table, from which `txnflow dlq` lists and replays it.
+#[tokio::test]
+async fn records_over_the_byte_bound_go_to_the_dlq_or_the_dead_letter_table() {
+    let scenario = Scenario::new("hostile-bytes").await;
+    let mut service = scenario.start_service(&[]).await;
+    let good = valid_events(1102, 200);
+    let big_field = event_with(4, |e| e["description"] = json!("x".repeat(600_000)));
+    let big_event = event_with(5, |e| e["padding"] = json!("p".repeat(2_000_000)));
+    // The test's own producer may send 2 MB; txnflow's DLQ producer keeps librdkafka's 1 MB.
+    let producer: FutureProducer = txnflow::kafka::client_config(&kafka_config_for(&scenario.brokers))
+        .set("message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let mut sent = scenario.produce(&good[..100]).await;
+    let mut hostile = Vec::new();
+    for (key, value) in [&big_field, &big_event] {
+        let delivery = producer
+            .send(FutureRecord::to(&scenario.topic).key(key).payload(value), Duration::from_secs(30))
+            .await
+            .expect("the broker takes the large event");
+        hostile.push(Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset });
+    }
+    sent.extend(hostile.iter().cloned());
+    sent.extend(scenario.produce(&good[100..]).await);
+    assert_healthy(&scenario, &mut service, &sent).await;
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&good), "stored ids");
+
+    let dlq = scenario.dlq(1);
+    assert_eq!(dlq.len(), 1, "only the 600 KB record fits the DLQ topic");
+    assert_eq!(dlq[0].key, big_field.0);
+    assert_eq!(dlq[0].value, big_field.1, "unchanged");
+    assert_eq!(header(&dlq[0], "source"), source_of(&scenario, &hostile[0]));
+    assert_eq!(
+        header(&dlq[0], "error_message"),
+        format!("record of {} bytes, over kafka.max_record_bytes (65536)", big_field.1.len())
+    );
+    let stored = query_json(
+        &mut scenario.db.connect(),
+        "SELECT encode(record_key, 'escape') AS key, length(record_value) AS bytes, error_type, error_message, stage,
+                source, refused_by LIKE 'too large%' AS too_large, replayed_at FROM dead_letters",
+    );
+    assert_eq!(
+        stored,
+        [json!({
+            "key": big_event.0,
+            "bytes": big_event.1.len(),
+            "error_type": "invalid",
+            "error_message": format!("record of {} bytes, over kafka.max_record_bytes (65536)", big_event.1.len()),
+            "stage": "decode",
+            "source": source_of(&scenario, &hostile[1]),
+            "too_large": true,
+            "replayed_at": null,
+        })]
+    );
+    assert_eq!(service.metric("txnflow_dead_letters_stored_total{error_type=\"invalid\"}").await, 1.0);
+    let db_env = [("TXNFLOW__DB__URL", scenario.db.url.as_str())];
+    let list = crate::helpers::run(crate::helpers::txnflow().args(["dlq", "list"]).envs(db_env));
+    assert!(list.status.success(), "{}", crate::helpers::stderr(&list));
+    let listed = crate::helpers::stdout(&list);
+    assert_eq!(listed.lines().count(), 2, "a header and the one row: {listed}");
+    assert!(listed.contains(&source_of(&scenario, &hostile[1])), "{listed}");
+    assert!(!listed.contains("ppppppppp"), "the list never prints the record");
+    eprintln!(
+        "hostile | 600 KB field, 2 MB event among 200 | stored 200, 600 KB one in the DLQ topic, 2 MB one in \
+         dead_letters, committed = end | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
+
+/// Case 3: the API reports a 300-character model_version, longer than its
+/// column. Ingestion does not wait on it: every transaction is stored,
+/// each prediction fails with the reason, and the backfill, meeting the
+/// same answer, gives up after backfill.max_attempts.
+#[tokio::test]
+async fn a_model_version_longer_than_its_column_costs_the_predictions_only() {
+    let scenario = Scenario::new("hostile-model").await;
+    scenario.set_faults(json!({"extended": true, "model_version": "v".repeat(300)})).await;
+    let mut service = scenario.start_service(&QUICK_BACKFILL).await;
+    let events = valid_events(1103, 200);
+    let sent = scenario.produce(&events).await;
+    assert_healthy(&scenario, &mut service, &sent).await;
+    let expected = ids_of(&events);
+    assert_same_set(&scenario.transaction_ids(), &expected, "every transaction stored");
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 0);
+    let dlq = scenario.dlq(200);
+    assert_eq!(dlq.len(), 200);
+    for record in &dlq {
+        assert_eq!(header(record, "error_type"), "prediction_failed");
+        assert_eq!(header(record, "error_message"), "model_version longer than 50 characters (300)");
+    }
+    let keys: BTreeSet<Uuid> = dlq.iter().map(|r| r.key.parse().unwrap()).collect();
+    assert_same_set(&keys, &expected, "dead-lettered keys");
+    let refused = scenario
+        .wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM refused_predictions") == 200)
+        .await;
+    assert!(refused, "the backfill gives up on all 200; log:\n{}", service.log_tail());
+    let attempts =
+        query_json(&mut scenario.db.connect(), "SELECT DISTINCT attempts, last_error FROM refused_predictions");
+    assert_eq!(attempts, [json!({"attempts": 3, "last_error": "model_version longer than 50 characters (300)"})]);
+    assert_eq!(service.metric("txnflow_backfill_refused_total").await, 200.0);
+    eprintln!(
+        "hostile | 300-char model_version from the API, 200 events | stored 200, prediction_failed 200, refused \
+         after 3 backfill attempts 200 | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
+
+/// Case 6: one transaction the API answers 500 for, forever, among 500.
+/// The failing batch is split while the API answers the others, so only
+/// that record fails; the breaker never opens; the backfill gives it up.
+#[tokio::test]
+async fn a_record_the_api_always_fails_with_500_is_isolated() {
+    let scenario = Scenario::new("hostile-500").await;
+    scenario.set_faults(json!({"poison_marker": "SERVER-KILLER", "marker_status": 500})).await;
+    let mut env = QUICK_BACKFILL.to_vec();
+    env.extend([("TXNFLOW__PREDICT__MAX_RETRIES", "1"), ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "100")]);
+    let mut service = scenario.start_service(&env).await;
+    let mut events = valid_events(1106, 500);
+    let mut poison: serde_json::Value = serde_json::from_slice(&events[250].1).unwrap();
+    poison["description"] = json!("Card expense at SERVER-KILLER");
+    events[250].1 = poison.to_string().into_bytes();
+    let poison_id: Uuid = events[250].0.parse().unwrap();
+    let sent = scenario.produce(&events).await;
+    assert_healthy(&scenario, &mut service, &sent).await;
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&events), "all 500 stored");
+    let mut others = ids_of(&events);
+    others.remove(&poison_id);
+    let predicted = scenario.wait_for(Duration::from_secs(60), |s| s.predictions().len() == 499).await;
+    assert!(predicted, "{}", service.log_tail());
+    assert_same_set(&scenario.predictions().keys().copied().collect(), &others, "predicted ids");
+    let dlq = scenario.dlq(1);
+    assert_eq!(dlq.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), [poison_id.to_string()]);
+    assert!(
+        header(&dlq[0], "error_message").starts_with("the ML API fails on this record while it answers others"),
+        "{}",
+        header(&dlq[0], "error_message")
+    );
+    let refused =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM refused_predictions") == 1).await;
+    assert!(refused, "{}", service.log_tail());
+    assert_eq!(service.metric("txnflow_circuit_breaker_transitions_total{to=\"open\"}").await, 0.0, "never opened");
+    eprintln!(
+        "hostile | one record answered 500 forever among 500 | stored 500, predicted 499, isolated 1 \
+         (prediction_failed, then refused), breaker never opened | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
+
+/// Case 7: 500 transactions the API refuses forever, queued in the
+/// backfill ahead of 1,000 good ones (stored while the API was down). The
+/// backfill predicts the 1,000 behind them, and gives the 500 up.
+#[tokio::test]
+async fn refused_transactions_do_not_hold_back_the_backfill() {
+    let scenario = Scenario::new("hostile-backlog").await;
+    scenario.set_faults(json!({"refuse_rate": 0.5})).await;
+    let mut env = QUICK_BACKFILL.to_vec();
+    env.extend([
+        ("TXNFLOW__BREAKER__WINDOW", "10"),
+        ("TXNFLOW__BREAKER__OPEN_MS", "1000"),
+        ("TXNFLOW__PREDICT__MAX_RETRIES", "1"),
+        ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "100"),
+    ]);
+    let mut service = scenario.start_service(&env).await;
+    let pool = valid_events(1107, 4_000);
+    let refused: Vec<_> =
+        pool.iter().filter(|(key, _)| txnflow::ml_api::refuses(key.parse().unwrap(), 0.5)).take(500).cloned().collect();
+    let good: Vec<_> = pool
+        .iter()
+        .filter(|(key, _)| !txnflow::ml_api::refuses(key.parse().unwrap(), 0.5))
+        .take(1_000)
+        .cloned()
+        .collect();
+    assert_eq!((refused.len(), good.len()), (500, 1_000));
+    let mut sent = scenario.produce(&refused).await;
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends);
+    scenario.set_faults(json!({"error_rate": 1.0})).await;
+    sent.extend(scenario.produce(&good).await);
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends);
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 0);
+    scenario.set_faults(json!({"error_rate": 0.0})).await;
+    let done = scenario
+        .wait_for(Duration::from_secs(120), |s| {
+            s.predictions().len() == 1_000 && s.count("SELECT count(*) FROM refused_predictions") == 500
+        })
+        .await;
+    assert!(done, "{}", service.log_tail());
+    assert_healthy(&scenario, &mut service, &sent).await;
+    assert_same_set(&scenario.predictions().keys().copied().collect(), &ids_of(&good), "the good ones are predicted");
+    let refused_ids: BTreeSet<Uuid> = query_json(&mut scenario.db.connect(), "SELECT id FROM refused_predictions")
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_same_set(&refused_ids, &ids_of(&refused), "the refused ones are given up");
+    let dlq = scenario.dlq(1_500);
+    assert_eq!(dlq.len(), 1_500, "each dead-lettered once, when the pipeline could not predict it");
+    eprintln!(
+        "hostile | 500 refused forever ahead of 1,000 in the backfill | predicted 1000, refused 500 after 3 attempts, \
+         DLQ 1500 prediction_failed | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
+
+/// Case 8: two replicas backfill the same 6,000 transactions at once: every
+/// one is sent to the API exactly once, across both.
+#[tokio::test]
+async fn two_replicas_backfill_each_transaction_once() {
+    let scenario = Scenario::new("hostile-replicas").await;
+    scenario.set_faults(json!({"latency_ms": 100})).await;
+    let env = [("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "200")];
+    let first = scenario.start_service(&env).await;
+    let second = scenario.start_service(&env).await;
+    let started = Instant::now();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side, source)
+             SELECT gen_random_uuid(), 'Card expense at EDF', -12.5, now(), 'EDF', 'payment', 'debit', 'test/' || i
+             FROM generate_series(1, 6000) AS i",
+        ),
+        &mut scenario.db.connect(),
+    )
+    .unwrap();
+    let done = scenario.wait_for(Duration::from_secs(120), |s| s.predictions().len() == 6_000).await;
+    assert!(done, "{}", first.log_tail());
+    let series = "txnflow_ml_api_batch_size_sum{caller=\"backfill\"}";
+    let (a, b) = (first.metric(series).await, second.metric(series).await);
+    assert_eq!(a + b, 6_000.0, "each transaction sent once across the replicas ({a} + {b})");
+    assert_eq!(scenario.count("SELECT count(*) FROM prediction_backlog"), 0, "the backlog is empty");
+    eprintln!(
+        "hostile | two replicas backfilling 6,000 | sent {a} + {b} = 6000, each once, in {:.1} s | peak RSS {:.1} / {:.1} MB",
+        started.elapsed().as_secs_f64(),
+        first.peak_rss_mb(),
+        second.peak_rss_mb()
+    );
+}
+
+/// Case 10: the API answers 401. That is txnflow's configuration, not the
+/// records: nothing is bisected, the breaker opens, an error names the URL,
+/// a metric counts it; every transaction is stored, and none is given up.
+#[tokio::test]
+async fn an_api_answering_401_is_a_configuration_error() {
+    let scenario = Scenario::new("hostile-401").await;
+    // Every generated description has a space in it.
+    scenario.set_faults(json!({"poison_marker": " ", "marker_status": 401})).await;
+    let mut env = QUICK_BACKFILL.to_vec();
+    env.extend([("TXNFLOW__BREAKER__WINDOW", "10"), ("TXNFLOW__BREAKER__OPEN_MS", "1000")]);
+    let mut service = scenario.start_service(&env).await;
+    let events = valid_events(1110, 300);
+    let sent = scenario.produce(&events).await;
+    assert_healthy(&scenario, &mut service, &sent).await;
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&events), "all stored");
+    let dlq = scenario.dlq(300);
+    assert_eq!(dlq.len(), 300);
+    for record in &dlq {
+        assert_eq!(header(record, "error_type"), "prediction_failed");
+        let message = header(record, "error_message");
+        assert!(
+            message == "the ML API answered 401: check predict.url and its credentials"
+                || message == "circuit breaker open",
+            "{message}"
+        );
+    }
+    // Several backfill rounds meet the same 401: none counts against a record.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(scenario.count("SELECT count(*) FROM refused_predictions"), 0, "nothing given up");
+    // Claimed (attempt 1) and given back (0), round after round: never more.
+    let most = scenario.count("SELECT coalesce(max(attempts), 0) FROM prediction_backlog");
+    assert!(most <= 1, "attempts given back, at most the one in progress: {most}");
+    assert!(service.metric("txnflow_ml_api_config_errors_total{status=\"401\"}").await >= 1.0);
+    assert!(service.metric("txnflow_circuit_breaker_transitions_total{to=\"open\"}").await >= 1.0);
+    let requests = service.metric("txnflow_ml_api_latency_seconds_count{outcome=\"misconfigured\"}").await;
+    let rejected = service.metric("txnflow_ml_api_latency_seconds_count{outcome=\"rejected\"}").await;
+    assert_eq!(rejected, 0.0, "a 401 is never split like a 422");
+    let log = std::fs::read_to_string(&service.log).unwrap();
+    assert!(log.contains("the ML API refuses txnflow") && log.contains(&scenario.ml_api_url()), "names the URL");
+    eprintln!(
+        "hostile | ML API answering 401, 300 events | stored 300, prediction_failed 300, {requests} requests (none \
+         split), breaker opened, 0 given up | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
+
+/// Permanent database errors: a write the database keeps refusing, with an
+/// error it does not class as bad data, while it answers `SELECT 1`. The
+/// flush is bisected: the record it refuses is dead-lettered as
+/// `persist_failed`; the one whose prediction alone is refused is stored
+/// without it (`prediction_failed`), and the backfill, refused the same
+/// way, gives it up. The partition goes on committing.
+#[tokio::test]
+async fn a_write_refused_while_the_database_answers_is_isolated() {
+    let scenario = Scenario::new("hostile-db").await;
+    let mut service = scenario.start_service(&QUICK_BACKFILL).await;
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut scenario.db.connect(),
+        "CREATE FUNCTION refuse_marked() RETURNS trigger AS $$
+         BEGIN
+             IF NEW.description LIKE '%DB-REFUSES-ME%' THEN RAISE EXCEPTION 'refused by a trigger'; END IF;
+             RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse_marked BEFORE INSERT ON transactions
+             FOR EACH ROW EXECUTE FUNCTION refuse_marked();
+         CREATE FUNCTION refuse_prediction() RETURNS trigger AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM transactions t
+                        WHERE t.id = NEW.transaction_id AND t.description LIKE '%NO-PREDICTION%')
+             THEN RAISE EXCEPTION 'prediction refused by a trigger'; END IF;
+             RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse_prediction BEFORE INSERT ON predictions
+             FOR EACH ROW EXECUTE FUNCTION refuse_prediction();",
+    )
+    .unwrap();
+    let mut events = valid_events(1111, 500);
+    let mark = |event: &mut (String, Vec<u8>), text: &str| {
+        let mut value: serde_json::Value = serde_json::from_slice(&event.1).unwrap();
+        value["description"] = json!(text);
+        event.1 = value.to_string().into_bytes();
+        event.0.parse::<Uuid>().unwrap()
+    };
+    let refused = mark(&mut events[100], "Card expense at DB-REFUSES-ME");
+    let unpredictable = mark(&mut events[300], "Card expense at NO-PREDICTION");
+    let sent = scenario.produce(&events).await;
+    assert_healthy(&scenario, &mut service, &sent).await;
+    let mut stored = ids_of(&events);
+    stored.remove(&refused);
+    assert_same_set(&scenario.transaction_ids(), &stored, "all but the refused one stored");
+    let mut predicted = stored.clone();
+    predicted.remove(&unpredictable);
+    let done = scenario.wait_for(Duration::from_secs(60), |s| s.predictions().len() == 498).await;
+    assert!(done, "{}", service.log_tail());
+    assert_same_set(&scenario.predictions().keys().copied().collect(), &predicted, "predicted ids");
+    let dlq = scenario.dlq(2);
+    let outcomes: BTreeSet<(String, String, String)> = dlq
+        .iter()
+        .map(|r| (r.key.clone(), header(r, "error_type").to_string(), header(r, "stage").to_string()))
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        (refused.to_string(), "persist_failed".into(), "persist".into()),
+        (unpredictable.to_string(), "prediction_failed".into(), "persist".into()),
+    ]
+    .into();
+    assert_eq!(outcomes, expected);
+    for record in &dlq {
+        assert!(
+            header(record, "error_message").contains("refused by a trigger"),
+            "{}",
+            header(record, "error_message")
+        );
+    }
+    let given_up =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM refused_predictions") == 1).await;
+    assert!(given_up, "{}", service.log_tail());
+    let row = query_json(&mut scenario.db.connect(), "SELECT id, attempts FROM refused_predictions");
+    assert_eq!(row, [json!({"id": unpredictable.to_string(), "attempts": 3})]);
+    eprintln!(
+        "hostile | a record and a prediction the database refuses (trigger), among 500 | stored 499, predicted 498, \
+         persist_failed 1, prediction_failed 1 then refused, committed = end | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
