@@ -22,6 +22,7 @@ use std::time::Duration;
 use super::Pipeline;
 use super::messages::Chaos;
 use crate::db;
+use crate::domain::prediction::Prediction;
 use crate::metrics::METRICS;
 
 pub struct Backfill {
@@ -123,15 +124,18 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
     }
 }
 
+/// A transaction whose prediction failed, with the reason.
+type Failed = (uuid::Uuid, String);
+
 /// Stores the round's predictions in one database transaction; when the
 /// database refuses that while it answers, each on its own, so that one
 /// prediction it refuses (a value a column cannot hold, say) fails alone
 /// and joins `failed`, instead of stalling every round.
 fn write_predictions(
     connection: &mut diesel::pg::PgConnection,
-    predictions: Vec<crate::domain::prediction::Prediction>,
-    mut failed: Vec<(uuid::Uuid, String)>,
-) -> Result<(Vec<crate::domain::prediction::Prediction>, Vec<(uuid::Uuid, String)>), String> {
+    predictions: Vec<Prediction>,
+    mut failed: Vec<Failed>,
+) -> Result<(Vec<Prediction>, Vec<Failed>), String> {
     if predictions.is_empty() || db::write_backfilled(connection, &predictions).is_ok() {
         return Ok((predictions, failed));
     }
