@@ -239,6 +239,23 @@ impl InputFile {
             .flexible(true)
             .create_reader(body)
     }
+
+    /// A streaming CSV reader whose rows are bounded by `bound`:
+    /// `with_header` at the start of the file, without when it starts
+    /// again at a line after a row over the bound.
+    pub fn bounded_csv_reader(
+        &self,
+        body: ByteReader,
+        bound: Arc<RecordBound>,
+        with_header: bool,
+    ) -> csv_async::AsyncReader<BoundedReader> {
+        csv_async::AsyncReaderBuilder::new()
+            .delimiter(self.delimiter)
+            .has_headers(with_header)
+            .flexible(true)
+            .buffer_capacity(CSV_BUFFER)
+            .create_reader(BoundedReader { inner: body, bound })
+    }
 }
 
 /// Everything a run needs, checked before any row moves.
@@ -394,6 +411,130 @@ fn list_local_csv(dir: &Path, uri: &str, policy: &InputPolicy) -> Result<Vec<Loc
 /// A buffered stream of the file's bytes, from the start.
 pub type ByteReader = Box<dyn AsyncBufRead + Unpin + Send>;
 
+/// The CSV parser's own buffer: how far it may read past a row's end.
+const CSV_BUFFER: usize = 8 * 1024;
+
+/// The bound on one CSV row (`batch.max_record_bytes`), shared by the
+/// reading loop, which marks where each row starts, and the
+/// [`BoundedReader`] under the parser, which refuses to hand it more bytes
+/// once a row has grown past the bound (an unbalanced quote makes the rest
+/// of the file one row; without this, the parser would hold all of it).
+#[derive(Debug)]
+pub struct RecordBound {
+    limit: u64,
+    row_start: std::sync::atomic::AtomicU64,
+    delivered: std::sync::atomic::AtomicU64,
+    exceeded: std::sync::atomic::AtomicBool,
+}
+
+impl RecordBound {
+    pub fn new(limit: usize) -> Arc<RecordBound> {
+        Arc::new(RecordBound {
+            limit: limit as u64,
+            row_start: Default::default(),
+            delivered: Default::default(),
+            exceeded: Default::default(),
+        })
+    }
+
+    /// The next row starts at this byte of the reader's stream.
+    pub fn row_starts_at(&self, byte: u64) {
+        self.row_start.store(byte, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the reader stopped because a row grew past the bound.
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A file's bytes, handed to the CSV parser only while the row being
+/// parsed is within its [`RecordBound`] (plus the parser's buffer).
+pub struct BoundedReader {
+    inner: ByteReader,
+    bound: Arc<RecordBound>,
+}
+
+impl tokio::io::AsyncRead for BoundedReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let this = self.get_mut();
+        let bound = &this.bound;
+        let in_row = bound.delivered.load(Relaxed).saturating_sub(bound.row_start.load(Relaxed));
+        if in_row > bound.limit + CSV_BUFFER as u64 {
+            bound.exceeded.store(true, Relaxed);
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a row longer than batch.max_record_bytes",
+            )));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            bound.delivered.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        }
+        polled
+    }
+}
+
+/// Where the line after the one starting at byte `from` starts, reading
+/// from there without keeping what it reads; None when the file ends first.
+pub async fn next_line_start(
+    s3: &aws_sdk_s3::Client,
+    location: &Location,
+    from: u64,
+) -> Result<Option<u64>, BatchError> {
+    let mut reader = open_at(s3, location, from).await?;
+    let mut offset = from;
+    loop {
+        let chunk = reader.fill_buf().await.map_err(|e| unreadable(&location.uri(), e))?;
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        if let Some(at) = chunk.iter().position(|&b| b == b'\n') {
+            return Ok(Some(offset + at as u64 + 1));
+        }
+        let length = chunk.len();
+        offset += length as u64;
+        reader.consume(length);
+    }
+}
+
+/// Opens a file as a stream from byte `offset` (an S3 range request, or a seek).
+pub async fn open_at(s3: &aws_sdk_s3::Client, location: &Location, offset: u64) -> Result<ByteReader, BatchError> {
+    if offset == 0 {
+        return open(s3, location).await;
+    }
+    const BUFFER: usize = 256 * 1024;
+    let uri = location.uri();
+    match location {
+        Location::S3 { bucket, key } => {
+            match s3.get_object().bucket(bucket).key(key).range(format!("bytes={offset}-")).send().await {
+                Ok(object) => Ok(Box::new(BufReader::with_capacity(BUFFER, object.body.into_async_read()))),
+                Err(error) => {
+                    let service = error.into_service_error();
+                    // At the very end of the object: nothing left to read.
+                    if service.code() == Some("InvalidRange") {
+                        Ok(Box::new(BufReader::new(tokio::io::empty())))
+                    } else {
+                        Err(unreadable(&uri, format!("{service} ({})", service.code().unwrap_or("no code"))))
+                    }
+                }
+            }
+        }
+        Location::Local(path) => {
+            use tokio::io::AsyncSeekExt;
+            let mut file = tokio::fs::File::open(path).await.map_err(|e| unreadable(&uri, e))?;
+            file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| unreadable(&uri, e))?;
+            Ok(Box::new(BufReader::with_capacity(BUFFER, file)))
+        }
+    }
+}
+
 /// Opens a file as a stream: an S3 body is read as it arrives, never whole.
 pub async fn open(s3: &aws_sdk_s3::Client, location: &Location) -> Result<ByteReader, BatchError> {
     const BUFFER: usize = 256 * 1024;
@@ -444,7 +585,8 @@ impl ErrorFile {
         ErrorFile { destination, staging, writer: None, delimiter: file.delimiter, header: file.layout.headers.clone() }
     }
 
-    /// Appends one invalid row: its original fields, then `line` and `error`.
+    /// Appends one invalid row: its original fields (empty ones when none
+    /// are given: a row too large to keep), then `line` and `error`.
     pub fn record(&mut self, fields: &[Vec<u8>], line: u64, error: &str) -> std::io::Result<()> {
         if self.writer.is_none() {
             if let Some(parent) = self.staging.parent() {
@@ -463,7 +605,12 @@ impl ErrorFile {
         }
         let writer = self.writer.as_mut().expect("opened above");
         let line = line.to_string();
-        let record = fields.iter().map(Vec::as_slice).chain([line.as_bytes(), error.as_bytes()]);
+        let blanks = if fields.is_empty() { self.header.len() } else { 0 };
+        let record = fields
+            .iter()
+            .map(Vec::as_slice)
+            .chain(std::iter::repeat_n(b"".as_slice(), blanks))
+            .chain([line.as_bytes(), error.as_bytes()]);
         writer.write_record(record)?;
         Ok(())
     }

@@ -34,11 +34,11 @@ impl Folder {
         format!("s3://{}/{key}", self.bucket)
     }
 
-    fn uri(&self) -> String {
+    pub fn uri(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
     }
 
-    async fn get(&self, uri: &str) -> Vec<u8> {
+    pub async fn get(&self, uri: &str) -> Vec<u8> {
         let key = uri.strip_prefix(&format!("s3://{}/", self.bucket)).unwrap();
         let object = self.client.get_object().bucket(&self.bucket).key(key).send().await.unwrap();
         object.body.collect().await.unwrap().into_bytes().to_vec()
@@ -46,7 +46,7 @@ impl Folder {
 }
 
 /// `txnflow batch ARGS` with the scenario's database, DLQ topic and ML API.
-fn batch(scenario: &Scenario, args: &[&str]) -> Output {
+pub fn batch(scenario: &Scenario, args: &[&str]) -> Output {
     run(txnflow()
         .arg("batch")
         .args(args)

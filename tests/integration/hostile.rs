@@ -453,3 +453,128 @@ async fn a_write_refused_while_the_database_answers_is_isolated() {
         service.peak_rss_mb()
     );
 }
+
+/// Peak RSS of the children this test process has waited for, in MB.
+fn children_peak_rss_mb() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+/// `count` rows in the seed system's format (quoted, `;`), with their ids.
+fn seed_rows(seed: u64, count: usize) -> Vec<(Uuid, String)> {
+    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    (0..count)
+        .map(|_| {
+            let event = generator.valid_event();
+            let transaction = txnflow::domain::event::parse_event(event.to_string().as_bytes()).unwrap();
+            (transaction.id, txnflow::domain::csv_rules::seed_row(&transaction))
+        })
+        .collect()
+}
+
+/// The batch summary's numbers: read, valid, invalid, predicted, written, dead-lettered.
+fn summary(output: &std::process::Output) -> Vec<u64> {
+    let text = crate::helpers::stdout(output);
+    text.split_whitespace().skip(1).step_by(2).take(6).map(|n| n.parse().unwrap()).collect()
+}
+
+/// `count` rows as a plain comma-separated file writes them: no quotes.
+fn plain_rows(seed: u64, count: usize) -> Vec<(Uuid, String)> {
+    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    (0..count)
+        .map(|_| {
+            let event = generator.valid_event();
+            let t = txnflow::domain::event::parse_event(event.to_string().as_bytes()).unwrap();
+            let row = format!(
+                "{},{},{},{},{},{},{}",
+                t.id,
+                t.description,
+                t.amount,
+                t.timestamp.format("%Y-%m-%d %H:%M:%S"),
+                t.merchant.as_deref().unwrap_or_default(),
+                t.operation_type,
+                t.side.as_str()
+            );
+            (t.id, row)
+        })
+        .collect()
+}
+
+/// Case 4: an unbalanced quote at line 10 of 100,000 rows, from S3. The
+/// quote opens a field that nothing closes, so the rest of the file would
+/// be one row; it grows past batch.max_record_bytes and is refused, and
+/// reading goes on at line 11: the other 99,999 rows load.
+#[tokio::test]
+async fn an_unbalanced_quote_costs_one_row() {
+    let scenario = Scenario::new("hostile-quote").await;
+    let folder = crate::batch::Folder::new().await;
+    let rows = plain_rows(1104, 100_000);
+    let mut text = "id,description,amount,timestamp,merchant,operation_type,side\n".to_string();
+    for (index, (_, row)) in rows.iter().enumerate() {
+        // Line 10 is the 9th row: a quote opens its description.
+        let row = if index == 8 { row.replacen(',', ",\"", 1) } else { row.clone() };
+        text.push_str(&row);
+        text.push('\n');
+    }
+    let uri = folder.put("quote.csv", text.into_bytes()).await;
+    let run_id = format!("quote-{}", Uuid::new_v4().simple());
+    let output = crate::batch::batch(&scenario, &[&uri, "--run-id", &run_id]);
+    assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
+    assert_eq!(summary(&output), [100_000, 99_999, 1, 99_999, 99_999, 0], "{}", crate::helpers::stdout(&output));
+    let mut expected: BTreeSet<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+    expected.remove(&rows[8].0);
+    assert_same_set(&scenario.transaction_ids(), &expected, "every row but line 10");
+    let error_file = String::from_utf8(folder.get(&format!("s3://transactions/errors/{run_id}.csv")).await).unwrap();
+    let lines: Vec<&str> = error_file.lines().collect();
+    assert_eq!(lines.len(), 2, "the header and line 10 only");
+    assert!(lines[1].starts_with(",,,,,,,10,"), "no field of the row is repeated: {}", lines[1]);
+    assert!(lines[1].contains("a row longer than batch.max_record_bytes (65536 bytes"), "{}", lines[1]);
+    eprintln!(
+        "hostile | unbalanced quote at line 10 of 100,000 rows (S3) | written 99999, error file 1 row (line 10), \
+         exit 0 | peak RSS {:.1} MB",
+        children_peak_rss_mb()
+    );
+}
+
+/// Case 5: a 50 MB line among 1,000 rows, from a local file: refused
+/// unread past the bound, the rows around it load, memory stays flat.
+#[tokio::test]
+async fn a_50_mb_line_is_refused_without_being_held() {
+    let scenario = Scenario::new("hostile-line").await;
+    let dir = std::env::temp_dir().join(format!("txnflow-hostile-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("line.csv");
+    let rows = seed_rows(1105, 1_000);
+    {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        writeln!(file, "{}", txnflow::domain::csv_rules::SEED_HEADER).unwrap();
+        for (index, (_, row)) in rows.iter().enumerate() {
+            if index == 500 {
+                let block = "z".repeat(1 << 20);
+                for _ in 0..50 {
+                    file.write_all(block.as_bytes()).unwrap();
+                }
+                file.write_all(b"\n").unwrap();
+            }
+            writeln!(file, "{row}").unwrap();
+        }
+    }
+    let output = crate::batch::batch(&scenario, &[path.to_str().unwrap(), "--run-id", "line"]);
+    assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
+    assert_eq!(summary(&output), [1_001, 1_000, 1, 1_000, 1_000, 0], "{}", crate::helpers::stdout(&output));
+    assert_same_set(&scenario.transaction_ids(), &rows.iter().map(|(id, _)| *id).collect(), "the 1,000 rows");
+    let error_file = std::fs::read_to_string(dir.join("errors/line.csv")).unwrap();
+    let lines: Vec<&str> = error_file.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[1].starts_with(";;;;;;;502;"), "line 502 (the header is line 1): {}", lines[1]);
+    assert!(error_file.len() < 1024, "the line is not copied");
+    let peak = children_peak_rss_mb();
+    eprintln!(
+        "hostile | one 50 MB line among 1,000 rows (local) | written 1000, error file 1 row, exit 0 | peak RSS {peak:.1} MB"
+    );
+    assert!(peak < 50.0 * 1.5, "the 50 MB line was never held whole: peak RSS {peak:.1} MB");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
