@@ -297,94 +297,63 @@ async fn read_file(
     let run_id = spec.run_id.as_str();
     let resume = runs.resume_line(run_id, &file.uri);
     let max_bytes = pipeline.config.batch.max_record_bytes;
-    let mut record = csv_async::ByteRecord::new();
     let mut chunk: Vec<Envelope> = Vec::with_capacity(CHUNK);
-    // Where the current reader started: the file's start, or the line after
-    // a row over the bound (byte offset, and the lines before it).
-    let (mut segment_byte, mut segment_line) = (0u64, 0u64);
-    let last_line = 'segments: loop {
-        let body = batch::open_at(s3, &file.location, segment_byte).await.map_err(|e| e.to_string())?;
-        let bound = batch::RecordBound::new(max_bytes);
-        let mut reader = file.bounded_csv_reader(body, bound.clone(), segment_byte == 0);
-        if segment_byte == 0 {
-            // The header was checked before the run; read past it, so that
-            // the first row's start is marked where the row starts.
-            reader.byte_headers().await.map_err(|e| e.to_string())?;
+    let mut rows = batch::RowReader::new(s3, file, max_bytes);
+    while let Some(row) = rows.next().await.map_err(|e| e.to_string())? {
+        let line = match &row {
+            batch::Row::Record { line, .. } | batch::Row::Oversized { line } => *line,
+        };
+        if line < resume {
+            continue;
         }
-        loop {
-            let row_start = reader.position().clone();
-            bound.row_starts_at(row_start.byte());
-            let read = reader.read_byte_record(&mut record).await;
-            let (line, oversized) = match read {
-                Ok(false) => break 'segments segment_line + reader.position().line(),
-                Ok(true) => {
-                    let line = segment_line + record.position().map_or(0, |p| p.line());
-                    (line, reader.position().byte() - row_start.byte() > max_bytes as u64)
-                }
-                Err(_) if bound.exceeded() => (segment_line + row_start.line(), true),
-                Err(error) => return Err(error.to_string()),
-            };
-            if pipeline.epoch() != epoch {
-                return Ok(Pass::WorkLost);
-            }
-            if pipeline.is_shutting_down() {
-                send(pipeline, &mut chunk);
-                return Ok(Pass::ShuttingDown);
-            }
-            if oversized {
-                // Its bytes are not kept, nor repeated: the error file says
-                // where it is and why. Reading goes on at the next line.
-                let reason = format!(
-                    "a row longer than batch.max_record_bytes ({max_bytes} bytes; an unbalanced quote?): \
-                     reading went on at the next line"
-                );
-                if line >= resume
-                    && let (RowAction::RecordInvalid, _) =
-                        runs.row(run_id, &file.uri, line, || Err::<(), _>(String::new()))
+        if pipeline.epoch() != epoch {
+            return Ok(Pass::WorkLost);
+        }
+        if pipeline.is_shutting_down() {
+            send(pipeline, &mut chunk);
+            return Ok(Pass::ShuttingDown);
+        }
+        let record = match row {
+            batch::Row::Record { record, .. } => record,
+            batch::Row::Oversized { line } => {
+                // Its bytes are not kept, nor repeated: the error file says where it is and why.
+                if let (RowAction::RecordInvalid, _) = runs.row(run_id, &file.uri, line, || Err::<(), _>(String::new()))
                 {
+                    let reason = batch::oversized_reason(max_bytes);
                     errors.record(&[], line, &reason).map_err(|e| format!("cannot write the error file: {e}"))?;
                     METRICS.records.with_label_values(&["file", "read"]).inc();
                     METRICS.records.with_label_values(&["file", "invalid"]).inc();
                 }
-                let from = segment_byte + row_start.byte();
-                match batch::next_line_start(s3, &file.location, from).await.map_err(|e| e.to_string())? {
-                    Some(next) => {
-                        (segment_byte, segment_line) = (next, line);
-                        continue 'segments;
-                    }
-                    None => break 'segments line + 1,
-                }
-            }
-            if line < resume {
                 continue;
             }
-            // A settled row (on a re-read) comes back as Skip, unparsed.
-            match runs.row(run_id, &file.uri, line, || file.parse_row(&record)) {
-                (RowAction::Send, Some(Ok(transaction))) => {
-                    let bytes = record.as_slice().len();
-                    let permit = match pipeline.try_reserve(bytes) {
-                        Some(permit) => permit,
-                        None => {
-                            // The pipeline is full: hand on what we hold, then wait (backpressure).
-                            send(pipeline, &mut chunk);
-                            pipeline.reserve(bytes).await
-                        }
-                    };
-                    chunk.push(envelope(spec, file, line, transaction, permit));
-                    if chunk.len() >= CHUNK {
+        };
+        // A settled row (on a re-read) comes back as Skip, unparsed.
+        match runs.row(run_id, &file.uri, line, || file.parse_row(record)) {
+            (RowAction::Send, Some(Ok(transaction))) => {
+                let bytes = record.as_slice().len();
+                let permit = match pipeline.try_reserve(bytes) {
+                    Some(permit) => permit,
+                    None => {
+                        // The pipeline is full: hand on what we hold, then wait (backpressure).
                         send(pipeline, &mut chunk);
+                        pipeline.reserve(bytes).await
                     }
+                };
+                chunk.push(envelope(spec, file, line, transaction, permit));
+                if chunk.len() >= CHUNK {
+                    send(pipeline, &mut chunk);
                 }
-                (RowAction::RecordInvalid, Some(Err(reason))) => {
-                    let fields: Vec<Vec<u8>> = record.iter().map(<[u8]>::to_vec).collect();
-                    errors.record(&fields, line, &reason).map_err(|e| format!("cannot write the error file: {e}"))?;
-                    METRICS.records.with_label_values(&["file", "read"]).inc();
-                    METRICS.records.with_label_values(&["file", "invalid"]).inc();
-                }
-                _ => {}
             }
+            (RowAction::RecordInvalid, Some(Err(reason))) => {
+                let fields: Vec<Vec<u8>> = record.iter().map(<[u8]>::to_vec).collect();
+                errors.record(&fields, line, &reason).map_err(|e| format!("cannot write the error file: {e}"))?;
+                METRICS.records.with_label_values(&["file", "read"]).inc();
+                METRICS.records.with_label_values(&["file", "invalid"]).inc();
+            }
+            _ => {}
         }
-    };
+    }
+    let last_line = rows.end_line();
     send(pipeline, &mut chunk);
     runs.end_of_file(run_id, &file.uri, last_line);
     // The file's last rows need not wait for the Buffer's timer.

@@ -231,15 +231,6 @@ impl InputFile {
         validate(&raw).map_err(|e| e.to_string())
     }
 
-    /// A streaming CSV reader over the file's bytes, past the header.
-    pub fn csv_reader(&self, body: ByteReader) -> csv_async::AsyncReader<ByteReader> {
-        csv_async::AsyncReaderBuilder::new()
-            .delimiter(self.delimiter)
-            .has_headers(true)
-            .flexible(true)
-            .create_reader(body)
-    }
-
     /// A streaming CSV reader whose rows are bounded by `bound`:
     /// `with_header` at the start of the file, without when it starts
     /// again at a line after a row over the bound.
@@ -479,6 +470,105 @@ impl tokio::io::AsyncRead for BoundedReader {
         }
         polled
     }
+}
+
+/// One row as [`RowReader`] hands it out.
+pub enum Row<'r> {
+    /// A row within the bound, and the line it starts on.
+    Record { line: u64, record: &'r csv_async::ByteRecord },
+    /// A row over `batch.max_record_bytes`, starting on this line; its bytes
+    /// were not kept, and reading goes on at the next line.
+    Oversized { line: u64 },
+}
+
+/// The rows of one input file, each bounded by `batch.max_record_bytes`.
+/// A row that grows past the bound is handed out as [`Row::Oversized`],
+/// and reading starts again at the next line (a new request from there),
+/// so an unbalanced quote or a huge line costs one row and bounded memory.
+pub struct RowReader<'a> {
+    s3: &'a aws_sdk_s3::Client,
+    file: &'a InputFile,
+    max_bytes: usize,
+    /// Where the current reader started: a byte offset, and the lines before it.
+    segment: (u64, u64),
+    reader: Option<(csv_async::AsyncReader<BoundedReader>, Arc<RecordBound>)>,
+    record: csv_async::ByteRecord,
+    /// Set once the file is read to its end: one past its last line.
+    end_line: Option<u64>,
+}
+
+impl<'a> RowReader<'a> {
+    pub fn new(s3: &'a aws_sdk_s3::Client, file: &'a InputFile, max_bytes: usize) -> RowReader<'a> {
+        RowReader {
+            s3,
+            file,
+            max_bytes,
+            segment: (0, 0),
+            reader: None,
+            record: csv_async::ByteRecord::new(),
+            end_line: None,
+        }
+    }
+
+    /// One past the file's last line, once [`RowReader::next`] gave None.
+    pub fn end_line(&self) -> u64 {
+        self.end_line.unwrap_or(0)
+    }
+
+    /// The next row, or None at the end of the file.
+    pub async fn next(&mut self) -> Result<Option<Row<'_>>, BatchError> {
+        let uri = self.file.uri.clone();
+        if self.end_line.is_some() {
+            return Ok(None);
+        }
+        if self.reader.is_none() {
+            let (byte, _) = self.segment;
+            let body = open_at(self.s3, &self.file.location, byte).await?;
+            let bound = RecordBound::new(self.max_bytes);
+            let mut reader = self.file.bounded_csv_reader(body, bound.clone(), byte == 0);
+            if byte == 0 {
+                // Checked before the run; read past it, so that the first
+                // row's start is marked where the row starts.
+                reader.byte_headers().await.map_err(|e| unreadable(&uri, e))?;
+            }
+            self.reader = Some((reader, bound));
+        }
+        let (reader, bound) = self.reader.as_mut().expect("opened above");
+        let (segment_byte, segment_line) = self.segment;
+        let start = reader.position().clone();
+        bound.row_starts_at(start.byte());
+        match reader.read_byte_record(&mut self.record).await {
+            Ok(false) => {
+                self.end_line = Some(segment_line + reader.position().line());
+                Ok(None)
+            }
+            Ok(true) => {
+                let line = segment_line + self.record.position().map_or(0, |p| p.line());
+                if reader.position().byte() - start.byte() > self.max_bytes as u64 {
+                    return Ok(Some(Row::Oversized { line }));
+                }
+                Ok(Some(Row::Record { line, record: &self.record }))
+            }
+            Err(_) if bound.exceeded() => {
+                let line = segment_line + start.line();
+                self.reader = None;
+                match next_line_start(self.s3, &self.file.location, segment_byte + start.byte()).await? {
+                    Some(next) => self.segment = (next, line),
+                    None => self.end_line = Some(line + 1),
+                }
+                Ok(Some(Row::Oversized { line }))
+            }
+            Err(error) => Err(unreadable(&uri, error)),
+        }
+    }
+}
+
+/// The reason an oversized row gives, in the error file.
+pub fn oversized_reason(max_bytes: usize) -> String {
+    format!(
+        "a row longer than batch.max_record_bytes ({max_bytes} bytes; an unbalanced quote?): \
+         reading went on at the next line"
+    )
 }
 
 /// Where the line after the one starting at byte `from` starts, reading

@@ -88,13 +88,22 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
         let mut error_files = Vec::new();
         for file in &spec.files {
             let mut errors = crate::batch::ErrorFile::new(&spec, file);
-            let mut reader = file.csv_reader(crate::batch::open(&s3, &file.location).await?);
-            let mut record = csv_async::ByteRecord::new();
+            // A re-run's error file holds its own rows only.
+            errors.reset();
+            let max_bytes = config.batch.max_record_bytes;
+            let mut rows = crate::batch::RowReader::new(&s3, file, max_bytes);
             let mut in_flight = futures_util::stream::FuturesUnordered::new();
-            while reader.read_byte_record(&mut record).await? {
+            while let Some(row) = rows.next().await? {
                 read += 1;
-                let line = record.position().map_or(0, |p| p.line());
-                let transaction = match file.parse_row(&record) {
+                let (line, record) = match row {
+                    crate::batch::Row::Record { line, record } => (line, record),
+                    crate::batch::Row::Oversized { line } => {
+                        invalid += 1;
+                        errors.record(&[], line, &crate::batch::oversized_reason(max_bytes))?;
+                        continue;
+                    }
+                };
+                let transaction = match file.parse_row(record) {
                     Ok(transaction) => transaction,
                     Err(reason) => {
                         invalid += 1;
@@ -128,6 +137,8 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
             }
             if errors.has_rows() {
                 error_files.push(errors.finish(&s3).await.map_err(|e| anyhow::anyhow!(e))?);
+            } else {
+                errors.remove_stale(&s3).await;
             }
         }
         println!(
