@@ -108,14 +108,25 @@ async fn replay_table(
     let producer = crate::kafka::producer(kafka)?;
     let pool = crate::db::pool(db);
     let mut replayed = 0u64;
+    let mut failed: Vec<i64> = Vec::new();
     loop {
         let (types, shared) = (error_types.to_vec(), pool.clone());
+        // The ones that failed stay pending: read past them.
+        let limit = 500 + failed.len() as i64;
         let rows = tokio::task::spawn_blocking(move || {
             let mut connection = shared.get()?;
-            anyhow::Ok(crate::db::dead_letters(&mut connection, &types, true, 500)?)
+            anyhow::Ok(crate::db::dead_letters(&mut connection, &types, true, limit)?)
         })
         .await??;
+        let rows: Vec<_> = rows.into_iter().filter(|row| !failed.contains(&row.id)).collect();
         if rows.is_empty() {
+            if !failed.is_empty() {
+                anyhow::bail!(
+                    "replayed {replayed} from the dead_letters table; {} could not be republished (ids {:?}), see the log",
+                    failed.len(),
+                    failed
+                );
+            }
             return Ok(replayed);
         }
         for row in rows {
@@ -125,10 +136,13 @@ async fn replay_table(
             if let Some(key) = &row.record_key {
                 record = record.key(key);
             }
-            producer
-                .send(record, Duration::from_secs(30))
-                .await
-                .map_err(|(e, _)| anyhow::anyhow!("republishing dead letter {} to {}: {e}", row.id, kafka.topic))?;
+            if let Err((error, _)) = producer.send(record, Duration::from_secs(30)).await {
+                // Too large for the input topic too, most likely: it stays
+                // in the table, unreplayed, and the others go on.
+                tracing::warn!(id = row.id, %error, "cannot republish this dead letter; it stays in the table");
+                failed.push(row.id);
+                continue;
+            }
             let shared = pool.clone();
             tokio::task::spawn_blocking(move || {
                 let mut connection = shared.get()?;

@@ -578,3 +578,98 @@ async fn a_50_mb_line_is_refused_without_being_held() {
     assert!(peak < 50.0 * 1.5, "the 50 MB line was never held whole: peak RSS {peak:.1} MB");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Dead letters stored in the table are replayed through the pipeline by
+/// `txnflow dlq replay`: by default `prediction_failed` and
+/// `persist_failed`, not `invalid` (which would fail again as it is).
+#[tokio::test]
+async fn dead_letters_in_the_table_replay_through_the_pipeline() {
+    let scenario = Scenario::new("hostile-replay").await;
+    let service = scenario.start_service(&[]).await;
+    let events = valid_events(1112, 2);
+    let insert = |(key, value): &(String, Vec<u8>), error_type: &str, source: &str| {
+        diesel::RunQueryDsl::execute(
+            diesel::sql_query(
+                "INSERT INTO dead_letters (topic, record_key, record_value, error_type, error_message, stage,
+                                           failed_at, attempts, source, service, refused_by)
+                 VALUES ('dlq', convert_to($1, 'UTF8'), convert_to($2, 'UTF8'), $3, 'x', 'persist', now(), 1, $4,
+                         'txnflow/test', 'too large or invalid for the topic')",
+            )
+            .bind::<diesel::sql_types::Text, _>(key)
+            .bind::<diesel::sql_types::Text, _>(String::from_utf8(value.clone()).unwrap())
+            .bind::<diesel::sql_types::Text, _>(error_type)
+            .bind::<diesel::sql_types::Text, _>(source),
+            &mut scenario.db.connect(),
+        )
+        .unwrap();
+    };
+    insert(&events[0], "persist_failed", "t/0/1");
+    insert(&events[1], "invalid", "t/0/2");
+    let output = crate::helpers::run(
+        crate::helpers::txnflow()
+            .args(["dlq", "replay", "--idle-ms", "1000", "--group"])
+            .arg(format!("{}-replay", scenario.topic))
+            .env("TXNFLOW__KAFKA__BROKERS", &scenario.brokers)
+            .env("TXNFLOW__KAFKA__TOPIC", &scenario.topic)
+            .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic)
+            .env("TXNFLOW__DB__URL", &scenario.db.url),
+    );
+    assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
+    assert_eq!(crate::helpers::stdout(&output).trim(), "replayed 1 skipped 0");
+    let stored = scenario.wait_for(Duration::from_secs(30), |s| s.predictions().len() == 1).await;
+    assert!(stored, "{}", service.log_tail());
+    assert_eq!(scenario.transaction_ids(), BTreeSet::from([events[0].0.parse::<Uuid>().unwrap()]));
+    let rows = query_json(
+        &mut scenario.db.connect(),
+        "SELECT error_type, replayed_at IS NOT NULL AS replayed FROM dead_letters ORDER BY error_type",
+    );
+    assert_eq!(
+        rows,
+        [
+            json!({"error_type": "invalid", "replayed": false}),
+            json!({"error_type": "persist_failed", "replayed": true})
+        ]
+    );
+}
+
+/// buffer.capacity_bytes bounds what the records in flight hold: with a
+/// bound of 64 KiB (one largest record), 3,000 events all go through, and
+/// the bytes in flight sampled meanwhile never pass it.
+#[tokio::test]
+async fn the_byte_capacity_bounds_the_records_in_flight() {
+    let scenario = Scenario::new("hostile-capacity").await;
+    let service = scenario.start_service(&[("TXNFLOW__BUFFER__CAPACITY_BYTES", "65536")]).await;
+    let events = valid_events(1113, 3_000);
+    let admin = service.admin.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (mut most, mut samples) = (0.0f64, 0u32);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = reqwest::get(format!("{admin}/metrics")).await.unwrap().text().await.unwrap();
+                let bytes = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("txnflow_in_flight_bytes "))
+                    .and_then(|value| value.parse::<f64>().ok())
+                    .unwrap();
+                most = most.max(bytes);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (most, samples)
+        })
+    };
+    let sent = scenario.produce(&events).await;
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, samples) = sampler.await.unwrap();
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&events), "all stored");
+    assert!(most <= 65_536.0, "bytes in flight {most} over the bound");
+    eprintln!(
+        "hostile | buffer.capacity_bytes = 64 KiB, 3,000 events | stored 3000; at most {most} bytes in flight over \
+         {samples} samples | peak RSS {:.1} MB",
+        service.peak_rss_mb()
+    );
+}
