@@ -673,3 +673,62 @@ async fn the_byte_capacity_bounds_the_records_in_flight() {
         service.peak_rss_mb()
     );
 }
+
+/// A re-run of a run id replaces its error file: two runs of a file with
+/// two invalid rows leave those two rows, not four.
+#[tokio::test]
+async fn a_rerun_replaces_its_error_file() {
+    let scenario = Scenario::new("hostile-rerun").await;
+    let dir = std::env::temp_dir().join(format!("txnflow-rerun-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("in.csv");
+    let rows = plain_rows(1114, 3);
+    let text = format!(
+        "id,description,amount,timestamp,merchant,operation_type,side\n{}\nbad-1,x,abc,2026-01-01 00:00:00,m,payment,debit\n{}\nbad-2,x,1,2026-01-01 00:00:00,m,payment,sideways\n{}\n",
+        rows[0].1, rows[1].1, rows[2].1
+    );
+    std::fs::write(&path, text).unwrap();
+    for _ in 0..2 {
+        let output = crate::batch::batch(&scenario, &[path.to_str().unwrap(), "--run-id", "rerun"]);
+        assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
+    }
+    let error_file = std::fs::read_to_string(dir.join("errors/rerun.csv")).unwrap();
+    let lines: Vec<&str> = error_file.lines().map(|line| line.split(',').next().unwrap()).collect();
+    assert_eq!(lines, ["id", "bad-1", "bad-2"], "{error_file}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// batch.max_concurrent_runs: a run beyond it answers 429 with the reason.
+#[tokio::test]
+async fn runs_beyond_the_concurrency_bound_are_refused_with_429() {
+    let scenario = Scenario::new("hostile-runs").await;
+    scenario.set_faults(json!({"latency_ms": 300})).await;
+    let dir = std::env::temp_dir().join(format!("txnflow-runs-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = "id,description,amount,timestamp,merchant,operation_type,side\n".to_string();
+    for (_, row) in plain_rows(1115, 5_000) {
+        text.push_str(&row);
+        text.push('\n');
+    }
+    std::fs::write(dir.join("a.csv"), &text).unwrap();
+    let root = dir.display().to_string();
+    let service = scenario
+        .start_service(&[("TXNFLOW__BATCH__MAX_CONCURRENT_RUNS", "1"), ("TXNFLOW__BATCH__LOCAL_ROOTS", &root)])
+        .await;
+    let client = reqwest::Client::new();
+    let post = |run_id: &str| {
+        client
+            .post(format!("{}/batches", service.admin))
+            .json(&json!({"uri": dir.join("a.csv").display().to_string(), "run_id": run_id}))
+            .send()
+    };
+    assert_eq!(post("first").await.unwrap().status().as_u16(), 202);
+    let second = post("second").await.unwrap();
+    assert_eq!(second.status().as_u16(), 429);
+    let body: serde_json::Value = second.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "1 batch runs are running already (batch.max_concurrent_runs); try again when one is done"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
