@@ -49,6 +49,14 @@ pub struct ReaderContext {
 }
 
 impl ClientContext for ReaderContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        crate::kafka::log_from_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::kafka::error_from_librdkafka(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in statistics.topics {
             for (partition, partition_stats) in stats.partitions {

@@ -29,7 +29,6 @@ pub mod messages;
 pub mod predict_client;
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, Supervised, Supervisor};
-use rdkafka::producer::FutureProducer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -54,7 +53,7 @@ pub struct Pipeline {
     pub config: Config,
     pub pool: PgPool,
     pub ml: MlClient,
-    pub producer: FutureProducer,
+    pub producer: crate::kafka::Producer,
     /// Records in memory (`buffer.capacity`).
     pub capacity: Arc<Semaphore>,
     /// Bytes those records hold (`buffer.capacity_bytes`).
@@ -138,7 +137,7 @@ where
 }
 
 impl Pipeline {
-    pub fn new(config: Config, pool: PgPool, ml: MlClient, producer: FutureProducer) -> Arc<Pipeline> {
+    pub fn new(config: Config, pool: PgPool, ml: MlClient, producer: crate::kafka::Producer) -> Arc<Pipeline> {
         let capacity = Arc::new(Semaphore::new(config.buffer.capacity));
         let capacity_bytes = Arc::new(Semaphore::new(config.buffer.capacity_bytes));
         let fan_out_slots = Arc::new(Semaphore::new(config.buffer.capacity));

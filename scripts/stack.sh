@@ -109,6 +109,7 @@ up_postgres() {
   ensure_apt_tool /usr/bin/time time "for the benchmarks' peak memory (/usr/bin/time -v)"
   ensure_apt_tool /usr/bin/docker-compose docker-compose "to validate compose.yaml offline (docker-compose config)"
   ensure_apt_tool /usr/bin/promtool prometheus "to test the alert rules and the dashboard's queries (promtool, prometheus)"
+  ensure_apt_tool /usr/bin/stunnel4 stunnel4 "to put TLS in front of a test broker (the Kafka TLS tests)"
   if ! command -v pg_ctlcluster >/dev/null || [[ -z "$(pg_cluster)" ]]; then
     log "installing PostgreSQL from Debian (apt-get install postgresql)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >"$LOGS/apt-postgresql.log" 2>&1 \
@@ -203,6 +204,9 @@ up_ml_api() {
 }
 
 build_txnflow() {
+  # librdkafka is built with OpenSSL (TLS and SASL): its headers and pkg-config.
+  ensure_apt_tool /usr/include/openssl/ssl.h libssl-dev "for Kafka over TLS and SASL (librdkafka with OpenSSL)"
+  ensure_apt_tool /usr/bin/pkg-config pkg-config "to find OpenSSL when building librdkafka"
   # The dev profile, the one the tests use, so CI compiles the crate's dependencies once.
   log "building txnflow (cargo build; the first build takes several minutes)"
   (cd "$ROOT" && cargo build --bin txnflow 2>&1) | cargo_progress "txnflow build" "$LOGS/cargo-build.log" \

@@ -68,7 +68,13 @@ async fn ready(state: web::Data<AdminState>) -> HttpResponse {
     });
     let producer = state.pipeline.producer.clone();
     let broker = tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(None, Duration::from_secs(2)).map(|_| ()).map_err(|e| e.to_string())
+        producer.client().fetch_metadata(None, Duration::from_secs(2)).map(|_| ()).map_err(|e| {
+            // librdkafka's own last word says why (a TLS handshake refused, say).
+            match crate::kafka::last_client_error(Duration::from_secs(30)) {
+                Some(last) => format!("{last} (metadata: {e})"),
+                None => e.to_string(),
+            }
+        })
     });
     let (database, broker) = tokio::join!(database, broker);
     // A short reason, secrets hidden: the answer says which dependency failed.

@@ -24,7 +24,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError { key: key.into(), message: message.into() }
     }
 }
@@ -60,6 +60,61 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// A record larger than this is dead-lettered as invalid, unread.
     pub max_record_bytes: usize,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` (empty without SASL).
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    /// A secret: never logged; `sasl_password_file` fills it at load time.
+    pub sasl_password: String,
+    pub sasl_password_file: String,
+    /// PEM file of the CAs that sign the brokers' certificates (empty: the system's).
+    pub ssl_ca_location: String,
+    /// Client certificate and key (PEM), for brokers that authenticate clients by TLS.
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    /// A secret: never logged.
+    pub ssl_key_password: String,
+    /// Any other librdkafka setting, passed as it is (checked at start).
+    #[serde(deserialize_with = "librdkafka_properties")]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// The librdkafka settings txnflow itself sets, which `[kafka.properties]`
+/// may not change: what it commits, to which group and brokers, how it
+/// produces, and the security settings, which have keys of their own.
+pub const MANAGED_PROPERTIES: [&str; 14] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+];
+
+/// `[kafka.properties]`: text, numbers and booleans, all passed as text.
+fn librdkafka_properties<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    let table = std::collections::BTreeMap::<String, toml::Value>::deserialize(deserializer)?;
+    table
+        .into_iter()
+        .map(|(key, value)| match value {
+            toml::Value::String(text) => Ok((key, text)),
+            toml::Value::Integer(n) => Ok((key, n.to_string())),
+            toml::Value::Float(x) => Ok((key, x.to_string())),
+            toml::Value::Boolean(b) => Ok((key, b.to_string())),
+            _ => Err(serde::de::Error::custom(format!("{key}: expected text, a number or a boolean"))),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +306,22 @@ impl Config {
 
     /// Fills the secrets given as files (`*_file` keys), trimmed.
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let kafka = &mut self.kafka;
+        if !kafka.sasl_password_file.is_empty() {
+            if !kafka.sasl_password.is_empty() {
+                return Err(ConfigError::new(
+                    "kafka.sasl_password_file",
+                    "set kafka.sasl_password or kafka.sasl_password_file, not both",
+                ));
+            }
+            let path = &kafka.sasl_password_file;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new("kafka.sasl_password_file", format!("cannot read {path}: {e}")))?;
+            kafka.sasl_password = text.trim().to_string();
+            if kafka.sasl_password.is_empty() {
+                return Err(ConfigError::new("kafka.sasl_password_file", format!("{path} is empty")));
+            }
+        }
         let admin = &mut self.admin;
         if !admin.token_file.is_empty() {
             if !admin.token.is_empty() {
@@ -298,6 +369,7 @@ impl Config {
         if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
             return Err(ConfigError::new("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\""));
         }
+        self.check_kafka_security()?;
         positive("buffer.max_records", self.buffer.max_records as u64)?;
         positive("buffer.max_wait_ms", self.buffer.max_wait_ms)?;
         if self.buffer.capacity < self.buffer.max_records {
@@ -379,6 +451,81 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The security keys agree with each other, and their files exist.
+    fn check_kafka_security(&self) -> Result<(), ConfigError> {
+        let kafka = &self.kafka;
+        let protocol = kafka.security_protocol.as_str();
+        if !matches!(protocol, "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl") {
+            return Err(ConfigError::new(
+                "kafka.security_protocol",
+                format!("must be plaintext, ssl, sasl_plaintext or sasl_ssl, got {protocol:?}"),
+            ));
+        }
+        let sasl = protocol.starts_with("sasl_");
+        let mechanism = kafka.sasl_mechanism.as_str();
+        match (sasl, mechanism) {
+            (false, "") => {}
+            (false, _) => {
+                return Err(ConfigError::new(
+                    "kafka.sasl_mechanism",
+                    "is set, but kafka.security_protocol is not sasl_plaintext or sasl_ssl",
+                ));
+            }
+            (true, "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {
+                if kafka.sasl_username.is_empty() || kafka.sasl_password.is_empty() {
+                    return Err(ConfigError::new(
+                        "kafka.sasl_username",
+                        format!("{mechanism} needs kafka.sasl_username and kafka.sasl_password (or _file)"),
+                    ));
+                }
+            }
+            (true, "OAUTHBEARER") => {}
+            (true, other) => {
+                return Err(ConfigError::new(
+                    "kafka.sasl_mechanism",
+                    format!("must be PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER, got {other:?}"),
+                ));
+            }
+        }
+        if !sasl && (!kafka.sasl_username.is_empty() || !kafka.sasl_password.is_empty()) {
+            return Err(ConfigError::new(
+                "kafka.sasl_username",
+                "a SASL user is set, but kafka.security_protocol is not sasl_plaintext or sasl_ssl",
+            ));
+        }
+        let tls = protocol == "ssl" || protocol == "sasl_ssl";
+        for (key, path) in [
+            ("kafka.ssl_ca_location", &kafka.ssl_ca_location),
+            ("kafka.ssl_certificate_location", &kafka.ssl_certificate_location),
+            ("kafka.ssl_key_location", &kafka.ssl_key_location),
+        ] {
+            if path.is_empty() {
+                continue;
+            }
+            if !tls {
+                return Err(ConfigError::new(key, "is set, but kafka.security_protocol is not ssl or sasl_ssl"));
+            }
+            if let Err(error) = std::fs::metadata(path) {
+                return Err(ConfigError::new(key, format!("cannot read {path}: {error}")));
+            }
+        }
+        if kafka.ssl_certificate_location.is_empty() != kafka.ssl_key_location.is_empty() {
+            return Err(ConfigError::new(
+                "kafka.ssl_key_location",
+                "a client certificate needs its key, and a key its certificate",
+            ));
+        }
+        if let Some(key) = kafka.properties.keys().find(|key| MANAGED_PROPERTIES.contains(&key.as_str())) {
+            return Err(ConfigError::new(
+                format!("kafka.properties.{key}"),
+                "is set by txnflow itself (see kafka.* and the README); it cannot be changed here",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Deep-merges `overlay` into `base`: tables merge, any other value replaces.
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
     for (key, value) in overlay {
@@ -397,6 +544,21 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 fn apply_env(defaults: &toml::Table, merged: &mut toml::Table, name: &str, text: &str) -> Result<(), ConfigError> {
     let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
     let dotted = path.join(".");
+    // `TXNFLOW__KAFKA__PROPERTIES__SOCKET_KEEPALIVE_ENABLE=true` sets
+    // librdkafka's `socket.keepalive.enable`: its names use dots only.
+    if let [section, properties, property] = path.as_slice()
+        && section == "kafka"
+        && properties == "properties"
+    {
+        let table = merged
+            .get_mut("kafka")
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|kafka| kafka.get_mut("properties"))
+            .and_then(toml::Value::as_table_mut)
+            .ok_or_else(|| ConfigError::new(dotted.clone(), "kafka.properties is not a table"))?;
+        table.insert(property.replace('_', "."), toml::Value::String(text.to_string()));
+        return Ok(());
+    }
     let unknown = || ConfigError::new(format!("{dotted} (from {name})"), "unknown key");
     let (leaf, sections) = path.split_last().ok_or_else(unknown)?;
     let mut default_table = defaults;
@@ -534,6 +696,62 @@ mod tests {
         let error = load_with(&[], &[("TXNFLOW__ADMIN__TOKEN_FILE", &path)]).unwrap_err();
         assert_eq!(error.key, "admin.token");
         assert!(!error.to_string().contains("short"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kafka_security_keys_must_agree() {
+        let ok = load_with(
+            &[],
+            &[
+                ("TXNFLOW__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+                ("TXNFLOW__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("TXNFLOW__KAFKA__SASL_USERNAME", "txnflow"),
+                ("TXNFLOW__KAFKA__SASL_PASSWORD", "s3cret-value"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.kafka.sasl_mechanism, "SCRAM-SHA-512");
+        let key_of = |pairs: &[(&str, &str)]| load_with(&[], pairs).unwrap_err().key;
+        assert_eq!(key_of(&[("TXNFLOW__KAFKA__SECURITY_PROTOCOL", "tls")]), "kafka.security_protocol");
+        assert_eq!(key_of(&[("TXNFLOW__KAFKA__SASL_MECHANISM", "PLAIN")]), "kafka.sasl_mechanism");
+        assert_eq!(
+            key_of(&[("TXNFLOW__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"), ("TXNFLOW__KAFKA__SASL_MECHANISM", "PLAIN")]),
+            "kafka.sasl_username"
+        );
+        assert_eq!(
+            key_of(&[("TXNFLOW__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"), ("TXNFLOW__KAFKA__SASL_MECHANISM", "GSSAPI")]),
+            "kafka.sasl_mechanism"
+        );
+        assert_eq!(key_of(&[("TXNFLOW__KAFKA__SSL_CA_LOCATION", "/etc/hostname")]), "kafka.ssl_ca_location");
+        assert_eq!(
+            key_of(&[("TXNFLOW__KAFKA__SECURITY_PROTOCOL", "ssl"), ("TXNFLOW__KAFKA__SSL_CA_LOCATION", "/nope.pem")]),
+            "kafka.ssl_ca_location"
+        );
+        let password = load_with(
+            &[],
+            &[("TXNFLOW__KAFKA__SASL_PASSWORD", "s3cret-value"), ("TXNFLOW__KAFKA__SASL_USERNAME", "u")],
+        )
+        .unwrap_err();
+        assert!(!password.to_string().contains("s3cret-value"), "{password}");
+    }
+
+    #[test]
+    fn librdkafka_properties_come_from_files_and_the_environment() {
+        let dir = std::env::temp_dir().join(format!("txnflow-props-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("props.toml");
+        std::fs::write(&file, "[kafka.properties]\n\"socket.keepalive.enable\" = true\n\"fetch.wait.max.ms\" = 250\n")
+            .unwrap();
+        let config = load_with(&[&file], &[("TXNFLOW__KAFKA__PROPERTIES__METADATA_MAX_AGE_MS", "60000")]).unwrap();
+        let properties: Vec<(&str, &str)> =
+            config.kafka.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            properties,
+            [("fetch.wait.max.ms", "250"), ("metadata.max.age.ms", "60000"), ("socket.keepalive.enable", "true")]
+        );
+        let managed = load_with(&[], &[("TXNFLOW__KAFKA__PROPERTIES__ENABLE_AUTO_COMMIT", "true")]).unwrap_err();
+        assert_eq!(managed.key, "kafka.properties.enable.auto.commit");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

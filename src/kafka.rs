@@ -3,40 +3,162 @@
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::FutureProducer;
 use std::time::Duration;
 
 use crate::config::KafkaConfig;
 
-/// Settings every client shares.
+/// Settings every client shares: the brokers, the security settings, and
+/// `[kafka.properties]` (after txnflow's own, so they may tune those too).
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set("client.id", crate::SERVICE)
         // A broker restart must not leave a client stuck on a dead address.
-        .set("reconnect.backoff.max.ms", "2000");
+        .set("reconnect.backoff.max.ms", "2000")
+        .set("security.protocol", &kafka.security_protocol);
+    for (key, value) in security_settings(kafka) {
+        config.set(key, value);
+    }
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
     config
 }
 
+/// The librdkafka settings of `kafka.sasl_*` and `kafka.ssl_*` that are set.
+fn security_settings(kafka: &KafkaConfig) -> Vec<(&'static str, &str)> {
+    [
+        ("sasl.mechanism", kafka.sasl_mechanism.as_str()),
+        ("sasl.username", kafka.sasl_username.as_str()),
+        ("sasl.password", kafka.sasl_password.as_str()),
+        ("ssl.ca.location", kafka.ssl_ca_location.as_str()),
+        ("ssl.certificate.location", kafka.ssl_certificate_location.as_str()),
+        ("ssl.key.location", kafka.ssl_key_location.as_str()),
+        ("ssl.key.password", kafka.ssl_key_password.as_str()),
+    ]
+    .into_iter()
+    .filter(|(_, value)| !value.is_empty())
+    .collect()
+}
+
+/// Whether a librdkafka setting holds a secret, whose value no message repeats.
+fn is_secret(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.ends_with(".pem") || key.contains("token")
+}
+
+/// Checks every Kafka setting with librdkafka itself, without connecting:
+/// an unknown property or a value it refuses is a configuration error
+/// (exit 2) naming the key. A secret's value is never repeated.
+pub fn check_settings(kafka: &KafkaConfig) -> Result<(), crate::config::ConfigError> {
+    let Err(error) = client_config(kafka).create_native_config() else { return Ok(()) };
+    let rdkafka::error::KafkaError::ClientConfig(_, description, key, value) = error else {
+        return Err(crate::config::ConfigError::new("kafka", "librdkafka refuses the settings"));
+    };
+    let ours = [
+        ("security.protocol", "kafka.security_protocol"),
+        ("sasl.mechanism", "kafka.sasl_mechanism"),
+        ("sasl.username", "kafka.sasl_username"),
+        ("sasl.password", "kafka.sasl_password"),
+        ("ssl.ca.location", "kafka.ssl_ca_location"),
+        ("ssl.certificate.location", "kafka.ssl_certificate_location"),
+        ("ssl.key.location", "kafka.ssl_key_location"),
+        ("ssl.key.password", "kafka.ssl_key_password"),
+    ];
+    let named = ours
+        .iter()
+        .find(|(property, _)| *property == key)
+        .map_or_else(|| format!("kafka.properties.{key}"), |(_, ours)| ours.to_string());
+    Err(crate::config::ConfigError::new(named, refusal(&description, &key, &value)))
+}
+
+/// librdkafka's reason, with a secret's value hidden if it repeats it.
+fn refusal(description: &str, key: &str, value: &str) -> String {
+    let description =
+        if is_secret(key) && !value.is_empty() { description.replace(value, "***") } else { description.to_string() };
+    format!("librdkafka refuses it: {description}")
+}
+
+/// What librdkafka says, into txnflow's log, and its last error kept for
+/// `/ready`. Without it, its log lines (a TLS handshake refused, a SASL
+/// failure) would go to the `log` crate, which nothing here prints.
+#[derive(Default, Clone, Copy)]
+pub struct KafkaContext;
+
+/// librdkafka's last client error (a broker it cannot reach, a handshake
+/// refused), with when it came, for `/ready` to say why the broker fails.
+static LAST_ERROR: std::sync::Mutex<Option<(std::time::Instant, String)>> = std::sync::Mutex::new(None);
+
+/// The last client error librdkafka reported within `within`, secrets hidden.
+pub fn last_client_error(within: Duration) -> Option<String> {
+    let last = LAST_ERROR.lock().expect("last error lock");
+    last.as_ref().filter(|(at, _)| at.elapsed() < within).map(|(_, reason)| reason.clone())
+}
+
+/// librdkafka's log line, at the matching level.
+pub fn log_from_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as Level;
+    let message = crate::db::redact(message);
+    match level {
+        Level::Emerg | Level::Alert | Level::Critical | Level::Error => {
+            tracing::error!(target: "librdkafka", facility, "{message}")
+        }
+        Level::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        Level::Notice | Level::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+        Level::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
+}
+
+/// A client error from librdkafka: logged, and kept for `/ready`.
+pub fn error_from_librdkafka(error: &rdkafka::error::KafkaError, reason: &str) {
+    let reason = crate::db::redact(reason);
+    tracing::error!(target: "librdkafka", %error, "{reason}");
+    let mut last = LAST_ERROR.lock().expect("last error lock");
+    // "All brokers are down" follows the error that says why: keep that one.
+    let summary = error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown);
+    if !(summary && last.as_ref().is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(30))) {
+        *last = Some((std::time::Instant::now(), reason));
+    }
+}
+
+impl rdkafka::ClientContext for KafkaContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        log_from_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        error_from_librdkafka(&error, reason);
+    }
+}
+
+/// txnflow's producer, with its context.
+pub type Producer = FutureProducer<KafkaContext>;
+
 /// An idempotent producer: a retried send never writes a record twice, and a
 /// record counts as sent only once every in-sync replica has it.
-pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<Producer> {
     client_config(kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
-        .create()
-        .map_err(|e| anyhow::anyhow!("cannot create a Kafka producer for {}: {e}", kafka.brokers))
+        .create_with_context(KafkaContext)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create a Kafka producer for {}: {}",
+                kafka.brokers,
+                crate::db::redact(&e.to_string())
+            )
+        })
 }
 
 /// Creates each `(topic, partitions)` that does not exist yet.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(kafka).create().map_err(|e| anyhow::anyhow!("cannot create a Kafka admin client: {e}"))?;
+    let admin: AdminClient<KafkaContext> = client_config(kafka)
+        .create_with_context(KafkaContext)
+        .map_err(|e| anyhow::anyhow!("cannot create a Kafka admin client: {}", crate::db::redact(&e.to_string())))?;
     let new_topics: Vec<NewTopic<'_>> =
         topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
     let options = AdminOptions::new()
@@ -62,4 +184,50 @@ pub fn pipeline_topics(kafka: &KafkaConfig) -> Vec<(&str, i32)> {
         topics.push((kafka.predictions_topic.as_str(), 1));
     }
     topics
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(pairs: &[(&str, &str)]) -> KafkaConfig {
+        let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        crate::config::Config::from_layers([], env).unwrap().kafka
+    }
+
+    #[test]
+    fn librdkafka_names_an_unknown_or_invalid_property() {
+        assert!(check_settings(&kafka(&[])).is_ok());
+        let unknown = check_settings(&kafka(&[("TXNFLOW__KAFKA__PROPERTIES__NO_SUCH_THING", "1")])).unwrap_err();
+        assert_eq!(unknown.key, "kafka.properties.no.such.thing");
+        let invalid = check_settings(&kafka(&[("TXNFLOW__KAFKA__PROPERTIES__SOCKET_TIMEOUT_MS", "soon")])).unwrap_err();
+        assert_eq!(invalid.key, "kafka.properties.socket.timeout.ms");
+    }
+
+    #[test]
+    fn tls_and_sasl_are_built_in() {
+        let secured = kafka(&[
+            ("TXNFLOW__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("TXNFLOW__KAFKA__SASL_MECHANISM", "SCRAM-SHA-256"),
+            ("TXNFLOW__KAFKA__SASL_USERNAME", "txnflow"),
+            ("TXNFLOW__KAFKA__SASL_PASSWORD", "s3cret-value"),
+        ]);
+        assert_eq!(check_settings(&secured).map_err(|e| e.to_string()), Ok(()));
+        for mechanism in ["PLAIN", "SCRAM-SHA-512", "OAUTHBEARER"] {
+            let mut other = secured.clone();
+            other.sasl_mechanism = mechanism.into();
+            assert!(check_settings(&other).is_ok(), "{mechanism}");
+        }
+    }
+
+    #[test]
+    fn a_secret_refused_by_librdkafka_is_not_repeated() {
+        let said = "Invalid value \"very-secret\" for configuration property \"sasl.password\"";
+        assert_eq!(
+            refusal(said, "sasl.password", "very-secret"),
+            "librdkafka refuses it: Invalid value \"***\" for configuration property \"sasl.password\""
+        );
+        let said = "Invalid value \"soon\" for configuration property \"socket.timeout.ms\"";
+        assert!(refusal(said, "socket.timeout.ms", "soon").contains("\"soon\""), "not a secret: kept");
+    }
 }

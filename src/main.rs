@@ -155,6 +155,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    // librdkafka checks the Kafka settings (unknown or invalid properties)
+    // before any command that talks to Kafka starts.
+    let uses_kafka = !matches!(cli.command, Command::Migrate | Command::MlApi(_));
+    if uses_kafka && let Err(error) = kafka::check_settings(&config.kafka) {
+        eprintln!("txnflow: {error}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     init_logging(&config);
     let code = match run(cli.command, config) {
         Ok(()) => 0,

@@ -10,7 +10,7 @@ use chrono::Utc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -314,7 +314,7 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
 }
 
 /// Sends one record and waits for the broker's acknowledgement.
-async fn send(producer: &FutureProducer, topic: &str, record: ProducedRecord, tally: &Tally) {
+async fn send(producer: &crate::kafka::Producer, topic: &str, record: ProducedRecord, tally: &Tally) {
     let headers = OwnedHeaders::new().insert(Header { key: "producer", value: Some(crate::SERVICE) });
     let message = FutureRecord::to(topic).key(&record.key).payload(&record.value).headers(headers);
     match producer.send(message, Duration::from_secs(30)).await {

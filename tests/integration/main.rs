@@ -18,3 +18,4 @@ mod security;
 mod stack;
 mod streaming;
 mod supervision;
+mod tls;

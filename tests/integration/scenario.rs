@@ -3,7 +3,7 @@
 //! with SIGTERM or SIGKILL as an operator would.
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ pub struct Scenario {
     pub dlq_topic: String,
     group: std::sync::Mutex<String>,
     pub ml_api: SocketAddr,
-    producer: std::sync::Mutex<FutureProducer>,
+    producer: std::sync::Mutex<txnflow::kafka::Producer>,
     pub brokers: String,
 }
 
