@@ -57,6 +57,10 @@ pub struct KafkaConfig {
     pub predictions_topic: String,
     pub session_timeout_ms: u64,
     pub partitions: i32,
+    /// Replicas of each topic txnflow creates.
+    pub replication_factor: i32,
+    /// Create topics with one replica on a cluster of several brokers.
+    pub allow_single_replica: bool,
     pub auto_offset_reset: String,
     /// A record larger than this is dead-lettered as invalid, unread.
     pub max_record_bytes: usize,
@@ -366,6 +370,7 @@ impl Config {
         non_empty("kafka.dlq_topic", &self.kafka.dlq_topic)?;
         positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
         positive("kafka.partitions", self.kafka.partitions.max(0) as u64)?;
+        positive("kafka.replication_factor", self.kafka.replication_factor.max(0) as u64)?;
         if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
             return Err(ConfigError::new("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\""));
         }

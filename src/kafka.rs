@@ -133,6 +133,14 @@ impl rdkafka::ClientContext for KafkaContext {
     }
 }
 
+impl rdkafka::producer::ProducerContext for KafkaContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+impl rdkafka::consumer::ConsumerContext for KafkaContext {}
+
 /// txnflow's producer, with its context.
 pub type Producer = FutureProducer<KafkaContext>;
 
@@ -154,13 +162,28 @@ pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<Producer> {
         })
 }
 
-/// Creates each `(topic, partitions)` that does not exist yet.
+/// Creates each `(topic, partitions)` that does not exist yet, with
+/// `kafka.replication_factor` replicas. One replica on a cluster of several
+/// brokers is refused unless `kafka.allow_single_replica`: losing a broker
+/// would lose records.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    let replication = kafka.replication_factor;
+    if replication == 1 && !kafka.allow_single_replica {
+        let brokers = cluster(kafka).await?.brokers.len();
+        if brokers > 1 {
+            anyhow::bail!(
+                "kafka.replication_factor is 1 on a cluster of {brokers} brokers: a broker lost would lose records; \
+                 set kafka.replication_factor (3 is usual), or kafka.allow_single_replica = true"
+            );
+        }
+    }
     let admin: AdminClient<KafkaContext> = client_config(kafka)
         .create_with_context(KafkaContext)
         .map_err(|e| anyhow::anyhow!("cannot create a Kafka admin client: {}", crate::db::redact(&e.to_string())))?;
-    let new_topics: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(replication)))
+        .collect();
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))
         .request_timeout(Some(Duration::from_secs(15)));
@@ -175,6 +198,39 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> anyho
         }
     }
     Ok(())
+}
+
+/// What the cluster says of itself: its brokers, and each topic's
+/// partitions with their replica count.
+pub struct Cluster {
+    pub brokers: Vec<String>,
+    pub topics: std::collections::BTreeMap<String, Vec<usize>>,
+}
+
+/// Fetches the cluster's metadata (on the blocking pool: librdkafka's call blocks).
+pub async fn cluster(kafka: &KafkaConfig) -> anyhow::Result<Cluster> {
+    let config = client_config(kafka);
+    tokio::task::spawn_blocking(move || {
+        let client: rdkafka::producer::BaseProducer<KafkaContext> = config
+            .create_with_context(KafkaContext)
+            .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {}", crate::db::redact(&e.to_string())))?;
+        let metadata = rdkafka::producer::Producer::client(&client)
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| {
+                let last = last_client_error(Duration::from_secs(30)).map(|l| format!(" ({l})")).unwrap_or_default();
+                anyhow::anyhow!("cannot read the cluster's metadata: {e}{last}")
+            })?;
+        Ok(Cluster {
+            brokers: metadata.brokers().iter().map(|b| format!("{}:{}", b.host(), b.port())).collect(),
+            topics: metadata
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .map(|t| (t.name().to_string(), t.partitions().iter().map(|p| p.replicas().len()).collect()))
+                .collect(),
+        })
+    })
+    .await?
 }
 
 /// The topics of contract §5, with the input topic's partition count.

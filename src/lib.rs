@@ -14,6 +14,7 @@ pub mod admin;
 pub mod batch;
 pub mod batch_command;
 pub mod breaker;
+pub mod check;
 pub mod config;
 pub mod db;
 pub mod dlq_replay;

@@ -30,6 +30,8 @@ enum Command {
     Migrate,
     /// Create what the pipeline needs: topics, the bucket, the schema.
     Setup,
+    /// Connect to every dependency with these settings and say, one line each, what answers.
+    Check,
     /// Load a CSV file through the pipeline (batch mode): s3://bucket/key.csv,
     /// s3://bucket/prefix/ (every .csv under it) or a local path.
     Batch(BatchArgs),
@@ -220,6 +222,7 @@ fn init_logging(config: &Config) {
 fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Run => service::run(config),
+        Command::Check => txnflow::check::run(&config),
         Command::Migrate => migrate(&config),
         Command::Setup => {
             tokio_runtime()?.block_on(async {

@@ -4,6 +4,7 @@
 
 mod batch;
 mod chaos;
+mod check;
 mod cli;
 mod deploy;
 mod faults;
