@@ -79,19 +79,18 @@ async fn group_lag(kafka: crate::config::KafkaConfig, partitions: i32) -> Result
         let consumer: BaseConsumer<crate::kafka::KafkaContext> = crate::kafka::client_config(&kafka)
             .set("group.id", &kafka.group_id)
             .create_with_context(crate::kafka::KafkaContext)
-            .map_err(|e| crate::db::short_reason(e))?;
+            .map_err(crate::db::short_reason)?;
         let mut list = rdkafka::TopicPartitionList::new();
         for partition in 0..partitions {
             list.add_partition(&kafka.topic, partition);
         }
-        let committed =
-            consumer.committed_offsets(list, Duration::from_secs(10)).map_err(|e| crate::db::short_reason(e))?;
+        let committed = consumer.committed_offsets(list, Duration::from_secs(10)).map_err(crate::db::short_reason)?;
         let mut parts = Vec::new();
         let mut total = 0i64;
         for element in committed.elements() {
             let (_, high) = consumer
                 .fetch_watermarks(&kafka.topic, element.partition(), Duration::from_secs(10))
-                .map_err(|e| crate::db::short_reason(e))?;
+                .map_err(crate::db::short_reason)?;
             let lag = match element.offset() {
                 rdkafka::Offset::Offset(offset) => (high - offset).max(0),
                 // Nothing committed yet: all of it.
