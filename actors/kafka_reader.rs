@@ -43,6 +43,9 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// The consumer's callbacks: rebalances and statistics (consumer lag).
 pub struct ReaderContext {
     pipeline: Arc<Pipeline>,
+    /// The partitions this reader holds, with the group's committed offset
+    /// when they were assigned: the lag's starting point.
+    assigned: std::sync::Mutex<std::collections::BTreeMap<i32, Option<i64>>>,
     /// Where each partition's reading (re)started, until its first record
     /// arrives: see [`check_start`].
     starts: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
@@ -57,15 +60,20 @@ impl ClientContext for ReaderContext {
         crate::kafka::error_from_librdkafka(&error, reason);
     }
 
+    /// The lag of every partition held, from the high watermark and the
+    /// best known committed offset (librdkafka's, or the one read at the
+    /// assignment, whichever is later).
     fn stats(&self, statistics: Statistics) {
-        for (topic, stats) in statistics.topics {
-            for (partition, partition_stats) in stats.partitions {
-                if partition >= 0 && partition_stats.consumer_lag >= 0 {
-                    METRICS
-                        .consumer_lag
-                        .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(partition_stats.consumer_lag);
-                }
+        let topic = &self.pipeline.config.kafka.topic;
+        let Some(stats) = statistics.topics.get(topic) else { return };
+        let assigned = self.assigned.lock().expect("assigned lock");
+        for (partition, at_assignment) in assigned.iter() {
+            let Some(partition_stats) = stats.partitions.get(partition) else { continue };
+            let committed = [Some(partition_stats.committed_offset), *at_assignment].into_iter().flatten().max();
+            if let Some(lag) =
+                crate::domain::offsets::partition_lag(partition_stats.hi_offset, partition_stats.lo_offset, committed)
+            {
+                METRICS.consumer_lag.with_label_values(&[topic.as_str(), &partition.to_string()]).set(lag);
             }
         }
     }
@@ -115,6 +123,7 @@ impl ConsumerContext for ReaderContext {
                 if let Err(error) = &committed {
                     tracing::warn!(%error, "cannot read committed offsets; starting as kafka.auto_offset_reset says");
                 }
+                self.hold(tpl, committed.as_ref().ok());
                 tracing::info!(assigned = ?tpl.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(), "partitions assigned");
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
                 if let Err(error) = consumer.assign(tpl) {
@@ -123,6 +132,7 @@ impl ConsumerContext for ReaderContext {
                 self.post_rebalance(consumer, &Rebalance::Assign(tpl));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.release(tpl);
                 self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, "unassign failed");
@@ -161,6 +171,37 @@ impl ConsumerContext for ReaderContext {
             && let Err(error) = consumer.commit(&commit, CommitMode::Sync)
         {
             tracing::warn!(%error, "commit on revoke failed; the next owner re-reads from the last commit");
+        }
+    }
+}
+
+impl ReaderContext {
+    /// Partitions assigned: their lag is exported from now on, 0 until the
+    /// first statistics (every 5 s) say more, so an idle partition shows 0
+    /// and the metric is never absent for a partition someone holds.
+    fn hold(&self, tpl: &TopicPartitionList, committed: Option<&TopicPartitionList>) {
+        let topic = &self.pipeline.config.kafka.topic;
+        let mut assigned = self.assigned.lock().expect("assigned lock");
+        for element in tpl.elements() {
+            let offset = committed.and_then(|c| c.find_partition(element.topic(), element.partition())).and_then(|c| {
+                match c.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                }
+            });
+            assigned.insert(element.partition(), offset);
+            METRICS.consumer_lag.with_label_values(&[topic.as_str(), &element.partition().to_string()]).set(0);
+        }
+    }
+
+    /// Partitions revoked: this reader no longer exports their lag (their
+    /// new owner does).
+    fn release(&self, tpl: &TopicPartitionList) {
+        let topic = &self.pipeline.config.kafka.topic;
+        let mut assigned = self.assigned.lock().expect("assigned lock");
+        for element in tpl.elements() {
+            assigned.remove(&element.partition());
+            let _ = METRICS.consumer_lag.remove_label_values(&[topic.as_str(), &element.partition().to_string()]);
         }
     }
 }
@@ -220,7 +261,11 @@ impl KafkaReader {
             // Tansu answers a fetch only at its max wait; keep that short so
             // a record's time in the Buffer dominates its latency.
             .set("fetch.wait.max.ms", "100")
-            .create_with_context(ReaderContext { pipeline: self.pipeline.clone(), starts: Default::default() })?;
+            .create_with_context(ReaderContext {
+                pipeline: self.pipeline.clone(),
+                starts: Default::default(),
+                assigned: Default::default(),
+            })?;
         consumer.subscribe(&[&kafka.topic])?;
         Ok(Arc::new(consumer))
     }

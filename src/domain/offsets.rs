@@ -98,9 +98,32 @@ impl OffsetTracker {
     }
 }
 
+/// A partition's lag: records from the group's position to the high
+/// watermark. The position is the committed offset when there is one, else
+/// the low watermark (everything still to read). None while the high
+/// watermark is unknown (librdkafka's statistics say -1 until a fetch).
+pub fn partition_lag(high: i64, low: i64, committed: Option<i64>) -> Option<i64> {
+    if high < 0 {
+        return None;
+    }
+    let position = committed.filter(|offset| *offset >= 0).unwrap_or(low.max(0));
+    Some((high - position).max(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_counts_from_the_commit_or_from_the_start() {
+        assert_eq!(partition_lag(-1, -1, None), None, "nothing fetched yet");
+        assert_eq!(partition_lag(0, 0, None), Some(0), "an empty, idle partition");
+        assert_eq!(partition_lag(100, 0, Some(100)), Some(0), "all committed");
+        assert_eq!(partition_lag(100, 0, Some(40)), Some(60));
+        assert_eq!(partition_lag(100, 20, None), Some(80), "nothing committed: from the low watermark");
+        assert_eq!(partition_lag(100, 20, Some(-1001)), Some(80), "librdkafka's 'invalid' offset");
+        assert_eq!(partition_lag(10, 0, Some(12)), Some(0), "never negative");
+    }
 
     #[test]
     fn nothing_read_means_nothing_to_commit() {

@@ -195,3 +195,65 @@ async fn written_predictions_fan_out_to_the_predictions_topic() {
         assert!(value["confidence_score"].as_f64().is_some_and(|c| (0.0..=1.0).contains(&c)));
     }
 }
+
+/// The lag of every partition a reader holds is exported from its
+/// assignment: 0 while idle, never absent; and 0 again once a load is
+/// committed. Sampled from `/metrics`.
+#[tokio::test]
+async fn consumer_lag_is_exported_for_every_assigned_partition_from_the_start() {
+    let scenario = Scenario::new("lag").await;
+    let service = scenario.start_service(&[]).await;
+    assert!(service.wait_assigned(std::time::Duration::from_secs(60)).await, "{}", service.log_tail());
+    let lags = |text: &str| -> Vec<(String, f64)> {
+        let prefix = format!("txnflow_consumer_lag{{partition=\"");
+        text.lines()
+            .filter(|line| line.starts_with(&prefix) && line.contains(&scenario.topic))
+            .map(|line| {
+                let partition = line[prefix.len()..].split('"').next().unwrap().to_string();
+                (partition, line.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect()
+    };
+    let idle = lags(&service.metrics().await);
+    assert_eq!(
+        idle,
+        [("0".to_string(), 0.0), ("1".to_string(), 0.0), ("2".to_string(), 0.0)],
+        "every partition held, idle: 0"
+    );
+    // Writes held for 15 s each (a trigger sleeps), so nothing commits for
+    // a while: the lag must then be the whole load, exactly.
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut scenario.db.connect(),
+        "CREATE FUNCTION hold_writes() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(15); RETURN NULL; END $$
+         LANGUAGE plpgsql;
+         CREATE TRIGGER hold_writes BEFORE INSERT ON transactions FOR EACH STATEMENT EXECUTE FUNCTION hold_writes();",
+    )
+    .unwrap();
+    let events = crate::scenario::valid_events(1301, 600);
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        seen = lags(&service.metrics().await);
+        if seen.iter().map(|(_, lag)| *lag).sum::<f64>() == 600.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let expected: Vec<(String, f64)> = ends.iter().map(|(p, end)| (p.to_string(), *end as f64)).collect();
+    assert_eq!(seen, expected, "while nothing is committed, each partition's lag is its end offset");
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut scenario.db.connect(),
+        "DROP TRIGGER hold_writes ON transactions",
+    )
+    .unwrap();
+    assert_eq!(scenario.wait_committed(&ends, std::time::Duration::from_secs(120)).await, ends);
+    let mut last = Vec::new();
+    for _ in 0..60 {
+        last = lags(&service.metrics().await);
+        if last.iter().all(|(_, lag)| *lag == 0.0) && last.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(last.iter().map(|(_, lag)| *lag).collect::<Vec<_>>(), [0.0, 0.0, 0.0], "{last:?}");
+}
