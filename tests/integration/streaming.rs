@@ -205,7 +205,7 @@ async fn consumer_lag_is_exported_for_every_assigned_partition_from_the_start() 
     let service = scenario.start_service(&[]).await;
     assert!(service.wait_assigned(std::time::Duration::from_secs(60)).await, "{}", service.log_tail());
     let lags = |text: &str| -> Vec<(String, f64)> {
-        let prefix = format!("txnflow_consumer_lag{{partition=\"");
+        let prefix = "txnflow_consumer_lag{partition=\"".to_string();
         text.lines()
             .filter(|line| line.starts_with(&prefix) && line.contains(&scenario.topic))
             .map(|line| {
