@@ -5,19 +5,20 @@
 //!
 //! - The consumer runs on this actor's own arbiter, so a rebalance, whose
 //!   callback may wait for in-flight records, stalls no other actor.
-//! - Backpressure: every record takes a capacity permit. When none is left
-//!   the reader stops polling until one returns; librdkafka then stops
-//!   fetching once its prefetch queue (`queued.max.messages.kbytes`, set to
-//!   4 MB) is full. We tried pausing and resuming the partitions instead, as
-//!   the design card says, but a resumed partition fetches from the middle
-//!   of a record batch, which Tansu 0.6 answers with the next batch: our
-//!   PostgreSQL-outage test lost 326 records that way. The cost of not
-//!   pausing: a stall longer than `max.poll.interval.ms` (5 min) makes the
-//!   consumer leave the group; it re-reads from its last commit when back.
-//! - Starting mid-batch (a committed offset, a seek) has the same hazard;
-//!   [`check_start`] detects the skip and reads the gap again.
+//! - Backpressure: every record takes its share of the capacity. When none
+//!   is left, the reader pauses its partitions and keeps polling until
+//!   there is room, then resumes them: a long stall keeps the group
+//!   membership (`max.poll.interval.ms` counts time between polls).
+//! - Partitions start at the group's committed offsets, as librdkafka reads
+//!   them (or as `auto.offset.reset` says when there is no commit).
+//! - With `kafka.broker_quirks = "tansu"`, the local test broker's bugs are
+//!   worked around instead (`crate::tansu_quirks`): no pause (the reader
+//!   stops polling), explicit start offsets, and a seek back when the broker
+//!   skipped records after a start.
 //! - On a revoke it flushes the Buffer, waits (bounded) for the records of
-//!   the revoked partitions to become durable, and commits them.
+//!   the revoked partitions to become durable, and commits them. Records of
+//!   a revoked partition still in hand are dropped, and only held
+//!   partitions are committed.
 //! - When another actor lost in-flight records (the pipeline's epoch moved),
 //!   it seeks every partition back to its first record not durable.
 
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use super::Pipeline;
 use super::messages::{Chaos, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
+use crate::config::BrokerQuirks;
 use crate::domain::dead_letter::{ErrorType, Failure, Origin};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
 use crate::domain::transaction::ProcessingType;
@@ -95,35 +97,19 @@ impl ConsumerContext for ReaderContext {
         use rdkafka::types::RDKafkaRespErr;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
-                for element in tpl.clone().elements() {
-                    let start = committed
-                        .as_ref()
-                        .ok()
-                        .and_then(|c| c.find_partition(element.topic(), element.partition()))
-                        .map(|c| c.offset())
-                        .and_then(|offset| match offset {
-                            Offset::Offset(o) => Some(o),
-                            _ => None,
-                        });
-                    // No commit yet: `kafka.auto_offset_reset` decides, with
-                    // "earliest" as an explicit 0 (see above) and "latest" as
-                    // the end of the partition.
-                    let start = match start {
-                        Some(offset) => Some(offset),
-                        None if self.pipeline.config.kafka.auto_offset_reset == "latest" => None,
-                        None => Some(0),
-                    };
-                    let offset = start.map_or(Offset::End, Offset::Offset);
-                    let _ = tpl.set_partition_offset(element.topic(), element.partition(), offset);
-                    if let Some(start) = start {
-                        self.starts.lock().expect("starts lock").insert(element.partition(), start);
+                let committed = match self.pipeline.config.kafka.broker_quirks {
+                    // librdkafka starts each partition at the group's
+                    // committed offset (reading it again until it can), or
+                    // as auto.offset.reset says when there is none.
+                    BrokerQuirks::None => None,
+                    BrokerQuirks::Tansu => {
+                        let reset = &self.pipeline.config.kafka.auto_offset_reset;
+                        let (committed, starts) = crate::tansu_quirks::explicit_start_offsets(consumer, tpl, reset);
+                        self.starts.lock().expect("starts lock").extend(starts);
+                        committed.ok()
                     }
-                }
-                if let Err(error) = &committed {
-                    tracing::warn!(%error, "cannot read committed offsets; starting as kafka.auto_offset_reset says");
-                }
-                self.hold(tpl, committed.as_ref().ok());
+                };
+                self.hold(tpl, committed.as_ref());
                 tracing::info!(assigned = ?tpl.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(), "partitions assigned");
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
                 if let Err(error) = consumer.assign(tpl) {
@@ -176,6 +162,11 @@ impl ConsumerContext for ReaderContext {
 }
 
 impl ReaderContext {
+    /// Whether this reader holds `partition` now.
+    fn holds(&self, partition: i32) -> bool {
+        self.assigned.lock().expect("assigned lock").contains_key(&partition)
+    }
+
     /// Partitions assigned: their lag is exported from now on, 0 until the
     /// first statistics (every 5 s) say more, so an idle partition shows 0
     /// and the metric is never absent for a partition someone holds.
@@ -282,8 +273,12 @@ impl KafkaReader {
         }
         let topic = &self.pipeline.config.kafka.topic;
         let mut list = TopicPartitionList::new();
-        for (partition, offset) in commits {
+        // Only what this reader holds: a revoked partition is its new owner's to commit.
+        for (partition, offset) in commits.into_iter().filter(|(partition, _)| consumer.context().holds(*partition)) {
             let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+        }
+        if list.count() == 0 {
+            return;
         }
         if let Err(error) = consumer.commit(&list, mode) {
             tracing::warn!(%error, "offset commit failed; it is retried on the next tick");
@@ -294,26 +289,32 @@ impl KafkaReader {
 /// Reads until stopped or an unrecoverable error.
 async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
+    let quirks = pipeline.config.kafka.broker_quirks;
     let mut seen_epoch = pipeline.epoch();
     let mut rewound = std::collections::HashSet::new();
+    // Records received while the partitions were paused, read first.
+    let mut carried: std::collections::VecDeque<OwnedMessage> = Default::default();
     loop {
         if pipeline.is_shutting_down() {
             return Ok(());
         }
         if pipeline.epoch() != seen_epoch {
             seen_epoch = pipeline.epoch();
+            carried.clear();
             rewind(&pipeline, &consumer, &topic)?;
         }
-        let first = match consumer.recv().await {
-            Ok(message) => message.detach(),
-            Err(error) => {
-                tracing::warn!(%error, "consumer error");
-                continue;
+        let mut messages: Vec<OwnedMessage> = carried.drain(..).collect();
+        if messages.is_empty() {
+            match consumer.recv().await {
+                Ok(message) => messages.push(message.detach()),
+                Err(error) => {
+                    tracing::warn!(%error, "consumer error");
+                    continue;
+                }
             }
-        };
+        }
         // Take what else is already fetched, without waiting, so that one
         // message to the Buffer carries many records.
-        let mut messages = vec![first];
         while messages.len() < READ_BATCH {
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                 Ok(Ok(message)) => messages.push(message.detach()),
@@ -322,31 +323,77 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
         }
         let mut batch = ReadBatch::default();
         let mut restarted: Vec<i32> = Vec::new();
-        for message in messages {
+        let mut messages = messages.into_iter();
+        while let Some(message) = messages.next() {
             if restarted.contains(&message.partition()) {
                 continue; // fetched before the seek back; read again after it
             }
-            if !check_start(&consumer, &message, &mut rewound)? {
+            // A partition revoked since this was fetched is someone else's now.
+            if !consumer.context().holds(message.partition()) {
+                continue;
+            }
+            if quirks == BrokerQuirks::Tansu && !check_start(&consumer, &message, &mut rewound)? {
                 restarted.push(message.partition());
                 continue;
             }
             // The permit is taken once a record is in hand, so an idle reader
-            // holds none. When none is left, what is read so far goes on and
-            // the reader stops polling until a permit returns: see the module
-            // comment on why this is not pause/resume.
+            // holds none.
             let bytes = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
             let permit = match pipeline.try_reserve(bytes) {
                 Some(permit) => permit,
                 None => {
                     batch.send(&pipeline).await;
-                    tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading stops");
-                    pipeline.reserve(bytes).await
+                    tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading waits");
+                    match quirks {
+                        BrokerQuirks::None => {
+                            // What was fetched before the pause goes on after
+                            // this record, before anything received meanwhile.
+                            carried.extend(messages.by_ref());
+                            let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
+                            batch.add(&pipeline, &message, permit);
+                            break;
+                        }
+                        // Tansu answers a resumed fetch with the next batch:
+                        // stop polling instead (see the tansu_quirks module).
+                        BrokerQuirks::Tansu => pipeline.reserve(bytes).await,
+                    }
                 }
             };
             batch.add(&pipeline, &message, permit);
         }
         batch.send(&pipeline).await;
     }
+}
+
+/// Waits for capacity with the held partitions paused, polling all the
+/// while, so that a long stall (a database outage) keeps the group
+/// membership: `max.poll.interval.ms` counts the time between polls. A
+/// record that still arrives is carried to the next pass, in order.
+async fn wait_paused(
+    pipeline: &Pipeline,
+    consumer: &Reader,
+    bytes: usize,
+    carried: &mut std::collections::VecDeque<OwnedMessage>,
+) -> anyhow::Result<super::messages::Capacity> {
+    let paused = consumer.assignment()?;
+    consumer.pause(&paused)?;
+    tracing::info!(partitions = paused.count(), in_flight = pipeline.in_flight(), "capacity full: partitions paused");
+    let reserve = pipeline.reserve(bytes);
+    tokio::pin!(reserve);
+    let permit = loop {
+        tokio::select! {
+            permit = &mut reserve => break permit,
+            received = consumer.recv() => match received {
+                Ok(message) => carried.push_back(message.detach()),
+                Err(error) => tracing::warn!(%error, "consumer error while paused"),
+            },
+        }
+    };
+    // Resume what is still held: a rebalance meanwhile may have changed it.
+    let held = consumer.assignment()?;
+    consumer.resume(&held)?;
+    tracing::info!(partitions = held.count(), "capacity back: partitions resumed");
+    Ok(permit)
 }
 
 /// Records read at once, at most.
@@ -449,19 +496,13 @@ fn seek(consumer: &Reader, topic: &str, partition: i32, offset: i64) -> anyhow::
     Ok(())
 }
 
-/// How far back a read that started mid-batch steps to find a batch start.
-const GAP_REWIND: i64 = 10_000;
-
-/// Whether `message` may be used, given where its partition's reading
-/// started. Tansu 0.6 answers a fetch from an offset inside a record batch
-/// with the *next* batch (fetching a 10-record batch from offset 5 returned
-/// offsets 10..; from 15 of 20, nothing), so a reader starting mid-batch,
-/// at a committed offset or after a seek, would silently skip records. When
-/// the first record after a start lies beyond it, the reader seeks back by
-/// `GAP_REWIND` (to a batch start before it) and reads the gap again; records
-/// read twice are harmless, writes being idempotent. Only the first record
-/// after a start is checked: within continuous reading, a gap is the topic's
-/// own (compaction, transaction markers) and is kept.
+/// With `broker_quirks = "tansu"`: whether `message` may be used, given
+/// where its partition's reading started; when the broker skipped records
+/// after a start, it seeks back and reads the gap again (see
+/// [`crate::tansu_quirks`]). Records read twice are harmless: writes are
+/// idempotent. Only the first record after a start is checked: within
+/// continuous reading, a gap is the topic's own (compaction, transaction
+/// markers) and is kept.
 fn check_start(
     consumer: &Reader,
     message: &OwnedMessage,
@@ -471,10 +512,9 @@ fn check_start(
     let Some(start) = consumer.context().starts.lock().expect("starts lock").remove(&partition) else {
         return Ok(true);
     };
-    if message.offset() <= start || !rewound.insert((partition, start)) {
-        return Ok(true);
-    }
-    let back = (start - GAP_REWIND).max(0);
+    let already = rewound.contains(&(partition, start));
+    let Some(back) = crate::tansu_quirks::seek_back(start, message.offset(), already) else { return Ok(true) };
+    rewound.insert((partition, start));
     tracing::warn!(
         partition,
         start,

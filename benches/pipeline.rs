@@ -72,6 +72,7 @@ impl Service {
     fn start(topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Service {
         let child = Command::new(env!("CARGO_BIN_EXE_txnflow"))
             .arg("run")
+            .env("TXNFLOW__KAFKA__BROKER_QUIRKS", "tansu")
             .env("TXNFLOW__KAFKA__TOPIC", topic)
             .env("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{topic}-dlq"))
             .env("TXNFLOW__KAFKA__GROUP_ID", format!("{topic}-group"))

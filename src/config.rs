@@ -64,6 +64,8 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// A record larger than this is dead-lettered as invalid, unread.
     pub max_record_bytes: usize,
+    /// `none` for a real Kafka; `tansu` for the local test broker's bugs.
+    pub broker_quirks: BrokerQuirks,
     /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub security_protocol: String,
     /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` (empty without SASL).
@@ -260,6 +262,17 @@ pub struct MlApiConfig {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+}
+
+/// Which broker's known bugs the reader works around.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerQuirks {
+    /// A broker that behaves as Kafka: the reader pauses partitions at
+    /// capacity, starts from the committed offsets, and never seeks back.
+    None,
+    /// Tansu 0.6, the local stack's broker (see `actors/tansu_quirks.rs`).
+    Tansu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

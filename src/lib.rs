@@ -27,6 +27,7 @@ pub mod ml_client;
 pub mod produce;
 pub mod s3;
 pub mod service;
+pub mod tansu_quirks;
 
 #[path = "../actors/mod.rs"]
 pub mod actors;

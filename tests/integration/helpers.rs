@@ -177,6 +177,8 @@ pub fn txnflow() -> Command {
     for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("TXNFLOW__")) {
         command.env_remove(name);
     }
+    // The local stack's broker is Tansu; a test on another broker sets `none` after this.
+    command.env("TXNFLOW__KAFKA__BROKER_QUIRKS", "tansu");
     command
 }
 

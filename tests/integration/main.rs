@@ -12,6 +12,7 @@ mod helpers;
 mod hostile;
 mod migrations;
 mod ml_api;
+mod mock_cluster;
 mod outage;
 mod produce;
 mod scenario;

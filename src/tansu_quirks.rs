@@ -1,0 +1,77 @@
+//! The local test broker's bugs, worked around only with
+//! `kafka.broker_quirks = "tansu"`, so that the reader's path for a real
+//! Kafka stays clean. Tansu 0.6, as observed here:
+//!
+//! - a fetch that starts inside a record batch returns the *next* batch
+//!   (fetching a 10-record batch from its offset 5 returned offsets 10 and
+//!   up), so a resumed partition, or a start at a committed offset, can
+//!   skip records: the reader never pauses, and after a start it checks the
+//!   first record and seeks back [`GAP_REWIND`] offsets when it skipped;
+//! - ListOffsets "earliest" answered a later offset while records were
+//!   appended, so partitions are assigned at explicit offsets: the
+//!   committed one, or 0 / the end as `kafka.auto_offset_reset` says.
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::Duration;
+
+/// How far back a read that started mid-batch steps to find a batch start.
+pub const GAP_REWIND: i64 = 10_000;
+
+/// Sets an explicit start offset on every partition of `tpl`: the group's
+/// committed one, or, without a commit (or when it cannot be read), 0 for
+/// "earliest" and the end for "latest". Returns the committed offsets as
+/// read, and the explicit starts, to check the first record against.
+pub fn explicit_start_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &mut TopicPartitionList,
+    auto_offset_reset: &str,
+) -> (KafkaResult<TopicPartitionList>, Vec<(i32, i64)>) {
+    let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
+    let mut starts = Vec::new();
+    for element in tpl.clone().elements() {
+        let start =
+            committed.as_ref().ok().and_then(|c| c.find_partition(element.topic(), element.partition())).and_then(
+                |c| match c.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            );
+        let start = match start {
+            Some(offset) => Some(offset),
+            None if auto_offset_reset == "latest" => None,
+            None => Some(0),
+        };
+        let _ =
+            tpl.set_partition_offset(element.topic(), element.partition(), start.map_or(Offset::End, Offset::Offset));
+        if let Some(start) = start {
+            starts.push((element.partition(), start));
+        }
+    }
+    if let Err(error) = &committed {
+        tracing::warn!(%error, "cannot read committed offsets; starting as kafka.auto_offset_reset says");
+    }
+    (committed, starts)
+}
+
+/// Where to seek back to when the first record after a start at `start`
+/// is `first` (beyond it: the broker skipped records), unless that start was
+/// already rewound once; None when the record may be used.
+pub fn seek_back(start: i64, first: i64, already_rewound: bool) -> Option<i64> {
+    (first > start && !already_rewound).then(|| (start - GAP_REWIND).max(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_skipped_by_the_broker_is_read_again_once() {
+        assert_eq!(seek_back(100, 100, false), None, "the record it started at");
+        assert_eq!(seek_back(100, 90, false), None, "before it, after a seek back");
+        assert_eq!(seek_back(15_000, 15_010, false), Some(5_000));
+        assert_eq!(seek_back(50, 60, false), Some(0));
+        assert_eq!(seek_back(50, 60, true), None, "once only");
+    }
+}
