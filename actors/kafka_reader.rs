@@ -129,6 +129,19 @@ impl ConsumerContext for ReaderContext {
         }
     }
 
+    /// An asynchronous commit that failed, as a whole or for a partition,
+    /// is offered again on the next tick.
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        let mut tracker = self.pipeline.offsets();
+        for element in offsets.elements() {
+            let failed = result.as_ref().err().cloned().or_else(|| element.error().err());
+            if let (Some(error), Offset::Offset(offset)) = (failed, element.offset()) {
+                tracing::warn!(%error, partition = element.partition(), offset, "offset commit failed; it is retried on the next tick");
+                tracker.commit_failed(element.partition(), offset);
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();

@@ -96,9 +96,10 @@ pg_ready() { PGPASSWORD=txnflow psql -h 127.0.0.1 -U txnflow -d txnflow -Atc 'se
 
 # A Debian tool the project needs besides the stack: installed when missing.
 # A failure is reported, not fatal: only what uses the tool needs it.
+# The first argument is a file the package provides (a binary or a header).
 ensure_apt_tool() {
   local binary="$1" package="$2" why="$3"
-  [[ -x "$binary" ]] && return 0
+  [[ -e "$binary" ]] && return 0
   log "installing $package from Debian (apt-get install $package), $why"
   DEBIAN_FRONTEND=noninteractive apt-get install -y "$package" >"$LOGS/apt-$package.log" 2>&1 \
     || { apt-get update >>"$LOGS/apt-$package.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$package" >>"$LOGS/apt-$package.log" 2>&1; } \

@@ -63,6 +63,17 @@ impl OffsetTracker {
         commits
     }
 
+    /// A commit of `offset` failed: it is offered again by the next
+    /// [`OffsetTracker::take_commits`], even if nothing moved since (an
+    /// idle partition would otherwise never commit its last records).
+    pub fn commit_failed(&mut self, partition: i32, offset: i64) {
+        if let Some(state) = self.partitions.get_mut(&partition)
+            && state.committed == Some(offset)
+        {
+            state.committed = None;
+        }
+    }
+
     /// The committable offset of every partition, moved or not.
     pub fn committable(&self) -> Vec<(i32, i64)> {
         self.partitions.iter().filter_map(|(partition, state)| state.committable().map(|o| (*partition, o))).collect()
@@ -113,6 +124,23 @@ pub fn partition_lag(high: i64, low: i64, committed: Option<i64>) -> Option<i64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_commit_is_offered_again() {
+        let mut tracker = OffsetTracker::default();
+        tracker.read(0, 10);
+        tracker.durable(0, 10);
+        assert_eq!(tracker.take_commits(), [(0, 11)]);
+        assert_eq!(tracker.take_commits(), [], "nothing moved");
+        tracker.commit_failed(0, 11);
+        assert_eq!(tracker.take_commits(), [(0, 11)], "offered again");
+        tracker.read(0, 11);
+        tracker.commit_failed(0, 11);
+        tracker.durable(0, 11);
+        assert_eq!(tracker.take_commits(), [(0, 12)], "a later offset supersedes it");
+        tracker.commit_failed(0, 11);
+        assert_eq!(tracker.take_commits(), [], "a stale failure changes nothing");
+    }
 
     #[test]
     fn lag_counts_from_the_commit_or_from_the_start() {

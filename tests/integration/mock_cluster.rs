@@ -270,3 +270,132 @@ async fn at_capacity_the_reader_pauses_and_resumes_without_a_rebalance() {
     assert!(!log.contains("partitions revoked"), "no rebalance while paused");
     drop(service.child);
 }
+
+/// A load of 3,000 valid and 30 invalid events: `fault` is applied to the
+/// cluster after the first half is produced, the second half is produced
+/// while it lasts, and `heal` runs `hold` later. Then the books must be
+/// exact: every valid id stored once, every invalid one in the DLQ, and the
+/// committed offsets at the end offsets.
+async fn books_stay_exact_under(
+    name: &str,
+    seed: u64,
+    fault: impl FnOnce(&MockKafka),
+    hold: Duration,
+    heal: impl FnOnce(&MockKafka),
+) {
+    let mock = MockKafka::new(name);
+    let db = TestDatabase::create();
+    let debug: Vec<(&str, &str)> = std::env::var("MOCK_DEBUG")
+        .map(|_| vec![("TXNFLOW__KAFKA__PROPERTIES__DEBUG", "cgrp"), ("RUST_LOG", "info,librdkafka=debug")])
+        .unwrap_or_default();
+    let service = mock.start_service(&db, spawn_ml_api(no_faults()), &debug);
+    service.wait_ready().await;
+    let valid = valid_events(seed, 3_000);
+    let invalid = invalid_events(seed + 1, 30);
+    let mut events = valid.clone();
+    for (index, event) in invalid.iter().enumerate() {
+        events.insert(index * 100 + 50, event.clone());
+    }
+    let half = events.len() / 2;
+    let mut ends = mock.produce(&events[..half]).await;
+    fault(&mock);
+    let started = Instant::now();
+    let (second, ()) = tokio::join!(mock.produce(&events[half..]), async {
+        tokio::time::sleep(hold.saturating_sub(started.elapsed())).await;
+        heal(&mock);
+    });
+    for (partition, end) in second {
+        let known = ends.entry(partition).or_insert(0);
+        *known = (*known).max(end);
+    }
+    let committed = mock.wait_committed(&ends, Duration::from_secs(180)).await;
+    assert_eq!(committed, ends, "{name}: committed = end offsets; log:\n{}", service.log_tail());
+    let stored: BTreeSet<Uuid> = crate::helpers::query_json(&mut db.connect(), "SELECT id FROM transactions")
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_same_set(&stored, &ids_of(&valid), &format!("{name}: stored ids"));
+    let expected: BTreeSet<String> = invalid.iter().map(|(key, _)| key.clone()).collect();
+    assert_same_set(&mock.dlq_keys(30), &expected, &format!("{name}: dead-lettered keys"));
+    eprintln!("mock | {name} | 3,000 valid + 30 invalid | stored 3000, DLQ 30, committed = end");
+}
+
+#[tokio::test]
+async fn partition_leadership_moving_mid_load_loses_nothing() {
+    books_stay_exact_under(
+        "leader-moves",
+        1410,
+        |mock| {
+            for partition in 0..PARTITIONS {
+                mock.cluster.partition_leader(&mock.topic, partition, Some((partition + 1) % 3 + 1)).unwrap();
+            }
+        },
+        Duration::ZERO,
+        |_| {},
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_group_coordinator_moving_mid_load_loses_nothing() {
+    books_stay_exact_under(
+        "coordinator-moves",
+        1420,
+        |mock| {
+            let group = rdkafka::mocking::MockCoordinator::Group(mock.group.clone());
+            mock.cluster.coordinator(group, 3).unwrap();
+        },
+        Duration::ZERO,
+        |_| {},
+    )
+    .await;
+}
+
+/// Known to fail, and ignored until fixed (`cargo nextest run --run-ignored
+/// only -E 'test(/offset_commits_refused/)'`; `MOCK_DEBUG=1` adds
+/// librdkafka's cgrp debug log): after 10 OffsetCommit requests answered
+/// COORDINATOR_NOT_AVAILABLE, the group's committed offsets stay empty for
+/// 3 minutes, with no commit error reported to the commit callback, though
+/// every record is durable; the SIGTERM at the end commits them. Nothing is
+/// lost (a restart re-reads from the last commit), but the lag never falls.
+#[tokio::test]
+#[ignore = "commits do not recover after injected OffsetCommit errors: see the comment"]
+async fn offset_commits_refused_for_a_while_lose_nothing() {
+    use rdkafka::types::RDKafkaRespErr as Error;
+    books_stay_exact_under(
+        "commit-errors",
+        1430,
+        |mock| {
+            let errors = vec![Error::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10];
+            mock.cluster.request_errors(rdkafka::types::RDKafkaApiKey::OffsetCommit, &errors);
+        },
+        Duration::ZERO,
+        |_| {},
+    )
+    .await;
+}
+
+/// Produce (the DLQ's, and everyone's) answering NOT_ENOUGH_REPLICAS, then
+/// every broker slow to answer for 8 s.
+#[tokio::test]
+async fn produce_refused_then_slow_loses_nothing() {
+    use rdkafka::types::RDKafkaRespErr as Error;
+    books_stay_exact_under(
+        "produce-errors",
+        1440,
+        |mock| {
+            let errors = vec![Error::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20];
+            mock.cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &errors);
+            for broker in 1..=3 {
+                mock.cluster.broker_round_trip_time(broker, Duration::from_millis(1500)).unwrap();
+            }
+        },
+        Duration::from_secs(8),
+        |mock| {
+            for broker in 1..=3 {
+                mock.cluster.broker_round_trip_time(broker, Duration::ZERO).unwrap();
+            }
+        },
+    )
+    .await;
+}
