@@ -218,14 +218,22 @@ pub struct KafkaReader {
     read_loop: Option<SpawnHandle>,
     /// Since when this reader holds no partition, and when it last said so.
     unassigned: Option<(Instant, Option<Instant>)>,
+    /// Commit ticks since every committable offset was last committed again.
+    ticks: u32,
 }
+
+/// Every this many commit ticks, every committable offset is committed
+/// again, moved or not: a commit that failed without a word (librdkafka
+/// does not always report it) is repaired within that time. Committing
+/// the same offset twice is harmless.
+const RECOMMIT_EVERY: u32 = 10;
 
 /// How long a reader may hold no partition before it warns.
 const UNASSIGNED_WARNING: Duration = Duration::from_secs(30);
 
 impl KafkaReader {
     pub fn new(pipeline: Arc<Pipeline>) -> KafkaReader {
-        KafkaReader { pipeline, consumer: None, read_loop: None, unassigned: None }
+        KafkaReader { pipeline, consumer: None, read_loop: None, unassigned: None, ticks: 0 }
     }
 
     /// Warns, once a minute, while the reader holds no partition. Normal when
@@ -274,12 +282,15 @@ impl KafkaReader {
         Ok(Arc::new(consumer))
     }
 
-    /// Commits every offset whose records are all durable.
-    fn commit(&self, mode: CommitMode) {
+    /// Commits every offset whose records are all durable: those that moved
+    /// since the last commit, or all of them (synchronously at shutdown and
+    /// on a restart, asynchronously every [`RECOMMIT_EVERY`] ticks).
+    fn commit(&self, commits: Commits) {
         let Some(consumer) = &self.consumer else { return };
-        let commits = match mode {
-            CommitMode::Sync => self.pipeline.offsets().committable(),
-            CommitMode::Async => self.pipeline.offsets().take_commits(),
+        let (commits, mode) = match commits {
+            Commits::AllNow => (self.pipeline.offsets().committable(), CommitMode::Sync),
+            Commits::All => (self.pipeline.offsets().committable(), CommitMode::Async),
+            Commits::Moved => (self.pipeline.offsets().take_commits(), CommitMode::Async),
         };
         if commits.is_empty() {
             return;
@@ -297,6 +308,17 @@ impl KafkaReader {
             tracing::warn!(%error, "offset commit failed; it is retried on the next tick");
         }
     }
+}
+
+/// Which offsets a commit sends, and how.
+#[derive(Clone, Copy)]
+enum Commits {
+    /// Those that moved since the last commit, asynchronously.
+    Moved,
+    /// Every committable one, asynchronously.
+    All,
+    /// Every committable one, synchronously.
+    AllNow,
 }
 
 /// Reads until stopped or an unrecoverable error.
@@ -564,7 +586,9 @@ impl Actor for KafkaReader {
             }
         })));
         ctx.run_interval(COMMIT_INTERVAL, |actor, _| {
-            actor.commit(CommitMode::Async);
+            actor.ticks += 1;
+            let everything = actor.ticks.is_multiple_of(RECOMMIT_EVERY);
+            actor.commit(if everything { Commits::All } else { Commits::Moved });
             actor.watch_assignment();
         });
     }
@@ -574,7 +598,7 @@ impl Supervised for KafkaReader {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // Commit what is durable, then leave the group; the new consumer
         // re-reads everything after the last commit.
-        self.commit(CommitMode::Sync);
+        self.commit(Commits::AllNow);
         self.consumer = None;
         METRICS.actor_restarts.with_label_values(&["kafka_reader"]).inc();
     }
@@ -596,7 +620,7 @@ impl Handler<CommitNow> for KafkaReader {
     type Result = ();
 
     fn handle(&mut self, _: CommitNow, _ctx: &mut Context<Self>) {
-        self.commit(CommitMode::Sync);
+        self.commit(Commits::AllNow);
     }
 }
 
