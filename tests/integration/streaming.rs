@@ -220,11 +220,11 @@ async fn consumer_lag_is_exported_for_every_assigned_partition_from_the_start() 
         [("0".to_string(), 0.0), ("1".to_string(), 0.0), ("2".to_string(), 0.0)],
         "every partition held, idle: 0"
     );
-    // Writes held for 15 s each (a trigger sleeps), so nothing commits for
+    // Writes held for 30 s each (a trigger sleeps), so nothing commits for
     // a while: the lag must then be the whole load, exactly.
     diesel::connection::SimpleConnection::batch_execute(
         &mut scenario.db.connect(),
-        "CREATE FUNCTION hold_writes() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(15); RETURN NULL; END $$
+        "CREATE FUNCTION hold_writes() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$
          LANGUAGE plpgsql;
          CREATE TRIGGER hold_writes BEFORE INSERT ON transactions FOR EACH STATEMENT EXECUTE FUNCTION hold_writes();",
     )
@@ -232,7 +232,7 @@ async fn consumer_lag_is_exported_for_every_assigned_partition_from_the_start() 
     let events = crate::scenario::valid_events(1301, 600);
     let ends = Scenario::end_offsets(&scenario.produce(&events).await);
     let mut seen = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..100 {
         seen = lags(&service.metrics().await);
         if seen.iter().map(|(_, lag)| *lag).sum::<f64>() == 600.0 {
             break;
