@@ -517,7 +517,7 @@ impl<'a> RowReader<'a> {
 
     /// The next row, or None at the end of the file.
     pub async fn next(&mut self) -> Result<Option<Row<'_>>, BatchError> {
-        let uri = self.file.uri.clone();
+        let uri = self.file.uri.as_str();
         if self.end_line.is_some() {
             return Ok(None);
         }
@@ -529,7 +529,7 @@ impl<'a> RowReader<'a> {
             if byte == 0 {
                 // Checked before the run; read past it, so that the first
                 // row's start is marked where the row starts.
-                reader.byte_headers().await.map_err(|e| unreadable(&uri, e))?;
+                reader.byte_headers().await.map_err(|e| unreadable(uri, e))?;
             }
             self.reader = Some((reader, bound));
         }
@@ -558,7 +558,7 @@ impl<'a> RowReader<'a> {
                 }
                 Ok(Some(Row::Oversized { line }))
             }
-            Err(error) => Err(unreadable(&uri, error)),
+            Err(error) => Err(unreadable(uri, error)),
         }
     }
 }

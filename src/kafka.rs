@@ -17,10 +17,11 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("bootstrap.servers", &kafka.brokers)
         .set("client.id", crate::SERVICE)
         // A broker restart must not leave a client stuck on a dead address.
-        .set("reconnect.backoff.max.ms", "2000")
-        .set("security.protocol", &kafka.security_protocol);
-    for (key, value) in security_settings(kafka) {
-        config.set(key, value);
+        .set("reconnect.backoff.max.ms", "2000");
+    for (property, _, value) in security_settings(kafka) {
+        if !value.is_empty() {
+            config.set(property, value);
+        }
     }
     for (key, value) in &kafka.properties {
         config.set(key, value);
@@ -28,20 +29,19 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
-/// The librdkafka settings of `kafka.sasl_*` and `kafka.ssl_*` that are set.
-fn security_settings(kafka: &KafkaConfig) -> Vec<(&'static str, &str)> {
+/// The security settings: librdkafka's property, txnflow's key for it, and
+/// its value (empty: not set).
+fn security_settings(kafka: &KafkaConfig) -> [(&'static str, &'static str, &str); 8] {
     [
-        ("sasl.mechanism", kafka.sasl_mechanism.as_str()),
-        ("sasl.username", kafka.sasl_username.as_str()),
-        ("sasl.password", kafka.sasl_password.as_str()),
-        ("ssl.ca.location", kafka.ssl_ca_location.as_str()),
-        ("ssl.certificate.location", kafka.ssl_certificate_location.as_str()),
-        ("ssl.key.location", kafka.ssl_key_location.as_str()),
-        ("ssl.key.password", kafka.ssl_key_password.as_str()),
+        ("security.protocol", "kafka.security_protocol", kafka.security_protocol.as_str()),
+        ("sasl.mechanism", "kafka.sasl_mechanism", kafka.sasl_mechanism.as_str()),
+        ("sasl.username", "kafka.sasl_username", kafka.sasl_username.as_str()),
+        ("sasl.password", "kafka.sasl_password", kafka.sasl_password.as_str()),
+        ("ssl.ca.location", "kafka.ssl_ca_location", kafka.ssl_ca_location.as_str()),
+        ("ssl.certificate.location", "kafka.ssl_certificate_location", kafka.ssl_certificate_location.as_str()),
+        ("ssl.key.location", "kafka.ssl_key_location", kafka.ssl_key_location.as_str()),
+        ("ssl.key.password", "kafka.ssl_key_password", kafka.ssl_key_password.as_str()),
     ]
-    .into_iter()
-    .filter(|(_, value)| !value.is_empty())
-    .collect()
 }
 
 /// Whether a librdkafka setting holds a secret, whose value no message repeats.
@@ -57,20 +57,10 @@ pub fn check_settings(kafka: &KafkaConfig) -> Result<(), crate::config::ConfigEr
     let rdkafka::error::KafkaError::ClientConfig(_, description, key, value) = error else {
         return Err(crate::config::ConfigError::new("kafka", "librdkafka refuses the settings"));
     };
-    let ours = [
-        ("security.protocol", "kafka.security_protocol"),
-        ("sasl.mechanism", "kafka.sasl_mechanism"),
-        ("sasl.username", "kafka.sasl_username"),
-        ("sasl.password", "kafka.sasl_password"),
-        ("ssl.ca.location", "kafka.ssl_ca_location"),
-        ("ssl.certificate.location", "kafka.ssl_certificate_location"),
-        ("ssl.key.location", "kafka.ssl_key_location"),
-        ("ssl.key.password", "kafka.ssl_key_password"),
-    ];
-    let named = ours
+    let named = security_settings(kafka)
         .iter()
-        .find(|(property, _)| *property == key)
-        .map_or_else(|| format!("kafka.properties.{key}"), |(_, ours)| ours.to_string());
+        .find(|(property, _, _)| *property == key)
+        .map_or_else(|| format!("kafka.properties.{key}"), |(_, ours, _)| ours.to_string());
     Err(crate::config::ConfigError::new(named, refusal(&description, &key, &value)))
 }
 
