@@ -20,11 +20,11 @@ use uuid::Uuid;
 use crate::batch::Folder;
 use crate::helpers::{TestDatabase, assert_same_set};
 use crate::outage::PrivatePostgres;
-use crate::scenario::{Scenario, Service, ids_of, invalid_events, valid_events};
+use crate::scenario::{Scenario, Sent, Service, ids_of, invalid_events, valid_events};
 use txnflow::domain::categories::reference_category;
 
 /// Events (with 5% invalid) and batch rows per scenario.
-fn scale() -> (usize, usize) {
+pub fn scale() -> (usize, usize) {
     match std::env::var("CHAOS_SCALE").as_deref() {
         Ok("full") => (30_000, 10_000),
         _ => (3_000, 1_000),
@@ -32,15 +32,26 @@ fn scale() -> (usize, usize) {
 }
 
 /// The load of one scenario and what it has sent so far.
-struct Chaos {
+pub struct Chaos {
     name: &'static str,
-    scenario: Arc<Scenario>,
-    valid: Vec<(String, Vec<u8>)>,
-    invalid: Vec<(String, Vec<u8>)>,
+    /// Which broker the scenario runs on, for its table row.
+    broker: &'static str,
+    pub scenario: Arc<Scenario>,
+    pub valid: Vec<(String, Vec<u8>)>,
+    pub invalid: Vec<(String, Vec<u8>)>,
     batch_uri: String,
     batch_ids: BTreeSet<Uuid>,
     ends: Arc<Mutex<BTreeMap<i32, i64>>>,
+    /// Every event sent, with where the broker put it.
+    sent: Arc<Mutex<Vec<Sent>>>,
     peak_lag: Arc<AtomicI64>,
+    /// The most valid records seen below a committed offset and not in
+    /// the database at once: a commit of what is not durable.
+    commits_ahead: Arc<AtomicI64>,
+    /// Whether the commits are held to that (off once a broker lost its log).
+    pub checking_commits: Arc<AtomicBool>,
+    /// How many times they were checked.
+    commit_checks: Arc<AtomicI64>,
     probing: Arc<AtomicBool>,
     started: Instant,
     /// What the table row should say beside the numbers.
@@ -48,15 +59,18 @@ struct Chaos {
 }
 
 /// The books at the end of a scenario: one table row.
-struct Books {
+pub struct Books {
     events: usize,
     lost: usize,
     duplicated: i64,
+    /// Invalid records in the DLQ more than once (the DLQ is at-least-once).
+    pub dlq_duplicates: usize,
     unpredicted: usize,
     dead_lettered: usize,
     restarts: f64,
     recovery: Duration,
     peak_lag: i64,
+    commits_ahead: i64,
     peak_rss_mb: f64,
 }
 
@@ -70,10 +84,25 @@ impl Chaos {
     }
 
     async fn with(name: &'static str, seed: u64, db: TestDatabase, brokers: String) -> Chaos {
+        let scenario = Scenario::with(&format!("chaos-{}", slug(name)), db, brokers).await;
+        Chaos::of(name, "Tansu", seed, scenario).await
+    }
+
+    /// A scenario on librdkafka's mock cluster (three brokers), read with
+    /// `kafka.broker_quirks = "none"`.
+    pub async fn on_mock(
+        name: &'static str,
+        seed: u64,
+        db: TestDatabase,
+        cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    ) -> Chaos {
+        let scenario = Scenario::on_mock(&format!("chaos-{}", slug(name)), db, cluster);
+        Chaos::of(name, "mock cluster, 3 brokers", seed, scenario).await
+    }
+
+    async fn of(name: &'static str, broker: &'static str, seed: u64, scenario: Scenario) -> Chaos {
         let (events, batch_rows) = scale();
-        // Topic and group names take only [a-zA-Z0-9._-].
-        let slug: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        let scenario = Arc::new(Scenario::with(&format!("chaos-{slug}"), db, brokers).await);
+        let scenario = Arc::new(scenario);
         let valid = valid_events(seed, events - events / 20);
         let invalid = invalid_events(seed + 1, events / 20);
         // The batch file: transactions of their own, in the seed's CSV format.
@@ -87,13 +116,18 @@ impl Chaos {
         let batch_uri = Folder::new().await.put(&format!("{name}.csv"), text.into_bytes()).await;
         let chaos = Chaos {
             name,
+            broker,
             scenario,
             valid,
             invalid,
             batch_uri,
             batch_ids: ids_of(&rows),
             ends: Arc::default(),
+            sent: Arc::default(),
             peak_lag: Arc::default(),
+            commits_ahead: Arc::default(),
+            checking_commits: Arc::new(AtomicBool::new(true)),
+            commit_checks: Arc::default(),
             probing: Arc::new(AtomicBool::new(true)),
             started: Instant::now(),
             notes: Mutex::default(),
@@ -102,30 +136,53 @@ impl Chaos {
         chaos
     }
 
-    /// Samples the consumer lag (sent minus committed) every 300 ms.
+    /// Samples the consumer lag (sent minus committed) every 300 ms, and
+    /// every 900 ms whether each valid record below a committed offset is
+    /// in the database. (Committed first, rows after: a row written in
+    /// between only hides nothing.)
     fn start_lag_probe(&self) {
         let (scenario, ends, peak, probing) =
             (self.scenario.clone(), self.ends.clone(), self.peak_lag.clone(), self.probing.clone());
+        let (sent, ahead, checking) = (self.sent.clone(), self.commits_ahead.clone(), self.checking_commits.clone());
+        let checks = self.commit_checks.clone();
         std::thread::spawn(move || {
-            while probing.load(Ordering::Relaxed) {
-                let sent: i64 = ends.lock().unwrap().values().sum();
-                let committed: i64 = scenario.committed_offsets().values().sum();
-                peak.fetch_max(sent - committed, Ordering::Relaxed);
+            for sample in 0u64.. {
+                if !probing.load(Ordering::Relaxed) {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(300));
+                // A coordinator or database that is down skips the sample.
+                let Some(committed) = scenario.try_committed_offsets() else { continue };
+                let end: i64 = ends.lock().unwrap().values().sum();
+                peak.fetch_max(end - committed.values().sum::<i64>(), Ordering::Relaxed);
+                if sample % 3 != 0 || !checking.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let Some(stored) = scenario.try_transaction_ids() else { continue };
+                let below_commit = sent
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| committed.get(&s.partition).is_some_and(|c| s.offset < *c))
+                    .filter_map(|s| Uuid::parse_str(&s.key).ok())
+                    .filter(|id| !stored.contains(id))
+                    .count();
+                ahead.fetch_max(below_commit as i64, Ordering::Relaxed);
+                checks.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
 
     /// Produces the events, valid and invalid mixed, in chunks of 100 every
     /// `pace`, in the background.
-    fn produce(&self, pace: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn produce(&self, pace: Duration) -> tokio::task::JoinHandle<()> {
         let mut events: Vec<(String, Vec<u8>)> = self.valid.iter().chain(&self.invalid).cloned().collect();
         events.sort_by(|a, b| a.0.cmp(&b.0));
         self.produce_events(events, pace)
     }
 
     fn produce_events(&self, events: Vec<(String, Vec<u8>)>, pace: Duration) -> tokio::task::JoinHandle<()> {
-        let (scenario, ends) = (self.scenario.clone(), self.ends.clone());
+        let (scenario, ends, all_sent) = (self.scenario.clone(), self.ends.clone(), self.sent.clone());
         tokio::spawn(async move {
             for chunk in events.chunks(100) {
                 let sent = scenario.produce(chunk).await;
@@ -136,17 +193,18 @@ impl Chaos {
                         *known = (*known).max(end);
                     }
                 }
+                all_sent.lock().unwrap().extend(sent);
                 tokio::time::sleep(pace).await;
             }
         })
     }
 
-    async fn start_service(&self, extra: &[(&str, &str)]) -> Service {
+    pub async fn start_service(&self, extra: &[(&str, &str)]) -> Service {
         self.scenario.start_service(extra).await
     }
 
     /// Starts the batch file on `service` as run `run_id` (again, after a restart).
-    async fn post_batch(&self, service: &Service, run_id: &str) {
+    pub async fn post_batch(&self, service: &Service, run_id: &str) {
         let response = reqwest::Client::new()
             .post(format!("{}/batches", service.admin))
             .json(&serde_json::json!({"uri": self.batch_uri, "run_id": run_id}))
@@ -157,7 +215,7 @@ impl Chaos {
     }
 
     /// Waits for the batch run to complete on `service`; returns its report.
-    async fn batch_done(&self, service: &Service, run_id: &str) -> serde_json::Value {
+    pub async fn batch_done(&self, service: &Service, run_id: &str) -> serde_json::Value {
         let client = reqwest::Client::new();
         for _ in 0..900 {
             let report: serde_json::Value =
@@ -172,7 +230,12 @@ impl Chaos {
 
     /// After the faults: waits for lag zero and full coverage, checks the
     /// books, prints and records the row, and fails on any loss or duplicate.
-    async fn books(&self, producer: tokio::task::JoinHandle<()>, fault_cleared: Instant, live: &[&Service]) -> Books {
+    pub async fn books(
+        &self,
+        producer: tokio::task::JoinHandle<()>,
+        fault_cleared: Instant,
+        live: &[&Service],
+    ) -> Books {
         self.books_with(producer, fault_cleared, live, &self.invalid).await
     }
 
@@ -223,6 +286,7 @@ impl Chaos {
             dead_invalid.insert(record.key.as_str());
         }
         let lost_invalid = invalid_keys.difference(&dead_invalid).count();
+        let dlq_duplicates = dlq.iter().filter(|r| r.key.starts_with("bad-")).count() - dead_invalid.len();
         let mut restarts = 0.0;
         for service in live {
             for actor in txnflow::actors::ACTOR_NAMES {
@@ -233,11 +297,13 @@ impl Chaos {
             events: self.valid.len() + self.invalid.len() + self.batch_ids.len(),
             lost: lost_rows + lost_invalid,
             duplicated,
+            dlq_duplicates,
             unpredicted,
             dead_lettered: dlq.len(),
             restarts,
             recovery,
             peak_lag: self.peak_lag.load(Ordering::Relaxed),
+            commits_ahead: self.commits_ahead.load(Ordering::Relaxed),
             peak_rss_mb: live.iter().map(|s| s.peak_rss_mb()).fold(0.0, f64::max),
         };
         self.record(&books);
@@ -245,18 +311,27 @@ impl Chaos {
         assert_same_set(&dead_invalid, &invalid_keys, &format!("{}: dead-lettered invalid records", self.name));
         assert_eq!(books.duplicated, 0, "{}: duplicated rows", self.name);
         assert_eq!(books.unpredicted, 0, "{}: ids without their reference prediction", self.name);
+        if self.checking_commits.load(Ordering::Relaxed) {
+            assert_eq!(books.commits_ahead, 0, "{}: offsets committed before their rows were written", self.name);
+            assert!(self.commit_checks.load(Ordering::Relaxed) > 0, "{}: the commits were checked", self.name);
+        }
         books
     }
 
-    fn note(&self, note: &str) {
+    pub fn note(&self, note: &str) {
         self.notes.lock().unwrap().push(note.to_string());
     }
 
     /// One table row, on stderr and in `CHAOS_REPORT` when set.
     fn record(&self, books: &Books) {
+        let mut notes = self.notes.lock().unwrap().clone();
+        if books.dlq_duplicates > 0 {
+            notes.push(format!("{} invalid records in the DLQ twice", books.dlq_duplicates));
+        }
         let row = format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.1} s | {} | {:.0} MB | {:.0} s | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} s | {} | {} | {:.0} MB | {:.0} s | {} |",
             self.name,
+            self.broker,
             books.events,
             books.lost,
             books.duplicated,
@@ -265,9 +340,14 @@ impl Chaos {
             books.restarts,
             books.recovery.as_secs_f64(),
             books.peak_lag,
+            if self.checking_commits.load(Ordering::Relaxed) {
+                books.commits_ahead.to_string()
+            } else {
+                "not checked".into()
+            },
             books.peak_rss_mb,
             self.started.elapsed().as_secs_f64(),
-            self.notes.lock().unwrap().join("; "),
+            notes.join("; "),
         );
         eprintln!("{row}");
         if let Ok(path) = std::env::var("CHAOS_REPORT") {
@@ -275,6 +355,11 @@ impl Chaos {
             writeln!(file, "{row}").unwrap();
         }
     }
+}
+
+/// A scenario name as topic and group names take it: [a-zA-Z0-9._-].
+fn slug(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
 }
 
 /// A breaker and retries that react within the scenarios' time.
@@ -488,7 +573,7 @@ impl PrivateBroker {
 #[tokio::test]
 async fn chaos_broker_restart() {
     let mut broker = PrivateBroker::start();
-    let chaos = Chaos::with("broker restart", 507, TestDatabase::create(), broker.brokers()).await;
+    let chaos = Chaos::with("broker restart, log lost", 507, TestDatabase::create(), broker.brokers()).await;
     let mut service = chaos.start_service(&[]).await;
     chaos.post_batch(&service, "chaos-broker").await;
     let half = chaos.valid.len() / 2;
@@ -513,6 +598,9 @@ async fn chaos_broker_restart() {
     chaos.scenario.create_topics().await;
     chaos.scenario.renew_producer();
     chaos.ends.lock().unwrap().clear();
+    // The old commits now point into the new log: nothing to hold them to.
+    chaos.checking_commits.store(false, Ordering::Relaxed);
+    chaos.sent.lock().unwrap().clear();
     // The service reconnects: ready again, nothing crashed, nothing committed
     // on the new broker that is not written. Or librdkafka 2.12.1 crashes
     // the process on the new topic ids (see the README): then nothing it

@@ -3,6 +3,8 @@
 //! with SIGTERM or SIGKILL as an operator would.
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +29,9 @@ pub struct Scenario {
     pub ml_api: SocketAddr,
     producer: std::sync::Mutex<txnflow::kafka::Producer>,
     pub brokers: String,
+    /// `kafka.broker_quirks` of the services: `tansu` on the local stack,
+    /// `none` on librdkafka's mock cluster.
+    quirks: &'static str,
 }
 
 /// One produced event: its key, its bytes, and where the broker put it.
@@ -49,19 +54,32 @@ impl Scenario {
 
     /// A scenario on the broker at `brokers` (for example a private one).
     pub async fn with(name: &str, db: TestDatabase, brokers: String) -> Scenario {
-        let topic = format!("test-{name}-{}", Uuid::new_v4().simple());
-        let dlq_topic = format!("{topic}-dlq");
-        let scenario = Scenario {
-            db,
-            group: std::sync::Mutex::new(format!("{topic}-group")),
-            dlq_topic,
-            topic,
-            ml_api: spawn_ml_api(no_faults()),
-            producer: std::sync::Mutex::new(txnflow::kafka::producer(&kafka_config_for(&brokers)).unwrap()),
-            brokers,
-        };
+        let scenario = Scenario::without_topics(name, db, brokers, "tansu");
         scenario.create_topics().await;
         scenario
+    }
+
+    /// A scenario on librdkafka's mock cluster, whose topics have 3
+    /// replicas; its services read with `kafka.broker_quirks = "none"`.
+    pub fn on_mock(name: &str, db: TestDatabase, cluster: &MockCluster<'static, DefaultProducerContext>) -> Scenario {
+        let scenario = Scenario::without_topics(name, db, cluster.bootstrap_servers(), "none");
+        cluster.create_topic(&scenario.topic, PARTITIONS, 3).unwrap();
+        cluster.create_topic(&scenario.dlq_topic, 1, 3).unwrap();
+        scenario
+    }
+
+    fn without_topics(name: &str, db: TestDatabase, brokers: String, quirks: &'static str) -> Scenario {
+        let topic = format!("test-{name}-{}", Uuid::new_v4().simple());
+        Scenario {
+            db,
+            group: std::sync::Mutex::new(format!("{topic}-group")),
+            dlq_topic: format!("{topic}-dlq"),
+            topic,
+            ml_api: spawn_ml_api(no_faults()),
+            producer: std::sync::Mutex::new(test_producer(&brokers)),
+            brokers,
+            quirks,
+        }
     }
 
     /// The consumer group the scenario's services join.
@@ -77,7 +95,7 @@ impl Scenario {
     /// A new producer: an idempotent producer's sequence state means
     /// nothing to a broker that restarted empty.
     pub fn renew_producer(&self) {
-        *self.producer.lock().unwrap() = txnflow::kafka::producer(&kafka_config_for(&self.brokers)).unwrap();
+        *self.producer.lock().unwrap() = test_producer(&self.brokers);
     }
 
     /// Creates the scenario's input and DLQ topics (again, after a broker lost them).
@@ -104,6 +122,7 @@ impl Scenario {
         let mut command = txnflow();
         command
             .arg("run")
+            .env("TXNFLOW__KAFKA__BROKER_QUIRKS", self.quirks)
             .env("TXNFLOW__KAFKA__BROKERS", &self.brokers)
             .env("TXNFLOW__KAFKA__TOPIC", &self.topic)
             .env("TXNFLOW__KAFKA__DLQ_TOPIC", &self.dlq_topic)
@@ -139,7 +158,7 @@ impl Scenario {
                 async move {
                     let record = FutureRecord::to(&self.topic).key(key).payload(value);
                     let delivery =
-                        producer.send(record, Duration::from_secs(30)).await.expect("the broker takes the event");
+                        producer.send(record, Duration::from_secs(120)).await.expect("the broker takes the event");
                     Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset }
                 }
             });
@@ -161,21 +180,41 @@ impl Scenario {
 
     /// The group's committed offsets, per partition (without joining it).
     pub fn committed_offsets(&self) -> BTreeMap<i32, i64> {
+        self.try_committed_offsets().expect("the group coordinator answers")
+    }
+
+    /// [`Scenario::committed_offsets`], or None while the coordinator does not answer.
+    pub fn try_committed_offsets(&self) -> Option<BTreeMap<i32, i64>> {
         let consumer: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).set("group.id", self.group()).create().unwrap();
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).set("group.id", self.group()).create().ok()?;
         let mut partitions = TopicPartitionList::new();
         for partition in 0..PARTITIONS {
             partitions.add_partition(&self.topic, partition);
         }
-        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10)).unwrap();
-        committed
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(offset) => Some((e.partition(), offset)),
-                _ => None,
-            })
-            .collect()
+        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10)).ok()?;
+        Some(
+            committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(offset) => Some((e.partition(), offset)),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    /// The stored transaction ids, or None while the database is down.
+    pub fn try_transaction_ids(&self) -> Option<BTreeSet<Uuid>> {
+        use diesel::Connection;
+        let mut connection = diesel::PgConnection::establish(&self.db.url).ok()?;
+        #[derive(diesel::QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            id: Uuid,
+        }
+        let ids = diesel::RunQueryDsl::load::<Id>(diesel::sql_query("SELECT id FROM transactions"), &mut connection);
+        Some(ids.ok()?.into_iter().map(|row| row.id).collect())
     }
 
     pub fn transaction_ids(&self) -> BTreeSet<Uuid> {
@@ -232,6 +271,18 @@ impl Scenario {
     }
 }
 
+/// The tests' producer: txnflow's, patient enough for a partition whose
+/// leader is down for 30 s.
+fn test_producer(brokers: &str) -> txnflow::kafka::Producer {
+    txnflow::kafka::client_config(&kafka_config_for(brokers))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "120000")
+        .create_with_context(txnflow::kafka::KafkaContext)
+        .unwrap()
+}
+
 /// A running `txnflow run` process.
 pub struct Service {
     child: Option<ChildGuard>,
@@ -264,12 +315,7 @@ impl Service {
         let started = Instant::now();
         while started.elapsed() < deadline {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if log
-                .lines()
-                .rev()
-                .find(|line| line.contains("partitions assigned"))
-                .is_some_and(|l| l.contains("Offset("))
-            {
+            if log.lines().rev().find(|line| line.contains("partitions assigned")).is_some_and(|l| l.contains("[(")) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
