@@ -16,8 +16,9 @@ STACK="$ROOT/.stack"
 LOGS="$STACK/logs" PIDS="$STACK/pids" DATA="$STACK/data" STARTED="$STACK/started"
 
 TANSU_VERSION="0.6.0"
-# The memory:// (and s3://) storage engines live behind the dynostore feature.
-TANSU_FEATURES="dynostore"
+# The memory:// (and s3://) storage engines live behind the dynostore feature;
+# sqlite:// (libsql) keeps SCRAM users, which the SASL test needs.
+TANSU_FEATURES="dynostore libsql"
 SEAWEEDFS_VERSION="4.48"
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 TXNFLOW_BIN="$ROOT/target/debug/txnflow"

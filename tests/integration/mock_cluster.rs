@@ -32,6 +32,15 @@ fn pace_over(seconds: u64) -> Duration {
     Duration::from_millis(seconds * 1000 / (events as u64 / 100).max(1))
 }
 
+/// Moves the leader of each input partition to `broker(partition)`, and
+/// the DLQ's to `broker(0)`.
+fn move_leaders(cluster: &Cluster, scenario: &Scenario, broker: impl Fn(i32) -> i32) {
+    for partition in 0..PARTITIONS {
+        cluster.partition_leader(&scenario.topic, partition, Some(broker(partition))).unwrap();
+    }
+    cluster.partition_leader(&scenario.dlq_topic, 0, Some(broker(0))).unwrap();
+}
+
 /// A fault that starts `after` the load began, lasts `hold`, and is healed.
 async fn chaos_under(
     name: &'static str,
@@ -86,10 +95,7 @@ async fn chaos_the_leader_of_every_partition_down_30_s() {
         602,
         Duration::from_secs(2),
         |cluster, scenario| {
-            for partition in 0..PARTITIONS {
-                cluster.partition_leader(&scenario.topic, partition, Some(1)).unwrap();
-            }
-            cluster.partition_leader(&scenario.dlq_topic, 0, Some(1)).unwrap();
+            move_leaders(cluster, scenario, |_| 1);
             cluster.coordinator(MockCoordinator::Group(scenario.group()), 1).unwrap();
             std::thread::sleep(Duration::from_secs(1));
             cluster.broker_down(1).unwrap();
@@ -106,18 +112,9 @@ async fn chaos_partition_leadership_moving_mid_load() {
         "partition leaders move",
         603,
         Duration::from_secs(2),
-        |cluster, scenario| {
-            for partition in 0..PARTITIONS {
-                cluster.partition_leader(&scenario.topic, partition, Some((partition + 1) % 3 + 1)).unwrap();
-            }
-            cluster.partition_leader(&scenario.dlq_topic, 0, Some(3)).unwrap();
-        },
+        |cluster, scenario| move_leaders(cluster, scenario, |partition| (partition + 1) % 3 + 1),
         Duration::from_secs(3),
-        |cluster, scenario| {
-            for partition in 0..PARTITIONS {
-                cluster.partition_leader(&scenario.topic, partition, Some((partition + 2) % 3 + 1)).unwrap();
-            }
-        },
+        |cluster, scenario| move_leaders(cluster, scenario, |partition| (partition + 2) % 3 + 1),
     )
     .await;
 }

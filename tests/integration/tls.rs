@@ -1,7 +1,10 @@
-//! Kafka over TLS, end to end: a private Tansu whose advertised listener is
-//! a TLS port, served by stunnel (Debian's `stunnel4`, which `make up`
-//! installs) with a certificate signed by a CA the test makes. Every client
-//! of the test and of the service goes through TLS.
+//! Kafka over TLS, and SASL_SSL with SCRAM, end to end: a private Tansu
+//! whose advertised listener is a TLS port, served by stunnel (Debian's
+//! `stunnel4`, which `make up` installs) with a certificate signed by a CA
+//! the test makes. Every client of the test and of the service goes through
+//! TLS. For SASL, Tansu keeps its SCRAM users in SQLite and requires every
+//! client to authenticate; it checks SCRAM proofs against them (its PLAIN
+//! accepts any password, so PLAIN is not tested against it).
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -75,24 +78,66 @@ struct TlsBroker {
     _stunnel: ChildGuard,
     ca: PathBuf,
     dir: PathBuf,
+    /// The SCRAM user (name, password, mechanism) every client must log in as, if any.
+    scram: Option<(String, String, &'static str)>,
+}
+
+fn tansu(args: &[&str]) -> Command {
+    let cargo_home =
+        std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
+    let mut command = Command::new(format!("{cargo_home}/bin/tansu"));
+    command.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    command
+}
+
+fn wait_for_port(port: u16) {
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "port {port} answers");
 }
 
 impl TlsBroker {
+    /// TLS only, on Tansu's memory engine.
     fn start() -> TlsBroker {
+        TlsBroker::start_with(None)
+    }
+
+    /// TLS, and SASL with `mechanism` (SCRAM-SHA-256 or -512) required of
+    /// every client, with one user.
+    fn with_scram_user(user: &str, password: &str, mechanism: &'static str) -> TlsBroker {
+        TlsBroker::start_with(Some((user.to_string(), password.to_string(), mechanism)))
+    }
+
+    fn start_with(scram: Option<(String, String, &'static str)>) -> TlsBroker {
         let dir = std::env::temp_dir().join(format!("txnflow-tls-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let (ca, cert, key) = make_certificates(&dir, "broker");
         let (plain_port, tls_port) = (free_port(), free_port());
-        let cargo_home =
-            std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
-        let tansu = Command::new(format!("{cargo_home}/bin/tansu"))
-            .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{plain_port}")])
-            .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{tls_port}")])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the stack's Tansu is installed (make up)");
+        let listener = format!("tcp://127.0.0.1:{plain_port}");
+        let advertised = format!("tcp://127.0.0.1:{tls_port}");
+        let broker = ["broker", "--listener-url", &listener, "--advertised-listener-url", &advertised];
+        let tansu = match &scram {
+            None => tansu(&broker).args(["--storage-engine", "memory://tansu/"]).spawn(),
+            Some((user, password, mechanism)) => {
+                // The user is created while the broker still lets anyone
+                // in, then the broker restarts on the same file requiring SASL.
+                // Tansu takes an sqlite:// path relative to its directory.
+                let storage = "sqlite://tansu.db";
+                let open =
+                    ChildGuard(tansu(&broker).args(["--storage-engine", storage]).current_dir(&dir).spawn().unwrap());
+                wait_for_port(plain_port);
+                let created = tansu(&["user", "create", "--broker", &listener, user, password])
+                    .args(["--mechanism", &mechanism.replace("SCRAM-SHA-", "scram")])
+                    .status()
+                    .expect("tansu user create runs");
+                assert!(created.success(), "tansu user create");
+                drop(open);
+                tansu(&broker).args(["--storage-engine", storage, "--authentication"]).current_dir(&dir).spawn()
+            }
+        }
+        .expect("the stack's Tansu is installed (make up)");
         let conf = dir.join("stunnel.conf");
         std::fs::write(
             &conf,
@@ -111,32 +156,49 @@ impl TlsBroker {
             .spawn()
             .expect("stunnel4 is installed (make up)");
         for port in [plain_port, tls_port] {
-            let up = (0..100).any(|_| {
-                std::thread::sleep(Duration::from_millis(100));
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            assert!(up, "port {port} answers");
+            wait_for_port(port);
         }
-        TlsBroker { tls_port, _tansu: ChildGuard(tansu), _stunnel: ChildGuard(stunnel), ca, dir }
+        TlsBroker { tls_port, _tansu: ChildGuard(tansu), _stunnel: ChildGuard(stunnel), ca, dir, scram }
     }
 
-    /// The Kafka settings of a client that trusts `ca`.
+    /// The Kafka settings of a client that trusts `ca` (and logs in as the user).
     fn kafka(&self, ca: &Path) -> txnflow::config::KafkaConfig {
-        txnflow::config::KafkaConfig {
+        let mut kafka = txnflow::config::KafkaConfig {
             brokers: format!("127.0.0.1:{}", self.tls_port),
             security_protocol: "ssl".into(),
             ssl_ca_location: ca.display().to_string(),
             ..crate::helpers::default_config().kafka
+        };
+        if let Some((user, password, mechanism)) = &self.scram {
+            kafka.security_protocol = "sasl_ssl".into();
+            kafka.sasl_mechanism = mechanism.to_string();
+            kafka.sasl_username = user.clone();
+            kafka.sasl_password = password.clone();
         }
+        kafka
     }
 
-    /// The environment of a `txnflow` process that trusts `ca`.
-    fn env(&self, ca: &Path) -> Vec<(String, String)> {
-        vec![
+    /// The environment of a `txnflow` process that trusts `ca`, and logs in
+    /// with `password` (from a file) when the broker wants SASL.
+    fn env(&self, ca: &Path, password: Option<&str>) -> Vec<(String, String)> {
+        let mut env = vec![
             ("TXNFLOW__KAFKA__BROKERS".into(), format!("127.0.0.1:{}", self.tls_port)),
             ("TXNFLOW__KAFKA__SECURITY_PROTOCOL".into(), "ssl".into()),
             ("TXNFLOW__KAFKA__SSL_CA_LOCATION".into(), ca.display().to_string()),
-        ]
+        ];
+        if let (Some((user, _, mechanism)), Some(password)) = (&self.scram, password) {
+            let file = self.dir.join(format!("password-{}", Uuid::new_v4().simple()));
+            std::fs::write(&file, password).unwrap();
+            env[1].1 = "sasl_ssl".into();
+            env.push(("TXNFLOW__KAFKA__SASL_MECHANISM".into(), mechanism.to_string()));
+            env.push(("TXNFLOW__KAFKA__SASL_USERNAME".into(), user.clone()));
+            env.push(("TXNFLOW__KAFKA__SASL_PASSWORD_FILE".into(), file.display().to_string()));
+        }
+        env
+    }
+
+    fn password(&self) -> Option<&str> {
+        self.scram.as_ref().map(|(_, password, _)| password.as_str())
     }
 }
 
@@ -152,6 +214,23 @@ impl Drop for TlsBroker {
 #[tokio::test]
 async fn the_pipeline_runs_over_tls() {
     let broker = TlsBroker::start();
+    the_pipeline_runs_on(&broker).await;
+}
+
+/// The same over SASL_SSL with SCRAM-SHA-512: the service logs in with the
+/// password from a file, and never writes it to its log.
+#[tokio::test]
+async fn the_pipeline_runs_over_sasl_ssl_with_scram() {
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    let broker = TlsBroker::with_scram_user("txnflow", &password, "SCRAM-SHA-512");
+    let log = the_pipeline_runs_on(&broker).await;
+    assert!(!log.contains(&password), "the password never reaches the log");
+    eprintln!("tls | SASL_SSL SCRAM-SHA-512 | 500 stored, 20 dead-lettered, commits at the end offsets");
+}
+
+/// Runs 500 valid and 20 invalid events through a service on `broker`;
+/// returns the service's log.
+async fn the_pipeline_runs_on(broker: &TlsBroker) -> String {
     let kafka = broker.kafka(&broker.ca);
     let topic = format!("test-tls-{}", Uuid::new_v4().simple());
     let dlq = format!("{topic}-dlq");
@@ -164,7 +243,7 @@ async fn the_pipeline_runs_over_tls() {
     let _service = ChildGuard(
         txnflow()
             .arg("run")
-            .envs(broker.env(&broker.ca))
+            .envs(broker.env(&broker.ca, broker.password()))
             .env("TXNFLOW__KAFKA__TOPIC", &topic)
             .env("TXNFLOW__KAFKA__DLQ_TOPIC", &dlq)
             .env("TXNFLOW__KAFKA__GROUP_ID", &group)
@@ -243,22 +322,24 @@ async fn the_pipeline_runs_over_tls() {
     }
     let expected: BTreeSet<String> = invalid.iter().map(|(key, _)| key.clone()).collect();
     assert_eq!(dead, expected, "the invalid events in the DLQ, over TLS");
+    std::fs::read_to_string(&log).unwrap()
 }
 
-/// A CA that did not sign the broker's certificate: the client refuses the
-/// broker, `/ready` answers 503 naming the broker with a TLS reason, and the
-/// log says why, clearly.
-#[tokio::test]
-async fn a_wrong_ca_fails_ready_with_a_tls_error() {
-    let broker = TlsBroker::start();
-    let (other_ca, _, _) = make_certificates(&broker.dir, "other");
+/// Starts a service on `broker` with `env`, which the broker should refuse;
+/// returns the first `/ready` answer whose broker reason `names` accepts
+/// (or the last one), and the service's log by then.
+async fn refused_start(
+    broker: &TlsBroker,
+    env: Vec<(String, String)>,
+    names: impl Fn(&str) -> bool,
+) -> (u16, serde_json::Value, String) {
     let db = TestDatabase::create();
     let admin_port = free_port();
-    let log = broker.dir.join("wrong-ca.log");
+    let log = broker.dir.join(format!("refused-{admin_port}.log"));
     let _service = ChildGuard(
         txnflow()
             .arg("run")
-            .envs(broker.env(&other_ca))
+            .envs(env)
             .env("TXNFLOW__KAFKA__TOPIC", format!("test-tls-{}", Uuid::new_v4().simple()))
             .env("TXNFLOW__DB__URL", &db.url)
             .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
@@ -271,23 +352,53 @@ async fn a_wrong_ca_fails_ready_with_a_tls_error() {
     let mut answer = None;
     for _ in 0..300 {
         if let Ok(response) = client.get(format!("http://127.0.0.1:{admin_port}/ready")).send().await {
-            answer = Some((response.status().as_u16(), response.json::<serde_json::Value>().await.unwrap()));
-            break;
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap();
+            let named = body["broker"].as_str().is_some_and(&names);
+            answer = Some((status, body));
+            if named {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (status, body) = answer.expect("the admin server answers");
+    (status, body, std::fs::read_to_string(&log).unwrap())
+}
+
+/// A CA that did not sign the broker's certificate: the client refuses the
+/// broker, `/ready` answers 503 naming the broker with a TLS reason, and the
+/// log says why, clearly.
+#[tokio::test]
+async fn a_wrong_ca_fails_ready_with_a_tls_error() {
+    let broker = TlsBroker::start();
+    let (other_ca, _, _) = make_certificates(&broker.dir, "other");
+    // librdkafka words it "SSL handshake failed: …certificate verify failed…"
+    // or "…SSL routines::certificate verify failed (… in state SSL_HANDSHAKE)".
+    let tls_reason = |reason: &str| reason.contains("certificate verify failed");
+    let (status, body, log) = refused_start(&broker, broker.env(&other_ca, None), tls_reason).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["database"], "ok");
     let reason = body["broker"].as_str().unwrap().to_string();
-    assert_ne!(reason, "ok");
-    // librdkafka words it "SSL handshake failed: …certificate verify failed…"
-    // or "…SSL routines::certificate verify failed (… in state SSL_HANDSHAKE)".
-    assert!(reason.contains("certificate verify failed"), "/ready gives librdkafka's TLS reason: {reason:?}");
-    let log_text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        log_text.contains("certificate verify failed"),
-        "the log names the TLS failure; /ready said {reason:?}; log:\n{log_text}"
-    );
+    assert!(tls_reason(&reason), "/ready gives librdkafka's TLS reason: {reason:?}");
+    assert!(tls_reason(&log), "the log names the TLS failure; /ready said {reason:?}; log:\n{log}");
     eprintln!("tls | wrong CA | /ready 503, broker: {reason}");
+}
+
+/// A wrong SCRAM-SHA-256 password: the broker refuses the login, `/ready` answers
+/// 503 with librdkafka's SASL reason, and neither the answer nor the log
+/// repeats the password.
+#[tokio::test]
+async fn a_wrong_sasl_password_fails_ready_without_repeating_it() {
+    let broker = TlsBroker::with_scram_user("txnflow", "the-right-one", "SCRAM-SHA-256");
+    let wrong = format!("wrong-{}", Uuid::new_v4().simple());
+    let sasl_reason = |reason: &str| reason.contains("SASL") || reason.contains("uthentication");
+    let (status, body, log) = refused_start(&broker, broker.env(&broker.ca, Some(&wrong)), sasl_reason).await;
+    assert_eq!(status, 503, "{body}");
+    let reason = body["broker"].as_str().unwrap().to_string();
+    assert!(sasl_reason(&reason), "/ready gives librdkafka's SASL reason: {reason:?}; log:\n{log}");
+    assert!(sasl_reason(&log), "the log names the SASL failure:\n{log}");
+    assert!(!body.to_string().contains(&wrong) && !log.contains(&wrong), "the password is never repeated");
+    assert!(!log.contains("the-right-one"), "nor the user's");
+    eprintln!("tls | wrong SCRAM password | /ready 503, broker: {reason}");
 }
