@@ -385,7 +385,10 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
                             // this record, before anything received meanwhile.
                             carried.extend(messages.by_ref());
                             let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
-                            batch.add(&pipeline, &message, permit);
+                            // Revoked during the wait: the permit goes back.
+                            if consumer.context().holds(message.partition()) {
+                                batch.add(&pipeline, &message, permit);
+                            }
                             break;
                         }
                         // Tansu answers a resumed fetch with the next batch:

@@ -279,3 +279,36 @@ async fn at_capacity_the_reader_pauses_and_resumes_without_a_rebalance() {
     assert!(log().contains("capacity back: partitions resumed"), "{}", service.log_tail());
     assert!(!log().contains("partitions revoked"), "no rebalance while paused");
 }
+
+/// A restarted instance starts at the group's committed offsets, even when
+/// reading them fails for a while (OffsetFetch answering
+/// COORDINATOR_LOAD_IN_PROGRESS 10 times): it retries, and neither falls
+/// back to the start (a re-read of the first 1,000) nor to the end (a skip
+/// of the next 1,000). It reads exactly the 1,000 records sent after the
+/// first instance left.
+#[tokio::test]
+async fn a_restart_starts_at_the_committed_offsets_even_when_reading_them_fails() {
+    let cluster = three_brokers();
+    let scenario = Scenario::on_mock("start-offsets", TestDatabase::create(), &cluster);
+    let mut first = scenario.start_service(&[]).await;
+    let before = valid_events(1450, 1_000);
+    let ends = Scenario::end_offsets(&scenario.produce(&before).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", first.log_tail());
+    let status = first.signal("TERM", Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", first.log_tail());
+    let after = valid_events(1451, 1_000);
+    let mut ends = ends;
+    for (partition, end) in Scenario::end_offsets(&scenario.produce(&after).await) {
+        ends.insert(partition, end);
+    }
+    cluster.request_errors(RDKafkaApiKey::OffsetFetch, &[Error::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 10]);
+    let second = scenario.start_service(&[]).await;
+    assert!(second.wait_assigned(Duration::from_secs(60)).await, "{}", second.log_tail());
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", second.log_tail());
+    let mut all = ids_of(&before);
+    all.extend(ids_of(&after));
+    assert_same_set(&scenario.transaction_ids(), &all, "stored ids");
+    let read = second.metric("txnflow_records_total{outcome=\"read\",source=\"kafka\"}").await;
+    assert_eq!(read, 1_000.0, "the second instance read exactly what the first left; log:\n{}", second.log_tail());
+    eprintln!("mock | start offsets | OffsetFetch refused 10 times; read 1000 of 2000, committed = end");
+}
