@@ -106,8 +106,8 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
                 }
                 // Late predictions are published like the flush's own.
                 if !pipeline.config.kafka.predictions_topic.is_empty() && !predictions.is_empty() {
-                    let room = super::dlq_publisher::fan_out_room(&pipeline, predictions.len()).await;
-                    super::dlq_publisher::fan_out_predictions(&pipeline, predictions, room);
+                    let room = super::prediction_fan_out::room(&pipeline, predictions.len()).await;
+                    super::prediction_fan_out::publish(&pipeline, predictions, room);
                 }
             }
             Ok(Err(error)) => {

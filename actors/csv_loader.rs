@@ -27,7 +27,7 @@ use tracing::Instrument;
 use super::Pipeline;
 use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
-use crate::domain::dead_letter::Origin;
+use crate::domain::origin::Origin;
 use crate::domain::retry::backoff_delay;
 use crate::domain::run_progress::RowAction;
 use crate::domain::transaction::{ProcessingType, Transaction};

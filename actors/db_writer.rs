@@ -200,7 +200,7 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
     let room = if pipeline.config.kafka.predictions_topic.is_empty() {
         None
     } else {
-        Some(super::dlq_publisher::fan_out_room(&pipeline, batch.predictions.len()).await)
+        Some(super::prediction_fan_out::room(&pipeline, batch.predictions.len()).await)
     };
     acknowledge(&pipeline, batch, refusals, room);
 }
@@ -273,7 +273,7 @@ fn acknowledge(
     if let Some(room) = room
         && !predicted_for_fanout.is_empty()
     {
-        super::dlq_publisher::fan_out_predictions(pipeline, predicted_for_fanout, room);
+        super::prediction_fan_out::publish(pipeline, predicted_for_fanout, room);
     }
 }
 

@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 use super::Pipeline;
 use super::messages::{Chaos, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
 use crate::config::BrokerQuirks;
-use crate::domain::dead_letter::{ErrorType, Failure, Origin};
+use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
+use crate::domain::origin::Origin;
 use crate::domain::transaction::ProcessingType;
 use crate::metrics::METRICS;
 

@@ -6,7 +6,8 @@ use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use crate::domain::dead_letter::{Failure, Origin};
+use crate::domain::dead_letter::Failure;
+use crate::domain::origin::Origin;
 use crate::domain::prediction::Prediction;
 use crate::domain::transaction::{ProcessingType, Transaction};
 

@@ -27,6 +27,7 @@ pub mod dlq_publisher;
 pub mod kafka_reader;
 pub mod messages;
 pub mod predict_client;
+pub mod prediction_fan_out;
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, Supervised, Supervisor};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,8 +38,8 @@ use tokio::sync::Semaphore;
 use crate::batch::BatchRuns;
 use crate::config::Config;
 use crate::db::PgPool;
-use crate::domain::dead_letter::Origin;
 use crate::domain::offsets::OffsetTracker;
+use crate::domain::origin::Origin;
 use crate::domain::run_progress::RowOutcome;
 use crate::metrics::METRICS;
 use crate::ml_client::MlClient;

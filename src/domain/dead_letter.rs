@@ -1,26 +1,8 @@
 //! What a dead-lettered record says about itself (contract §5): the DLQ
-//! record's headers, and the origin every record carries.
+//! record's headers.
 
+use super::origin::Origin;
 use chrono::{DateTime, SecondsFormat, Utc};
-use std::fmt;
-
-/// Where a record came from. Drives acknowledgements and lineage.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Origin {
-    Kafka { topic: String, partition: i32, offset: i64 },
-    File { uri: String, line: u64 },
-}
-
-impl fmt::Display for Origin {
-    /// `topic/partition/offset` or `uri:line`, the DLQ `source` header and
-    /// the `source` lineage column.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Kafka { topic, partition, offset } => write!(f, "{topic}/{partition}/{offset}"),
-            Origin::File { uri, line } => write!(f, "{uri}:{line}"),
-        }
-    }
-}
 
 /// The DLQ's `error_type` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -14,6 +14,7 @@ pub mod dead_letter;
 pub mod event;
 pub mod identity;
 pub mod offsets;
+pub mod origin;
 pub mod prediction;
 pub mod retry;
 pub mod run_progress;

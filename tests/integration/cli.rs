@@ -47,3 +47,20 @@ fn an_unreachable_database_is_a_clear_runtime_error() {
     assert!(message.contains("cannot connect to PostgreSQL at postgres://txnflow:***@127.0.0.1:1/none"), "{message}");
     assert!(!message.contains("secret"), "the password is never printed");
 }
+
+/// `[kafka.properties]` is checked before any command that talks to Kafka:
+/// a property librdkafka does not know or refuses, or one txnflow sets
+/// itself, exits 2 naming it.
+#[test]
+fn an_unknown_or_invalid_librdkafka_property_exits_2_naming_it() {
+    let cases = [
+        ("TXNFLOW__KAFKA__PROPERTIES__NO_SUCH_THING", "1", "kafka.properties.no.such.thing"),
+        ("TXNFLOW__KAFKA__PROPERTIES__SOCKET_TIMEOUT_MS", "soon", "kafka.properties.socket.timeout.ms"),
+        ("TXNFLOW__KAFKA__PROPERTIES__GROUP_ID", "other", "kafka.properties.group.id"),
+    ];
+    for (variable, value, key) in cases {
+        let output = run(txnflow().arg("run").env(variable, value));
+        assert_eq!(output.status.code(), Some(2), "{variable}: {}", stderr(&output));
+        assert!(stderr(&output).contains(key), "{variable}: {}", stderr(&output));
+    }
+}

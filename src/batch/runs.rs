@@ -1,0 +1,379 @@
+//! The registry of runs: every batch run of this process and its
+//! progress, as `GET /batches/<run_id>` reports it, and the answer for a
+//! run recorded by another instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::domain::run_progress::{FileProgress, RowAction, RowKind, RowOutcome, RunCounts};
+
+use super::input::{BatchError, RunSpec};
+
+/// What `GET /batches/<run_id>` answers for a run this process does not
+/// run, from its `batch_runs` row: the report its instance last recorded,
+/// `age_ms` old. A running run whose instance stopped reporting for longer
+/// than `stale_after_ms` is `interrupted`: POSTing it again resumes it.
+pub fn recorded_answer(report: &str, instance: &str, age_ms: i64, stale_after_ms: u64) -> serde_json::Value {
+    let mut answer: serde_json::Value = serde_json::from_str(report).unwrap_or_else(|_| serde_json::json!({}));
+    if answer["status"] == "running" && age_ms > stale_after_ms as i64 {
+        answer["status"] = "interrupted".into();
+        answer["error"] = format!(
+            "{instance}, which runs it, stopped reporting {:.0} s ago; POST the run again to resume it",
+            age_ms as f64 / 1000.0
+        )
+        .into();
+    }
+    answer["instance"] = instance.into();
+    answer
+}
+
+/// How a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed,
+}
+
+/// What `GET /batches/<run_id>` answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub uri: String,
+    pub status: RunStatus,
+    pub files: usize,
+    pub files_done: usize,
+    #[serde(flatten)]
+    pub counts: RunCounts,
+    pub error_files: Vec<String>,
+    pub error: Option<String>,
+    pub elapsed_seconds: f64,
+    pub summary: String,
+}
+
+struct RunState {
+    spec: Arc<RunSpec>,
+    status: RunStatus,
+    files_done: usize,
+    /// Counts of the finished files.
+    done: RunCounts,
+    /// The file being read, and its progress.
+    current: Option<(String, FileProgress)>,
+    error_files: Vec<String>,
+    error: Option<String>,
+    started: Instant,
+    elapsed: Option<f64>,
+    /// The finished report is in the `batch_runs` table.
+    final_recorded: bool,
+    /// Another process took the run over in `batch_runs` (said once).
+    taken_over: bool,
+}
+
+impl RunState {
+    fn counts(&self) -> RunCounts {
+        let mut counts = self.done;
+        if let Some((_, progress)) = &self.current {
+            counts.add(&progress.counts);
+        }
+        counts
+    }
+}
+
+/// Finished runs kept in memory, newest first, once the table has them;
+/// older ones are answered from `batch_runs`.
+const FINISHED_KEPT: usize = 16;
+
+/// Drops the finished runs, already recorded, beyond the newest [`FINISHED_KEPT`].
+fn forget_finished(runs: &mut HashMap<String, RunState>) {
+    let mut finished: Vec<(f64, String)> = runs
+        .iter()
+        .filter(|(_, run)| run.status != RunStatus::Running && run.final_recorded)
+        .map(|(id, run)| (run.started.elapsed().as_secs_f64() - run.elapsed.unwrap_or(0.0), id.clone()))
+        .collect();
+    if finished.len() <= FINISHED_KEPT {
+        return;
+    }
+    // Since each finished, smallest first: the newest.
+    finished.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (_, id) in finished.into_iter().skip(FINISHED_KEPT) {
+        runs.remove(&id);
+    }
+}
+
+/// Every batch run of this process, and the progress of each.
+#[derive(Default)]
+pub struct BatchRuns {
+    runs: Mutex<HashMap<String, RunState>>,
+    changed: tokio::sync::Notify,
+}
+
+impl BatchRuns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunState>> {
+        self.runs.lock().expect("batch runs lock")
+    }
+
+    /// Registers a run; a run id that is still running is refused, and so
+    /// is a run beyond `max_running`.
+    pub fn begin(&self, spec: RunSpec, max_running: usize) -> Result<Arc<RunSpec>, BatchError> {
+        let mut runs = self.lock();
+        if runs.get(&spec.run_id).is_some_and(|run| run.status == RunStatus::Running) {
+            return Err(BatchError::AlreadyRunning(spec.run_id));
+        }
+        if runs.values().filter(|run| run.status == RunStatus::Running).count() >= max_running {
+            return Err(BatchError::TooManyRuns(max_running));
+        }
+        let spec = Arc::new(spec);
+        runs.insert(
+            spec.run_id.clone(),
+            RunState {
+                spec: spec.clone(),
+                status: RunStatus::Running,
+                files_done: 0,
+                done: RunCounts::default(),
+                current: None,
+                error_files: Vec::new(),
+                error: None,
+                started: Instant::now(),
+                elapsed: None,
+                final_recorded: false,
+                taken_over: false,
+            },
+        );
+        Ok(spec)
+    }
+
+    /// Runs still running, to resume after the loader restarted.
+    pub fn running(&self) -> Vec<Arc<RunSpec>> {
+        self.lock().values().filter(|run| run.status == RunStatus::Running).map(|run| run.spec.clone()).collect()
+    }
+
+    /// How many files of the run are done: where a resumed run goes on.
+    pub fn files_done(&self, run_id: &str) -> usize {
+        self.lock().get(run_id).map_or(0, |run| run.files_done)
+    }
+
+    /// Makes `uri` the run's current file, keeping its progress if it is already.
+    pub fn start_file(&self, run_id: &str, uri: &str) {
+        if let Some(run) = self.lock().get_mut(run_id)
+            && run.current.as_ref().is_none_or(|(current, _)| current != uri)
+        {
+            run.current = Some((uri.to_string(), FileProgress::default()));
+        }
+    }
+
+    fn with_file<T>(&self, run_id: &str, uri: &str, change: impl FnOnce(&mut FileProgress) -> T) -> Option<T> {
+        let mut runs = self.lock();
+        let (current, progress) = runs.get_mut(run_id)?.current.as_mut()?;
+        (current == uri).then(|| change(progress))
+    }
+
+    /// A row starting at `line` was read: what the loader does with it, and
+    /// the row `parse`d, unless it is settled already (a re-read skips it
+    /// unparsed). One lock per row.
+    pub fn row<T>(
+        &self,
+        run_id: &str,
+        uri: &str,
+        line: u64,
+        parse: impl FnOnce() -> Result<T, String>,
+    ) -> (RowAction, Option<Result<T, String>>) {
+        self.with_file(run_id, uri, |progress| {
+            if progress.is_settled(line) {
+                return (RowAction::Skip, None);
+            }
+            let parsed = parse();
+            let kind = if parsed.is_ok() { RowKind::Valid } else { RowKind::Invalid };
+            (progress.row(line, kind), Some(parsed))
+        })
+        .unwrap_or((RowAction::Skip, None))
+    }
+
+    pub fn resume_line(&self, run_id: &str, uri: &str) -> u64 {
+        self.with_file(run_id, uri, |progress| progress.resume_line()).unwrap_or(0)
+    }
+
+    pub fn end_of_file(&self, run_id: &str, uri: &str, last_line: u64) {
+        self.with_file(run_id, uri, |progress| progress.end_of_file(last_line));
+        self.changed.notify_waiters();
+    }
+
+    /// Rows of a run settled (from the DbWriter or the DlqPublisher).
+    pub fn settle(&self, run_id: &str, uri: &str, lines: impl IntoIterator<Item = (u64, RowOutcome)>) {
+        self.with_file(run_id, uri, |progress| {
+            for (line, outcome) in lines {
+                progress.settle(line, outcome);
+            }
+        });
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_file_done(&self, run_id: &str, uri: &str) -> bool {
+        self.with_file(run_id, uri, |progress| progress.is_done()).unwrap_or(true)
+    }
+
+    /// Waits for a change of any run's progress, or `timeout`.
+    pub async fn changed(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+
+    /// The current file is done: its counts join the run's.
+    pub fn file_done(&self, run_id: &str, error_file: Option<String>) {
+        if let Some(run) = self.lock().get_mut(run_id) {
+            if let Some((_, progress)) = run.current.take() {
+                run.done.add(&progress.counts);
+            }
+            run.files_done += 1;
+            run.error_files.extend(error_file);
+        }
+    }
+
+    pub fn finish(&self, run_id: &str, error: Option<String>) {
+        if let Some(run) = self.lock().get_mut(run_id) {
+            run.status = if error.is_some() { RunStatus::Failed } else { RunStatus::Completed };
+            run.error = error;
+            run.elapsed = Some(run.started.elapsed().as_secs_f64());
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Whether this process is running `run_id`.
+    pub fn is_running(&self, run_id: &str) -> bool {
+        self.lock().get(run_id).is_some_and(|run| run.status == RunStatus::Running)
+    }
+
+    /// The reports the `batch_runs` table does not have yet: every running
+    /// run's progress, and each finished run's final report until it is
+    /// recorded ([`BatchRuns::recorded`]).
+    pub fn to_record(&self) -> Vec<RunReport> {
+        let ids: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, run)| run.status == RunStatus::Running || !run.final_recorded)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter().filter_map(|id| self.report(id)).collect()
+    }
+
+    /// `report` was sent to the table: `mine` when it is in, false when
+    /// another process has taken the run over. A finished one is not sent
+    /// again either way. Returns true the first time the run is found taken
+    /// over, so that it is said once, not at every heartbeat.
+    pub fn recorded(&self, report: &RunReport, mine: bool) -> bool {
+        let mut runs = self.lock();
+        let Some(run) = runs.get_mut(&report.run_id) else { return false };
+        if report.status != RunStatus::Running && run.status == report.status {
+            run.final_recorded = true;
+        }
+        let first_refusal = !mine && !run.taken_over;
+        run.taken_over |= !mine;
+        forget_finished(&mut runs);
+        first_refusal
+    }
+
+    /// A run's report before it starts: nothing counted yet.
+    pub fn starting_report(spec: &RunSpec) -> RunReport {
+        let counts = RunCounts::default();
+        RunReport {
+            run_id: spec.run_id.clone(),
+            uri: spec.uri.clone(),
+            status: RunStatus::Running,
+            files: spec.files.len(),
+            files_done: 0,
+            counts,
+            error_files: Vec::new(),
+            error: None,
+            elapsed_seconds: 0.0,
+            summary: counts.summary(0.0),
+        }
+    }
+
+    pub fn report(&self, run_id: &str) -> Option<RunReport> {
+        let runs = self.lock();
+        let run = runs.get(run_id)?;
+        let counts = run.counts();
+        let elapsed = run.elapsed.unwrap_or_else(|| run.started.elapsed().as_secs_f64());
+        Some(RunReport {
+            run_id: run_id.to_string(),
+            uri: run.spec.uri.clone(),
+            status: run.status,
+            files: run.spec.files.len(),
+            files_done: run.files_done,
+            counts,
+            error_files: run.error_files.clone(),
+            error: run.error.clone(),
+            elapsed_seconds: elapsed,
+            summary: counts.summary(elapsed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_run_is_interrupted_once_its_instance_is_silent_too_long() {
+        let report = r#"{"run_id":"2026-01","status":"running","read":10,"error":null}"#;
+        let fresh = recorded_answer(report, "host-a/1", 1_000, 30_000);
+        assert_eq!(fresh["status"], "running");
+        assert_eq!(fresh["error"], serde_json::Value::Null);
+        assert_eq!(fresh["instance"], "host-a/1");
+        assert_eq!(fresh["read"], 10);
+        let silent = recorded_answer(report, "host-a/1", 45_000, 30_000);
+        assert_eq!(silent["status"], "interrupted");
+        assert_eq!(
+            silent["error"],
+            "host-a/1, which runs it, stopped reporting 45 s ago; POST the run again to resume it"
+        );
+        // A finished run stays as it was, however old.
+        let done = recorded_answer(r#"{"status":"completed","error":null}"#, "host-a/1", 9_000_000, 30_000);
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn runs_beyond_the_bound_are_refused_and_finished_ones_leave_memory() {
+        let runs = BatchRuns::default();
+        let spec =
+            |id: &str| RunSpec { run_id: id.into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
+        runs.begin(spec("a"), 2).unwrap();
+        runs.begin(spec("b"), 2).unwrap();
+        assert_eq!(runs.begin(spec("c"), 2).unwrap_err(), BatchError::TooManyRuns(2));
+        runs.finish("a", None);
+        runs.begin(spec("c"), 2).unwrap();
+        runs.finish("b", None);
+        runs.finish("c", None);
+        for i in 0..FINISHED_KEPT + 5 {
+            let id = format!("r{i}");
+            runs.begin(spec(&id), 2).unwrap();
+            runs.finish(&id, None);
+        }
+        for report in runs.to_record() {
+            runs.recorded(&report, true);
+        }
+        assert_eq!(runs.lock().len(), FINISHED_KEPT, "only the newest finished runs stay in memory");
+        assert!(runs.report(&format!("r{}", FINISHED_KEPT + 4)).is_some(), "the newest is kept");
+        assert!(runs.report("a").is_none(), "the oldest is answered from the table");
+    }
+
+    #[test]
+    fn a_run_is_recorded_until_its_final_report_is_in_and_a_takeover_is_said_once() {
+        let runs = BatchRuns::default();
+        let spec =
+            RunSpec { run_id: "2026-01".into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
+        runs.begin(spec, 4).unwrap();
+        let running = runs.to_record();
+        assert_eq!(running.len(), 1);
+        assert!(!runs.recorded(&running[0], true), "recorded as ours");
+        assert_eq!(runs.to_record().len(), 1, "a running run is recorded at every heartbeat");
+        assert!(runs.recorded(&running[0], false), "first refusal: say it");
+        assert!(!runs.recorded(&running[0], false), "then quiet");
+        runs.finish("2026-01", None);
+        let done = runs.to_record();
+        assert_eq!(done[0].status, RunStatus::Completed);
+        runs.recorded(&done[0], true);
+        assert!(runs.to_record().is_empty(), "the final report is in");
+    }
+}

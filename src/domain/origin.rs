@@ -1,0 +1,23 @@
+//! Where a record came from: a Kafka offset or a line of a file. Every
+//! record carries its origin, which drives its acknowledgement, its lineage
+//! column and the DLQ's `source` header.
+
+use std::fmt;
+
+/// Where a record came from. Drives acknowledgements and lineage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Kafka { topic: String, partition: i32, offset: i64 },
+    File { uri: String, line: u64 },
+}
+
+impl fmt::Display for Origin {
+    /// `topic/partition/offset` or `uri:line`, the DLQ `source` header and
+    /// the `source` lineage column.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Kafka { topic, partition, offset } => write!(f, "{topic}/{partition}/{offset}"),
+            Origin::File { uri, line } => write!(f, "{uri}:{line}"),
+        }
+    }
+}
