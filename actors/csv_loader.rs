@@ -19,7 +19,6 @@
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, Supervised, WrapFuture,
 };
-use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -28,7 +27,6 @@ use super::Pipeline;
 use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
 use crate::domain::origin::Origin;
-use crate::domain::retry::backoff_delay;
 use crate::domain::run_progress::RowAction;
 use crate::domain::transaction::{ProcessingType, Transaction};
 use crate::metrics::METRICS;
@@ -145,7 +143,7 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
     for file in &spec.files[first..] {
         runs.start_file(&spec.run_id, &file.uri);
         let mut errors = ErrorFile::new(&spec, file);
-        let mut attempt = 0u32;
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             if pipeline.is_shutting_down() {
                 return;
@@ -160,15 +158,11 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
                 Ok(Pass::WorkLost) => {}
                 Ok(Pass::ShuttingDown) => return,
                 Err(error) => {
-                    attempt += 1;
-                    let delay = backoff_delay(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(10),
-                        rand::rng().random(),
-                    );
-                    tracing::warn!(uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row");
-                    tokio::time::sleep(delay).await;
+                    backoff
+                        .wait(|_, delay| {
+                            tracing::warn!(uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row")
+                        })
+                        .await;
                     continue;
                 }
             }

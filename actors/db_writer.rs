@@ -19,16 +19,14 @@
 //! can hold its partition forever.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
-use rand::Rng;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tracing::Instrument;
 
 use super::messages::{Chaos, DeadLetter, DeadLetters, Envelope, WriteBatch};
 use super::{Pipeline, source_label};
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
-use crate::domain::retry::backoff_delay;
 use crate::metrics::METRICS;
 
 pub struct DbWriter {
@@ -151,10 +149,9 @@ fn write_batch(pipeline: &Pipeline, batch: &WriteBatch, suspicion: Suspicion) ->
 /// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
 /// answers are taken as refusals of the records, which are isolated.
 async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
-    let mut attempt = 0u32;
+    let mut backoff = crate::backoff::Backoff::outage();
     let refusals = loop {
-        attempt += 1;
-        let suspicion = if attempt > SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
+        let suspicion = if backoff.failures() >= SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
         let started = Instant::now();
         let shared = pipeline.clone();
         // The blocking pool's thread is outside the actor's span: take it along.
@@ -181,11 +178,12 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
             Ok((returned, Err(error))) => {
                 METRICS.db_write_duration.with_label_values(&["retry"]).observe(started.elapsed().as_secs_f64());
                 batch = returned;
-                let delay =
-                    backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
                 let error = crate::db::short_reason(&error);
-                tracing::warn!(attempt, ?delay, error, "write failed; retrying (nothing is acknowledged)");
-                tokio::time::sleep(delay).await;
+                backoff
+                    .wait(|attempt, delay| {
+                        tracing::warn!(attempt, ?delay, error, "write failed; retrying (nothing is acknowledged)")
+                    })
+                    .await;
             }
             Err(join_error) => {
                 // The write panicked; its records are gone with it.

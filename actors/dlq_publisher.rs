@@ -7,7 +7,6 @@
 //! retried with backoff: a dead letter is never dropped.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
-use rand::Rng;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -17,7 +16,6 @@ use std::time::Duration;
 use super::messages::{Chaos, DeadLetter, DeadLetters};
 use super::{Pipeline, source_label};
 use crate::domain::dead_letter::dlq_headers;
-use crate::domain::retry::backoff_delay;
 use crate::metrics::METRICS;
 
 pub struct DlqPublisher {
@@ -76,9 +74,8 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     for (key, value) in &header_values {
         headers = headers.insert(Header { key, value: Some(value) });
     }
-    let mut attempt = 0u32;
+    let mut backoff = crate::backoff::Backoff::outage();
     let refused_by = loop {
-        attempt += 1;
         let mut record = FutureRecord::to(topic).payload(&letter.value).headers(headers.clone());
         if let Some(key) = &letter.key {
             record = record.key(key);
@@ -86,13 +83,14 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
         match pipeline.producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => break None,
             Err((error, _)) => {
-                if let Some(reason) = refused_for_good(&error, attempt) {
+                if let Some(reason) = refused_for_good(&error, backoff.failures() + 1) {
                     break Some(reason);
                 }
-                let delay =
-                    backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
-                tracing::warn!(%error, attempt, ?delay, source = %letter.origin, "DLQ send failed; retrying");
-                tokio::time::sleep(delay).await;
+                backoff
+                    .wait(|attempt, delay| {
+                        tracing::warn!(%error, attempt, ?delay, source = %letter.origin, "DLQ send failed; retrying")
+                    })
+                    .await;
             }
         }
     };
@@ -116,9 +114,8 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
 /// Stores a dead letter in PostgreSQL, retrying while the database is
 /// unreachable (as a flush does: nothing is acknowledged meanwhile).
 async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static str, String)], refused_by: &str) {
-    let mut attempt = 0u32;
+    let mut backoff = crate::backoff::Backoff::outage();
     loop {
-        attempt += 1;
         let pool = pipeline.pool.clone();
         let (topic, key, value) = (pipeline.config.kafka.dlq_topic.clone(), letter.key.clone(), letter.value.clone());
         let (headers, refused_by) = (headers.to_vec(), refused_by.to_string());
@@ -138,11 +135,12 @@ async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static st
         match stored {
             Ok(()) => return,
             Err(error) => {
-                let delay =
-                    backoff_delay(attempt, Duration::from_millis(100), Duration::from_secs(5), rand::rng().random());
                 let error = crate::db::short_reason(&error);
-                tracing::warn!(error, attempt, ?delay, "cannot store the dead letter; retrying");
-                tokio::time::sleep(delay).await;
+                backoff
+                    .wait(|attempt, delay| {
+                        tracing::warn!(error, attempt, ?delay, "cannot store the dead letter; retrying")
+                    })
+                    .await;
             }
         }
     }

@@ -11,6 +11,7 @@
 //! - [`actors`]: the supervised actix pipeline (`actors/` at the crate root).
 
 pub mod admin;
+pub mod backoff;
 pub mod batch;
 pub mod batch_command;
 pub mod breaker;

@@ -16,7 +16,6 @@
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use rand::Rng;
 use recloser::AsyncRecloser;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -27,7 +26,7 @@ use uuid::Uuid;
 use crate::config::PredictConfig;
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::domain::prediction::{AnswerRules, PredictRequestItem, Prediction, check_answer};
-use crate::domain::retry::{StatusClass, backoff_delay, classify_status};
+use crate::domain::retry::{StatusClass, classify_status};
 use crate::metrics::METRICS;
 
 /// The outcome of predicting a set of transactions.
@@ -296,6 +295,10 @@ impl MlClient {
         let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
         METRICS.ml_api_batch_size.with_label_values(&[caller]).observe(items.len() as f64);
         let mut attempts = 0;
+        let mut backoff = crate::backoff::Backoff::new(
+            Duration::from_millis(self.config.retry_initial_backoff_ms),
+            Duration::from_millis(self.config.retry_max_backoff_ms),
+        );
         loop {
             attempts += 1;
             // What counts against the API: a 4xx means this request is bad,
@@ -343,14 +346,7 @@ impl MlClient {
                     server_error,
                 };
             }
-            let delay = backoff_delay(
-                attempts,
-                Duration::from_millis(self.config.retry_initial_backoff_ms),
-                Duration::from_millis(self.config.retry_max_backoff_ms),
-                rand::rng().random::<f64>(),
-            );
-            tracing::debug!(attempts, ?delay, reason, "retrying the ML API");
-            tokio::time::sleep(delay).await;
+            backoff.wait(|attempts, delay| tracing::debug!(attempts, ?delay, reason, "retrying the ML API")).await;
         }
     }
 
