@@ -57,22 +57,14 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
     let settings = pipeline.config.backfill.clone();
     let mut predicted_total = 0;
     loop {
-        let pool = pipeline.pool.clone();
         let (initial, max) = (settings.initial_backoff_ms, settings.max_backoff_ms);
-        let items = match tokio::task::spawn_blocking(move || {
-            pool.get()
-                .map_err(|e| e.to_string())
-                .and_then(|mut c| db::claim_unpredicted(&mut c, round, initial, max).map_err(|e| e.to_string()))
-        })
-        .await
-        {
-            Ok(Ok(items)) if !items.is_empty() => items,
-            Ok(Ok(_)) => return predicted_total,
-            Ok(Err(error)) => {
+        let items = match db::blocking(&pipeline.pool, move |c| db::claim_unpredicted(c, round, initial, max)).await {
+            Ok(items) if !items.is_empty() => items,
+            Ok(_) => return predicted_total,
+            Err(error) => {
                 tracing::debug!(error = db::short_reason(&error), "backfill cannot read the database");
                 return predicted_total;
             }
-            Err(_) => return predicted_total,
         };
         let asked = items.len();
         let predicted = pipeline.ml.predict(items, "backfill").await;
@@ -82,18 +74,15 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
         let failed: Vec<(uuid::Uuid, String)> = failed.into_iter().map(|(id, failure)| (id, failure.message)).collect();
         let not_at_fault: Vec<uuid::Uuid> = not_at_fault.into_iter().map(|(id, _)| id).collect();
         let predictions = predicted.predictions;
-        let pool = pipeline.pool.clone();
         let max_attempts = settings.max_attempts;
-        let written = tokio::task::spawn_blocking(move || {
-            let mut connection = pool.get().map_err(|e| e.to_string())?;
-            let (stored, failed) = write_predictions(&mut connection, predictions, failed)?;
-            let refused = db::record_backfill_failures(&mut connection, &failed, &not_at_fault, max_attempts)
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((stored, refused))
+        let written = db::blocking(&pipeline.pool, move |connection| {
+            let (stored, failed) = write_predictions(connection, predictions, failed)?;
+            let refused = db::record_backfill_failures(connection, &failed, &not_at_fault, max_attempts)?;
+            Ok((stored, refused))
         })
         .await;
         match written {
-            Ok(Ok((predictions, refused))) => {
+            Ok((predictions, refused)) => {
                 stored = predictions.len();
                 predicted_total += stored;
                 if refused > 0 {
@@ -110,11 +99,10 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
                     super::prediction_fan_out::publish(&pipeline, predictions, room);
                 }
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 tracing::debug!(error = db::short_reason(&error), "backfill cannot write; next round later");
                 return predicted_total;
             }
-            Err(_) => return predicted_total,
         }
         if stored < asked {
             // Some stayed unpredicted: they are tried again once their backoff is over.
@@ -135,13 +123,13 @@ fn write_predictions(
     connection: &mut diesel::pg::PgConnection,
     predictions: Vec<Prediction>,
     mut failed: Vec<Failed>,
-) -> Result<(Vec<Prediction>, Vec<Failed>), String> {
+) -> Result<(Vec<Prediction>, Vec<Failed>), db::WriteError> {
     if predictions.is_empty() || db::write_backfilled(connection, &predictions).is_ok() {
         return Ok((predictions, failed));
     }
     {
         use diesel::RunQueryDsl;
-        diesel::sql_query("SELECT 1").execute(connection).map_err(|e| e.to_string())?;
+        diesel::sql_query("SELECT 1").execute(connection)?;
     }
     let mut stored = Vec::with_capacity(predictions.len());
     for prediction in predictions {

@@ -214,22 +214,19 @@ async fn write_reports(
     pipeline: &Arc<Pipeline>,
     reports: Vec<batch::RunReport>,
     take_over: bool,
-) -> Result<Vec<(batch::RunReport, bool)>, String> {
+) -> Result<Vec<(batch::RunReport, bool)>, crate::db::WriteError> {
     let shared = pipeline.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut connection = shared.pool.get().map_err(|e| e.to_string())?;
+    crate::db::blocking(&pipeline.pool, move |connection| {
         let stale_after = shared.config.batch.stale_after_ms;
         reports
             .into_iter()
             .map(|report| {
-                crate::db::record_run(&mut connection, &shared.instance, &report, take_over, stale_after)
+                crate::db::record_run(connection, &shared.instance, &report, take_over, stale_after)
                     .map(|mine| (report, mine))
-                    .map_err(|e| e.to_string())
             })
             .collect()
     })
     .await
-    .unwrap_or_else(|join_error| Err(join_error.to_string()))
 }
 
 /// Writes what `batch_runs` lacks: every running run's progress, and each

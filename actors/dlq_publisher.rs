@@ -116,11 +116,9 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
 async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static str, String)], refused_by: &str) {
     let mut backoff = crate::backoff::Backoff::outage();
     loop {
-        let pool = pipeline.pool.clone();
         let (topic, key, value) = (pipeline.config.kafka.dlq_topic.clone(), letter.key.clone(), letter.value.clone());
         let (headers, refused_by) = (headers.to_vec(), refused_by.to_string());
-        let stored = tokio::task::spawn_blocking(move || {
-            let mut connection = pool.get().map_err(|e| e.to_string())?;
+        let stored = crate::db::blocking(&pipeline.pool, move |connection| {
             let row = crate::db::StoredDeadLetter {
                 topic: &topic,
                 key: key.as_deref(),
@@ -128,10 +126,9 @@ async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static st
                 headers: &headers,
                 refused_by: &refused_by,
             };
-            crate::db::store_dead_letter(&mut connection, &row).map_err(|e| e.to_string())
+            crate::db::store_dead_letter(connection, &row)
         })
-        .await
-        .unwrap_or_else(|join_error| Err(join_error.to_string()));
+        .await;
         match stored {
             Ok(()) => return,
             Err(error) => {

@@ -187,6 +187,24 @@ impl From<diesel::result::Error> for WriteError {
     }
 }
 
+/// Runs `call` with a connection from `pool` on tokio's blocking pool
+/// (diesel is synchronous), off the async threads. No connection, or a call
+/// that panicked, is [`WriteError::Unavailable`]; the call's own error is
+/// kept as it is.
+pub async fn blocking<T, F>(pool: &PgPool, call: F) -> Result<T, WriteError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut PgConnection) -> Result<T, WriteError> + Send + 'static,
+{
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut connection = pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        call(&mut connection)
+    })
+    .await
+    .unwrap_or_else(|join_error| Err(WriteError::Unavailable(format!("the database call panicked: {join_error}"))))
+}
+
 /// Writes one flush in one database transaction: transactions inserted
 /// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`.
 /// Each table takes one statement of column arrays (UNNEST), so a flush of

@@ -110,14 +110,10 @@ async fn replay_table(
     let mut replayed = 0u64;
     let mut failed: Vec<i64> = Vec::new();
     loop {
-        let (types, shared) = (error_types.to_vec(), pool.clone());
+        let types = error_types.to_vec();
         // The ones that failed stay pending: read past them.
         let limit = 500 + failed.len() as i64;
-        let rows = tokio::task::spawn_blocking(move || {
-            let mut connection = shared.get()?;
-            anyhow::Ok(crate::db::dead_letters(&mut connection, &types, true, limit)?)
-        })
-        .await??;
+        let rows = crate::db::blocking(&pool, move |c| crate::db::dead_letters(c, &types, true, limit)).await?;
         let rows: Vec<_> = rows.into_iter().filter(|row| !failed.contains(&row.id)).collect();
         if rows.is_empty() {
             if !failed.is_empty() {
@@ -143,12 +139,7 @@ async fn replay_table(
                 failed.push(row.id);
                 continue;
             }
-            let shared = pool.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut connection = shared.get()?;
-                anyhow::Ok(crate::db::mark_replayed(&mut connection, row.id)?)
-            })
-            .await??;
+            crate::db::blocking(&pool, move |c| crate::db::mark_replayed(c, row.id)).await?;
             replayed += 1;
         }
         tracing::info!(replayed, "replaying the dead_letters table");
