@@ -15,12 +15,11 @@
 //! touching the API; after its open time the breaker lets trial calls
 //! through, so the backfill is also how an idle pipeline finds the API back.
 
-use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, SpawnHandle, Supervised, WrapFuture};
+use actix::{Actor, ActorFutureExt, AsyncContext, Context, SpawnHandle, Supervised, WrapFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::Pipeline;
-use super::messages::Chaos;
 use crate::db;
 use crate::domain::prediction::Prediction;
 use crate::metrics::METRICS;
@@ -162,10 +161,4 @@ impl Supervised for Backfill {
     }
 }
 
-impl Handler<Chaos> for Backfill {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("backfill", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(Backfill, "backfill");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Pipeline;
-use super::messages::{Chaos, Envelope, FlushNow, FlushTrigger, Ingest, PredictBatch};
+use super::messages::{Envelope, FlushNow, FlushTrigger, Ingest, PredictBatch};
 use crate::metrics::METRICS;
 
 pub struct Buffer {
@@ -110,10 +110,4 @@ impl Handler<FlushNow> for Buffer {
     }
 }
 
-impl Handler<Chaos> for Buffer {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("buffer", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(Buffer, "buffer");

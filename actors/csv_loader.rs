@@ -24,7 +24,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::Pipeline;
-use super::messages::{Chaos, Envelope, FlushNow, Ingest, Lineage};
+use super::messages::{Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
 use crate::domain::origin::Origin;
 use crate::domain::run_progress::RowAction;
@@ -128,13 +128,7 @@ impl Handler<LoadCsv> for CsvLoader {
     }
 }
 
-impl Handler<Chaos> for CsvLoader {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("csv_loader", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(CsvLoader, "csv_loader");
 
 /// Loads every file of the run not done yet, in order.
 async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {

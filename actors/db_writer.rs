@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
 
-use super::messages::{Chaos, DeadLetter, DeadLetters, Envelope, WriteBatch};
+use super::messages::{DeadLetter, DeadLetters, Envelope, WriteBatch};
 use super::{Pipeline, source_label};
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
@@ -296,10 +296,4 @@ impl Handler<WriteBatch> for DbWriter {
     }
 }
 
-impl Handler<Chaos> for DbWriter {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("db_writer", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(DbWriter, "db_writer");

@@ -13,7 +13,7 @@ use rdkafka::producer::FutureRecord;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::messages::{Chaos, DeadLetter, DeadLetters};
+use super::messages::{DeadLetter, DeadLetters};
 use super::{Pipeline, source_label};
 use crate::domain::dead_letter::dlq_headers;
 use crate::metrics::METRICS;
@@ -156,10 +156,4 @@ impl Handler<DeadLetters> for DlqPublisher {
     }
 }
 
-impl Handler<Chaos> for DlqPublisher {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("dlq_publisher", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(DlqPublisher, "dlq_publisher");

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Pipeline;
-use super::messages::{Chaos, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
+use super::messages::{CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
 use crate::config::BrokerQuirks;
 use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
@@ -147,8 +147,8 @@ impl ConsumerContext for ReaderContext {
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?partitions, "partitions revoked: flushing and committing what is durable");
-        if let Some(addrs) = self.pipeline.addrs.read().expect("addrs lock").as_ref() {
-            addrs.buffer.do_send(super::messages::FlushNow);
+        if let Some(buffer) = self.pipeline.addrs.read().expect("addrs lock").buffer.as_ref() {
+            buffer.do_send(super::messages::FlushNow);
         }
         // Blocking is fine here: this is the reader's own thread.
         let deadline = Instant::now() + REVOKE_WAIT;
@@ -628,10 +628,4 @@ impl Handler<CommitNow> for KafkaReader {
     }
 }
 
-impl Handler<Chaos> for KafkaReader {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("kafka_reader", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(KafkaReader, "kafka_reader");

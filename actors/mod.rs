@@ -7,13 +7,11 @@
 //!                                Backfill: predicts stored transactions that have none
 //! ```
 //!
-//! Every actor runs on an arbiter (thread) of its own under a `Supervisor`,
-//! so an actor that fails through its error path is restarted in place, and
-//! one that panics takes only its own thread down: the watchdog here sees its
-//! closed mailbox and starts it again. Either way the records it held are
-//! lost from memory, so [`Pipeline::work_lost`] bumps an epoch that makes
-//! the KafkaReader rewind to its last durable offset and read them again;
-//! writes are idempotent, so re-reading never duplicates a row.
+//! [`supervisor`] starts every actor on an arbiter of its own and revives
+//! one that panicked. The records an actor held are then lost from memory,
+//! so [`Pipeline::work_lost`] bumps an epoch that makes the KafkaReader
+//! rewind to its last durable offset and read them again; writes are
+//! idempotent, so re-reading never duplicates a row.
 //!
 //! The pipeline's memory is bounded by a semaphore: every record read takes
 //! a permit, held inside its [`messages::Envelope`] until it is durable or
@@ -28,8 +26,11 @@ pub mod kafka_reader;
 pub mod messages;
 pub mod predict_client;
 pub mod prediction_fan_out;
+pub mod supervisor;
 
-use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, Supervised, Supervisor};
+pub use supervisor::ACTOR_NAMES;
+
+use actix::{Addr, Arbiter};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -43,10 +44,6 @@ use crate::domain::origin::Origin;
 use crate::domain::run_progress::RowOutcome;
 use crate::metrics::METRICS;
 use crate::ml_client::MlClient;
-
-/// The actors' names, as the chaos endpoint and the restart metric name them.
-pub const ACTOR_NAMES: [&str; 7] =
-    ["kafka_reader", "buffer", "predict_client", "db_writer", "dlq_publisher", "csv_loader", "backfill"];
 
 /// What every actor shares: configuration, clients, the capacity, the
 /// offsets in flight and the addresses of the other actors.
@@ -69,8 +66,10 @@ pub struct Pipeline {
     pub instance: String,
     epoch: AtomicU64,
     shutting_down: AtomicBool,
-    addrs: RwLock<Option<Addrs>>,
-    /// Every arbiter thread started, joined by [`Pipeline::stop_arbiters`].
+    addrs: RwLock<AddrSlots>,
+    /// The actors running, with their chaos hooks and arbiters.
+    running: Mutex<supervisor::Running>,
+    /// Every arbiter thread started, joined at the end.
     threads: Mutex<Vec<Arbiter>>,
 }
 
@@ -84,26 +83,32 @@ pub struct Addrs {
     pub dlq_publisher: Addr<dlq_publisher::DlqPublisher>,
     pub csv_loader: Addr<csv_loader::CsvLoader>,
     pub backfill: Addr<backfill::Backfill>,
-    arbiters: Vec<ArbiterHandle>,
 }
 
-impl Addrs {
-    /// Sends a chaos hook to the actor of that name; false when none runs.
-    pub fn chaos(&self, actor: &str, chaos: messages::Chaos) -> bool {
-        match actor {
-            "kafka_reader" => match &self.kafka_reader {
-                Some(reader) => reader.do_send(chaos),
-                None => return false,
-            },
-            "buffer" => self.buffer.do_send(chaos),
-            "predict_client" => self.predict_client.do_send(chaos),
-            "db_writer" => self.db_writer.do_send(chaos),
-            "dlq_publisher" => self.dlq_publisher.do_send(chaos),
-            "csv_loader" => self.csv_loader.do_send(chaos),
-            "backfill" => self.backfill.do_send(chaos),
-            _ => return false,
-        }
-        true
+/// The addresses as the actors start, one by one.
+#[derive(Default)]
+struct AddrSlots {
+    kafka_reader: Option<Addr<kafka_reader::KafkaReader>>,
+    buffer: Option<Addr<buffer::Buffer>>,
+    predict_client: Option<Addr<predict_client::PredictClient>>,
+    db_writer: Option<Addr<db_writer::DbWriter>>,
+    dlq_publisher: Option<Addr<dlq_publisher::DlqPublisher>>,
+    csv_loader: Option<Addr<csv_loader::CsvLoader>>,
+    backfill: Option<Addr<backfill::Backfill>>,
+}
+
+impl AddrSlots {
+    /// Every address, once every actor but the reader has started.
+    fn complete(&self) -> Option<Addrs> {
+        Some(Addrs {
+            kafka_reader: self.kafka_reader.clone(),
+            buffer: self.buffer.clone()?,
+            predict_client: self.predict_client.clone()?,
+            db_writer: self.db_writer.clone()?,
+            dlq_publisher: self.dlq_publisher.clone()?,
+            csv_loader: self.csv_loader.clone()?,
+            backfill: self.backfill.clone()?,
+        })
     }
 }
 
@@ -115,26 +120,6 @@ fn instance_name() -> String {
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".into());
     format!("{host}/{}", std::process::id())
-}
-
-/// Starts an actor under a supervisor on an arbiter of its own; the
-/// arbiter's thread joins `threads`, to be joined at the end.
-fn spawn_supervised<A, F>(threads: &Mutex<Vec<Arbiter>>, actor: &'static str, make: F) -> (Addr<A>, ArbiterHandle)
-where
-    A: Actor<Context = Context<A>> + Supervised,
-    F: FnOnce() -> A + Send + 'static,
-{
-    let arbiter = Arbiter::new();
-    let handle = arbiter.handle();
-    // The thread runs this actor alone, so a span entered on it for good
-    // names the actor in every log line the actor writes (`actor` field),
-    // without a span in each handler. Runs before the actor starts: an
-    // arbiter runs what it is given in order. The span lives as long as the
-    // thread (its guard is never dropped).
-    handle.spawn_fn(move || std::mem::forget(tracing::info_span!("actor", actor).entered()));
-    let addr = Supervisor::start_in_arbiter(&handle, move |_| make());
-    threads.lock().expect("threads lock").push(arbiter);
-    (addr, handle)
 }
 
 impl Pipeline {
@@ -155,112 +140,29 @@ impl Pipeline {
             instance: instance_name(),
             epoch: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
-            addrs: RwLock::new(None),
+            addrs: RwLock::default(),
+            running: Mutex::default(),
             threads: Mutex::default(),
         })
     }
 
     /// Starts every actor; `read_kafka` adds the KafkaReader.
     pub fn start(self: &Arc<Self>, read_kafka: bool) {
-        let mut arbiters = Vec::new();
-        macro_rules! start {
-            ($module:ident :: $actor:ident) => {{
-                let pipeline = self.clone();
-                let (addr, arbiter) =
-                    spawn_supervised(&self.threads, stringify!($module), move || $module::$actor::new(pipeline));
-                arbiters.push(arbiter);
-                addr
-            }};
-        }
-        let dlq_publisher = start!(dlq_publisher::DlqPublisher);
-        let db_writer = start!(db_writer::DbWriter);
-        let predict_client = start!(predict_client::PredictClient);
-        let buffer = start!(buffer::Buffer);
-        let backfill = start!(backfill::Backfill);
-        let csv_loader = start!(csv_loader::CsvLoader);
-        *self.addrs.write().expect("addrs lock") = Some(Addrs {
-            kafka_reader: None,
-            buffer,
-            predict_client,
-            db_writer,
-            dlq_publisher,
-            csv_loader,
-            backfill,
-            arbiters: Vec::new(),
-        });
-        if read_kafka {
-            let reader = start!(kafka_reader::KafkaReader);
-            self.with_addrs(|addrs| addrs.kafka_reader = Some(reader));
-        }
-        self.with_addrs(|addrs| addrs.arbiters = arbiters);
-        self.clone().start_watchdog();
+        supervisor::start_all(self, read_kafka);
     }
 
-    fn with_addrs(&self, change: impl FnOnce(&mut Addrs)) {
-        if let Some(addrs) = self.addrs.write().expect("addrs lock").as_mut() {
-            change(addrs);
-        }
+    fn with_addrs(&self, change: impl FnOnce(&mut AddrSlots)) {
+        change(&mut self.addrs.write().expect("addrs lock"));
     }
 
-    /// The current addresses (they change when the watchdog restarts an actor).
+    /// The current addresses (they change when an actor is revived).
     pub fn addrs(&self) -> Addrs {
-        self.addrs.read().expect("addrs lock").clone().expect("the pipeline is started")
+        self.addrs.read().expect("addrs lock").complete().expect("the pipeline is started")
     }
 
-    /// Re-creates every actor whose mailbox closed: a panic ended its thread.
-    fn start_watchdog(self: Arc<Self>) {
-        actix::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                ticker.tick().await;
-                let addrs = self.addrs();
-                macro_rules! revive {
-                    ($field:ident, $module:ident :: $actor:ident) => {
-                        if !addrs.$field.connected() {
-                            let p = self.clone();
-                            let (addr, arbiter) =
-                                spawn_supervised(&self.threads, stringify!($module), move || $module::$actor::new(p));
-                            self.with_addrs(|a| {
-                                a.$field = addr;
-                                a.arbiters.push(arbiter);
-                            });
-                            self.work_lost(stringify!($field), "its mailbox closed (panic)");
-                        }
-                    };
-                }
-                revive!(buffer, buffer::Buffer);
-                revive!(predict_client, predict_client::PredictClient);
-                revive!(db_writer, db_writer::DbWriter);
-                revive!(dlq_publisher, dlq_publisher::DlqPublisher);
-                revive!(backfill, backfill::Backfill);
-                if !addrs.csv_loader.connected() {
-                    // Its unsent rows are read again by the new loader's
-                    // started(); nothing elsewhere was lost.
-                    let p = self.clone();
-                    let (addr, arbiter) =
-                        spawn_supervised(&self.threads, "csv_loader", move || csv_loader::CsvLoader::new(p));
-                    self.with_addrs(|a| {
-                        a.csv_loader = addr;
-                        a.arbiters.push(arbiter);
-                    });
-                    METRICS.actor_restarts.with_label_values(&["csv_loader"]).inc();
-                    tracing::warn!(actor = "csv_loader", "actor restarted; its batch runs resume");
-                }
-                if let Some(reader) = &addrs.kafka_reader
-                    && !reader.connected()
-                    && !self.is_shutting_down()
-                {
-                    let p = self.clone();
-                    let (addr, arbiter) =
-                        spawn_supervised(&self.threads, "kafka_reader", move || kafka_reader::KafkaReader::new(p));
-                    self.with_addrs(|a| {
-                        a.kafka_reader = Some(addr);
-                        a.arbiters.push(arbiter);
-                    });
-                    self.work_lost("kafka_reader", "its mailbox closed (panic)");
-                }
-            }
-        });
+    /// Sends a chaos hook to the actor named `actor`; false when none runs.
+    pub fn chaos(&self, actor: &str, chaos: messages::Chaos) -> bool {
+        supervisor::chaos(self, actor, chaos)
     }
 
     /// An actor restarted and the records it held are gone: count it, and
@@ -368,27 +270,10 @@ impl Pipeline {
     }
 
     /// Stops every arbiter (after a graceful shutdown) and waits, at most
-    /// `wait`, for their threads to end, so that the actors and the clients
-    /// they hold are gone before the process ends. (The "double free" once
-    /// seen at exit had another cause: see `leave` in main.rs.)
+    /// `wait`, for their threads to end. (The "double free" once seen at
+    /// exit had another cause: see `leave` in main.rs.)
     pub fn stop_arbiters(&self, wait: Duration) {
-        if let Some(addrs) = self.addrs.read().expect("addrs lock").as_ref() {
-            for arbiter in &addrs.arbiters {
-                arbiter.stop();
-            }
-        }
-        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
-        let (done, joined) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for thread in threads {
-                // A thread a panic ended joins with an error: nothing to do.
-                let _ = thread.join();
-            }
-            let _ = done.send(());
-        });
-        if joined.recv_timeout(wait).is_err() {
-            tracing::warn!(?wait, "actor threads still running at exit");
-        }
+        supervisor::stop_all(self, wait);
     }
 }
 
@@ -397,21 +282,5 @@ pub fn source_label(origin: &Origin) -> &'static str {
     match origin {
         Origin::Kafka { .. } => "kafka",
         Origin::File { .. } => "file",
-    }
-}
-
-/// Applies a chaos hook inside an actor's handler: `Crash` fails through the
-/// error path (the supervisor restarts the actor), `Panic` panics.
-pub fn chaos<A: Actor<Context = Context<A>>>(actor: &'static str, chaos: messages::Chaos, ctx: &mut Context<A>) {
-    use actix::ActorContext;
-    match chaos {
-        messages::Chaos::Crash => {
-            tracing::warn!(actor, "chaos: crashing through the error path");
-            ctx.stop();
-        }
-        messages::Chaos::Panic => {
-            tracing::warn!(actor, "chaos: panicking in a handler");
-            panic!("chaos: {actor} panics in a handler");
-        }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::Pipeline;
-use super::messages::{Chaos, PredictBatch, WriteBatch};
+use super::messages::{PredictBatch, WriteBatch};
 use crate::domain::prediction::PredictRequestItem;
 
 pub struct PredictClient {
@@ -69,10 +69,4 @@ impl Handler<PredictBatch> for PredictClient {
     }
 }
 
-impl Handler<Chaos> for PredictClient {
-    type Result = ();
-
-    fn handle(&mut self, chaos: Chaos, ctx: &mut Context<Self>) {
-        super::chaos("predict_client", chaos, ctx);
-    }
-}
+super::supervisor::chaos_hook!(PredictClient, "predict_client");

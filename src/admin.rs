@@ -108,7 +108,7 @@ async fn chaos(path: web::Path<(String, String)>, state: web::Data<AdminState>) 
         "panic" => Chaos::Panic,
         _ => return HttpResponse::NotFound().json(serde_json::json!({"error": format!("unknown chaos {kind:?}")})),
     };
-    let sent = state.pipeline.addrs().chaos(&actor, chaos);
+    let sent = state.pipeline.chaos(&actor, chaos);
     if sent {
         HttpResponse::Accepted().json(serde_json::json!({"actor": actor, "chaos": kind}))
     } else {

@@ -161,9 +161,6 @@ impl Metrics {
         for state in ["idle", "in_use"] {
             self.db_pool_connections.with_label_values(&[state]);
         }
-        for actor in crate::actors::ACTOR_NAMES {
-            self.actor_restarts.with_label_values(&[actor]);
-        }
         self
     }
 

@@ -1,0 +1,232 @@
+//! Supervision: one table of the actors drives their start, their revival
+//! after a panic, the restart metric and the chaos hooks.
+//!
+//! Every actor runs on an arbiter (thread) of its own under an actix
+//! `Supervisor`, so an actor that fails through its error path is restarted
+//! in place (its `Supervised::restarting` says what it lost). One that
+//! panics takes only its own thread down: the watchdog here sees its closed
+//! mailbox and starts it again, as its [`Revival`] says.
+
+use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, Recipient, Supervised, Supervisor};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::messages::Chaos;
+use super::{
+    AddrSlots, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
+};
+use crate::metrics::METRICS;
+
+/// What a panicked actor's revival costs.
+#[derive(Clone, Copy)]
+enum Revival {
+    /// The records it held are lost from memory: the sources read again
+    /// from what is durable.
+    Rewind,
+    /// It held no record of the pipeline (its runs resume by themselves,
+    /// or it keeps its work in the database): counted, nothing read again.
+    Resume,
+}
+
+/// One supervised actor: its name (in logs, metrics and the chaos
+/// endpoint), how to start it, and what its revival costs.
+struct Entry {
+    name: &'static str,
+    start: fn(&Arc<Pipeline>) -> Started,
+    revival: Revival,
+    /// Revived while the service shuts down too (to finish what is in
+    /// flight); the reader is not, since it stops reading then.
+    revive_in_shutdown: bool,
+}
+
+/// A started actor: its chaos hook (whose mailbox tells whether it still
+/// runs) and its arbiter. Its typed address is in the pipeline's.
+struct Started {
+    chaos: Recipient<Chaos>,
+    arbiter: ArbiterHandle,
+}
+
+/// The actors, in start order: each one's recipients are started before it.
+const ACTORS: [Entry; 7] = [
+    entry("dlq_publisher", |p| {
+        start(p, "dlq_publisher", dlq_publisher::DlqPublisher::new, |a, x| a.dlq_publisher = Some(x))
+    }),
+    entry("db_writer", |p| start(p, "db_writer", db_writer::DbWriter::new, |a, x| a.db_writer = Some(x))),
+    entry("predict_client", |p| {
+        start(p, "predict_client", predict_client::PredictClient::new, |a, x| a.predict_client = Some(x))
+    }),
+    entry("buffer", |p| start(p, "buffer", buffer::Buffer::new, |a, x| a.buffer = Some(x))),
+    Entry {
+        revival: Revival::Resume,
+        ..entry("backfill", |p| start(p, "backfill", backfill::Backfill::new, |a, x| a.backfill = Some(x)))
+    },
+    Entry {
+        revival: Revival::Resume,
+        ..entry("csv_loader", |p| start(p, "csv_loader", csv_loader::CsvLoader::new, |a, x| a.csv_loader = Some(x)))
+    },
+    Entry {
+        revive_in_shutdown: false,
+        ..entry("kafka_reader", |p| {
+            start(p, "kafka_reader", kafka_reader::KafkaReader::new, |a, x| a.kafka_reader = Some(x))
+        })
+    },
+];
+
+const fn entry(name: &'static str, start: fn(&Arc<Pipeline>) -> Started) -> Entry {
+    Entry { name, start, revival: Revival::Rewind, revive_in_shutdown: true }
+}
+
+/// The actors' names, as the chaos endpoint and the restart metric name them.
+pub const ACTOR_NAMES: [&str; ACTORS.len()] = {
+    let mut names = [""; ACTORS.len()];
+    let mut index = 0;
+    while index < ACTORS.len() {
+        names[index] = ACTORS[index].name;
+        index += 1;
+    }
+    names
+};
+
+/// The actors running now, each with its chaos hook.
+#[derive(Default)]
+pub struct Running {
+    actors: Vec<(&'static Entry, Recipient<Chaos>)>,
+    arbiters: Vec<ArbiterHandle>,
+}
+
+/// Starts an actor under a supervisor on an arbiter of its own, and puts
+/// its address in the pipeline's addresses with `install`.
+fn start<A>(
+    pipeline: &Arc<Pipeline>,
+    name: &'static str,
+    make: fn(Arc<Pipeline>) -> A,
+    install: fn(&mut AddrSlots, Addr<A>),
+) -> Started
+where
+    A: Actor<Context = Context<A>> + Supervised + actix::Handler<Chaos>,
+{
+    let arbiter = Arbiter::new();
+    let handle = arbiter.handle();
+    // The thread runs this actor alone, so a span entered on it for good
+    // names the actor in every log line it writes (`actor` field), without
+    // a span in each handler. Runs before the actor starts: an arbiter runs
+    // what it is given in order. The guard is never dropped.
+    handle.spawn_fn(move || std::mem::forget(tracing::info_span!("actor", actor = name).entered()));
+    let shared = pipeline.clone();
+    let addr = Supervisor::start_in_arbiter(&handle, move |_| make(shared));
+    pipeline.threads.lock().expect("threads lock").push(arbiter);
+    let chaos = addr.clone().recipient();
+    pipeline.with_addrs(|addrs| install(addrs, addr));
+    Started { chaos, arbiter: handle }
+}
+
+/// Starts every actor (the reader only when `read_kafka`), then the
+/// watchdog that revives them.
+pub fn start_all(pipeline: &Arc<Pipeline>, read_kafka: bool) {
+    for entry in ACTORS.iter().filter(|entry| read_kafka || entry.name != "kafka_reader") {
+        METRICS.actor_restarts.with_label_values(&[entry.name]);
+        let started = (entry.start)(pipeline);
+        let mut running = pipeline.running.lock().expect("running lock");
+        running.actors.push((entry, started.chaos));
+        running.arbiters.push(started.arbiter);
+    }
+    let pipeline = pipeline.clone();
+    actix::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            ticker.tick().await;
+            revive_panicked(&pipeline);
+        }
+    });
+}
+
+/// Starts again every actor whose mailbox closed: a panic ended its thread.
+fn revive_panicked(pipeline: &Arc<Pipeline>) {
+    let ended: Vec<&'static Entry> = {
+        let running = pipeline.running.lock().expect("running lock");
+        running.actors.iter().filter(|(_, chaos)| !chaos.connected()).map(|(entry, _)| *entry).collect()
+    };
+    for entry in ended {
+        if !entry.revive_in_shutdown && pipeline.is_shutting_down() {
+            continue;
+        }
+        let started = (entry.start)(pipeline);
+        {
+            let mut running = pipeline.running.lock().expect("running lock");
+            if let Some(slot) = running.actors.iter_mut().find(|(e, _)| e.name == entry.name) {
+                slot.1 = started.chaos;
+            }
+            running.arbiters.push(started.arbiter);
+        }
+        match entry.revival {
+            Revival::Rewind => pipeline.work_lost(entry.name, "its mailbox closed (panic)"),
+            Revival::Resume => {
+                METRICS.actor_restarts.with_label_values(&[entry.name]).inc();
+                tracing::warn!(actor = entry.name, "actor restarted after a panic; its work resumes");
+            }
+        }
+    }
+}
+
+/// Sends a chaos hook to the actor named `actor`; false when none runs.
+pub fn chaos(pipeline: &Pipeline, actor: &str, chaos: Chaos) -> bool {
+    let running = pipeline.running.lock().expect("running lock");
+    match running.actors.iter().find(|(entry, _)| entry.name == actor) {
+        Some((_, hook)) => {
+            hook.do_send(chaos);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Stops every arbiter (after a graceful shutdown) and waits, at most
+/// `wait`, for their threads to end, so that the actors and the clients
+/// they hold are gone before the process ends.
+pub fn stop_all(pipeline: &Pipeline, wait: Duration) {
+    for arbiter in &pipeline.running.lock().expect("running lock").arbiters {
+        arbiter.stop();
+    }
+    let threads = std::mem::take(&mut *pipeline.threads.lock().expect("threads lock"));
+    let (done, joined) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for thread in threads {
+            // A thread a panic ended joins with an error: nothing to do.
+            let _ = thread.join();
+        }
+        let _ = done.send(());
+    });
+    if joined.recv_timeout(wait).is_err() {
+        tracing::warn!(?wait, "actor threads still running at exit");
+    }
+}
+
+/// The chaos hook every actor answers (`impl Handler<Chaos>`): `Crash`
+/// fails through the error path (the supervisor restarts the actor in
+/// place), `Panic` panics (the watchdog revives it).
+macro_rules! chaos_hook {
+    ($actor:ty, $name:literal) => {
+        impl actix::Handler<$crate::actors::messages::Chaos> for $actor {
+            type Result = ();
+
+            fn handle(&mut self, chaos: $crate::actors::messages::Chaos, ctx: &mut actix::Context<Self>) {
+                $crate::actors::supervisor::apply_chaos($name, chaos, ctx);
+            }
+        }
+    };
+}
+pub(crate) use chaos_hook;
+
+pub fn apply_chaos<A: Actor<Context = Context<A>>>(actor: &'static str, chaos: Chaos, ctx: &mut Context<A>) {
+    use actix::ActorContext;
+    match chaos {
+        Chaos::Crash => {
+            tracing::warn!(actor, "chaos: crashing through the error path");
+            ctx.stop();
+        }
+        Chaos::Panic => {
+            tracing::warn!(actor, "chaos: panicking in a handler");
+            panic!("chaos: {actor} panics in a handler");
+        }
+    }
+}
