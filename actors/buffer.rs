@@ -1,45 +1,45 @@
-//! Buffer: collects valid records and flushes them as one batch when it holds
+//! Buffer: collects valid records and sends them on as one flush when it holds
 //! `buffer.max_records` or when the oldest has waited `buffer.max_wait_ms`,
 //! whichever comes first (contract §1).
 //!
-//! Each time flush carries the id of the batch it was set for, so a timer
-//! set for a batch that already left on size never flushes a newer batch.
+//! Each timer carries the id of the flush it was set for, so a timer set
+//! for a flush that already left on size never sends a newer one early.
 
 use actix::{Actor, AsyncContext, Context, Handler, Supervised};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Pipeline;
-use super::messages::{Envelope, FlushNow, FlushTrigger, Ingest, PredictBatch};
+use super::messages::{Envelope, FlushNow, FlushTrigger, Ingest, PredictFlush};
 use crate::metrics::METRICS;
 
 pub struct Buffer {
     pipeline: Arc<Pipeline>,
     records: Vec<Envelope>,
-    /// Id of the batch being filled.
-    batch_id: u64,
+    /// Id of the flush being filled.
+    flush_id: u64,
 }
 
 impl Buffer {
     pub fn new(pipeline: Arc<Pipeline>) -> Buffer {
-        Buffer { pipeline, records: Vec::new(), batch_id: 0 }
+        Buffer { pipeline, records: Vec::new(), flush_id: 0 }
     }
 
-    /// Sends the oldest `count` records on as one batch.
+    /// Sends the oldest `count` records on as one flush.
     fn flush(&mut self, trigger: FlushTrigger, count: usize) {
         if self.records.is_empty() {
             return;
         }
         let rest = self.records.split_off(count.min(self.records.len()));
         let records = std::mem::replace(&mut self.records, rest);
-        let flush_id = self.batch_id;
-        self.batch_id += 1;
+        let flush_id = self.flush_id;
+        self.flush_id += 1;
         METRICS.buffer_depth.set(self.records.len() as i64);
         METRICS.flush_size.with_label_values(&[trigger.as_str()]).observe(records.len() as f64);
         tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
         // The records hold capacity permits, which bound what is in flight;
         // the PredictClient's mailbox never grows past that bound.
-        self.pipeline.addrs().predict_client.do_send(PredictBatch {
+        self.pipeline.addrs().predict_client.do_send(PredictFlush {
             flush_id,
             trigger,
             flushed_at: Instant::now(),
@@ -52,12 +52,12 @@ impl Buffer {
         self.flush(trigger, count);
     }
 
-    /// Arms the time flush of the batch being filled.
+    /// Arms the time trigger of the flush being filled.
     fn arm_timer(&self, ctx: &mut Context<Self>) {
-        let batch_id = self.batch_id;
+        let flush_id = self.flush_id;
         let wait = Duration::from_millis(self.pipeline.config.buffer.max_wait_ms);
         ctx.run_later(wait, move |buffer, _| {
-            if buffer.batch_id == batch_id {
+            if buffer.flush_id == flush_id {
                 buffer.flush_all(FlushTrigger::Time);
             }
         });
@@ -73,7 +73,7 @@ impl Supervised for Buffer {
         // The records held are dropped (their permits return); the source reads them again.
         self.records.clear();
         METRICS.buffer_depth.set(0);
-        self.batch_id += 1;
+        self.flush_id += 1;
         self.pipeline.work_lost("buffer", "restarted by its supervisor");
     }
 }
@@ -93,7 +93,7 @@ impl Handler<Ingest> for Buffer {
             self.flush(FlushTrigger::Size, max_records);
             flushed = true;
         }
-        // A new batch starts its own clock: when the buffer was empty, or
+        // A new flush starts its own clock: when the buffer was empty, or
         // when a size flush left a remainder behind.
         if !self.records.is_empty() && (was_empty || flushed) {
             self.arm_timer(ctx);

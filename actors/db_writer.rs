@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
 
-use super::messages::{DeadLetter, DeadLetters, Envelope, WriteBatch};
+use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
 use super::{Pipeline, source_label};
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
@@ -97,7 +97,7 @@ fn refusal(
 /// its prediction, since a bad prediction must not cost the transaction.
 fn write_positions(
     connection: &mut diesel::pg::PgConnection,
-    batch: &WriteBatch,
+    batch: &WriteFlush,
     positions: &[usize],
     suspicion: Suspicion,
     refusals: &mut Refusals,
@@ -135,7 +135,7 @@ fn write_positions(
     Ok(())
 }
 
-fn write_batch(pipeline: &Pipeline, batch: &WriteBatch, suspicion: Suspicion) -> Result<Refusals, WriteError> {
+fn write_batch(pipeline: &Pipeline, batch: &WriteFlush, suspicion: Suspicion) -> Result<Refusals, WriteError> {
     let mut connection = pipeline.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
     let positions: Vec<usize> = (0..batch.records.len()).collect();
     let mut refusals = Refusals::default();
@@ -148,7 +148,7 @@ fn write_batch(pipeline: &Pipeline, batch: &WriteBatch, suspicion: Suspicion) ->
 /// nothing (guarantee 5); once the same write has failed
 /// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
 /// answers are taken as refusals of the records, which are isolated.
-async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
+async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteFlush) {
     let mut backoff = crate::backoff::Backoff::outage();
     let refusals = loop {
         let suspicion = if backoff.failures() >= SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
@@ -207,12 +207,12 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteBatch) {
 /// the refused records to the DLQ.
 fn acknowledge(
     pipeline: &Pipeline,
-    batch: WriteBatch,
+    batch: WriteFlush,
     refusals: Refusals,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let mut refused: std::collections::HashMap<usize, String> = refusals.records.into_iter().collect();
-    let WriteBatch { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = batch;
+    let WriteFlush { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = batch;
     // A refused prediction: the transaction is stored, its prediction failed.
     for (position, reason) in refusals.predictions {
         let id = records[position].transaction.id;
@@ -287,10 +287,10 @@ fn dead_letter(mut record: Envelope, failure: Failure, acknowledges_origin: bool
     }
 }
 
-impl Handler<WriteBatch> for DbWriter {
+impl Handler<WriteFlush> for DbWriter {
     type Result = ();
 
-    fn handle(&mut self, batch: WriteBatch, ctx: &mut Context<Self>) {
+    fn handle(&mut self, batch: WriteFlush, ctx: &mut Context<Self>) {
         let span = tracing::info_span!("flush", flush_id = batch.flush_id);
         ctx.spawn(persist(self.pipeline.clone(), batch).instrument(span).into_actor(self).map(|(), _, _| ()));
     }

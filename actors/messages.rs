@@ -106,7 +106,7 @@ impl FlushTrigger {
 /// Buffer -> PredictClient: one flush.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct PredictBatch {
+pub struct PredictFlush {
     pub flush_id: u64,
     pub trigger: FlushTrigger,
     pub flushed_at: Instant,
@@ -116,7 +116,7 @@ pub struct PredictBatch {
 /// PredictClient -> DbWriter: a flush with its predictions and failures.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct WriteBatch {
+pub struct WriteFlush {
     pub flush_id: u64,
     pub trigger: FlushTrigger,
     pub flushed_at: Instant,

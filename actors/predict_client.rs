@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::Pipeline;
-use super::messages::{PredictBatch, WriteBatch};
+use super::messages::{PredictFlush, WriteFlush};
 use crate::domain::prediction::PredictRequestItem;
 
 pub struct PredictClient {
@@ -34,10 +34,10 @@ impl Supervised for PredictClient {
     }
 }
 
-impl Handler<PredictBatch> for PredictClient {
+impl Handler<PredictFlush> for PredictClient {
     type Result = ();
 
-    fn handle(&mut self, batch: PredictBatch, ctx: &mut Context<Self>) {
+    fn handle(&mut self, batch: PredictFlush, ctx: &mut Context<Self>) {
         let pipeline = self.pipeline.clone();
         let span = tracing::info_span!("flush", flush_id = batch.flush_id);
         // Spawned, not awaited: the mailbox keeps taking flushes while this
@@ -56,7 +56,7 @@ impl Handler<PredictBatch> for PredictClient {
         }
         .instrument(span);
         ctx.spawn(predict.into_actor(self).map(|(batch, predicted), actor, _ctx| {
-            let write = WriteBatch {
+            let write = WriteFlush {
                 flush_id: batch.flush_id,
                 trigger: batch.trigger,
                 flushed_at: batch.flushed_at,
