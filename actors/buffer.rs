@@ -10,19 +10,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Pipeline;
+use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, FlushTrigger, Ingest, PredictFlush};
+use super::predict_client::PredictClient;
 use crate::metrics::METRICS;
 
 pub struct Buffer {
     pipeline: Arc<Pipeline>,
+    predict_client: Mailbox<PredictClient>,
     records: Vec<Envelope>,
     /// Id of the flush being filled.
     flush_id: u64,
 }
 
 impl Buffer {
-    pub fn new(pipeline: Arc<Pipeline>) -> Buffer {
-        Buffer { pipeline, records: Vec::new(), flush_id: 0 }
+    pub fn new(pipeline: Arc<Pipeline>, predict_client: Mailbox<PredictClient>) -> Buffer {
+        Buffer { pipeline, predict_client, records: Vec::new(), flush_id: 0 }
     }
 
     /// Sends the oldest `count` records on as one flush.
@@ -39,12 +42,7 @@ impl Buffer {
         tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
         // The records hold capacity permits, which bound what is in flight;
         // the PredictClient's mailbox never grows past that bound.
-        self.pipeline.addrs().predict_client.do_send(PredictFlush {
-            flush_id,
-            trigger,
-            flushed_at: Instant::now(),
-            records,
-        });
+        self.predict_client.do_send(PredictFlush { flush_id, trigger, flushed_at: Instant::now(), records });
     }
 
     fn flush_all(&mut self, trigger: FlushTrigger) {

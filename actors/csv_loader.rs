@@ -24,6 +24,8 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::Pipeline;
+use super::buffer::Buffer;
+use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, Ingest, Lineage};
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
 use crate::domain::origin::Origin;
@@ -48,21 +50,22 @@ pub struct LoadCsv {
 
 pub struct CsvLoader {
     pipeline: Arc<Pipeline>,
+    buffer: Mailbox<Buffer>,
     s3: aws_sdk_s3::Client,
     /// A heartbeat is being written: the next tick skips rather than queue.
     recording: bool,
 }
 
 impl CsvLoader {
-    pub fn new(pipeline: Arc<Pipeline>) -> CsvLoader {
+    pub fn new(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>) -> CsvLoader {
         let s3 = crate::s3::client(&pipeline.config.s3);
-        CsvLoader { pipeline, s3, recording: false }
+        CsvLoader { pipeline, buffer, s3, recording: false }
     }
 
     fn spawn_run(&self, spec: Arc<RunSpec>, ctx: &mut Context<Self>) {
-        let (pipeline, s3) = (self.pipeline.clone(), self.s3.clone());
+        let (pipeline, buffer, s3) = (self.pipeline.clone(), self.buffer.clone(), self.s3.clone());
         let span = tracing::info_span!("batch_run", run_id = spec.run_id.as_str());
-        ctx.spawn(run(pipeline, s3, spec).instrument(span).into_actor(self));
+        ctx.spawn(run(pipeline, buffer, s3, spec).instrument(span).into_actor(self));
     }
 }
 
@@ -131,7 +134,7 @@ impl Handler<LoadCsv> for CsvLoader {
 super::supervisor::chaos_hook!(CsvLoader, "csv_loader");
 
 /// Loads every file of the run not done yet, in order.
-async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
+async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
     let runs = &pipeline.batches;
     let first = runs.files_done(&spec.run_id);
     for file in &spec.files[first..] {
@@ -143,7 +146,7 @@ async fn run(pipeline: Arc<Pipeline>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>
                 return;
             }
             let epoch = pipeline.epoch();
-            match read_file(&pipeline, &s3, &spec, file, &mut errors, epoch).await {
+            match read_file(&pipeline, &buffer, &s3, &spec, file, &mut errors, epoch).await {
                 Ok(Pass::Complete) => {
                     if wait_settled(&pipeline, &spec.run_id, &file.uri, epoch).await {
                         break;
@@ -272,6 +275,7 @@ async fn wait_settled(pipeline: &Pipeline, run_id: &str, uri: &str, epoch: u64) 
 /// Reads the file once from the start, sending the rows not yet settled.
 async fn read_file(
     pipeline: &Pipeline,
+    buffer: &Mailbox<Buffer>,
     s3: &aws_sdk_s3::Client,
     spec: &RunSpec,
     file: &InputFile,
@@ -295,7 +299,7 @@ async fn read_file(
             return Ok(Pass::WorkLost);
         }
         if pipeline.is_shutting_down() {
-            send(pipeline, &mut chunk);
+            send(buffer, &mut chunk);
             return Ok(Pass::ShuttingDown);
         }
         let record = match row {
@@ -320,13 +324,13 @@ async fn read_file(
                     Some(permit) => permit,
                     None => {
                         // The pipeline is full: hand on what we hold, then wait (backpressure).
-                        send(pipeline, &mut chunk);
+                        send(buffer, &mut chunk);
                         pipeline.reserve(bytes).await
                     }
                 };
                 chunk.push(envelope(spec, file, line, transaction, permit));
                 if chunk.len() >= CHUNK {
-                    send(pipeline, &mut chunk);
+                    send(buffer, &mut chunk);
                 }
             }
             (RowAction::RecordInvalid, Some(Err(reason))) => {
@@ -339,10 +343,10 @@ async fn read_file(
         }
     }
     let last_line = rows.end_line();
-    send(pipeline, &mut chunk);
+    send(buffer, &mut chunk);
     runs.end_of_file(run_id, &file.uri, last_line);
     // The file's last rows need not wait for the Buffer's timer.
-    pipeline.addrs().buffer.do_send(FlushNow);
+    buffer.do_send(FlushNow);
     Ok(Pass::Complete)
 }
 
@@ -370,10 +374,10 @@ fn envelope(
     }
 }
 
-fn send(pipeline: &Pipeline, chunk: &mut Vec<Envelope>) {
+fn send(buffer: &Mailbox<Buffer>, chunk: &mut Vec<Envelope>) {
     if chunk.is_empty() {
         return;
     }
     METRICS.records.with_label_values(&["file", "read"]).inc_by(chunk.len() as u64);
-    pipeline.addrs().buffer.do_send(Ingest(std::mem::take(chunk)));
+    buffer.do_send(Ingest(std::mem::take(chunk)));
 }

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
 
+use super::dlq_publisher::DlqPublisher;
+use super::mailbox::Mailbox;
 use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
 use super::{Pipeline, source_label};
 use crate::db::{TransactionRow, WriteError, write_flush};
@@ -31,11 +33,12 @@ use crate::metrics::METRICS;
 
 pub struct DbWriter {
     pipeline: Arc<Pipeline>,
+    dlq_publisher: Mailbox<DlqPublisher>,
 }
 
 impl DbWriter {
-    pub fn new(pipeline: Arc<Pipeline>) -> DbWriter {
-        DbWriter { pipeline }
+    pub fn new(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>) -> DbWriter {
+        DbWriter { pipeline, dlq_publisher }
     }
 }
 
@@ -148,7 +151,7 @@ fn write_batch(pipeline: &Pipeline, batch: &WriteFlush, suspicion: Suspicion) ->
 /// nothing (guarantee 5); once the same write has failed
 /// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
 /// answers are taken as refusals of the records, which are isolated.
-async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteFlush) {
+async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, mut batch: WriteFlush) {
     let mut backoff = crate::backoff::Backoff::outage();
     let refusals = loop {
         let suspicion = if backoff.failures() >= SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
@@ -200,13 +203,14 @@ async fn persist(pipeline: Arc<Pipeline>, mut batch: WriteFlush) {
     } else {
         Some(super::prediction_fan_out::room(&pipeline, batch.predictions.len()).await)
     };
-    acknowledge(&pipeline, batch, refusals, room);
+    acknowledge(&pipeline, &dlq_publisher, batch, refusals, room);
 }
 
 /// Acknowledges the written records, and sends the failed predictions and
 /// the refused records to the DLQ.
 fn acknowledge(
     pipeline: &Pipeline,
+    dlq_publisher: &Mailbox<DlqPublisher>,
     batch: WriteFlush,
     refusals: Refusals,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -266,7 +270,7 @@ fn acknowledge(
     METRICS.flush_duration.with_label_values(&[trigger.as_str()]).observe(flushed_at.elapsed().as_secs_f64());
     tracing::debug!(flush_id, total, dead_letters = dead_letters.len(), "flush durable");
     if !dead_letters.is_empty() {
-        pipeline.addrs().dlq_publisher.do_send(DeadLetters(dead_letters));
+        dlq_publisher.do_send(DeadLetters(dead_letters));
     }
     if let Some(room) = room
         && !predicted_for_fanout.is_empty()
@@ -292,7 +296,12 @@ impl Handler<WriteFlush> for DbWriter {
 
     fn handle(&mut self, batch: WriteFlush, ctx: &mut Context<Self>) {
         let span = tracing::info_span!("flush", flush_id = batch.flush_id);
-        ctx.spawn(persist(self.pipeline.clone(), batch).instrument(span).into_actor(self).map(|(), _, _| ()));
+        ctx.spawn(
+            persist(self.pipeline.clone(), self.dlq_publisher.clone(), batch)
+                .instrument(span)
+                .into_actor(self)
+                .map(|(), _, _| ()),
+        );
     }
 }
 

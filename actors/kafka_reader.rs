@@ -31,6 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Pipeline;
+use super::buffer::Buffer;
+use super::dlq_publisher::DlqPublisher;
+use super::mailbox::Mailbox;
 use super::messages::{CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
 use crate::config::BrokerQuirks;
 use crate::domain::dead_letter::{ErrorType, Failure};
@@ -46,6 +49,8 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// The consumer's callbacks: rebalances and statistics (consumer lag).
 pub struct ReaderContext {
     pipeline: Arc<Pipeline>,
+    /// For the flush on a revoke.
+    buffer: Mailbox<Buffer>,
     /// The partitions this reader holds, with the group's committed offset
     /// when they were assigned: the lag's starting point.
     assigned: std::sync::Mutex<std::collections::BTreeMap<i32, Option<i64>>>,
@@ -147,9 +152,7 @@ impl ConsumerContext for ReaderContext {
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?partitions, "partitions revoked: flushing and committing what is durable");
-        if let Some(buffer) = self.pipeline.addrs.read().expect("addrs lock").buffer.as_ref() {
-            buffer.do_send(super::messages::FlushNow);
-        }
+        self.buffer.do_send(super::messages::FlushNow);
         // Blocking is fine here: this is the reader's own thread.
         let deadline = Instant::now() + REVOKE_WAIT;
         while partitions.iter().any(|p| self.pipeline.offsets().in_flight(*p) > 0) && Instant::now() < deadline {
@@ -215,6 +218,7 @@ type Reader = StreamConsumer<ReaderContext>;
 
 pub struct KafkaReader {
     pipeline: Arc<Pipeline>,
+    next: Next,
     consumer: Option<Arc<Reader>>,
     read_loop: Option<SpawnHandle>,
     /// Since when this reader holds no partition, and when it last said so.
@@ -233,8 +237,9 @@ const RECOMMIT_EVERY: u32 = 10;
 const UNASSIGNED_WARNING: Duration = Duration::from_secs(30);
 
 impl KafkaReader {
-    pub fn new(pipeline: Arc<Pipeline>) -> KafkaReader {
-        KafkaReader { pipeline, consumer: None, read_loop: None, unassigned: None, ticks: 0 }
+    pub fn new(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, dlq_publisher: Mailbox<DlqPublisher>) -> KafkaReader {
+        let next = Next { buffer, dlq_publisher };
+        KafkaReader { pipeline, next, consumer: None, read_loop: None, unassigned: None, ticks: 0 }
     }
 
     /// Warns, once a minute, while the reader holds no partition. Normal when
@@ -276,6 +281,7 @@ impl KafkaReader {
             .set("fetch.wait.max.ms", "100")
             .create_with_context(ReaderContext {
                 pipeline: self.pipeline.clone(),
+                buffer: self.next.buffer.clone(),
                 starts: Default::default(),
                 assigned: Default::default(),
             })?;
@@ -323,7 +329,7 @@ enum Commits {
 }
 
 /// Reads until stopped or an unrecoverable error.
-async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Result<()> {
+async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
     let quirks = pipeline.config.kafka.broker_quirks;
     let mut seen_epoch = pipeline.epoch();
@@ -378,7 +384,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
             let permit = match pipeline.try_reserve(bytes) {
                 Some(permit) => permit,
                 None => {
-                    batch.send(&pipeline).await;
+                    batch.send(&next).await;
                     tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading waits");
                     match quirks {
                         BrokerQuirks::None => {
@@ -400,7 +406,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, consumer: Arc<Reader>) -> anyhow::Re
             };
             batch.add(&pipeline, &message, permit);
         }
-        batch.send(&pipeline).await;
+        batch.send(&next).await;
     }
 }
 
@@ -437,6 +443,13 @@ async fn wait_paused(
 
 /// Records read at once, at most.
 const READ_BATCH: usize = 500;
+
+/// The stages the reader sends to.
+#[derive(Clone)]
+struct Next {
+    buffer: Mailbox<Buffer>,
+    dlq_publisher: Mailbox<DlqPublisher>,
+}
 
 /// What one pass of the read loop sends on: valid records to the Buffer,
 /// invalid ones to the DlqPublisher.
@@ -502,15 +515,14 @@ impl ReadBatch {
     /// send().await, not do_send: a slow Buffer slows the reader. A record
     /// lost to a restarting actor was tracked as read and never acknowledged,
     /// so no commit passes it, and the rewind reads it again.
-    async fn send(&mut self, pipeline: &Pipeline) {
+    async fn send(&mut self, next: &Next) {
         METRICS.records.with_label_values(&["kafka", "read"]).inc_by(std::mem::take(&mut self.read));
         METRICS.records.with_label_values(&["kafka", "invalid"]).inc_by(std::mem::take(&mut self.rejected));
-        let addrs = pipeline.addrs();
-        if !self.valid.is_empty() && addrs.buffer.send(Ingest(std::mem::take(&mut self.valid))).await.is_err() {
+        if !self.valid.is_empty() && next.buffer.send(Ingest(std::mem::take(&mut self.valid))).await.is_err() {
             tracing::warn!("the Buffer is restarting; its records will be read again");
         }
         if !self.invalid.is_empty()
-            && addrs.dlq_publisher.send(DeadLetters(std::mem::take(&mut self.invalid))).await.is_err()
+            && next.dlq_publisher.send(DeadLetters(std::mem::take(&mut self.invalid))).await.is_err()
         {
             tracing::warn!("the DlqPublisher is restarting; its records will be read again");
         }
@@ -581,14 +593,15 @@ impl Actor for KafkaReader {
         // A fresh consumer resumes from the committed offsets: forget what
         // the previous one had in flight.
         *self.pipeline.offsets() = Default::default();
-        let pipeline = self.pipeline.clone();
-        self.read_loop = Some(ctx.spawn(read_loop(pipeline, consumer).into_actor(self).map(|result, actor, ctx| {
-            if let Err(error) = result {
-                tracing::error!(%error, "the read loop failed; restarting the reader");
-                actor.pipeline.work_lost("kafka_reader", "its read loop failed");
-                ctx.stop();
-            }
-        })));
+        let (pipeline, next) = (self.pipeline.clone(), self.next.clone());
+        self.read_loop =
+            Some(ctx.spawn(read_loop(pipeline, next, consumer).into_actor(self).map(|result, actor, ctx| {
+                if let Err(error) = result {
+                    tracing::error!(%error, "the read loop failed; restarting the reader");
+                    actor.pipeline.work_lost("kafka_reader", "its read loop failed");
+                    ctx.stop();
+                }
+            })));
         ctx.run_interval(COMMIT_INTERVAL, |actor, _| {
             actor.ticks += 1;
             let everything = actor.ticks.is_multiple_of(RECOMMIT_EVERY);

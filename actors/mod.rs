@@ -23,16 +23,18 @@ pub mod csv_loader;
 pub mod db_writer;
 pub mod dlq_publisher;
 pub mod kafka_reader;
+pub mod mailbox;
 pub mod messages;
 pub mod predict_client;
 pub mod prediction_fan_out;
 pub mod supervisor;
 
+pub use mailbox::Mailbox;
 pub use supervisor::ACTOR_NAMES;
 
-use actix::{Addr, Arbiter};
+use actix::Arbiter;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -66,50 +68,26 @@ pub struct Pipeline {
     pub instance: String,
     epoch: AtomicU64,
     shutting_down: AtomicBool,
-    addrs: RwLock<AddrSlots>,
+    mailboxes: Mailboxes,
     /// The actors running, with their chaos hooks and arbiters.
     running: Mutex<supervisor::Running>,
     /// Every arbiter thread started, joined at the end.
     threads: Mutex<Vec<Arbiter>>,
 }
 
-/// The running actors and the arbiters they live on.
-#[derive(Clone)]
-pub struct Addrs {
-    pub kafka_reader: Option<Addr<kafka_reader::KafkaReader>>,
-    pub buffer: Addr<buffer::Buffer>,
-    pub predict_client: Addr<predict_client::PredictClient>,
-    pub db_writer: Addr<db_writer::DbWriter>,
-    pub dlq_publisher: Addr<dlq_publisher::DlqPublisher>,
-    pub csv_loader: Addr<csv_loader::CsvLoader>,
-    pub backfill: Addr<backfill::Backfill>,
-}
-
-/// The addresses as the actors start, one by one.
+/// Every stage's mailbox. The supervisor wires each stage with the
+/// mailboxes of the stages after it, and points a mailbox at the new actor
+/// when it revives one; the process (shutdown, the admin server, the CLI)
+/// reaches the stages through the accessors below.
 #[derive(Default)]
-struct AddrSlots {
-    kafka_reader: Option<Addr<kafka_reader::KafkaReader>>,
-    buffer: Option<Addr<buffer::Buffer>>,
-    predict_client: Option<Addr<predict_client::PredictClient>>,
-    db_writer: Option<Addr<db_writer::DbWriter>>,
-    dlq_publisher: Option<Addr<dlq_publisher::DlqPublisher>>,
-    csv_loader: Option<Addr<csv_loader::CsvLoader>>,
-    backfill: Option<Addr<backfill::Backfill>>,
-}
-
-impl AddrSlots {
-    /// Every address, once every actor but the reader has started.
-    fn complete(&self) -> Option<Addrs> {
-        Some(Addrs {
-            kafka_reader: self.kafka_reader.clone(),
-            buffer: self.buffer.clone()?,
-            predict_client: self.predict_client.clone()?,
-            db_writer: self.db_writer.clone()?,
-            dlq_publisher: self.dlq_publisher.clone()?,
-            csv_loader: self.csv_loader.clone()?,
-            backfill: self.backfill.clone()?,
-        })
-    }
+struct Mailboxes {
+    kafka_reader: Mailbox<kafka_reader::KafkaReader>,
+    buffer: Mailbox<buffer::Buffer>,
+    predict_client: Mailbox<predict_client::PredictClient>,
+    db_writer: Mailbox<db_writer::DbWriter>,
+    dlq_publisher: Mailbox<dlq_publisher::DlqPublisher>,
+    csv_loader: Mailbox<csv_loader::CsvLoader>,
+    backfill: Mailbox<backfill::Backfill>,
 }
 
 /// `host/pid`: unique among live processes. A container restarted in place
@@ -140,7 +118,7 @@ impl Pipeline {
             instance: instance_name(),
             epoch: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
-            addrs: RwLock::default(),
+            mailboxes: Mailboxes::default(),
             running: Mutex::default(),
             threads: Mutex::default(),
         })
@@ -151,13 +129,17 @@ impl Pipeline {
         supervisor::start_all(self, read_kafka);
     }
 
-    fn with_addrs(&self, change: impl FnOnce(&mut AddrSlots)) {
-        change(&mut self.addrs.write().expect("addrs lock"));
+    /// The KafkaReader (None in batch mode, or before it started).
+    pub fn kafka_reader(&self) -> Option<actix::Addr<kafka_reader::KafkaReader>> {
+        self.mailboxes.kafka_reader.addr()
     }
 
-    /// The current addresses (they change when an actor is revived).
-    pub fn addrs(&self) -> Addrs {
-        self.addrs.read().expect("addrs lock").complete().expect("the pipeline is started")
+    pub fn buffer(&self) -> Mailbox<buffer::Buffer> {
+        self.mailboxes.buffer.clone()
+    }
+
+    pub fn csv_loader(&self) -> Mailbox<csv_loader::CsvLoader> {
+        self.mailboxes.csv_loader.clone()
     }
 
     /// Sends a chaos hook to the actor named `actor`; false when none runs.

@@ -10,16 +10,19 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::Pipeline;
+use super::db_writer::DbWriter;
+use super::mailbox::Mailbox;
 use super::messages::{PredictFlush, WriteFlush};
 use crate::domain::prediction::PredictRequestItem;
 
 pub struct PredictClient {
     pipeline: Arc<Pipeline>,
+    db_writer: Mailbox<DbWriter>,
 }
 
 impl PredictClient {
-    pub fn new(pipeline: Arc<Pipeline>) -> PredictClient {
-        PredictClient { pipeline }
+    pub fn new(pipeline: Arc<Pipeline>, db_writer: Mailbox<DbWriter>) -> PredictClient {
+        PredictClient { pipeline, db_writer }
     }
 }
 
@@ -64,7 +67,7 @@ impl Handler<PredictFlush> for PredictClient {
                 predictions: predicted.predictions.into_iter().map(|p| (p.transaction_id, p)).collect(),
                 failures: predicted.failures.into_iter().collect::<HashMap<_, _>>(),
             };
-            actor.pipeline.addrs().db_writer.do_send(write);
+            actor.db_writer.do_send(write);
         }));
     }
 }

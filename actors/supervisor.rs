@@ -7,13 +7,13 @@
 //! panics takes only its own thread down: the watchdog here sees its closed
 //! mailbox and starts it again, as its [`Revival`] says.
 
-use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, Recipient, Supervised, Supervisor};
+use actix::{Actor, Arbiter, ArbiterHandle, Context, Recipient, Supervised, Supervisor};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::messages::Chaos;
 use super::{
-    AddrSlots, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
+    Mailbox, Mailboxes, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
 };
 use crate::metrics::METRICS;
 
@@ -40,34 +40,59 @@ struct Entry {
 }
 
 /// A started actor: its chaos hook (whose mailbox tells whether it still
-/// runs) and its arbiter. Its typed address is in the pipeline's.
+/// runs) and its arbiter. Its mailbox points at it.
 struct Started {
     chaos: Recipient<Chaos>,
     arbiter: ArbiterHandle,
 }
 
-/// The actors, in start order: each one's recipients are started before it.
+/// The actors, in start order: each one's next stages are started before
+/// it, and it is wired with their mailboxes.
 const ACTORS: [Entry; 7] = [
-    entry("dlq_publisher", |p| {
-        start(p, "dlq_publisher", dlq_publisher::DlqPublisher::new, |a, x| a.dlq_publisher = Some(x))
+    entry("dlq_publisher", |p| start(p, "dlq_publisher", dlq_publisher::DlqPublisher::new, |m| &m.dlq_publisher)),
+    entry("db_writer", |p| {
+        let make = |p: Arc<Pipeline>| {
+            let dlq_publisher = p.mailboxes.dlq_publisher.clone();
+            db_writer::DbWriter::new(p, dlq_publisher)
+        };
+        start(p, "db_writer", make, |m| &m.db_writer)
     }),
-    entry("db_writer", |p| start(p, "db_writer", db_writer::DbWriter::new, |a, x| a.db_writer = Some(x))),
     entry("predict_client", |p| {
-        start(p, "predict_client", predict_client::PredictClient::new, |a, x| a.predict_client = Some(x))
+        let make = |p: Arc<Pipeline>| {
+            let db_writer = p.mailboxes.db_writer.clone();
+            predict_client::PredictClient::new(p, db_writer)
+        };
+        start(p, "predict_client", make, |m| &m.predict_client)
     }),
-    entry("buffer", |p| start(p, "buffer", buffer::Buffer::new, |a, x| a.buffer = Some(x))),
+    entry("buffer", |p| {
+        let make = |p: Arc<Pipeline>| {
+            let predict_client = p.mailboxes.predict_client.clone();
+            buffer::Buffer::new(p, predict_client)
+        };
+        start(p, "buffer", make, |m| &m.buffer)
+    }),
     Entry {
         revival: Revival::Resume,
-        ..entry("backfill", |p| start(p, "backfill", backfill::Backfill::new, |a, x| a.backfill = Some(x)))
+        ..entry("backfill", |p| start(p, "backfill", backfill::Backfill::new, |m| &m.backfill))
     },
     Entry {
         revival: Revival::Resume,
-        ..entry("csv_loader", |p| start(p, "csv_loader", csv_loader::CsvLoader::new, |a, x| a.csv_loader = Some(x)))
+        ..entry("csv_loader", |p| {
+            let make = |p: Arc<Pipeline>| {
+                let buffer = p.mailboxes.buffer.clone();
+                csv_loader::CsvLoader::new(p, buffer)
+            };
+            start(p, "csv_loader", make, |m| &m.csv_loader)
+        })
     },
     Entry {
         revive_in_shutdown: false,
         ..entry("kafka_reader", |p| {
-            start(p, "kafka_reader", kafka_reader::KafkaReader::new, |a, x| a.kafka_reader = Some(x))
+            let make = |p: Arc<Pipeline>| {
+                let (buffer, dlq_publisher) = (p.mailboxes.buffer.clone(), p.mailboxes.dlq_publisher.clone());
+                kafka_reader::KafkaReader::new(p, buffer, dlq_publisher)
+            };
+            start(p, "kafka_reader", make, |m| &m.kafka_reader)
         })
     },
 ];
@@ -94,13 +119,14 @@ pub struct Running {
     arbiters: Vec<ArbiterHandle>,
 }
 
-/// Starts an actor under a supervisor on an arbiter of its own, and puts
-/// its address in the pipeline's addresses with `install`.
+/// Starts an actor under a supervisor on an arbiter of its own, made by
+/// `make` (which wires it with its next stages' mailboxes), and points its
+/// own mailbox, `mailbox`, at it.
 fn start<A>(
     pipeline: &Arc<Pipeline>,
     name: &'static str,
     make: fn(Arc<Pipeline>) -> A,
-    install: fn(&mut AddrSlots, Addr<A>),
+    mailbox: fn(&Mailboxes) -> &Mailbox<A>,
 ) -> Started
 where
     A: Actor<Context = Context<A>> + Supervised + actix::Handler<Chaos>,
@@ -116,7 +142,7 @@ where
     let addr = Supervisor::start_in_arbiter(&handle, move |_| make(shared));
     pipeline.threads.lock().expect("threads lock").push(arbiter);
     let chaos = addr.clone().recipient();
-    pipeline.with_addrs(|addrs| install(addrs, addr));
+    mailbox(&pipeline.mailboxes).point_to(addr);
     Started { chaos, arbiter: handle }
 }
 

@@ -129,7 +129,7 @@ struct BatchRequest {
 /// 429 a run beyond `batch.max_concurrent_runs`.
 async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminState>) -> HttpResponse {
     let BatchRequest { uri, run_id } = request.into_inner();
-    let loader = state.pipeline.addrs().csv_loader;
+    let loader = state.pipeline.csv_loader();
     let policy = crate::batch::InputPolicy::for_http(&state.pipeline.config);
     match loader.send(LoadCsv { uri, run_id, policy }).await {
         Ok(Ok(run_id)) => {

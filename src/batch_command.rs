@@ -36,7 +36,7 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
 }
 
 async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
-    let run_id = pipeline.addrs().csv_loader.send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
+    let run_id = pipeline.csv_loader().send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
     let mut last_progress = Instant::now();
     loop {
         let report = pipeline.batches.report(&run_id).expect("the run is registered");

@@ -93,16 +93,15 @@ async fn wait_for_signal() {
 async fn shutdown(pipeline: &Arc<Pipeline>, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(500));
     pipeline.begin_shutdown();
-    let addrs = pipeline.addrs();
-    if let Some(reader) = &addrs.kafka_reader {
+    if let Some(reader) = pipeline.kafka_reader() {
         let _ = reader.send(StopReading).await;
     }
-    let _ = addrs.buffer.send(FlushNow).await;
+    let _ = pipeline.buffer().send(FlushNow).await;
     while pipeline.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let clean = pipeline.in_flight() == 0;
-    if let Some(reader) = &pipeline.addrs().kafka_reader {
+    if let Some(reader) = pipeline.kafka_reader() {
         let _ = reader.send(CommitNow).await;
     }
     clean
