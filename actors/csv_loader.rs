@@ -361,7 +361,7 @@ fn envelope(
     // transaction (Envelope::dead_letter_value), so rows that are written
     // cost neither.
     Envelope {
-        origin: Origin::File { uri: file.uri.clone(), line },
+        origin: Origin::File { source_uri: file.uri.clone(), line },
         key: None,
         raw: None,
         lineage: Lineage {

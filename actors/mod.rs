@@ -171,8 +171,8 @@ impl Pipeline {
             for (record, predicted) in records {
                 match &record.origin {
                     Origin::Kafka { partition, offset, .. } => offsets.durable(*partition, *offset),
-                    Origin::File { uri, line } if predicted => {
-                        settled.push((record.lineage.run_id.as_deref().unwrap_or_default(), uri, *line));
+                    Origin::File { source_uri, line } if predicted => {
+                        settled.push((record.lineage.run_id.as_deref().unwrap_or_default(), source_uri, *line));
                     }
                     Origin::File { .. } => {}
                 }
@@ -194,10 +194,10 @@ impl Pipeline {
                 self.offsets.lock().expect("offsets lock").durable(*partition, *offset);
             }
             Origin::Kafka { .. } => {}
-            Origin::File { uri, line } => {
+            Origin::File { source_uri, line } => {
                 let outcome =
                     if letter.acknowledges_origin { RowOutcome::Refused } else { RowOutcome::PredictionFailed };
-                self.batches.settle(letter.run_id.as_deref().unwrap_or_default(), uri, [(*line, outcome)]);
+                self.batches.settle(letter.run_id.as_deref().unwrap_or_default(), source_uri, [(*line, outcome)]);
             }
         }
     }

@@ -104,7 +104,7 @@ mod tests {
     fn origins_print_as_the_source_header() {
         let kafka = Origin::Kafka { topic: "transactions".into(), partition: 2, offset: 41 };
         assert_eq!(kafka.to_string(), "transactions/2/41");
-        let file = Origin::File { uri: "s3://transactions/in/a.csv".into(), line: 7 };
+        let file = Origin::File { source_uri: "s3://transactions/in/a.csv".into(), line: 7 };
         assert_eq!(file.to_string(), "s3://transactions/in/a.csv:7");
     }
 

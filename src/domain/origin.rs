@@ -8,7 +8,7 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Origin {
     Kafka { topic: String, partition: i32, offset: i64 },
-    File { uri: String, line: u64 },
+    File { source_uri: String, line: u64 },
 }
 
 impl fmt::Display for Origin {
@@ -17,7 +17,7 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::Kafka { topic, partition, offset } => write!(f, "{topic}/{partition}/{offset}"),
-            Origin::File { uri, line } => write!(f, "{uri}:{line}"),
+            Origin::File { source_uri, line } => write!(f, "{source_uri}:{line}"),
         }
     }
 }
