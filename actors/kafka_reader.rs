@@ -268,18 +268,21 @@ impl KafkaReader {
 
     fn create_consumer(&self) -> anyhow::Result<Arc<Reader>> {
         let kafka = &self.pipeline.config.kafka;
-        let consumer: Reader = crate::kafka::client_config(kafka)
-            .set("group.id", &kafka.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", &kafka.auto_offset_reset)
-            .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-            .set("statistics.interval.ms", "5000")
-            .set("queued.max.messages.kbytes", "4096")
+        let session_timeout = kafka.session_timeout_ms.to_string();
+        let defaults = [
+            ("group.id", kafka.group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", kafka.auto_offset_reset.as_str()),
+            ("session.timeout.ms", session_timeout.as_str()),
+            ("statistics.interval.ms", "5000"),
+            ("queued.max.messages.kbytes", "4096"),
             // Tansu answers a fetch only at its max wait; keep that short so
             // a record's time in the Buffer dominates its latency.
-            .set("fetch.wait.max.ms", "100")
-            .create_with_context(ReaderContext {
+            ("fetch.wait.max.ms", "100"),
+        ];
+        let consumer: Reader =
+            crate::kafka::client_config_with(kafka, &defaults).create_with_context(ReaderContext {
                 pipeline: self.pipeline.clone(),
                 buffer: self.next.buffer.clone(),
                 starts: Default::default(),

@@ -27,8 +27,14 @@ impl<A: Actor> Mailbox<A> {
         self.0.read().expect("mailbox lock").clone()
     }
 
-    /// Sends without waiting. Stages start after the stages they send to,
-    /// so a mailbox a stage holds is always wired.
+    /// The address of a stage that has started. Stages start after the
+    /// stages they send to, so a mailbox a stage holds is always wired; one
+    /// that is not is a wiring bug, not a message to drop.
+    fn wired(&self) -> Addr<A> {
+        self.addr().expect("a stage's mailbox is wired before any stage sends to it")
+    }
+
+    /// Sends without waiting.
     pub fn do_send<M>(&self, message: M)
     where
         M: Message + Send + 'static,
@@ -36,9 +42,7 @@ impl<A: Actor> Mailbox<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        if let Some(addr) = self.addr() {
-            addr.do_send(message);
-        }
+        self.wired().do_send(message);
     }
 
     /// Sends and waits for the answer (backpressure from a slow stage).
@@ -49,10 +53,7 @@ impl<A: Actor> Mailbox<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        match self.addr() {
-            Some(addr) => addr.send(message).await,
-            None => Err(MailboxError::Closed),
-        }
+        self.wired().send(message).await
     }
 
     /// Points the mailbox at a (re)started actor.

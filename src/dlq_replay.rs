@@ -48,12 +48,14 @@ pub async fn run(
 
 async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::Result<(u64, u64)> {
     let producer = crate::kafka::producer(kafka)?;
-    let consumer: StreamConsumer = crate::kafka::client_config(kafka)
-        .set("group.id", &options.group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-        .create()?;
+    let session_timeout = kafka.session_timeout_ms.to_string();
+    let defaults = [
+        ("group.id", options.group.as_str()),
+        ("enable.auto.commit", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("session.timeout.ms", session_timeout.as_str()),
+    ];
+    let consumer: StreamConsumer = crate::kafka::client_config_with(kafka, &defaults).create()?;
     consumer.subscribe(&[&kafka.dlq_topic])?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
     loop {

@@ -12,6 +12,15 @@ use crate::config::KafkaConfig;
 /// Settings every client shares: the brokers, the security settings, and
 /// `[kafka.properties]` (after txnflow's own, so they may tune those too).
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    client_config_with(kafka, &[])
+}
+
+/// [`client_config`] with `defaults`, txnflow's settings for one kind of
+/// client (the producer's timeout, the reader's fetch sizes), set before
+/// `[kafka.properties]` so that those tune them as they tune the shared
+/// ones. (The settings txnflow manages are refused in the properties at
+/// load, so their order does not matter.)
+pub fn client_config_with(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
@@ -22,6 +31,9 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
         if !value.is_empty() {
             config.set(property, value);
         }
+    }
+    for (key, value) in defaults {
+        config.set(*key, *value);
     }
     for (key, value) in &kafka.properties {
         config.set(key, value);
@@ -137,19 +149,11 @@ pub type Producer = FutureProducer<KafkaContext>;
 /// An idempotent producer: a retried send never writes a record twice, and a
 /// record counts as sent only once every in-sync replica has it.
 pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<Producer> {
-    client_config(kafka)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create_with_context(KafkaContext)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create a Kafka producer for {}: {}",
-                kafka.brokers,
-                crate::db::redact(&e.to_string())
-            )
-        })
+    let defaults =
+        [("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5"), ("message.timeout.ms", "30000")];
+    client_config_with(kafka, &defaults).create_with_context(KafkaContext).map_err(|e| {
+        anyhow::anyhow!("cannot create a Kafka producer for {}: {}", kafka.brokers, crate::db::redact(&e.to_string()))
+    })
 }
 
 /// Creates each `(topic, partitions)` that does not exist yet, with
@@ -239,6 +243,14 @@ mod tests {
     fn kafka(pairs: &[(&str, &str)]) -> KafkaConfig {
         let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         crate::config::Config::from_layers([], env).unwrap().kafka
+    }
+
+    #[test]
+    fn properties_tune_txnflow_s_own_defaults() {
+        let tuned = kafka(&[("TXNFLOW__KAFKA__PROPERTIES__LINGER_MS", "50")]);
+        let config = client_config_with(&tuned, &[("linger.ms", "5"), ("message.timeout.ms", "30000")]);
+        assert_eq!(config.get("linger.ms"), Some("50"), "the property wins");
+        assert_eq!(config.get("message.timeout.ms"), Some("30000"), "an untuned default stays");
     }
 
     #[test]

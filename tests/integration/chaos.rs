@@ -228,6 +228,21 @@ impl Chaos {
         panic!("{}: batch run {run_id} never completed; log:\n{}", self.name, service.log_tail());
     }
 
+    /// The faults are over now: the batch run `run_id` completes on
+    /// `runner`, then [`Chaos::books`] with the services `live`.
+    pub async fn finish(
+        &self,
+        producer: tokio::task::JoinHandle<()>,
+        runner: &Service,
+        run_id: &str,
+        live: &[&Service],
+    ) -> Books {
+        let cleared = Instant::now();
+        let report = self.batch_done(runner, run_id).await;
+        assert_eq!(report["status"], "completed", "{}: {report}", self.name);
+        self.books(producer, cleared, live).await
+    }
+
     /// After the faults: waits for lag zero and full coverage, checks the
     /// books, prints and records the row, and fails on any loss or duplicate.
     pub async fn books(
@@ -394,10 +409,7 @@ async fn chaos_actor_crashes() {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
     }
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&service, "chaos-crashes").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    let books = chaos.books(producer, cleared, &[&service]).await;
+    let books = chaos.finish(producer, &service, "chaos-crashes", &[&service]).await;
     // A fault aimed at an actor whose panic has just closed its mailbox
     // finds no one to hit, so a few of the 60 may not count.
     assert!(books.restarts >= 50.0, "at least 50 actor restarts: {}", books.restarts);
@@ -436,10 +448,7 @@ async fn chaos_one_of_two_instances_lost() {
     let producer = chaos.produce(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(800)).await;
     doomed.signal("KILL", Duration::from_secs(10));
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&survivor, "chaos-lost").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&survivor]).await;
+    chaos.finish(producer, &survivor, "chaos-lost", &[&survivor]).await;
 }
 
 /// PostgreSQL restarted mid-load, then unreachable for 30 s (10 s in the
@@ -459,10 +468,7 @@ async fn chaos_postgres_restart_and_outage() {
     let outage = if std::env::var("CHAOS_SCALE").as_deref() == Ok("full") { 30 } else { 10 };
     tokio::time::sleep(Duration::from_secs(outage)).await;
     postgres.up();
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&service, "chaos-postgres").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&service]).await;
+    chaos.finish(producer, &service, "chaos-postgres", &[&service]).await;
 }
 
 /// ML API faults in turn during the load: down, slower than the timeout,
@@ -485,10 +491,7 @@ async fn chaos_ml_api_faults() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     scenario.set_faults(serde_json::json!({"poison_marker": ""})).await;
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&service, "chaos-ml").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&service]).await;
+    chaos.finish(producer, &service, "chaos-ml", &[&service]).await;
 }
 
 /// A slow consumer: the ML API at 500 ms a call while the producers go on.
@@ -506,10 +509,7 @@ async fn chaos_slow_consumer() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     chaos.scenario.set_faults(serde_json::json!({"latency_ms": 0})).await;
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&service, "chaos-slow").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&service]).await;
+    chaos.finish(producer, &service, "chaos-slow", &[&service]).await;
     assert!(peak_in_flight <= 2000.0, "records in flight stay within the capacity: {peak_in_flight}");
     eprintln!("slow consumer: peak records in flight {peak_in_flight} of 2,000");
 }

@@ -12,7 +12,7 @@ use rdkafka::mocking::{MockCluster, MockCoordinator};
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr as Error};
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use uuid::Uuid;
 
 use crate::chaos::{Chaos, scale};
@@ -61,10 +61,7 @@ async fn chaos_under(
     fault(&cluster, &chaos.scenario);
     tokio::time::sleep(hold).await;
     heal(&cluster, &chaos.scenario);
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&service, "mock-chaos").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&service]).await;
+    chaos.finish(producer, &service, "mock-chaos", &[&service]).await;
     let log = std::fs::read_to_string(&service.log).unwrap();
     assert!(!log.contains("records skipped by the broker"), "no Tansu seek-back on this path");
 }
@@ -205,10 +202,7 @@ async fn chaos_postgres_down_longer_than_the_poll_interval() {
     postgres.down();
     tokio::time::sleep(Duration::from_secs(outage)).await;
     postgres.up();
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&service, "mock-postgres").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&service]).await;
+    chaos.finish(producer, &service, "mock-postgres", &[&service]).await;
     let log = std::fs::read_to_string(&service.log).unwrap();
     assert!(log.contains("capacity full: partitions paused"), "{}", service.log_tail());
     assert_eq!(log.matches("partitions assigned").count(), 1, "one assignment, no rebalance");
@@ -238,10 +232,7 @@ async fn chaos_three_instances_joining_and_leaving() {
         assert_eq!(status.and_then(|s| s.code()), Some(0), "a clean leave:\n{}", leaving.log_tail());
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let cleared = Instant::now();
-    let report = chaos.batch_done(&last, "mock-instances").await;
-    assert_eq!(report["status"], "completed", "{report}");
-    chaos.books(producer, cleared, &[&last]).await;
+    chaos.finish(producer, &last, "mock-instances", &[&last]).await;
 }
 
 /// At capacity the reader pauses its partitions and keeps polling: with

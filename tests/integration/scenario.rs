@@ -271,16 +271,12 @@ impl Scenario {
     }
 }
 
-/// The tests' producer: txnflow's, patient enough for a partition whose
-/// leader is down for 30 s.
+/// The tests' producer: txnflow's, made patient enough (through
+/// `[kafka.properties]`) for a partition whose leader is down for 30 s.
 fn test_producer(brokers: &str) -> txnflow::kafka::Producer {
-    txnflow::kafka::client_config(&kafka_config_for(brokers))
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "120000")
-        .create_with_context(txnflow::kafka::KafkaContext)
-        .unwrap()
+    let mut kafka = kafka_config_for(brokers);
+    kafka.properties.insert("message.timeout.ms".into(), "120000".into());
+    txnflow::kafka::producer(&kafka).unwrap()
 }
 
 /// A running `txnflow run` process.
