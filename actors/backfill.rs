@@ -156,8 +156,8 @@ impl Actor for Backfill {
 impl Supervised for Backfill {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.running = None;
-        // The backfill holds no pipeline records: nothing to read again.
-        METRICS.actor_restarts.with_label_values(&["backfill"]).inc();
+        // The backfill holds no pipeline records: its work is in the database.
+        self.pipeline.actor_restarted("backfill", "restarted by its supervisor");
     }
 }
 

@@ -72,7 +72,7 @@ impl Supervised for Buffer {
         self.records.clear();
         METRICS.buffer_depth.set(0);
         self.flush_id += 1;
-        self.pipeline.work_lost("buffer", "restarted by its supervisor");
+        self.pipeline.actor_restarted("buffer", "restarted by its supervisor");
     }
 }
 

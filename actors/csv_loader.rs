@@ -1,4 +1,4 @@
-//! CsvLoader: batch mode's source (contract §7). `LoadCsv { uri, run_id }`
+//! CsvLoader: batch mode's source. `LoadCsv { uri, run_id }`
 //! checks every file of the run first (uri, bucket, object, header), so a
 //! bad input writes nothing; then it streams each file, in key order, row by
 //! row, into the same Buffer the KafkaReader feeds.
@@ -9,12 +9,12 @@
 //! - Valid rows carry `File{uri, line}` and batch lineage; invalid rows go to
 //!   the run's error file with their line and reason.
 //! - A file is done when every row is settled: written, dead-lettered or in
-//!   the error file. Its rows settle through [`Pipeline::written`] and
-//!   [`Pipeline::dead_lettered`].
-//! - Lost work is read again: when an actor restarts (the pipeline's epoch
-//!   changes), or this loader restarts, or the stream breaks, the file is
-//!   read again from its first unsettled line; settled rows are skipped, and
-//!   a row that settles twice counts once.
+//!   the error file. Each row's acknowledgement handle reports to the run's
+//!   [`RunRows`], which settles it in the run's progress.
+//! - Lost work is read again: when a row's handle is dropped unsettled (an
+//!   actor crashed with it), or this loader restarts, or the stream breaks,
+//!   the file is read again from its first unsettled line; settled rows are
+//!   skipped, and a row that settles twice counts once.
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, Supervised, WrapFuture,
@@ -24,12 +24,13 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::Pipeline;
+use super::acknowledgement::{Ack, Settlement, Tracker};
 use super::buffer::Buffer;
 use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, Ingest, Lineage};
-use crate::batch::{self, BatchError, ErrorFile, InputFile, RunSpec};
+use crate::batch::{self, BatchError, BatchRuns, ErrorFile, InputFile, RunSpec};
 use crate::domain::origin::Origin;
-use crate::domain::run_progress::RowAction;
+use crate::domain::run_progress::{RowAction, RowOutcome};
 use crate::domain::transaction::{ProcessingType, Transaction};
 use crate::metrics::METRICS;
 
@@ -94,7 +95,7 @@ impl Actor for CsvLoader {
 impl Supervised for CsvLoader {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // Only this loader's unsent rows are lost; started() reads them again.
-        METRICS.actor_restarts.with_label_values(&["csv_loader"]).inc();
+        self.pipeline.actor_restarted("csv_loader", "restarted by its supervisor");
     }
 }
 
@@ -133,9 +134,32 @@ impl Handler<LoadCsv> for CsvLoader {
 
 super::supervisor::chaos_hook!(CsvLoader, "csv_loader");
 
+/// One batch run's rows in flight: the tracker their handles report to.
+/// It settles each row in the run's progress, or notes its loss there.
+pub struct RunRows {
+    runs: Arc<BatchRuns>,
+    spec: Arc<RunSpec>,
+}
+
+impl Tracker for RunRows {
+    fn report(&self, origin: &Origin, _: u64, settlement: Settlement) {
+        let Origin::File { source_uri, line } = origin else { return };
+        let outcome = match settlement {
+            Settlement::Predicted => RowOutcome::Predicted,
+            // Settled once its prediction_failed dead letter is acknowledged.
+            Settlement::StoredUnpredicted => return,
+            Settlement::DeadLettered { stored: true } => RowOutcome::PredictionFailed,
+            Settlement::DeadLettered { stored: false } => RowOutcome::Refused,
+            Settlement::Lost { .. } => return self.runs.lost(&self.spec.run_id, source_uri, *line),
+        };
+        self.runs.settle(&self.spec.run_id, source_uri, [(*line, outcome)]);
+    }
+}
+
 /// Loads every file of the run not done yet, in order.
 async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
     let runs = &pipeline.batches;
+    let rows = Arc::new(RunRows { runs: runs.clone(), spec: spec.clone() });
     let first = runs.files_done(&spec.run_id);
     for file in &spec.files[first..] {
         runs.start_file(&spec.run_id, &file.uri);
@@ -145,10 +169,10 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
             if pipeline.is_shutting_down() {
                 return;
             }
-            let epoch = pipeline.epoch();
-            match read_file(&pipeline, &buffer, &s3, &spec, file, &mut errors, epoch).await {
+            let losses = runs.losses(&spec.run_id);
+            match read_file(&pipeline, &buffer, &s3, &rows, file, &mut errors, losses).await {
                 Ok(Pass::Complete) => {
-                    if wait_settled(&pipeline, &spec.run_id, &file.uri, epoch).await {
+                    if wait_settled(runs, &spec.run_id, &file.uri, losses).await {
                         break;
                     }
                 }
@@ -253,22 +277,23 @@ pub async fn record_runs(pipeline: Arc<Pipeline>) {
 enum Pass {
     /// Every row was read and handed on.
     Complete,
-    /// The epoch changed: rows in flight may be gone.
+    /// Rows in flight were lost.
     WorkLost,
     /// The service is stopping: read no more, so that what is in flight can drain.
     ShuttingDown,
 }
 
-/// Waits until every row of the file is settled; false when work was lost meanwhile.
-async fn wait_settled(pipeline: &Pipeline, run_id: &str, uri: &str, epoch: u64) -> bool {
+/// Waits until every row of the file is settled; false when rows were
+/// lost meanwhile (the run's losses moved past `losses`).
+async fn wait_settled(runs: &BatchRuns, run_id: &str, uri: &str, losses: u64) -> bool {
     loop {
-        if pipeline.batches.is_file_done(run_id, uri) {
+        if runs.is_file_done(run_id, uri) {
             return true;
         }
-        if pipeline.epoch() != epoch {
+        if runs.losses(run_id) != losses {
             return false;
         }
-        pipeline.batches.changed(Duration::from_millis(200)).await;
+        runs.changed(Duration::from_millis(200)).await;
     }
 }
 
@@ -277,12 +302,12 @@ async fn read_file(
     pipeline: &Pipeline,
     buffer: &Mailbox<Buffer>,
     s3: &aws_sdk_s3::Client,
-    spec: &RunSpec,
+    tracker: &Arc<RunRows>,
     file: &InputFile,
     errors: &mut ErrorFile,
-    epoch: u64,
+    losses: u64,
 ) -> Result<Pass, String> {
-    let runs = &pipeline.batches;
+    let (runs, spec) = (&pipeline.batches, &tracker.spec);
     let run_id = spec.run_id.as_str();
     let resume = runs.resume_line(run_id, &file.uri);
     let max_bytes = pipeline.config.batch.max_record_bytes;
@@ -295,7 +320,7 @@ async fn read_file(
         if line < resume {
             continue;
         }
-        if pipeline.epoch() != epoch {
+        if runs.losses(run_id) != losses {
             return Ok(Pass::WorkLost);
         }
         if pipeline.is_shutting_down() {
@@ -328,7 +353,8 @@ async fn read_file(
                         pipeline.reserve(bytes).await
                     }
                 };
-                chunk.push(envelope(spec, file, line, transaction, permit));
+                let ack = Ack::new(Origin::File { source_uri: file.uri.clone(), line }, permit, tracker.clone(), 0);
+                chunk.push(envelope(spec, file, transaction, ack));
                 if chunk.len() >= CHUNK {
                     send(buffer, &mut chunk);
                 }
@@ -350,18 +376,11 @@ async fn read_file(
     Ok(Pass::Complete)
 }
 
-fn envelope(
-    spec: &RunSpec,
-    file: &InputFile,
-    line: u64,
-    transaction: Transaction,
-    permit: super::messages::Capacity,
-) -> Envelope {
+fn envelope(spec: &RunSpec, file: &InputFile, transaction: Transaction, ack: Ack) -> Envelope {
     // No raw bytes and no key: a dead letter builds them from the
     // transaction (Envelope::dead_letter_value), so rows that are written
     // cost neither.
     Envelope {
-        origin: Origin::File { source_uri: file.uri.clone(), line },
         key: None,
         raw: None,
         lineage: Lineage {
@@ -370,7 +389,7 @@ fn envelope(
             batch_id: Some(file.uri.clone()),
         },
         transaction,
-        permit,
+        ack,
     }
 }
 

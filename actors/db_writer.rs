@@ -1,5 +1,5 @@
-//! DbWriter: stores each flush in one database transaction (contract §6),
-//! then acknowledges its records' origins.
+//! DbWriter: stores each flush in one database transaction, then settles
+//! each record through its acknowledgement handle.
 //!
 //! Diesel is synchronous, so each write runs in `spawn_blocking` on tokio's
 //! blocking pool, not on the async threads, with a connection from the r2d2
@@ -23,10 +23,10 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
 
+use super::Pipeline;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
-use super::{Pipeline, source_label};
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::metrics::METRICS;
@@ -48,7 +48,9 @@ impl Actor for DbWriter {
 
 impl Supervised for DbWriter {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.pipeline.work_lost("db_writer", "restarted by its supervisor");
+        // The writes in flight were dropped with the old context; their
+        // records' handles report them lost.
+        self.pipeline.actor_restarted("db_writer", "restarted by its supervisor");
     }
 }
 
@@ -114,7 +116,7 @@ fn write_positions(
                 processing_type: record.lineage.processing_type,
                 run_id: record.lineage.run_id.as_deref(),
                 batch_id: record.lineage.batch_id.as_deref(),
-                source: record.origin.to_string(),
+                source: record.ack.origin().to_string(),
             }
         })
         .collect();
@@ -189,9 +191,9 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
                     .await;
             }
             Err(join_error) => {
-                // The write panicked; its records are gone with it.
-                tracing::error!(%join_error, "a database write panicked");
-                pipeline.work_lost("db_writer", "a write panicked");
+                // The write panicked; its records are gone with it, and
+                // their handles reported them lost.
+                tracing::error!(%join_error, "a database write panicked; its records are read again");
                 return;
             }
         }
@@ -206,8 +208,8 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
     acknowledge(&pipeline, &dlq_publisher, batch, refusals, room);
 }
 
-/// Acknowledges the written records, and sends the failed predictions and
-/// the refused records to the DLQ.
+/// Settles the records written with their prediction, and sends the failed
+/// predictions and the refused records to the DLQ with their handles.
 fn acknowledge(
     pipeline: &Pipeline,
     dlq_publisher: &Mailbox<DlqPublisher>,
@@ -232,33 +234,28 @@ fn acknowledge(
     let total = records.len();
     // Counted per source here, added to the metrics once per flush.
     let (mut written, mut predicted) = (std::collections::HashMap::new(), std::collections::HashMap::new());
-    pipeline.written(
-        records
-            .iter()
-            .enumerate()
-            .filter(|(position, _)| !refused.contains_key(position))
-            .map(|(_, record)| (record, predictions.contains_key(&record.transaction.id))),
-    );
-    for (position, record) in records.into_iter().enumerate() {
-        let source = source_label(&record.origin);
+    for (position, mut record) in records.into_iter().enumerate() {
+        let source = record.ack.origin().source_label();
         if let Some(reason) = refused.remove(&position) {
             let failure =
                 Failure { error_type: ErrorType::PersistFailed, stage: Stage::Persist, message: reason, attempts: 1 };
-            dead_letters.push(dead_letter(record, failure, true));
+            dead_letters.push(dead_letter(record, failure));
             continue;
         }
         *written.entry(source).or_insert(0) += 1;
         if let Some(prediction) = predictions.remove(&record.transaction.id) {
             *predicted.entry(source).or_insert(0) += 1;
             predicted_for_fanout.push(prediction);
+            record.ack.predicted();
         } else {
+            record.ack.stored_unpredicted();
             let failure = failures.remove(&record.transaction.id).unwrap_or(Failure {
                 error_type: ErrorType::PredictionFailed,
                 stage: Stage::Predict,
                 message: "no prediction".into(),
                 attempts: 0,
             });
-            dead_letters.push(dead_letter(record, failure, false));
+            dead_letters.push(dead_letter(record, failure));
         }
     }
     for (source, count) in written {
@@ -279,15 +276,13 @@ fn acknowledge(
     }
 }
 
-fn dead_letter(mut record: Envelope, failure: Failure, acknowledges_origin: bool) -> DeadLetter {
+fn dead_letter(mut record: Envelope, failure: Failure) -> DeadLetter {
     DeadLetter {
         value: record.dead_letter_value(),
         key: record.key.or_else(|| Some(record.transaction.id.to_string().into_bytes())),
         failure,
-        origin: record.origin,
         run_id: record.lineage.run_id,
-        acknowledges_origin,
-        permit: Some(record.permit),
+        ack: record.ack,
     }
 }
 

@@ -1,10 +1,10 @@
-//! DlqPublisher: writes dead letters to the DLQ topic with the headers of
-//! contract §5, through an idempotent producer. A record counts as
-//! dead-lettered only once the broker acknowledges it, or, when the broker
-//! refuses it for good (too large, not authorised, no such topic), once it
-//! is stored in the `dead_letters` table; then, for an invalid or refused
-//! record, its origin is durable. Other send failures (a broker down) are
-//! retried with backoff: a dead letter is never dropped.
+//! DlqPublisher: writes dead letters to the DLQ topic with their error
+//! headers (`domain::dead_letter`), through an idempotent producer. A
+//! record counts as dead-lettered only once the broker acknowledges it, or,
+//! when the broker refuses it for good (too large, not authorised, no such
+//! topic), once it is stored in the `dead_letters` table; then its handle is
+//! settled. Other send failures (a broker down) are retried with backoff: a
+//! dead letter is never dropped.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
 use rdkafka::error::KafkaError;
@@ -13,8 +13,8 @@ use rdkafka::producer::FutureRecord;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Pipeline;
 use super::messages::{DeadLetter, DeadLetters};
-use super::{Pipeline, source_label};
 use crate::domain::dead_letter::dlq_headers;
 use crate::metrics::METRICS;
 
@@ -34,7 +34,9 @@ impl Actor for DlqPublisher {
 
 impl Supervised for DlqPublisher {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.pipeline.work_lost("dlq_publisher", "restarted by its supervisor");
+        // The sends in flight were dropped with the old context; their
+        // records' handles report them lost.
+        self.pipeline.actor_restarted("dlq_publisher", "restarted by its supervisor");
     }
 }
 
@@ -69,7 +71,7 @@ fn refused_for_good(error: &KafkaError, attempt: u32) -> Option<String> {
 async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     let topic = &pipeline.config.kafka.dlq_topic;
     let header_values =
-        dlq_headers(&letter.failure, &letter.origin, letter.run_id.as_deref(), chrono::Utc::now(), crate::SERVICE);
+        dlq_headers(&letter.failure, letter.ack.origin(), letter.run_id.as_deref(), chrono::Utc::now(), crate::SERVICE);
     let mut headers = OwnedHeaders::new();
     for (key, value) in &header_values {
         headers = headers.insert(Header { key, value: Some(value) });
@@ -88,7 +90,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
                 }
                 backoff
                     .wait(|attempt, delay| {
-                        tracing::warn!(%error, attempt, ?delay, source = %letter.origin, "DLQ send failed; retrying")
+                        tracing::warn!(%error, attempt, ?delay, source = %letter.ack.origin(), "DLQ send failed; retrying")
                     })
                     .await;
             }
@@ -98,7 +100,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
         None => METRICS.dlq_records.with_label_values(&[letter.failure.error_type.as_str()]).inc(),
         Some(reason) => {
             tracing::warn!(
-                source = %letter.origin,
+                source = %letter.ack.origin(),
                 bytes = letter.value.len(),
                 reason,
                 "the DLQ topic refuses this dead letter for good; storing it in the dead_letters table"
@@ -107,8 +109,8 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
             METRICS.dead_letters_stored.with_label_values(&[letter.failure.error_type.as_str()]).inc();
         }
     }
-    METRICS.records.with_label_values(&[source_label(&letter.origin), "dead_lettered"]).inc();
-    pipeline.dead_lettered(&letter);
+    METRICS.records.with_label_values(&[letter.ack.origin().source_label(), "dead_lettered"]).inc();
+    letter.ack.dead_lettered();
 }
 
 /// Stores a dead letter in PostgreSQL, retrying while the database is

@@ -15,12 +15,16 @@
 //!   worked around instead (`crate::tansu_quirks`): no pause (the reader
 //!   stops polling), explicit start offsets, and a seek back when the broker
 //!   skipped records after a start.
+//! - Every record carries an acknowledgement handle that reports to this
+//!   reader's [`ReadOffsets`]. Commits follow what it reports: an offset is
+//!   committed once every record before it is settled.
 //! - On a revoke it flushes the Buffer, waits (bounded) for the records of
 //!   the revoked partitions to become durable, and commits them. Records of
 //!   a revoked partition still in hand are dropped, and only held
 //!   partitions are committed.
-//! - When another actor lost in-flight records (the pipeline's epoch moved),
-//!   it seeks every partition back to its first record not durable.
+//! - A handle dropped unsettled (an actor crashed with its record) makes the
+//!   reader seek that record's partition back to its first record not
+//!   durable, and read on from there.
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, SpawnHandle, Supervised, WrapFuture};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -31,24 +35,69 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Pipeline;
+use super::acknowledgement::{Ack, Settlement, Tracker};
 use super::buffer::Buffer;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
-use super::messages::{CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
+use super::messages::{Capacity, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
 use crate::config::BrokerQuirks;
 use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
+use crate::domain::offsets::OffsetTracker;
 use crate::domain::origin::Origin;
 use crate::domain::transaction::ProcessingType;
 use crate::metrics::METRICS;
 
 /// How long a revoke waits for in-flight records before committing what is durable.
 const REVOKE_WAIT: Duration = Duration::from_secs(10);
+/// How often a failed commit is offered again, and the assignment watched.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// The least time between two commits that follow progress: a busy reader
+/// commits at most this often, an idle one as soon as its records settle.
+const COMMIT_SPACING: Duration = Duration::from_millis(200);
+
+/// One consumer's offsets in flight: the tracker its records' handles
+/// report to. A new consumer (after a restart) gets a new one, so the
+/// reports of records read by the old one change nothing.
+#[derive(Default)]
+pub struct ReadOffsets {
+    offsets: std::sync::Mutex<OffsetTracker>,
+    /// Records became durable: a commit may move.
+    progress: tokio::sync::Notify,
+    /// A record was lost: its partition is to be read again.
+    losses: tokio::sync::Notify,
+}
+
+impl ReadOffsets {
+    /// The lock is taken in a handle's drop, during a panic's unwinding
+    /// too: a poisoned lock is used as it is, never a second panic.
+    fn lock(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
+        self.offsets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Tracker for ReadOffsets {
+    fn report(&self, origin: &Origin, generation: u64, settlement: Settlement) {
+        let Origin::Kafka { partition, offset, .. } = origin else { return };
+        match settlement {
+            Settlement::Lost { stored: false } => {
+                self.lock().lost(*partition, *offset, generation);
+                self.losses.notify_one();
+            }
+            // In PostgreSQL already: durable, though its dead letter was lost.
+            Settlement::Lost { stored: true } => {}
+            Settlement::Predicted | Settlement::StoredUnpredicted | Settlement::DeadLettered { .. } => {
+                self.lock().durable(*partition, *offset);
+                self.progress.notify_one();
+            }
+        }
+    }
+}
 
 /// The consumer's callbacks: rebalances and statistics (consumer lag).
 pub struct ReaderContext {
     pipeline: Arc<Pipeline>,
+    offsets: Arc<ReadOffsets>,
     /// For the flush on a revoke.
     buffer: Mailbox<Buffer>,
     /// The partitions this reader holds, with the group's committed offset
@@ -138,7 +187,7 @@ impl ConsumerContext for ReaderContext {
     /// An asynchronous commit that failed, as a whole or for a partition,
     /// is offered again on the next tick.
     fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
-        let mut tracker = self.pipeline.offsets();
+        let mut tracker = self.offsets.lock();
         for element in offsets.elements() {
             let failed = result.as_ref().err().cloned().or_else(|| element.error().err());
             if let (Some(error), Offset::Offset(offset)) = (failed, element.offset()) {
@@ -155,11 +204,11 @@ impl ConsumerContext for ReaderContext {
         self.buffer.do_send(super::messages::FlushNow);
         // Blocking is fine here: this is the reader's own thread.
         let deadline = Instant::now() + REVOKE_WAIT;
-        while partitions.iter().any(|p| self.pipeline.offsets().in_flight(*p) > 0) && Instant::now() < deadline {
+        while partitions.iter().any(|p| self.offsets.lock().in_flight(*p) > 0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let topic = self.pipeline.config.kafka.topic.clone();
-        let mut offsets = self.pipeline.offsets();
+        let mut offsets = self.offsets.lock();
         let mut commit = TopicPartitionList::new();
         for (partition, offset) in offsets.committable() {
             if partitions.contains(&partition) {
@@ -266,7 +315,7 @@ impl KafkaReader {
         }
     }
 
-    fn create_consumer(&self) -> anyhow::Result<Arc<Reader>> {
+    fn create_consumer(&self, offsets: Arc<ReadOffsets>) -> anyhow::Result<Arc<Reader>> {
         let kafka = &self.pipeline.config.kafka;
         let session_timeout = kafka.session_timeout_ms.to_string();
         let defaults = [
@@ -284,6 +333,7 @@ impl KafkaReader {
         let consumer: Reader =
             crate::kafka::client_config_with(kafka, &defaults).create_with_context(ReaderContext {
                 pipeline: self.pipeline.clone(),
+                offsets,
                 buffer: self.next.buffer.clone(),
                 starts: Default::default(),
                 assigned: Default::default(),
@@ -292,31 +342,47 @@ impl KafkaReader {
         Ok(Arc::new(consumer))
     }
 
-    /// Commits every offset whose records are all durable: those that moved
-    /// since the last commit, or all of them (synchronously at shutdown and
-    /// on a restart, asynchronously every [`RECOMMIT_EVERY`] ticks).
     fn commit(&self, commits: Commits) {
-        let Some(consumer) = &self.consumer else { return };
-        let (commits, mode) = match commits {
-            Commits::AllNow => (self.pipeline.offsets().committable(), CommitMode::Sync),
-            Commits::All => (self.pipeline.offsets().committable(), CommitMode::Async),
-            Commits::Moved => (self.pipeline.offsets().take_commits(), CommitMode::Async),
-        };
-        if commits.is_empty() {
-            return;
+        if let Some(consumer) = &self.consumer {
+            commit(consumer, commits);
         }
-        let topic = &self.pipeline.config.kafka.topic;
-        let mut list = TopicPartitionList::new();
-        // Only what this reader holds: a revoked partition is its new owner's to commit.
-        for (partition, offset) in commits.into_iter().filter(|(partition, _)| consumer.context().holds(*partition)) {
-            let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
-        }
-        if list.count() == 0 {
-            return;
-        }
-        if let Err(error) = consumer.commit(&list, mode) {
-            tracing::warn!(%error, "offset commit failed; it is retried on the next tick");
-        }
+    }
+}
+
+/// Commits every offset whose records are all durable: those that moved
+/// since the last commit, or all of them (synchronously at shutdown and on
+/// a restart, asynchronously every [`RECOMMIT_EVERY`] ticks).
+fn commit(consumer: &Reader, commits: Commits) {
+    let context = consumer.context();
+    let (commits, mode) = match commits {
+        Commits::AllNow => (context.offsets.lock().committable(), CommitMode::Sync),
+        Commits::All => (context.offsets.lock().committable(), CommitMode::Async),
+        Commits::Moved => (context.offsets.lock().take_commits(), CommitMode::Async),
+    };
+    if commits.is_empty() {
+        return;
+    }
+    let topic = &context.pipeline.config.kafka.topic;
+    let mut list = TopicPartitionList::new();
+    // Only what this reader holds: a revoked partition is its new owner's to commit.
+    for (partition, offset) in commits.into_iter().filter(|(partition, _)| context.holds(*partition)) {
+        let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    if list.count() == 0 {
+        return;
+    }
+    if let Err(error) = consumer.commit(&list, mode) {
+        tracing::warn!(%error, "offset commit failed; it is retried on the next tick");
+    }
+}
+
+/// Commits as the handles report records durable, at most every
+/// [`COMMIT_SPACING`].
+async fn commit_on_progress(consumer: Arc<Reader>) {
+    loop {
+        consumer.context().offsets.progress.notified().await;
+        commit(&consumer, Commits::Moved);
+        tokio::time::sleep(COMMIT_SPACING).await;
     }
 }
 
@@ -335,7 +401,7 @@ enum Commits {
 async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
     let quirks = pipeline.config.kafka.broker_quirks;
-    let mut seen_epoch = pipeline.epoch();
+    let offsets = consumer.context().offsets.clone();
     let mut rewound = std::collections::HashSet::new();
     // Records received while the partitions were paused, read first.
     let mut carried: std::collections::VecDeque<OwnedMessage> = Default::default();
@@ -343,19 +409,23 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
         if pipeline.is_shutting_down() {
             return Ok(());
         }
-        if pipeline.epoch() != seen_epoch {
-            seen_epoch = pipeline.epoch();
-            carried.clear();
-            rewind(&pipeline, &consumer, &topic)?;
+        let rewinds = offsets.lock().take_rewinds();
+        if !rewinds.is_empty() {
+            carried.retain(|message| rewinds.iter().all(|(partition, _)| *partition != message.partition()));
+            rewind(&consumer, &topic, rewinds)?;
         }
         let mut messages: Vec<OwnedMessage> = carried.drain(..).collect();
         if messages.is_empty() {
-            match consumer.recv().await {
-                Ok(message) => messages.push(message.detach()),
-                Err(error) => {
-                    tracing::warn!(%error, "consumer error");
-                    continue;
-                }
+            tokio::select! {
+                received = consumer.recv() => match received {
+                    Ok(message) => messages.push(message.detach()),
+                    Err(error) => {
+                        tracing::warn!(%error, "consumer error");
+                        continue;
+                    }
+                },
+                // A record was lost: rewind now, even if nothing arrives.
+                () = offsets.losses.notified() => continue,
             }
         }
         // Take what else is already fetched, without waiting, so that one
@@ -397,7 +467,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                             let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
                             // Revoked during the wait: the permit goes back.
                             if consumer.context().holds(message.partition()) {
-                                batch.add(&pipeline, &message, permit);
+                                batch.add(&pipeline, &offsets, &message, permit);
                             }
                             break;
                         }
@@ -407,7 +477,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                     }
                 }
             };
-            batch.add(&pipeline, &message, permit);
+            batch.add(&pipeline, &offsets, &message, permit);
         }
         batch.send(&next).await;
     }
@@ -422,7 +492,7 @@ async fn wait_paused(
     consumer: &Reader,
     bytes: usize,
     carried: &mut std::collections::VecDeque<OwnedMessage>,
-) -> anyhow::Result<super::messages::Capacity> {
+) -> anyhow::Result<Capacity> {
     let paused = consumer.assignment()?;
     consumer.pause(&paused)?;
     tracing::info!(partitions = paused.count(), in_flight = pipeline.in_flight(), "capacity full: partitions paused");
@@ -466,13 +536,14 @@ struct ReadBatch {
 }
 
 impl ReadBatch {
-    fn add(&mut self, pipeline: &Pipeline, message: &OwnedMessage, permit: super::messages::Capacity) {
+    fn add(&mut self, pipeline: &Pipeline, offsets: &Arc<ReadOffsets>, message: &OwnedMessage, permit: Capacity) {
         let origin = Origin::Kafka {
             topic: message.topic().to_string(),
             partition: message.partition(),
             offset: message.offset(),
         };
-        pipeline.offsets().read(message.partition(), message.offset());
+        let generation = offsets.lock().read(message.partition(), message.offset());
+        let ack = Ack::new(origin, permit, offsets.clone(), generation);
         self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
@@ -492,7 +563,7 @@ impl ReadBatch {
                     run_id: transaction.run_id.clone(),
                     batch_id: transaction.batch_id.clone(),
                 };
-                self.valid.push(Envelope { transaction, origin, raw: Some(payload.to_vec()), key, lineage, permit });
+                self.valid.push(Envelope { transaction, raw: Some(payload.to_vec()), key, lineage, ack });
             }
             Err(error) => {
                 self.rejected += 1;
@@ -502,22 +573,14 @@ impl ReadBatch {
                     message: error.message,
                     attempts: 1,
                 };
-                self.invalid.push(DeadLetter {
-                    key,
-                    value: payload.to_vec(),
-                    failure,
-                    origin,
-                    run_id: None,
-                    acknowledges_origin: true,
-                    permit: Some(permit),
-                });
+                self.invalid.push(DeadLetter { key, value: payload.to_vec(), failure, run_id: None, ack });
             }
         }
     }
 
-    /// send().await, not do_send: a slow Buffer slows the reader. A record
-    /// lost to a restarting actor was tracked as read and never acknowledged,
-    /// so no commit passes it, and the rewind reads it again.
+    /// send().await, not do_send: a slow Buffer slows the reader. Records
+    /// that a restarting actor's mailbox drops report their loss through
+    /// their handles, and are read again.
     async fn send(&mut self, next: &Next) {
         METRICS.records.with_label_values(&["kafka", "read"]).inc_by(std::mem::take(&mut self.read));
         METRICS.records.with_label_values(&["kafka", "invalid"]).inc_by(std::mem::take(&mut self.rejected));
@@ -532,10 +595,10 @@ impl ReadBatch {
     }
 }
 
-/// Seeks each partition back to its first record that is not durable.
-fn rewind(pipeline: &Pipeline, consumer: &Reader, topic: &str) -> anyhow::Result<()> {
-    let positions = pipeline.offsets().rewind();
-    tracing::info!(?positions, "rewinding to the first records not yet durable");
+/// Seeks each partition that lost a record back to its first record that
+/// is not durable.
+fn rewind(consumer: &Reader, topic: &str, positions: Vec<(i32, i64)>) -> anyhow::Result<()> {
+    tracing::info!(?positions, "records were lost in flight: reading again from the first not yet durable");
     for (partition, offset) in positions {
         seek(consumer, topic, partition, offset)?;
     }
@@ -584,7 +647,10 @@ impl Actor for KafkaReader {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let consumer = match self.create_consumer() {
+        // A fresh consumer resumes from the committed offsets, with offsets
+        // of its own: what the previous one had in flight is not its concern.
+        let offsets = Arc::new(ReadOffsets::default());
+        let consumer = match self.create_consumer(offsets) {
             Ok(consumer) => consumer,
             Err(error) => {
                 tracing::error!(%error, "cannot create the Kafka consumer; retrying");
@@ -593,18 +659,14 @@ impl Actor for KafkaReader {
             }
         };
         self.consumer = Some(consumer.clone());
-        // A fresh consumer resumes from the committed offsets: forget what
-        // the previous one had in flight.
-        *self.pipeline.offsets() = Default::default();
+        ctx.spawn(commit_on_progress(consumer.clone()).into_actor(self));
         let (pipeline, next) = (self.pipeline.clone(), self.next.clone());
-        self.read_loop =
-            Some(ctx.spawn(read_loop(pipeline, next, consumer).into_actor(self).map(|result, actor, ctx| {
-                if let Err(error) = result {
-                    tracing::error!(%error, "the read loop failed; restarting the reader");
-                    actor.pipeline.work_lost("kafka_reader", "its read loop failed");
-                    ctx.stop();
-                }
-            })));
+        self.read_loop = Some(ctx.spawn(read_loop(pipeline, next, consumer).into_actor(self).map(|result, _, ctx| {
+            if let Err(error) = result {
+                tracing::error!(%error, "the read loop failed; restarting the reader");
+                ctx.stop();
+            }
+        })));
         ctx.run_interval(COMMIT_INTERVAL, |actor, _| {
             actor.ticks += 1;
             let everything = actor.ticks.is_multiple_of(RECOMMIT_EVERY);
@@ -620,7 +682,7 @@ impl Supervised for KafkaReader {
         // re-reads everything after the last commit.
         self.commit(Commits::AllNow);
         self.consumer = None;
-        METRICS.actor_restarts.with_label_values(&["kafka_reader"]).inc();
+        self.pipeline.actor_restarted("kafka_reader", "restarted by its supervisor");
     }
 }
 
@@ -628,8 +690,8 @@ impl Handler<StopReading> for KafkaReader {
     type Result = ();
 
     fn handle(&mut self, _: StopReading, ctx: &mut Context<Self>) {
-        // Dropping the loop drops a record caught mid-way: it was never
-        // tracked as read, so no commit passes it, and it is read again.
+        // Dropping the loop drops the records in hand: their handles report
+        // them lost, so no commit passes them, and they are read again.
         if let Some(read_loop) = self.read_loop.take() {
             ctx.cancel_future(read_loop);
         }

@@ -6,8 +6,8 @@ use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
+use super::acknowledgement::Ack;
 use crate::domain::dead_letter::Failure;
-use crate::domain::origin::Origin;
 use crate::domain::prediction::Prediction;
 use crate::domain::transaction::{ProcessingType, Transaction};
 
@@ -28,19 +28,19 @@ pub struct Capacity {
     pub(crate) _bytes: OwnedSemaphorePermit,
 }
 
-/// A valid record on its way to the database. It holds its share of the
-/// pipeline's bounded capacity until it is durable or dropped.
+/// A valid record on its way to the database. Its acknowledgement handle
+/// holds its origin and its share of the pipeline's bounded capacity until
+/// it is settled or dropped.
 #[derive(Debug)]
 pub struct Envelope {
     pub transaction: Transaction,
-    pub origin: Origin,
     /// The record as it arrived, for the DLQ value. None for a CSV row: its
     /// DLQ value is built only if it is dead-lettered (see
     /// [`Envelope::dead_letter_value`]).
     pub raw: Option<Vec<u8>>,
     pub key: Option<Vec<u8>>,
     pub lineage: Lineage,
-    pub permit: Capacity,
+    pub ack: Ack,
 }
 
 impl Envelope {
@@ -66,13 +66,9 @@ pub struct DeadLetter {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
     pub failure: Failure,
-    pub origin: Origin,
     pub run_id: Option<String>,
-    /// Whether the DLQ's acknowledgement is what makes the origin durable
-    /// (an invalid record), or the record is in PostgreSQL already (a
-    /// failed prediction).
-    pub acknowledges_origin: bool,
-    pub permit: Option<Capacity>,
+    /// Settled once the DLQ acknowledges the letter.
+    pub ack: Ack,
 }
 
 /// Source -> Buffer: valid records to batch.
@@ -140,7 +136,7 @@ pub struct StopReading;
 #[rtype(result = "()")]
 pub struct CommitNow;
 
-/// Chaos hooks (contract §8): fail through the error path, or panic.
+/// Chaos hooks: fail through the error path, or panic.
 #[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub enum Chaos {

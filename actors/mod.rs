@@ -1,4 +1,4 @@
-//! The supervised actix pipeline (contract §1), one file per actor:
+//! The supervised actix pipeline, one file per actor:
 //!
 //! ```text
 //! KafkaReader ─┐                      ┌─> DbWriter ──> PostgreSQL
@@ -7,16 +7,18 @@
 //!                                Backfill: predicts stored transactions that have none
 //! ```
 //!
-//! [`supervisor`] starts every actor on an arbiter of its own and revives
-//! one that panicked. The records an actor held are then lost from memory,
-//! so [`Pipeline::work_lost`] bumps an epoch that makes the KafkaReader
-//! rewind to its last durable offset and read them again; writes are
-//! idempotent, so re-reading never duplicates a row.
+//! Each record carries an [`acknowledgement::Ack`] from its source to the
+//! stage that settles it, which reports straight back to the source's own
+//! tracker; a record dropped on the way (a crash) reports its loss the same
+//! way, and its source reads it again. [`supervisor`] starts every actor on
+//! an arbiter of its own and revives one that panicked. This module holds
+//! only what every actor shares: [`Pipeline`].
 //!
 //! The pipeline's memory is bounded by a semaphore: every record read takes
-//! a permit, held inside its [`messages::Envelope`] until it is durable or
-//! dropped. When none are left, sources pause (backpressure).
+//! a permit, held by its handle until it is settled or dropped. When none
+//! are left, sources pause (backpressure).
 
+pub mod acknowledgement;
 pub mod backfill;
 pub mod buffer;
 pub mod csv_loader;
@@ -33,7 +35,7 @@ pub use mailbox::Mailbox;
 pub use supervisor::ACTOR_NAMES;
 
 use actix::Arbiter;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -41,14 +43,11 @@ use tokio::sync::Semaphore;
 use crate::batch::BatchRuns;
 use crate::config::Config;
 use crate::db::PgPool;
-use crate::domain::offsets::OffsetTracker;
-use crate::domain::origin::Origin;
-use crate::domain::run_progress::RowOutcome;
 use crate::metrics::METRICS;
 use crate::ml_client::MlClient;
 
 /// What every actor shares: configuration, clients, the capacity, the
-/// offsets in flight and the addresses of the other actors.
+/// batch runs and the stages' mailboxes.
 pub struct Pipeline {
     pub config: Config,
     pub pool: PgPool,
@@ -60,13 +59,11 @@ pub struct Pipeline {
     pub capacity_bytes: Arc<Semaphore>,
     /// Predictions queued for the fan-out topic (`buffer.capacity`).
     pub fan_out_slots: Arc<Semaphore>,
-    offsets: Mutex<OffsetTracker>,
-    /// Batch runs and the progress of each (the CsvLoader's acknowledgements).
-    pub batches: BatchRuns,
+    /// Batch runs and the progress of each.
+    pub batches: Arc<BatchRuns>,
     /// This process, as the `batch_runs` table names the one running a run:
     /// `host/pid`.
     pub instance: String,
-    epoch: AtomicU64,
     shutting_down: AtomicBool,
     mailboxes: Mailboxes,
     /// The actors running, with their chaos hooks and arbiters.
@@ -113,10 +110,8 @@ impl Pipeline {
             producer,
             capacity,
             capacity_bytes,
-            offsets: Mutex::new(OffsetTracker::default()),
-            batches: BatchRuns::default(),
+            batches: Arc::default(),
             instance: instance_name(),
-            epoch: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             mailboxes: Mailboxes::default(),
             running: Mutex::default(),
@@ -147,64 +142,11 @@ impl Pipeline {
         supervisor::chaos(self, actor, chaos)
     }
 
-    /// An actor restarted and the records it held are gone: count it, and
-    /// make the sources read again from what is durable.
-    pub fn work_lost(&self, actor: &'static str, why: &str) {
+    /// An actor restarted: count it once. The records it held were
+    /// dropped with it, and their handles reported them lost.
+    pub fn actor_restarted(&self, actor: &'static str, why: &str) {
         METRICS.actor_restarts.with_label_values(&[actor]).inc();
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        tracing::warn!(actor, why, "actor restarted; in-flight records will be read again");
-    }
-
-    /// Changes whenever in-flight work may have been lost.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
-    }
-
-    /// The records are in PostgreSQL (`predicted` tells which got their
-    /// prediction). A Kafka offset is durable now; a file row is settled
-    /// once it is predicted, or once its `prediction_failed` dead letter is
-    /// acknowledged.
-    pub fn written<'a>(&self, records: impl IntoIterator<Item = (&'a messages::Envelope, bool)>) {
-        let mut settled: Vec<(&str, &str, u64)> = Vec::new();
-        {
-            let mut offsets = self.offsets.lock().expect("offsets lock");
-            for (record, predicted) in records {
-                match &record.origin {
-                    Origin::Kafka { partition, offset, .. } => offsets.durable(*partition, *offset),
-                    Origin::File { source_uri, line } if predicted => {
-                        settled.push((record.lineage.run_id.as_deref().unwrap_or_default(), source_uri, *line));
-                    }
-                    Origin::File { .. } => {}
-                }
-            }
-        }
-        // Rows of one flush mostly share one run and file: settle them together.
-        settled.sort_unstable();
-        for group in settled.chunk_by(|a, b| a.0 == b.0 && a.1 == b.1) {
-            let lines = group.iter().map(|&(_, _, line)| (line, RowOutcome::Predicted));
-            self.batches.settle(group[0].0, group[0].1, lines);
-        }
-    }
-
-    /// The DLQ acknowledged a dead letter. An invalid or refused record's
-    /// origin is durable now; a file row is settled either way.
-    pub fn dead_lettered(&self, letter: &messages::DeadLetter) {
-        match &letter.origin {
-            Origin::Kafka { partition, offset, .. } if letter.acknowledges_origin => {
-                self.offsets.lock().expect("offsets lock").durable(*partition, *offset);
-            }
-            Origin::Kafka { .. } => {}
-            Origin::File { source_uri, line } => {
-                let outcome =
-                    if letter.acknowledges_origin { RowOutcome::Refused } else { RowOutcome::PredictionFailed };
-                self.batches.settle(letter.run_id.as_deref().unwrap_or_default(), source_uri, [(*line, outcome)]);
-            }
-        }
-    }
-
-    /// The Kafka offsets in flight, for the KafkaReader.
-    pub fn offsets(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
-        self.offsets.lock().expect("offsets lock")
+        tracing::warn!(actor, why, "actor restarted; the records it held are read again");
     }
 
     pub fn begin_shutdown(&self) {
@@ -256,13 +198,5 @@ impl Pipeline {
     /// exit had another cause: see `leave` in main.rs.)
     pub fn stop_arbiters(&self, wait: Duration) {
         supervisor::stop_all(self, wait);
-    }
-}
-
-/// The source label of the records metric.
-pub fn source_label(origin: &Origin) -> &'static str {
-    match origin {
-        Origin::Kafka { .. } => "kafka",
-        Origin::File { .. } => "file",
     }
 }

@@ -33,7 +33,7 @@ impl Actor for PredictClient {
 impl Supervised for PredictClient {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // Flushes being predicted were dropped with the old context.
-        self.pipeline.work_lost("predict_client", "restarted by its supervisor");
+        self.pipeline.actor_restarted("predict_client", "restarted by its supervisor");
     }
 }
 

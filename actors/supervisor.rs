@@ -3,9 +3,10 @@
 //!
 //! Every actor runs on an arbiter (thread) of its own under an actix
 //! `Supervisor`, so an actor that fails through its error path is restarted
-//! in place (its `Supervised::restarting` says what it lost). One that
-//! panics takes only its own thread down: the watchdog here sees its closed
-//! mailbox and starts it again, as its [`Revival`] says.
+//! in place (its `Supervised::restarting` counts it). One that panics takes
+//! only its own thread down: the watchdog here sees its closed mailbox and
+//! starts it again. Either way, the records the actor held are dropped, and
+//! their handles tell their sources to read them again.
 
 use actix::{Actor, Arbiter, ArbiterHandle, Context, Recipient, Supervised, Supervisor};
 use std::sync::Arc;
@@ -17,23 +18,11 @@ use super::{
 };
 use crate::metrics::METRICS;
 
-/// What a panicked actor's revival costs.
-#[derive(Clone, Copy)]
-enum Revival {
-    /// The records it held are lost from memory: the sources read again
-    /// from what is durable.
-    Rewind,
-    /// It held no record of the pipeline (its runs resume by themselves,
-    /// or it keeps its work in the database): counted, nothing read again.
-    Resume,
-}
-
 /// One supervised actor: its name (in logs, metrics and the chaos
-/// endpoint), how to start it, and what its revival costs.
+/// endpoint), how to start it, and when it is revived.
 struct Entry {
     name: &'static str,
     start: fn(&Arc<Pipeline>) -> Started,
-    revival: Revival,
     /// Revived while the service shuts down too (to finish what is in
     /// flight); the reader is not, since it stops reading then.
     revive_in_shutdown: bool,
@@ -71,20 +60,14 @@ const ACTORS: [Entry; 7] = [
         };
         start(p, "buffer", make, |m| &m.buffer)
     }),
-    Entry {
-        revival: Revival::Resume,
-        ..entry("backfill", |p| start(p, "backfill", backfill::Backfill::new, |m| &m.backfill))
-    },
-    Entry {
-        revival: Revival::Resume,
-        ..entry("csv_loader", |p| {
-            let make = |p: Arc<Pipeline>| {
-                let buffer = p.mailboxes.buffer.clone();
-                csv_loader::CsvLoader::new(p, buffer)
-            };
-            start(p, "csv_loader", make, |m| &m.csv_loader)
-        })
-    },
+    entry("backfill", |p| start(p, "backfill", backfill::Backfill::new, |m| &m.backfill)),
+    entry("csv_loader", |p| {
+        let make = |p: Arc<Pipeline>| {
+            let buffer = p.mailboxes.buffer.clone();
+            csv_loader::CsvLoader::new(p, buffer)
+        };
+        start(p, "csv_loader", make, |m| &m.csv_loader)
+    }),
     Entry {
         revive_in_shutdown: false,
         ..entry("kafka_reader", |p| {
@@ -98,7 +81,7 @@ const ACTORS: [Entry; 7] = [
 ];
 
 const fn entry(name: &'static str, start: fn(&Arc<Pipeline>) -> Started) -> Entry {
-    Entry { name, start, revival: Revival::Rewind, revive_in_shutdown: true }
+    Entry { name, start, revive_in_shutdown: true }
 }
 
 /// The actors' names, as the chaos endpoint and the restart metric name them.
@@ -184,13 +167,7 @@ fn revive_panicked(pipeline: &Arc<Pipeline>) {
             }
             running.arbiters.push(started.arbiter);
         }
-        match entry.revival {
-            Revival::Rewind => pipeline.work_lost(entry.name, "its mailbox closed (panic)"),
-            Revival::Resume => {
-                METRICS.actor_restarts.with_label_values(&[entry.name]).inc();
-                tracing::warn!(actor = entry.name, "actor restarted after a panic; its work resumes");
-            }
-        }
+        pipeline.actor_restarted(entry.name, "its mailbox closed (panic)");
     }
 }
 

@@ -67,6 +67,8 @@ struct RunState {
     elapsed: Option<f64>,
     /// The finished report is in the `batch_runs` table.
     final_recorded: bool,
+    /// Rows lost in flight so far: the loader reads its file again when this moves.
+    losses: u64,
     /// Another process took the run over in `batch_runs` (said once).
     taken_over: bool,
 }
@@ -110,8 +112,10 @@ pub struct BatchRuns {
 }
 
 impl BatchRuns {
+    /// Also taken in a record handle's drop, during a panic's unwinding:
+    /// a poisoned lock is used as it is, never a second panic.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunState>> {
-        self.runs.lock().expect("batch runs lock")
+        self.runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a run; a run id that is still running is refused, and so
@@ -138,6 +142,7 @@ impl BatchRuns {
                 started: Instant::now(),
                 elapsed: None,
                 final_recorded: false,
+                losses: 0,
                 taken_over: false,
             },
         );
@@ -207,6 +212,23 @@ impl BatchRuns {
             }
         });
         self.changed.notify_waiters();
+    }
+
+    /// A row in flight was lost before it settled (a settled one, sent again
+    /// by a re-read, changes nothing): the file is to be read again.
+    pub fn lost(&self, run_id: &str, uri: &str, line: u64) {
+        let mut runs = self.lock();
+        let Some(run) = runs.get_mut(run_id) else { return };
+        if run.current.as_ref().is_some_and(|(current, progress)| current == uri && !progress.is_settled(line)) {
+            run.losses += 1;
+            drop(runs);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// How many rows of the run were lost in flight so far.
+    pub fn losses(&self, run_id: &str) -> u64 {
+        self.lock().get(run_id).map_or(0, |run| run.losses)
     }
 
     pub fn is_file_done(&self, run_id: &str, uri: &str) -> bool {
@@ -356,6 +378,25 @@ mod tests {
         assert_eq!(runs.lock().len(), FINISHED_KEPT, "only the newest finished runs stay in memory");
         assert!(runs.report(&format!("r{}", FINISHED_KEPT + 4)).is_some(), "the newest is kept");
         assert!(runs.report("a").is_none(), "the oldest is answered from the table");
+    }
+
+    #[test]
+    fn a_row_lost_before_it_settled_counts_as_a_loss_and_a_settled_one_does_not() {
+        let runs = BatchRuns::default();
+        let spec = RunSpec { run_id: "r".into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
+        runs.begin(spec, 4).unwrap();
+        runs.start_file("r", "s3://b/k.csv");
+        for line in 1..=3 {
+            assert_eq!(runs.row("r", "s3://b/k.csv", line, || Ok(())).0, RowAction::Send);
+        }
+        runs.settle("r", "s3://b/k.csv", [(1, RowOutcome::Predicted)]);
+        runs.lost("r", "s3://b/k.csv", 1);
+        assert_eq!(runs.losses("r"), 0, "line 1 is settled: a second copy lost changes nothing");
+        runs.lost("r", "s3://b/k.csv", 2);
+        runs.lost("r", "s3://other.csv", 3);
+        runs.lost("unknown", "s3://b/k.csv", 3);
+        assert_eq!(runs.losses("r"), 1, "only the current file's unsettled rows count");
+        assert_eq!(runs.resume_line("r", "s3://b/k.csv"), 2, "reading starts again at the lost row");
     }
 
     #[test]

@@ -1,10 +1,17 @@
-//! Which Kafka offsets may be committed (guarantee 1), as pure bookkeeping.
+//! Which Kafka offsets may be committed, as pure bookkeeping.
 //!
 //! Records of one partition finish out of order: a batch of invalid records
 //! reaches the DLQ before the valid ones before them are written. Kafka's
 //! committed offset means "everything before this is done", so per partition
 //! the committable offset is the lowest offset still in flight, or one past
 //! the highest offset read when nothing is in flight.
+//!
+//! A record lost in flight (an actor crashed with it) keeps its offset in
+//! flight, so no commit passes it, and marks its partition for a rewind:
+//! reading starts again at the partition's committable offset. Each reading
+//! of a partition has a generation, handed to the records read in it, so
+//! that a loss reported late, for a record already read again, causes no
+//! second rewind.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,6 +23,10 @@ struct PartitionState {
     next: Option<i64>,
     /// The last offset handed out for commit, to avoid committing it twice.
     committed: Option<i64>,
+    /// The reading the records in flight belong to.
+    generation: u64,
+    /// A record of this generation was lost: read again from the committable offset.
+    lost: bool,
 }
 
 impl PartitionState {
@@ -28,14 +39,23 @@ impl PartitionState {
 #[derive(Debug, Clone, Default)]
 pub struct OffsetTracker {
     partitions: BTreeMap<i32, PartitionState>,
+    /// The last generation handed out, across partitions, so that one is
+    /// never reused (not even after a partition is forgotten and assigned again).
+    generations: u64,
 }
 
 impl OffsetTracker {
-    /// A record at `offset` was read and is now in flight.
-    pub fn read(&mut self, partition: i32, offset: i64) {
-        let state = self.partitions.entry(partition).or_default();
+    /// A record at `offset` was read and is now in flight. Returns the
+    /// reading's generation, for [`OffsetTracker::lost`].
+    pub fn read(&mut self, partition: i32, offset: i64) -> u64 {
+        let generations = &mut self.generations;
+        let state = self.partitions.entry(partition).or_insert_with(|| {
+            *generations += 1;
+            PartitionState { generation: *generations, ..PartitionState::default() }
+        });
         state.in_flight.insert(offset);
         state.next = Some(state.next.map_or(offset + 1, |next| next.max(offset + 1)));
+        state.generation
     }
 
     /// The record at `offset` is durable (in PostgreSQL, or acknowledged by
@@ -44,6 +64,19 @@ impl OffsetTracker {
     pub fn durable(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.in_flight.remove(&offset);
+        }
+    }
+
+    /// The record at `offset`, read in `generation`, was lost before it was
+    /// durable: its partition is to be read again from its committable
+    /// offset. A loss from an earlier reading changes nothing, since that
+    /// reading's records are read again already.
+    pub fn lost(&mut self, partition: i32, offset: i64, generation: u64) {
+        if let Some(state) = self.partitions.get_mut(&partition)
+            && state.generation == generation
+            && state.in_flight.contains(&offset)
+        {
+            state.lost = true;
         }
     }
 
@@ -79,17 +112,23 @@ impl OffsetTracker {
         self.partitions.iter().filter_map(|(partition, state)| state.committable().map(|o| (*partition, o))).collect()
     }
 
-    /// Where to resume reading each partition after in-flight work was lost:
-    /// its committable offset. The partition's in-flight set is cleared, since
-    /// everything from there on will be read again.
-    pub fn rewind(&mut self) -> Vec<(i32, i64)> {
+    /// Where to resume reading each partition that lost a record: its
+    /// committable offset. The partition's in-flight set is cleared, since
+    /// everything from there on will be read again, in a new generation.
+    pub fn take_rewinds(&mut self) -> Vec<(i32, i64)> {
         let mut positions = Vec::new();
         for (partition, state) in &mut self.partitions {
+            if !state.lost {
+                continue;
+            }
             if let Some(offset) = state.committable() {
                 positions.push((*partition, offset));
                 state.in_flight.clear();
                 state.next = Some(offset);
             }
+            self.generations += 1;
+            state.generation = self.generations;
+            state.lost = false;
         }
         positions
     }
@@ -199,21 +238,48 @@ mod tests {
     }
 
     #[test]
-    fn a_rewind_restarts_from_the_first_record_not_durable() {
+    fn a_loss_rewinds_its_partition_alone_to_the_first_record_not_durable() {
         let mut tracker = OffsetTracker::default();
-        for offset in 0..5 {
-            tracker.read(0, offset);
+        let generation = tracker.read(0, 0);
+        for offset in 1..5 {
+            assert_eq!(tracker.read(0, offset), generation, "one reading, one generation");
         }
+        let other = tracker.read(1, 0);
+        assert_ne!(other, generation, "partitions have generations of their own");
         tracker.durable(0, 0);
         tracker.durable(0, 3);
-        assert_eq!(tracker.rewind(), [(0, 1)]);
-        assert_eq!(tracker.total_in_flight(), 0);
+        assert_eq!(tracker.take_rewinds(), [], "nothing lost");
+        tracker.lost(0, 2, generation);
+        tracker.lost(0, 4, generation);
+        assert_eq!(tracker.committable(), [(0, 1), (1, 0)], "a lost record holds the commit back");
+        assert_eq!(tracker.take_rewinds(), [(0, 1)], "one rewind for the partition, however many were lost");
+        assert_eq!(tracker.total_in_flight(), 1, "partition 1 keeps its record in flight");
         // Reading again from 1; a late ack of 3 from before the rewind only confirms it.
-        tracker.read(0, 1);
+        let again = tracker.read(0, 1);
+        assert_ne!(again, generation);
         tracker.read(0, 2);
         tracker.read(0, 3);
         tracker.durable(0, 3);
-        assert_eq!(tracker.committable(), [(0, 1)]);
+        assert_eq!(tracker.committable(), [(0, 1), (1, 0)]);
+        // A late loss from the first reading: its records are read again already.
+        tracker.lost(0, 2, generation);
+        assert_eq!(tracker.take_rewinds(), [], "no second rewind");
+        tracker.lost(0, 1, again);
+        assert_eq!(tracker.take_rewinds(), [(0, 1)]);
+    }
+
+    #[test]
+    fn a_loss_of_a_durable_or_forgotten_record_changes_nothing() {
+        let mut tracker = OffsetTracker::default();
+        let generation = tracker.read(0, 0);
+        tracker.durable(0, 0);
+        tracker.lost(0, 0, generation);
+        assert_eq!(tracker.take_rewinds(), []);
+        let generation = tracker.read(2, 5);
+        tracker.forget(2);
+        tracker.lost(2, 5, generation);
+        assert_eq!(tracker.take_rewinds(), []);
+        assert_ne!(tracker.read(2, 5), generation, "a partition assigned again reads in a new generation");
     }
 
     #[test]

@@ -11,6 +11,16 @@ pub enum Origin {
     File { source_uri: String, line: u64 },
 }
 
+impl Origin {
+    /// The kind of source, as the records metric's `source` label names it.
+    pub fn source_label(&self) -> &'static str {
+        match self {
+            Origin::Kafka { .. } => "kafka",
+            Origin::File { .. } => "file",
+        }
+    }
+}
+
 impl fmt::Display for Origin {
     /// `topic/partition/offset` or `uri:line`, the DLQ `source` header and
     /// the `source` lineage column.

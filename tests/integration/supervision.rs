@@ -53,6 +53,42 @@ async fn every_actor_crashed_and_panicked_under_load_loses_nothing() {
     }
 }
 
+/// Records an actor holds when it crashes are dropped with it. Their
+/// acknowledgement handles report the loss to the reader, which reads
+/// each partition again from its first record not durable: every record
+/// is read exactly twice, stored once, and the commits reach the end.
+#[tokio::test]
+async fn records_held_by_a_crashing_actor_are_read_again_through_their_handles() {
+    for kind in ["crash", "panic"] {
+        let scenario = Scenario::new(&format!("held-by-a-{kind}")).await;
+        // Slow predictions, within the 5 s timeout: the PredictClient holds the flush.
+        scenario.set_faults(serde_json::json!({"latency_ms": 4000})).await;
+        let valid = valid_events(51, 300);
+        let service = scenario.start_service(&[]).await;
+        let ends = Scenario::end_offsets(&scenario.produce(&valid).await);
+        let mut held = false;
+        for _ in 0..300 {
+            let in_flight = service.metric("txnflow_in_flight_records").await;
+            let buffered = service.metric("txnflow_buffer_depth").await;
+            if in_flight == 300.0 && buffered == 0.0 {
+                held = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(held, "the 300 records never sat in the PredictClient; log:\n{}", service.log_tail());
+        service.chaos("predict_client", kind).await;
+        scenario.set_faults(serde_json::json!({"latency_ms": 0})).await;
+        assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+        assert_exact_books(&scenario, &valid, &[], &service.log_tail()).await;
+        let read = service.metric("txnflow_records_total{outcome=\"read\",source=\"kafka\"}").await;
+        assert_eq!(read, 600.0, "{kind}: each record read twice; log:\n{}", service.log_tail());
+        let log = std::fs::read_to_string(&service.log).unwrap();
+        let rewinds: Vec<&str> = log.lines().filter(|line| line.contains("records were lost in flight")).collect();
+        assert!(!rewinds.is_empty() && rewinds.len() <= 3, "{kind}: one rewind per partition at most: {rewinds:#?}");
+    }
+}
+
 /// Found, before the fix, that the restarted instance skipped records:
 /// it started at the offsets the first one committed, which lie inside a
 /// record batch, and Tansu answers such a fetch with the next batch. The

@@ -1,0 +1,188 @@
+//! The acknowledgement handle each record carries from its source to the
+//! place it ends in.
+//!
+//! A source (the KafkaReader, a batch run) makes an [`Ack`] for every record
+//! it reads, with the record's origin, its share of the pipeline's capacity
+//! and the source's own [`Tracker`]. The stages pass it along untouched;
+//! the DbWriter and the DlqPublisher settle it, and never need to know where
+//! the record came from. A handle dropped unsettled (an actor crashed with
+//! the record, a partition was revoked) tells its tracker the record was
+//! lost, so the source reads it again. Either way the capacity comes back.
+
+use std::sync::Arc;
+
+use super::messages::Capacity;
+use crate::domain::origin::Origin;
+
+/// What became of a record, as its source is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// In PostgreSQL with its prediction: nothing more happens to it.
+    Predicted,
+    /// In PostgreSQL without a prediction; its `prediction_failed` dead
+    /// letter is on its way, with the handle.
+    StoredUnpredicted,
+    /// Its dead letter is acknowledged; `stored` when the record is in
+    /// PostgreSQL as well (a failed prediction), not when it was refused.
+    DeadLettered { stored: bool },
+    /// Dropped before it was settled; `stored` when it reached PostgreSQL
+    /// first (only its dead letter was lost).
+    Lost { stored: bool },
+}
+
+/// A source's bookkeeping of the records it read: the reader's offsets, or
+/// a batch run's progress. `mark` is what the source gave the handle when
+/// it read the record (the reader's partition generation), so that a late
+/// report can be told from a current one.
+pub trait Tracker: Send + Sync {
+    fn report(&self, origin: &Origin, mark: u64, settlement: Settlement);
+}
+
+/// One record's acknowledgement: settled once, or reported lost when dropped.
+pub struct Ack {
+    origin: Origin,
+    mark: u64,
+    tracker: Arc<dyn Tracker>,
+    stored: bool,
+    settled: bool,
+    /// Returned to the pipeline when the handle goes, settled or not.
+    _capacity: Capacity,
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ack").field("origin", &self.origin).field("stored", &self.stored).finish_non_exhaustive()
+    }
+}
+
+impl Ack {
+    pub fn new(origin: Origin, capacity: Capacity, tracker: Arc<dyn Tracker>, mark: u64) -> Ack {
+        Ack { origin, mark, tracker, stored: false, settled: false, _capacity: capacity }
+    }
+
+    /// Where the record came from.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The record and its prediction are in PostgreSQL.
+    pub fn predicted(mut self) {
+        self.settle(Settlement::Predicted);
+    }
+
+    /// The record is in PostgreSQL without its prediction; the handle goes
+    /// on with its dead letter.
+    pub fn stored_unpredicted(&mut self) {
+        self.stored = true;
+        self.tracker.report(&self.origin, self.mark, Settlement::StoredUnpredicted);
+    }
+
+    /// The record's dead letter is acknowledged (by the DLQ topic, or the
+    /// `dead_letters` table).
+    pub fn dead_lettered(mut self) {
+        let stored = self.stored;
+        self.settle(Settlement::DeadLettered { stored });
+    }
+
+    fn settle(&mut self, settlement: Settlement) {
+        self.settled = true;
+        self.tracker.report(&self.origin, self.mark, settlement);
+    }
+}
+
+impl Drop for Ack {
+    /// Runs during a panic's unwinding too, so a tracker's report must not panic.
+    fn drop(&mut self) {
+        if !self.settled {
+            self.tracker.report(&self.origin, self.mark, Settlement::Lost { stored: self.stored });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+
+    /// Records every report.
+    #[derive(Default)]
+    struct Reports(Mutex<Vec<(Origin, u64, Settlement)>>);
+
+    impl Tracker for Reports {
+        fn report(&self, origin: &Origin, mark: u64, settlement: Settlement) {
+            self.0.lock().unwrap().push((origin.clone(), mark, settlement));
+        }
+    }
+
+    fn origin(line: u64) -> Origin {
+        Origin::File { source_uri: "s3://in/a.csv".into(), line }
+    }
+
+    /// A handle with one unit of a capacity of 2 records and 100 bytes.
+    fn handle(capacity: &(Arc<Semaphore>, Arc<Semaphore>), reports: &Arc<Reports>, line: u64) -> Ack {
+        let record = capacity.0.clone().try_acquire_owned().unwrap();
+        let bytes = capacity.1.clone().try_acquire_many_owned(10).unwrap();
+        Ack::new(origin(line), Capacity { _record: record, _bytes: bytes }, reports.clone(), 7)
+    }
+
+    fn capacity() -> (Arc<Semaphore>, Arc<Semaphore>) {
+        (Arc::new(Semaphore::new(2)), Arc::new(Semaphore::new(100)))
+    }
+
+    #[test]
+    fn each_way_of_settling_is_reported_once_and_returns_the_capacity() {
+        let (capacity, reports) = (capacity(), Arc::new(Reports::default()));
+        let predicted = handle(&capacity, &reports, 1);
+        let mut unpredicted = handle(&capacity, &reports, 2);
+        assert_eq!((capacity.0.available_permits(), capacity.1.available_permits()), (0, 80));
+        predicted.predicted();
+        unpredicted.stored_unpredicted();
+        assert_eq!(capacity.0.available_permits(), 1, "the settled record's capacity is back");
+        unpredicted.dead_lettered();
+        let refused = handle(&capacity, &reports, 3);
+        refused.dead_lettered();
+        assert_eq!((capacity.0.available_permits(), capacity.1.available_permits()), (2, 100));
+        assert_eq!(
+            *reports.0.lock().unwrap(),
+            [
+                (origin(1), 7, Settlement::Predicted),
+                (origin(2), 7, Settlement::StoredUnpredicted),
+                (origin(2), 7, Settlement::DeadLettered { stored: true }),
+                (origin(3), 7, Settlement::DeadLettered { stored: false }),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_handle_dropped_unsettled_reports_the_loss_and_returns_the_capacity() {
+        let (capacity, reports) = (capacity(), Arc::new(Reports::default()));
+        let lost = handle(&capacity, &reports, 1);
+        let mut lost_after_store = handle(&capacity, &reports, 2);
+        lost_after_store.stored_unpredicted();
+        drop(vec![lost, lost_after_store]);
+        assert_eq!((capacity.0.available_permits(), capacity.1.available_permits()), (2, 100));
+        assert_eq!(
+            *reports.0.lock().unwrap(),
+            [
+                (origin(2), 7, Settlement::StoredUnpredicted),
+                (origin(1), 7, Settlement::Lost { stored: false }),
+                (origin(2), 7, Settlement::Lost { stored: true }),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_handle_dropped_by_a_panicking_thread_still_reports_the_loss() {
+        let (capacity, reports) = (capacity(), Arc::new(Reports::default()));
+        let held = handle(&capacity, &reports, 1);
+        let crashed = std::thread::spawn(move || {
+            let _held = held;
+            panic!("an actor crashes with the record");
+        })
+        .join();
+        assert!(crashed.is_err());
+        assert_eq!(capacity.0.available_permits(), 2);
+        assert_eq!(*reports.0.lock().unwrap(), [(origin(1), 7, Settlement::Lost { stored: false })]);
+    }
+}
