@@ -157,7 +157,7 @@ impl Supervised for Backfill {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.running = None;
         // The backfill holds no pipeline records: its work is in the database.
-        self.pipeline.actor_restarted("backfill", "restarted by its supervisor");
+        super::supervisor::restarted("backfill", "restarted by its supervisor");
     }
 }
 

@@ -95,7 +95,7 @@ impl Actor for CsvLoader {
 impl Supervised for CsvLoader {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // Only this loader's unsent rows are lost; started() reads them again.
-        self.pipeline.actor_restarted("csv_loader", "restarted by its supervisor");
+        super::supervisor::restarted("csv_loader", "restarted by its supervisor");
     }
 }
 

@@ -50,7 +50,7 @@ impl Supervised for DbWriter {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // The writes in flight were dropped with the old context; their
         // records' handles report them lost.
-        self.pipeline.actor_restarted("db_writer", "restarted by its supervisor");
+        super::supervisor::restarted("db_writer", "restarted by its supervisor");
     }
 }
 

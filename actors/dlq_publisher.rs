@@ -36,7 +36,7 @@ impl Supervised for DlqPublisher {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // The sends in flight were dropped with the old context; their
         // records' handles report them lost.
-        self.pipeline.actor_restarted("dlq_publisher", "restarted by its supervisor");
+        super::supervisor::restarted("dlq_publisher", "restarted by its supervisor");
     }
 }
 

@@ -682,7 +682,7 @@ impl Supervised for KafkaReader {
         // re-reads everything after the last commit.
         self.commit(Commits::AllNow);
         self.consumer = None;
-        self.pipeline.actor_restarted("kafka_reader", "restarted by its supervisor");
+        super::supervisor::restarted("kafka_reader", "restarted by its supervisor");
     }
 }
 

@@ -143,3 +143,42 @@ pub enum Chaos {
     Crash,
     Panic,
 }
+
+/// Records for the actors' unit tests: valid envelopes with ids `1`, `2`, …
+/// (canonical UUIDv5s), whose handles report to no source.
+#[cfg(test)]
+pub(crate) fn test_envelopes(descriptions: &[&str]) -> Vec<Envelope> {
+    use super::acknowledgement::{Settlement, Tracker};
+    use crate::domain::origin::Origin;
+    use std::sync::Arc;
+
+    struct NoSource;
+    impl Tracker for NoSource {
+        fn report(&self, _: &Origin, _: u64, _: Settlement) {}
+    }
+    let count = descriptions.len();
+    let (records, bytes) = (Arc::new(tokio::sync::Semaphore::new(count)), Arc::new(tokio::sync::Semaphore::new(count)));
+    descriptions
+        .iter()
+        .enumerate()
+        .map(|(index, description)| {
+            let line = index as u64 + 1;
+            let event = serde_json::json!({
+                "id": line.to_string(), "description": description, "amount": "-12.50",
+                "timestamp": "2026-01-11T10:00:00", "operation_type": "payment", "side": "debit",
+            });
+            let capacity = Capacity {
+                _record: records.clone().try_acquire_owned().expect("one permit per record"),
+                _bytes: bytes.clone().try_acquire_owned().expect("one permit per record"),
+            };
+            let origin = Origin::File { source_uri: "test.csv".into(), line };
+            Envelope {
+                transaction: crate::domain::event::parse_event(event.to_string().as_bytes()).expect("a valid event"),
+                raw: None,
+                key: None,
+                lineage: Lineage { processing_type: ProcessingType::Batch, run_id: None, batch_id: None },
+                ack: Ack::new(origin, capacity, Arc::new(NoSource), 0),
+            }
+        })
+        .collect()
+}

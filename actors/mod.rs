@@ -43,7 +43,6 @@ use tokio::sync::Semaphore;
 use crate::batch::BatchRuns;
 use crate::config::Config;
 use crate::db::PgPool;
-use crate::metrics::METRICS;
 use crate::ml_client::MlClient;
 
 /// What every actor shares: configuration, clients, the capacity, the
@@ -51,7 +50,7 @@ use crate::ml_client::MlClient;
 pub struct Pipeline {
     pub config: Config,
     pub pool: PgPool,
-    pub ml: MlClient,
+    pub ml: Arc<MlClient>,
     pub producer: crate::kafka::Producer,
     /// Records in memory (`buffer.capacity`).
     pub capacity: Arc<Semaphore>,
@@ -106,7 +105,7 @@ impl Pipeline {
             fan_out_slots,
             config,
             pool,
-            ml,
+            ml: Arc::new(ml),
             producer,
             capacity,
             capacity_bytes,
@@ -140,13 +139,6 @@ impl Pipeline {
     /// Sends a chaos hook to the actor named `actor`; false when none runs.
     pub fn chaos(&self, actor: &str, chaos: messages::Chaos) -> bool {
         supervisor::chaos(self, actor, chaos)
-    }
-
-    /// An actor restarted: count it once. The records it held were
-    /// dropped with it, and their handles reported them lost.
-    pub fn actor_restarted(&self, actor: &'static str, why: &str) {
-        METRICS.actor_restarts.with_label_values(&[actor]).inc();
-        tracing::warn!(actor, why, "actor restarted; the records it held are read again");
     }
 
     pub fn begin_shutdown(&self) {

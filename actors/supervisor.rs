@@ -49,14 +49,14 @@ const ACTORS: [Entry; 7] = [
     entry("predict_client", |p| {
         let make = |p: Arc<Pipeline>| {
             let db_writer = p.mailboxes.db_writer.clone();
-            predict_client::PredictClient::new(p, db_writer)
+            predict_client::PredictClient::new(p.ml.clone(), db_writer)
         };
         start(p, "predict_client", make, |m| &m.predict_client)
     }),
     entry("buffer", |p| {
         let make = |p: Arc<Pipeline>| {
             let predict_client = p.mailboxes.predict_client.clone();
-            buffer::Buffer::new(p, predict_client)
+            buffer::Buffer::new(&p.config.buffer, predict_client)
         };
         start(p, "buffer", make, |m| &m.buffer)
     }),
@@ -167,8 +167,15 @@ fn revive_panicked(pipeline: &Arc<Pipeline>) {
             }
             running.arbiters.push(started.arbiter);
         }
-        pipeline.actor_restarted(entry.name, "its mailbox closed (panic)");
+        restarted(entry.name, "its mailbox closed (panic)");
     }
+}
+
+/// An actor restarted: count it once. The records it held were dropped
+/// with it, and their handles reported them lost.
+pub fn restarted(actor: &'static str, why: &str) {
+    METRICS.actor_restarts.with_label_values(&[actor]).inc();
+    tracing::warn!(actor, why, "actor restarted; the records it held are read again");
 }
 
 /// Sends a chaos hook to the actor named `actor`; false when none runs.

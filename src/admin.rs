@@ -1,4 +1,4 @@
-//! The admin HTTP server of `txnflow run` (contract §8): health, readiness,
+//! The admin HTTP server of `txnflow run`: health, readiness,
 //! Prometheus metrics and, when `chaos.enabled`, the chaos hooks.
 
 use actix_web::body::MessageBody;

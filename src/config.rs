@@ -1,4 +1,4 @@
-//! Configuration (contract §9): `config/default.toml`, then `config/local.toml`,
+//! Configuration: `config/default.toml`, then `config/local.toml`,
 //! then `--config FILE`, then `TXNFLOW__SECTION__KEY` environment variables.
 //!
 //! The defaults file is compiled in, so it is the single place where a key

@@ -147,7 +147,7 @@ mod tests {
     }
 }
 
-/// One transaction to store, with its lineage (contract §6).
+/// One transaction to store, with its lineage.
 pub struct TransactionRow<'a> {
     pub transaction: &'a crate::domain::transaction::Transaction,
     pub processing_type: crate::domain::transaction::ProcessingType,
@@ -516,7 +516,7 @@ pub struct StoredDeadLetter<'a> {
     pub topic: &'a str,
     pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
-    /// The DLQ headers of contract §5, by name.
+    /// The DLQ headers (`domain::dead_letter`), by name.
     pub headers: &'a [(&'static str, String)],
     pub refused_by: &'a str,
 }

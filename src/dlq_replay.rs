@@ -1,5 +1,5 @@
 //! `txnflow dlq replay`: feeds dead-lettered records back through the
-//! pipeline (contract §5) by republishing each one, key and value unchanged,
+//! pipeline by republishing each one, key and value unchanged,
 //! to the input topic. Replaying is idempotent: a transaction already stored
 //! is not stored twice, and a prediction is upserted.
 //!

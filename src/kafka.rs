@@ -227,7 +227,7 @@ pub async fn cluster(kafka: &KafkaConfig) -> anyhow::Result<Cluster> {
     .await?
 }
 
-/// The topics of contract §5, with the input topic's partition count.
+/// The pipeline's topics, with the input topic's partition count.
 pub fn pipeline_topics(kafka: &KafkaConfig) -> Vec<(&str, i32)> {
     let mut topics = vec![(kafka.topic.as_str(), kafka.partitions), (kafka.dlq_topic.as_str(), 1)];
     if !kafka.predictions_topic.is_empty() {

@@ -2,7 +2,7 @@
 //! files, with an ML prediction API, into PostgreSQL, losing nothing.
 //!
 //! - [`domain`]: the business rules, pure functions with no I/O.
-//! - [`config`]: layered configuration (contract §9).
+//! - [`config`]: layered configuration.
 //! - [`db`], [`kafka`], [`s3`]: adapters to the outside world.
 //! - [`ml_api`]: the reference prediction server and its fault knobs.
 //! - [`produce`]: the simulated producers.

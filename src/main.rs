@@ -1,4 +1,4 @@
-//! The `txnflow` command line (contract §9).
+//! The `txnflow` command line.
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use tracing_subscriber::fmt::format::JsonFields;
 use txnflow::config::{Config, LogFormat};
 use txnflow::{breaker, db, dlq_replay, kafka, log_format, ml_api, produce, s3, service};
 
-/// Exit status of a configuration that cannot be used (contract §9).
+/// Exit status of a configuration that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser)]

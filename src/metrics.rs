@@ -1,4 +1,4 @@
-//! Prometheus metrics (contract §8). One registry for the process; every
+//! Prometheus metrics. One registry for the process; every
 //! family has help text and the `txnflow_` prefix.
 
 use prometheus::{

@@ -1,4 +1,4 @@
-//! `txnflow ml-api`: the reference prediction server (contract §4).
+//! `txnflow ml-api`: the reference prediction server.
 //!
 //! It answers what the seed system's FastAPI server answered, byte for byte:
 //! a compact JSON array of `{"transaction_id","category"}` with the category

@@ -1,6 +1,6 @@
 //! Money amounts, held as an exact number of cents.
 //!
-//! The contract allows at most 2 decimals and |amount| < 10^10, so every valid
+//! An amount has at most 2 decimals and |amount| < 10^10, so every valid
 //! amount fits in an `i64` of cents. Keeping cents avoids float rounding all
 //! the way to PostgreSQL's NUMERIC(12,2).
 

@@ -1,4 +1,4 @@
-//! CSV row rules (contract §7): delimiter detection, header mapping, and the
+//! CSV row rules: delimiter detection, header mapping, and the
 //! mapping of one row's fields to a [`RawTransaction`].
 //!
 //! Reading bytes is the CsvLoader's job; these functions only look at a

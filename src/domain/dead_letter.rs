@@ -1,4 +1,4 @@
-//! What a dead-lettered record says about itself (contract §5): the DLQ
+//! What a dead-lettered record says about itself: the DLQ
 //! record's headers.
 
 use super::origin::Origin;
@@ -75,7 +75,7 @@ pub fn capped(message: &str, max: usize) -> String {
     format!("{}…", &message[..end])
 }
 
-/// The headers of a DLQ record, in the contract's order.
+/// The headers of a DLQ record, in the order the README documents them.
 pub fn dlq_headers(
     failure: &Failure,
     origin: &Origin,
@@ -118,7 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn headers_follow_the_contract() {
+    fn headers_are_in_their_documented_order() {
         let failure = Failure {
             error_type: ErrorType::Invalid,
             stage: Stage::Validate,

@@ -1,4 +1,4 @@
-//! The Kafka event (contract §5): the JSON value of §3, keyed by id.
+//! The Kafka event: a transaction as JSON, keyed by id.
 //!
 //! [`decode_event`] never panics, whatever the bytes: that is checked by the
 //! property tests below and by the fuzz targets.
@@ -15,7 +15,7 @@ use super::validation::{RawField, RawTransaction, ValidationError, validate};
 pub enum RejectStage {
     /// The bytes are not a JSON object (or the CSV line is not a row).
     Decode,
-    /// The fields break a rule of §3.
+    /// The fields break a validation rule.
     Validate,
 }
 
@@ -259,7 +259,7 @@ mod tests {
         fn arbitrary_json_never_panics(value in arbitrary_json()) {
             let bytes = serde_json::to_vec(&value).unwrap();
             if let Ok(transaction) = parse_event(&bytes) {
-                // What passes must satisfy §3 and survive a round trip.
+                // What passes must satisfy the validation rules and survive a round trip.
                 prop_assert!(transaction.amount.cents().unsigned_abs() < 1_000_000_000_000);
                 prop_assert!(!transaction.description.trim().is_empty());
                 let id = transaction.id.to_string();

@@ -1,4 +1,4 @@
-//! Transaction identity (contract §3).
+//! Transaction identity.
 //!
 //! A source id that already is a UUID is kept as it is (lowercase,
 //! hyphenated). Any other id, such as the seed CSV's `1`, `2`, … is mapped to

@@ -1,4 +1,4 @@
-//! The ML API's request and the checks on its answer (contract §4, guarantee 4).
+//! The ML API's request and the checks on its answer (guarantee 4).
 //!
 //! The API is outside our control: an answer may be malformed, miss items,
 //! name ids we never asked about or invent categories. [`check_answer`] keeps

@@ -1,4 +1,4 @@
-//! The progress of a batch run over one file (contract §7): which lines are
+//! The progress of a batch run over one file: which lines are
 //! settled, where reading must start again after in-flight work was lost,
 //! and the run's counts.
 //!

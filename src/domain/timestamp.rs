@@ -1,4 +1,4 @@
-//! Timestamps (contract §3): RFC 3339 / ISO-8601, or `YYYY-MM-DD HH:MM:SS[.ffffff]`.
+//! Timestamps: RFC 3339 / ISO-8601, or `YYYY-MM-DD HH:MM:SS[.ffffff]`.
 //! A value without a zone is read as UTC, as the seed system stored it.
 
 use chrono::{DateTime, Datelike, NaiveDateTime, SubsecRound, Utc};

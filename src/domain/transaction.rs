@@ -64,7 +64,7 @@ impl ProcessingType {
     }
 }
 
-/// A transaction that passed every rule of contract §3.
+/// A transaction that passed every validation rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transaction {
     /// The canonical id (see [`super::identity`]).

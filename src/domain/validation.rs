@@ -1,4 +1,4 @@
-//! Validation (contract §3): from loosely typed fields to a [`Transaction`].
+//! Validation: from loosely typed fields to a [`Transaction`].
 //!
 //! Both sources produce a [`RawTransaction`]: the JSON decoder keeps each
 //! field's JSON kind, the CSV reader gives text. Validation reports every
@@ -37,7 +37,7 @@ impl RawField {
     }
 }
 
-/// A record's fields, in the contract's vocabulary, not yet validated.
+/// A record's fields, by their event names, not yet validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTransaction {
     pub id: RawField,
@@ -87,7 +87,7 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    /// The names of the failing fields, in the contract's field order.
+    /// The names of the failing fields, in the event's field order.
     pub fn fields(&self) -> Vec<&'static str> {
         self.errors.iter().map(|e| e.field).collect()
     }
@@ -178,7 +178,7 @@ fn too_long(text: &str, max_chars: usize) -> bool {
     text.len() > max_chars && text.chars().nth(max_chars).is_some()
 }
 
-/// Applies contract §3 to one record.
+/// Applies the validation rules to one record.
 pub fn validate(raw: &RawTransaction) -> Result<Transaction, ValidationError> {
     let mut check = Checker { errors: Vec::new() };
 

@@ -1,4 +1,4 @@
-//! Batch mode (contract §7) against the real stack: SeaweedFS S3, PostgreSQL,
+//! Batch mode against the real stack: SeaweedFS S3, PostgreSQL,
 //! the broker (DLQ) and a reference ML API of each test's own.
 
 use aws_sdk_s3::primitives::ByteStream;

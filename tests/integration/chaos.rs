@@ -1,4 +1,4 @@
-//! The chaos suite (contract §2, every guarantee at once): under a load of
+//! The chaos suite (every guarantee at once): under a load of
 //! valid events with 5% invalid ones, plus a batch file loading at the same
 //! time, each scenario injects its faults, then checks the books exactly:
 //! every valid id stored once with its reference prediction, every invalid

@@ -1,4 +1,4 @@
-//! The command line's contract: configuration errors exit 2 naming the key.
+//! The command line: configuration errors exit 2 naming the key.
 
 use crate::helpers::{run, stderr, txnflow};
 

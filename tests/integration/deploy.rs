@@ -1,4 +1,4 @@
-//! The deployment (contract §10): `compose.yaml` and the Grafana dashboard,
+//! The deployment: `compose.yaml` and the Grafana dashboard,
 //! checked without a Docker engine.
 
 use std::collections::BTreeSet;
@@ -177,7 +177,7 @@ fn dashboard_metrics() -> BTreeSet<String> {
 }
 
 /// The dashboard names only metrics a running instance exports, and shows
-/// what §8 asks: throughput by outcome, lag, DLQ rate, ML latency, breaker,
+/// what an operator watches: throughput by outcome, lag, DLQ rate, ML latency, breaker,
 /// buffer depth, actor restarts.
 #[tokio::test]
 async fn the_dashboard_queries_only_exported_metrics() {
@@ -215,7 +215,7 @@ async fn the_dashboard_queries_only_exported_metrics() {
     }
     let unknown: Vec<&String> = used.difference(&exported).collect();
     assert!(unknown.is_empty(), "dashboard metrics not exported: {unknown:?}");
-    // Every family of §8 (the lag's included, now it is reported) says
+    // Every metric family (the lag's included, now it is reported) says
     // what it measures.
     let text = service.metrics().await;
     for family in crate::streaming::METRIC_FAMILIES {
@@ -224,7 +224,7 @@ async fn the_dashboard_queries_only_exported_metrics() {
     }
 }
 
-/// Every family of §8 is on a running instance's `/metrics`, and the
+/// Every metric family is on a running instance's `/metrics`, and the
 /// counters the dashboard plots move by exactly the load put through.
 #[tokio::test]
 async fn metric_values_move_with_the_load() {

@@ -1,4 +1,4 @@
-//! Hostile input and permanent failures (contract §2.9): no record can
+//! Hostile input and permanent failures (guarantee 9): no record can
 //! stall a partition, a run or the service, and each still ends in exactly
 //! one place with its reason. Every case asserts exact outcomes, committed
 //! offsets equal to the end offsets, a healthy service afterwards, and

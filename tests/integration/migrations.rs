@@ -1,4 +1,4 @@
-//! Migrations (contract §6) and the `migrate` command, on databases of their own.
+//! Migrations and the `migrate` command, on databases of their own.
 
 use diesel::RunQueryDsl;
 use diesel::connection::SimpleConnection;

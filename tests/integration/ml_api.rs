@@ -1,4 +1,4 @@
-//! The reference ML API (contract §4), over real HTTP.
+//! The reference ML API, over real HTTP.
 
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};

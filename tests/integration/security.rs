@@ -1,4 +1,4 @@
-//! The admin surface is closed by default (contract §2.10, §8): a token on
+//! The admin surface is closed by default (guarantee 10): a token on
 //! every endpoint but the probes, no listen beyond loopback without one,
 //! `POST /batches` limited to the allowed buckets and local roots, and no
 //! answer or log line that repeats an input file's content.

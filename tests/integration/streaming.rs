@@ -1,4 +1,4 @@
-//! The streaming pipeline (contract §1, §2, §5, §6) against the real stack.
+//! The streaming pipeline against the real stack.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -42,7 +42,7 @@ async fn every_event_ends_in_exactly_one_place_and_replays_change_nothing() {
     let by_key: std::collections::HashMap<&str, &Vec<u8>> = invalid.iter().map(|(k, v)| (k.as_str(), v)).collect();
     for record in &dlq {
         let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, HEADERS, "the §5 headers, in order");
+        assert_eq!(names, HEADERS, "the DLQ headers, in order");
         let header = |name: &str| record.headers.iter().find(|(k, _)| k == name).unwrap().1.as_str();
         assert_eq!(header("error_type"), "invalid");
         assert!(["decode", "validate"].contains(&header("stage")));
@@ -86,7 +86,7 @@ async fn streaming_rows_carry_their_lineage() {
     }
 }
 
-/// The metric families of contract §8, as `/metrics` must name them.
+/// The metric families, as `/metrics` must name them.
 pub const METRIC_FAMILIES: [&str; 14] = [
     "txnflow_records_total",
     "txnflow_buffer_depth",
@@ -141,7 +141,7 @@ async fn the_buffer_flushes_on_size_or_time() {
     assert!((12.0..=102.0).contains(&flushes), "{flushes} flushes");
     assert!(size_flushes >= 1.0);
 
-    // Every family of §8 is exported (the lag once librdkafka's statistics arrive).
+    // Every metric family is exported (the lag once librdkafka's statistics arrive).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let has_all = |text: &str| METRIC_FAMILIES.iter().all(|family| text.contains(&format!("# TYPE {family} ")));
     while !has_all(&service.metrics().await) && std::time::Instant::now() < deadline {
