@@ -28,7 +28,7 @@ use super::acknowledgement::{Ack, Settlement, Tracker};
 use super::buffer::Buffer;
 use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, Ingest, Lineage};
-use crate::batch::{self, BatchError, BatchRuns, ErrorFile, InputFile, RunSpec};
+use crate::batch::{self, BatchError, ErrorFile, InputFile, RunRegistry, RunSpec};
 use crate::domain::origin::Origin;
 use crate::domain::run_progress::{RowAction, RowOutcome};
 use crate::domain::transaction::{ProcessingType, Transaction};
@@ -75,7 +75,7 @@ impl Actor for CsvLoader {
 
     /// Also runs after a restart: runs still running go on where they were.
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for spec in self.pipeline.batches.running() {
+        for spec in self.pipeline.runs.running() {
             tracing::info!(run_id = spec.run_id, "resuming the batch run");
             self.spawn_run(spec, ctx);
         }
@@ -108,11 +108,11 @@ impl Handler<LoadCsv> for CsvLoader {
         let check = async move {
             let run_id = load.run_id.unwrap_or_else(batch::new_run_id);
             let spec = batch::prepare(&s3, &load.uri, &run_id, &load.policy).await?;
-            if pipeline.batches.is_running(&run_id) {
+            if pipeline.runs.is_running(&run_id) {
                 return Err(BatchError::AlreadyRunning(run_id));
             }
             let max_running = pipeline.config.batch.max_concurrent_runs;
-            if pipeline.batches.running().len() >= max_running {
+            if pipeline.runs.running().len() >= max_running {
                 return Err(BatchError::TooManyRuns(max_running));
             }
             claim(&pipeline, &spec).await?;
@@ -120,7 +120,7 @@ impl Handler<LoadCsv> for CsvLoader {
             for file in &spec.files {
                 ErrorFile::new(&spec, file).reset();
             }
-            pipeline.batches.begin(spec, max_running)
+            pipeline.runs.begin(spec, max_running)
         };
         Box::pin(check.into_actor(self).map(|checked, actor, ctx| {
             let spec = checked?;
@@ -137,7 +137,7 @@ super::supervisor::chaos_hook!(CsvLoader, "csv_loader");
 /// One batch run's rows in flight: the tracker their handles report to.
 /// It settles each row in the run's progress, or notes its loss there.
 pub struct RunRows {
-    runs: Arc<BatchRuns>,
+    runs: Arc<RunRegistry>,
     spec: Arc<RunSpec>,
 }
 
@@ -158,7 +158,7 @@ impl Tracker for RunRows {
 
 /// Loads every file of the run not done yet, in order.
 async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
-    let runs = &pipeline.batches;
+    let runs = &pipeline.runs;
     let rows = Arc::new(RunRows { runs: runs.clone(), spec: spec.clone() });
     let first = runs.files_done(&spec.run_id);
     for file in &spec.files[first..] {
@@ -217,7 +217,7 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
 /// When PostgreSQL cannot be reached the run starts anyway: the heartbeat
 /// records it once the database is back.
 async fn claim(pipeline: &Arc<Pipeline>, spec: &RunSpec) -> Result<(), BatchError> {
-    let report = batch::BatchRuns::starting_report(spec);
+    let report = batch::RunRegistry::starting_report(spec);
     match write_reports(pipeline, vec![report], true).await.map(|recorded| recorded[0].1) {
         Ok(true) => Ok(()),
         Ok(false) => Err(BatchError::AlreadyRunning(spec.run_id.clone())),
@@ -254,7 +254,7 @@ async fn write_reports(
 /// finished run's final report (once it is in, it is not sent again). A
 /// failure is logged and retried by the next heartbeat.
 pub async fn record_runs(pipeline: Arc<Pipeline>) {
-    let reports = pipeline.batches.to_record();
+    let reports = pipeline.runs.to_record();
     if reports.is_empty() {
         return;
     }
@@ -262,7 +262,7 @@ pub async fn record_runs(pipeline: Arc<Pipeline>) {
     match outcome {
         Ok(recorded) => {
             for (report, mine) in recorded {
-                if pipeline.batches.recorded(&report, mine) {
+                if pipeline.runs.recorded(&report, mine) {
                     // Another process took the run over while this one was
                     // silent (see batch.stale_after_ms). Both load it; writes
                     // are idempotent. The table keeps the other's reports.
@@ -285,7 +285,7 @@ enum Pass {
 
 /// Waits until every row of the file is settled; false when rows were
 /// lost meanwhile (the run's losses moved past `losses`).
-async fn wait_settled(runs: &BatchRuns, run_id: &str, uri: &str, losses: u64) -> bool {
+async fn wait_settled(runs: &RunRegistry, run_id: &str, uri: &str, losses: u64) -> bool {
     loop {
         if runs.is_file_done(run_id, uri) {
             return true;
@@ -307,7 +307,7 @@ async fn read_file(
     errors: &mut ErrorFile,
     losses: u64,
 ) -> Result<Pass, String> {
-    let (runs, spec) = (&pipeline.batches, &tracker.spec);
+    let (runs, spec) = (&pipeline.runs, &tracker.spec);
     let run_id = spec.run_id.as_str();
     let resume = runs.resume_line(run_id, &file.uri);
     let max_bytes = pipeline.config.batch.max_record_bytes;

@@ -102,7 +102,7 @@ fn refusal(
 /// its prediction, since a bad prediction must not cost the transaction.
 fn write_positions(
     connection: &mut diesel::pg::PgConnection,
-    batch: &WriteFlush,
+    flush: &WriteFlush,
     positions: &[usize],
     suspicion: Suspicion,
     refusals: &mut Refusals,
@@ -110,7 +110,7 @@ fn write_positions(
     let rows: Vec<TransactionRow<'_>> = positions
         .iter()
         .map(|&i| {
-            let record = &batch.records[i];
+            let record = &flush.records[i];
             TransactionRow {
                 transaction: &record.transaction,
                 processing_type: record.lineage.processing_type,
@@ -121,13 +121,13 @@ fn write_positions(
         })
         .collect();
     let predictions: Vec<_> =
-        positions.iter().filter_map(|&i| batch.predictions.get(&batch.records[i].transaction.id).cloned()).collect();
+        positions.iter().filter_map(|&i| flush.predictions.get(&flush.records[i].transaction.id).cloned()).collect();
     let Err(error) = write_flush(connection, &rows, &predictions) else { return Ok(()) };
     let reason = refusal(connection, error, suspicion)?;
     if positions.len() > 1 {
         let (left, right) = positions.split_at(positions.len() / 2);
-        write_positions(connection, batch, left, suspicion, refusals)?;
-        return write_positions(connection, batch, right, suspicion, refusals);
+        write_positions(connection, flush, left, suspicion, refusals)?;
+        return write_positions(connection, flush, right, suspicion, refusals);
     }
     if predictions.is_empty() {
         refusals.records.push((positions[0], reason));
@@ -140,11 +140,11 @@ fn write_positions(
     Ok(())
 }
 
-fn write_batch(pipeline: &Pipeline, batch: &WriteFlush, suspicion: Suspicion) -> Result<Refusals, WriteError> {
+fn store_flush(pipeline: &Pipeline, flush: &WriteFlush, suspicion: Suspicion) -> Result<Refusals, WriteError> {
     let mut connection = pipeline.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
-    let positions: Vec<usize> = (0..batch.records.len()).collect();
+    let positions: Vec<usize> = (0..flush.records.len()).collect();
     let mut refusals = Refusals::default();
-    write_positions(&mut connection, batch, &positions, suspicion, &mut refusals)?;
+    write_positions(&mut connection, flush, &positions, suspicion, &mut refusals)?;
     Ok(refusals)
 }
 
@@ -153,7 +153,7 @@ fn write_batch(pipeline: &Pipeline, batch: &WriteFlush, suspicion: Suspicion) ->
 /// nothing (guarantee 5); once the same write has failed
 /// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
 /// answers are taken as refusals of the records, which are isolated.
-async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, mut batch: WriteFlush) {
+async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, mut flush: WriteFlush) {
     let mut backoff = crate::backoff::Backoff::outage();
     let refusals = loop {
         let suspicion = if backoff.failures() >= SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
@@ -162,8 +162,8 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
         // The blocking pool's thread is outside the actor's span: take it along.
         let span = tracing::Span::current();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = span.in_scope(|| write_batch(&shared, &batch, suspicion));
-            (batch, result)
+            let result = span.in_scope(|| store_flush(&shared, &flush, suspicion));
+            (flush, result)
         })
         .await;
         let state = pipeline.pool.state();
@@ -177,12 +177,12 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
                 let clean = refusals.records.is_empty() && refusals.predictions.is_empty();
                 let label = if clean { "ok" } else { "data_error" };
                 METRICS.db_write_duration.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
-                batch = returned;
+                flush = returned;
                 break refusals;
             }
             Ok((returned, Err(error))) => {
                 METRICS.db_write_duration.with_label_values(&["retry"]).observe(started.elapsed().as_secs_f64());
-                batch = returned;
+                flush = returned;
                 let error = crate::db::short_reason(&error);
                 backoff
                     .wait(|attempt, delay| {
@@ -203,9 +203,9 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
     let room = if pipeline.config.kafka.predictions_topic.is_empty() {
         None
     } else {
-        Some(super::prediction_fan_out::room(&pipeline, batch.predictions.len()).await)
+        Some(super::prediction_fan_out::room(&pipeline, flush.predictions.len()).await)
     };
-    acknowledge(&pipeline, &dlq_publisher, batch, refusals, room);
+    acknowledge(&pipeline, &dlq_publisher, flush, refusals, room);
 }
 
 /// Settles the records written with their prediction, and sends the failed
@@ -213,12 +213,12 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
 fn acknowledge(
     pipeline: &Pipeline,
     dlq_publisher: &Mailbox<DlqPublisher>,
-    batch: WriteFlush,
+    flush: WriteFlush,
     refusals: Refusals,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let mut refused: std::collections::HashMap<usize, String> = refusals.records.into_iter().collect();
-    let WriteFlush { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = batch;
+    let WriteFlush { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = flush;
     // A refused prediction: the transaction is stored, its prediction failed.
     for (position, reason) in refusals.predictions {
         let id = records[position].transaction.id;
@@ -289,10 +289,10 @@ fn dead_letter(mut record: Envelope, failure: Failure) -> DeadLetter {
 impl Handler<WriteFlush> for DbWriter {
     type Result = ();
 
-    fn handle(&mut self, batch: WriteFlush, ctx: &mut Context<Self>) {
-        let span = tracing::info_span!("flush", flush_id = batch.flush_id);
+    fn handle(&mut self, flush: WriteFlush, ctx: &mut Context<Self>) {
+        let span = tracing::info_span!("flush", flush_id = flush.flush_id);
         ctx.spawn(
-            persist(self.pipeline.clone(), self.dlq_publisher.clone(), batch)
+            persist(self.pipeline.clone(), self.dlq_publisher.clone(), flush)
                 .instrument(span)
                 .into_actor(self)
                 .map(|(), _, _| ()),

@@ -436,7 +436,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 _ => break,
             }
         }
-        let mut batch = ReadBatch::default();
+        let mut pass = ReadPass::default();
         let mut restarted: Vec<i32> = Vec::new();
         let mut messages = messages.into_iter();
         while let Some(message) = messages.next() {
@@ -457,7 +457,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
             let permit = match pipeline.try_reserve(bytes) {
                 Some(permit) => permit,
                 None => {
-                    batch.send(&next).await;
+                    pass.send(&next).await;
                     tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading waits");
                     match quirks {
                         BrokerQuirks::None => {
@@ -467,7 +467,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                             let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
                             // Revoked during the wait: the permit goes back.
                             if consumer.context().holds(message.partition()) {
-                                batch.add(&pipeline, &offsets, &message, permit);
+                                pass.add(&pipeline, &offsets, &message, permit);
                             }
                             break;
                         }
@@ -477,9 +477,9 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                     }
                 }
             };
-            batch.add(&pipeline, &offsets, &message, permit);
+            pass.add(&pipeline, &offsets, &message, permit);
         }
-        batch.send(&next).await;
+        pass.send(&next).await;
     }
 }
 
@@ -527,7 +527,7 @@ struct Next {
 /// What one pass of the read loop sends on: valid records to the Buffer,
 /// invalid ones to the DlqPublisher.
 #[derive(Default)]
-struct ReadBatch {
+struct ReadPass {
     valid: Vec<Envelope>,
     invalid: Vec<DeadLetter>,
     /// Counted here and added to the metrics once per send, not per record.
@@ -535,7 +535,7 @@ struct ReadBatch {
     rejected: u64,
 }
 
-impl ReadBatch {
+impl ReadPass {
     fn add(&mut self, pipeline: &Pipeline, offsets: &Arc<ReadOffsets>, message: &OwnedMessage, permit: Capacity) {
         let origin = Origin::Kafka {
             topic: message.topic().to_string(),

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-use crate::batch::BatchRuns;
+use crate::batch::RunRegistry;
 use crate::config::Config;
 use crate::db::PgPool;
 use crate::ml_client::MlClient;
@@ -59,7 +59,7 @@ pub struct Pipeline {
     /// Predictions queued for the fan-out topic (`buffer.capacity`).
     pub fan_out_slots: Arc<Semaphore>,
     /// Batch runs and the progress of each.
-    pub batches: Arc<BatchRuns>,
+    pub runs: Arc<RunRegistry>,
     /// This process, as the `batch_runs` table names the one running a run:
     /// `host/pid`.
     pub instance: String,
@@ -109,7 +109,7 @@ impl Pipeline {
             producer,
             capacity,
             capacity_bytes,
-            batches: Arc::default(),
+            runs: Arc::default(),
             instance: instance_name(),
             shutting_down: AtomicBool::new(false),
             mailboxes: Mailboxes::default(),

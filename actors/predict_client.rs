@@ -46,30 +46,30 @@ impl<Next: TakesWrites> Supervised for PredictClient<Next> {
 impl<Next: TakesWrites> Handler<PredictFlush> for PredictClient<Next> {
     type Result = ();
 
-    fn handle(&mut self, batch: PredictFlush, ctx: &mut Context<Self>) {
+    fn handle(&mut self, flush: PredictFlush, ctx: &mut Context<Self>) {
         let ml = self.ml.clone();
-        let span = tracing::info_span!("flush", flush_id = batch.flush_id);
+        let span = tracing::info_span!("flush", flush_id = flush.flush_id);
         // Spawned, not awaited: the mailbox keeps taking flushes while this
         // one waits for the API; MlClient bounds the requests in flight.
         let predict = async move {
             let items: Vec<PredictRequestItem> =
-                batch.records.iter().map(|r| PredictRequestItem::from(&r.transaction)).collect();
+                flush.records.iter().map(|r| PredictRequestItem::from(&r.transaction)).collect();
             let predicted = ml.predict(items, "pipeline").await;
             tracing::debug!(
-                asked = batch.records.len(),
+                asked = flush.records.len(),
                 predicted = predicted.predictions.len(),
                 failed = predicted.failures.len(),
                 "flush predicted"
             );
-            (batch, predicted)
+            (flush, predicted)
         }
         .instrument(span);
-        ctx.spawn(predict.into_actor(self).map(|(batch, predicted), actor, _ctx| {
+        ctx.spawn(predict.into_actor(self).map(|(flush, predicted), actor, _ctx| {
             let write = WriteFlush {
-                flush_id: batch.flush_id,
-                trigger: batch.trigger,
-                flushed_at: batch.flushed_at,
-                records: batch.records,
+                flush_id: flush.flush_id,
+                trigger: flush.trigger,
+                flushed_at: flush.flushed_at,
+                records: flush.records,
                 predictions: predicted.predictions.into_iter().map(|p| (p.transaction_id, p)).collect(),
                 failures: predicted.failures.into_iter().collect::<HashMap<_, _>>(),
             };

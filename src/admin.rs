@@ -157,7 +157,7 @@ async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminSta
 /// reporting shows as `interrupted`.
 async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
     let pipeline = state.pipeline.clone();
-    let local = pipeline.batches.report(&run_id).map(|report| {
+    let local = pipeline.runs.report(&run_id).map(|report| {
         let mut answer = serde_json::to_value(report).expect("a report serialises");
         answer["instance"] = pipeline.instance.clone().into();
         answer

@@ -39,7 +39,7 @@ async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> 
     let run_id = pipeline.csv_loader().send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
     let mut last_progress = Instant::now();
     loop {
-        let report = pipeline.batches.report(&run_id).expect("the run is registered");
+        let report = pipeline.runs.report(&run_id).expect("the run is registered");
         if report.status != RunStatus::Running {
             // The final report into batch_runs before the process ends.
             crate::actors::csv_loader::record_runs(pipeline.clone()).await;
@@ -62,7 +62,7 @@ async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> 
             );
             last_progress = Instant::now();
         }
-        pipeline.batches.changed(Duration::from_millis(200)).await;
+        pipeline.runs.changed(Duration::from_millis(200)).await;
     }
 }
 

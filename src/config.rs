@@ -249,12 +249,8 @@ pub struct ChaosConfig {
 #[serde(deny_unknown_fields)]
 pub struct MlApiConfig {
     pub listen: SocketAddr,
-    pub error_rate: f64,
-    pub latency_ms: u64,
-    pub malformed_rate: f64,
-    pub drop_rate: f64,
-    pub extended: bool,
-    pub poison_marker: String,
+    /// The fault knobs it starts with.
+    pub faults: crate::ml_api::Faults,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -462,9 +458,11 @@ impl Config {
                 ));
             }
         }
-        share("ml_api.error_rate", self.ml_api.error_rate)?;
-        share("ml_api.malformed_rate", self.ml_api.malformed_rate)?;
-        share("ml_api.drop_rate", self.ml_api.drop_rate)?;
+        let faults = &self.ml_api.faults;
+        share("ml_api.faults.error_rate", faults.error_rate)?;
+        share("ml_api.faults.malformed_rate", faults.malformed_rate)?;
+        share("ml_api.faults.drop_rate", faults.drop_rate)?;
+        share("ml_api.faults.refuse_rate", faults.refuse_rate)?;
         Ok(())
     }
 }
@@ -642,7 +640,7 @@ mod tests {
                 ("TXNFLOW__KAFKA__BROKERS", "k1:9092,k2:9092"),
                 ("TXNFLOW__BUFFER__MAX_RECORDS", "42"),
                 ("TXNFLOW__CHAOS__ENABLED", "true"),
-                ("TXNFLOW__ML_API__ERROR_RATE", "0.25"),
+                ("TXNFLOW__ML_API__FAULTS__ERROR_RATE", "0.25"),
                 ("TXNFLOW__PREDICT__CATEGORIES", "Food, Rent"),
                 ("TXNFLOW__SHUTDOWN_TIMEOUT_MS", "5"),
                 ("OTHER", "ignored"),
@@ -652,7 +650,7 @@ mod tests {
         assert_eq!(config.kafka.brokers, "k1:9092,k2:9092");
         assert_eq!(config.buffer.max_records, 42);
         assert!(config.chaos.enabled);
-        assert_eq!(config.ml_api.error_rate, 0.25);
+        assert_eq!(config.ml_api.faults.error_rate, 0.25);
         assert_eq!(config.predict.categories, ["Food", "Rent"]);
         assert_eq!(config.shutdown_timeout_ms, 5);
     }

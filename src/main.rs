@@ -277,7 +277,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             dlq_replay::list(&config.db, &error_types, !all, limit)
         }
         Command::MlApi(args) => {
-            let mut faults = ml_api::Faults::from_config(&config.ml_api);
+            let mut faults = config.ml_api.faults.clone();
             faults.error_rate = args.error_rate.unwrap_or(faults.error_rate);
             faults.latency_ms = args.latency_ms.unwrap_or(faults.latency_ms);
             faults.malformed_rate = args.malformed_rate.unwrap_or(faults.malformed_rate);

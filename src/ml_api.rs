@@ -17,7 +17,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::config::MlApiConfig;
 use crate::domain::categories::{REFERENCE_MODEL_VERSION, reference_category, reference_confidence};
 use crate::domain::timestamp::parse_timestamp;
 
@@ -71,18 +70,6 @@ pub fn refuses(id: Uuid, refuse_rate: f64) -> bool {
 }
 
 impl Faults {
-    pub fn from_config(config: &MlApiConfig) -> Faults {
-        Faults {
-            error_rate: config.error_rate,
-            latency_ms: config.latency_ms,
-            malformed_rate: config.malformed_rate,
-            drop_rate: config.drop_rate,
-            extended: config.extended,
-            poison_marker: config.poison_marker.clone(),
-            ..Faults::default()
-        }
-    }
-
     fn check(&self) -> Result<(), String> {
         for (name, rate) in [
             ("error_rate", self.error_rate),

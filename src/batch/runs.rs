@@ -106,12 +106,12 @@ fn forget_finished(runs: &mut HashMap<String, RunState>) {
 
 /// Every batch run of this process, and the progress of each.
 #[derive(Default)]
-pub struct BatchRuns {
+pub struct RunRegistry {
     runs: Mutex<HashMap<String, RunState>>,
     changed: tokio::sync::Notify,
 }
 
-impl BatchRuns {
+impl RunRegistry {
     /// Also taken in a record handle's drop, during a panic's unwinding:
     /// a poisoned lock is used as it is, never a second panic.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunState>> {
@@ -267,7 +267,7 @@ impl BatchRuns {
 
     /// The reports the `batch_runs` table does not have yet: every running
     /// run's progress, and each finished run's final report until it is
-    /// recorded ([`BatchRuns::recorded`]).
+    /// recorded ([`RunRegistry::recorded`]).
     pub fn to_record(&self) -> Vec<RunReport> {
         let ids: Vec<String> = self
             .lock()
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn runs_beyond_the_bound_are_refused_and_finished_ones_leave_memory() {
-        let runs = BatchRuns::default();
+        let runs = RunRegistry::default();
         let spec =
             |id: &str| RunSpec { run_id: id.into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
         runs.begin(spec("a"), 2).unwrap();
@@ -382,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_row_lost_before_it_settled_counts_as_a_loss_and_a_settled_one_does_not() {
-        let runs = BatchRuns::default();
+        let runs = RunRegistry::default();
         let spec = RunSpec { run_id: "r".into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
         runs.begin(spec, 4).unwrap();
         runs.start_file("r", "s3://b/k.csv");
@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn a_run_is_recorded_until_its_final_report_is_in_and_a_takeover_is_said_once() {
-        let runs = BatchRuns::default();
+        let runs = RunRegistry::default();
         let spec =
             RunSpec { run_id: "2026-01".into(), uri: "s3://b/k.csv".into(), files: vec![], errors_per_file: false };
         runs.begin(spec, 4).unwrap();
