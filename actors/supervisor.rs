@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::messages::Chaos;
-use super::{
-    Mailbox, Mailboxes, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
-};
+use super::pipeline::Mailboxes;
+use super::{Mailbox, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client};
 use crate::metrics::METRICS;
 
 /// One supervised actor: its name (in logs, metrics and the chaos
