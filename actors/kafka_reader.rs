@@ -137,12 +137,11 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {
-    /// Assigns partitions at explicit offsets: the group's committed offset,
-    /// or, when there is none, 0 (`auto_offset_reset = "earliest"`) or the
-    /// end of the partition ("latest"). Leaving it to `auto.offset.reset` asks the
-    /// broker for its earliest offset, and Tansu 0.6 answered that with a
-    /// later offset while records were being appended: our SIGTERM test then
-    /// lost the first 288 records of a partition, committed past unread.
+    /// Assigns the partitions. With `broker_quirks = "none"` librdkafka
+    /// starts each at the group's committed offset; with `"tansu"` they
+    /// start at explicit offsets, since the test broker answers a request
+    /// for the earliest offset with a later one while records are appended
+    /// (see `crate::tansu_quirks`).
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,

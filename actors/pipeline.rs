@@ -157,8 +157,7 @@ impl Pipeline {
     }
 
     /// Stops every arbiter (after a graceful shutdown) and waits, at most
-    /// `wait`, for their threads to end. (The "double free" once seen at
-    /// exit had another cause: see `leave` in main.rs.)
+    /// `wait`, for their threads to end.
     pub fn stop_arbiters(&self, wait: Duration) {
         supervisor::stop_all(self, wait);
     }

@@ -89,10 +89,9 @@ async fn records_held_by_a_crashing_actor_are_read_again_through_their_handles()
     }
 }
 
-/// Found, before the fix, that the restarted instance skipped records:
-/// it started at the offsets the first one committed, which lie inside a
-/// record batch, and Tansu answers such a fetch with the next batch. The
-/// reader now detects that and reads the gap again (`check_start`).
+/// The restarted instance starts at the offsets the first one committed,
+/// which may lie inside a record batch; Tansu answers such a fetch with the
+/// next batch, and the reader reads the gap again (`check_start`).
 #[tokio::test]
 async fn sigterm_under_load_exits_0_and_a_restart_finishes_the_work() {
     let scenario = Scenario::new("sigterm").await;
