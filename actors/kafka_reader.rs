@@ -74,6 +74,13 @@ impl ReadOffsets {
     fn lock(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
         self.offsets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// The reader is going (a restart, a panic, the end): what it has in
+    /// flight is the next owner's to read, so the revoke that closing its
+    /// consumer brings waits for none of it and commits nothing more.
+    fn abandon(&self) {
+        *self.lock() = OffsetTracker::default();
+    }
 }
 
 impl Tracker for ReadOffsets {
@@ -105,7 +112,7 @@ pub struct ReaderContext {
     assigned: std::sync::Mutex<std::collections::BTreeMap<i32, Option<i64>>>,
     /// Where each partition's reading (re)started, until its first record
     /// arrives: see [`check_start`].
-    starts: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
+    starts: std::sync::Mutex<std::collections::HashMap<i32, Start>>,
 }
 
 impl ClientContext for ReaderContext {
@@ -159,6 +166,7 @@ impl ConsumerContext for ReaderContext {
                     BrokerQuirks::Tansu => {
                         let reset = &self.pipeline.config.kafka.auto_offset_reset;
                         let (committed, starts) = crate::tansu_quirks::explicit_start_offsets(consumer, tpl, reset);
+                        let starts = starts.into_iter().map(|(partition, offset)| (partition, Start::at(offset)));
                         self.starts.lock().expect("starts lock").extend(starts);
                         committed.ok()
                     }
@@ -203,7 +211,7 @@ impl ConsumerContext for ReaderContext {
         self.buffer.do_send(super::messages::FlushNow);
         // Blocking is fine here: this is the reader's own thread.
         let deadline = Instant::now() + REVOKE_WAIT;
-        while partitions.iter().any(|p| self.offsets.lock().in_flight(*p) > 0) && Instant::now() < deadline {
+        while partitions.iter().any(|p| self.offsets.lock().awaited(*p) > 0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let topic = self.pipeline.config.kafka.topic.clone();
@@ -608,8 +616,56 @@ fn seek(consumer: &Reader, topic: &str, partition: i32, offset: i64) -> anyhow::
     consumer
         .seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot seek {topic}/{partition} to {offset}: {e}"))?;
-    consumer.context().starts.lock().expect("starts lock").insert(partition, offset);
+    consumer.context().starts.lock().expect("starts lock").insert(partition, Start::at(offset));
     Ok(())
+}
+
+/// Where a partition's reading (re)started, with `broker_quirks = "tansu"`,
+/// until its first record arrives.
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    offset: i64,
+    since: Instant,
+    /// Already read again from further back because it saw no record.
+    silent_rewound: bool,
+}
+
+impl Start {
+    fn at(offset: i64) -> Start {
+        Start { offset, since: Instant::now(), silent_rewound: false }
+    }
+}
+
+/// With `broker_quirks = "tansu"`: reads again from further back each held
+/// partition whose start has seen no record for `START_SILENCE` (see
+/// [`crate::tansu_quirks`]).
+fn rewind_silent_starts(consumer: &Reader) {
+    let context = consumer.context();
+    let silent: Vec<(i32, i64, i64)> = context
+        .starts
+        .lock()
+        .expect("starts lock")
+        .iter()
+        .filter(|(partition, start)| {
+            start.since.elapsed() >= crate::tansu_quirks::START_SILENCE && context.holds(**partition)
+        })
+        .filter_map(|(partition, start)| {
+            crate::tansu_quirks::silent_start_back(start.offset, start.silent_rewound)
+                .map(|back| (*partition, start.offset, back))
+        })
+        .collect();
+    let topic = &context.pipeline.config.kafka.topic;
+    for (partition, start, back) in silent {
+        tracing::warn!(partition, start, back, "no record since a start; reading again from further back, once");
+        match seek(consumer, topic, partition, back) {
+            Ok(()) => {
+                if let Some(start) = context.starts.lock().expect("starts lock").get_mut(&partition) {
+                    start.silent_rewound = true;
+                }
+            }
+            Err(error) => tracing::warn!(%error, partition, "cannot read again from further back"),
+        }
+    }
 }
 
 /// With `broker_quirks = "tansu"`: whether `message` may be used, given
@@ -625,7 +681,8 @@ fn check_start(
     rewound: &mut std::collections::HashSet<(i32, i64)>,
 ) -> anyhow::Result<bool> {
     let partition = message.partition();
-    let Some(start) = consumer.context().starts.lock().expect("starts lock").remove(&partition) else {
+    let Some(Start { offset: start, .. }) = consumer.context().starts.lock().expect("starts lock").remove(&partition)
+    else {
         return Ok(true);
     };
     let already = rewound.contains(&(partition, start));
@@ -671,6 +728,11 @@ impl Actor for KafkaReader {
             let everything = actor.ticks.is_multiple_of(RECOMMIT_EVERY);
             actor.commit(if everything { Commits::All } else { Commits::Moved });
             actor.watch_assignment();
+            if let Some(consumer) = &actor.consumer
+                && actor.pipeline.config.kafka.broker_quirks == BrokerQuirks::Tansu
+            {
+                rewind_silent_starts(consumer);
+            }
         });
     }
 }
@@ -680,8 +742,19 @@ impl Supervised for KafkaReader {
         // Commit what is durable, then leave the group; the new consumer
         // re-reads everything after the last commit.
         self.commit(Commits::AllNow);
-        self.consumer = None;
+        if let Some(consumer) = self.consumer.take() {
+            consumer.context().offsets.abandon();
+        }
         super::supervisor::restarted("kafka_reader", "restarted by its supervisor");
+    }
+}
+
+impl Drop for KafkaReader {
+    /// A reader dropped without a restart (a panic, the end of the process).
+    fn drop(&mut self) {
+        if let Some(consumer) = &self.consumer {
+            consumer.context().offsets.abandon();
+        }
     }
 }
 

@@ -7,6 +7,9 @@
 //!   up), so a resumed partition, or a start at a committed offset, can
 //!   skip records: the reader never pauses, and after a start it checks the
 //!   first record and seeks back [`GAP_REWIND`] offsets when it skipped;
+//! - a start inside a partition's *last* batch gets no record at all, so
+//!   the first-record check never runs: a start that has seen no record for
+//!   [`START_SILENCE`] reads again from [`GAP_REWIND`] offsets back, once;
 //! - ListOffsets "earliest" answered a later offset while records were
 //!   appended, so partitions are assigned at explicit offsets: the
 //!   committed one, or 0 / the end as `kafka.auto_offset_reset` says.
@@ -18,6 +21,12 @@ use std::time::Duration;
 
 /// How far back a read that started mid-batch steps to find a batch start.
 pub const GAP_REWIND: i64 = 10_000;
+
+/// How long a start may see no record before it is taken for a start
+/// inside the partition's last batch. A partition that is merely idle is
+/// read again from [`GAP_REWIND`] back once: harmless, as writes are
+/// idempotent.
+pub const START_SILENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Sets an explicit start offset on every partition of `tpl`: the group's
 /// committed one, or, without a commit (or when it cannot be read), 0 for
@@ -59,7 +68,17 @@ pub fn explicit_start_offsets<C: ConsumerContext>(
 /// is `first` (beyond it: the broker skipped records), unless that start was
 /// already rewound once; None when the record may be used.
 pub fn seek_back(start: i64, first: i64, already_rewound: bool) -> Option<i64> {
-    (first > start && !already_rewound).then(|| (start - GAP_REWIND).max(0))
+    (first > start && !already_rewound).then(|| back_from(start))
+}
+
+/// Where a start that saw no record for [`START_SILENCE`] reads again
+/// from, unless it was already rewound once or there is nothing before it.
+pub fn silent_start_back(start: i64, already_rewound: bool) -> Option<i64> {
+    (start > 0 && !already_rewound).then(|| back_from(start))
+}
+
+fn back_from(start: i64) -> i64 {
+    (start - GAP_REWIND).max(0)
 }
 
 #[cfg(test)]
@@ -73,5 +92,13 @@ mod tests {
         assert_eq!(seek_back(15_000, 15_010, false), Some(5_000));
         assert_eq!(seek_back(50, 60, false), Some(0));
         assert_eq!(seek_back(50, 60, true), None, "once only");
+    }
+
+    #[test]
+    fn a_silent_start_is_read_again_once_from_further_back() {
+        assert_eq!(silent_start_back(15_000, false), Some(5_000));
+        assert_eq!(silent_start_back(50, false), Some(0));
+        assert_eq!(silent_start_back(0, false), None, "nothing before it");
+        assert_eq!(silent_start_back(15_000, true), None, "once only");
     }
 }

@@ -138,6 +138,13 @@ impl OffsetTracker {
         self.partitions.get(&partition).map_or(0, |state| state.in_flight.len())
     }
 
+    /// Records in flight in `partition` worth waiting for before its
+    /// commit: none once one of them was lost, since no commit can pass a
+    /// lost record until the partition is read again.
+    pub fn awaited(&self, partition: i32) -> usize {
+        self.partitions.get(&partition).filter(|state| !state.lost).map_or(0, |state| state.in_flight.len())
+    }
+
     pub fn total_in_flight(&self) -> usize {
         self.partitions.values().map(|state| state.in_flight.len()).sum()
     }
@@ -252,6 +259,7 @@ mod tests {
         tracker.lost(0, 2, generation);
         tracker.lost(0, 4, generation);
         assert_eq!(tracker.committable(), [(0, 1), (1, 0)], "a lost record holds the commit back");
+        assert_eq!((tracker.awaited(0), tracker.awaited(1)), (0, 1), "a revoke waits for no lost record");
         assert_eq!(tracker.take_rewinds(), [(0, 1)], "one rewind for the partition, however many were lost");
         assert_eq!(tracker.total_in_flight(), 1, "partition 1 keeps its record in flight");
         // Reading again from 1; a late ack of 3 from before the rewind only confirms it.
