@@ -31,11 +31,13 @@ pub enum Settlement {
 }
 
 /// A source's bookkeeping of the records it read: the reader's offsets, or
-/// a batch run's progress. `mark` is what the source gave the handle when
-/// it read the record (the reader's partition generation), so that a late
-/// report can be told from a current one.
+/// a batch run's progress. Each record comes with the `mark` the source
+/// gave its handle when it read it (the reader's partition generation), so
+/// that a late report can be told from a current one. A flush's records are
+/// reported together, so a tracker takes its lock and wakes its waiters
+/// once per flush, not once per record.
 pub trait Tracker: Send + Sync {
-    fn report(&self, origin: &Origin, mark: u64, settlement: Settlement);
+    fn report(&self, records: &[(&Origin, u64)], settlement: Settlement);
 }
 
 /// One record's acknowledgement: settled once, or reported lost when dropped.
@@ -65,28 +67,35 @@ impl Ack {
         &self.origin
     }
 
-    /// The record and its prediction are in PostgreSQL.
-    pub fn predicted(mut self) {
-        self.settle(Settlement::Predicted);
+    /// These records and their predictions are in PostgreSQL. Each tracker
+    /// is told once, for all of its records.
+    pub fn predicted(acks: Vec<Ack>) {
+        let mut acks = acks;
+        while let Some(first) = acks.first() {
+            let tracker = first.tracker.clone();
+            let (mut same, rest): (Vec<Ack>, Vec<Ack>) =
+                acks.into_iter().partition(|ack| Arc::ptr_eq(&ack.tracker, &tracker));
+            let records: Vec<(&Origin, u64)> = same.iter().map(|ack| (&ack.origin, ack.mark)).collect();
+            tracker.report(&records, Settlement::Predicted);
+            for ack in &mut same {
+                ack.settled = true;
+            }
+            acks = rest;
+        }
     }
 
     /// The record is in PostgreSQL without its prediction; the handle goes
     /// on with its dead letter.
     pub fn stored_unpredicted(&mut self) {
         self.stored = true;
-        self.tracker.report(&self.origin, self.mark, Settlement::StoredUnpredicted);
+        self.tracker.report(&[(&self.origin, self.mark)], Settlement::StoredUnpredicted);
     }
 
     /// The record's dead letter is acknowledged (by the DLQ topic, or the
     /// `dead_letters` table).
     pub fn dead_lettered(mut self) {
-        let stored = self.stored;
-        self.settle(Settlement::DeadLettered { stored });
-    }
-
-    fn settle(&mut self, settlement: Settlement) {
         self.settled = true;
-        self.tracker.report(&self.origin, self.mark, settlement);
+        self.tracker.report(&[(&self.origin, self.mark)], Settlement::DeadLettered { stored: self.stored });
     }
 }
 
@@ -94,7 +103,7 @@ impl Drop for Ack {
     /// Runs during a panic's unwinding too, so a tracker's report must not panic.
     fn drop(&mut self) {
         if !self.settled {
-            self.tracker.report(&self.origin, self.mark, Settlement::Lost { stored: self.stored });
+            self.tracker.report(&[(&self.origin, self.mark)], Settlement::Lost { stored: self.stored });
         }
     }
 }
@@ -105,13 +114,16 @@ mod tests {
     use std::sync::Mutex;
     use tokio::sync::Semaphore;
 
-    /// Records every report.
+    /// Records every report: how many records it held, and each record.
     #[derive(Default)]
-    struct Reports(Mutex<Vec<(Origin, u64, Settlement)>>);
+    struct Reports(Mutex<Vec<(usize, Origin, u64, Settlement)>>);
 
     impl Tracker for Reports {
-        fn report(&self, origin: &Origin, mark: u64, settlement: Settlement) {
-            self.0.lock().unwrap().push((origin.clone(), mark, settlement));
+        fn report(&self, records: &[(&Origin, u64)], settlement: Settlement) {
+            let mut reports = self.0.lock().unwrap();
+            for (origin, mark) in records {
+                reports.push((records.len(), (*origin).clone(), *mark, settlement));
+            }
         }
     }
 
@@ -136,7 +148,7 @@ mod tests {
         let predicted = handle(&capacity, &reports, 1);
         let mut unpredicted = handle(&capacity, &reports, 2);
         assert_eq!((capacity.0.available_permits(), capacity.1.available_permits()), (0, 80));
-        predicted.predicted();
+        Ack::predicted(vec![predicted]);
         unpredicted.stored_unpredicted();
         assert_eq!(capacity.0.available_permits(), 1, "the settled record's capacity is back");
         unpredicted.dead_lettered();
@@ -146,10 +158,10 @@ mod tests {
         assert_eq!(
             *reports.0.lock().unwrap(),
             [
-                (origin(1), 7, Settlement::Predicted),
-                (origin(2), 7, Settlement::StoredUnpredicted),
-                (origin(2), 7, Settlement::DeadLettered { stored: true }),
-                (origin(3), 7, Settlement::DeadLettered { stored: false }),
+                (1, origin(1), 7, Settlement::Predicted),
+                (1, origin(2), 7, Settlement::StoredUnpredicted),
+                (1, origin(2), 7, Settlement::DeadLettered { stored: true }),
+                (1, origin(3), 7, Settlement::DeadLettered { stored: false }),
             ]
         );
     }
@@ -165,9 +177,9 @@ mod tests {
         assert_eq!(
             *reports.0.lock().unwrap(),
             [
-                (origin(2), 7, Settlement::StoredUnpredicted),
-                (origin(1), 7, Settlement::Lost { stored: false }),
-                (origin(2), 7, Settlement::Lost { stored: true }),
+                (1, origin(2), 7, Settlement::StoredUnpredicted),
+                (1, origin(1), 7, Settlement::Lost { stored: false }),
+                (1, origin(2), 7, Settlement::Lost { stored: true }),
             ]
         );
     }
@@ -183,6 +195,24 @@ mod tests {
         .join();
         assert!(crashed.is_err());
         assert_eq!(capacity.0.available_permits(), 2);
-        assert_eq!(*reports.0.lock().unwrap(), [(origin(1), 7, Settlement::Lost { stored: false })]);
+        assert_eq!(*reports.0.lock().unwrap(), [(1, origin(1), 7, Settlement::Lost { stored: false })]);
+    }
+
+    #[test]
+    fn a_flush_predicted_is_reported_once_per_tracker() {
+        let (capacity, first, second) = (
+            (Arc::new(Semaphore::new(3)), Arc::new(Semaphore::new(100))),
+            Arc::new(Reports::default()),
+            Arc::new(Reports::default()),
+        );
+        let flush = vec![handle(&capacity, &first, 1), handle(&capacity, &second, 2), handle(&capacity, &first, 3)];
+        Ack::predicted(flush);
+        assert_eq!(capacity.0.available_permits(), 3, "every handle settled and gone");
+        assert_eq!(
+            *first.0.lock().unwrap(),
+            [(2, origin(1), 7, Settlement::Predicted), (2, origin(3), 7, Settlement::Predicted)],
+            "one report of both its records"
+        );
+        assert_eq!(*second.0.lock().unwrap(), [(1, origin(2), 7, Settlement::Predicted)]);
     }
 }

@@ -142,17 +142,32 @@ pub struct RunRows {
 }
 
 impl Tracker for RunRows {
-    fn report(&self, origin: &Origin, _: u64, settlement: Settlement) {
-        let Origin::File { source_uri, line } = origin else { return };
+    fn report(&self, records: &[(&Origin, u64)], settlement: Settlement) {
+        let rows: Vec<(&str, u64)> = records
+            .iter()
+            .filter_map(|(origin, _)| match origin {
+                Origin::File { source_uri, line } => Some((source_uri.as_str(), *line)),
+                Origin::Kafka { .. } => None,
+            })
+            .collect();
+        let run_id = &self.spec.run_id;
         let outcome = match settlement {
             Settlement::Predicted => RowOutcome::Predicted,
             // Settled once its prediction_failed dead letter is acknowledged.
             Settlement::StoredUnpredicted => return,
             Settlement::DeadLettered { stored: true } => RowOutcome::PredictionFailed,
             Settlement::DeadLettered { stored: false } => RowOutcome::Refused,
-            Settlement::Lost { .. } => return self.runs.lost(&self.spec.run_id, source_uri, *line),
+            Settlement::Lost { .. } => {
+                for (uri, line) in rows {
+                    self.runs.lost(run_id, uri, line);
+                }
+                return;
+            }
         };
-        self.runs.settle(&self.spec.run_id, source_uri, [(*line, outcome)]);
+        // A flush's rows of one run are of one file: one settle for them all.
+        for file in rows.chunk_by(|a, b| a.0 == b.0) {
+            self.runs.settle(run_id, file[0].0, file.iter().map(|(_, line)| (*line, outcome)));
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use super::Pipeline;
+use super::acknowledgement::Ack;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
@@ -231,6 +232,7 @@ fn acknowledge(
     }
     let mut dead_letters = Vec::new();
     let mut predicted_for_fanout = Vec::new();
+    let mut settled = Vec::with_capacity(records.len());
     let total = records.len();
     // Counted per source here, added to the metrics once per flush.
     let (mut written, mut predicted) = (std::collections::HashMap::new(), std::collections::HashMap::new());
@@ -246,7 +248,7 @@ fn acknowledge(
         if let Some(prediction) = predictions.remove(&record.transaction.id) {
             *predicted.entry(source).or_insert(0) += 1;
             predicted_for_fanout.push(prediction);
-            record.ack.predicted();
+            settled.push(record.ack);
         } else {
             record.ack.stored_unpredicted();
             let failure = failures.remove(&record.transaction.id).unwrap_or(Failure {
@@ -258,6 +260,7 @@ fn acknowledge(
             dead_letters.push(dead_letter(record, failure));
         }
     }
+    Ack::predicted(settled);
     for (source, count) in written {
         METRICS.records.with_label_values(&[source, "written"]).inc_by(count);
     }

@@ -84,17 +84,24 @@ impl ReadOffsets {
 }
 
 impl Tracker for ReadOffsets {
-    fn report(&self, origin: &Origin, generation: u64, settlement: Settlement) {
-        let Origin::Kafka { partition, offset, .. } = origin else { return };
+    fn report(&self, records: &[(&Origin, u64)], settlement: Settlement) {
+        let kafka = records.iter().filter_map(|(origin, generation)| match origin {
+            Origin::Kafka { partition, offset, .. } => Some((*partition, *offset, *generation)),
+            Origin::File { .. } => None,
+        });
         match settlement {
             Settlement::Lost { stored: false } => {
-                self.lock().lost(*partition, *offset, generation);
+                let mut offsets = self.lock();
+                kafka.for_each(|(partition, offset, generation)| offsets.lost(partition, offset, generation));
+                drop(offsets);
                 self.losses.notify_one();
             }
             // In PostgreSQL already: durable, though its dead letter was lost.
             Settlement::Lost { stored: true } => {}
             Settlement::Predicted | Settlement::StoredUnpredicted | Settlement::DeadLettered { .. } => {
-                self.lock().durable(*partition, *offset);
+                let mut offsets = self.lock();
+                kafka.for_each(|(partition, offset, _)| offsets.durable(partition, offset));
+                drop(offsets);
                 self.progress.notify_one();
             }
         }

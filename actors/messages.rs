@@ -154,7 +154,7 @@ pub(crate) fn test_envelopes(descriptions: &[&str]) -> Vec<Envelope> {
 
     struct NoSource;
     impl Tracker for NoSource {
-        fn report(&self, _: &Origin, _: u64, _: Settlement) {}
+        fn report(&self, _: &[(&Origin, u64)], _: Settlement) {}
     }
     let count = descriptions.len();
     let (records, bytes) = (Arc::new(tokio::sync::Semaphore::new(count)), Arc::new(tokio::sync::Semaphore::new(count)));

@@ -21,7 +21,8 @@ use crate::metrics::METRICS;
 /// endpoint), how to start it, and when it is revived.
 struct Entry {
     name: &'static str,
-    start: fn(&Arc<Pipeline>) -> Started,
+    /// Starts it under its name.
+    start: fn(&Arc<Pipeline>, &'static str) -> Started,
     /// Revived while the service shuts down too (to finish what is in
     /// flight); the reader is not, since it stops reading then.
     revive_in_shutdown: bool,
@@ -37,49 +38,49 @@ struct Started {
 /// The actors, in start order: each one's next stages are started before
 /// it, and it is wired with their mailboxes.
 const ACTORS: [Entry; 7] = [
-    entry("dlq_publisher", |p| start(p, "dlq_publisher", dlq_publisher::DlqPublisher::new, |m| &m.dlq_publisher)),
-    entry("db_writer", |p| {
+    entry("dlq_publisher", |p, name| start(p, name, dlq_publisher::DlqPublisher::new, |m| &m.dlq_publisher)),
+    entry("db_writer", |p, name| {
         let make = |p: Arc<Pipeline>| {
             let dlq_publisher = p.mailboxes.dlq_publisher.clone();
             db_writer::DbWriter::new(p, dlq_publisher)
         };
-        start(p, "db_writer", make, |m| &m.db_writer)
+        start(p, name, make, |m| &m.db_writer)
     }),
-    entry("predict_client", |p| {
+    entry("predict_client", |p, name| {
         let make = |p: Arc<Pipeline>| {
             let db_writer = p.mailboxes.db_writer.clone();
             predict_client::PredictClient::new(p.ml.clone(), db_writer)
         };
-        start(p, "predict_client", make, |m| &m.predict_client)
+        start(p, name, make, |m| &m.predict_client)
     }),
-    entry("buffer", |p| {
+    entry("buffer", |p, name| {
         let make = |p: Arc<Pipeline>| {
             let predict_client = p.mailboxes.predict_client.clone();
             buffer::Buffer::new(&p.config.buffer, predict_client)
         };
-        start(p, "buffer", make, |m| &m.buffer)
+        start(p, name, make, |m| &m.buffer)
     }),
-    entry("backfill", |p| start(p, "backfill", backfill::Backfill::new, |m| &m.backfill)),
-    entry("csv_loader", |p| {
+    entry("backfill", |p, name| start(p, name, backfill::Backfill::new, |m| &m.backfill)),
+    entry("csv_loader", |p, name| {
         let make = |p: Arc<Pipeline>| {
             let buffer = p.mailboxes.buffer.clone();
             csv_loader::CsvLoader::new(p, buffer)
         };
-        start(p, "csv_loader", make, |m| &m.csv_loader)
+        start(p, name, make, |m| &m.csv_loader)
     }),
     Entry {
         revive_in_shutdown: false,
-        ..entry("kafka_reader", |p| {
+        ..entry("kafka_reader", |p, name| {
             let make = |p: Arc<Pipeline>| {
                 let (buffer, dlq_publisher) = (p.mailboxes.buffer.clone(), p.mailboxes.dlq_publisher.clone());
                 kafka_reader::KafkaReader::new(p, buffer, dlq_publisher)
             };
-            start(p, "kafka_reader", make, |m| &m.kafka_reader)
+            start(p, name, make, |m| &m.kafka_reader)
         })
     },
 ];
 
-const fn entry(name: &'static str, start: fn(&Arc<Pipeline>) -> Started) -> Entry {
+const fn entry(name: &'static str, start: fn(&Arc<Pipeline>, &'static str) -> Started) -> Entry {
     Entry { name, start, revive_in_shutdown: true }
 }
 
@@ -133,7 +134,7 @@ where
 pub fn start_all(pipeline: &Arc<Pipeline>, read_kafka: bool) {
     for entry in ACTORS.iter().filter(|entry| read_kafka || entry.name != "kafka_reader") {
         METRICS.actor_restarts.with_label_values(&[entry.name]);
-        let started = (entry.start)(pipeline);
+        let started = (entry.start)(pipeline, entry.name);
         let mut running = pipeline.running.lock().expect("running lock");
         running.actors.push((entry, started.chaos));
         running.arbiters.push(started.arbiter);
@@ -158,7 +159,7 @@ fn revive_panicked(pipeline: &Arc<Pipeline>) {
         if !entry.revive_in_shutdown && pipeline.is_shutting_down() {
             continue;
         }
-        let started = (entry.start)(pipeline);
+        let started = (entry.start)(pipeline, entry.name);
         {
             let mut running = pipeline.running.lock().expect("running lock");
             if let Some(slot) = running.actors.iter_mut().find(|(e, _)| e.name == entry.name) {

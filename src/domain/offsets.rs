@@ -133,11 +133,6 @@ impl OffsetTracker {
         positions
     }
 
-    /// Records in flight in `partition`.
-    pub fn in_flight(&self, partition: i32) -> usize {
-        self.partitions.get(&partition).map_or(0, |state| state.in_flight.len())
-    }
-
     /// Records in flight in `partition` worth waiting for before its
     /// commit: none once one of them was lost, since no commit can pass a
     /// lost record until the partition is read again.
@@ -219,7 +214,7 @@ mod tests {
         tracker.durable(0, 14);
         tracker.durable(0, 13);
         assert_eq!(tracker.take_commits(), [(0, 15)], "one past the last record read");
-        assert_eq!(tracker.in_flight(0), 0);
+        assert_eq!(tracker.awaited(0), 0);
     }
 
     #[test]
