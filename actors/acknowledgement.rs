@@ -47,6 +47,8 @@ pub struct Ack {
     tracker: Arc<dyn Tracker>,
     stored: bool,
     settled: bool,
+    /// When the source read the record.
+    read_at: std::time::Instant,
     /// Returned to the pipeline when the handle goes, settled or not.
     _capacity: Capacity,
 }
@@ -59,7 +61,13 @@ impl std::fmt::Debug for Ack {
 
 impl Ack {
     pub fn new(origin: Origin, capacity: Capacity, tracker: Arc<dyn Tracker>, mark: u64) -> Ack {
-        Ack { origin, mark, tracker, stored: false, settled: false, _capacity: capacity }
+        let read_at = std::time::Instant::now();
+        Ack { origin, mark, tracker, stored: false, settled: false, read_at, _capacity: capacity }
+    }
+
+    /// When the source read the record (the handle was made).
+    pub fn read_at(&self) -> std::time::Instant {
+        self.read_at
     }
 
     /// Where the record came from.

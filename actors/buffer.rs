@@ -12,7 +12,7 @@ use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, FlushTrigger, Ingest, PredictFlush};
 use super::predict_client::PredictClient;
 use crate::config::BufferConfig;
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, Phase, Stage};
 
 /// The Buffer, sending its flushes to `Next`: the PredictClient, or a test's
 /// stand-in.
@@ -51,10 +51,15 @@ impl<Next: TakesFlushes> Buffer<Next> {
         self.flush_id += 1;
         METRICS.buffer_depth.set(self.records.len() as i64);
         METRICS.flush_size.with_label_values(&[trigger.as_str()]).observe(records.len() as f64);
+        let flushed_at = Instant::now();
+        let waited = Stage::Buffer.histogram(Phase::Wait);
+        for record in &records {
+            waited.observe(flushed_at.duration_since(record.ack.read_at()).as_secs_f64());
+        }
         tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
         // The records hold capacity permits, which bound what is in flight;
         // the PredictClient's mailbox never grows past that bound.
-        self.predict_client.do_send(PredictFlush { flush_id, trigger, flushed_at: Instant::now(), records });
+        self.predict_client.do_send(PredictFlush { flush_id, trigger, flushed_at, records });
     }
 
     fn flush_all(&mut self, trigger: FlushTrigger) {

@@ -28,9 +28,10 @@ use super::acknowledgement::Ack;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
+use crate::config::WriteMethod;
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
-use crate::metrics::METRICS;
+use crate::metrics::{self, METRICS, Phase, StageTimer};
 
 pub struct DbWriter {
     pipeline: Arc<Pipeline>,
@@ -101,10 +102,13 @@ fn refusal(
 /// Writes the records at `positions`, splitting on refused data until each
 /// refused record stands alone; a lone record is tried once more without
 /// its prediction, since a bad prediction must not cost the transaction.
+/// The halves of a split are written with `UNNEST`: `COPY` failed on
+/// their whole already.
 fn write_positions(
     connection: &mut diesel::pg::PgConnection,
     flush: &WriteFlush,
     positions: &[usize],
+    method: WriteMethod,
     suspicion: Suspicion,
     refusals: &mut Refusals,
 ) -> Result<(), WriteError> {
@@ -123,29 +127,39 @@ fn write_positions(
         .collect();
     let predictions: Vec<_> =
         positions.iter().filter_map(|&i| flush.predictions.get(&flush.records[i].transaction.id).cloned()).collect();
-    let Err(error) = write_flush(connection, &rows, &predictions) else { return Ok(()) };
+    let Err(error) = write_flush(connection, &rows, &predictions, method) else { return Ok(()) };
     let reason = refusal(connection, error, suspicion)?;
     if positions.len() > 1 {
         let (left, right) = positions.split_at(positions.len() / 2);
-        write_positions(connection, flush, left, suspicion, refusals)?;
-        return write_positions(connection, flush, right, suspicion, refusals);
+        write_positions(connection, flush, left, WriteMethod::Unnest, suspicion, refusals)?;
+        return write_positions(connection, flush, right, WriteMethod::Unnest, suspicion, refusals);
     }
     if predictions.is_empty() {
         refusals.records.push((positions[0], reason));
         return Ok(());
     }
-    match write_flush(connection, &rows, &[]) {
-        Ok(()) => refusals.predictions.push((positions[0], format!("prediction refused by the database: {reason}"))),
+    match write_flush(connection, &rows, &[], WriteMethod::Unnest) {
+        Ok(_) => refusals.predictions.push((positions[0], format!("prediction refused by the database: {reason}"))),
         Err(error) => refusals.records.push((positions[0], refusal(connection, error, suspicion)?)),
     }
     Ok(())
 }
 
-fn store_flush(pipeline: &Pipeline, flush: &WriteFlush, suspicion: Suspicion) -> Result<Refusals, WriteError> {
+/// Writes a flush; `queued` is when it came to the DbWriter, so that its
+/// wait for a connection (and a blocking thread) is counted apart from the write.
+fn store_flush(
+    pipeline: &Pipeline,
+    flush: &WriteFlush,
+    suspicion: Suspicion,
+    queued: Instant,
+) -> Result<Refusals, WriteError> {
     let mut connection = pipeline.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
+    metrics::Stage::DbWrite.observe(Phase::Wait, queued.elapsed());
+    let _working = StageTimer::start(metrics::Stage::DbWrite, Phase::Work);
     let positions: Vec<usize> = (0..flush.records.len()).collect();
     let mut refusals = Refusals::default();
-    write_positions(&mut connection, flush, &positions, suspicion, &mut refusals)?;
+    let method = pipeline.config.db.write_method;
+    write_positions(&mut connection, flush, &positions, method, suspicion, &mut refusals)?;
     Ok(refusals)
 }
 
@@ -163,7 +177,7 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
         // The blocking pool's thread is outside the actor's span: take it along.
         let span = tracing::Span::current();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = span.in_scope(|| store_flush(&shared, &flush, suspicion));
+            let result = span.in_scope(|| store_flush(&shared, &flush, suspicion, started));
             (flush, result)
         })
         .await;

@@ -46,7 +46,7 @@ use crate::domain::event::{RecordError, RejectStage, parse_event};
 use crate::domain::offsets::OffsetTracker;
 use crate::domain::origin::Origin;
 use crate::domain::transaction::ProcessingType;
-use crate::metrics::METRICS;
+use crate::metrics::{self, METRICS, Phase, StageTimer};
 
 /// How long a revoke waits for in-flight records before committing what is durable.
 const REVOKE_WAIT: Duration = Duration::from_secs(10);
@@ -395,7 +395,9 @@ fn commit(consumer: &Reader, commits: Commits) {
 async fn commit_on_progress(consumer: Arc<Reader>) {
     loop {
         consumer.context().offsets.progress.notified().await;
+        let working = StageTimer::start(metrics::Stage::Commit, Phase::Work);
         commit(&consumer, Commits::Moved);
+        drop(working);
         tokio::time::sleep(COMMIT_SPACING).await;
     }
 }
@@ -430,6 +432,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
         }
         let mut messages: Vec<OwnedMessage> = carried.drain(..).collect();
         if messages.is_empty() {
+            let _idle = StageTimer::start(metrics::Stage::Read, Phase::Idle);
             tokio::select! {
                 received = consumer.recv() => match received {
                     Ok(message) => messages.push(message.detach()),
@@ -450,7 +453,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 _ => break,
             }
         }
-        let mut pass = ReadPass::default();
+        let mut pass = ReadPass::new();
         let mut restarted: Vec<i32> = Vec::new();
         let mut messages = messages.into_iter();
         while let Some(message) = messages.next() {
@@ -472,6 +475,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 Some(permit) => permit,
                 None => {
                     pass.send(&next).await;
+                    let waiting = Instant::now();
                     tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading waits");
                     match quirks {
                         BrokerQuirks::None => {
@@ -479,6 +483,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                             // this record, before anything received meanwhile.
                             carried.extend(messages.by_ref());
                             let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
+                            pass.waited += waiting.elapsed();
                             // Revoked during the wait: the permit goes back.
                             if consumer.context().holds(message.partition()) {
                                 pass.add(&pipeline, &offsets, &message, permit);
@@ -487,13 +492,18 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                         }
                         // Tansu answers a resumed fetch with the next batch:
                         // stop polling instead (see the tansu_quirks module).
-                        BrokerQuirks::Tansu => pipeline.reserve(bytes).await,
+                        BrokerQuirks::Tansu => {
+                            let permit = pipeline.reserve(bytes).await;
+                            pass.waited += waiting.elapsed();
+                            permit
+                        }
                     }
                 }
             };
             pass.add(&pipeline, &offsets, &message, permit);
         }
         pass.send(&next).await;
+        pass.observe();
     }
 }
 
@@ -540,16 +550,35 @@ struct Next {
 
 /// What one pass of the read loop sends on: valid records to the Buffer,
 /// invalid ones to the DlqPublisher.
-#[derive(Default)]
 struct ReadPass {
     valid: Vec<Envelope>,
     invalid: Vec<DeadLetter>,
     /// Counted here and added to the metrics once per send, not per record.
     read: u64,
     rejected: u64,
+    started: Instant,
+    /// Held back by the capacity or the Buffer, in this pass.
+    waited: Duration,
 }
 
 impl ReadPass {
+    fn new() -> ReadPass {
+        ReadPass {
+            valid: Vec::new(),
+            invalid: Vec::new(),
+            read: 0,
+            rejected: 0,
+            started: Instant::now(),
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Counts the pass's time: held back, and at work.
+    fn observe(&self) {
+        metrics::Stage::Read.observe(Phase::Wait, self.waited);
+        metrics::Stage::Read.observe(Phase::Work, self.started.elapsed().saturating_sub(self.waited));
+    }
+
     fn add(&mut self, pipeline: &Pipeline, offsets: &Arc<ReadOffsets>, message: &OwnedMessage, permit: Capacity) {
         let origin = Origin::Kafka {
             topic: message.topic().to_string(),
@@ -596,6 +625,7 @@ impl ReadPass {
     /// that a restarting actor's mailbox drops report their loss through
     /// their handles, and are read again.
     async fn send(&mut self, next: &Next) {
+        let sending = Instant::now();
         METRICS.records.with_label_values(&["kafka", "read"]).inc_by(std::mem::take(&mut self.read));
         METRICS.records.with_label_values(&["kafka", "invalid"]).inc_by(std::mem::take(&mut self.rejected));
         if !self.valid.is_empty() && next.buffer.send(Ingest(std::mem::take(&mut self.valid))).await.is_err() {
@@ -606,6 +636,7 @@ impl ReadPass {
         {
             tracing::warn!("the DlqPublisher is restarting; its records will be read again");
         }
+        self.waited += sending.elapsed();
     }
 }
 

@@ -1,18 +1,28 @@
 //! End-to-end benchmark of `txnflow run` on the local stack (`make up`).
 //!
-//! 1. Throughput: N events are put on a fresh topic first, then the service
+//! Each of `BENCH_RUNS` runs (default 3, back to back) measures:
+//!
+//! 1. Throughput, twice: with events keyed by their id, and with events
+//!    without a key produced in bulk (a tight loop, as a file replay is).
+//!    N events are put on a fresh 3-partition topic first, then the service
 //!    (release build) starts and the clock runs until every offset is
 //!    committed, i.e. every row is durable. Beside it, in the same run, the
-//!    same rows are loaded with `psql \copy` into both tables of a fresh
-//!    database: the database's own bulk-load rate.
-//! 2. Latency: events at the seed system's rate (about 23/s) with the default
-//!    configuration; for each, from the producer's acknowledgement to the
-//!    row's `created_at`.
-//! 3. Peak RSS of the service (VmHWM).
+//!    same rows are loaded with `psql \copy` into both tables of a fresh,
+//!    migrated database: the database's own bulk-load rate. Each throughput
+//!    run also prints where the time went, stage by stage
+//!    (`txnflow_stage_seconds`), the CPU of each process (txnflow, the ML
+//!    API, the broker, PostgreSQL), txnflow's CPU per 1,000 records and its
+//!    peak RSS.
+//! 2. Latency from the producer's acknowledgement to the row's `created_at`,
+//!    at the seed system's rate (about 23 events/s) and at 2,000 events/s,
+//!    with the default configuration.
 //!
-//!   cargo bench --bench pipeline          (BENCH_EVENTS=100000, BENCH_LATENCY_SECONDS=30)
+//! The end gives the median and the spread (min–max) of every figure.
+//!
+//!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20)
 
 use diesel::{Connection, RunQueryDsl};
+use futures_util::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
@@ -22,25 +32,50 @@ use std::time::{Duration, Instant, SystemTime};
 
 mod common;
 
-use common::{CopyRow, copy_rate, env_or, fresh_database, processing_window};
+use common::{
+    CopyRow, CpuSample, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named, print_stage_table,
+    processing_window, stage_phases,
+};
 
 fn kafka() -> txnflow::config::KafkaConfig {
     txnflow::config::Config::from_layers([], []).unwrap().kafka
 }
 
-async fn produce(topic: &str, events: &[(String, Vec<u8>)]) -> BTreeMap<i32, i64> {
+/// Whether events carry their id as the key, or no key at all.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    ById,
+    None,
+}
+
+impl Keys {
+    fn as_str(self) -> &'static str {
+        match self {
+            Keys::ById => "keyed",
+            Keys::None => "unkeyed",
+        }
+    }
+}
+
+/// Produces every event as fast as the producer takes them, and returns
+/// each partition's end offset.
+async fn produce(topic: &str, events: &[(String, Vec<u8>)], keys: Keys) -> BTreeMap<i32, i64> {
     let producer = txnflow::kafka::producer(&kafka()).unwrap();
     let mut ends = BTreeMap::new();
     for (done, chunk) in events.chunks(5_000).enumerate() {
         let sends = chunk.iter().map(|(key, value)| {
-            producer.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30))
+            let record = FutureRecord::to(topic).payload(value);
+            let record = if keys == Keys::ById { record.key(key) } else { record };
+            producer.send(record, Duration::from_secs(30))
         });
         for delivery in futures_util::future::join_all(sends).await {
             let delivery = delivery.map_err(|(e, _)| e).unwrap();
             let end = ends.entry(delivery.partition).or_insert(0);
             *end = (*end).max(delivery.offset + 1);
         }
-        println!("  produced {} / {}", (done + 1) * chunk.len().min(5_000), events.len());
+        if (done + 1) % 20 == 0 {
+            println!("  produced {} / {}", (done + 1) * 5_000, events.len());
+        }
     }
     ends
 }
@@ -64,30 +99,16 @@ fn committed(topic: &str, group: &str) -> BTreeMap<i32, i64> {
         .collect()
 }
 
-struct Service {
-    child: std::process::Child,
-}
+/// A child process that is stopped (SIGTERM, then waited for) when dropped.
+struct Child(std::process::Child);
 
-impl Service {
-    fn start(topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Service {
-        let child = Command::new(env!("CARGO_BIN_EXE_txnflow"))
-            .arg("run")
-            .env("TXNFLOW__KAFKA__BROKER_QUIRKS", "tansu")
-            .env("TXNFLOW__KAFKA__TOPIC", topic)
-            .env("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{topic}-dlq"))
-            .env("TXNFLOW__KAFKA__GROUP_ID", format!("{topic}-group"))
-            .env("TXNFLOW__DB__URL", db)
-            .env("TXNFLOW__PREDICT__URL", ml_api)
-            .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env("TXNFLOW__LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Service { child }
+impl Child {
+    fn pid(&self) -> u32 {
+        self.0.id()
     }
 
     fn peak_rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -96,111 +117,293 @@ impl Service {
             .unwrap_or(0.0)
             / 1024.0
     }
+}
 
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
     }
 }
 
+/// `txnflow ml-api` as its own process, so that its CPU is its own.
+fn start_ml_api(port: u16) -> (Child, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_txnflow"))
+        .args(["ml-api", "--listen", &format!("127.0.0.1:{port}")])
+        .env("TXNFLOW__LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the ML API does not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Child(child), url)
+}
+
+fn start_service(topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_txnflow"))
+        .arg("run")
+        .env("TXNFLOW__KAFKA__BROKER_QUIRKS", "tansu")
+        .env("TXNFLOW__KAFKA__TOPIC", topic)
+        .env("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{topic}-dlq"))
+        .env("TXNFLOW__KAFKA__GROUP_ID", format!("{topic}-group"))
+        .env("TXNFLOW__DB__URL", db)
+        .env("TXNFLOW__PREDICT__URL", ml_api)
+        .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("TXNFLOW__LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Child(child)
+}
+
+async fn scrape(admin_port: u16) -> String {
+    let url = format!("http://127.0.0.1:{admin_port}/metrics");
+    match reqwest::get(&url).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// What one throughput run measured.
+struct Throughput {
+    rate: f64,
+    copy: f64,
+    rss_mb: f64,
+    txnflow_cpu_ms_per_1000: f64,
+}
+
+/// How the rows of each partition were spread over the processing window:
+/// the share of the window in which each partition's rows were stored.
+fn partition_spans(db: &str) -> String {
+    #[derive(diesel::QueryableByName)]
+    struct Span {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        partition: String,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        from_s: f64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        to_s: f64,
+    }
+    let spans: Vec<Span> = diesel::sql_query(
+        "WITH t0 AS (SELECT min(created_at) AS t0 FROM transactions)
+         SELECT split_part(source, '/', 2) AS partition,
+                extract(epoch FROM min(created_at) - t0)::float8 AS from_s,
+                extract(epoch FROM max(created_at) - t0)::float8 AS to_s
+         FROM transactions, t0 GROUP BY 1, t0 ORDER BY 1",
+    )
+    .load(&mut diesel::PgConnection::establish(db).unwrap())
+    .unwrap();
+    spans
+        .iter()
+        .map(|s| format!("partition {} {:.1}–{:.1} s", s.partition, s.from_s, s.to_s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn throughput(run: u64, keys: Keys, count: usize, ml_api: &str, ml_api_pid: u32) -> Throughput {
+    println!("run {run}, {} events: generating and producing {count} to a fresh topic", keys.as_str());
+    let mut generator = txnflow::produce::TransactionGenerator::new(99 + run, 0.0);
+    let events: Vec<(String, Vec<u8>)> =
+        (0..count).map(|_| generator.next_record()).map(|r| (r.key, r.value)).collect();
+    let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    txnflow::kafka::ensure_topics(&kafka(), &[(&topic, 3), (&format!("{topic}-dlq"), 1)]).await.unwrap();
+    let ends = produce(&topic, &events, keys).await;
+    println!("  partitions' ends: {ends:?}");
+    let db = fresh_database("pipeline", false);
+    let admin_port = 18391;
+    let service = start_service(&topic, &db, admin_port, ml_api);
+    let mut roles = vec![("txnflow", vec![service.pid()]), ("ml-api", vec![ml_api_pid])];
+    roles.push(("broker", pids_named("tansu")));
+    roles.push(("postgresql", pids_named("postgres")));
+    let cpu = CpuSample::start(roles);
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        let done = committed(&topic, &format!("{topic}-group"));
+        if done == ends {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            let progress: i64 = done.values().sum();
+            println!("  {progress} / {count} committed after {:.0} s", started.elapsed().as_secs_f64());
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let metrics = scrape(admin_port).await;
+    let (used, cpu_seconds) = cpu.end();
+    let rss_mb = service.peak_rss_mb();
+    drop(service);
+    // The processing window, from the first row stored to the last; the
+    // wall time above also holds the start and the consumer group join.
+    let window = processing_window(&db);
+    let rate = count as f64 / window;
+    println!(
+        "  {count} events durable {elapsed:.1} s after the start; first to last row {window:.1} s = {rate:.0} transactions/s"
+    );
+    println!("  rows stored, per partition, from the first row: {}", partition_spans(&db));
+    let described: Vec<String> =
+        used.iter().map(|(role, s)| format!("{role} {s:.1} s ({:.0}% of a core)", 100.0 * s / cpu_seconds)).collect();
+    println!("  CPU over {cpu_seconds:.1} s (2 cores = 200%): {}", described.join(", "));
+    let txnflow_cpu = used.iter().find(|(role, _)| *role == "txnflow").map_or(0.0, |(_, s)| *s);
+    let txnflow_cpu_ms_per_1000 = 1000.0 * txnflow_cpu / (count as f64 / 1000.0);
+    println!("  where the time went (txnflow_stage_seconds over the {window:.1} s window):");
+    print_stage_table(&stage_phases(&metrics), window);
+    let copy = copy_rate(events.iter().enumerate().map(|(offset, (_, value))| CopyRow {
+        transaction: txnflow::domain::event::parse_event(value).unwrap(),
+        processing_type: "streaming",
+        run_id: String::new(),
+        batch_id: String::new(),
+        source: format!("bench/0/{offset}"),
+    }));
+    println!(
+        "  psql \\copy of the same rows: {copy:.0} rows/s; pipeline / copy = {:.2}; txnflow CPU {txnflow_cpu_ms_per_1000:.0} ms per 1,000 records; peak RSS {rss_mb:.1} MB",
+        rate / copy
+    );
+    Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000 }
+}
+
+/// Produces at `rate` events/s for `seconds`, and returns when each event's
+/// delivery was acknowledged, by its id.
+async fn produce_at_rate(
+    topic: &str,
+    rate: u64,
+    seconds: u64,
+    generator: &mut txnflow::produce::TransactionGenerator,
+) -> HashMap<String, SystemTime> {
+    let producer = txnflow::kafka::producer(&kafka()).unwrap();
+    // Sent in ticks of 10 ms (or one event per tick below 100 events/s).
+    let per_tick = (rate / 100).max(1);
+    let tick = Duration::from_secs_f64(per_tick as f64 / rate as f64);
+    let mut ticker = tokio::time::interval(tick);
+    let mut deliveries = futures_util::stream::FuturesUnordered::new();
+    let mut acked = HashMap::new();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        ticker.tick().await;
+        for _ in 0..per_tick {
+            let record = generator.next_record();
+            let send = producer
+                .send_result(FutureRecord::to(topic).key(&record.key).payload(&record.value))
+                .map_err(|(e, _)| e)
+                .unwrap();
+            let key = record.key;
+            deliveries.push(async move {
+                let delivered = send.await;
+                (key, delivered, SystemTime::now())
+            });
+        }
+        while let Some(Some((key, delivered, at))) = futures_util::FutureExt::now_or_never(deliveries.next()) {
+            delivered.unwrap().map_err(|(e, _)| e).unwrap();
+            acked.insert(key, at);
+        }
+    }
+    while let Some((key, delivered, at)) = deliveries.next().await {
+        delivered.unwrap().map_err(|(e, _)| e).unwrap();
+        acked.insert(key, at);
+    }
+    acked
+}
+
+/// Latency percentiles, in ms: p50, p99, p99.9, max.
+async fn latency(run: u64, rate: u64, seconds: u64, ml_api: &str) -> [f64; 4] {
+    let topic = format!("bench-latency-{}", uuid::Uuid::new_v4().simple());
+    txnflow::kafka::ensure_topics(&kafka(), &[(&topic, 3), (&format!("{topic}-dlq"), 1)]).await.unwrap();
+    let db = fresh_database("latency", false);
+    let service = start_service(&topic, &db, 18392, ml_api);
+    // Let the consumer join its group before the clock starts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!("run {run}, latency: {rate} events/s for {seconds} s, default configuration");
+    let mut generator = txnflow::produce::TransactionGenerator::new(7 + run, 0.0);
+    let acked = produce_at_rate(&topic, rate, seconds, &mut generator).await;
+    let mut connection = diesel::PgConnection::establish(&db).unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        at: f64,
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows: Vec<Row> = loop {
+        let rows: Vec<Row> =
+            diesel::sql_query("SELECT id::text AS id, extract(epoch FROM created_at)::float8 AS at FROM transactions")
+                .load(&mut connection)
+                .unwrap();
+        if rows.len() >= acked.len() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    drop(service);
+    let mut latencies: Vec<f64> = rows
+        .iter()
+        .filter_map(|row| {
+            acked.get(&row.id).map(|sent| row.at - sent.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64())
+        })
+        .collect();
+    assert_eq!(latencies.len(), acked.len(), "every event produced is stored");
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)] * 1000.0;
+    let figures = [percentile(0.5), percentile(0.99), percentile(0.999), latencies.last().unwrap() * 1000.0];
+    println!(
+        "  latency over {} events: p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        figures[0],
+        figures[1],
+        figures[2],
+        figures[3]
+    );
+    figures
+}
+
 fn main() {
+    let runs = env_or("BENCH_RUNS", 3);
     let count = env_or("BENCH_EVENTS", 300_000) as usize;
-    let latency_seconds = env_or("BENCH_LATENCY_SECONDS", 30);
+    let latency_seconds = env_or("BENCH_LATENCY_SECONDS", 20);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let ml_api = format!("http://{}", txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap());
-
-        println!("throughput: generating and producing {count} events to a fresh topic");
-        let mut generator = txnflow::produce::TransactionGenerator::new(99, 0.0);
-        let events: Vec<(String, Vec<u8>)> = (0..count).map(|_| generator.next_record()).map(|r| (r.key, r.value)).collect();
-        let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
-        txnflow::kafka::ensure_topics(&kafka(), &[(&topic, 3), (&format!("{topic}-dlq"), 1)]).await.unwrap();
-        let ends = produce(&topic, &events).await;
-        let db = fresh_database("pipeline", false);
-        let service = Service::start(&topic, &db, 18391, &ml_api);
-        let started = Instant::now();
-        let mut last_report = Instant::now();
-        loop {
-            let done = committed(&topic, &format!("{topic}-group"));
-            if done == ends {
-                break;
+        let (ml_api_process, ml_api) = start_ml_api(18393);
+        let mut throughputs: HashMap<&str, Vec<Throughput>> = HashMap::new();
+        let mut latencies: HashMap<u64, Vec<[f64; 4]>> = HashMap::new();
+        for run in 1..=runs {
+            for keys in [Keys::ById, Keys::None] {
+                let measured = throughput(run, keys, count, &ml_api, ml_api_process.pid()).await;
+                throughputs.entry(keys.as_str()).or_default().push(measured);
             }
-            if last_report.elapsed() > Duration::from_secs(5) {
-                let progress: i64 = done.values().sum();
-                println!("  {progress} / {count} committed after {:.0} s", started.elapsed().as_secs_f64());
-                last_report = Instant::now();
+            for rate in [23, 2_000] {
+                latencies.entry(rate).or_default().push(latency(run, rate, latency_seconds, &ml_api).await);
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        let rss = service.peak_rss_mb();
-        service.stop();
-        // The processing window, from the first row stored to the last; the
-        // wall time above also holds the start and the consumer group join.
-        let window = processing_window(&db);
-        let pipeline_rate = count as f64 / window;
-        println!(
-            "throughput: {count} events durable {elapsed:.1} s after the start; first to last row {:.1} s = {pipeline_rate:.0} transactions/s",
-            window
-        );
-        println!("bulk load: psql \\copy of the same rows into both tables");
-        let copy = copy_rate(events.iter().enumerate().map(|(offset, (_, value))| CopyRow {
-            transaction: txnflow::domain::event::parse_event(value).unwrap(),
-            processing_type: "streaming",
-            run_id: String::new(),
-            batch_id: String::new(),
-            source: format!("bench/0/{offset}"),
-        }));
-        println!("bulk load: {copy:.0} rows/s; pipeline / copy = {:.0}%", 100.0 * pipeline_rate / copy);
-        println!("peak RSS of txnflow run during the throughput run: {rss:.1} MB");
-
-        println!("latency: ~23 events/s for {latency_seconds} s, default configuration");
-        let topic = format!("bench-latency-{}", uuid::Uuid::new_v4().simple());
-        txnflow::kafka::ensure_topics(&kafka(), &[(&topic, 3), (&format!("{topic}-dlq"), 1)]).await.unwrap();
-        let db = fresh_database("latency", false);
-        let service = Service::start(&topic, &db, 18392, &ml_api);
-        // Let the consumer join its group before the clock starts.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let producer = txnflow::kafka::producer(&kafka()).unwrap();
-        let mut acked: HashMap<String, SystemTime> = HashMap::new();
-        let mut ticker = tokio::time::interval(Duration::from_millis(1000 / 23));
-        let until = Instant::now() + Duration::from_secs(latency_seconds);
-        while Instant::now() < until {
-            ticker.tick().await;
-            let record = generator.next_record();
-            producer.send(FutureRecord::to(&topic).key(&record.key).payload(&record.value), Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
-            acked.insert(record.key, SystemTime::now());
+        println!();
+        println!("summary: median (min–max) of {runs} runs of {count} events, release build, this machine");
+        println!("| events | txn/s | psql \\copy rows/s | pipeline / copy | txnflow CPU ms per 1,000 | peak RSS MB |");
+        println!("|---|---|---|---|---|---|");
+        for keys in ["keyed", "unkeyed"] {
+            let measured = &throughputs[keys];
+            let figures = |f: fn(&Throughput) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
+            println!(
+                "| {keys} | {} | {} | {} | {} | {} |",
+                median_and_spread(&figures(|t| t.rate), 0),
+                median_and_spread(&figures(|t| t.copy), 0),
+                median_and_spread(&figures(|t| t.rate / t.copy), 2),
+                median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
+                median_and_spread(&figures(|t| t.rss_mb), 0),
+            );
         }
-        let mut connection = diesel::PgConnection::establish(&db).unwrap();
-        #[derive(diesel::QueryableByName)]
-        struct Row {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            id: String,
-            #[diesel(sql_type = diesel::sql_types::Double)]
-            at: f64,
+        println!("| rate | p50 ms | p99 ms | p99.9 ms | max ms |");
+        println!("|---|---|---|---|---|");
+        for rate in [23, 2_000] {
+            let measured = &latencies[&rate];
+            let figure = |i: usize| median_and_spread(&measured.iter().map(|f| f[i]).collect::<Vec<_>>(), 0);
+            println!("| {rate} events/s | {} | {} | {} | {} |", figure(0), figure(1), figure(2), figure(3));
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let rows: Vec<Row> = loop {
-            let rows: Vec<Row> = diesel::sql_query("SELECT id::text AS id, extract(epoch FROM created_at)::float8 AS at FROM transactions").load(&mut connection).unwrap();
-            if rows.len() >= acked.len() || Instant::now() > deadline {
-                break rows;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        service.stop();
-        let mut latencies: Vec<f64> = rows
-            .iter()
-            .filter_map(|row| acked.get(&row.id).map(|sent| row.at - sent.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()))
-            .collect();
-        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)] * 1000.0;
-        println!(
-            "latency over {} events: min {:.0} ms, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 <= max_wait_ms + 250 = 1250 ms)",
-            latencies.len(),
-            latencies[0] * 1000.0,
-            percentile(0.5),
-            percentile(0.99),
-            latencies.last().unwrap() * 1000.0
-        );
+        let p99 = median(&latencies[&23].iter().map(|f| f[1]).collect::<Vec<_>>());
+        println!("target: p99 at 23 events/s <= buffer.max_wait_ms + 250 = 1250 ms; median p99 {p99:.0} ms");
     });
 }

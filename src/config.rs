@@ -171,6 +171,19 @@ pub struct DbConfig {
     pub pool_size: u32,
     pub auto_migrate: bool,
     pub connect_timeout_ms: u64,
+    pub write_method: WriteMethod,
+}
+
+/// How a flush's rows go into their tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMethod {
+    /// Binary `COPY` straight into the tables; a flush it cannot take as a
+    /// whole (a record stored before, a refused value) is written again
+    /// with `unnest`, in the same transaction.
+    Copy,
+    /// `INSERT … SELECT FROM UNNEST(column arrays) ON CONFLICT`.
+    Unnest,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub ml_api_config_errors: IntCounterVec,
     /// Stored transactions the backfill gave up predicting (`backfill.max_attempts`).
     pub backfill_refused: prometheus::IntCounter,
+    /// Where the time goes, stage by stage (see [`Stage`]).
+    pub stage_seconds: HistogramVec,
     /// Dead letters the DLQ topic refused for good, stored in `dead_letters`.
     pub dead_letters_stored: IntCounterVec,
 }
@@ -123,6 +125,14 @@ impl Metrics {
                 r,
                 prometheus::IntCounter::new("txnflow_backfill_refused_total", "Stored transactions the backfill stopped predicting after backfill.max_attempts (see the refused_predictions view).").unwrap(),
             ),
+            stage_seconds: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new("txnflow_stage_seconds", "Time spent per stage (read, buffer, ml_api, db_write, commit) and phase: wait (queued for the stage), work (the stage at work) or idle (the reader with nothing fetched). A phase's sum over a period, divided by the period, is how many were in it on average.").buckets(SECONDS_BUCKETS.to_vec()),
+                    &["stage", "phase"],
+                )
+                .unwrap(),
+            ),
             registry,
         }
     }
@@ -161,6 +171,10 @@ impl Metrics {
         for state in ["idle", "in_use"] {
             self.db_pool_connections.with_label_values(&[state]);
         }
+        for (stage, phase) in Stage::ALL.iter().flat_map(|stage| stage.phases().iter().map(move |phase| (stage, phase)))
+        {
+            self.stage_seconds.with_label_values(&[stage.as_str(), phase.as_str()]);
+        }
         self
     }
 
@@ -174,3 +188,95 @@ impl Metrics {
 
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new().with_known_series());
+
+/// The stages a record's time is counted in, as `txnflow_stage_seconds`
+/// labels them. Each observation is one item's time in one phase: a read
+/// pass, a record in the Buffer, an ML API request, a flush's write, a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The KafkaReader: `idle` waiting for a fetch with nothing in hand,
+    /// `wait` held back by the capacity or the Buffer, `work` decoding.
+    Read,
+    /// A record in the Buffer, from its read to its flush: `wait` only.
+    Buffer,
+    /// One request: `wait` for a slot among `predict.concurrency`, `work`
+    /// from the request to its last answer, retries included.
+    MlApi,
+    /// One flush: `wait` from its prediction to a database connection,
+    /// `work` the write.
+    DbWrite,
+    /// One offset commit request: `work` only.
+    Commit,
+}
+
+/// A phase of a [`Stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Wait,
+    Work,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Wait => "wait",
+            Phase::Work => "work",
+        }
+    }
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [Stage::Read, Stage::Buffer, Stage::MlApi, Stage::DbWrite, Stage::Commit];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Read => "read",
+            Stage::Buffer => "buffer",
+            Stage::MlApi => "ml_api",
+            Stage::DbWrite => "db_write",
+            Stage::Commit => "commit",
+        }
+    }
+
+    /// The phases this stage is observed in.
+    pub fn phases(self) -> &'static [Phase] {
+        match self {
+            Stage::Read => &[Phase::Idle, Phase::Wait, Phase::Work],
+            Stage::Buffer => &[Phase::Wait],
+            Stage::MlApi | Stage::DbWrite => &[Phase::Wait, Phase::Work],
+            Stage::Commit => &[Phase::Work],
+        }
+    }
+
+    /// The histogram of one phase, to observe many items at once.
+    pub fn histogram(self, phase: Phase) -> prometheus::Histogram {
+        METRICS.stage_seconds.with_label_values(&[self.as_str(), phase.as_str()])
+    }
+
+    /// Counts one item's time in `phase`.
+    pub fn observe(self, phase: Phase, time: std::time::Duration) {
+        self.histogram(phase).observe(time.as_secs_f64());
+    }
+}
+
+/// Counts the time from its making to its drop in one stage's phase,
+/// whichever way the code it measures returns.
+pub struct StageTimer {
+    stage: Stage,
+    phase: Phase,
+    started: std::time::Instant,
+}
+
+impl StageTimer {
+    pub fn start(stage: Stage, phase: Phase) -> StageTimer {
+        StageTimer { stage, phase, started: std::time::Instant::now() }
+    }
+}
+
+impl Drop for StageTimer {
+    fn drop(&mut self) {
+        self.stage.observe(self.phase, self.started.elapsed());
+    }
+}

@@ -27,7 +27,7 @@ use crate::config::PredictConfig;
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::domain::prediction::{AnswerRules, PredictRequestItem, Prediction, check_answer};
 use crate::domain::retry::{StatusClass, classify_status};
-use crate::metrics::METRICS;
+use crate::metrics::{self, METRICS, Phase, StageTimer};
 
 /// The outcome of predicting a set of transactions.
 #[derive(Debug, Default)]
@@ -292,7 +292,10 @@ impl MlClient {
                 };
             }
         };
+        let waiting = Instant::now();
         let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
+        metrics::Stage::MlApi.observe(Phase::Wait, waiting.elapsed());
+        let _working = StageTimer::start(metrics::Stage::MlApi, Phase::Work);
         METRICS.ml_api_batch_size.with_label_values(&[caller]).observe(items.len() as f64);
         let mut attempts = 0;
         let mut backoff = crate::backoff::Backoff::new(

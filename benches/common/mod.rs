@@ -107,3 +107,139 @@ pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
     let _ = std::fs::remove_file(predictions_csv);
     count as f64 / elapsed
 }
+
+/// CPU seconds (user and system) a process has used so far, from
+/// `/proc/<pid>/stat`; 0 once it is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The pids of the processes named exactly `name`.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let output = Command::new("pgrep").args(["-x", name]).output().map(|o| o.stdout).unwrap_or_default();
+    String::from_utf8_lossy(&output).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// CPU use of the processes of a run, by role, from a start to an end.
+pub struct CpuSample {
+    roles: Vec<(&'static str, Vec<u32>, Vec<f64>)>,
+    started: Instant,
+}
+
+impl CpuSample {
+    /// `roles`: a name and its processes. PostgreSQL's backends come and go,
+    /// so it is found by name at the start and again at the end.
+    pub fn start(roles: Vec<(&'static str, Vec<u32>)>) -> CpuSample {
+        let roles = roles
+            .into_iter()
+            .map(|(role, pids)| {
+                let before = pids.iter().map(|&pid| cpu_seconds(pid)).collect();
+                (role, pids, before)
+            })
+            .collect();
+        CpuSample { roles, started: Instant::now() }
+    }
+
+    /// Each role's CPU seconds since the start, and the seconds elapsed.
+    pub fn end(self) -> (Vec<(&'static str, f64)>, f64) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let used = self
+            .roles
+            .into_iter()
+            .map(|(role, pids, before)| {
+                let mut total: f64 =
+                    pids.iter().zip(&before).map(|(&pid, was)| (cpu_seconds(pid) - was).max(0.0)).sum();
+                if role == "postgresql" {
+                    // Backends started during the run count from zero.
+                    total += pids_named("postgres")
+                        .iter()
+                        .filter(|pid| !pids.contains(pid))
+                        .map(|&pid| cpu_seconds(pid))
+                        .sum::<f64>();
+                }
+                (role, total)
+            })
+            .collect();
+        (used, elapsed)
+    }
+}
+
+/// The median and the range of some figures, as "median (min–max)".
+pub fn median_and_spread(values: &[f64], decimals: usize) -> String {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = if sorted.is_empty() { f64::NAN } else { sorted[sorted.len() / 2] };
+    let (low, high) = (sorted.first().copied().unwrap_or(f64::NAN), sorted.last().copied().unwrap_or(f64::NAN));
+    format!("{median:.decimals$} ({low:.decimals$}–{high:.decimals$})")
+}
+
+/// The median of some figures.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One phase of one stage, from `txnflow_stage_seconds` in a `/metrics` text.
+pub struct StagePhase {
+    pub stage: String,
+    pub phase: String,
+    pub count: f64,
+    pub seconds: f64,
+}
+
+/// The `txnflow_stage_seconds` sums and counts of a `/metrics` text.
+pub fn stage_phases(metrics: &str) -> Vec<StagePhase> {
+    let mut phases: Vec<StagePhase> = Vec::new();
+    for line in metrics.lines() {
+        let (kind, rest) = if let Some(rest) = line.strip_prefix("txnflow_stage_seconds_sum{") {
+            ("sum", rest)
+        } else if let Some(rest) = line.strip_prefix("txnflow_stage_seconds_count{") {
+            ("count", rest)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else { continue };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+        };
+        let (Some(stage), Some(phase), Ok(value)) = (label("stage"), label("phase"), value.trim().parse::<f64>())
+        else {
+            continue;
+        };
+        let index = match phases.iter().position(|p| p.stage == stage && p.phase == phase) {
+            Some(index) => index,
+            None => {
+                phases.push(StagePhase { stage, phase, count: 0.0, seconds: 0.0 });
+                phases.len() - 1
+            }
+        };
+        match kind {
+            "sum" => phases[index].seconds = value,
+            _ => phases[index].count = value,
+        }
+    }
+    phases
+}
+
+/// The stage table of a run of `window` seconds: per phase, how many
+/// items, their mean time, and the mean number in that phase at once.
+pub fn print_stage_table(phases: &[StagePhase], window: f64) {
+    println!("  | stage | phase | items | mean ms | in this phase at once (mean) |");
+    println!("  |---|---|---|---|---|");
+    for order in ["read", "buffer", "ml_api", "db_write", "commit"] {
+        for p in phases.iter().filter(|p| p.stage == order) {
+            let mean = if p.count > 0.0 { 1000.0 * p.seconds / p.count } else { 0.0 };
+            println!("  | {} | {} | {:.0} | {mean:.2} | {:.2} |", p.stage, p.phase, p.count, p.seconds / window);
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod batch;
 mod chaos;
 mod check;
 mod cli;
+mod db_write;
 mod deploy;
 mod faults;
 mod helpers;

@@ -2,11 +2,43 @@
 
 use diesel::pg::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::{Connection, RunQueryDsl};
+use diesel::{Connection, ExecuteCopyFromDsl, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use std::time::Duration;
 
-use crate::config::DbConfig;
+use crate::config::{DbConfig, WriteMethod};
+
+mod binary_copy;
+
+use binary_copy::BinaryCopy;
+
+/// The columns a flush writes, for `COPY`'s column lists.
+mod schema {
+    diesel::table! {
+        transactions (id) {
+            id -> Uuid,
+            description -> Text,
+            amount -> Numeric,
+            timestamp -> Timestamptz,
+            merchant -> Nullable<Text>,
+            operation_type -> Text,
+            side -> Text,
+            processing_type -> Text,
+            run_id -> Nullable<Text>,
+            batch_id -> Nullable<Text>,
+            source -> Nullable<Text>,
+        }
+    }
+
+    diesel::table! {
+        predictions (transaction_id) {
+            transaction_id -> Uuid,
+            category -> Text,
+            confidence_score -> Double,
+            model_version -> Text,
+        }
+    }
+}
 
 /// The migrations of `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -207,18 +239,114 @@ where
 
 /// Writes one flush in one database transaction: transactions inserted
 /// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`.
-/// Each table takes one statement of column arrays (UNNEST), so a flush of
-/// any size binds 11 and 4 parameters, far under PostgreSQL's 65,535.
+///
+/// With [`WriteMethod::Copy`], both go in by binary `COPY` first, in a
+/// savepoint. `COPY` has no `ON CONFLICT`: a flush holding a record stored
+/// before (a redelivery, a replay) or a value the database refuses makes it
+/// fail as a whole, and then the savepoint is rolled back and the flush is
+/// written with `UNNEST` statements, whose outcome (and error) is the
+/// flush's. Each `UNNEST` statement takes column arrays, so a flush of any
+/// size binds 11 and 4 parameters, far under PostgreSQL's 65,535.
+///
+/// Returns the method that stored the flush.
 pub fn write_flush(
     connection: &mut PgConnection,
     rows: &[TransactionRow<'_>],
     predictions: &[crate::domain::prediction::Prediction],
-) -> Result<(), WriteError> {
-    connection.transaction::<(), WriteError, _>(|tx| {
+    method: WriteMethod,
+) -> Result<WriteMethod, WriteError> {
+    connection.transaction::<WriteMethod, WriteError, _>(|tx| {
+        if method == WriteMethod::Copy
+            && tx
+                .transaction::<(), diesel::result::Error, _>(|savepoint| {
+                    copy_transactions(savepoint, rows)?;
+                    copy_predictions(savepoint, predictions)
+                })
+                .is_ok()
+        {
+            return Ok(WriteMethod::Copy);
+        }
         insert_transactions(tx, rows)?;
         upsert_predictions(tx, predictions)?;
-        Ok(())
+        Ok(WriteMethod::Unnest)
     })
+}
+
+/// Hands a finished binary COPY stream to the connection.
+fn write_copy(out: &mut dyn std::io::Write, bytes: &[u8]) -> diesel::QueryResult<()> {
+    out.write_all(bytes).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
+}
+
+/// Binary `COPY` of the rows into `transactions`.
+fn copy_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> diesel::QueryResult<()> {
+    use diesel::pg::CopyFormat;
+    use schema::transactions::dsl as t;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut copy = BinaryCopy::with_capacity(rows.len(), 256);
+    for row in rows {
+        let transaction = row.transaction;
+        copy.row(11)
+            .uuid(&transaction.id)
+            .text(&transaction.description)
+            .numeric_cents(transaction.amount.cents())
+            .timestamptz(&transaction.timestamp)
+            .optional_text(transaction.merchant.as_deref())
+            .text(&transaction.operation_type)
+            .text(transaction.side.as_str())
+            .text(row.processing_type.as_str())
+            .optional_text(row.run_id)
+            .optional_text(row.batch_id)
+            .text(&row.source);
+    }
+    let bytes = copy.finish();
+    let columns = (
+        t::id,
+        t::description,
+        t::amount,
+        t::timestamp,
+        t::merchant,
+        t::operation_type,
+        t::side,
+        t::processing_type,
+        t::run_id,
+        t::batch_id,
+        t::source,
+    );
+    diesel::copy_from(t::transactions)
+        .from_raw_data(columns, |out| write_copy(out, &bytes))
+        .with_format(CopyFormat::Binary)
+        .execute(connection)?;
+    Ok(())
+}
+
+/// Binary `COPY` of the predictions into `predictions`.
+fn copy_predictions(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+) -> diesel::QueryResult<()> {
+    use diesel::pg::CopyFormat;
+    use schema::predictions::dsl as p;
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let mut copy = BinaryCopy::with_capacity(predictions.len(), 80);
+    for prediction in predictions {
+        copy.row(4)
+            .uuid(&prediction.transaction_id)
+            .text(prediction.category.as_str())
+            .float8(prediction.confidence_score)
+            .text(&prediction.model_version);
+    }
+    let bytes = copy.finish();
+    diesel::copy_from(p::predictions)
+        .from_raw_data((p::transaction_id, p::category, p::confidence_score, p::model_version), |out| {
+            write_copy(out, &bytes)
+        })
+        .with_format(CopyFormat::Binary)
+        .execute(connection)?;
+    Ok(())
 }
 
 fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> Result<(), WriteError> {
