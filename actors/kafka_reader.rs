@@ -332,6 +332,10 @@ impl KafkaReader {
     fn create_consumer(&self, offsets: Arc<ReadOffsets>) -> anyhow::Result<Arc<Reader>> {
         let kafka = &self.pipeline.config.kafka;
         let session_timeout = kafka.session_timeout_ms.to_string();
+        let prefetch_kbytes = match kafka.broker_quirks {
+            BrokerQuirks::None => "4096",
+            BrokerQuirks::Tansu => crate::tansu_quirks::PREFETCH_KBYTES,
+        };
         let defaults = [
             ("group.id", kafka.group_id.as_str()),
             ("enable.auto.commit", "false"),
@@ -339,7 +343,9 @@ impl KafkaReader {
             ("auto.offset.reset", kafka.auto_offset_reset.as_str()),
             ("session.timeout.ms", session_timeout.as_str()),
             ("statistics.interval.ms", "5000"),
-            ("queued.max.messages.kbytes", "4096"),
+            // A real Kafka answers each partition up to max.partition.fetch.bytes
+            // and rotates the partitions it serves first, so 4 MiB is shared.
+            ("queued.max.messages.kbytes", prefetch_kbytes),
             // Tansu answers a fetch only at its max wait; keep that short so
             // a record's time in the Buffer dominates its latency.
             ("fetch.wait.max.ms", "100"),

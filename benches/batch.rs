@@ -5,11 +5,14 @@
 //!    loaded by `txnflow batch s3://…` (release build) into a fresh database.
 //!    Beside it, in the same run, `psql \copy` loads the same rows into both
 //!    tables of another fresh database: the database's own bulk-load rate.
+//!    This runs `BENCH_RUNS` times (default 3), back to back, and the end
+//!    gives the median and the spread (min–max).
 //! 2. Memory: peak RSS of `txnflow batch`, from `/usr/bin/time -v`, for N
-//!    rows and for a larger file (default 5,000,000 rows), to show it stays
-//!    flat whatever the file's size.
+//!    rows and for a larger file (default 5,000,000 rows, loaded once), to
+//!    show it stays flat whatever the file's size; and txnflow's CPU per
+//!    1,000 rows.
 //!
-//!   cargo bench --bench batch    (BENCH_ROWS=1000000, BENCH_LARGE_ROWS=5000000; 0 skips the large run)
+//!   cargo bench --bench batch    (BENCH_RUNS=3, BENCH_ROWS=1000000, BENCH_LARGE_ROWS=5000000; 0 skips the large run)
 
 mod common;
 
@@ -17,7 +20,7 @@ use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common::{CopyRow, copy_rate, env_or, fresh_database, processing_window};
+use common::{CopyRow, copy_rate, env_or, fresh_database, median, median_and_spread, processing_window};
 
 /// Writes `rows` generated transactions as a seed-format CSV file.
 fn generate(path: &std::path::Path, rows: u64) {
@@ -50,6 +53,7 @@ struct Loaded {
     summary: String,
     wall_seconds: f64,
     peak_rss_mb: f64,
+    cpu_seconds: f64,
 }
 
 /// `/usr/bin/time -v txnflow batch URI`; its progress lines pass through.
@@ -102,10 +106,64 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
         .find_map(|line| line.trim().strip_prefix("Maximum resident set size (kbytes): "))
         .and_then(|v| v.parse().ok())
         .unwrap();
-    Loaded { summary, wall_seconds, peak_rss_mb: peak_kb / 1024.0 }
+    let seconds = |label: &str| -> f64 {
+        time.lines().find_map(|line| line.trim().strip_prefix(label)).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    let cpu_seconds = seconds("User time (seconds): ") + seconds("System time (seconds): ");
+    Loaded { summary, wall_seconds, peak_rss_mb: peak_kb / 1024.0, cpu_seconds }
+}
+
+/// What one load measured.
+struct Measured {
+    rows_per_second: f64,
+    copy: Option<f64>,
+    peak_rss_mb: f64,
+    cpu_ms_per_1000: f64,
+}
+
+fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, count: u64, with_copy: bool) -> Measured {
+    let path = std::env::temp_dir().join(format!("bench-batch-{bench_id}-{count}.csv"));
+    println!("batch: generating {count} rows in the seed's format");
+    generate(&path, count);
+    let megabytes = std::fs::metadata(&path).unwrap().len() as f64 / 1e6;
+    println!("batch: uploading {megabytes:.0} MB to S3");
+    let uri = runtime.block_on(upload(&path, &format!("bench/{bench_id}/rows-{count}.csv")));
+    let db = fresh_database("batch", true);
+    println!("batch: txnflow batch {uri}");
+    let run_id = format!("bench-{bench_id}-{count}");
+    let loaded = load(&uri, &db, ml_api, &run_id);
+    let window = processing_window(&db);
+    let rows_per_second = count as f64 / window;
+    let cpu_ms_per_1000 = 1000.0 * loaded.cpu_seconds / (count as f64 / 1000.0);
+    println!("batch: {}", loaded.summary);
+    println!(
+        "batch: {count} rows in {:.1} s wall ({:.0} rows/s); first to last row {window:.1} s = {rows_per_second:.0} rows/s; peak RSS {:.1} MB; CPU {cpu_ms_per_1000:.0} ms per 1,000 rows",
+        loaded.wall_seconds,
+        count as f64 / loaded.wall_seconds,
+        loaded.peak_rss_mb
+    );
+    let copy = with_copy.then(|| {
+        println!("bulk load: psql \\copy of the same rows into both tables");
+        let copy = copy_rate(transactions(count).enumerate().map(|(i, transaction)| CopyRow {
+            transaction,
+            processing_type: "batch",
+            run_id: run_id.clone(),
+            batch_id: uri.clone(),
+            source: format!("{uri}:{}", i + 2),
+        }));
+        println!(
+            "bulk load: {copy:.0} rows/s; txnflow batch / copy = {:.2} (first to last row), {:.2} (wall time)",
+            rows_per_second / copy,
+            count as f64 / loaded.wall_seconds / copy
+        );
+        copy
+    });
+    let _ = std::fs::remove_file(&path);
+    Measured { rows_per_second, copy, peak_rss_mb: loaded.peak_rss_mb, cpu_ms_per_1000 }
 }
 
 fn main() {
+    let runs = env_or("BENCH_RUNS", 3);
     let rows = env_or("BENCH_ROWS", 1_000_000);
     let large = env_or("BENCH_LARGE_ROWS", 5_000_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -114,44 +172,32 @@ fn main() {
         txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap()
     );
     let bench_id = uuid::Uuid::new_v4().simple().to_string();
-    let mut peaks = Vec::new();
-    for (n, count) in [rows, large].into_iter().filter(|&c| c > 0).enumerate() {
-        let path = std::env::temp_dir().join(format!("bench-batch-{bench_id}-{count}.csv"));
-        println!("batch: generating {count} rows in the seed's format");
-        generate(&path, count);
-        let megabytes = std::fs::metadata(&path).unwrap().len() as f64 / 1e6;
-        println!("batch: uploading {megabytes:.0} MB to S3");
-        let uri = runtime.block_on(upload(&path, &format!("bench/{bench_id}/rows-{count}.csv")));
-        let db = fresh_database("batch", true);
-        println!("batch: txnflow batch {uri}");
-        let loaded = load(&uri, &db, &ml_api, &format!("bench-{bench_id}-{count}"));
-        let window = processing_window(&db);
-        println!("batch: {}", loaded.summary);
-        println!(
-            "batch: {count} rows in {:.1} s wall ({:.0} rows/s); first to last row {window:.1} s = {:.0} rows/s; peak RSS {:.1} MB",
-            loaded.wall_seconds,
-            count as f64 / loaded.wall_seconds,
-            count as f64 / window,
-            loaded.peak_rss_mb
-        );
-        peaks.push((count, loaded.peak_rss_mb));
-        if n == 0 {
-            println!("bulk load: psql \\copy of the same rows into both tables");
-            let copy = copy_rate(transactions(count).enumerate().map(|(i, transaction)| CopyRow {
-                transaction,
-                processing_type: "batch",
-                run_id: format!("bench-{bench_id}-{count}"),
-                batch_id: uri.clone(),
-                source: format!("{uri}:{}", i + 2),
-            }));
-            println!(
-                "bulk load: {copy:.0} rows/s; txnflow batch / copy = {:.0}% (first to last row), {:.0}% (wall time)",
-                100.0 * count as f64 / window / copy,
-                100.0 * count as f64 / loaded.wall_seconds / copy
-            );
-        }
-        let _ = std::fs::remove_file(&path);
+    let mut measured = Vec::new();
+    for run in 1..=runs {
+        println!("run {run} of {runs}");
+        measured.push(measure(&runtime, &ml_api, &format!("{bench_id}-{run}"), rows, true));
     }
-    let described: Vec<String> = peaks.iter().map(|(count, mb)| format!("{count} rows: {mb:.1} MB")).collect();
-    println!("memory: peak RSS of txnflow batch, {} (target <= 150 MB, flat)", described.join("; "));
+    let large_rss = (large > 0).then(|| measure(&runtime, &ml_api, &bench_id, large, false).peak_rss_mb);
+    let figures = |f: fn(&Measured) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
+    println!();
+    println!("summary: median (min–max) of {runs} runs of {rows} rows, release build, this machine");
+    println!(
+        "| rows/s (first to last row) | psql \\copy rows/s | batch / copy | txnflow CPU ms per 1,000 rows | peak RSS MB |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {} |",
+        median_and_spread(&figures(|m| m.rows_per_second), 0),
+        median_and_spread(&figures(|m| m.copy.unwrap_or(f64::NAN)), 0),
+        median_and_spread(&figures(|m| m.rows_per_second / m.copy.unwrap_or(f64::NAN)), 2),
+        median_and_spread(&figures(|m| m.cpu_ms_per_1000), 0),
+        median_and_spread(&figures(|m| m.peak_rss_mb), 0),
+    );
+    let described = match large_rss {
+        Some(mb) => {
+            format!("{rows} rows: {:.1} MB (median); {large} rows: {mb:.1} MB", median(&figures(|m| m.peak_rss_mb)))
+        }
+        None => format!("{rows} rows: {:.1} MB (median)", median(&figures(|m| m.peak_rss_mb))),
+    };
+    println!("memory: peak RSS of txnflow batch, {described} (target <= 150 MB, flat)");
 }

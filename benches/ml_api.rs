@@ -5,7 +5,7 @@
 //! time and prints predictions/s, latency percentiles and peak RSS. Client
 //! and server share the machine's cores, so the figure is a lower bound.
 //!
-//!   cargo bench --bench ml_api              (defaults: 10 s, 8 clients)
+//!   cargo bench --bench ml_api              (defaults: 10 s, 4 clients)
 //!   BENCH_SECONDS=30 BENCH_CLIENTS=16 cargo bench --bench ml_api
 
 use std::sync::Arc;
@@ -46,7 +46,7 @@ fn request_bodies(count: usize) -> Vec<Vec<u8>> {
 
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 10);
-    let clients = env_or("BENCH_CLIENTS", 8) as usize;
+    let clients = env_or("BENCH_CLIENTS", 4) as usize;
     let faults = txnflow::ml_api::Faults::default();
     let address = txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
     let url = format!("http://{address}/predict");

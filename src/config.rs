@@ -138,6 +138,7 @@ pub struct PredictConfig {
     pub url: String,
     pub batch_size: usize,
     pub concurrency: usize,
+    pub adaptive_concurrency: bool,
     pub timeout_ms: u64,
     pub max_retries: u32,
     pub retry_initial_backoff_ms: u64,
@@ -179,8 +180,8 @@ pub struct DbConfig {
 #[serde(rename_all = "lowercase")]
 pub enum WriteMethod {
     /// Binary `COPY` straight into the tables; a flush it cannot take as a
-    /// whole (a record stored before, a refused value) is written again
-    /// with `unnest`, in the same transaction.
+    /// whole (a record stored before, a refused value) is rolled back and
+    /// written again with `unnest`.
     Copy,
     /// `INSERT … SELECT FROM UNNEST(column arrays) ON CONFLICT`.
     Unnest,

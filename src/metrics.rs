@@ -18,6 +18,7 @@ pub struct Metrics {
     pub ml_api_batch_size: HistogramVec,
     /// 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGauge,
+    pub ml_api_concurrency_limit: IntGauge,
     pub breaker_transitions: IntCounterVec,
     pub dlq_records: IntCounterVec,
     pub db_write_duration: HistogramVec,
@@ -82,6 +83,7 @@ impl Metrics {
                 r,
                 HistogramVec::new(HistogramOpts::new("txnflow_ml_api_batch_size", "Transactions per ML API request.").buckets(SIZE_BUCKETS.to_vec()), &["caller"]).unwrap(),
             ),
+            ml_api_concurrency_limit: register(r, IntGauge::new("txnflow_ml_api_concurrency_limit", "ML API requests allowed in flight now: predict.concurrency, or less while the API is overloaded or slow (predict.adaptive_concurrency).").unwrap()),
             breaker_state: register(r, IntGauge::new("txnflow_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.").unwrap()),
             breaker_transitions: register(
                 r,

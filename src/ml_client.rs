@@ -18,12 +18,11 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use recloser::AsyncRecloser;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::config::PredictConfig;
+use crate::domain::concurrency::{AdaptiveLimit, RequestOutcome};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::domain::prediction::{AnswerRules, PredictRequestItem, Prediction, check_answer};
 use crate::domain::retry::{StatusClass, classify_status};
@@ -92,8 +91,79 @@ pub struct MlClient {
     breaker: AsyncRecloser,
     config: PredictConfig,
     categories: HashSet<String>,
-    /// Bounds the requests in flight across every caller to `concurrency`.
-    in_flight: Arc<Semaphore>,
+    /// Bounds the requests in flight across every caller: to
+    /// `concurrency`, or to less while the API is overloaded or slow.
+    slots: RequestSlots,
+}
+
+/// The requests in flight toward the API, across every caller, under an
+/// [`AdaptiveLimit`] (or a fixed one, without `adaptive_concurrency`).
+struct RequestSlots {
+    state: std::sync::Mutex<SlotsState>,
+    freed: tokio::sync::Notify,
+    adaptive: bool,
+}
+
+struct SlotsState {
+    limit: AdaptiveLimit,
+    in_flight: usize,
+}
+
+/// One request's slot, given back when dropped.
+struct Slot<'a>(&'a RequestSlots);
+
+impl RequestSlots {
+    fn new(max: usize, adaptive: bool) -> RequestSlots {
+        METRICS.ml_api_concurrency_limit.set(max as i64);
+        let state = SlotsState { limit: AdaptiveLimit::new(max), in_flight: 0 };
+        RequestSlots { state: std::sync::Mutex::new(state), freed: tokio::sync::Notify::new(), adaptive }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until fewer requests than the limit are in flight.
+    async fn acquire(&self) -> Slot<'_> {
+        loop {
+            // Made before the check, so that a slot freed meanwhile wakes it.
+            let freed = self.freed.notified();
+            {
+                let mut state = self.lock();
+                if state.in_flight < state.limit.current() {
+                    state.in_flight += 1;
+                    return Slot(self);
+                }
+            }
+            freed.await;
+        }
+    }
+
+    /// Adapts the limit to how a request ended.
+    fn record(&self, outcome: RequestOutcome) {
+        if !self.adaptive {
+            return;
+        }
+        let mut state = self.lock();
+        let before = state.limit.current();
+        state.limit.record(outcome);
+        let after = state.limit.current();
+        drop(state);
+        if after != before {
+            METRICS.ml_api_concurrency_limit.set(after as i64);
+            tracing::debug!(before, after, "ML API requests allowed in flight");
+        }
+        if after > before {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+        self.0.freed.notify_waiters();
+    }
 }
 
 impl MlClient {
@@ -109,7 +179,7 @@ impl MlClient {
             url: format!("{}/predict", config.url.trim_end_matches('/')),
             breaker,
             categories: config.categories.iter().cloned().collect(),
-            in_flight: Arc::new(Semaphore::new(config.concurrency)),
+            slots: RequestSlots::new(config.concurrency, config.adaptive_concurrency),
             config: config.clone(),
         })
     }
@@ -293,7 +363,7 @@ impl MlClient {
             }
         };
         let waiting = Instant::now();
-        let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
+        let _slot = self.slots.acquire().await;
         metrics::Stage::MlApi.observe(Phase::Wait, waiting.elapsed());
         let _working = StageTimer::start(metrics::Stage::MlApi, Phase::Work);
         METRICS.ml_api_batch_size.with_label_values(&[caller]).observe(items.len() as f64);
@@ -314,7 +384,20 @@ impl MlClient {
                 CallError::Rejected { .. } => false,
             };
             let call = self.breaker.call_with(against_the_api, self.call(body.clone()));
-            let (reason, server_error) = match call.await {
+            let started = Instant::now();
+            let result = call.await;
+            match &result {
+                Ok(_) | Err(recloser::Error::Inner(CallError::Rejected { .. } | CallError::Misconfigured { .. })) => {
+                    self.slots.record(RequestOutcome::Answered(started.elapsed()));
+                }
+                // A record's own 5xx, met while isolating it, says nothing of the load.
+                Err(recloser::Error::Inner(CallError::ServerError { .. })) if isolating == Isolating::Yes => {}
+                Err(recloser::Error::Inner(CallError::ServerError { .. } | CallError::Retriable(_))) => {
+                    self.slots.record(RequestOutcome::Overloaded);
+                }
+                Err(recloser::Error::Rejected) => {}
+            }
+            let (reason, server_error) = match result {
                 Ok(answer) => return Attempted::Answered { body: answer, attempts },
                 Err(recloser::Error::Rejected) => return Attempted::BreakerOpen,
                 Err(recloser::Error::Inner(CallError::Rejected { status, body })) => {
@@ -408,5 +491,66 @@ fn truncate(text: &str, max_chars: usize) -> String {
     match text.char_indices().nth(max_chars) {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether an `acquire` would wait now.
+    fn waits(slots: &RequestSlots) -> bool {
+        futures_util::FutureExt::now_or_never(slots.acquire()).is_none()
+    }
+
+    #[test]
+    fn the_slots_follow_the_limit_down_and_back_up() {
+        let slots = RequestSlots::new(4, true);
+        let held: Vec<Slot<'_>> =
+            (0..4).map(|_| futures_util::FutureExt::now_or_never(slots.acquire()).unwrap()).collect();
+        assert!(waits(&slots), "4 of 4 in flight");
+        slots.record(RequestOutcome::Overloaded);
+        assert_eq!(slots.lock().limit.current(), 2);
+        let mut held = held;
+        held.truncate(2);
+        assert!(waits(&slots), "2 in flight at a limit of 2: none is given");
+        held.truncate(1);
+        let third = futures_util::FutureExt::now_or_never(slots.acquire()).expect("1 in flight: one more");
+        assert!(waits(&slots));
+        // Two answers at their pace grow a limit of 2 to 2.9: still 2.
+        slots.record(RequestOutcome::Answered(Duration::from_millis(5)));
+        slots.record(RequestOutcome::Answered(Duration::from_millis(5)));
+        assert!(waits(&slots));
+        slots.record(RequestOutcome::Answered(Duration::from_millis(5)));
+        assert_eq!(slots.lock().limit.current(), 3);
+        assert!(!waits(&slots), "a third slot once the limit is 3");
+        drop((held, third));
+        assert_eq!(slots.lock().in_flight, 0, "every slot given back");
+    }
+
+    #[test]
+    fn without_adaptive_concurrency_the_limit_stays_fixed() {
+        let slots = RequestSlots::new(3, false);
+        for _ in 0..5 {
+            slots.record(RequestOutcome::Overloaded);
+        }
+        assert_eq!(slots.lock().limit.current(), 3);
+    }
+
+    /// A waiter is woken when a slot is given back.
+    #[tokio::test]
+    async fn a_slot_given_back_wakes_a_waiter() {
+        let slots = std::sync::Arc::new(RequestSlots::new(1, true));
+        let first = slots.acquire().await;
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                let _slot = slots.acquire().await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        waiter.await.unwrap();
     }
 }

@@ -243,3 +243,57 @@ pub fn print_stage_table(phases: &[StagePhase], window: f64) {
         }
     }
 }
+
+/// Samples what PostgreSQL's backends of one database are doing
+/// (`pg_stat_activity`'s wait events), every 50 ms, until stopped.
+pub struct WaitSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<std::collections::BTreeMap<String, u64>>,
+}
+
+impl WaitSampler {
+    pub fn start(db_url: &str) -> WaitSampler {
+        let database = db_url.rsplit('/').next().unwrap_or_default().to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            #[derive(diesel::QueryableByName)]
+            struct Activity {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                what: String,
+            }
+            let mut connection = diesel::PgConnection::establish(ADMIN_DB).unwrap();
+            let mut counts = std::collections::BTreeMap::new();
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let rows: Vec<Activity> = diesel::sql_query(
+                    "SELECT CASE WHEN state = 'active' THEN coalesce(wait_event_type || ':' || wait_event, 'on CPU')
+                                 ELSE coalesce(state, 'none') END AS what
+                     FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+                )
+                .bind::<diesel::sql_types::Text, _>(&database)
+                .load(&mut connection)
+                .unwrap_or_default();
+                for row in rows {
+                    *counts.entry(row.what).or_insert(0) += 1;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            counts
+        });
+        WaitSampler { stop, thread }
+    }
+
+    /// What the backends were doing, as shares of the samples, most first.
+    pub fn end(self) -> String {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let counts = self.thread.join().unwrap();
+        let total: u64 = counts.values().sum();
+        let mut shares: Vec<(String, u64)> = counts.into_iter().collect();
+        shares.sort_by_key(|share| std::cmp::Reverse(share.1));
+        shares
+            .iter()
+            .map(|(what, n)| format!("{what} {:.0}%", 100.0 * *n as f64 / total.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

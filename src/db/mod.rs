@@ -240,12 +240,12 @@ where
 /// Writes one flush in one database transaction: transactions inserted
 /// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`.
 ///
-/// With [`WriteMethod::Copy`], both go in by binary `COPY` first, in a
-/// savepoint. `COPY` has no `ON CONFLICT`: a flush holding a record stored
-/// before (a redelivery, a replay) or a value the database refuses makes it
-/// fail as a whole, and then the savepoint is rolled back and the flush is
-/// written with `UNNEST` statements, whose outcome (and error) is the
-/// flush's. Each `UNNEST` statement takes column arrays, so a flush of any
+/// With [`WriteMethod::Copy`], both go in by binary `COPY` first, in one
+/// transaction. `COPY` has no `ON CONFLICT`: a flush holding a record
+/// stored before (a redelivery, a replay) or a value the database refuses
+/// makes it fail as a whole, and then that transaction is rolled back and
+/// the flush is written in a second one with `UNNEST` statements, whose
+/// outcome (and error) is the flush's. Each `UNNEST` statement takes column arrays, so a flush of any
 /// size binds 11 and 4 parameters, far under PostgreSQL's 65,535.
 ///
 /// Returns the method that stored the flush.
@@ -255,17 +255,17 @@ pub fn write_flush(
     predictions: &[crate::domain::prediction::Prediction],
     method: WriteMethod,
 ) -> Result<WriteMethod, WriteError> {
+    if method == WriteMethod::Copy
+        && connection
+            .transaction::<(), diesel::result::Error, _>(|tx| {
+                copy_transactions(tx, rows)?;
+                copy_predictions(tx, predictions)
+            })
+            .is_ok()
+    {
+        return Ok(WriteMethod::Copy);
+    }
     connection.transaction::<WriteMethod, WriteError, _>(|tx| {
-        if method == WriteMethod::Copy
-            && tx
-                .transaction::<(), diesel::result::Error, _>(|savepoint| {
-                    copy_transactions(savepoint, rows)?;
-                    copy_predictions(savepoint, predictions)
-                })
-                .is_ok()
-        {
-            return Ok(WriteMethod::Copy);
-        }
         insert_transactions(tx, rows)?;
         upsert_predictions(tx, predictions)?;
         Ok(WriteMethod::Unnest)

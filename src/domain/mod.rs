@@ -9,6 +9,7 @@
 
 pub mod amount;
 pub mod categories;
+pub mod concurrency;
 pub mod csv_rules;
 pub mod dead_letter;
 pub mod event;

@@ -1,6 +1,6 @@
 //! The flush write against PostgreSQL: binary COPY and UNNEST store the same
 //! rows, byte for byte, and a flush COPY cannot take (a record stored
-//! before) is written whole by UNNEST in the same transaction.
+//! before) is rolled back and written whole by UNNEST.
 
 use txnflow::config::WriteMethod;
 use txnflow::db::{TransactionRow, write_flush};
