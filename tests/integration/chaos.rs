@@ -500,7 +500,8 @@ async fn chaos_ml_api_faults() {
 async fn chaos_slow_consumer() {
     let chaos = Chaos::new("slow consumer (500 ms API)", 506).await;
     chaos.scenario.set_faults(serde_json::json!({"latency_ms": 500})).await;
-    let service = chaos.start_service(&[("TXNFLOW__BUFFER__CAPACITY", "2000")]).await;
+    let service =
+        chaos.start_service(&[("TXNFLOW__BUFFER__CAPACITY", "2000"), ("TXNFLOW__BUFFER__MAX_RECORDS", "500")]).await;
     chaos.post_batch(&service, "chaos-slow").await;
     let producer = chaos.produce(Duration::from_millis(5));
     let mut peak_in_flight = 0.0f64;

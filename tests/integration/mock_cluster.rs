@@ -193,6 +193,7 @@ async fn chaos_postgres_down_longer_than_the_poll_interval() {
         .start_service(&[
             ("TXNFLOW__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", poll_interval),
             ("TXNFLOW__BUFFER__CAPACITY", "1000"),
+            ("TXNFLOW__BUFFER__MAX_RECORDS", "500"),
         ])
         .await;
     assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
@@ -243,7 +244,8 @@ async fn chaos_three_instances_joining_and_leaving() {
 async fn at_capacity_the_reader_pauses_and_resumes_without_a_rebalance() {
     let cluster = three_brokers();
     let scenario = Scenario::on_mock("pause", TestDatabase::create(), &cluster);
-    let service = scenario.start_service(&[("TXNFLOW__BUFFER__CAPACITY", "500")]).await;
+    let service =
+        scenario.start_service(&[("TXNFLOW__BUFFER__CAPACITY", "500"), ("TXNFLOW__BUFFER__MAX_RECORDS", "500")]).await;
     diesel::connection::SimpleConnection::batch_execute(
         &mut scenario.db.connect(),
         "CREATE TABLE hold_writes_flag (x int); INSERT INTO hold_writes_flag VALUES (1);
