@@ -683,6 +683,20 @@ mod tests {
         assert_eq!(error.key, "breaker.failure_rate");
     }
 
+    /// A capacity under the default flush size (2,000) is refused, naming
+    /// the capacity; with a flush size that fits it, it is taken.
+    #[test]
+    fn a_capacity_under_the_flush_size_is_named() {
+        let error = load_with(&[], &[("TXNFLOW__BUFFER__CAPACITY", "1000")]).unwrap_err();
+        assert_eq!(
+            (error.key.as_str(), error.to_string().contains("at least buffer.max_records")),
+            ("buffer.capacity", true)
+        );
+        let config =
+            load_with(&[], &[("TXNFLOW__BUFFER__CAPACITY", "1000"), ("TXNFLOW__BUFFER__MAX_RECORDS", "500")]).unwrap();
+        assert_eq!((config.buffer.capacity, config.buffer.max_records), (1000, 500));
+    }
+
     #[test]
     fn an_exposed_admin_port_needs_a_token_or_the_explicit_escape() {
         let exposed = load_with(&[], &[("TXNFLOW__ADMIN__LISTEN", "0.0.0.0:8088")]).unwrap();

@@ -245,8 +245,9 @@ where
 /// stored before (a redelivery, a replay) or a value the database refuses
 /// makes it fail as a whole, and then that transaction is rolled back and
 /// the flush is written in a second one with `UNNEST` statements, whose
-/// outcome (and error) is the flush's. Each `UNNEST` statement takes column arrays, so a flush of any
-/// size binds 11 and 4 parameters, far under PostgreSQL's 65,535.
+/// outcome (and error) is the flush's. Each `UNNEST` statement takes
+/// column arrays, so a flush of any size binds 11 and 4 parameters, far
+/// under PostgreSQL's 65,535.
 ///
 /// Returns the method that stored the flush.
 pub fn write_flush(
