@@ -7,6 +7,15 @@
 //!
 //!   cargo bench --bench ml_api              (defaults: 10 s, 4 clients)
 //!   BENCH_SECONDS=30 BENCH_CLIENTS=16 cargo bench --bench ml_api
+//!
+//! Then txnflow's ML API client against a slow model that works on few
+//! requests at once (`max_concurrent`, `latency_ms`), with the default
+//! `predict` configuration, once with a fixed limit of requests in flight
+//! and once adaptive: predictions/s, timeouts, records failed, and the
+//! time a flush took. Reported, not asserted.
+//!
+//!   BENCH_MODEL_WORKERS=1 BENCH_MODEL_LATENCY_MS=1500 BENCH_SLOW_SECONDS=60
+//!   BENCH_SLOW_SECONDS=0 skips it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,4 +133,109 @@ fn main() {
         );
         println!("peak RSS (server and client in one process): {:.1} MB", peak_rss_mb());
     });
+    let slow_seconds = env_or("BENCH_SLOW_SECONDS", 60);
+    if slow_seconds > 0 {
+        let workers = env_or("BENCH_MODEL_WORKERS", 1) as u32;
+        let latency_ms = env_or("BENCH_MODEL_LATENCY_MS", 1500);
+        println!();
+        println!(
+            "slow model: {workers} worker(s), {latency_ms} ms a request, {slow_seconds} s per mode, \
+             {FLUSH_CALLERS} flushes of {FLUSH_RECORDS} records in flight"
+        );
+        println!(
+            "| requests in flight | predictions/s | timeouts and 5xx | records failed | flush p50 | flush p99 | limit at the end |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for adaptive in [false, true] {
+            slow_model_run(workers, latency_ms, slow_seconds, adaptive);
+        }
+    }
+}
+
+/// Flushes handed to the client at once, as the PredictClient does while
+/// the Buffer holds a backlog, and their size (`buffer.max_records`).
+const FLUSH_CALLERS: usize = 4;
+const FLUSH_RECORDS: usize = 2_000;
+
+fn slow_model_run(workers: u32, latency_ms: u64, seconds: u64, adaptive: bool) {
+    use txnflow::metrics::METRICS;
+    let faults = txnflow::ml_api::Faults { latency_ms, max_concurrent: workers, ..Default::default() };
+    let address = txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
+    let config = txnflow::config::Config::load(None).expect("the default configuration");
+    let predict = txnflow::config::PredictConfig {
+        url: format!("http://{address}"),
+        adaptive_concurrency: adaptive,
+        ..config.predict
+    };
+    let mode = if adaptive { "adaptive, at most" } else { "fixed," };
+    let label = format!("{mode} {}", predict.concurrency);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let ml = Arc::new(
+            txnflow::ml_client::MlClient::new(&predict, txnflow::breaker::build(&config.breaker)).expect("the client"),
+        );
+        let retriable = || METRICS.ml_api_latency.with_label_values(&["retriable"]).get_sample_count();
+        let retriable_before = retriable();
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let started = Instant::now();
+        let next_id = Arc::new(AtomicU64::new(0));
+        let mut callers = Vec::new();
+        for _ in 0..FLUSH_CALLERS {
+            let (ml, next_id) = (ml.clone(), next_id.clone());
+            callers.push(tokio::spawn(async move {
+                let (mut predicted, mut failed, mut flush_times) = (0usize, 0usize, Vec::new());
+                while Instant::now() < deadline {
+                    let first = next_id.fetch_add(FLUSH_RECORDS as u64, Ordering::Relaxed);
+                    let items = (first..first + FLUSH_RECORDS as u64).map(request_item).collect();
+                    let flush_started = Instant::now();
+                    let outcome = ml.predict(items, "pipeline").await;
+                    flush_times.push(flush_started.elapsed());
+                    predicted += outcome.predictions.len();
+                    failed += outcome.failures.len();
+                }
+                (predicted, failed, flush_times)
+            }));
+        }
+        let mut ticker = tokio::time::interval(Duration::from_secs(10));
+        ticker.tick().await;
+        while Instant::now() < deadline {
+            ticker.tick().await;
+            println!(
+                "  {label}: {:>3.0} s, limit now {}",
+                started.elapsed().as_secs_f64(),
+                METRICS.ml_api_concurrency_limit.get()
+            );
+        }
+        let (mut predicted, mut failed, mut flush_times) = (0, 0, Vec::new());
+        for caller in callers {
+            let (p, f, t) = caller.await.unwrap();
+            predicted += p;
+            failed += f;
+            flush_times.extend(t);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        flush_times.sort();
+        let percentile = |p: f64| flush_times[((flush_times.len() as f64 * p) as usize).min(flush_times.len() - 1)];
+        println!(
+            "| {label} | {:.0} | {} | {failed} of {} | {:.1} s | {:.1} s | {} |",
+            predicted as f64 / elapsed,
+            retriable() - retriable_before,
+            predicted + failed,
+            percentile(0.5).as_secs_f64(),
+            percentile(0.99).as_secs_f64(),
+            METRICS.ml_api_concurrency_limit.get()
+        );
+    });
+}
+
+fn request_item(n: u64) -> txnflow::domain::prediction::PredictRequestItem {
+    txnflow::domain::prediction::PredictRequestItem {
+        id: uuid::Uuid::from_u128(u128::from(n) << 64 | 0x4000_8000_0000_0000),
+        description: "Card expense at EDF".into(),
+        amount: -952.4,
+        timestamp: "2023-11-28T06:35:12".into(),
+        merchant: Some("EDF".into()),
+        operation_type: "payment".into(),
+        side: "debit".into(),
+    }
 }

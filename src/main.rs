@@ -122,6 +122,9 @@ struct MlApiArgs {
     /// Milliseconds added to every answer.
     #[arg(long)]
     latency_ms: Option<u64>,
+    /// Requests the model works on at once; the others wait their turn (0: no limit).
+    #[arg(long)]
+    max_concurrent: Option<u32>,
     /// Share of answers that are not valid JSON.
     #[arg(long)]
     malformed_rate: Option<f64>,
@@ -280,6 +283,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let mut faults = config.ml_api.faults.clone();
             faults.error_rate = args.error_rate.unwrap_or(faults.error_rate);
             faults.latency_ms = args.latency_ms.unwrap_or(faults.latency_ms);
+            faults.max_concurrent = args.max_concurrent.unwrap_or(faults.max_concurrent);
             faults.malformed_rate = args.malformed_rate.unwrap_or(faults.malformed_rate);
             faults.drop_rate = args.drop_rate.unwrap_or(faults.drop_rate);
             faults.extended |= args.extended;

@@ -6,7 +6,8 @@
 //! item makes the whole request fail with 422, as pydantic validation did.
 //!
 //! Fault knobs make it misbehave on purpose for failure tests: errors, added
-//! latency, malformed answers and dropped items. They are set at start and
+//! latency, malformed answers, dropped items, and a model that works on a
+//! few requests at once (`max_concurrent`). They are set at start and
 //! changed at runtime with `POST /faults`.
 
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -43,6 +44,10 @@ pub struct Faults {
     pub refuse_rate: f64,
     /// The model version answered with `extended` (empty: the reference one).
     pub model_version: String,
+    /// Requests the model works on at once (0: no limit). The others wait
+    /// their turn, in arrival order, as on a model server with a fixed pool
+    /// of workers; with `latency_ms` each turn lasts that long.
+    pub max_concurrent: u32,
 }
 
 impl Default for Faults {
@@ -57,6 +62,7 @@ impl Default for Faults {
             marker_status: 422,
             refuse_rate: 0.0,
             model_version: String::new(),
+            max_concurrent: 0,
         }
     }
 }
@@ -101,9 +107,18 @@ struct FaultsUpdate {
     marker_status: Option<u16>,
     refuse_rate: Option<f64>,
     model_version: Option<String>,
+    max_concurrent: Option<u32>,
 }
 
 type SharedFaults = Arc<RwLock<Faults>>;
+
+/// The model's workers under `max_concurrent`: none without a limit. A new
+/// limit replaces the semaphore; requests holding the old one finish.
+type ModelWorkers = Arc<RwLock<Option<Arc<tokio::sync::Semaphore>>>>;
+
+fn model_workers(max_concurrent: u32) -> Option<Arc<tokio::sync::Semaphore>> {
+    (max_concurrent > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize)))
+}
 
 #[derive(Serialize)]
 struct PredictionItem<'a> {
@@ -167,8 +182,14 @@ fn check_item(
     id
 }
 
-async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>) -> HttpResponse {
+async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web::Data<ModelWorkers>) -> HttpResponse {
     let faults = faults.read().expect("faults lock").clone();
+    let workers = workers.read().expect("workers lock").clone();
+    // Held until the answer is built: the request's turn on the model.
+    let _turn = match &workers {
+        Some(workers) => workers.acquire().await.ok(),
+        None => None,
+    };
     if faults.latency_ms > 0 {
         actix_rt::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
@@ -251,7 +272,11 @@ async fn get_faults(faults: web::Data<SharedFaults>) -> HttpResponse {
     HttpResponse::Ok().json(faults.read().expect("faults lock").clone())
 }
 
-async fn set_faults(update: web::Json<FaultsUpdate>, faults: web::Data<SharedFaults>) -> HttpResponse {
+async fn set_faults(
+    update: web::Json<FaultsUpdate>,
+    faults: web::Data<SharedFaults>,
+    workers: web::Data<ModelWorkers>,
+) -> HttpResponse {
     let mut current = faults.write().expect("faults lock");
     let next = Faults {
         error_rate: update.error_rate.unwrap_or(current.error_rate),
@@ -263,11 +288,15 @@ async fn set_faults(update: web::Json<FaultsUpdate>, faults: web::Data<SharedFau
         marker_status: update.marker_status.unwrap_or(current.marker_status),
         refuse_rate: update.refuse_rate.unwrap_or(current.refuse_rate),
         model_version: update.model_version.clone().unwrap_or_else(|| current.model_version.clone()),
+        max_concurrent: update.max_concurrent.unwrap_or(current.max_concurrent),
     };
     if let Err(message) = next.check() {
         return HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": message }));
     }
     tracing::info!(?next, "fault knobs changed");
+    if next.max_concurrent != current.max_concurrent {
+        *workers.write().expect("workers lock") = model_workers(next.max_concurrent);
+    }
     *current = next.clone();
     HttpResponse::Ok().json(next)
 }
@@ -289,10 +318,12 @@ pub enum FaultsEndpoint {
 /// Binds and starts the server; `.server` resolves when it stops.
 pub fn start(listen: SocketAddr, faults: Faults, endpoint: FaultsEndpoint) -> anyhow::Result<RunningServer> {
     faults.check().map_err(|message| anyhow::anyhow!(message))?;
+    let workers: ModelWorkers = Arc::new(RwLock::new(model_workers(faults.max_concurrent)));
     let shared: SharedFaults = Arc::new(RwLock::new(faults));
     let server = HttpServer::new(move || {
         let app = App::new()
             .app_data(web::Data::new(shared.clone()))
+            .app_data(web::Data::new(workers.clone()))
             .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
             .route("/predict", web::post().to(predict))
             .route("/health", web::get().to(health));

@@ -86,7 +86,8 @@ async fn fault_knobs_change_at_runtime() {
     assert_eq!(
         current,
         json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true,
-               "poison_marker": "", "marker_status": 422, "refuse_rate": 0.0, "model_version": ""})
+               "poison_marker": "", "marker_status": 422, "refuse_rate": 0.0, "model_version": "",
+               "max_concurrent": 0})
     );
     assert_eq!(post(&base, "/faults", &json!({"error_rate": 2.0})).await.0, 422, "an out-of-range knob is refused");
     post(&base, "/faults", &json!({"latency_ms": 0, "poison_marker": "POISON"})).await;
@@ -189,4 +190,32 @@ async fn the_refuse_rate_refuses_the_same_ids_every_time() {
     for id in refused.iter().take(20) {
         assert_eq!(post(&base, "/predict", &json!([item(&id.to_string())])).await.0, 422, "{id}");
     }
+}
+
+/// `max_concurrent` makes requests wait their turn: with one worker and
+/// 200 ms a turn, the last of 3 requests sent at once is answered after 3
+/// turns at the earliest. Lower bounds only, which a slow machine meets.
+#[tokio::test]
+async fn a_model_with_few_workers_makes_requests_wait_their_turn() {
+    let base = format!(
+        "http://{}",
+        spawn_ml_api(txnflow::ml_api::Faults { latency_ms: 200, max_concurrent: 1, ..no_faults() })
+    );
+    let request = json!([item("b9fa6684-502b-4695-8f92-247432ba610d")]);
+    let answered_after = |count: usize| {
+        let (base, request) = (base.clone(), request.clone());
+        async move {
+            let started = Instant::now();
+            let answers = futures_util::future::join_all((0..count).map(|_| post(&base, "/predict", &request))).await;
+            assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}");
+            started.elapsed()
+        }
+    };
+    let took = answered_after(3).await;
+    assert!(took >= Duration::from_millis(600), "3 turns of 200 ms one after another: {took:?}");
+
+    let (status, body) = post(&base, "/faults", &json!({"max_concurrent": 2})).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["max_concurrent"].clone()), (200, json!(2)));
+    let took = answered_after(5).await;
+    assert!(took >= Duration::from_millis(600), "5 requests on 2 workers take 3 turns: {took:?}");
 }
