@@ -192,6 +192,11 @@ fn slow_model_run(workers: u32, latency_ms: u64, seconds: u64, adaptive: bool) {
                     flush_times.push(flush_started.elapsed());
                     predicted += outcome.predictions.len();
                     failed += outcome.failures.len();
+                    if outcome.predictions.is_empty() {
+                        // Refused at once (the breaker open): a backlog is
+                        // not offered faster than a flush a second.
+                        tokio::time::sleep(Duration::from_secs(1).saturating_sub(flush_started.elapsed())).await;
+                    }
                 }
                 (predicted, failed, flush_times)
             }));
