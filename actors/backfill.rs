@@ -1,7 +1,8 @@
 //! Backfill: every `predict.backfill_interval_ms`, predicts the stored
 //! transactions that have no prediction, in batches, until none are left
 //! or the API stops answering (guarantee 2: coverage returns to 100% with
-//! no operator action).
+//! no operator action). The scan that finds them reads the whole table, so
+//! a tick runs it only when there is reason to (`domain::backfill_scan`).
 //!
 //! Each transaction is claimed from the `prediction_backlog` with an
 //! attempt count and a next-try time (exponential backoff), so a record the
@@ -17,21 +18,25 @@
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, SpawnHandle, Supervised, WrapFuture};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::Pipeline;
 use crate::db;
+use crate::domain::backfill_scan::{ScanReason, ScanSchedule};
 use crate::domain::prediction::Prediction;
 use crate::metrics::METRICS;
 
 pub struct Backfill {
     pipeline: Arc<Pipeline>,
     running: Option<SpawnHandle>,
+    schedule: ScanSchedule,
 }
 
 impl Backfill {
     pub fn new(pipeline: Arc<Pipeline>) -> Backfill {
-        Backfill { pipeline, running: None }
+        let schedule = ScanSchedule::new(Duration::from_millis(pipeline.config.backfill.full_scan_interval_ms));
+        Backfill { pipeline, running: None, schedule }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
@@ -39,8 +44,14 @@ impl Backfill {
             return;
         }
         let pipeline = self.pipeline.clone();
-        let handle = ctx.spawn(backfill(pipeline).into_actor(self).map(|predicted, actor, _ctx| {
+        let started = Instant::now();
+        let known = self.schedule.due(started, pipeline.stored_unpredicted.load(Ordering::SeqCst));
+        let handle = ctx.spawn(scan_if_due(pipeline, known).into_actor(self).map(move |scanned, actor, _ctx| {
             actor.running = None;
+            let Some((reason, predicted, finished)) = scanned else { return };
+            actor.schedule.scanning(started);
+            actor.schedule.scanned(finished);
+            METRICS.backfill_scans.with_label_values(&[reason.as_str()]).inc();
             if predicted > 0 {
                 tracing::info!(predicted, "backfill predicted stored transactions");
             }
@@ -49,9 +60,32 @@ impl Backfill {
     }
 }
 
+/// Scans when `known` gives a reason, or when the backlog holds a due
+/// retry; returns the reason, how many it predicted, and whether it saw
+/// every row it could claim.
+async fn scan_if_due(pipeline: Arc<Pipeline>, known: Option<ScanReason>) -> Option<(ScanReason, usize, bool)> {
+    let reason = match known {
+        Some(reason) => reason,
+        None => match db::blocking(&pipeline.pool, db::backlog_due).await {
+            Ok(true) => ScanReason::BacklogDue,
+            Ok(false) => return None,
+            Err(error) => {
+                tracing::debug!(error = db::short_reason(&error), "backfill cannot read the backlog");
+                return None;
+            }
+        },
+    };
+    // Rows stored unpredicted from here on are committed after the scan's
+    // snapshot may have been taken: they set the flag again.
+    pipeline.stored_unpredicted.store(false, Ordering::SeqCst);
+    let (predicted, finished) = backfill(pipeline).await;
+    Some((reason, predicted, finished))
+}
+
 /// Predicts the claimable transactions until none are left or a round
-/// leaves some unpredicted. Returns how many it predicted.
-async fn backfill(pipeline: Arc<Pipeline>) -> usize {
+/// leaves some unpredicted. Returns how many it predicted, and false when
+/// it stopped before it had seen every claimable row.
+async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
     let round = (pipeline.config.predict.batch_size * pipeline.config.predict.concurrency) as i64;
     let settings = pipeline.config.backfill.clone();
     let mut predicted_total = 0;
@@ -59,10 +93,10 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
         let (initial, max) = (settings.initial_backoff_ms, settings.max_backoff_ms);
         let items = match db::blocking(&pipeline.pool, move |c| db::claim_unpredicted(c, round, initial, max)).await {
             Ok(items) if !items.is_empty() => items,
-            Ok(_) => return predicted_total,
+            Ok(_) => return (predicted_total, true),
             Err(error) => {
                 tracing::debug!(error = db::short_reason(&error), "backfill cannot read the database");
-                return predicted_total;
+                return (predicted_total, false);
             }
         };
         let asked = items.len();
@@ -100,13 +134,15 @@ async fn backfill(pipeline: Arc<Pipeline>) -> usize {
             }
             Err(error) => {
                 tracing::debug!(error = db::short_reason(&error), "backfill cannot write; next round later");
-                return predicted_total;
+                return (predicted_total, false);
             }
         }
         if stored < asked {
             // Some stayed unpredicted: they are tried again once their backoff is over.
             tracing::debug!(asked, predicted = stored, "backfill round left some unpredicted; next round later");
-            return predicted_total;
+            // The ones left are in the backlog, found when due; a full
+            // round may have more behind it.
+            return (predicted_total, (asked as i64) < round);
         }
     }
 }

@@ -265,6 +265,7 @@ fn acknowledge(
             settled.push(record.ack);
         } else {
             record.ack.stored_unpredicted();
+            pipeline.stored_unpredicted.store(true, std::sync::atomic::Ordering::SeqCst);
             let failure = failures.remove(&record.transaction.id).unwrap_or(Failure {
                 error_type: ErrorType::PredictionFailed,
                 stage: Stage::Predict,

@@ -35,6 +35,9 @@ pub struct Pipeline {
     /// `host/pid`.
     pub instance: String,
     shutting_down: AtomicBool,
+    /// Set when a flush stored rows without their prediction: the backfill
+    /// scans for them at its next tick (see `domain::backfill_scan`).
+    pub stored_unpredicted: AtomicBool,
     pub(super) mailboxes: Mailboxes,
     /// The actors running, with their chaos hooks and arbiters.
     pub(super) running: Mutex<supervisor::Running>,
@@ -83,6 +86,7 @@ impl Pipeline {
             runs: Arc::default(),
             instance: instance_name(),
             shutting_down: AtomicBool::new(false),
+            stored_unpredicted: AtomicBool::new(false),
             mailboxes: Mailboxes::default(),
             running: Mutex::default(),
             threads: Mutex::default(),

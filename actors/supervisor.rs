@@ -206,8 +206,10 @@ pub fn stop_all(pipeline: &Pipeline, wait: Duration) {
         }
         let _ = done.send(());
     });
-    if joined.recv_timeout(wait).is_err() {
-        tracing::warn!(?wait, "actor threads still running at exit");
+    let started = std::time::Instant::now();
+    match joined.recv_timeout(wait) {
+        Ok(()) => tracing::debug!(took = ?started.elapsed(), "actor threads ended"),
+        Err(_) => tracing::warn!(?wait, "actor threads still running at exit"),
     }
 }
 

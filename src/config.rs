@@ -161,6 +161,7 @@ pub struct BreakerConfig {
 #[serde(deny_unknown_fields)]
 pub struct BackfillConfig {
     pub max_attempts: u32,
+    pub full_scan_interval_ms: u64,
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
 }
@@ -444,6 +445,7 @@ impl Config {
         positive("breaker.open_ms", self.breaker.open_ms)?;
         positive("backfill.max_attempts", u64::from(self.backfill.max_attempts))?;
         positive("backfill.initial_backoff_ms", self.backfill.initial_backoff_ms)?;
+        positive("backfill.full_scan_interval_ms", self.backfill.full_scan_interval_ms)?;
         if self.backfill.max_backoff_ms < self.backfill.initial_backoff_ms {
             return Err(ConfigError::new("backfill.max_backoff_ms", "must be at least backfill.initial_backoff_ms"));
         }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub ml_api_config_errors: IntCounterVec,
     /// Stored transactions the backfill gave up predicting (`backfill.max_attempts`).
     pub backfill_refused: prometheus::IntCounter,
+    /// Scans of `transactions` for rows without a prediction, by why they ran.
+    pub backfill_scans: IntCounterVec,
     /// Where the time goes, stage by stage (see [`Stage`]).
     pub stage_seconds: HistogramVec,
     /// Dead letters the DLQ topic refused for good, stored in `dead_letters`.
@@ -126,6 +128,10 @@ impl Metrics {
             backfill_refused: register(
                 r,
                 prometheus::IntCounter::new("txnflow_backfill_refused_total", "Stored transactions the backfill stopped predicting after backfill.max_attempts (see the refused_predictions view).").unwrap(),
+            ),
+            backfill_scans: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_backfill_scans_total", "Backfill scans of the transactions table for rows without a prediction, by reason (start, stored_unpredicted, unfinished, backlog_due, periodic)."), &["reason"]).unwrap(),
             ),
             stage_seconds: register(
                 r,

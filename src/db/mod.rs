@@ -513,6 +513,21 @@ pub fn claim_unpredicted(
         .collect())
 }
 
+/// Whether the backlog holds a transaction whose next try is due: a cheap
+/// question, asked before the scan [`claim_unpredicted`] makes.
+pub fn backlog_due(connection: &mut PgConnection) -> Result<bool, WriteError> {
+    #[derive(diesel::QueryableByName)]
+    struct Due {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        due: bool,
+    }
+    let due: Due = diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM prediction_backlog WHERE refused_at IS NULL AND next_attempt_at <= now()) AS due",
+    )
+    .get_result(connection)?;
+    Ok(due.due)
+}
+
 /// Stores backfilled predictions, and takes their transactions out of the
 /// backlog, in one database transaction.
 pub fn write_backfilled(

@@ -8,6 +8,7 @@
 //! API answer can be trusted. The actors only move these values around.
 
 pub mod amount;
+pub mod backfill_scan;
 pub mod categories;
 pub mod concurrency;
 pub mod csv_rules;

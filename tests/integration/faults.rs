@@ -168,3 +168,50 @@ async fn dlq_replay_predicts_failed_records_without_duplicates() {
     assert_all_predicted(&scenario, &expected);
     assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 300, "replaying duplicated nothing");
 }
+
+/// The backfill's scans so far, by reason, from `/metrics`.
+async fn backfill_scans(service: &crate::scenario::Service) -> std::collections::BTreeMap<String, f64> {
+    let text = service.metrics().await;
+    text.lines()
+        .filter_map(|line| line.strip_prefix("txnflow_backfill_scans_total{reason=\""))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .map(|(reason, value)| (reason.to_string(), value.parse().unwrap()))
+        .collect()
+}
+
+/// The scan for unpredicted rows reads the whole table, so the backfill
+/// makes it only with a reason: once at start, then after rows were
+/// stored without a prediction (or their retry is due), never on a quiet
+/// tick; and coverage returns to 100% without the periodic scan.
+#[tokio::test]
+async fn the_backfill_scans_the_table_only_when_there_is_reason_to() {
+    let scenario = Scenario::new("backfill-scans").await;
+    let mut env = QUICK_BREAKER.to_vec();
+    env.push(("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "200"));
+    let service = scenario.start_service(&env).await;
+    let healthy = valid_events(16, 300);
+    let ends = Scenario::end_offsets(&scenario.produce(&healthy).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends);
+    assert_all_predicted(&scenario, &ids_of(&healthy));
+    // 15 ticks of 200 ms with nothing to find (a span of the scenario, not
+    // a timing check): the start scan is the only one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let start_only = std::collections::BTreeMap::from([("start".to_string(), 1.0)]);
+    assert_eq!(backfill_scans(&service).await, start_only, "no scan on a quiet tick");
+
+    scenario.set_faults(json!({"error_rate": 1.0})).await;
+    let unpredicted = valid_events(17, 300);
+    let ends = Scenario::end_offsets(&scenario.produce(&unpredicted).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends);
+    scenario.set_faults(json!({"error_rate": 0.0})).await;
+    let covered =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 600).await;
+    assert!(covered, "backfill completes; log:\n{}", service.log_tail());
+    let mut expected = ids_of(&healthy);
+    expected.extend(ids_of(&unpredicted));
+    assert_all_predicted(&scenario, &expected);
+    let scans = backfill_scans(&service).await;
+    assert_eq!(scans.get("start"), Some(&1.0), "{scans:?}");
+    assert_eq!(scans.get("periodic"), None, "coverage came back without the periodic scan: {scans:?}");
+    assert!(scans.contains_key("stored_unpredicted"), "{scans:?}");
+}

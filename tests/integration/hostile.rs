@@ -302,7 +302,9 @@ async fn refused_transactions_do_not_hold_back_the_backfill() {
 async fn two_replicas_backfill_each_transaction_once() {
     let scenario = Scenario::new("hostile-replicas").await;
     scenario.set_faults(json!({"latency_ms": 100})).await;
-    let env = [("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "200")];
+    // Rows inserted behind the replicas' backs are found by the periodic
+    // scan, here on every tick.
+    let env = [("TXNFLOW__PREDICT__BACKFILL_INTERVAL_MS", "200"), ("TXNFLOW__BACKFILL__FULL_SCAN_INTERVAL_MS", "200")];
     let first = scenario.start_service(&env).await;
     let second = scenario.start_service(&env).await;
     let started = Instant::now();
