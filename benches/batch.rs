@@ -16,11 +16,14 @@
 
 mod common;
 
+use diesel::{Connection, RunQueryDsl};
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common::{CopyRow, copy_rate, env_or, fresh_database, median, median_and_spread, processing_window};
+use common::{
+    CopyRow, CpuSample, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named, processing_window,
+};
 
 /// Writes `rows` generated transactions as a seed-format CSV file.
 fn generate(path: &std::path::Path, rows: u64) {
@@ -51,15 +54,28 @@ async fn upload(path: &std::path::Path, key: &str) -> String {
 
 struct Loaded {
     summary: String,
+    /// When the command started and ended, in seconds since the epoch.
+    started_at: f64,
+    ended_at: f64,
     wall_seconds: f64,
     peak_rss_mb: f64,
     cpu_seconds: f64,
+    /// The CPU seconds of the other processes over the load, by role.
+    others_cpu: Vec<(&'static str, f64)>,
 }
 
 /// `/usr/bin/time -v txnflow batch URI`; its progress lines pass through.
 fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
     let report = std::env::temp_dir().join(format!("bench-time-{run_id}.txt"));
+    // The ML API runs in a thread of this process, which does nothing else
+    // while the load runs but pass its progress lines through.
+    let others = CpuSample::start(vec![
+        ("ml-api", vec![std::process::id()]),
+        ("s3", pids_named("weed")),
+        ("postgresql", pids_named("postgres")),
+    ]);
     let started = Instant::now();
+    let started_at = epoch_seconds();
     let mut child = Command::new("/usr/bin/time")
         .args(["-v", "-o"])
         .arg(&report)
@@ -91,6 +107,8 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
     let output = child.wait_with_output().unwrap();
     let last = echo.join().unwrap();
     let wall_seconds = started.elapsed().as_secs_f64();
+    let ended_at = epoch_seconds();
+    let (others_cpu, _) = others.end();
     assert!(
         output.status.success(),
         "txnflow batch failed ({}); its last lines:\n{}\n{}",
@@ -110,15 +128,40 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
         time.lines().find_map(|line| line.trim().strip_prefix(label)).and_then(|v| v.parse().ok()).unwrap_or(0.0)
     };
     let cpu_seconds = seconds("User time (seconds): ") + seconds("System time (seconds): ");
-    Loaded { summary, wall_seconds, peak_rss_mb: peak_kb / 1024.0, cpu_seconds }
+    Loaded { summary, started_at, ended_at, wall_seconds, peak_rss_mb: peak_kb / 1024.0, cpu_seconds, others_cpu }
+}
+
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// The first and the last row's `created_at`, in seconds since the epoch.
+fn first_and_last_row(db: &str) -> (f64, f64) {
+    #[derive(diesel::QueryableByName)]
+    struct Span {
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        first: f64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        last: f64,
+    }
+    let span: Span = diesel::sql_query(
+        "SELECT extract(epoch FROM min(created_at))::float8 AS first, extract(epoch FROM max(created_at))::float8 AS last FROM transactions",
+    )
+    .get_result(&mut diesel::PgConnection::establish(db).unwrap())
+    .unwrap();
+    (span.first, span.last)
 }
 
 /// What one load measured.
 struct Measured {
     rows_per_second: f64,
+    /// Rows over the whole command's wall time: start, S3 stream and summary.
+    wall_rows_per_second: f64,
     copy: Option<f64>,
     peak_rss_mb: f64,
     cpu_ms_per_1000: f64,
+    /// The share of a core each process used over the wall time, txnflow first.
+    cores: Vec<(&'static str, f64)>,
 }
 
 fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, count: u64, with_copy: bool) -> Measured {
@@ -133,6 +176,13 @@ fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, coun
     let run_id = format!("bench-{bench_id}-{count}");
     let loaded = load(&uri, &db, ml_api, &run_id);
     let window = processing_window(&db);
+    let (first_row, last_row) = first_and_last_row(&db);
+    // created_at is the time its flush's transaction began.
+    println!(
+        "batch: start to first row {:.1} s, rows {window:.1} s, last row to exit {:.1} s",
+        first_row - loaded.started_at,
+        loaded.ended_at - last_row
+    );
     let rows_per_second = count as f64 / window;
     let cpu_ms_per_1000 = 1000.0 * loaded.cpu_seconds / (count as f64 / 1000.0);
     println!("batch: {}", loaded.summary);
@@ -142,6 +192,12 @@ fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, coun
         count as f64 / loaded.wall_seconds,
         loaded.peak_rss_mb
     );
+    let cores: Vec<(&'static str, f64)> = std::iter::once(("txnflow", loaded.cpu_seconds))
+        .chain(loaded.others_cpu.iter().copied())
+        .map(|(role, seconds)| (role, seconds / loaded.wall_seconds))
+        .collect();
+    let described: Vec<String> = cores.iter().map(|(role, c)| format!("{role} {:.0}%", 100.0 * c)).collect();
+    println!("batch: CPU over the wall time (2 cores = 200%): {}", described.join(", "));
     let copy = with_copy.then(|| {
         println!("bulk load: psql \\copy of the same rows into both tables");
         let copy = copy_rate(transactions(count).enumerate().map(|(i, transaction)| CopyRow {
@@ -159,7 +215,8 @@ fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, coun
         copy
     });
     let _ = std::fs::remove_file(&path);
-    Measured { rows_per_second, copy, peak_rss_mb: loaded.peak_rss_mb, cpu_ms_per_1000 }
+    let wall_rows_per_second = count as f64 / loaded.wall_seconds;
+    Measured { rows_per_second, wall_rows_per_second, copy, peak_rss_mb: loaded.peak_rss_mb, cpu_ms_per_1000, cores }
 }
 
 fn main() {
@@ -182,17 +239,29 @@ fn main() {
     println!();
     println!("summary: median (min–max) of {runs} runs of {rows} rows, release build, this machine");
     println!(
-        "| rows/s (first to last row) | psql \\copy rows/s | batch / copy | txnflow CPU ms per 1,000 rows | peak RSS MB |"
+        "| rows/s (first to last row) | rows/s (wall) | psql \\copy rows/s | batch / copy | batch / copy (wall) | txnflow CPU ms per 1,000 rows | peak RSS MB |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} |",
         median_and_spread(&figures(|m| m.rows_per_second), 0),
+        median_and_spread(&figures(|m| m.wall_rows_per_second), 0),
         median_and_spread(&figures(|m| m.copy.unwrap_or(f64::NAN)), 0),
         median_and_spread(&figures(|m| m.rows_per_second / m.copy.unwrap_or(f64::NAN)), 2),
+        median_and_spread(&figures(|m| m.wall_rows_per_second / m.copy.unwrap_or(f64::NAN)), 2),
         median_and_spread(&figures(|m| m.cpu_ms_per_1000), 0),
         median_and_spread(&figures(|m| m.peak_rss_mb), 0),
     );
+    let roles: Vec<String> = measured[0]
+        .cores
+        .iter()
+        .enumerate()
+        .map(|(i, (role, _))| {
+            let shares: Vec<f64> = measured.iter().map(|m| 100.0 * m.cores[i].1).collect();
+            format!("{role} {}%", median_and_spread(&shares, 0))
+        })
+        .collect();
+    println!("CPU by process over the wall time (share of one core; 2 cores = 200%): {}", roles.join(", "));
     let described = match large_rss {
         Some(mb) => {
             format!("{rows} rows: {:.1} MB (median); {large} rows: {mb:.1} MB", median(&figures(|m| m.peak_rss_mb)))

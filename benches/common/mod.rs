@@ -111,13 +111,26 @@ pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
 /// CPU seconds (user and system) a process has used so far, from
 /// `/proc/<pid>/stat`; 0 once it is gone.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, false)
+}
+
+/// As `cpu_seconds`, plus the CPU of its children that have exited and been
+/// waited for: PostgreSQL's postmaster reaps the backends of connections
+/// closed during a run, and this is the only place their CPU is left.
+pub fn cpu_seconds_with_reaped_children(pid: u32) -> f64 {
+    stat_seconds(pid, true)
+}
+
+fn stat_seconds(pid: u32, with_children: bool) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command name, which is in parentheses and may hold spaces.
     let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    (ticks(11) + ticks(12)) / 100.0
+    // utime and stime are fields 14 and 15 of stat(5), cutime and cstime 16
+    // and 17; `rest` starts at field 3.
+    let children = if with_children { ticks(13) + ticks(14) } else { 0.0 };
+    (ticks(11) + ticks(12) + children) / 100.0
 }
 
 /// The pids of the processes named exactly `name`.
@@ -139,7 +152,7 @@ impl CpuSample {
         let roles = roles
             .into_iter()
             .map(|(role, pids)| {
-                let before = pids.iter().map(|&pid| cpu_seconds(pid)).collect();
+                let before = pids.iter().map(|&pid| role_cpu_seconds(role, pid)).collect();
                 (role, pids, before)
             })
             .collect();
@@ -154,7 +167,7 @@ impl CpuSample {
             .into_iter()
             .map(|(role, pids, before)| {
                 let mut total: f64 =
-                    pids.iter().zip(&before).map(|(&pid, was)| (cpu_seconds(pid) - was).max(0.0)).sum();
+                    pids.iter().zip(&before).map(|(&pid, was)| (role_cpu_seconds(role, pid) - was).max(0.0)).sum();
                 if role == "postgresql" {
                     // Backends started during the run count from zero.
                     total += pids_named("postgres")
@@ -168,6 +181,11 @@ impl CpuSample {
             .collect();
         (used, elapsed)
     }
+}
+
+/// PostgreSQL's CPU includes the backends that ended during the run.
+fn role_cpu_seconds(role: &str, pid: u32) -> f64 {
+    if role == "postgresql" { cpu_seconds_with_reaped_children(pid) } else { cpu_seconds(pid) }
 }
 
 /// The median and the range of some figures, as "median (min–max)".
