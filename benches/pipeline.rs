@@ -18,6 +18,9 @@
 //!    with the default configuration.
 //!
 //! The end gives the median and the spread (min–max) of every figure.
+//! Then one keyed throughput run each at `BENCH_LARGE_EVENTS` (default
+//! 1,000,000 and 5,000,000 on Tansu; `0` skips them) gives the peak RSS at
+//! those counts, and the rate beside `\copy` where the start weighs less.
 //!
 //! `BENCH_BROKER=mock` runs it on a 3-broker librdkafka mock cluster hosted
 //! by the benchmark process (whose CPU is then the broker's), with the
@@ -428,6 +431,7 @@ fn main() {
     let latency_seconds = env_or("BENCH_LATENCY_SECONDS", 20);
     // For a quicker look: BENCH_KEYS=keyed or unkeyed, BENCH_LATENCY_SECONDS=0.
     let only_keys = std::env::var("BENCH_KEYS").unwrap_or_default();
+    let large_counts = large_event_counts(mocked);
     let mock = mocked.then(|| MockCluster::new(3).expect("librdkafka's mock cluster starts"));
     if let Some(cluster) = &mock {
         BROKER.set((cluster.bootstrap_servers(), "none")).unwrap();
@@ -480,5 +484,42 @@ fn main() {
             let p99 = median(&seed_rate.iter().map(|f| f[1]).collect::<Vec<_>>());
             println!("target: p99 at 23 events/s <= buffer.max_wait_ms + 250 = 1250 ms; median p99 {p99:.0} ms");
         }
+        let mut large = Vec::new();
+        for (i, &events) in large_counts.iter().enumerate() {
+            println!();
+            println!("large run {}/{}: {events} keyed events, one run", i + 1, large_counts.len());
+            let run = runs + 1 + i as u64;
+            large.push((events, throughput(run, Keys::ById, events, &ml_api, ml_api_process.pid(), mock).await));
+        }
+        if !large.is_empty() {
+            println!();
+            println!("memory and rate at large counts, keyed, one run each (target: peak RSS <= 150 MB, flat):");
+            println!(
+                "| events | txn/s | psql \\copy rows/s | pipeline / copy | txnflow CPU ms per 1,000 | peak RSS MB |"
+            );
+            println!("|---|---|---|---|---|---|");
+            for (events, t) in &large {
+                println!(
+                    "| {events} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} |",
+                    t.rate,
+                    t.copy,
+                    t.rate / t.copy,
+                    t.txnflow_cpu_ms_per_1000,
+                    t.rss_mb
+                );
+            }
+        }
     });
+}
+
+/// The event counts of the large keyed runs: `BENCH_LARGE_EVENTS`, commas
+/// between them, `0` for none. A mock partition keeps only 5 MiB, so there
+/// are none by default on the mock cluster.
+fn large_event_counts(mocked: bool) -> Vec<usize> {
+    let default = if mocked { "0" } else { "1000000,5000000" };
+    let spec = std::env::var("BENCH_LARGE_EVENTS").unwrap_or_else(|_| default.to_string());
+    spec.split(',')
+        .map(|n| n.trim().parse::<usize>().expect("BENCH_LARGE_EVENTS: event counts with commas between them"))
+        .filter(|&n| n > 0)
+        .collect()
 }
