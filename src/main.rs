@@ -146,6 +146,9 @@ struct MlApiArgs {
     /// The model version answered with --extended.
     #[arg(long, value_name = "V")]
     model_version: Option<String>,
+    /// Another model: each category index moved by K, mod 15 (0: the seed's answers).
+    #[arg(long, value_name = "K")]
+    shift: Option<u64>,
     /// Serve GET/POST /faults, to change the knobs at runtime (tests, local stack). Off by default.
     #[arg(long)]
     faults: bool,
@@ -291,6 +294,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             faults.marker_status = args.status_for_marker.unwrap_or(faults.marker_status);
             faults.refuse_rate = args.refuse_rate.unwrap_or(faults.refuse_rate);
             faults.model_version = args.model_version.unwrap_or(faults.model_version);
+            faults.shift = args.shift.unwrap_or(faults.shift);
             let endpoint = if args.faults { ml_api::FaultsEndpoint::Served } else { ml_api::FaultsEndpoint::Absent };
             let listen = args.listen.unwrap_or(config.ml_api.listen);
             actix_rt::System::new().block_on(async move {

@@ -7,7 +7,8 @@
 //!
 //! Fault knobs make it misbehave on purpose for failure tests: errors, added
 //! latency, malformed answers, dropped items, and a model that works on a
-//! few requests at once (`max_concurrent`). They are set at start and
+//! few requests at once (`max_concurrent`). `model_version` and `shift`
+//! make it another model whose answers are known. They are set at start and
 //! changed at runtime with `POST /faults`.
 
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -18,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::domain::categories::{REFERENCE_MODEL_VERSION, reference_category, reference_confidence};
+use crate::domain::categories::{REFERENCE_MODEL_VERSION, reference_confidence, shifted_category};
 use crate::domain::timestamp::parse_timestamp;
 
 /// The fault knobs. Rates are shares in [0, 1], drawn per request (per item
@@ -48,6 +49,9 @@ pub struct Faults {
     /// their turn, in arrival order, as on a model server with a fixed pool
     /// of workers; with `latency_ms` each turn lasts that long.
     pub max_concurrent: u32,
+    /// Another model: the category index becomes `(hash(id) + shift) mod 15`
+    /// ([`shifted_category`]); 0 is the seed's answer.
+    pub shift: u64,
 }
 
 impl Default for Faults {
@@ -63,6 +67,7 @@ impl Default for Faults {
             refuse_rate: 0.0,
             model_version: String::new(),
             max_concurrent: 0,
+            shift: 0,
         }
     }
 }
@@ -108,6 +113,7 @@ struct FaultsUpdate {
     refuse_rate: Option<f64>,
     model_version: Option<String>,
     max_concurrent: Option<u32>,
+    shift: Option<u64>,
 }
 
 type SharedFaults = Arc<RwLock<Faults>>;
@@ -252,7 +258,7 @@ async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web
         .filter(|_| !rng.random_bool(faults.drop_rate))
         .map(|id| PredictionItem {
             transaction_id: id,
-            category: reference_category(id),
+            category: shifted_category(id, faults.shift),
             confidence_score: faults.extended.then(|| reference_confidence(id)),
             model_version: faults.extended.then_some(model_version),
         })
@@ -264,8 +270,11 @@ fn unprocessable(detail: Vec<ErrorDetail>) -> HttpResponse {
     HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": detail }))
 }
 
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "model_version": REFERENCE_MODEL_VERSION}))
+async fn health(faults: web::Data<SharedFaults>) -> HttpResponse {
+    let faults = faults.read().expect("faults lock");
+    let model_version =
+        if faults.model_version.is_empty() { REFERENCE_MODEL_VERSION } else { faults.model_version.as_str() };
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "model_version": model_version}))
 }
 
 async fn get_faults(faults: web::Data<SharedFaults>) -> HttpResponse {
@@ -289,6 +298,7 @@ async fn set_faults(
         refuse_rate: update.refuse_rate.unwrap_or(current.refuse_rate),
         model_version: update.model_version.clone().unwrap_or_else(|| current.model_version.clone()),
         max_concurrent: update.max_concurrent.unwrap_or(current.max_concurrent),
+        shift: update.shift.unwrap_or(current.shift),
     };
     if let Err(message) = next.check() {
         return HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": message }));

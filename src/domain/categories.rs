@@ -43,7 +43,16 @@ pub fn python_uuid_hash(id: Uuid) -> u64 {
 
 /// The category the reference model gives `id`.
 pub fn reference_category(id: Uuid) -> &'static str {
-    CATEGORIES[(python_uuid_hash(id) % CATEGORIES.len() as u64) as usize]
+    shifted_category(id, 0)
+}
+
+/// The category a reference model shifted by `shift` gives `id`: the index
+/// `(hash(id) + shift) mod 15`. Shift 0 is the seed's model; another shift
+/// stands for another model version whose every answer is known, so tests
+/// can check each category of each version exactly.
+pub fn shifted_category(id: Uuid, shift: u64) -> &'static str {
+    let count = CATEGORIES.len() as u64;
+    CATEGORIES[((python_uuid_hash(id) % count + shift % count) % count) as usize]
 }
 
 /// The reference model's confidence for `id`: deterministic, in [0.5, 1.0],
@@ -97,6 +106,17 @@ mod tests {
     fn categories_match_cpython_hash() {
         for (id, expected) in python_vectors() {
             assert_eq!(reference_category(id), expected, "id {id}");
+        }
+    }
+
+    #[test]
+    fn a_shift_moves_every_category_by_that_many_places() {
+        for (id, category) in python_vectors() {
+            let index = CATEGORIES.iter().position(|c| *c == category).unwrap();
+            assert_eq!(shifted_category(id, 0), category);
+            assert_eq!(shifted_category(id, 3), CATEGORIES[(index + 3) % 15]);
+            assert_eq!(shifted_category(id, 15), category, "a full turn is the seed's model");
+            assert_eq!(shifted_category(id, u64::MAX), CATEGORIES[(index + (u64::MAX % 15) as usize) % 15]);
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::helpers::{ChildGuard, free_port, no_faults, spawn_ml_api, txnflow};
-use txnflow::domain::categories::{CPYTHON_VECTORS, REFERENCE_MODEL_VERSION, reference_category};
+use txnflow::domain::categories::{CATEGORIES, CPYTHON_VECTORS, REFERENCE_MODEL_VERSION, reference_category};
 
 fn item(id: &str) -> Value {
     json!({"id": id, "description": "Purchase at Fnac", "amount": -12.5, "timestamp": "2026-01-11T10:00:00",
@@ -87,7 +87,7 @@ async fn fault_knobs_change_at_runtime() {
         current,
         json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true,
                "poison_marker": "", "marker_status": 422, "refuse_rate": 0.0, "model_version": "",
-               "max_concurrent": 0})
+               "max_concurrent": 0, "shift": 0})
     );
     assert_eq!(post(&base, "/faults", &json!({"error_rate": 2.0})).await.0, 422, "an out-of-range knob is refused");
     post(&base, "/faults", &json!({"latency_ms": 0, "poison_marker": "POISON"})).await;
@@ -175,6 +175,62 @@ async fn the_faults_endpoint_is_absent_unless_asked_for() {
     let mut poison = item(id);
     poison["description"] = json!("POISON here");
     assert_eq!(post(&base, "/predict", &json!([item(id), poison])).await.0, 401, "--status-for-marker");
+}
+
+/// `--shift K --model-version V` is another model: every category index
+/// moves by K (mod 15), the answers and /health name V, and /faults turns
+/// the shift back at runtime.
+#[tokio::test]
+async fn a_shifted_model_moves_every_category_by_its_shift() {
+    let port = free_port();
+    let _child = ChildGuard(
+        txnflow()
+            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--extended", "--faults"])
+            .args(["--model-version", "v2", "--shift", "3"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(response) = client.get(format!("{base}/health")).send().await {
+            health = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health, Some(json!({"status": "ok", "model_version": "v2"})));
+    let request = Value::Array(CPYTHON_VECTORS.iter().map(|(id, _)| item(id)).collect());
+    let answered = |body: String| -> Vec<(String, String, String)> {
+        let answer: Vec<Value> = serde_json::from_str(&body).unwrap();
+        answer
+            .iter()
+            .map(|a| {
+                let field = |name: &str| a[name].as_str().unwrap().to_string();
+                (field("transaction_id"), field("category"), field("model_version"))
+            })
+            .collect()
+    };
+    let (status, body) = post(&base, "/predict", &request).await;
+    assert_eq!(status, 200);
+    let shifted: Vec<(String, String, String)> = CPYTHON_VECTORS
+        .iter()
+        .map(|(id, category)| {
+            let index = CATEGORIES.iter().position(|c| c == category).unwrap();
+            (id.to_string(), CATEGORIES[(index + 3) % 15].to_string(), "v2".to_string())
+        })
+        .collect();
+    assert_eq!(answered(body), shifted);
+
+    assert_eq!(post(&base, "/faults", &json!({"shift": 0, "model_version": ""})).await.0, 200);
+    let (_, body) = post(&base, "/predict", &request).await;
+    let seed: Vec<(String, String, String)> = CPYTHON_VECTORS
+        .iter()
+        .map(|(id, category)| (id.to_string(), category.to_string(), REFERENCE_MODEL_VERSION.to_string()))
+        .collect();
+    assert_eq!(answered(body), seed, "shift 0 is the seed's model");
 }
 
 /// `refuse_rate` refuses the same ids on every request, and only them.
