@@ -7,6 +7,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use std::time::Duration;
 
 use crate::config::{DbConfig, WriteMethod};
+use crate::domain::prediction::PredictionKind;
 
 mod binary_copy;
 
@@ -36,6 +37,18 @@ mod schema {
             category -> Text,
             confidence_score -> Double,
             model_version -> Text,
+        }
+    }
+
+    // Append-only and keyless in the database; the macro wants a key
+    // column, and these declarations only name columns for `COPY`.
+    diesel::table! {
+        prediction_history (transaction_id) {
+            transaction_id -> Uuid,
+            category -> Text,
+            confidence_score -> Double,
+            model_version -> Text,
+            kind -> Text,
         }
     }
 }
@@ -238,7 +251,10 @@ where
 }
 
 /// Writes one flush in one database transaction: transactions inserted
-/// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`.
+/// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`,
+/// and each prediction stored or changed appended to `prediction_history`
+/// (kind `pipeline`). A prediction equal to the one stored (a redelivery)
+/// changes nothing and adds no history row.
 ///
 /// With [`WriteMethod::Copy`], both go in by binary `COPY` first, in one
 /// transaction. `COPY` has no `ON CONFLICT`: a flush holding a record
@@ -260,7 +276,8 @@ pub fn write_flush(
         && connection
             .transaction::<(), diesel::result::Error, _>(|tx| {
                 copy_transactions(tx, rows)?;
-                copy_predictions(tx, predictions)
+                copy_predictions(tx, predictions)?;
+                copy_history(tx, predictions, PredictionKind::Pipeline)
             })
             .is_ok()
     {
@@ -268,7 +285,7 @@ pub fn write_flush(
     }
     connection.transaction::<WriteMethod, WriteError, _>(|tx| {
         insert_transactions(tx, rows)?;
-        upsert_predictions(tx, predictions)?;
+        upsert_predictions(tx, predictions, PredictionKind::Pipeline)?;
         Ok(WriteMethod::Unnest)
     })
 }
@@ -350,6 +367,38 @@ fn copy_predictions(
     Ok(())
 }
 
+/// Binary `COPY` of the predictions into `prediction_history`. Its
+/// `predicted_at` defaults to `now()`, the transaction's start, as the
+/// `predictions` rows' does: the two rows of one prediction agree.
+fn copy_history(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+    kind: PredictionKind,
+) -> diesel::QueryResult<()> {
+    use diesel::pg::CopyFormat;
+    use schema::prediction_history::dsl as h;
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let mut copy = BinaryCopy::with_capacity(predictions.len(), 96);
+    for prediction in predictions {
+        copy.row(5)
+            .uuid(&prediction.transaction_id)
+            .text(prediction.category.as_str())
+            .float8(prediction.confidence_score)
+            .text(&prediction.model_version)
+            .text(kind.as_str());
+    }
+    let bytes = copy.finish();
+    diesel::copy_from(h::prediction_history)
+        .from_raw_data((h::transaction_id, h::category, h::confidence_score, h::model_version, h::kind), |out| {
+            write_copy(out, &bytes)
+        })
+        .with_format(CopyFormat::Binary)
+        .execute(connection)?;
+    Ok(())
+}
+
 fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> Result<(), WriteError> {
     use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     if rows.is_empty() {
@@ -405,11 +454,15 @@ fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>
     Ok(())
 }
 
-/// Upserts predictions. Repeats of one id within the call keep the last:
-/// PostgreSQL refuses to update one row twice in one statement.
+/// Upserts predictions, and appends each one stored or changed to
+/// `prediction_history` as `kind`, in the same statement. A prediction
+/// equal to the stored one is left alone. Repeats of one id within the
+/// call keep the last: PostgreSQL refuses to update one row twice in one
+/// statement.
 pub fn upsert_predictions(
     connection: &mut PgConnection,
     predictions: &[crate::domain::prediction::Prediction],
+    kind: PredictionKind,
 ) -> Result<(), WriteError> {
     use diesel::sql_types::{Array, Double, Text, Uuid as SqlUuid};
     if predictions.is_empty() {
@@ -425,16 +478,24 @@ pub fn upsert_predictions(
     let scores: Vec<f64> = ids.iter().map(|id| latest[id].confidence_score).collect();
     let versions: Vec<&str> = ids.iter().map(|id| latest[id].model_version.as_str()).collect();
     diesel::sql_query(
-        "INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::text[])
-         ON CONFLICT (transaction_id) DO UPDATE
-         SET category = EXCLUDED.category, confidence_score = EXCLUDED.confidence_score,
-             model_version = EXCLUDED.model_version, predicted_at = now()",
+        "WITH stored AS (
+             INSERT INTO predictions AS p (transaction_id, category, confidence_score, model_version)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::text[])
+             ON CONFLICT (transaction_id) DO UPDATE
+             SET category = EXCLUDED.category, confidence_score = EXCLUDED.confidence_score,
+                 model_version = EXCLUDED.model_version, predicted_at = now()
+             WHERE (p.category, p.confidence_score, p.model_version)
+                   IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.confidence_score, EXCLUDED.model_version)
+             RETURNING transaction_id, category, confidence_score, model_version, predicted_at
+         )
+         INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind)
+         SELECT transaction_id, category, confidence_score, model_version, predicted_at, $5 FROM stored",
     )
     .bind::<Array<SqlUuid>, _>(ids)
     .bind::<Array<Text>, _>(categories)
     .bind::<Array<Double>, _>(scores)
     .bind::<Array<Text>, _>(versions)
+    .bind::<Text, _>(kind.as_str())
     .execute(connection)?;
     Ok(())
 }
@@ -536,7 +597,7 @@ pub fn write_backfilled(
 ) -> Result<(), WriteError> {
     let ids: Vec<uuid::Uuid> = predictions.iter().map(|p| p.transaction_id).collect();
     connection.transaction::<(), WriteError, _>(|tx| {
-        upsert_predictions(tx, predictions)?;
+        upsert_predictions(tx, predictions, PredictionKind::Backfill)?;
         diesel::sql_query("DELETE FROM prediction_backlog WHERE transaction_id = ANY($1)")
             .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(ids)
             .execute(tx)?;

@@ -47,6 +47,24 @@ pub struct Prediction {
     pub model_version: String,
 }
 
+/// How a prediction was made, as `prediction_history.kind` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionKind {
+    /// In a flush of the streaming or batch path.
+    Pipeline,
+    /// By the Backfill actor, for a transaction stored without one.
+    Backfill,
+}
+
+impl PredictionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PredictionKind::Pipeline => "pipeline",
+            PredictionKind::Backfill => "backfill",
+        }
+    }
+}
+
 /// The outcome of checking one answer against one request.
 #[derive(Debug, Default, PartialEq)]
 pub struct CheckedAnswer {

@@ -2,6 +2,7 @@
 //! rows, byte for byte, and a flush COPY cannot take (a record stored
 //! before) is rolled back and written whole by UNNEST.
 
+use serde_json::json;
 use txnflow::config::WriteMethod;
 use txnflow::db::{TransactionRow, write_flush};
 use txnflow::domain::amount::Amount;
@@ -64,6 +65,15 @@ const STORED: &str =
                              processing_type, run_id, batch_id, source, p.category, p.confidence_score, p.model_version
                       FROM transactions t LEFT JOIN predictions p ON p.transaction_id = t.id ORDER BY t.id";
 
+/// History by version and kind, and whether each history row of the
+/// current version matches its current prediction exactly.
+const HISTORY: &str = "SELECT h.model_version, h.kind, count(*)::int AS n,
+                              bool_and(p.category = h.category AND p.confidence_score = h.confidence_score
+                                       AND (p.model_version <> h.model_version OR p.predicted_at = h.predicted_at))
+                                  AS matches_current
+                       FROM prediction_history h JOIN predictions p USING (transaction_id)
+                       GROUP BY 1, 2 ORDER BY 1, 2";
+
 fn migrated() -> TestDatabase {
     let database = TestDatabase::create();
     assert!(run(txnflow().arg("migrate").env("TXNFLOW__DB__URL", &database.url)).status.success());
@@ -80,6 +90,11 @@ fn copy_and_unnest_store_the_same_rows() {
         let stored_by = write_flush(&mut connection, &rows(&transactions), &predictions(&transactions, "v1"), method);
         assert_eq!(stored_by.unwrap(), method, "a new flush is stored by the method asked for");
         stored.push(query_json(&mut connection, STORED));
+        assert_eq!(
+            query_json(&mut connection, HISTORY),
+            [json!({"model_version": "v1", "kind": "pipeline", "n": 10, "matches_current": true})],
+            "{method:?}: one history row per prediction, in the same transaction"
+        );
     }
     assert_eq!(stored[0].len(), transactions.len());
     assert_eq!(stored[0], stored[1], "COPY and UNNEST store the same values");
@@ -121,6 +136,15 @@ fn a_flush_holding_stored_records_is_written_whole_by_the_fallback() {
     assert!(stored.iter().all(|row| row["model_version"] == "v2"), "{stored:?}");
     let sources: Vec<&str> = stored.iter().map(|row| row["source"].as_str().unwrap()).collect();
     assert_eq!(sources, (0..10).map(|i| format!("topic/0/{i}")).collect::<Vec<_>>());
+    let history = [
+        json!({"model_version": "v1", "kind": "pipeline", "n": 4, "matches_current": true}),
+        json!({"model_version": "v2", "kind": "pipeline", "n": 10, "matches_current": true}),
+    ];
+    assert_eq!(query_json(&mut connection, HISTORY), history, "v1's 4 kept, v2's 10 added");
+    // The same flush again (a redelivery): nothing changes, no history row.
+    let stored_by = write_flush(&mut connection, &rows(&first), &predictions(&first, "v2"), WriteMethod::Copy);
+    assert_eq!(stored_by.unwrap(), WriteMethod::Unnest);
+    assert_eq!(query_json(&mut connection, HISTORY), history, "a redelivered prediction adds no history row");
     // A refused value fails the fallback too, with the database's reason.
     let mut bad = edge_transactions(3);
     bad[0].operation_type = "x".repeat(51);

@@ -24,6 +24,13 @@ fn assert_all_predicted(scenario: &Scenario, expected: &BTreeSet<uuid::Uuid>) {
     for (id, category) in predictions {
         assert_eq!(category, reference_category(id));
     }
+    // Each transaction was predicted once, however many tries it took, and
+    // its history row is its current prediction.
+    let matching = "SELECT count(*) FROM predictions p JOIN prediction_history h USING (transaction_id)
+                    WHERE (h.category, h.confidence_score, h.model_version, h.predicted_at)
+                        = (p.category, p.confidence_score, p.model_version, p.predicted_at)";
+    assert_eq!(scenario.count(matching), expected.len() as i64, "a history row per current prediction");
+    assert_eq!(scenario.count("SELECT count(*) FROM prediction_history"), expected.len() as i64, "and no other");
 }
 
 fn dlq_types(records: &[crate::helpers::ReadRecord]) -> BTreeSet<String> {
@@ -214,4 +221,7 @@ async fn the_backfill_scans_the_table_only_when_there_is_reason_to() {
     assert_eq!(scans.get("start"), Some(&1.0), "{scans:?}");
     assert_eq!(scans.get("periodic"), None, "coverage came back without the periodic scan: {scans:?}");
     assert!(scans.contains_key("stored_unpredicted"), "{scans:?}");
+    let kinds = "SELECT count(*) FROM prediction_history WHERE kind = ";
+    assert_eq!(scenario.count(&format!("{kinds}'pipeline'")), 300, "the healthy 300, predicted in their flush");
+    assert_eq!(scenario.count(&format!("{kinds}'backfill'")), 300, "the 300 stored unpredicted");
 }

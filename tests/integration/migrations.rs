@@ -17,7 +17,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         stdout(&first).trim(),
-        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004",
+        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005",
         "every migration, in order"
     );
     let second = migrate(&database);
@@ -29,7 +29,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
         &mut connection,
         "SELECT table_name, column_name, data_type, is_nullable, numeric_precision, numeric_scale
          FROM information_schema.columns
-         WHERE table_name IN ('transactions', 'predictions', 'batch_runs', 'prediction_backlog')
+         WHERE table_name IN ('transactions', 'predictions', 'batch_runs', 'prediction_backlog', 'prediction_history')
          ORDER BY table_name, ordinal_position",
     );
     let described: Vec<String> = columns
@@ -58,6 +58,13 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
             "prediction_backlog.next_attempt_at timestamp with time zone null=NO",
             "prediction_backlog.last_error text null=YES",
             "prediction_backlog.refused_at timestamp with time zone null=YES",
+            "prediction_history.transaction_id uuid null=NO",
+            "prediction_history.category character varying null=NO",
+            "prediction_history.confidence_score double precision null=NO",
+            "prediction_history.model_version character varying null=NO",
+            "prediction_history.predicted_at timestamp with time zone null=NO",
+            "prediction_history.kind character varying null=NO",
+            "prediction_history.run_id text null=YES",
             "predictions.id bigint null=NO",
             "predictions.transaction_id uuid null=NO",
             "predictions.category character varying null=NO",
@@ -88,6 +95,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert_eq!(
         views,
         [
+            json!({"table_name": "model_versions"}),
             json!({"table_name": "refused_predictions"}),
             json!({"table_name": "transaction_stats"}),
             json!({"table_name": "transactions_with_predictions"}),
@@ -170,8 +178,8 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert!(migrate(&database).status.success());
     let mut connection = database.connect();
     let reverted: Vec<String> =
-        (0..3).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
-    assert_eq!(reverted, ["20261201000004", "20261126000003", "20261126000002"]);
+        (0..4).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
+    assert_eq!(reverted, ["20261203000005", "20261201000004", "20261126000003", "20261126000002"]);
 
     let tables = query_json(
         &mut connection,
@@ -208,7 +216,75 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert_eq!(stats, [json!({"total_transactions": 1, "unprocessed_transactions": 1})]);
 
     let again = migrate(&database);
-    assert_eq!(stdout(&again).trim(), "applied migrations: 20261126000002, 20261126000003, 20261201000004");
+    assert_eq!(
+        stdout(&again).trim(),
+        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005"
+    );
     let stored = query_json(&mut connection, "SELECT processing_type, run_id FROM transactions");
     assert_eq!(stored, [json!({"processing_type": "streaming", "run_id": null})]);
+}
+
+/// The seed's views and queries, as the seed system and its users ask them.
+const SEED_QUERIES: [&str; 4] = [
+    "SELECT total_transactions, predicted_transactions, unprocessed_transactions, prediction_coverage_pct::text,
+            total_debits::text, total_credits::text FROM transaction_stats",
+    "SELECT id, category, model_version, confidence_score FROM transactions_with_predictions ORDER BY id",
+    "SELECT id FROM unprocessed_transactions ORDER BY id",
+    "SELECT category, count(*) AS n FROM predictions GROUP BY category ORDER BY category",
+];
+
+fn seed_answers(connection: &mut diesel::PgConnection) -> Vec<Vec<serde_json::Value>> {
+    SEED_QUERIES.iter().map(|query| query_json(connection, query)).collect()
+}
+
+/// The history migration keeps the seed's answers: on a database with
+/// predictions, the seed's views and queries answer the same before it,
+/// after it, and after it is reverted. Each current prediction found becomes a `migrated` history
+/// row, so that it can be promoted back.
+#[test]
+fn the_history_migration_keeps_the_seed_answers() {
+    use diesel_migrations::MigrationHarness;
+    let database = TestDatabase::create();
+    assert!(migrate(&database).status.success());
+    let mut connection = database.connect();
+    assert_eq!(connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string(), "20261203000005");
+    connection
+        .batch_execute(
+            "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side)
+             SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid, 'row ' || i, i * 1.5 - 4,
+                    '2024-01-01'::timestamptz + i * interval '1 hour', 'm' || (i % 3), 'card',
+                    CASE WHEN i % 2 = 0 THEN 'debit' ELSE 'credit' END
+             FROM generate_series(1, 12) AS i;
+             INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
+             SELECT id, CASE WHEN amount < 5 THEN 'Food' ELSE 'Rent' END, 0.9, 'v1.0.0'
+             FROM transactions WHERE description <> 'row 12';",
+        )
+        .unwrap();
+    let before = seed_answers(&mut connection);
+    assert_eq!(before[0][0]["predicted_transactions"], 11);
+
+    let applied = migrate(&database);
+    assert_eq!(stdout(&applied).trim(), "applied migrations: 20261203000005");
+    assert_eq!(seed_answers(&mut connection), before, "the same answers after the migration");
+    let history = query_json(
+        &mut connection,
+        "SELECT count(*)::int AS n, count(DISTINCT transaction_id)::int AS ids, min(kind) AS kind,
+                bool_and(h.category = p.category AND h.model_version = p.model_version
+                         AND h.predicted_at = p.predicted_at) AS same
+         FROM prediction_history h JOIN predictions p USING (transaction_id)",
+    );
+    assert_eq!(history, [json!({"n": 11, "ids": 11, "kind": "migrated", "same": true})]);
+    let versions = query_json(
+        &mut connection,
+        "SELECT model_version, predictions, transactions, coverage_pct::text AS coverage, current_predictions
+         FROM model_versions",
+    );
+    assert_eq!(
+        versions,
+        [json!({"model_version": "v1.0.0", "predictions": 11, "transactions": 11, "coverage": "91.67",
+                "current_predictions": 11})]
+    );
+
+    assert_eq!(connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string(), "20261203000005");
+    assert_eq!(seed_answers(&mut connection), before, "the same answers after it is reverted");
 }

@@ -1,0 +1,3 @@
+DROP VIEW IF EXISTS model_versions;
+DROP TABLE IF EXISTS prediction_history_archive;
+DROP TABLE IF EXISTS prediction_history;
