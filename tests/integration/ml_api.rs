@@ -115,28 +115,35 @@ async fn partial_drops_leave_out_some_items_only() {
     }
 }
 
-/// The binary's flags set the knobs at start; /health answers.
-#[tokio::test]
-async fn the_command_takes_fault_flags_at_start() {
+/// `txnflow ml-api` on a free port with `flags`, once it answers
+/// `/health`: the process (killed on drop), its base url, and that answer.
+async fn spawn_ml_api_command(flags: &[&str]) -> (ChildGuard, String, Option<Value>) {
     let port = free_port();
-    let _child = ChildGuard(
+    let child = ChildGuard(
         txnflow()
-            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--error-rate", "1", "--latency-ms", "5"])
-            .arg("--faults")
+            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}")])
+            .args(flags)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
     );
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let mut health = None;
     for _ in 0..100 {
         if let Ok(response) = client.get(format!("{base}/health")).send().await {
-            health = Some(response.json::<Value>().await.unwrap());
-            break;
+            let health = response.json::<Value>().await.ok();
+            return (child, base, health);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (child, base, None)
+}
+
+/// The binary's flags set the knobs at start; /health answers.
+#[tokio::test]
+async fn the_command_takes_fault_flags_at_start() {
+    let (_child, base, health) = spawn_ml_api_command(&["--error-rate", "1", "--latency-ms", "5", "--faults"]).await;
+    let client = reqwest::Client::new();
     assert_eq!(health, Some(json!({"status": "ok", "model_version": REFERENCE_MODEL_VERSION})));
     let faults: Value = client.get(format!("{base}/faults")).send().await.unwrap().json().await.unwrap();
     assert_eq!(faults["error_rate"], 1.0);
@@ -148,23 +155,10 @@ async fn the_command_takes_fault_flags_at_start() {
 /// the start flags still apply, the new ones included.
 #[tokio::test]
 async fn the_faults_endpoint_is_absent_unless_asked_for() {
-    let port = free_port();
-    let _child = ChildGuard(
-        txnflow()
-            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--extended", "--model-version", "m-2026"])
-            .args(["--poison-marker", "POISON", "--status-for-marker", "401"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
+    let flags = ["--extended", "--model-version", "m-2026", "--poison-marker", "POISON", "--status-for-marker", "401"];
+    let (_child, base, health) = spawn_ml_api_command(&flags).await;
+    assert!(health.is_some(), "the server answers /health");
     let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if client.get(format!("{base}/health")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert_eq!(client.get(format!("{base}/faults")).send().await.unwrap().status().as_u16(), 404);
     assert_eq!(post(&base, "/faults", &json!({"error_rate": 1.0})).await.0, 404);
     let id = "b9fa6684-502b-4695-8f92-247432ba610d";
@@ -182,25 +176,8 @@ async fn the_faults_endpoint_is_absent_unless_asked_for() {
 /// the shift back at runtime.
 #[tokio::test]
 async fn a_shifted_model_moves_every_category_by_its_shift() {
-    let port = free_port();
-    let _child = ChildGuard(
-        txnflow()
-            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}"), "--extended", "--faults"])
-            .args(["--model-version", "v2", "--shift", "3"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let mut health = None;
-    for _ in 0..100 {
-        if let Ok(response) = client.get(format!("{base}/health")).send().await {
-            health = Some(response.json::<Value>().await.unwrap());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let flags = ["--extended", "--faults", "--model-version", "v2", "--shift", "3"];
+    let (_child, base, health) = spawn_ml_api_command(&flags).await;
     assert_eq!(health, Some(json!({"status": "ok", "model_version": "v2"})));
     let request = Value::Array(CPYTHON_VECTORS.iter().map(|(id, _)| item(id)).collect());
     let answered = |body: String| -> Vec<(String, String, String)> {
