@@ -81,6 +81,12 @@ pub fn refuses(id: Uuid, refuse_rate: f64) -> bool {
 }
 
 impl Faults {
+    /// The model version this server answers as: `model_version`, or the
+    /// reference model's when it is empty.
+    fn answered_model_version(&self) -> &str {
+        if self.model_version.is_empty() { REFERENCE_MODEL_VERSION } else { self.model_version.as_str() }
+    }
+
     fn check(&self) -> Result<(), String> {
         for (name, rate) in [
             ("error_rate", self.error_rate),
@@ -250,8 +256,7 @@ async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web
         // A cut-off answer, as from a proxy that dropped the connection.
         return HttpResponse::Ok().content_type("application/json").body("[{\"transaction_id\": \"");
     }
-    let model_version =
-        if faults.model_version.is_empty() { REFERENCE_MODEL_VERSION } else { faults.model_version.as_str() };
+    let model_version = faults.answered_model_version();
     let answer: Vec<PredictionItem<'_>> = ids
         .into_iter()
         .flatten()
@@ -272,9 +277,7 @@ fn unprocessable(detail: Vec<ErrorDetail>) -> HttpResponse {
 
 async fn health(faults: web::Data<SharedFaults>) -> HttpResponse {
     let faults = faults.read().expect("faults lock");
-    let model_version =
-        if faults.model_version.is_empty() { REFERENCE_MODEL_VERSION } else { faults.model_version.as_str() };
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "model_version": model_version}))
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "model_version": faults.answered_model_version()}))
 }
 
 async fn get_faults(faults: web::Data<SharedFaults>) -> HttpResponse {

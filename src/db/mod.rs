@@ -349,15 +349,7 @@ fn copy_predictions(
     if predictions.is_empty() {
         return Ok(());
     }
-    let mut copy = BinaryCopy::with_capacity(predictions.len(), 80);
-    for prediction in predictions {
-        copy.row(4)
-            .uuid(&prediction.transaction_id)
-            .text(prediction.category.as_str())
-            .float8(prediction.confidence_score)
-            .text(&prediction.model_version);
-    }
-    let bytes = copy.finish();
+    let bytes = prediction_copy(predictions, None);
     diesel::copy_from(p::predictions)
         .from_raw_data((p::transaction_id, p::category, p::confidence_score, p::model_version), |out| {
             write_copy(out, &bytes)
@@ -380,16 +372,7 @@ fn copy_history(
     if predictions.is_empty() {
         return Ok(());
     }
-    let mut copy = BinaryCopy::with_capacity(predictions.len(), 96);
-    for prediction in predictions {
-        copy.row(5)
-            .uuid(&prediction.transaction_id)
-            .text(prediction.category.as_str())
-            .float8(prediction.confidence_score)
-            .text(&prediction.model_version)
-            .text(kind.as_str());
-    }
-    let bytes = copy.finish();
+    let bytes = prediction_copy(predictions, Some(kind));
     diesel::copy_from(h::prediction_history)
         .from_raw_data((h::transaction_id, h::category, h::confidence_score, h::model_version, h::kind), |out| {
             write_copy(out, &bytes)
@@ -397,6 +380,25 @@ fn copy_history(
         .with_format(CopyFormat::Binary)
         .execute(connection)?;
     Ok(())
+}
+
+/// The binary `COPY` stream of predictions: `transaction_id`, `category`,
+/// `confidence_score`, `model_version`, and `kind` when one is given.
+fn prediction_copy(predictions: &[crate::domain::prediction::Prediction], kind: Option<PredictionKind>) -> Vec<u8> {
+    let fields = if kind.is_some() { 5 } else { 4 };
+    let mut copy = BinaryCopy::with_capacity(predictions.len(), 96);
+    for prediction in predictions {
+        let row = copy
+            .row(fields)
+            .uuid(&prediction.transaction_id)
+            .text(prediction.category.as_str())
+            .float8(prediction.confidence_score)
+            .text(&prediction.model_version);
+        if let Some(kind) = kind {
+            row.text(kind.as_str());
+        }
+    }
+    copy.finish()
 }
 
 fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> Result<(), WriteError> {
