@@ -33,5 +33,5 @@ pub mod prediction_fan_out;
 pub mod supervisor;
 
 pub use mailbox::Mailbox;
-pub use pipeline::Pipeline;
+pub use pipeline::{Pipeline, instance_name};
 pub use supervisor::ACTOR_NAMES;

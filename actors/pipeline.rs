@@ -63,7 +63,7 @@ pub(super) struct Mailboxes {
 /// `host/pid`: unique among live processes. A container restarted in place
 /// keeps its name (same host, pid 1), which is harmless: the old process is
 /// gone, and its runs are the new one's to resume.
-fn instance_name() -> String {
+pub fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".into());

@@ -38,6 +38,7 @@ pub struct Config {
     pub predict: PredictConfig,
     pub breaker: BreakerConfig,
     pub backfill: BackfillConfig,
+    pub repredict: RepredictConfig,
     pub db: DbConfig,
     pub s3: S3Config,
     pub batch: BatchConfig,
@@ -146,6 +147,9 @@ pub struct PredictConfig {
     pub default_model_version: String,
     pub categories: Vec<String>,
     pub backfill_interval_ms: u64,
+    pub shadow_url: String,
+    pub shadow_sample: f64,
+    pub shadow_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +159,24 @@ pub struct BreakerConfig {
     pub window: usize,
     pub half_open_probes: usize,
     pub open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepredictConfig {
+    pub url: String,
+    pub max_share: f64,
+    pub chunk_size: usize,
+    pub max_unavailable_ms: u64,
+    pub max_concurrent_runs: usize,
+}
+
+impl Config {
+    /// The requests in flight a re-prediction may hold: `max_share` of
+    /// `predict.concurrency`, at least one.
+    pub fn repredict_requests(&self) -> usize {
+        ((self.predict.concurrency as f64 * self.repredict.max_share).floor() as usize).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -439,6 +461,21 @@ impl Config {
         if self.predict.categories.is_empty() {
             return Err(ConfigError::new("predict.categories", "must name at least one category"));
         }
+        if !self.predict.shadow_url.is_empty() {
+            http_url("predict.shadow_url", &self.predict.shadow_url)?;
+        }
+        share("predict.shadow_sample", self.predict.shadow_sample)?;
+        positive("predict.shadow_concurrency", self.predict.shadow_concurrency as u64)?;
+        if !self.repredict.url.is_empty() {
+            http_url("repredict.url", &self.repredict.url)?;
+        }
+        share("repredict.max_share", self.repredict.max_share)?;
+        positive("repredict.chunk_size", self.repredict.chunk_size as u64)?;
+        if self.repredict.chunk_size > 10_000 {
+            return Err(ConfigError::new("repredict.chunk_size", "must be at most 10000"));
+        }
+        positive("repredict.max_unavailable_ms", self.repredict.max_unavailable_ms)?;
+        positive("repredict.max_concurrent_runs", self.repredict.max_concurrent_runs as u64)?;
         share("breaker.failure_rate", self.breaker.failure_rate)?;
         positive("breaker.window", self.breaker.window as u64)?;
         positive("breaker.half_open_probes", self.breaker.half_open_probes as u64)?;

@@ -42,6 +42,56 @@ enum Command {
     /// Dead-letter queue tools.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Predict stored transactions again with a model (repredict.url, else predict.url), into
+    /// prediction_history only; resumable: the same --run-id goes on where it stopped.
+    Repredict(RepredictArgs),
+    /// Model versions in prediction_history: list, compare, promote (roll back by promoting the earlier one).
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Move old rows out of the working tables.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
+}
+
+#[derive(Args)]
+struct RepredictArgs {
+    /// Only transactions whose timestamp is at or after this (2026-01-01 or an RFC 3339 date-time).
+    #[arg(long, value_name = "T")]
+    since: Option<String>,
+    /// Only transactions whose timestamp is before this.
+    #[arg(long, value_name = "T")]
+    until: Option<String>,
+    /// Only transactions whose current prediction is this model version's.
+    #[arg(long, value_name = "V")]
+    from_model: Option<String>,
+    /// The run id (generated when absent); a stopped run with this id resumes.
+    #[arg(long)]
+    run_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// The model versions, with their predictions, coverage and current share.
+    List,
+    /// Agreement and the confusion table of A's latest predictions against B's.
+    Compare {
+        a: String,
+        b: String,
+        /// table (default) or csv (a_category,b_category,transactions).
+        #[arg(long, default_value = "table", value_parser = ["table", "csv"])]
+        format: String,
+    },
+    /// Make V's latest prediction current for every transaction V has predicted (no ML API call).
+    Promote { version: String },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Move prediction_history rows older than DAYS, except current predictions, to prediction_history_archive.
+    Predictions {
+        #[arg(long, value_name = "DAYS")]
+        older_than: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,7 +215,10 @@ fn main() -> ExitCode {
     };
     // librdkafka checks the Kafka settings (unknown or invalid properties)
     // before any command that talks to Kafka starts.
-    let uses_kafka = !matches!(cli.command, Command::Migrate | Command::MlApi(_));
+    let uses_kafka = !matches!(
+        cli.command,
+        Command::Migrate | Command::MlApi(_) | Command::Repredict(_) | Command::Models(_) | Command::Archive(_)
+    );
     if uses_kafka && let Err(error) = kafka::check_settings(&config.kafka) {
         eprintln!("txnflow: {error}");
         return ExitCode::from(EXIT_BAD_CONFIG);
@@ -281,6 +334,23 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 error_type
             };
             dlq_replay::list(&config.db, &error_types, !all, limit)
+        }
+        Command::Repredict(args) => {
+            let selection = txnflow::domain::rollout::Selection::parse(
+                args.since.as_deref(),
+                args.until.as_deref(),
+                args.from_model.as_deref(),
+            )
+            .map_err(|reason| anyhow::anyhow!("repredict: {reason}"))?;
+            txnflow::repredict::run_command(config, args.run_id, selection)
+        }
+        Command::Models(ModelsCommand::List) => txnflow::models_command::list(&config),
+        Command::Models(ModelsCommand::Compare { a, b, format }) => {
+            txnflow::models_command::compare(&config, &a, &b, format == "csv")
+        }
+        Command::Models(ModelsCommand::Promote { version }) => txnflow::models_command::promote(&config, &version),
+        Command::Archive(ArchiveCommand::Predictions { older_than }) => {
+            txnflow::models_command::archive(&config, older_than)
         }
         Command::MlApi(args) => {
             let mut faults = config.ml_api.faults.clone();

@@ -37,6 +37,14 @@ pub struct Metrics {
     pub stage_seconds: HistogramVec,
     /// Dead letters the DLQ topic refused for good, stored in `dead_letters`.
     pub dead_letters_stored: IntCounterVec,
+    /// Predictions stored (current or history only), by model version and
+    /// how they were made (`pipeline`, `backfill`, `repredict`, `shadow`).
+    pub predictions: IntCounterVec,
+    /// Transactions the re-prediction runs of this process have yet to do.
+    pub repredict_backlog: IntGauge,
+    /// Shadow scoring, per sampled flush: `scored`, `skipped` (no request
+    /// slot free), `failed` (the shadow API did not answer usably).
+    pub shadow_flushes: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
@@ -133,6 +141,15 @@ impl Metrics {
                 r,
                 IntCounterVec::new(Opts::new("txnflow_backfill_scans_total", "Backfill scans of the transactions table for rows without a prediction, by reason (start, stored_unpredicted, unfinished, backlog_due, periodic)."), &["reason"]).unwrap(),
             ),
+            predictions: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_predictions_total", "Predictions stored, by model_version and kind (pipeline, backfill, repredict, shadow); repredict and shadow ones go to prediction_history only."), &["model_version", "kind"]).unwrap(),
+            ),
+            repredict_backlog: register(r, IntGauge::new("txnflow_repredict_backlog", "Selected transactions the re-prediction runs of this process have not re-predicted or failed yet.").unwrap()),
+            shadow_flushes: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_shadow_flushes_total", "Flushes sampled for the shadow model, by outcome: scored, skipped (predict.shadow_concurrency requests already in flight), failed."), &["outcome"]).unwrap(),
+            ),
             stage_seconds: register(
                 r,
                 HistogramVec::new(
@@ -163,7 +180,10 @@ impl Metrics {
         for status in ["401", "403", "404"] {
             self.ml_api_config_errors.with_label_values(&[status]);
         }
-        for caller in ["pipeline", "backfill"] {
+        for outcome in ["scored", "skipped", "failed"] {
+            self.shadow_flushes.with_label_values(&[outcome]);
+        }
+        for caller in ["pipeline", "backfill", "repredict", "shadow"] {
             self.ml_api_batch_size.with_label_values(&[caller]);
         }
         for state in ["closed", "half_open", "open"] {
@@ -184,6 +204,17 @@ impl Metrics {
             self.stage_seconds.with_label_values(&[stage.as_str(), phase.as_str()]);
         }
         self
+    }
+
+    /// Counts stored predictions by model version, as `kind`.
+    pub fn count_predictions<'a>(&self, versions: impl IntoIterator<Item = &'a str>, kind: &str) {
+        let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for version in versions {
+            *counts.entry(version).or_default() += 1;
+        }
+        for (version, count) in counts {
+            self.predictions.with_label_values(&[version, kind]).inc_by(count);
+        }
     }
 
     /// The Prometheus text exposition of every family.

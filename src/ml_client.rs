@@ -476,7 +476,7 @@ impl MlClient {
 }
 
 impl Predicted {
-    fn merge(&mut self, other: Predicted) {
+    pub fn merge(&mut self, other: Predicted) {
         self.predictions.extend(other.predictions);
         self.failures.extend(other.failures);
         self.unavailable.extend(other.unavailable);

@@ -79,7 +79,7 @@ pub(crate) async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {

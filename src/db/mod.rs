@@ -10,6 +10,7 @@ use crate::config::{DbConfig, WriteMethod};
 use crate::domain::prediction::PredictionKind;
 
 mod binary_copy;
+pub mod history;
 
 use binary_copy::BinaryCopy;
 
@@ -502,8 +503,9 @@ pub fn upsert_predictions(
     Ok(())
 }
 
+/// A stored transaction, as the ML API is asked about it.
 #[derive(diesel::QueryableByName)]
-struct ClaimedRow {
+pub(crate) struct ClaimedRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: uuid::Uuid,
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -562,18 +564,21 @@ pub fn claim_unpredicted(
     .bind::<Double, _>(initial_ms as f64)
     .bind::<Double, _>(max_ms as f64)
     .load(connection)?;
-    Ok(rows
-        .into_iter()
-        .map(|row| crate::domain::prediction::PredictRequestItem {
-            id: row.id,
-            description: row.description,
-            amount: row.amount.parse().unwrap_or_default(),
-            timestamp: crate::domain::transaction::format_timestamp(&row.timestamp),
-            merchant: row.merchant,
-            operation_type: row.operation_type,
-            side: row.side,
-        })
-        .collect())
+    Ok(rows.into_iter().map(ClaimedRow::into_item).collect())
+}
+
+impl ClaimedRow {
+    pub(crate) fn into_item(self) -> crate::domain::prediction::PredictRequestItem {
+        crate::domain::prediction::PredictRequestItem {
+            id: self.id,
+            description: self.description,
+            amount: self.amount.parse().unwrap_or_default(),
+            timestamp: crate::domain::transaction::format_timestamp(&self.timestamp),
+            merchant: self.merchant,
+            operation_type: self.operation_type,
+            side: self.side,
+        }
+    }
 }
 
 /// Whether the backlog holds a transaction whose next try is due: a cheap

@@ -19,6 +19,7 @@ pub mod offsets;
 pub mod origin;
 pub mod prediction;
 pub mod retry;
+pub mod rollout;
 pub mod run_progress;
 pub mod timestamp;
 pub mod transaction;

@@ -54,6 +54,10 @@ pub enum PredictionKind {
     Pipeline,
     /// By the Backfill actor, for a transaction stored without one.
     Backfill,
+    /// By a re-prediction run (`txnflow repredict`), into history only.
+    Repredict,
+    /// By the shadow model beside the live one, into history only.
+    Shadow,
 }
 
 impl PredictionKind {
@@ -61,6 +65,8 @@ impl PredictionKind {
         match self {
             PredictionKind::Pipeline => "pipeline",
             PredictionKind::Backfill => "backfill",
+            PredictionKind::Repredict => "repredict",
+            PredictionKind::Shadow => "shadow",
         }
     }
 }

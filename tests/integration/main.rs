@@ -16,6 +16,7 @@ mod ml_api;
 mod mock_cluster;
 mod outage;
 mod produce;
+mod rollout;
 mod scenario;
 mod security;
 mod stack;

@@ -17,7 +17,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         stdout(&first).trim(),
-        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005",
+        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006",
         "every migration, in order"
     );
     let second = migrate(&database);
@@ -178,8 +178,8 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert!(migrate(&database).status.success());
     let mut connection = database.connect();
     let reverted: Vec<String> =
-        (0..4).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
-    assert_eq!(reverted, ["20261203000005", "20261201000004", "20261126000003", "20261126000002"]);
+        (0..5).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
+    assert_eq!(reverted, ["20261203000006", "20261203000005", "20261201000004", "20261126000003", "20261126000002"]);
 
     let tables = query_json(
         &mut connection,
@@ -218,7 +218,7 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     let again = migrate(&database);
     assert_eq!(
         stdout(&again).trim(),
-        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005"
+        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006"
     );
     let stored = query_json(&mut connection, "SELECT processing_type, run_id FROM transactions");
     assert_eq!(stored, [json!({"processing_type": "streaming", "run_id": null})]);
@@ -247,7 +247,10 @@ fn the_history_migration_keeps_the_seed_answers() {
     let database = TestDatabase::create();
     assert!(migrate(&database).status.success());
     let mut connection = database.connect();
-    assert_eq!(connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string(), "20261203000005");
+    let revert = |connection: &mut diesel::PgConnection| {
+        connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()
+    };
+    assert_eq!([revert(&mut connection), revert(&mut connection)], ["20261203000006", "20261203000005"]);
     connection
         .batch_execute(
             "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side)
@@ -264,8 +267,8 @@ fn the_history_migration_keeps_the_seed_answers() {
     assert_eq!(before[0][0]["predicted_transactions"], 11);
 
     let applied = migrate(&database);
-    assert_eq!(stdout(&applied).trim(), "applied migrations: 20261203000005");
-    assert_eq!(seed_answers(&mut connection), before, "the same answers after the migration");
+    assert_eq!(stdout(&applied).trim(), "applied migrations: 20261203000005, 20261203000006");
+    assert_eq!(seed_answers(&mut connection), before, "the same answers after the migrations");
     let history = query_json(
         &mut connection,
         "SELECT count(*)::int AS n, count(DISTINCT transaction_id)::int AS ids, min(kind) AS kind,
@@ -285,6 +288,22 @@ fn the_history_migration_keeps_the_seed_answers() {
                 "current_predictions": 11})]
     );
 
-    assert_eq!(connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string(), "20261203000005");
+    // The rollout migration on a database with history (a second
+    // version's re-predictions beside the migrated rows): the same answers
+    // before it, after it, and after its revert.
+    assert_eq!(revert(&mut connection), "20261203000006");
+    connection
+        .batch_execute(
+            "INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, kind, run_id)
+             SELECT transaction_id, 'Travel', 0.5, 'v2', 'repredict', 'r1' FROM predictions",
+        )
+        .unwrap();
+    assert_eq!(seed_answers(&mut connection), before, "history rows change none of the seed's answers");
+    assert_eq!(stdout(&migrate(&database)).trim(), "applied migrations: 20261203000006");
+    assert_eq!(seed_answers(&mut connection), before, "the same answers after the rollout migration");
+    assert_eq!(revert(&mut connection), "20261203000006");
+    assert_eq!(seed_answers(&mut connection), before, "and after its revert");
+
+    assert_eq!(revert(&mut connection), "20261203000005");
     assert_eq!(seed_answers(&mut connection), before, "the same answers after it is reverted");
 }

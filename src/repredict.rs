@@ -1,0 +1,483 @@
+//! Re-prediction runs: stored transactions predicted again by a model, into
+//! `prediction_history` only (kind `repredict`); the current predictions
+//! change only when a version is promoted (`txnflow models promote`).
+//!
+//! A run reads the selected transactions in id order, a chunk at a time,
+//! and asks the ML API through the same [`MlClient`] as the pipeline
+//! (batches, retries, breaker, bisection, per-record checks), holding at
+//! most `repredict.max_share` of `predict.concurrency` in requests. Each
+//! chunk's history rows, failures and the run's counts are written in one
+//! database transaction, so a run killed at any point resumes after its
+//! last whole chunk with whole counts. The session that runs a run holds
+//! its advisory lock: one run id never runs twice at once, and a run whose
+//! process died is free to resume at once.
+//!
+//! Every selected transaction ends in history or in `repredict_failures`
+//! with its reason. While the API answers nobody (outage, open breaker),
+//! the chunk waits and is tried again, at most `repredict.max_unavailable_ms`;
+//! then the run stops as failed, resumable.
+
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::pg::PgConnection;
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::db::history::{self, RepredictRun, RunStart};
+use crate::db::{self, WriteError};
+use crate::domain::prediction::{PredictRequestItem, Prediction};
+use crate::domain::rollout::Selection;
+use crate::metrics::METRICS;
+use crate::ml_client::{MlClient, Predicted};
+
+/// Why a run did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("re-prediction run {0} is running (another process or session holds it)")]
+    Running(String),
+    #[error("re-prediction run {0} was started with another selection ({1}); use another run id")]
+    OtherSelection(String, String),
+    #[error("{0}")]
+    Database(String),
+}
+
+/// A run this session holds: its lock's connection and its row.
+pub struct ClaimedRun {
+    session: Session,
+    run: RepredictRun,
+    resumed: bool,
+}
+
+/// What a start came to.
+pub enum Claim {
+    Run(ClaimedRun),
+    /// The run id completed before; nothing to do.
+    Completed(RepredictRun),
+}
+
+/// The connection of a run, which holds its lock. After the database
+/// dropped it, the next call connects again and takes the lock back; when
+/// another session has taken it meanwhile, the run is that session's.
+struct Session {
+    url: String,
+    run_id: String,
+    connection: Option<PgConnection>,
+}
+
+impl Session {
+    async fn call<T, F>(&mut self, call: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PgConnection) -> Result<T, WriteError> + Send + 'static,
+    {
+        let (url, run_id) = (self.url.clone(), self.run_id.clone());
+        let connection = self.connection.take();
+        let (connection, result) = tokio::task::spawn_blocking(move || {
+            let mut connection = match connection {
+                Some(connection) => connection,
+                None => match reconnect(&url, &run_id) {
+                    Ok(connection) => connection,
+                    Err(error) => return (None, Err(error)),
+                },
+            };
+            let result = call(&mut connection);
+            // A connection the database dropped is not kept.
+            let broken = matches!(result, Err(WriteError::Unavailable(_)));
+            (if broken { None } else { Some(connection) }, result)
+        })
+        .await
+        .unwrap_or_else(|error| (None, Err(WriteError::Unavailable(format!("the database call panicked: {error}")))));
+        self.connection = connection;
+        result
+    }
+}
+
+fn reconnect(url: &str, run_id: &str) -> Result<PgConnection, WriteError> {
+    let mut connection = db::connect(url).map_err(|e| WriteError::Unavailable(e.to_string()))?;
+    if !history::lock_run(&mut connection, run_id)? {
+        return Err(WriteError::Refused(format!("run {run_id} was taken over by another session")));
+    }
+    Ok(connection)
+}
+
+/// Takes the run `run_id` for this process: new, or resumed where it
+/// stopped. `instance` names this process in the run's row.
+pub async fn claim(db_url: &str, instance: &str, run_id: &str, selection: Selection) -> Result<Claim, StartError> {
+    let (url, instance, run_id) = (db_url.to_string(), instance.to_string(), run_id.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut connection = db::connect(&url).map_err(|e| StartError::Database(format!("{e:#}")))?;
+        let database = |e: WriteError| StartError::Database(db::short_reason(e));
+        if !history::lock_run(&mut connection, &run_id).map_err(database)? {
+            return Err(StartError::Running(run_id));
+        }
+        let session = |connection| Session { url, run_id: run_id.clone(), connection: Some(connection) };
+        match history::start_run(&mut connection, &run_id, &selection, &instance).map_err(database)? {
+            RunStart::New(run) => Ok(Claim::Run(ClaimedRun { session: session(connection), run, resumed: false })),
+            RunStart::Resumed(run) => Ok(Claim::Run(ClaimedRun { session: session(connection), run, resumed: true })),
+            RunStart::Completed(run) => Ok(Claim::Completed(run)),
+            RunStart::OtherSelection(run) => Err(StartError::OtherSelection(run_id, describe(&run.selection()))),
+        }
+    })
+    .await
+    .unwrap_or_else(|error| Err(StartError::Database(format!("the database call panicked: {error}"))))
+}
+
+/// A selection in words, for messages.
+pub fn describe(selection: &Selection) -> String {
+    let mut parts = Vec::new();
+    if let Some(since) = selection.since {
+        parts.push(format!("since {}", since.to_rfc3339()));
+    }
+    if let Some(until) = selection.until {
+        parts.push(format!("until {}", until.to_rfc3339()));
+    }
+    if let Some(model) = &selection.from_model {
+        parts.push(format!("from model {model}"));
+    }
+    if parts.is_empty() { "every stored transaction".into() } else { parts.join(", ") }
+}
+
+/// The run's summary line, as `txnflow repredict` prints it.
+pub fn summary(run: &RepredictRun, seconds: f64) -> String {
+    format!(
+        "run {} {}: selected {} repredicted {} failed {} model {} in {seconds:.1} s",
+        run.run_id,
+        run.status,
+        run.selected,
+        run.predicted,
+        run.failed,
+        run.model_version.as_deref().unwrap_or("-"),
+    )
+}
+
+/// What a run needs beside its claim.
+pub struct RunContext {
+    pub ml: Arc<MlClient>,
+    pub config: Config,
+    /// Asked between chunks and while waiting: true stops the run, which
+    /// stays resumable.
+    pub stop: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// How a run ended in this process.
+#[derive(Debug)]
+pub struct RunEnd {
+    /// Its row as last written (status `running` when it was stopped).
+    pub run: RepredictRun,
+    pub seconds: f64,
+}
+
+/// Runs a claimed run until it completes, fails, or is stopped.
+pub async fn execute(claimed: ClaimedRun, context: RunContext) -> RunEnd {
+    let ClaimedRun { mut session, mut run, resumed } = claimed;
+    let started = Instant::now();
+    let backlog = run.backlog();
+    METRICS.repredict_backlog.add(backlog);
+    tracing::info!(
+        run_id = run.run_id,
+        selected = run.selected,
+        done = run.predicted + run.failed,
+        requests = context.config.repredict_requests(),
+        "{} re-prediction of {}",
+        if resumed { "resuming" } else { "starting" },
+        describe(&run.selection())
+    );
+    let mut remaining = backlog;
+    let outcome = run_chunks(&mut session, &mut run, &context, started, &mut remaining).await;
+    METRICS.repredict_backlog.sub(remaining);
+    let end = match outcome {
+        Ok(Finished::Completed) => finish(&mut session, &mut run, None).await,
+        Ok(Finished::Stopped) => {
+            tracing::info!(run_id = run.run_id, "re-prediction stopped; run it again to resume");
+            Ok(())
+        }
+        Err(reason) => finish(&mut session, &mut run, Some(reason)).await,
+    };
+    if let Err(error) = end {
+        tracing::warn!(run_id = run.run_id, error = db::short_reason(&error), "cannot record the run's end");
+    }
+    RunEnd { run, seconds: started.elapsed().as_secs_f64() }
+}
+
+enum Finished {
+    Completed,
+    Stopped,
+}
+
+async fn finish(session: &mut Session, run: &mut RepredictRun, error: Option<String>) -> Result<(), WriteError> {
+    let run_id = run.run_id.clone();
+    *run = session.call(move |c| history::finish_run(c, &run_id, error.as_deref())).await?;
+    Ok(())
+}
+
+/// The chunks, one after another; Err is why the run failed.
+async fn run_chunks(
+    session: &mut Session,
+    run: &mut RepredictRun,
+    context: &RunContext,
+    started: Instant,
+    remaining: &mut i64,
+) -> Result<Finished, String> {
+    let settings = &context.config.repredict;
+    let max_unavailable = Duration::from_millis(settings.max_unavailable_ms);
+    let mut last_progress = Instant::now();
+    let mut resume_after = run.resume_after;
+    loop {
+        if (context.stop)() {
+            return Ok(Finished::Stopped);
+        }
+        let (snapshot, limit) = (run.clone(), settings.chunk_size);
+        let items = match retry(session, &*context.stop, max_unavailable, "read the next chunk", move |c| {
+            history::next_chunk(c, &snapshot, resume_after, limit)
+        })
+        .await?
+        {
+            Some(items) => items,
+            None => return Ok(Finished::Stopped),
+        };
+        let Some(last) = items.last().map(|item| item.id) else {
+            return Ok(Finished::Completed);
+        };
+        let mut pending = items;
+        let mut unavailable_since: Option<Instant> = None;
+        let mut api_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            let predicted = predict_share(context, pending.clone()).await;
+            let (left, predictions, failures) = split(&pending, predicted);
+            let whole = left.is_empty();
+            let run_id = run.run_id.clone();
+            let write = write_or_isolate(run_id, predictions, failures, whole.then_some(last));
+            let (stored, failed) = match retry(session, &*context.stop, max_unavailable, "write a chunk", write).await?
+            {
+                Some(counts) => counts,
+                None => return Ok(Finished::Stopped),
+            };
+            run.predicted += stored.len() as i64;
+            run.failed += failed as i64;
+            if let Some(version) = stored.last().map(|p| p.model_version.clone()) {
+                run.model_version = Some(version);
+            }
+            METRICS.count_predictions(stored.iter().map(|p| p.model_version.as_str()), "repredict");
+            let done = (stored.len() as u64 + failed) as i64;
+            let settled = done.min(*remaining);
+            METRICS.repredict_backlog.sub(settled);
+            *remaining -= settled;
+            if whole {
+                break;
+            }
+            // The API answered none of these: wait for it, within bounds.
+            let since = *unavailable_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= max_unavailable {
+                return Err(format!(
+                    "the ML API answered none of {} transactions for {} s (repredict.max_unavailable_ms)",
+                    left.len(),
+                    since.elapsed().as_secs()
+                ));
+            }
+            api_backoff
+                .wait(|failures, delay| {
+                    tracing::warn!(
+                        run_id = run.run_id,
+                        waiting = left.len(),
+                        failures,
+                        "the ML API is unavailable; trying the chunk again in {} ms",
+                        delay.as_millis()
+                    )
+                })
+                .await;
+            if (context.stop)() {
+                return Ok(Finished::Stopped);
+            }
+            pending = left;
+        }
+        resume_after = Some(last);
+        run.resume_after = resume_after;
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            let done = run.predicted + run.failed;
+            let seconds = started.elapsed().as_secs_f64();
+            tracing::info!(
+                run_id = run.run_id,
+                "re-prediction: {done} of {} ({:.0}%), repredicted {} failed {}, {:.0} rows/s",
+                run.selected,
+                100.0 * done as f64 / run.selected.max(1) as f64,
+                run.predicted,
+                run.failed,
+                done as f64 / seconds.max(0.001),
+            );
+            last_progress = Instant::now();
+        }
+    }
+}
+
+/// A database call tried again while the database is unavailable, at most
+/// `max_unavailable`; None when stopped meanwhile.
+async fn retry<T, F>(
+    session: &mut Session,
+    stop: &(dyn Fn() -> bool + Send + Sync),
+    max_unavailable: Duration,
+    what: &str,
+    call: F,
+) -> Result<Option<T>, String>
+where
+    T: Send + 'static,
+    F: Fn(&mut PgConnection) -> Result<T, WriteError> + Send + Sync + Clone + 'static,
+{
+    let since = Instant::now();
+    let mut backoff = Backoff::outage();
+    loop {
+        match session.call(call.clone()).await {
+            Ok(value) => return Ok(Some(value)),
+            Err(WriteError::Refused(reason)) => return Err(format!("cannot {what}: {}", db::short_reason(reason))),
+            Err(WriteError::Unavailable(reason)) if since.elapsed() < max_unavailable => {
+                let reason = db::short_reason(reason);
+                backoff
+                    .wait(|failures, delay| {
+                        tracing::warn!(failures, error = reason, "cannot {what}; again in {} ms", delay.as_millis())
+                    })
+                    .await;
+                if stop() {
+                    return Ok(None);
+                }
+            }
+            Err(WriteError::Unavailable(reason)) => {
+                return Err(format!("cannot {what} for {} s: {}", since.elapsed().as_secs(), db::short_reason(reason)));
+            }
+        }
+    }
+}
+
+/// The items in requests of `predict.batch_size`, at most the run's share
+/// of requests in flight at once.
+async fn predict_share(context: &RunContext, items: Vec<PredictRequestItem>) -> Predicted {
+    let batches: Vec<Vec<PredictRequestItem>> =
+        items.chunks(context.config.predict.batch_size).map(<[PredictRequestItem]>::to_vec).collect();
+    let ml = &context.ml;
+    let outcomes: Vec<Predicted> = futures_util::stream::iter(batches)
+        .map(|batch| ml.predict(batch, "repredict"))
+        .buffer_unordered(context.config.repredict_requests())
+        .collect()
+        .await;
+    let mut all = Predicted::default();
+    for outcome in outcomes {
+        all.merge(outcome);
+    }
+    all
+}
+
+/// Splits an answer into the items to ask again (the API answered nobody),
+/// the predictions, and the records' own failures with their reason.
+fn split(
+    asked: &[PredictRequestItem],
+    predicted: Predicted,
+) -> (Vec<PredictRequestItem>, Vec<Prediction>, Vec<(uuid::Uuid, String)>) {
+    let mut failures = Vec::new();
+    for (id, failure) in predicted.failures {
+        if !predicted.unavailable.contains(&id) {
+            failures.push((id, failure.message));
+        }
+    }
+    let left = asked.iter().filter(|item| predicted.unavailable.contains(&item.id)).cloned().collect();
+    (left, predicted.predictions, failures)
+}
+
+/// Writes a chunk's outcome; when the database refuses the predictions as
+/// a whole (a value a column cannot hold), each on its own, so that the
+/// refused ones join the failures. Returns the predictions stored and the
+/// number of failures recorded.
+fn write_or_isolate(
+    run_id: String,
+    predictions: Vec<Prediction>,
+    failures: Vec<(uuid::Uuid, String)>,
+    done_through: Option<uuid::Uuid>,
+) -> impl Fn(&mut PgConnection) -> Result<(Vec<Prediction>, u64), WriteError> + Send + Sync + Clone + 'static {
+    move |connection| {
+        match history::write_chunk(connection, &run_id, &predictions, &failures, done_through) {
+            Ok((stored, failed)) => {
+                // Rows written before a resume are not counted twice.
+                let stored = if stored as usize == predictions.len() {
+                    predictions.clone()
+                } else {
+                    predictions.iter().take(stored as usize).cloned().collect()
+                };
+                return Ok((stored, failed));
+            }
+            Err(WriteError::Refused(_)) => {}
+            Err(error) => return Err(error),
+        }
+        let mut stored = Vec::new();
+        let mut failed = 0;
+        for prediction in &predictions {
+            let one = std::slice::from_ref(prediction);
+            match history::write_chunk(connection, &run_id, one, &[], None) {
+                Ok((1, _)) => stored.push(prediction.clone()),
+                Ok(_) => {}
+                Err(WriteError::Refused(reason)) => {
+                    let reason = format!("prediction refused by the database: {}", db::short_reason(reason));
+                    failed +=
+                        history::write_chunk(connection, &run_id, &[], &[(prediction.transaction_id, reason)], None)?.1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        failed += history::write_chunk(connection, &run_id, &[], &failures, done_through)?.1;
+        Ok((stored, failed))
+    }
+}
+
+/// `txnflow repredict`: one run in this process, with progress in the log
+/// and the summary line on stdout. Ctrl-C or SIGTERM stops it between
+/// chunks, resumable.
+pub fn run_command(config: Config, run_id: Option<String>, selection: Selection) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        if config.db.auto_migrate {
+            let mut connection = db::connect(&config.db.url)?;
+            db::migrate(&mut connection)?;
+        }
+        let run_id = run_id.unwrap_or_else(new_run_id);
+        let instance = crate::actors::instance_name();
+        let claimed = match claim(&config.db.url, &instance, &run_id, selection).await? {
+            Claim::Completed(run) => {
+                println!("{}", summary(&run, 0.0));
+                eprintln!("run {run_id} completed before; nothing to do");
+                return Ok(());
+            }
+            Claim::Run(claimed) => claimed,
+        };
+        let ml = Arc::new(client(&config)?);
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stopping.clone();
+        tokio::spawn(async move {
+            crate::service::wait_for_signal().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let stop = Arc::new(move || stopping.load(std::sync::atomic::Ordering::SeqCst));
+        let end = execute(claimed, RunContext { ml, config, stop }).await;
+        println!("{}", summary(&end.run, end.seconds));
+        match end.run.status.as_str() {
+            "completed" => Ok(()),
+            "failed" => Err(anyhow::anyhow!(
+                "re-prediction run {run_id} failed: {}; run it again to resume",
+                end.run.error.as_deref().unwrap_or("unknown")
+            )),
+            _ => Err(anyhow::anyhow!("re-prediction run {run_id} stopped before its end; run it again to resume")),
+        }
+    })
+}
+
+/// The ML API client of re-predictions: `repredict.url` with a breaker of
+/// its own, or the pipeline's (`predict.url`).
+pub fn client(config: &Config) -> anyhow::Result<MlClient> {
+    let mut predict = config.predict.clone();
+    if !config.repredict.url.is_empty() {
+        predict.url = config.repredict.url.clone();
+    }
+    MlClient::new(&predict, crate::breaker::build(&config.breaker))
+}
+
+pub fn new_run_id() -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("repredict-{}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &suffix[..6])
+}

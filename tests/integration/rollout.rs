@@ -1,0 +1,228 @@
+//! Model rollouts against the real stack: re-prediction runs, compare,
+//! promote and roll back, archive, each with exact counts.
+
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::helpers::{TestDatabase, assert_same_set, query_json, run, spawn_ml_api, stderr, stdout, txnflow};
+use crate::scenario::{Scenario, ids_of, valid_events};
+use txnflow::domain::categories::{CATEGORIES, shifted_category};
+use txnflow::ml_api::Faults;
+
+/// A reference model answering as `version`, each category moved by `shift`.
+fn model(version: &str, shift: u64) -> Faults {
+    Faults { extended: true, model_version: version.into(), shift, ..Faults::default() }
+}
+
+/// `txnflow <args>` on `db_url`, re-predicting with the API at `repredict_url`.
+fn txnflow_on(db_url: &str, repredict_url: &str, args: &[&str]) -> std::process::Output {
+    run(txnflow().args(args).env("TXNFLOW__DB__URL", db_url).env("TXNFLOW__REPREDICT__URL", repredict_url))
+}
+
+#[track_caller]
+fn succeeded(output: &std::process::Output) -> String {
+    assert!(output.status.success(), "stdout:\n{}\nstderr:\n{}", stdout(output), stderr(output));
+    stdout(output)
+}
+
+/// The current category and version of every transaction.
+fn current(connection: &mut diesel::PgConnection) -> BTreeMap<Uuid, (String, String)> {
+    query_json(connection, "SELECT transaction_id::text AS id, category, model_version FROM predictions")
+        .into_iter()
+        .map(|row| {
+            let id = Uuid::parse_str(row["id"].as_str().unwrap()).unwrap();
+            (id, (row["category"].as_str().unwrap().to_string(), row["model_version"].as_str().unwrap().to_string()))
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_current_is(connection: &mut diesel::PgConnection, ids: &BTreeSet<Uuid>, version: &str, shift: u64) {
+    let current = current(connection);
+    assert_same_set(&current.keys().copied().collect(), ids, "current predictions");
+    for (id, (category, model_version)) in current {
+        assert_eq!((category.as_str(), model_version.as_str()), (shifted_category(id, shift), version), "{id}");
+    }
+}
+
+/// History rows by (version, kind).
+fn history(connection: &mut diesel::PgConnection) -> Vec<serde_json::Value> {
+    query_json(
+        connection,
+        "SELECT model_version, kind, count(*)::int AS n, count(DISTINCT transaction_id)::int AS ids
+         FROM prediction_history GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+}
+
+/// Acceptance 1: 5,000 events streamed with v1, re-predicted with v2
+/// (shift 3): history holds both, the current predictions stay v1's,
+/// compare shows the exact shift, and promote moves every current
+/// prediction to v2 and back to v1.
+#[tokio::test]
+async fn a_rollout_repredicts_compares_promotes_and_rolls_back_exactly() {
+    let scenario = Scenario::new("rollout").await;
+    scenario.set_faults(json!({"extended": true, "model_version": "v1"})).await;
+    let events = valid_events(51, 5_000);
+    let ids = ids_of(&events);
+    let mut service = scenario.start_service(&[]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    let predicted =
+        scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM predictions") == 5_000).await;
+    assert!(predicted, "{}", service.log_tail());
+    assert!(service.signal("TERM", Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let mut connection = scenario.db.connect();
+    assert_current_is(&mut connection, &ids, "v1", 0);
+
+    let v2 = format!("http://{}", spawn_ml_api(model("v2", 3)));
+    let repredicted = succeeded(&txnflow_on(&scenario.db.url, &v2, &["repredict", "--run-id", "to-v2"]));
+    assert!(
+        repredicted.starts_with("run to-v2 completed: selected 5000 repredicted 5000 failed 0 model v2 in "),
+        "{repredicted}"
+    );
+    assert_eq!(
+        history(&mut connection),
+        [
+            json!({"model_version": "v1", "kind": "pipeline", "n": 5000, "ids": 5000}),
+            json!({"model_version": "v2", "kind": "repredict", "n": 5000, "ids": 5000}),
+        ],
+        "10,000 history rows"
+    );
+    let v2_rows = query_json(
+        &mut connection,
+        "SELECT transaction_id::text AS id, category FROM prediction_history WHERE model_version = 'v2'",
+    );
+    for row in &v2_rows {
+        let id = Uuid::parse_str(row["id"].as_str().unwrap()).unwrap();
+        assert_eq!(row["category"], shifted_category(id, 3), "{id}");
+    }
+    assert_current_is(&mut connection, &ids, "v1", 0);
+    let again = succeeded(&txnflow_on(&scenario.db.url, &v2, &["repredict", "--run-id", "to-v2"]));
+    assert!(again.starts_with("run to-v2 completed: selected 5000 repredicted 5000 failed 0"), "{again}");
+    assert_eq!(history(&mut connection).len(), 2, "a completed run id does not run twice");
+
+    let table = succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "compare", "v1", "v2"]));
+    assert!(table.starts_with("v1 vs v2: 5000 transactions predicted by both, 0 agree (0.00%)\n"), "{table}");
+    let csv = succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "compare", "v1", "v2", "--format", "csv"]));
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("v1,v2,transactions"));
+    let mut expected_pairs: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for id in &ids {
+        *expected_pairs.entry((shifted_category(*id, 0).into(), shifted_category(*id, 3).into())).or_default() += 1;
+    }
+    let pairs: BTreeMap<(String, String), u64> = lines
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            ((fields[0].into(), fields[1].into()), fields[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(pairs, expected_pairs, "the confusion table is the exact shift");
+    for (a, b) in pairs.keys() {
+        let index = CATEGORIES.iter().position(|c| c == a).unwrap();
+        assert_eq!(b, CATEGORIES[(index + 3) % CATEGORIES.len()], "each category moved by 3");
+    }
+
+    let promoted = succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "promote", "v2"]));
+    assert!(
+        promoted.starts_with("promoted v2: examined 5000 history rows, changed 5000 current predictions"),
+        "{promoted}"
+    );
+    assert_current_is(&mut connection, &ids, "v2", 3);
+    let twice = succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "promote", "v2"]));
+    assert!(twice.starts_with("promoted v2: examined 5000 history rows, changed 0 current predictions"), "{twice}");
+    let listed = succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "list"]));
+    let v2_line = listed.lines().find(|line| line.starts_with("v2 ")).unwrap_or_else(|| panic!("{listed}"));
+    let v2_fields: Vec<&str> = v2_line.split_whitespace().collect();
+    assert_eq!(&v2_fields[..5], ["v2", "5000", "5000", "100.00%", "5000"], "{listed}");
+
+    let rolled_back = succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "promote", "v1"]));
+    assert!(rolled_back.contains("changed 5000 current predictions"), "{rolled_back}");
+    assert_current_is(&mut connection, &ids, "v1", 0);
+    assert_eq!(history(&mut connection).iter().map(|r| r["n"].as_i64().unwrap()).sum::<i64>(), 10_000);
+    let unknown = txnflow_on(&scenario.db.url, &v2, &["models", "promote", "v9"]);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("\"v9\" has no prediction"), "{}", stderr(&unknown));
+}
+
+/// Stored transactions and their current v1 predictions, made in SQL:
+/// `count` of them, with ids `…0001` upwards and timestamps an hour apart
+/// from 2024-01-01.
+fn seed_transactions(connection: &mut diesel::PgConnection, count: usize) {
+    use diesel::connection::SimpleConnection;
+    connection
+        .batch_execute(&format!(
+            "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side)
+             SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid, 'purchase ' || i, i % 500 - 250,
+                    '2024-01-01'::timestamptz + i * interval '1 hour', 'shop', 'card', 'debit'
+             FROM generate_series(1, {count}) AS i;
+             INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
+             SELECT id, 'Food', 0.9, 'v1' FROM transactions;
+             INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind)
+             SELECT transaction_id, category, confidence_score, model_version, predicted_at, 'pipeline' FROM predictions;"
+        ))
+        .unwrap();
+}
+
+fn migrated() -> TestDatabase {
+    let database = TestDatabase::create();
+    assert!(run(txnflow().arg("migrate").env("TXNFLOW__DB__URL", &database.url)).status.success());
+    database
+}
+
+/// The id `seed_transactions` gives row `i`.
+fn seeded_id(i: u32) -> String {
+    format!("00000000-0000-0000-0000-{i:012}")
+}
+
+/// The selection bounds a run, a refused record ends in
+/// repredict_failures with its reason, and a run id given another
+/// selection is refused.
+#[test]
+fn a_run_selects_by_time_and_model_and_records_each_failure() {
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 100);
+    // Every third one is currently v0's.
+    let v0 = "UPDATE predictions SET model_version = 'v0'
+              WHERE transaction_id IN (SELECT id FROM transactions WHERE substr(description, 10)::int % 3 = 0)";
+    diesel::RunQueryDsl::execute(diesel::sql_query(v0), &mut connection).unwrap();
+    // Row i is at 2024-01-01 + i hours: [2024-01-02, 2024-01-04) holds rows 24 to 71.
+    let selected: BTreeSet<String> = (24..72).filter(|i| i % 3 == 0).map(seeded_id).collect();
+    // The API refuses row 24 alone ("purchase 24" is in no other description of the selection).
+    let url = format!("http://{}", spawn_ml_api(Faults { poison_marker: "purchase 24".into(), ..model("v2", 3) }));
+    let args = [
+        "repredict",
+        "--run-id",
+        "sel",
+        "--since",
+        "2024-01-02",
+        "--until",
+        "2024-01-04T00:00:00Z",
+        "--from-model",
+        "v0",
+    ];
+    let summary = succeeded(&txnflow_on(&database.url, &url, &args));
+    assert!(summary.starts_with("run sel completed: selected 16 repredicted 15 failed 1 model v2 in "), "{summary}");
+    let ids = |connection: &mut diesel::PgConnection, sql: &str| -> BTreeSet<String> {
+        query_json(connection, sql).into_iter().map(|row| row["id"].as_str().unwrap().to_string()).collect()
+    };
+    let repredicted = ids(
+        &mut connection,
+        "SELECT transaction_id::text AS id FROM prediction_history WHERE kind = 'repredict' AND run_id = 'sel'",
+    );
+    let failures = query_json(&mut connection, "SELECT transaction_id::text AS id, reason FROM repredict_failures");
+    let failed: BTreeSet<String> = failures.iter().map(|row| row["id"].as_str().unwrap().to_string()).collect();
+    assert_same_set(&failed, &[seeded_id(24)].into(), "failed ids");
+    assert!(failures[0]["reason"].as_str().unwrap().contains("422"), "{failures:?}");
+    let expected: BTreeSet<String> = selected.iter().filter(|id| **id != seeded_id(24)).cloned().collect();
+    assert_same_set(&repredicted, &expected, "re-predicted ids");
+    let run = query_json(&mut connection, "SELECT status, selected, predicted, failed FROM repredict_runs");
+    assert_eq!(run, [json!({"status": "completed", "selected": 16, "predicted": 15, "failed": 1})]);
+
+    let other = txnflow_on(&database.url, &url, &["repredict", "--run-id", "sel"]);
+    assert!(!other.status.success(), "{}", stdout(&other));
+    assert!(stderr(&other).contains("was started with another selection"), "{}", stderr(&other));
+    let bad = txnflow_on(&database.url, &url, &["repredict", "--since", "yesterday"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("since: "), "{}", stderr(&bad));
+}
