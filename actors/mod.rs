@@ -5,6 +5,7 @@
 //!              ├─> Buffer ─> PredictClient
 //! CsvLoader ───┘                      └─> DlqPublisher ──> Kafka DLQ
 //!                                Backfill: predicts stored transactions that have none
+//!                                Repredictor: runs re-predictions into prediction_history
 //! ```
 //!
 //! Each record carries an [`acknowledgement::Ack`] from its source to the
@@ -30,6 +31,7 @@ pub mod messages;
 pub mod pipeline;
 pub mod predict_client;
 pub mod prediction_fan_out;
+pub mod repredictor;
 pub mod supervisor;
 
 pub use mailbox::Mailbox;

@@ -13,7 +13,8 @@ use crate::db::PgPool;
 use crate::ml_client::MlClient;
 
 use super::{
-    Mailbox, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, messages, predict_client, supervisor,
+    Mailbox, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, messages, predict_client,
+    repredictor, supervisor,
 };
 
 /// What every actor shares: configuration, clients, the capacity, the
@@ -58,6 +59,7 @@ pub(super) struct Mailboxes {
     pub(super) dlq_publisher: Mailbox<dlq_publisher::DlqPublisher>,
     pub(super) csv_loader: Mailbox<csv_loader::CsvLoader>,
     pub(super) backfill: Mailbox<backfill::Backfill>,
+    pub(super) repredictor: Mailbox<repredictor::Repredictor>,
 }
 
 /// `host/pid`: unique among live processes. A container restarted in place
@@ -109,6 +111,10 @@ impl Pipeline {
 
     pub fn csv_loader(&self) -> Mailbox<csv_loader::CsvLoader> {
         self.mailboxes.csv_loader.clone()
+    }
+
+    pub fn repredictor(&self) -> Mailbox<repredictor::Repredictor> {
+        self.mailboxes.repredictor.clone()
     }
 
     /// Sends a chaos hook to the actor named `actor`; false when none runs.

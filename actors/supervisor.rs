@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use super::messages::Chaos;
 use super::pipeline::Mailboxes;
-use super::{Mailbox, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client};
+use super::{
+    Mailbox, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
+    repredictor,
+};
 use crate::metrics::METRICS;
 
 /// One supervised actor: its name (in logs, metrics and the chaos
@@ -37,7 +40,7 @@ struct Started {
 
 /// The actors, in start order: each one's next stages are started before
 /// it, and it is wired with their mailboxes.
-const ACTORS: [Entry; 7] = [
+const ACTORS: [Entry; 8] = [
     entry("dlq_publisher", |p, name| start(p, name, dlq_publisher::DlqPublisher::new, |m| &m.dlq_publisher)),
     entry("db_writer", |p, name| {
         let make = |p: Arc<Pipeline>| {
@@ -61,6 +64,7 @@ const ACTORS: [Entry; 7] = [
         start(p, name, make, |m| &m.buffer)
     }),
     entry("backfill", |p, name| start(p, name, backfill::Backfill::new, |m| &m.backfill)),
+    entry("repredictor", |p, name| start(p, name, repredictor::Repredictor::new, |m| &m.repredictor)),
     entry("csv_loader", |p, name| {
         let make = |p: Arc<Pipeline>| {
             let buffer = p.mailboxes.buffer.clone();

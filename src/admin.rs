@@ -187,6 +187,83 @@ async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -
     }
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepredictRequest {
+    run_id: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    from_model: Option<String>,
+}
+
+/// `POST /repredictions {"run_id"?, "since"?, "until"?, "from_model"?}`:
+/// starts or resumes a re-prediction run here, and answers 202 with its id;
+/// 200 with its record when that run id completed before; 400 names a bad
+/// option, 409 a run id running elsewhere or given another selection, 429
+/// a run beyond `repredict.max_concurrent_runs`.
+async fn start_repredict(request: web::Json<RepredictRequest>, state: web::Data<AdminState>) -> HttpResponse {
+    use crate::actors::repredictor::{StartRefused, StartRepredict, Started};
+    use crate::repredict::StartError;
+    let request = request.into_inner();
+    let selection = match crate::domain::rollout::Selection::parse(
+        request.since.as_deref(),
+        request.until.as_deref(),
+        request.from_model.as_deref(),
+    ) {
+        Ok(selection) => selection,
+        Err(reason) => return HttpResponse::BadRequest().json(serde_json::json!({"error": reason})),
+    };
+    if let Some(run_id) = &request.run_id
+        && (run_id.is_empty() || run_id.len() > 200 || run_id.chars().any(char::is_control))
+    {
+        return HttpResponse::BadRequest()
+            .json(serde_json::json!({"error": "run_id: 1 to 200 characters, no control characters"}));
+    }
+    let error = |status: actix_web::http::StatusCode, error: &dyn std::fmt::Display| {
+        HttpResponse::build(status).json(serde_json::json!({"error": error.to_string()}))
+    };
+    use actix_web::http::StatusCode;
+    match state.pipeline.repredictor().send(StartRepredict { run_id: request.run_id, selection }).await {
+        Ok(Ok(Started::Running(run_id))) => HttpResponse::Accepted()
+            .json(serde_json::json!({"run_id": run_id, "status": format!("/repredictions/{run_id}")})),
+        Ok(Ok(Started::Completed(run))) => HttpResponse::Ok().json(run),
+        Ok(Err(refused @ StartRefused::Start(StartError::Running(_) | StartError::OtherSelection(..)))) => {
+            error(StatusCode::CONFLICT, &refused)
+        }
+        Ok(Err(refused @ StartRefused::TooMany(_))) => error(StatusCode::TOO_MANY_REQUESTS, &refused),
+        Ok(Err(refused)) => error(StatusCode::SERVICE_UNAVAILABLE, &refused),
+        Err(mailbox) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("the Repredictor is restarting: {mailbox}")),
+    }
+}
+
+/// `GET /repredictions/<run_id>`: the run's record, from any replica;
+/// a run recorded as running that no session holds is `interrupted`.
+async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
+    let pool = state.pipeline.pool.clone();
+    let id = run_id.into_inner();
+    let answer = crate::db::blocking(&pool, move |connection| {
+        let Some(run) = crate::db::history::load_run(connection, &id)? else { return Ok(None) };
+        let held = run.status == "running" && crate::db::history::run_is_held(connection, &id)?;
+        Ok(Some((run, held)))
+    })
+    .await;
+    match answer {
+        Ok(Some((run, held))) => {
+            let mut answer = serde_json::to_value(&run).expect("a run serialises");
+            if run.status == "running" && !held {
+                answer["status"] = "interrupted".into();
+                answer["hint"] = "POST /repredictions with this run_id to resume it".into();
+            }
+            answer["backlog"] = run.backlog().into();
+            HttpResponse::Ok().json(answer)
+        }
+        Ok(None) => HttpResponse::NotFound().json(serde_json::json!({"error": "no such re-prediction run"})),
+        Err(error) => HttpResponse::ServiceUnavailable().json(
+            serde_json::json!({"error": format!("cannot read repredict_runs: {}", crate::db::short_reason(error))}),
+        ),
+    }
+}
+
 /// Binds and starts the admin server. A listen address beyond loopback
 /// needs `admin.token` (see [`crate::config::AdminConfig::check_exposure`]).
 pub fn start(
@@ -209,6 +286,8 @@ pub fn start(
             .route("/chaos/{actor}/{kind}", web::post().to(chaos))
             .route("/batches", web::post().to(start_batch))
             .route("/batches/{run_id}", web::get().to(batch_status))
+            .route("/repredictions", web::post().to(start_repredict))
+            .route("/repredictions/{run_id}", web::get().to(repredict_status))
     })
     .workers(1)
     .disable_signals()

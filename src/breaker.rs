@@ -76,8 +76,14 @@ fn record_transition(to: BreakerState) {
 
 /// Builds the breaker from `[breaker]`.
 pub fn build(config: &BreakerConfig) -> AsyncRecloser {
+    build_named(config, BREAKER_NAME)
+}
+
+/// A breaker of another API (a shadow or re-prediction model), with the
+/// same settings; its transitions leave the pipeline's state alone.
+pub fn build_named(config: &BreakerConfig, name: &'static str) -> AsyncRecloser {
     Recloser::custom()
-        .name(BREAKER_NAME)
+        .name(name)
         .error_rate(config.failure_rate as f32)
         .closed_len(config.window)
         .half_open_len(config.half_open_probes)

@@ -102,6 +102,8 @@ struct RequestSlots {
     state: std::sync::Mutex<SlotsState>,
     freed: tokio::sync::Notify,
     adaptive: bool,
+    /// Whether the limit is the pipeline's, shown in its metric.
+    reported: bool,
 }
 
 struct SlotsState {
@@ -113,10 +115,12 @@ struct SlotsState {
 struct Slot<'a>(&'a RequestSlots);
 
 impl RequestSlots {
-    fn new(max: usize, adaptive: bool) -> RequestSlots {
-        METRICS.ml_api_concurrency_limit.set(max as i64);
+    fn new(max: usize, adaptive: bool, reported: bool) -> RequestSlots {
+        if reported {
+            METRICS.ml_api_concurrency_limit.set(max as i64);
+        }
         let state = SlotsState { limit: AdaptiveLimit::new(max), in_flight: 0 };
-        RequestSlots { state: std::sync::Mutex::new(state), freed: tokio::sync::Notify::new(), adaptive }
+        RequestSlots { state: std::sync::Mutex::new(state), freed: tokio::sync::Notify::new(), adaptive, reported }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SlotsState> {
@@ -150,7 +154,9 @@ impl RequestSlots {
         let after = state.limit.current();
         drop(state);
         if after != before {
-            METRICS.ml_api_concurrency_limit.set(after as i64);
+            if self.reported {
+                METRICS.ml_api_concurrency_limit.set(after as i64);
+            }
             tracing::debug!(before, after, "ML API requests allowed in flight");
         }
         if after > before {
@@ -168,6 +174,17 @@ impl Drop for Slot<'_> {
 
 impl MlClient {
     pub fn new(config: &PredictConfig, breaker: AsyncRecloser) -> anyhow::Result<MlClient> {
+        MlClient::build(config, breaker, true)
+    }
+
+    /// A client of another model (a shadow or re-prediction API): its own
+    /// breaker and request slots, and the pipeline's concurrency metric
+    /// left alone.
+    pub fn other_model(config: &PredictConfig, breaker: AsyncRecloser) -> anyhow::Result<MlClient> {
+        MlClient::build(config, breaker, false)
+    }
+
+    fn build(config: &PredictConfig, breaker: AsyncRecloser, reported: bool) -> anyhow::Result<MlClient> {
         let timeout = Duration::from_millis(config.timeout_ms);
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -179,7 +196,7 @@ impl MlClient {
             url: format!("{}/predict", config.url.trim_end_matches('/')),
             breaker,
             categories: config.categories.iter().cloned().collect(),
-            slots: RequestSlots::new(config.concurrency, config.adaptive_concurrency),
+            slots: RequestSlots::new(config.concurrency, config.adaptive_concurrency, reported),
             config: config.clone(),
         })
     }
@@ -505,7 +522,7 @@ mod tests {
 
     #[test]
     fn the_slots_follow_the_limit_down_and_back_up() {
-        let slots = RequestSlots::new(4, true);
+        let slots = RequestSlots::new(4, true, true);
         let held: Vec<Slot<'_>> =
             (0..4).map(|_| futures_util::FutureExt::now_or_never(slots.acquire()).unwrap()).collect();
         assert!(waits(&slots), "4 of 4 in flight");
@@ -530,7 +547,7 @@ mod tests {
 
     #[test]
     fn without_adaptive_concurrency_the_limit_stays_fixed() {
-        let slots = RequestSlots::new(3, false);
+        let slots = RequestSlots::new(3, false, true);
         for _ in 0..5 {
             slots.record(RequestOutcome::Overloaded);
         }
@@ -540,7 +557,7 @@ mod tests {
     /// A waiter is woken when a slot is given back.
     #[tokio::test]
     async fn a_slot_given_back_wakes_a_waiter() {
-        let slots = std::sync::Arc::new(RequestSlots::new(1, true));
+        let slots = std::sync::Arc::new(RequestSlots::new(1, true, true));
         let first = slots.acquire().await;
         let waiter = {
             let slots = slots.clone();

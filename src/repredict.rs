@@ -474,7 +474,11 @@ pub fn client(config: &Config) -> anyhow::Result<MlClient> {
     if !config.repredict.url.is_empty() {
         predict.url = config.repredict.url.clone();
     }
-    MlClient::new(&predict, crate::breaker::build(&config.breaker))
+    if config.repredict.url.is_empty() {
+        MlClient::new(&predict, crate::breaker::build(&config.breaker))
+    } else {
+        MlClient::other_model(&predict, crate::breaker::build_named(&config.breaker, "repredict_api"))
+    }
 }
 
 pub fn new_run_id() -> String {

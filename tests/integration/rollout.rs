@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::helpers::{TestDatabase, assert_same_set, query_json, run, spawn_ml_api, stderr, stdout, txnflow};
+use crate::helpers::{
+    ChildGuard, TestDatabase, assert_same_set, query_json, run, spawn_ml_api, stderr, stdout, txnflow,
+};
 use crate::scenario::{Scenario, ids_of, valid_events};
 use txnflow::domain::categories::{CATEGORIES, shifted_category};
 use txnflow::ml_api::Faults;
@@ -225,4 +227,103 @@ fn a_run_selects_by_time_and_model_and_records_each_failure() {
     assert!(stderr(&other).contains("was started with another selection"), "{}", stderr(&other));
     let bad = txnflow_on(&database.url, &url, &["repredict", "--since", "yesterday"]);
     assert!(!bad.status.success() && stderr(&bad).contains("since: "), "{}", stderr(&bad));
+}
+
+/// Acceptance 2: a re-prediction of 50,000 rows killed with SIGKILL
+/// halfway, then POSTed to the service with its run id, ends with exact
+/// counts and no transaction twice in the run's history.
+#[tokio::test]
+async fn a_run_killed_halfway_resumes_on_the_service_with_whole_counts() {
+    let scenario = Scenario::with_database("repredict-kill", migrated()).await;
+    let mut connection = scenario.db.connect();
+    seed_transactions(&mut connection, 50_000);
+    // 20 ms per request, 2 requests at once (half of predict.concurrency): about 5 s for the run.
+    let v2 = format!("http://{}", spawn_ml_api(Faults { latency_ms: 20, ..model("v2", 3) }));
+    let mut child = ChildGuard(
+        txnflow()
+            .args(["repredict", "--run-id", "big"])
+            .env("TXNFLOW__DB__URL", &scenario.db.url)
+            .env("TXNFLOW__REPREDICT__URL", &v2)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let progress = |connection: &mut diesel::PgConnection| -> (i64, i64) {
+        let rows = query_json(
+            connection,
+            "SELECT r.predicted, (SELECT count(*) FROM prediction_history h
+                                  WHERE h.kind = 'repredict' AND h.run_id = 'big')::bigint AS rows
+             FROM repredict_runs r WHERE r.run_id = 'big'",
+        );
+        rows.first().map(|row| (row["predicted"].as_i64().unwrap(), row["rows"].as_i64().unwrap())).unwrap_or((0, 0))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while progress(&mut connection).0 < 15_000 {
+        assert!(std::time::Instant::now() < deadline, "the run did not get to 15,000");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::process::Command::new("kill").args(["-KILL", &child.0.id().to_string()]).status().unwrap();
+    let _ = child.0.wait();
+    let (predicted, rows) = progress(&mut connection);
+    assert!(predicted < 50_000, "killed halfway, at {predicted}");
+    eprintln!("killed at {predicted} of 50,000 re-predicted");
+    assert_eq!(rows, predicted, "the recorded count is the history rows written");
+
+    let service = scenario.start_service(&[("TXNFLOW__REPREDICT__URL", v2.as_str())]).await;
+    let client = reqwest::Client::new();
+    let status = || async {
+        let answer = client.get(format!("{}/repredictions/big", service.admin)).send().await.unwrap();
+        answer.json::<serde_json::Value>().await.unwrap()
+    };
+    let interrupted = status().await;
+    assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
+    assert_eq!(interrupted["predicted"], predicted);
+    let posted = client.post(format!("{}/repredictions", service.admin)).json(&json!({"run_id": "big"})).send().await;
+    let posted = posted.unwrap();
+    assert_eq!(posted.status().as_u16(), 202);
+    assert_eq!(
+        posted.json::<serde_json::Value>().await.unwrap(),
+        json!({"run_id": "big", "status": "/repredictions/big"})
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let answer = status().await;
+        if answer["status"] == "completed" {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answer}\n{}", service.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (&done["selected"], &done["predicted"], &done["failed"], &done["backlog"], &done["model_version"]),
+        (&json!(50_000), &json!(50_000), &json!(0), &json!(0), &json!("v2")),
+        "{done}"
+    );
+    let history = query_json(
+        &mut connection,
+        "SELECT transaction_id::text AS id, category FROM prediction_history WHERE kind = 'repredict' AND run_id = 'big'",
+    );
+    let ids: BTreeSet<Uuid> = history.iter().map(|row| Uuid::parse_str(row["id"].as_str().unwrap()).unwrap()).collect();
+    assert_eq!((history.len(), ids.len()), (50_000, 50_000), "one history row per transaction");
+    for row in &history {
+        let id = Uuid::parse_str(row["id"].as_str().unwrap()).unwrap();
+        assert_eq!(row["category"], shifted_category(id, 3), "{id}");
+    }
+    let current = query_json(&mut connection, "SELECT model_version, count(*)::int AS n FROM predictions GROUP BY 1");
+    assert_eq!(current, [json!({"model_version": "v1", "n": 50_000})], "the current predictions are untouched");
+
+    let again = client.post(format!("{}/repredictions", service.admin)).json(&json!({"run_id": "big"})).send().await;
+    let again = again.unwrap();
+    assert_eq!(again.status().as_u16(), 200, "a completed run id does not run twice");
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap()["predicted"], 50_000);
+    let other = client
+        .post(format!("{}/repredictions", service.admin))
+        .json(&json!({"run_id": "big", "from_model": "v1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 409);
+    let bad = client.post(format!("{}/repredictions", service.admin)).json(&json!({"since": "soon"})).send().await;
+    assert_eq!(bad.unwrap().status().as_u16(), 400);
 }
