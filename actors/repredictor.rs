@@ -45,7 +45,7 @@ pub enum Started {
     /// Running now, here.
     Running(String),
     /// The run id completed before: its row.
-    Completed(RepredictRun),
+    Completed(Box<RepredictRun>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ impl Handler<StartRepredict> for Repredictor {
             async move { repredict::claim(&url, &instance, &run_id, start.selection).await }
         };
         Box::pin(claiming.into_actor(self).map(move |claimed, actor, ctx| match claimed? {
-            Claim::Completed(run) => Ok(Started::Completed(run)),
+            Claim::Completed(run) => Ok(Started::Completed(Box::new(run))),
             Claim::Run(claimed) => {
                 actor.running.insert(run_id.clone());
                 let pipeline = actor.pipeline.clone();
