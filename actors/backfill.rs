@@ -117,6 +117,7 @@ async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
         match written {
             Ok((predictions, refused)) => {
                 stored = predictions.len();
+                METRICS.count_predictions(predictions.iter().map(|p| p.model_version.as_str()), "backfill");
                 predicted_total += stored;
                 if refused > 0 {
                     METRICS.backfill_refused.inc_by(refused as u64);

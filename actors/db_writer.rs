@@ -244,6 +244,8 @@ fn acknowledge(
             Failure { error_type: ErrorType::PredictionFailed, stage: Stage::Persist, message: reason, attempts },
         );
     }
+    let shadow_slot = super::shadow_scorer::sample(pipeline);
+    let mut shadow_items = Vec::new();
     let mut dead_letters = Vec::new();
     let mut predicted_for_fanout = Vec::new();
     let mut settled = Vec::with_capacity(records.len());
@@ -259,6 +261,9 @@ fn acknowledge(
             continue;
         }
         *written.entry(source).or_insert(0) += 1;
+        if shadow_slot.is_some() {
+            shadow_items.push(crate::domain::prediction::PredictRequestItem::from(&record.transaction));
+        }
         if let Some(prediction) = predictions.remove(&record.transaction.id) {
             *predicted.entry(source).or_insert(0) += 1;
             predicted_for_fanout.push(prediction);
@@ -282,7 +287,13 @@ fn acknowledge(
     for (source, count) in predicted {
         METRICS.records.with_label_values(&[source, "predicted"]).inc_by(count);
     }
+    METRICS.count_predictions(predicted_for_fanout.iter().map(|p| p.model_version.as_str()), "pipeline");
     METRICS.flush_duration.with_label_values(&[trigger.as_str()]).observe(flushed_at.elapsed().as_secs_f64());
+    if let Some(slot) = shadow_slot
+        && !shadow_items.is_empty()
+    {
+        pipeline.mailboxes.shadow_scorer.do_send(super::shadow_scorer::ScoreShadow { items: shadow_items, slot });
+    }
     tracing::debug!(flush_id, total, dead_letters = dead_letters.len(), "flush durable");
     if !dead_letters.is_empty() {
         dlq_publisher.do_send(DeadLetters(dead_letters));

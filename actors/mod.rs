@@ -6,6 +6,7 @@
 //! CsvLoader ───┘                      └─> DlqPublisher ──> Kafka DLQ
 //!                                Backfill: predicts stored transactions that have none
 //!                                Repredictor: runs re-predictions into prediction_history
+//!                  DbWriter ─> ShadowScorer: a candidate model on sampled stored flushes
 //! ```
 //!
 //! Each record carries an [`acknowledgement::Ack`] from its source to the
@@ -32,6 +33,7 @@ pub mod pipeline;
 pub mod predict_client;
 pub mod prediction_fan_out;
 pub mod repredictor;
+pub mod shadow_scorer;
 pub mod supervisor;
 
 pub use mailbox::Mailbox;

@@ -14,7 +14,7 @@ use crate::ml_client::MlClient;
 
 use super::{
     Mailbox, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, messages, predict_client,
-    repredictor, supervisor,
+    repredictor, shadow_scorer, supervisor,
 };
 
 /// What every actor shares: configuration, clients, the capacity, the
@@ -30,6 +30,8 @@ pub struct Pipeline {
     pub capacity_bytes: Arc<Semaphore>,
     /// Predictions queued for the fan-out topic (`buffer.capacity`).
     pub fan_out_slots: Arc<Semaphore>,
+    /// Flushes being scored by the shadow model (`predict.shadow_concurrency`).
+    pub shadow_slots: Arc<Semaphore>,
     /// Batch runs and the progress of each.
     pub runs: Arc<RunRegistry>,
     /// This process, as the `batch_runs` table names the one running a run:
@@ -60,6 +62,7 @@ pub(super) struct Mailboxes {
     pub(super) csv_loader: Mailbox<csv_loader::CsvLoader>,
     pub(super) backfill: Mailbox<backfill::Backfill>,
     pub(super) repredictor: Mailbox<repredictor::Repredictor>,
+    pub(super) shadow_scorer: Mailbox<shadow_scorer::ShadowScorer>,
 }
 
 /// `host/pid`: unique among live processes. A container restarted in place
@@ -77,8 +80,10 @@ impl Pipeline {
         let capacity = Arc::new(Semaphore::new(config.buffer.capacity));
         let capacity_bytes = Arc::new(Semaphore::new(config.buffer.capacity_bytes));
         let fan_out_slots = Arc::new(Semaphore::new(config.buffer.capacity));
+        let shadow_slots = Arc::new(Semaphore::new(config.predict.shadow_concurrency));
         Arc::new(Pipeline {
             fan_out_slots,
+            shadow_slots,
             config,
             pool,
             ml: Arc::new(ml),

@@ -16,7 +16,7 @@ use super::messages::Chaos;
 use super::pipeline::Mailboxes;
 use super::{
     Mailbox, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
-    repredictor,
+    repredictor, shadow_scorer,
 };
 use crate::metrics::METRICS;
 
@@ -40,8 +40,9 @@ struct Started {
 
 /// The actors, in start order: each one's next stages are started before
 /// it, and it is wired with their mailboxes.
-const ACTORS: [Entry; 8] = [
+const ACTORS: [Entry; 9] = [
     entry("dlq_publisher", |p, name| start(p, name, dlq_publisher::DlqPublisher::new, |m| &m.dlq_publisher)),
+    entry("shadow_scorer", |p, name| start(p, name, shadow_scorer::ShadowScorer::new, |m| &m.shadow_scorer)),
     entry("db_writer", |p, name| {
         let make = |p: Arc<Pipeline>| {
             let dlq_publisher = p.mailboxes.dlq_publisher.clone();

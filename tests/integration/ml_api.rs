@@ -118,7 +118,11 @@ async fn partial_drops_leave_out_some_items_only() {
 /// `txnflow ml-api` on a free port with `flags`, once it answers
 /// `/health`: the process (killed on drop), its base url, and that answer.
 async fn spawn_ml_api_command(flags: &[&str]) -> (ChildGuard, String, Option<Value>) {
-    let port = free_port();
+    spawn_ml_api_command_on(free_port(), flags).await
+}
+
+/// The same on `port`.
+pub async fn spawn_ml_api_command_on(port: u16, flags: &[&str]) -> (ChildGuard, String, Option<Value>) {
     let child = ChildGuard(
         txnflow()
             .args(["ml-api", "--listen", &format!("127.0.0.1:{port}")])

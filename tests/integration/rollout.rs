@@ -327,3 +327,109 @@ async fn a_run_killed_halfway_resumes_on_the_service_with_whole_counts() {
     let bad = client.post(format!("{}/repredictions", service.admin)).json(&json!({"since": "soon"})).send().await;
     assert_eq!(bad.unwrap().status().as_u16(), 400);
 }
+
+/// The sum of every series of `family` in a metrics exposition.
+fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(family) && matches!(line.as_bytes().get(family.len()), Some(b'{' | b' ')))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Acceptance 4: shadow scoring of every stored flush (sample 1.0). With
+/// the shadow API up, every live record gets a shadow row with the
+/// candidate's answer; stopped, slowed past its timeout, and answering
+/// garbage, it gets none, and the live rows, the DLQ and the commits stay
+/// exact in each phase.
+#[tokio::test]
+async fn a_shadow_that_is_down_slow_or_wrong_never_touches_live_records() {
+    let scenario = Scenario::new("shadow").await;
+    scenario.set_faults(json!({"extended": true, "model_version": "v1"})).await;
+    let port = crate::helpers::free_port();
+    let shadow_flags = ["--extended", "--model-version", "v2", "--shift", "3", "--faults"];
+    let (shadow, shadow_url, health) = crate::ml_api::spawn_ml_api_command_on(port, &shadow_flags).await;
+    assert!(health.is_some(), "the shadow API answers");
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__PREDICT__SHADOW_URL", shadow_url.as_str()),
+            ("TXNFLOW__PREDICT__SHADOW_SAMPLE", "1.0"),
+            // Enough slots that no flush of the first phase is skipped.
+            ("TXNFLOW__PREDICT__SHADOW_CONCURRENCY", "16"),
+            ("TXNFLOW__PREDICT__TIMEOUT_MS", "1000"),
+            ("TXNFLOW__BREAKER__WINDOW", "4"),
+            ("TXNFLOW__BREAKER__OPEN_MS", "1000"),
+        ])
+        .await;
+    let mut all_ids = BTreeSet::new();
+    let mut shadow = Some(shadow);
+    for (phase, seed) in [("up", 61), ("down", 62), ("slow", 63), ("garbage", 64)] {
+        match phase {
+            "down" => drop(shadow.take()),
+            "slow" => {
+                let (restarted, _, health) = crate::ml_api::spawn_ml_api_command_on(
+                    port,
+                    &[&shadow_flags[..], &["--latency-ms", "3000"]].concat(),
+                )
+                .await;
+                assert!(health.is_some(), "the shadow API answers again");
+                shadow = Some(restarted);
+            }
+            "garbage" => {
+                let set = reqwest::Client::new().post(format!("{shadow_url}/faults"));
+                let answer = set.json(&json!({"latency_ms": 0, "malformed_rate": 1.0})).send().await.unwrap();
+                assert_eq!(answer.status().as_u16(), 200);
+            }
+            _ => {}
+        }
+        let events = valid_events(seed, 300);
+        all_ids.extend(ids_of(&events));
+        let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+        let deadline = Duration::from_secs(120);
+        let committed = scenario.wait_committed(&ends, deadline).await;
+        assert_eq!(committed, ends, "{phase}: commits\n{}", service.log_tail());
+        let expected = all_ids.len() as i64;
+        let live = scenario.wait_for(deadline, |s| s.count("SELECT count(*) FROM predictions") == expected).await;
+        assert!(live, "{phase}: every live record predicted\n{}", service.log_tail());
+        let mut connection = scenario.db.connect();
+        assert_current_is(&mut connection, &all_ids, "v1", 0);
+        // Every sampled flush has come to an outcome.
+        let settled = tokio::time::Instant::now() + deadline;
+        loop {
+            let text = service.metrics().await;
+            if metric_sum(&text, "txnflow_shadow_flushes_total") == metric_sum(&text, "txnflow_flush_size_count") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < settled, "{phase}: shadow flushes unsettled");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = service.metrics().await;
+        assert_eq!(metric_sum(&text, "txnflow_dlq_records_total"), 0.0, "{phase}: nothing dead-lettered");
+        assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
+        let shadow_rows = query_json(
+            &mut connection,
+            "SELECT transaction_id::text AS id, category, model_version FROM prediction_history WHERE kind = 'shadow'",
+        );
+        let first_phase: BTreeSet<Uuid> = ids_of(&valid_events(61, 300));
+        let shadowed: BTreeSet<Uuid> =
+            shadow_rows.iter().map(|row| Uuid::parse_str(row["id"].as_str().unwrap()).unwrap()).collect();
+        assert_eq!(shadow_rows.len(), shadowed.len(), "{phase}: one shadow row per record");
+        assert_same_set(&shadowed, &first_phase, &format!("{phase}: shadowed ids (the first phase's only)"));
+        for row in &shadow_rows {
+            let id = Uuid::parse_str(row["id"].as_str().unwrap()).unwrap();
+            assert_eq!(
+                (row["category"].as_str().unwrap(), &row["model_version"]),
+                (shifted_category(id, 3), &json!("v2"))
+            );
+        }
+        let outcome = |name: &str| metric_sum(&text, &format!("txnflow_shadow_flushes_total{{outcome=\"{name}\"}}"));
+        eprintln!(
+            "{phase}: shadow flushes scored {} failed {} skipped {}",
+            outcome("scored"),
+            outcome("failed"),
+            outcome("skipped")
+        );
+        if phase == "up" {
+            assert_eq!((outcome("failed"), outcome("skipped")), (0.0, 0.0), "every flush scored");
+        }
+    }
+}

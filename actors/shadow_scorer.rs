@@ -1,0 +1,125 @@
+//! ShadowScorer: scores stored flushes with a candidate model
+//! (`predict.shadow_url`) beside the live one, into `prediction_history`
+//! only (kind `shadow`).
+//!
+//! The DbWriter hands it a sampled flush (`predict.shadow_sample`) after
+//! the flush is durable and settled, with one of `predict.shadow_concurrency`
+//! slots; a flush that finds no slot free is skipped and counted. The
+//! shadow model has its own client, breaker and database connection, so a
+//! shadow that is down, slow or answering garbage never delays, fails or
+//! dead-letters a live record: its flushes are counted as failed, and no
+//! history row is written for them.
+
+use actix::{Actor, AsyncContext, Context, Handler, Message, Supervised};
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Pipeline;
+use crate::db::{self, PgPool};
+use crate::domain::prediction::PredictRequestItem;
+use crate::metrics::METRICS;
+use crate::ml_client::MlClient;
+
+pub struct ShadowScorer {
+    ml: Option<Arc<MlClient>>,
+    /// One connection of its own: shadow writes never wait for, nor hold,
+    /// one of the pipeline's.
+    pool: PgPool,
+}
+
+impl ShadowScorer {
+    pub fn new(pipeline: Arc<Pipeline>) -> ShadowScorer {
+        let config = &pipeline.config;
+        let ml = (!config.predict.shadow_url.is_empty())
+            .then(|| {
+                let predict = crate::config::PredictConfig {
+                    url: config.predict.shadow_url.clone(),
+                    concurrency: config.predict.shadow_concurrency,
+                    adaptive_concurrency: false,
+                    // A shadow score is worth one try: a retry would hold the slot longer.
+                    max_retries: 0,
+                    ..config.predict.clone()
+                };
+                let breaker = crate::breaker::build_named(&config.breaker, "shadow_api");
+                MlClient::other_model(&predict, breaker)
+                    .map_err(
+                        |error| tracing::warn!(%error, "cannot build the shadow model's client; shadow scoring off"),
+                    )
+                    .ok()
+                    .map(Arc::new)
+            })
+            .flatten();
+        let pool = db::pool(&crate::config::DbConfig { pool_size: 1, ..config.db.clone() });
+        ShadowScorer { ml, pool }
+    }
+}
+
+/// DbWriter -> ShadowScorer: a stored flush's transactions, with the slot
+/// it holds until it is scored.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ScoreShadow {
+    pub items: Vec<PredictRequestItem>,
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Whether this stored flush goes to the shadow model, and its slot if it
+/// does; a sampled flush that finds every slot busy is counted as skipped.
+pub fn sample(pipeline: &Pipeline) -> Option<OwnedSemaphorePermit> {
+    let share = pipeline.config.predict.shadow_sample;
+    if pipeline.config.predict.shadow_url.is_empty() || share <= 0.0 || rand::random::<f64>() >= share {
+        return None;
+    }
+    match pipeline.shadow_slots.clone().try_acquire_owned() {
+        Ok(slot) => Some(slot),
+        Err(_) => {
+            METRICS.shadow_flushes.with_label_values(&["skipped"]).inc();
+            None
+        }
+    }
+}
+
+impl Handler<ScoreShadow> for ShadowScorer {
+    type Result = ();
+
+    fn handle(&mut self, score: ScoreShadow, ctx: &mut Context<Self>) {
+        let Some(ml) = self.ml.clone() else { return };
+        let pool = self.pool.clone();
+        ctx.spawn(actix::fut::wrap_future(async move {
+            let ScoreShadow { items, slot } = score;
+            let predicted = ml.predict(items, "shadow").await;
+            let predictions = predicted.predictions;
+            let outcome = if predictions.is_empty() {
+                "failed"
+            } else {
+                let versions: Vec<String> = predictions.iter().map(|p| p.model_version.clone()).collect();
+                match db::blocking(&pool, move |c| db::history::write_shadow(c, &predictions)).await {
+                    Ok(_) => {
+                        METRICS.count_predictions(versions.iter().map(String::as_str), "shadow");
+                        "scored"
+                    }
+                    Err(error) => {
+                        tracing::debug!(error = db::short_reason(&error), "cannot store shadow predictions");
+                        "failed"
+                    }
+                }
+            };
+            METRICS.shadow_flushes.with_label_values(&[outcome]).inc();
+            drop(slot);
+        }));
+    }
+}
+
+impl Actor for ShadowScorer {
+    type Context = Context<Self>;
+}
+
+impl Supervised for ShadowScorer {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Shadow scores in flight were dropped with the old context; they
+        // were history only, and their slots came back with them.
+        super::supervisor::restarted("shadow_scorer", "restarted by its supervisor");
+    }
+}
+
+super::supervisor::chaos_hook!(ShadowScorer, "shadow_scorer");
