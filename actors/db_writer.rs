@@ -246,6 +246,7 @@ fn acknowledge(
     }
     let shadow_slot = super::shadow_scorer::sample(pipeline);
     let mut shadow_items = Vec::new();
+    let mut live_categories = std::collections::HashMap::new();
     let mut dead_letters = Vec::new();
     let mut predicted_for_fanout = Vec::new();
     let mut settled = Vec::with_capacity(records.len());
@@ -265,6 +266,9 @@ fn acknowledge(
             shadow_items.push(crate::domain::prediction::PredictRequestItem::from(&record.transaction));
         }
         if let Some(prediction) = predictions.remove(&record.transaction.id) {
+            if shadow_slot.is_some() {
+                live_categories.insert(prediction.transaction_id, prediction.category.clone());
+            }
             *predicted.entry(source).or_insert(0) += 1;
             predicted_for_fanout.push(prediction);
             settled.push(record.ack);
@@ -292,7 +296,11 @@ fn acknowledge(
     if let Some(slot) = shadow_slot
         && !shadow_items.is_empty()
     {
-        pipeline.mailboxes.shadow_scorer.do_send(super::shadow_scorer::ScoreShadow { items: shadow_items, slot });
+        pipeline.mailboxes.shadow_scorer.do_send(super::shadow_scorer::ScoreShadow {
+            items: shadow_items,
+            live: live_categories,
+            slot,
+        });
     }
     tracing::debug!(flush_id, total, dead_letters = dead_letters.len(), "flush durable");
     if !dead_letters.is_empty() {

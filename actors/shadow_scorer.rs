@@ -60,6 +60,8 @@ impl ShadowScorer {
 #[rtype(result = "()")]
 pub struct ScoreShadow {
     pub items: Vec<PredictRequestItem>,
+    /// The live model's category of each record predicted, to count agreement.
+    pub live: std::collections::HashMap<uuid::Uuid, String>,
     pub slot: OwnedSemaphorePermit,
 }
 
@@ -86,9 +88,11 @@ impl Handler<ScoreShadow> for ShadowScorer {
         let Some(ml) = self.ml.clone() else { return };
         let pool = self.pool.clone();
         ctx.spawn(actix::fut::wrap_future(async move {
-            let ScoreShadow { items, slot } = score;
+            let ScoreShadow { items, live, slot } = score;
             let predicted = ml.predict(items, "shadow").await;
             let predictions = predicted.predictions;
+            let agreed = predictions.iter().filter(|p| live.get(&p.transaction_id) == Some(&p.category)).count();
+            let compared = predictions.iter().filter(|p| live.contains_key(&p.transaction_id)).count();
             let outcome = if predictions.is_empty() {
                 "failed"
             } else {
@@ -96,6 +100,8 @@ impl Handler<ScoreShadow> for ShadowScorer {
                 match db::blocking(&pool, move |c| db::history::write_shadow(c, &predictions)).await {
                     Ok(_) => {
                         METRICS.count_predictions(versions.iter().map(String::as_str), "shadow");
+                        METRICS.shadow_agreement.with_label_values(&["agree"]).inc_by(agreed as u64);
+                        METRICS.shadow_agreement.with_label_values(&["disagree"]).inc_by((compared - agreed) as u64);
                         "scored"
                     }
                     Err(error) => {

@@ -45,6 +45,9 @@ pub struct Metrics {
     /// Shadow scoring, per sampled flush: `scored`, `skipped` (no request
     /// slot free), `failed` (the shadow API did not answer usably).
     pub shadow_flushes: IntCounterVec,
+    /// Records the shadow model scored, by whether it agrees with the
+    /// live model's stored category (`agree`, `disagree`).
+    pub shadow_agreement: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
@@ -150,6 +153,10 @@ impl Metrics {
                 r,
                 IntCounterVec::new(Opts::new("txnflow_shadow_flushes_total", "Flushes sampled for the shadow model, by outcome: scored, skipped (predict.shadow_concurrency requests already in flight), failed."), &["outcome"]).unwrap(),
             ),
+            shadow_agreement: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_shadow_agreement_total", "Records scored by the shadow model, by agreement with the live model's stored category: agree, disagree."), &["agreement"]).unwrap(),
+            ),
             stage_seconds: register(
                 r,
                 HistogramVec::new(
@@ -182,6 +189,9 @@ impl Metrics {
         }
         for outcome in ["scored", "skipped", "failed"] {
             self.shadow_flushes.with_label_values(&[outcome]);
+        }
+        for agreement in ["agree", "disagree"] {
+            self.shadow_agreement.with_label_values(&[agreement]);
         }
         for caller in ["pipeline", "backfill", "repredict", "shadow"] {
             self.ml_api_batch_size.with_label_values(&[caller]);

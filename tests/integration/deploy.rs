@@ -473,7 +473,7 @@ async fn a_real_prometheus_evaluates_every_dashboard_query_and_alert_rule() {
     service.chaos("buffer", "crash").await;
 
     let queries = dashboard_queries();
-    assert_eq!(queries.len(), 10, "{queries:?}");
+    assert_eq!(queries.len(), 12, "{queries:?}");
     let mut empty: Vec<String> = queries.iter().map(|(title, expr)| format!("{title}: {expr}")).collect();
     let started = std::time::Instant::now();
     while !empty.is_empty() && started.elapsed() < std::time::Duration::from_secs(90) {

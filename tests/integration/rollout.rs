@@ -430,6 +430,9 @@ async fn a_shadow_that_is_down_slow_or_wrong_never_touches_live_records() {
         );
         if phase == "up" {
             assert_eq!((outcome("failed"), outcome("skipped")), (0.0, 0.0), "every flush scored");
+            let agreement =
+                |name: &str| metric_sum(&text, &format!("txnflow_shadow_agreement_total{{agreement=\"{name}\"}}"));
+            assert_eq!((agreement("agree"), agreement("disagree")), (0.0, 300.0), "shift 3 agrees on none");
         }
     }
 }
