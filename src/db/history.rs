@@ -177,7 +177,9 @@ pub fn start_run(
 }
 
 /// The next `limit` selected transactions after `after`, in id order,
-/// leaving out those the run has already re-predicted or failed.
+/// leaving out those the run has already re-predicted or failed. A run
+/// selects the transactions stored before it started (`created_at`), so
+/// its backlog is the count it made then, whatever streams in meanwhile.
 pub fn next_chunk(
     connection: &mut PgConnection,
     run: &RepredictRun,
@@ -189,6 +191,7 @@ pub fn next_chunk(
          FROM transactions t
          WHERE {}
            AND ($5::uuid IS NULL OR t.id > $5)
+           AND t.created_at <= $7
            AND NOT EXISTS (SELECT 1 FROM prediction_history h
                            WHERE h.kind = 'repredict' AND h.run_id = $1 AND h.transaction_id = t.id)
            AND NOT EXISTS (SELECT 1 FROM repredict_failures f WHERE f.run_id = $1 AND f.transaction_id = t.id)
@@ -202,6 +205,7 @@ pub fn next_chunk(
     .bind::<Nullable<Text>, _>(run.from_model.as_deref())
     .bind::<Nullable<SqlUuid>, _>(after)
     .bind::<BigInt, _>(limit as i64)
+    .bind::<Timestamptz, _>(run.started_at)
     .load(connection)?;
     Ok(rows.into_iter().map(ClaimedRow::into_item).collect())
 }
