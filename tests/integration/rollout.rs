@@ -511,3 +511,58 @@ async fn a_run_beside_a_300_per_second_stream_leaves_the_stream_whole() {
         query_json(&mut connection, "SELECT count(*)::int AS n FROM prediction_history WHERE kind = 'repredict'");
     assert_eq!(repredicted, [json!({"n": 50_000})], "none of the streamed records is in the run");
 }
+
+/// Acceptance 5: archive moves the history rows older than the cut that
+/// are not current, and none of the current ones; transactions stay.
+#[test]
+fn archive_moves_old_history_but_never_a_current_prediction() {
+    use diesel::connection::SimpleConnection;
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 100);
+    // v1 (current) and v2 (re-predicted) are 40 and 35 days old; v3 is a
+    // day old. Rows 1 to 20 have v2's prediction current.
+    connection
+        .batch_execute(
+            "UPDATE predictions SET predicted_at = now() - interval '40 days';
+             UPDATE prediction_history SET predicted_at = now() - interval '40 days';
+             INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind, run_id)
+             SELECT id, 'Rent', 0.8, 'v2', now() - interval '35 days', 'repredict', 'r2' FROM transactions;
+             INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind, run_id)
+             SELECT id, 'Travel', 0.7, 'v3', now() - interval '1 day', 'repredict', 'r3' FROM transactions
+             WHERE substr(description, 10)::int % 2 = 0;
+             UPDATE predictions p SET category = h.category, model_version = h.model_version, predicted_at = h.predicted_at
+             FROM prediction_history h
+             WHERE h.transaction_id = p.transaction_id AND h.model_version = 'v2'
+               AND substr((SELECT description FROM transactions t WHERE t.id = p.transaction_id), 10)::int <= 20;",
+        )
+        .unwrap();
+    let current_before = current(&mut connection);
+    let archived = succeeded(&run(txnflow()
+        .args(["archive", "predictions", "--older-than", "30"])
+        .env("TXNFLOW__DB__URL", &database.url)));
+    assert!(
+        archived.starts_with("archived 100 of 200 history rows older than 30 days (100 kept: current predictions) in "),
+        "{archived}"
+    );
+    let rows = |connection: &mut diesel::PgConnection, table: &str| -> BTreeSet<(String, String)> {
+        query_json(connection, &format!("SELECT transaction_id::text AS id, model_version FROM {table}"))
+            .into_iter()
+            .map(|row| (row["id"].as_str().unwrap().to_string(), row["model_version"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let moved: BTreeSet<(String, String)> =
+        (1..=100).map(|i| (seeded_id(i), if i <= 20 { "v1" } else { "v2" }.to_string())).collect();
+    assert_same_set(&rows(&mut connection, "prediction_history_archive"), &moved, "archived rows");
+    let kept: BTreeSet<(String, String)> = (1..=100)
+        .map(|i| (seeded_id(i), if i <= 20 { "v2" } else { "v1" }.to_string()))
+        .chain((1..=100).filter(|i| i % 2 == 0).map(|i| (seeded_id(i), "v3".to_string())))
+        .collect();
+    assert_same_set(&rows(&mut connection, "prediction_history"), &kept, "history kept");
+    assert_eq!(current(&mut connection), current_before, "the current predictions are untouched");
+    assert_eq!(query_json(&mut connection, "SELECT count(*)::int AS n FROM transactions"), [json!({"n": 100})]);
+    let twice = succeeded(&run(txnflow()
+        .args(["archive", "predictions", "--older-than", "30"])
+        .env("TXNFLOW__DB__URL", &database.url)));
+    assert!(twice.starts_with("archived 0 of 100 history rows"), "{twice}");
+}
