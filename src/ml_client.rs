@@ -211,11 +211,22 @@ impl MlClient {
 
     /// Predicts `items` in requests of `batch_size`, up to `concurrency` at once.
     pub async fn predict(&self, items: Vec<PredictRequestItem>, caller: &'static str) -> Predicted {
+        self.predict_at_most(items, caller, self.config.concurrency).await
+    }
+
+    /// The same, holding at most `requests` of the client's slots: a
+    /// caller's share, so that the others keep the rest.
+    pub async fn predict_at_most(
+        &self,
+        items: Vec<PredictRequestItem>,
+        caller: &'static str,
+        requests: usize,
+    ) -> Predicted {
         let chunks: Vec<Vec<PredictRequestItem>> =
             items.chunks(self.config.batch_size).map(<[PredictRequestItem]>::to_vec).collect();
         let outcomes: Vec<Predicted> = futures_util::stream::iter(chunks)
             .map(|chunk| self.predict_chunk(chunk, caller, Isolating::No))
-            .buffer_unordered(self.config.concurrency)
+            .buffer_unordered(requests.clamp(1, self.config.concurrency))
             .collect()
             .await;
         let mut all = Predicted::default();
@@ -493,7 +504,7 @@ impl MlClient {
 }
 
 impl Predicted {
-    pub fn merge(&mut self, other: Predicted) {
+    fn merge(&mut self, other: Predicted) {
         self.predictions.extend(other.predictions);
         self.failures.extend(other.failures);
         self.unavailable.extend(other.unavailable);

@@ -17,7 +17,6 @@
 //! the chunk waits and is tried again, at most `repredict.max_unavailable_ms`;
 //! then the run stops as failed, resumable.
 
-use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -244,7 +243,8 @@ async fn run_chunks(
         let mut unavailable_since: Option<Instant> = None;
         let mut api_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
-            let predicted = predict_share(context, pending.clone()).await;
+            let requests = context.config.repredict_requests();
+            let predicted = context.ml.predict_at_most(pending.clone(), "repredict", requests).await;
             let (left, predictions, failures) = split(&pending, predicted);
             let whole = left.is_empty();
             let run_id = run.run_id.clone();
@@ -346,24 +346,6 @@ where
             }
         }
     }
-}
-
-/// The items in requests of `predict.batch_size`, at most the run's share
-/// of requests in flight at once.
-async fn predict_share(context: &RunContext, items: Vec<PredictRequestItem>) -> Predicted {
-    let batches: Vec<Vec<PredictRequestItem>> =
-        items.chunks(context.config.predict.batch_size).map(<[PredictRequestItem]>::to_vec).collect();
-    let ml = &context.ml;
-    let outcomes: Vec<Predicted> = futures_util::stream::iter(batches)
-        .map(|batch| ml.predict(batch, "repredict"))
-        .buffer_unordered(context.config.repredict_requests())
-        .collect()
-        .await;
-    let mut all = Predicted::default();
-    for outcome in outcomes {
-        all.merge(outcome);
-    }
-    all
 }
 
 /// Splits an answer into the items to ask again (the API answered nobody),
