@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
 
-.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch
+.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -58,3 +58,11 @@ bench-pipeline: up ## End-to-end throughput beside psql \copy, latency at the se
 
 bench-batch: up ## txnflow batch of 1M rows from S3 beside psql \copy; peak RSS at 1M and 5M rows
 	@cargo bench --bench batch
+
+# The last commit whose pipeline wrote no prediction history.
+NO_HISTORY_REV := a32af76
+
+bench-history: up ## Streaming with prediction history (this build) against the last build without it, alternated, 3 x 1M keyed events
+	@scripts/build-baseline.sh $(NO_HISTORY_REV) target/baseline/txnflow-$(NO_HISTORY_REV)
+	@BENCH_BASELINE_BIN=target/baseline/txnflow-$(NO_HISTORY_REV) BENCH_BASELINE_NAME="no history ($(NO_HISTORY_REV))" \
+	  BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline

@@ -7,7 +7,12 @@
 //!    tables of another fresh database: the database's own bulk-load rate.
 //!    This runs `BENCH_RUNS` times (default 3), back to back, and the end
 //!    gives the median and the spread (min–max).
-//! 2. Memory: peak RSS of `txnflow batch`, from `/usr/bin/time -v`, for N
+//! 2. Re-prediction beside it: each run's loaded database is then
+//!    re-predicted whole by `txnflow repredict` (release build, default
+//!    configuration) with another model (v2, `--shift 3`), in rows/s from the
+//!    run's own summary line, with its peak RSS and CPU per 1,000 rows.
+//!    `BENCH_REPREDICT=0` skips it.
+//! 3. Memory: peak RSS of `txnflow batch`, from `/usr/bin/time -v`, for N
 //!    rows and for a larger file (default 5,000,000 rows, loaded once), to
 //!    show it stays flat whatever the file's size; and txnflow's CPU per
 //!    1,000 rows.
@@ -66,6 +71,13 @@ struct Loaded {
 
 /// `/usr/bin/time -v txnflow batch URI`; its progress lines pass through.
 fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
+    let env = [("TXNFLOW__PREDICT__URL", ml_api.to_string()), ("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{run_id}-dlq"))];
+    timed_txnflow(&["batch", uri, "--run-id", run_id], db, &env, run_id)
+}
+
+/// `/usr/bin/time -v txnflow ARGS` on `db`, with `env` beside; its progress
+/// lines (those about a file or a run) pass through.
+fn timed_txnflow(args: &[&str], db: &str, env: &[(&str, String)], run_id: &str) -> Loaded {
     let report = std::env::temp_dir().join(format!("bench-time-{run_id}.txt"));
     // The ML API runs in a thread of this process, which does nothing else
     // while the load runs but pass its progress lines through.
@@ -80,10 +92,9 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
         .args(["-v", "-o"])
         .arg(&report)
         .arg(env!("CARGO_BIN_EXE_txnflow"))
-        .args(["batch", uri, "--run-id", run_id])
+        .args(args)
         .env("TXNFLOW__DB__URL", db)
-        .env("TXNFLOW__PREDICT__URL", ml_api)
-        .env("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{run_id}-dlq"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("TXNFLOW__LOG__LEVEL", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -94,7 +105,7 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
     let echo = std::thread::spawn(move || {
         let mut last = std::collections::VecDeque::new();
         for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("file ") {
+            if line.contains("file ") || line.contains("re-predict") {
                 println!("  {}", line.trim());
             }
             last.push_back(line);
@@ -111,7 +122,8 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
     let (others_cpu, _) = others.end();
     assert!(
         output.status.success(),
-        "txnflow batch failed ({}); its last lines:\n{}\n{}",
+        "txnflow {} failed ({}); its last lines:\n{}\n{}",
+        args[0],
         output.status,
         last.iter().cloned().collect::<Vec<_>>().join("\n"),
         std::fs::read_to_string(&report).unwrap_or_default()
@@ -129,6 +141,10 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
     };
     let cpu_seconds = seconds("User time (seconds): ") + seconds("System time (seconds): ");
     Loaded { summary, started_at, ended_at, wall_seconds, peak_rss_mb: peak_kb / 1024.0, cpu_seconds, others_cpu }
+}
+
+fn figures_of(measured: &[Measured], f: fn(&Measured) -> f64) -> Vec<f64> {
+    measured.iter().map(f).collect()
 }
 
 fn epoch_seconds() -> f64 {
@@ -162,9 +178,60 @@ struct Measured {
     cpu_ms_per_1000: f64,
     /// The share of a core each process used over the wall time, txnflow first.
     cores: Vec<(&'static str, f64)>,
+    repredict: Option<Repredicted>,
 }
 
-fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, count: u64, with_copy: bool) -> Measured {
+/// What one re-prediction of a loaded database measured.
+struct Repredicted {
+    rows_per_second: f64,
+    peak_rss_mb: f64,
+    cpu_ms_per_1000: f64,
+}
+
+/// `txnflow repredict` of every transaction in `db` with the model at
+/// `model_api` (v2, shift 3): exact counts asserted, the rate from its
+/// summary line (`… in T s`, the run's own time, without the start).
+fn repredict(db: &str, model_api: &str, count: u64, run_id: &str) -> Repredicted {
+    println!("repredict: txnflow repredict of the {count} stored rows with v2");
+    let env = [("TXNFLOW__REPREDICT__URL", model_api.to_string())];
+    let loaded = timed_txnflow(&["repredict", "--run-id", run_id], db, &env, run_id);
+    let expected = format!("selected {count} repredicted {count} failed 0 model v2 in ");
+    let seconds: f64 = loaded
+        .summary
+        .split_once(&expected)
+        .and_then(|(_, rest)| rest.trim_end_matches(" s").parse().ok())
+        .unwrap_or_else(|| panic!("every row re-predicted by v2: {}", loaded.summary));
+    let rows_per_second = count as f64 / seconds;
+    let cpu_ms_per_1000 = 1000.0 * loaded.cpu_seconds / (count as f64 / 1000.0);
+    let described: Vec<String> = std::iter::once(("txnflow", loaded.cpu_seconds))
+        .chain(loaded.others_cpu.iter().copied())
+        .map(|(role, cpu)| format!("{role} {:.0}%", 100.0 * cpu / loaded.wall_seconds))
+        .collect();
+    println!("repredict: {}", loaded.summary);
+    println!(
+        "repredict: {rows_per_second:.0} rows/s over the run ({:.1} s wall with the start); peak RSS {:.1} MB; CPU {cpu_ms_per_1000:.0} ms per 1,000 rows; CPU over the wall time: {}",
+        loaded.wall_seconds,
+        loaded.peak_rss_mb,
+        described.join(", ")
+    );
+    Repredicted { rows_per_second, peak_rss_mb: loaded.peak_rss_mb, cpu_ms_per_1000 }
+}
+
+/// The ML APIs of the benchmark: the live model, and v2 for re-predictions
+/// (none: no re-prediction).
+struct Models<'a> {
+    live: &'a str,
+    v2: Option<&'a str>,
+}
+
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    models: &Models,
+    bench_id: &str,
+    count: u64,
+    with_copy: bool,
+) -> Measured {
+    let ml_api = models.live;
     let path = std::env::temp_dir().join(format!("bench-batch-{bench_id}-{count}.csv"));
     println!("batch: generating {count} rows in the seed's format");
     generate(&path, count);
@@ -215,8 +282,17 @@ fn measure(runtime: &tokio::runtime::Runtime, ml_api: &str, bench_id: &str, coun
         copy
     });
     let _ = std::fs::remove_file(&path);
+    let repredict = models.v2.filter(|_| with_copy).map(|v2| repredict(&db, v2, count, &format!("{run_id}-v2")));
     let wall_rows_per_second = count as f64 / loaded.wall_seconds;
-    Measured { rows_per_second, wall_rows_per_second, copy, peak_rss_mb: loaded.peak_rss_mb, cpu_ms_per_1000, cores }
+    Measured {
+        rows_per_second,
+        wall_rows_per_second,
+        copy,
+        peak_rss_mb: loaded.peak_rss_mb,
+        cpu_ms_per_1000,
+        cores,
+        repredict,
+    }
 }
 
 fn main() {
@@ -228,13 +304,19 @@ fn main() {
         "http://{}",
         txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap()
     );
+    let v2 = (env_or("BENCH_REPREDICT", 1) > 0).then(|| {
+        let model =
+            txnflow::ml_api::Faults { extended: true, model_version: "v2".into(), shift: 3, ..Default::default() };
+        format!("http://{}", txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), model).unwrap())
+    });
+    let models = Models { live: &ml_api, v2: v2.as_deref() };
     let bench_id = uuid::Uuid::new_v4().simple().to_string();
     let mut measured = Vec::new();
     for run in 1..=runs {
         println!("run {run} of {runs}");
-        measured.push(measure(&runtime, &ml_api, &format!("{bench_id}-{run}"), rows, true));
+        measured.push(measure(&runtime, &models, &format!("{bench_id}-{run}"), rows, true));
     }
-    let large_rss = (large > 0).then(|| measure(&runtime, &ml_api, &bench_id, large, false).peak_rss_mb);
+    let large_rss = (large > 0).then(|| measure(&runtime, &models, &bench_id, large, false).peak_rss_mb);
     let figures = |f: fn(&Measured) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
     println!();
     println!("summary: median (min–max) of {runs} runs of {rows} rows, release build, this machine");
@@ -262,6 +344,29 @@ fn main() {
         })
         .collect();
     println!("CPU by process over the wall time (share of one core; 2 cores = 200%): {}", roles.join(", "));
+    let repredicted: Vec<&Repredicted> = measured.iter().filter_map(|m| m.repredict.as_ref()).collect();
+    if !repredicted.is_empty() {
+        let figures = |f: fn(&Repredicted) -> f64| repredicted.iter().map(|r| f(r)).collect::<Vec<f64>>();
+        println!(
+            "re-prediction of the loaded rows with v2 (txnflow repredict, default configuration), beside the batch load:"
+        );
+        println!(
+            "| rows/s | batch rows/s (first to last row) | repredict / batch | txnflow CPU ms per 1,000 rows | peak RSS MB |"
+        );
+        println!("|---|---|---|---|---|");
+        let ratios: Vec<f64> = measured
+            .iter()
+            .filter_map(|m| m.repredict.as_ref().map(|r| r.rows_per_second / m.rows_per_second))
+            .collect();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            median_and_spread(&figures(|r| r.rows_per_second), 0),
+            median_and_spread(&figures_of(&measured, |m| m.rows_per_second), 0),
+            median_and_spread(&ratios, 2),
+            median_and_spread(&figures(|r| r.cpu_ms_per_1000), 0),
+            median_and_spread(&figures(|r| r.peak_rss_mb), 0),
+        );
+    }
     let described = match large_rss {
         Some(mb) => {
             format!("{rows} rows: {:.1} MB (median); {large} rows: {mb:.1} MB", median(&figures(|m| m.peak_rss_mb)))

@@ -29,6 +29,13 @@
 //! drops the oldest records beyond, as retention does), so there the default
 //! is 30,000 events, 10,000 a partition.
 //!
+//! `BENCH_BASELINE_BIN=PATH` (with `BENCH_BASELINE_NAME`) compares this
+//! build with another `txnflow` binary instead: keyed throughput only, each
+//! run once with each binary, the order alternated from run to run, and the
+//! ratio of this build's rate to the baseline's per run. `make
+//! bench-history` uses it against the last build that wrote no prediction
+//! history.
+//!
 //!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20, BENCH_BROKER=tansu)
 
 use diesel::{Connection, RunQueryDsl};
@@ -169,8 +176,11 @@ fn start_ml_api(port: u16) -> (Child, String) {
     (Child(child), url)
 }
 
-fn start_service(topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_txnflow"))
+/// This build's `txnflow`.
+const THIS_BUILD: &str = env!("CARGO_BIN_EXE_txnflow");
+
+fn start_service(binary: &str, topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Child {
+    let child = Command::new(binary)
         .arg("run")
         .env("TXNFLOW__KAFKA__BROKERS", kafka().brokers)
         .env("TXNFLOW__KAFKA__BROKER_QUIRKS", BROKER.get().map_or("tansu", |(_, quirks)| quirks))
@@ -201,6 +211,7 @@ struct Throughput {
     copy: f64,
     rss_mb: f64,
     txnflow_cpu_ms_per_1000: f64,
+    postgresql_cpu_seconds: f64,
 }
 
 fn stored_rows(db: &str) -> usize {
@@ -244,6 +255,7 @@ fn partition_spans(db: &str) -> String {
 }
 
 async fn throughput(
+    binary: &str,
     run: u64,
     keys: Keys,
     count: usize,
@@ -262,7 +274,7 @@ async fn throughput(
     println!("  partitions' ends: {ends:?}");
     let db = fresh_database("pipeline", false);
     let admin_port = 18391;
-    let service = start_service(&topic, &db, admin_port, ml_api);
+    let service = start_service(binary, &topic, &db, admin_port, ml_api);
     let mut roles = vec![("txnflow", vec![service.pid()]), ("ml-api", vec![ml_api_pid])];
     roles.push(("broker", if mock.is_some() { vec![std::process::id()] } else { pids_named("tansu") }));
     roles.push(("postgresql", pids_named("postgres")));
@@ -306,6 +318,7 @@ async fn throughput(
     println!("  CPU over {cpu_seconds:.1} s (2 cores = 200%): {}", described.join(", "));
     let txnflow_cpu = used.iter().find(|(role, _)| *role == "txnflow").map_or(0.0, |(_, s)| *s);
     let txnflow_cpu_ms_per_1000 = 1000.0 * txnflow_cpu / (count as f64 / 1000.0);
+    let postgresql_cpu_seconds = used.iter().find(|(role, _)| *role == "postgresql").map_or(0.0, |(_, s)| *s);
     println!("  txnflow's PostgreSQL backends, sampled every 50 ms: {waits}");
     println!("  where the time went (txnflow_stage_seconds over the {window:.1} s window):");
     print_stage_table(&stage_phases(&metrics), window);
@@ -320,7 +333,7 @@ async fn throughput(
         "  psql \\copy of the same rows: {copy:.0} rows/s; pipeline / copy = {:.2}; txnflow CPU {txnflow_cpu_ms_per_1000:.0} ms per 1,000 records; peak RSS {rss_mb:.1} MB",
         rate / copy
     );
-    Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000 }
+    Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000, postgresql_cpu_seconds }
 }
 
 /// Produces at `rate` events/s for `seconds`, and returns when each event's
@@ -377,7 +390,7 @@ async fn latency(
     create_topic(&topic, 3, mock).await;
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
     let db = fresh_database("latency", false);
-    let service = start_service(&topic, &db, 18392, ml_api);
+    let service = start_service(THIS_BUILD, &topic, &db, 18392, ml_api);
     // Let the consumer join its group before the clock starts.
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!("run {run}, latency: {rate} events/s for {seconds} s, default configuration");
@@ -443,6 +456,11 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let (ml_api_process, ml_api) = start_ml_api(18393);
+        if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
+            let name = std::env::var("BENCH_BASELINE_NAME").unwrap_or_else(|_| baseline.clone());
+            compare_builds(runs, count, &baseline, &name, &ml_api, ml_api_process.pid(), mock).await;
+            return;
+        }
         let mut throughputs: HashMap<&str, Vec<Throughput>> = HashMap::new();
         let mut latencies: HashMap<u64, Vec<[f64; 4]>> = HashMap::new();
         for run in 1..=runs {
@@ -450,7 +468,7 @@ fn main() {
                 if !only_keys.is_empty() && only_keys != keys.as_str() {
                     continue;
                 }
-                let measured = throughput(run, keys, count, &ml_api, ml_api_process.pid(), mock).await;
+                let measured = throughput(THIS_BUILD, run, keys, count, &ml_api, ml_api_process.pid(), mock).await;
                 throughputs.entry(keys.as_str()).or_default().push(measured);
             }
             for rate in [23, 2_000].into_iter().filter(|_| latency_seconds > 0) {
@@ -489,7 +507,8 @@ fn main() {
             println!();
             println!("large run {}/{}: {events} keyed events, one run", i + 1, large_counts.len());
             let run = runs + 1 + i as u64;
-            large.push((events, throughput(run, Keys::ById, events, &ml_api, ml_api_process.pid(), mock).await));
+            let measured = throughput(THIS_BUILD, run, Keys::ById, events, &ml_api, ml_api_process.pid(), mock).await;
+            large.push((events, measured));
         }
         if !large.is_empty() {
             println!();
@@ -510,6 +529,55 @@ fn main() {
             }
         }
     });
+}
+
+/// Keyed throughput of this build against `baseline`, run by run, the
+/// order alternated so that neither always runs on a warmer machine.
+async fn compare_builds(
+    runs: u64,
+    count: usize,
+    baseline: &str,
+    name: &str,
+    ml_api: &str,
+    ml_api_pid: u32,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+) {
+    let baseline = std::fs::canonicalize(baseline).expect("BENCH_BASELINE_BIN is a txnflow binary");
+    let baseline = baseline.to_str().unwrap();
+    let mut pairs = Vec::new();
+    for run in 1..=runs {
+        let mut order = [(THIS_BUILD, "this build"), (baseline, name)];
+        if run % 2 == 0 {
+            order.reverse();
+        }
+        let mut measured = HashMap::new();
+        for (binary, label) in order {
+            println!("run {run}: {label}");
+            measured.insert(label, throughput(binary, run, Keys::ById, count, ml_api, ml_api_pid, mock).await);
+        }
+        pairs.push((measured.remove("this build").unwrap(), measured.remove(name).unwrap()));
+    }
+    println!();
+    println!(
+        "summary: this build against {name}, median (min–max) of {runs} runs of {count} keyed events each, alternated"
+    );
+    println!("| build | txn/s | pipeline / copy | PostgreSQL CPU s | txnflow CPU ms per 1,000 | peak RSS MB |");
+    println!("|---|---|---|---|---|---|");
+    for (label, side) in [("this build", 0), (name, 1)] {
+        let figures = |f: fn(&Throughput) -> f64| {
+            pairs.iter().map(|pair| f(if side == 0 { &pair.0 } else { &pair.1 })).collect::<Vec<f64>>()
+        };
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            median_and_spread(&figures(|t| t.rate), 0),
+            median_and_spread(&figures(|t| t.rate / t.copy), 2),
+            median_and_spread(&figures(|t| t.postgresql_cpu_seconds), 1),
+            median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
+            median_and_spread(&figures(|t| t.rss_mb), 0),
+        );
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|(this, other)| this.rate / other.rate).collect();
+    println!("this build / {name}, run by run: {}", median_and_spread(&ratios, 3));
 }
 
 /// The event counts of the large keyed runs: `BENCH_LARGE_EVENTS`, commas

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::db::{self, history};
+use crate::domain::time_windows::TimeWindows;
 
-/// History rows per promote or archive chunk: each chunk is one database
-/// transaction.
-const CHUNK_ROWS: usize = 5_000;
+/// The history rows a promote or archive chunk aims at (its time window
+/// follows the density of the rows); each chunk is one database transaction.
+const CHUNK_ROWS: u64 = 5_000;
 
 fn connect(config: &Config) -> anyhow::Result<diesel::PgConnection> {
     let mut connection = db::connect(&config.db.url)?;
@@ -83,11 +84,37 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
     } else {
         eprintln!("promoting {version}: {} history rows", promotion.rows);
     }
+    let (Some(first), Some(last)) = (promotion.first_at, promotion.last_at) else {
+        anyhow::bail!("model version {version:?} has no prediction in prediction_history");
+    };
+    let start = promotion.resume_at.unwrap_or(first).max(first);
+    let remaining = (promotion.rows - promotion.examined).max(1) as u64;
+    let mut windows = TimeWindows::new(start, last, remaining, CHUNK_ROWS);
     let mut last_progress = Instant::now();
     loop {
+        let Some(window) = windows.next_window() else {
+            // Resumed past the last row: only the end is left to record.
+            let at = windows.next_start();
+            history::promote_chunk(&mut connection, version, &mut promotion, (at, at), true).map_err(database)?;
+            break;
+        };
+        let rows = history::rows_in_window(&mut connection, Some(version), window).map_err(database)?;
+        if !windows.fits(rows) {
+            continue;
+        }
+        let mut end = window.1 > last;
+        if end
+            && let Some(later) =
+                history::last_prediction_since(&mut connection, Some(version), window.1).map_err(database)?
+        {
+            // Rows of this version arrived while it was being promoted.
+            windows.extend_to(later);
+            end = false;
+        }
         let (examined, _) =
-            history::promote_chunk(&mut connection, version, &mut promotion, CHUNK_ROWS).map_err(database)?;
-        if examined == 0 {
+            history::promote_chunk(&mut connection, version, &mut promotion, window, end).map_err(database)?;
+        windows.done(window.1, examined);
+        if end {
             break;
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
@@ -111,31 +138,29 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
 }
 
 /// Moves history rows older than `days` days, except current predictions,
-/// into `prediction_history_archive`, a version at a time, in chunks.
+/// into `prediction_history_archive`, in time windows of about
+/// `CHUNK_ROWS` rows.
 pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut connection = connect(config)?;
     let cut = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
-    let versions = history::history_versions(&mut connection).map_err(database)?;
-    eprintln!(
-        "archiving history rows older than {days} days (before {}), {} versions",
-        cut.to_rfc3339(),
-        versions.len()
-    );
+    let span = history::span_before(&mut connection, cut).map_err(database)?;
+    eprintln!("archiving history rows older than {days} days (before {}): {} rows", cut.to_rfc3339(), span.rows);
     let (mut examined, mut moved) = (0u64, 0u64);
     let mut last_progress = Instant::now();
-    for version in &versions {
-        let mut cursor = history::ArchiveCursor::default();
-        loop {
-            let (seen, gone) =
-                history::archive_chunk(&mut connection, version, cut, &mut cursor, CHUNK_ROWS).map_err(database)?;
-            if seen == 0 {
-                break;
+    if let (Some(first), Some(last)) = (span.first_at, span.last_at) {
+        let mut windows = TimeWindows::new(first, last, span.rows as u64, CHUNK_ROWS);
+        while let Some((from, to)) = windows.next_window() {
+            let window = (from, to.min(cut));
+            if !windows.fits(history::rows_in_window(&mut connection, None, window).map_err(database)?) {
+                continue;
             }
+            let (seen, gone) = history::archive_chunk(&mut connection, window).map_err(database)?;
+            windows.done(to, seen);
             examined += seen;
             moved += gone;
             if last_progress.elapsed() >= Duration::from_secs(5) {
-                eprintln!("archive: {version}: examined {examined}, moved {moved}");
+                eprintln!("archive: examined {examined} of {}, moved {moved}", span.rows);
                 last_progress = Instant::now();
             }
         }

@@ -356,15 +356,15 @@ pub fn compare(connection: &mut PgConnection, a: &str, b: &str) -> Result<Confus
     Ok(confusion)
 }
 
-/// A promotion's `model_promotions` row.
+/// A promotion's `model_promotions` row, with the version's history span.
 #[derive(diesel::QueryableByName, Debug, Clone)]
 pub struct Promotion {
     #[diesel(sql_type = Text)]
     pub status: String,
+    /// Where the next window starts: every history row of the version
+    /// before it is done.
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub resume_at: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
-    pub resume_transaction_id: Option<Uuid>,
     #[diesel(sql_type = BigInt)]
     pub examined: i64,
     #[diesel(sql_type = BigInt)]
@@ -372,6 +372,11 @@ pub struct Promotion {
     /// The version's history rows, for progress.
     #[diesel(sql_type = BigInt)]
     pub rows: i64,
+    /// The version's first and last prediction in history.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub first_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub last_at: Option<DateTime<Utc>>,
 }
 
 /// Starts promoting `version`, or resumes its unfinished promotion; any
@@ -388,16 +393,20 @@ pub fn start_promotion(connection: &mut PgConnection, version: &str) -> Result<P
         .bind::<Text, _>(version)
         .execute(tx)?;
         Ok(diesel::sql_query(
-            "INSERT INTO model_promotions AS m (model_version, status) VALUES ($1, 'running')
-             ON CONFLICT (model_version) DO UPDATE SET
-                 status = 'running', updated_at = now(), finished_at = NULL,
-                 resume_at = CASE WHEN m.status = 'running' THEN m.resume_at END,
-                 resume_transaction_id = CASE WHEN m.status = 'running' THEN m.resume_transaction_id END,
-                 examined = CASE WHEN m.status = 'running' THEN m.examined ELSE 0 END,
-                 promoted = CASE WHEN m.status = 'running' THEN m.promoted ELSE 0 END,
-                 started_at = CASE WHEN m.status = 'running' THEN m.started_at ELSE now() END
-             RETURNING status, resume_at, resume_transaction_id, examined, promoted,
-                       (SELECT count(*) FROM prediction_history WHERE model_version = $1) AS rows",
+            "WITH span AS (
+                 SELECT count(*) AS rows, min(predicted_at) AS first_at, max(predicted_at) AS last_at
+                 FROM prediction_history WHERE model_version = $1
+             ), promotion AS (
+                 INSERT INTO model_promotions AS m (model_version, status) VALUES ($1, 'running')
+                 ON CONFLICT (model_version) DO UPDATE SET
+                     status = 'running', updated_at = now(), finished_at = NULL,
+                     resume_at = CASE WHEN m.status = 'running' THEN m.resume_at END,
+                     examined = CASE WHEN m.status = 'running' THEN m.examined ELSE 0 END,
+                     promoted = CASE WHEN m.status = 'running' THEN m.promoted ELSE 0 END,
+                     started_at = CASE WHEN m.status = 'running' THEN m.started_at ELSE now() END
+                 RETURNING status, resume_at, examined, promoted
+             )
+             SELECT p.*, s.rows, s.first_at, s.last_at FROM promotion p CROSS JOIN span s",
         )
         .bind::<Text, _>(version)
         .get_result(tx)?)
@@ -410,34 +419,29 @@ struct ChunkDone {
     examined: i64,
     #[diesel(sql_type = BigInt)]
     changed: i64,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    last_at: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
-    last_id: Option<Uuid>,
 }
 
-/// One promotion chunk, in one database transaction: the next `limit` of
-/// the version's history rows in (predicted_at, transaction_id) order, each
-/// transaction's latest among them made current, unless its current
-/// prediction is already this version's and as recent; then the
-/// promotion's resume point and counts. Returns the rows examined and the
-/// current predictions changed; 0 examined means done.
+/// One promotion chunk, in one database transaction: the version's history
+/// rows predicted in `[from, to)` (found through the BRIN index on
+/// `predicted_at`), each transaction's latest among them made current,
+/// unless its current prediction is already this version's and as recent;
+/// then the promotion's resume point (`to`), counts, and status (`completed`
+/// with `last`). Windows are walked in time order, so a transaction's later
+/// prediction is applied after its earlier one. Returns the rows examined
+/// and the current predictions changed.
 pub fn promote_chunk(
     connection: &mut PgConnection,
     version: &str,
     promotion: &mut Promotion,
-    limit: usize,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    last: bool,
 ) -> Result<(u64, u64), WriteError> {
     connection.transaction::<(u64, u64), WriteError, _>(|tx| {
         let done: ChunkDone = diesel::sql_query(
             "WITH chunk AS (
                  SELECT transaction_id, category, confidence_score, model_version, predicted_at
                  FROM prediction_history
-                 WHERE model_version = $1
-                   AND (predicted_at, transaction_id)
-                       > (coalesce($2, '-infinity'::timestamptz), coalesce($3, '00000000-0000-0000-0000-000000000000'::uuid))
-                 ORDER BY model_version, predicted_at, transaction_id
-                 LIMIT $4
+                 WHERE model_version = $1 AND predicted_at >= $2 AND predicted_at < $3
              ), latest AS (
                  SELECT DISTINCT ON (transaction_id) * FROM chunk ORDER BY transaction_id, predicted_at DESC
              ), changed AS (
@@ -449,33 +453,25 @@ pub fn promote_chunk(
                      model_version = EXCLUDED.model_version, predicted_at = EXCLUDED.predicted_at
                  WHERE p.model_version <> EXCLUDED.model_version OR p.predicted_at < EXCLUDED.predicted_at
                  RETURNING 1
-             ), last AS (
-                 SELECT predicted_at, transaction_id FROM chunk ORDER BY predicted_at DESC, transaction_id DESC LIMIT 1
              )
-             SELECT (SELECT count(*) FROM chunk) AS examined, (SELECT count(*) FROM changed) AS changed,
-                    (SELECT predicted_at FROM last) AS last_at, (SELECT transaction_id FROM last) AS last_id",
+             SELECT (SELECT count(*) FROM chunk) AS examined, (SELECT count(*) FROM changed) AS changed",
         )
         .bind::<Text, _>(version)
-        .bind::<Nullable<Timestamptz>, _>(promotion.resume_at)
-        .bind::<Nullable<SqlUuid>, _>(promotion.resume_transaction_id)
-        .bind::<BigInt, _>(limit as i64)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
         .get_result(tx)?;
-        if done.examined > 0 {
-            promotion.resume_at = done.last_at;
-            promotion.resume_transaction_id = done.last_id;
-        }
+        promotion.resume_at = Some(to);
         promotion.examined += done.examined;
         promotion.promoted += done.changed;
-        let status = if done.examined == 0 { "completed" } else { "running" };
+        let status = if last { "completed" } else { "running" };
         diesel::sql_query(
-            "UPDATE model_promotions SET resume_at = $2, resume_transaction_id = $3, examined = $4, promoted = $5,
-                    status = $6, updated_at = now(),
-                    finished_at = CASE WHEN $6 = 'completed' THEN now() END
+            "UPDATE model_promotions SET resume_at = $2, examined = $3, promoted = $4,
+                    status = $5, updated_at = now(),
+                    finished_at = CASE WHEN $5 = 'completed' THEN now() END
              WHERE model_version = $1",
         )
         .bind::<Text, _>(version)
         .bind::<Nullable<Timestamptz>, _>(promotion.resume_at)
-        .bind::<Nullable<SqlUuid>, _>(promotion.resume_transaction_id)
         .bind::<BigInt, _>(promotion.examined)
         .bind::<BigInt, _>(promotion.promoted)
         .bind::<Text, _>(status)
@@ -486,53 +482,86 @@ pub fn promote_chunk(
 }
 
 #[derive(diesel::QueryableByName)]
-struct Version {
-    #[diesel(sql_type = Text)]
-    model_version: String,
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
 }
 
-/// The model versions in history, by a skip scan of its version index.
-pub fn history_versions(connection: &mut PgConnection) -> Result<Vec<String>, WriteError> {
-    let rows: Vec<Version> = diesel::sql_query(
-        "WITH RECURSIVE v AS (
-             SELECT min(model_version) AS model_version FROM prediction_history
-             UNION ALL
-             SELECT (SELECT min(model_version) FROM prediction_history h WHERE h.model_version > v.model_version)
-             FROM v WHERE v.model_version IS NOT NULL
-         )
-         SELECT model_version FROM v WHERE model_version IS NOT NULL",
+/// The history rows predicted in `[from, to)`, of `version` (or of any
+/// version): a window's size before it is used.
+pub fn rows_in_window(
+    connection: &mut PgConnection,
+    version: Option<&str>,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+) -> Result<u64, WriteError> {
+    let count: Count = diesel::sql_query(
+        "SELECT count(*) AS rows FROM prediction_history
+         WHERE predicted_at >= $1 AND predicted_at < $2 AND ($3::text IS NULL OR model_version = $3)",
     )
-    .load(connection)?;
-    Ok(rows.into_iter().map(|row| row.model_version).collect())
+    .bind::<Timestamptz, _>(from)
+    .bind::<Timestamptz, _>(to)
+    .bind::<Nullable<Text>, _>(version)
+    .get_result(connection)?;
+    Ok(count.rows as u64)
 }
 
-/// Where an archive pass over one version is.
-#[derive(Debug, Default, Clone)]
-pub struct ArchiveCursor {
-    pub after_at: Option<DateTime<Utc>>,
-    pub after_id: Option<Uuid>,
+#[derive(diesel::QueryableByName)]
+struct Latest {
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    at: Option<DateTime<Utc>>,
 }
 
-/// One archive chunk of `version`, in one database transaction: of its
-/// next `limit` history rows older than `cut`, those that are not a
-/// current prediction move to `prediction_history_archive`. Returns the
-/// rows examined and moved; 0 examined means the version is done.
+/// The last prediction in history at or after `from`, of `version` (or of
+/// any version), found through the BRIN index: rows that arrived after a
+/// walk's span was taken.
+pub fn last_prediction_since(
+    connection: &mut PgConnection,
+    version: Option<&str>,
+    from: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, WriteError> {
+    let latest: Latest = diesel::sql_query(
+        "SELECT max(predicted_at) AS at FROM prediction_history
+         WHERE predicted_at >= $1 AND ($2::text IS NULL OR model_version = $2)",
+    )
+    .bind::<Timestamptz, _>(from)
+    .bind::<Nullable<Text>, _>(version)
+    .get_result(connection)?;
+    Ok(latest.at)
+}
+
+#[derive(diesel::QueryableByName)]
+pub struct HistorySpan {
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub first_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+/// The history rows older than `cut`: how many, the first and the last.
+pub fn span_before(connection: &mut PgConnection, cut: DateTime<Utc>) -> Result<HistorySpan, WriteError> {
+    Ok(diesel::sql_query(
+        "SELECT count(*) AS rows, min(predicted_at) AS first_at, max(predicted_at) AS last_at
+         FROM prediction_history WHERE predicted_at < $1",
+    )
+    .bind::<Timestamptz, _>(cut)
+    .get_result(connection)?)
+}
+
+/// One archive chunk, in one database transaction: of the history rows
+/// predicted in `[from, to)` (found through the BRIN index on
+/// `predicted_at`; `to` is at most the cut), those that are not a current
+/// prediction move to `prediction_history_archive`. Returns the rows
+/// examined and moved.
 pub fn archive_chunk(
     connection: &mut PgConnection,
-    version: &str,
-    cut: DateTime<Utc>,
-    cursor: &mut ArchiveCursor,
-    limit: usize,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
 ) -> Result<(u64, u64), WriteError> {
     connection.transaction::<(u64, u64), WriteError, _>(|tx| {
         let done: ChunkDone = diesel::sql_query(
             "WITH chunk AS (
-                 SELECT ctid AS row_id, transaction_id, predicted_at FROM prediction_history
-                 WHERE model_version = $1 AND predicted_at < $2
-                   AND (predicted_at, transaction_id)
-                       > (coalesce($3, '-infinity'::timestamptz), coalesce($4, '00000000-0000-0000-0000-000000000000'::uuid))
-                 ORDER BY model_version, predicted_at, transaction_id
-                 LIMIT $5
+                 SELECT ctid AS row_id FROM prediction_history WHERE predicted_at >= $1 AND predicted_at < $2
              ), moved AS (
                  DELETE FROM prediction_history h USING chunk c
                  WHERE h.ctid = c.row_id
@@ -546,22 +575,12 @@ pub fn archive_chunk(
                      (transaction_id, category, confidence_score, model_version, predicted_at, kind, run_id)
                  SELECT * FROM moved
                  RETURNING 1
-             ), last AS (
-                 SELECT predicted_at, transaction_id FROM chunk ORDER BY predicted_at DESC, transaction_id DESC LIMIT 1
              )
-             SELECT (SELECT count(*) FROM chunk) AS examined, (SELECT count(*) FROM archived) AS changed,
-                    (SELECT predicted_at FROM last) AS last_at, (SELECT transaction_id FROM last) AS last_id",
+             SELECT (SELECT count(*) FROM chunk) AS examined, (SELECT count(*) FROM archived) AS changed",
         )
-        .bind::<Text, _>(version)
-        .bind::<Timestamptz, _>(cut)
-        .bind::<Nullable<Timestamptz>, _>(cursor.after_at)
-        .bind::<Nullable<SqlUuid>, _>(cursor.after_id)
-        .bind::<BigInt, _>(limit as i64)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
         .get_result(tx)?;
-        if done.examined > 0 {
-            cursor.after_at = done.last_at;
-            cursor.after_id = done.last_id;
-        }
         Ok((done.examined as u64, done.changed as u64))
     })
 }

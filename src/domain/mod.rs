@@ -21,6 +21,7 @@ pub mod prediction;
 pub mod retry;
 pub mod rollout;
 pub mod run_progress;
+pub mod time_windows;
 pub mod timestamp;
 pub mod transaction;
 pub mod validation;

@@ -17,7 +17,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         stdout(&first).trim(),
-        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006",
+        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006, 20261204000007",
         "every migration, in order"
     );
     let second = migrate(&database);
@@ -178,8 +178,11 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert!(migrate(&database).status.success());
     let mut connection = database.connect();
     let reverted: Vec<String> =
-        (0..5).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
-    assert_eq!(reverted, ["20261203000006", "20261203000005", "20261201000004", "20261126000003", "20261126000002"]);
+        (0..6).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
+    assert_eq!(
+        reverted,
+        ["20261204000007", "20261203000006", "20261203000005", "20261201000004", "20261126000003", "20261126000002"]
+    );
 
     let tables = query_json(
         &mut connection,
@@ -218,7 +221,7 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     let again = migrate(&database);
     assert_eq!(
         stdout(&again).trim(),
-        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006"
+        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006, 20261204000007"
     );
     let stored = query_json(&mut connection, "SELECT processing_type, run_id FROM transactions");
     assert_eq!(stored, [json!({"processing_type": "streaming", "run_id": null})]);
@@ -250,7 +253,10 @@ fn the_history_migration_keeps_the_seed_answers() {
     let revert = |connection: &mut diesel::PgConnection| {
         connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()
     };
-    assert_eq!([revert(&mut connection), revert(&mut connection)], ["20261203000006", "20261203000005"]);
+    assert_eq!(
+        [revert(&mut connection), revert(&mut connection), revert(&mut connection)],
+        ["20261204000007", "20261203000006", "20261203000005"]
+    );
     connection
         .batch_execute(
             "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side)
@@ -267,7 +273,7 @@ fn the_history_migration_keeps_the_seed_answers() {
     assert_eq!(before[0][0]["predicted_transactions"], 11);
 
     let applied = migrate(&database);
-    assert_eq!(stdout(&applied).trim(), "applied migrations: 20261203000005, 20261203000006");
+    assert_eq!(stdout(&applied).trim(), "applied migrations: 20261203000005, 20261203000006, 20261204000007");
     assert_eq!(seed_answers(&mut connection), before, "the same answers after the migrations");
     let history = query_json(
         &mut connection,
@@ -288,10 +294,10 @@ fn the_history_migration_keeps_the_seed_answers() {
                 "current_predictions": 11})]
     );
 
-    // The rollout migration on a database with history (a second
+    // The rollout migrations on a database with history (a second
     // version's re-predictions beside the migrated rows): the same answers
-    // before it, after it, and after its revert.
-    assert_eq!(revert(&mut connection), "20261203000006");
+    // before them, after them, and after their revert.
+    assert_eq!([revert(&mut connection), revert(&mut connection)], ["20261204000007", "20261203000006"]);
     connection
         .batch_execute(
             "INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, kind, run_id)
@@ -299,9 +305,9 @@ fn the_history_migration_keeps_the_seed_answers() {
         )
         .unwrap();
     assert_eq!(seed_answers(&mut connection), before, "history rows change none of the seed's answers");
-    assert_eq!(stdout(&migrate(&database)).trim(), "applied migrations: 20261203000006");
-    assert_eq!(seed_answers(&mut connection), before, "the same answers after the rollout migration");
-    assert_eq!(revert(&mut connection), "20261203000006");
+    assert_eq!(stdout(&migrate(&database)).trim(), "applied migrations: 20261203000006, 20261204000007");
+    assert_eq!(seed_answers(&mut connection), before, "the same answers after the rollout migrations");
+    assert_eq!([revert(&mut connection), revert(&mut connection)], ["20261204000007", "20261203000006"]);
     assert_eq!(seed_answers(&mut connection), before, "and after its revert");
 
     assert_eq!(revert(&mut connection), "20261203000005");

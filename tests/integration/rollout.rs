@@ -566,3 +566,72 @@ fn archive_moves_old_history_but_never_a_current_prediction() {
         .env("TXNFLOW__DB__URL", &database.url)));
     assert!(twice.starts_with("archived 0 of 100 history rows"), "{twice}");
 }
+
+/// Promote walks a version's history in time windows of about 5,000 rows
+/// through the BRIN index: over 12,000 transactions spread across a day,
+/// a burst of 3,000 rows sharing one timestamp, and a later second
+/// prediction for every third transaction, each transaction ends with the
+/// version's latest prediction. A promotion left running resumes at its
+/// window's start: only the rows from there on are applied.
+#[test]
+fn promote_applies_each_transactions_latest_across_many_windows_and_resumes() {
+    use diesel::connection::SimpleConnection;
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 12_000);
+    // v3: transaction i at `base + i seconds` (i <= 3,000: all at `base`),
+    // and every third one again a day later, as Travel.
+    connection
+        .batch_execute(
+            "INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind, run_id)
+             SELECT id, 'Rent', 0.8, 'v3',
+                    '2026-11-01T00:00:00Z'::timestamptz
+                      + CASE WHEN n <= 3000 THEN interval '0' ELSE n * interval '1 second' END,
+                    'repredict', 'r3'
+             FROM (SELECT id, substr(description, 10)::int AS n FROM transactions) t;
+             INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind, run_id)
+             SELECT id, 'Travel', 0.7, 'v3', '2026-11-02T00:00:00Z'::timestamptz + n * interval '1 second', 'repredict', 'r4'
+             FROM (SELECT id, substr(description, 10)::int AS n FROM transactions) t WHERE n % 3 = 0;",
+        )
+        .unwrap();
+    let promote = |version: &str| {
+        succeeded(&run(txnflow().args(["models", "promote", version]).env("TXNFLOW__DB__URL", &database.url)))
+    };
+    let latest = |n: u32| if n.is_multiple_of(3) { "Travel" } else { "Rent" };
+    let promoted = promote("v3");
+    // A transaction whose two rows fall in different windows is changed
+    // twice: 12,000 first rows and 4,000 later ones.
+    assert!(
+        promoted.starts_with("promoted v3: examined 16000 history rows, changed 16000 current predictions"),
+        "{promoted}"
+    );
+    let expected: BTreeMap<Uuid, (String, String)> = (1..=12_000u32)
+        .map(|n| (Uuid::parse_str(&seeded_id(n)).unwrap(), (latest(n).to_string(), "v3".to_string())))
+        .collect();
+    assert_eq!(current(&mut connection), expected, "every transaction has v3's latest prediction");
+
+    // Back to v1, then a v3 promotion left running at 2026-11-01 02:00
+    // (after transaction 7,200's first row): resumed, it applies the rows
+    // from there on only.
+    assert!(promote("v1").starts_with("promoted v1: examined 12000 history rows, changed 12000"));
+    connection
+        .batch_execute(
+            "UPDATE model_promotions SET status = 'running', resume_at = '2026-11-01T02:00:00Z', examined = 7200, promoted = 0
+             WHERE model_version = 'v3'",
+        )
+        .unwrap();
+    let resumed = promote("v3");
+    // Rows from 02:00: transactions 7,200 to 12,000 (4,801), and the 4,000 later ones.
+    assert!(resumed.starts_with("promoted v3: examined 16001 history rows, changed "), "{resumed}");
+    let expected: BTreeMap<Uuid, (String, String)> = (1..=12_000u32)
+        .map(|n| {
+            let id = Uuid::parse_str(&seeded_id(n)).unwrap();
+            if n >= 7_200 || n.is_multiple_of(3) {
+                (id, (latest(n).to_string(), "v3".to_string()))
+            } else {
+                (id, ("Food".to_string(), "v1".to_string()))
+            }
+        })
+        .collect();
+    assert_eq!(current(&mut connection), expected, "the resumed promotion applied the rows from its resume point");
+}
