@@ -73,22 +73,22 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
         anyhow::bail!("another promotion is running; wait for it to end");
     }
     let mut promotion = history::start_promotion(&mut connection, version).map_err(database)?;
-    if promotion.rows == 0 {
+    if promotion.span.rows == 0 {
         anyhow::bail!("model version {version:?} has no prediction in prediction_history (see `txnflow models list`)");
     }
     if promotion.examined > 0 {
         eprintln!(
             "resuming the promotion of {version} after {} of {} history rows",
-            promotion.examined, promotion.rows
+            promotion.examined, promotion.span.rows
         );
     } else {
-        eprintln!("promoting {version}: {} history rows", promotion.rows);
+        eprintln!("promoting {version}: {} history rows", promotion.span.rows);
     }
-    let (Some(first), Some(last)) = (promotion.first_at, promotion.last_at) else {
+    let (Some(first), Some(last)) = (promotion.span.first_at, promotion.span.last_at) else {
         anyhow::bail!("model version {version:?} has no prediction in prediction_history");
     };
     let start = promotion.resume_at.unwrap_or(first).max(first);
-    let remaining = (promotion.rows - promotion.examined).max(1) as u64;
+    let remaining = (promotion.span.rows - promotion.examined).max(1) as u64;
     let mut windows = TimeWindows::new(start, last, remaining, CHUNK_ROWS);
     let mut last_progress = Instant::now();
     loop {
@@ -121,8 +121,8 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
             eprintln!(
                 "promote {version}: {} of {} history rows ({:.0}%), {} current predictions changed",
                 promotion.examined,
-                promotion.rows,
-                100.0 * promotion.examined as f64 / promotion.rows.max(1) as f64,
+                promotion.span.rows,
+                100.0 * promotion.examined as f64 / promotion.span.rows.max(1) as f64,
                 promotion.promoted
             );
             last_progress = Instant::now();

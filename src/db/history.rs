@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use diesel::pg::PgConnection;
 use diesel::sql_types::{Array, BigInt, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel::{Connection, RunQueryDsl};
+use diesel::{Connection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{ClaimedRow, WriteError};
@@ -369,14 +369,9 @@ pub struct Promotion {
     pub examined: i64,
     #[diesel(sql_type = BigInt)]
     pub promoted: i64,
-    /// The version's history rows, for progress.
-    #[diesel(sql_type = BigInt)]
-    pub rows: i64,
-    /// The version's first and last prediction in history.
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    pub first_at: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    pub last_at: Option<DateTime<Utc>>,
+    /// The version's history rows (for progress), first and last.
+    #[diesel(embed)]
+    pub span: HistorySpan,
 }
 
 /// Starts promoting `version`, or resumes its unfinished promotion; any
@@ -529,7 +524,8 @@ pub fn last_prediction_since(
     Ok(latest.at)
 }
 
-#[derive(diesel::QueryableByName)]
+/// Some history rows: how many, and their first and last prediction.
+#[derive(diesel::QueryableByName, Debug, Clone)]
 pub struct HistorySpan {
     #[diesel(sql_type = BigInt)]
     pub rows: i64,
