@@ -46,6 +46,7 @@ pub struct Config {
     pub chaos: ChaosConfig,
     pub ml_api: MlApiConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +291,27 @@ pub struct MlApiConfig {
     pub faults: crate::ml_api::Faults,
 }
 
+/// OpenTelemetry traces over OTLP; off while `otlp_endpoint` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL (`http://host:4318/v1/traces`).
+    pub otlp_endpoint: String,
+    /// `http/protobuf`, the only one built in.
+    pub protocol: String,
+    /// The share of new traces sampled; a record's `traceparent` decides
+    /// for its own trace.
+    pub sample_ratio: f64,
+    /// `service.name`; `OTEL_SERVICE_NAME` wins when set.
+    pub service_name: String,
+    /// Ended spans waiting for export at most; more are dropped and counted.
+    pub max_queue_spans: usize,
+    /// Spans per export request at most.
+    pub max_export_batch: usize,
+    /// How long one export may take before its spans count as dropped.
+    pub export_timeout_ms: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -511,6 +533,21 @@ impl Config {
                 ));
             }
         }
+        let tracing = &self.tracing;
+        if !tracing.otlp_endpoint.is_empty() {
+            http_url("tracing.otlp_endpoint", &tracing.otlp_endpoint)?;
+        }
+        if tracing.protocol != "http/protobuf" {
+            return Err(ConfigError::new(
+                "tracing.protocol",
+                format!("must be \"http/protobuf\", got {:?}", tracing.protocol),
+            ));
+        }
+        share("tracing.sample_ratio", tracing.sample_ratio)?;
+        non_empty("tracing.service_name", &tracing.service_name)?;
+        positive("tracing.max_queue_spans", tracing.max_queue_spans as u64)?;
+        positive("tracing.max_export_batch", tracing.max_export_batch as u64)?;
+        positive("tracing.export_timeout_ms", tracing.export_timeout_ms)?;
         let faults = &self.ml_api.faults;
         share("ml_api.faults.error_rate", faults.error_rate)?;
         share("ml_api.faults.malformed_rate", faults.malformed_rate)?;

@@ -31,6 +31,7 @@ pub mod repredict;
 pub mod s3;
 pub mod service;
 pub mod tansu_quirks;
+pub mod telemetry;
 
 #[path = "../actors/mod.rs"]
 pub mod actors;

@@ -223,7 +223,13 @@ fn main() -> ExitCode {
         eprintln!("txnflow: {error}");
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
-    init_logging(&config);
+    let traces = match init_logging(&config) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("txnflow: tracing: {error:#}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
     let code = match run(cli.command, config) {
         Ok(()) => 0,
         // A rule checked only by the command that needs it (admin exposure).
@@ -237,6 +243,9 @@ fn main() -> ExitCode {
             1
         }
     };
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     leave(code)
 }
 
@@ -256,7 +265,10 @@ fn leave(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-fn init_logging(config: &Config) {
+/// Logs to stderr, and traces over OTLP when `tracing.otlp_endpoint` is
+/// set (the provider is returned to be shut down, which exports what is
+/// queued, at exit).
+fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::telemetry::Tracing>> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level))
         // Recloser's raw events feed BreakerStateLayer, which logs the
@@ -271,11 +283,20 @@ fn init_logging(config: &Config) {
         LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(log_format::FlatJson).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
+    let (otel, tracing) = match txnflow::telemetry::layer(&config.tracing)? {
+        Some((layer, tracing)) => (Some(layer), Some(tracing)),
+        None => (None, None),
+    };
+    // Only txnflow's own spans are traced: the exporter's HTTP client has
+    // spans of its own, which would trace the export itself.
+    let traced = tracing_subscriber::EnvFilter::new("txnflow=info");
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         // Sees recloser's transition events whatever the log level.
         .with(breaker::BreakerStateLayer.with_filter(breaker::layer_filter()))
+        .with(otel.with_filter(traced))
         .init();
+    Ok(tracing)
 }
 
 fn run(command: Command, config: Config) -> anyhow::Result<()> {

@@ -48,6 +48,10 @@ pub struct Metrics {
     /// Records the shadow model scored, by whether it agrees with the
     /// live model's stored category (`agree`, `disagree`).
     pub shadow_agreement: IntCounterVec,
+    /// Trace spans handed to the OTLP exporter, by outcome: `exported`,
+    /// `dropped_queue_full` (the export queue was full), `dropped_export_failed`
+    /// (the collector refused them, or did not answer in time).
+    pub trace_spans: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
@@ -157,6 +161,10 @@ impl Metrics {
                 r,
                 IntCounterVec::new(Opts::new("txnflow_shadow_agreement_total", "Records scored by the shadow model, by agreement with the live model's stored category: agree, disagree."), &["agreement"]).unwrap(),
             ),
+            trace_spans: register(
+                r,
+                IntCounterVec::new(Opts::new("txnflow_trace_spans_total", "Trace spans sampled for OTLP export, by outcome: exported, dropped_queue_full (tracing.max_queue_spans reached), dropped_export_failed (the collector refused them or timed out)."), &["outcome"]).unwrap(),
+            ),
             stage_seconds: register(
                 r,
                 HistogramVec::new(
@@ -192,6 +200,9 @@ impl Metrics {
         }
         for agreement in ["agree", "disagree"] {
             self.shadow_agreement.with_label_values(&[agreement]);
+        }
+        for outcome in ["exported", "dropped_queue_full", "dropped_export_failed"] {
+            self.trace_spans.with_label_values(&[outcome]);
         }
         for caller in ["pipeline", "backfill", "repredict", "shadow"] {
             self.ml_api_batch_size.with_label_values(&[caller]);

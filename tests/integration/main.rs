@@ -23,3 +23,4 @@ mod stack;
 mod streaming;
 mod supervision;
 mod tls;
+mod tracing;
