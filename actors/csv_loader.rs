@@ -403,6 +403,7 @@ fn envelope(spec: &RunSpec, file: &InputFile, transaction: Transaction, ack: Ack
             run_id: Some(spec.run_id.clone()),
             batch_id: Some(file.uri.clone()),
         },
+        traceparent: None,
         transaction,
         ack,
     }

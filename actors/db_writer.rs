@@ -319,6 +319,7 @@ fn dead_letter(mut record: Envelope, failure: Failure) -> DeadLetter {
         key: record.key.or_else(|| Some(record.transaction.id.to_string().into_bytes())),
         failure,
         run_id: record.lineage.run_id,
+        traceparent: record.traceparent,
         ack: record.ack,
     }
 }

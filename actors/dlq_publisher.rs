@@ -70,8 +70,14 @@ fn refused_for_good(error: &KafkaError, attempt: u32) -> Option<String> {
 /// record counts as dead-lettered.
 async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     let topic = &pipeline.config.kafka.dlq_topic;
-    let header_values =
-        dlq_headers(&letter.failure, letter.ack.origin(), letter.run_id.as_deref(), chrono::Utc::now(), crate::SERVICE);
+    let header_values = dlq_headers(
+        &letter.failure,
+        letter.ack.origin(),
+        letter.run_id.as_deref(),
+        letter.traceparent.as_deref(),
+        chrono::Utc::now(),
+        crate::SERVICE,
+    );
     let mut headers = OwnedHeaders::new();
     for (key, value) in &header_values {
         headers = headers.insert(Header { key, value: Some(value) });

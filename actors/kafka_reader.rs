@@ -28,7 +28,7 @@
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, SpawnHandle, Supervised, WrapFuture};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::Arc;
@@ -45,6 +45,7 @@ use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
 use crate::domain::offsets::OffsetTracker;
 use crate::domain::origin::Origin;
+use crate::domain::trace_context::{TRACEPARENT, valid_traceparent};
 use crate::domain::transaction::ProcessingType;
 use crate::metrics::{self, METRICS, Phase, StageTimer};
 
@@ -596,6 +597,9 @@ impl ReadPass {
         self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
+        let traceparent = message.headers().and_then(|headers| {
+            headers.iter().find(|h| h.key == TRACEPARENT).and_then(|h| valid_traceparent(h.value?))
+        });
         let max_bytes = pipeline.config.kafka.max_record_bytes;
         let decoded = if payload.len() > max_bytes {
             Err(RecordError {
@@ -612,7 +616,8 @@ impl ReadPass {
                     run_id: transaction.run_id.clone(),
                     batch_id: transaction.batch_id.clone(),
                 };
-                self.valid.push(Envelope { transaction, raw: Some(payload.to_vec()), key, lineage, ack });
+                let raw = Some(payload.to_vec());
+                self.valid.push(Envelope { transaction, raw, key, lineage, traceparent, ack });
             }
             Err(error) => {
                 self.rejected += 1;
@@ -622,7 +627,8 @@ impl ReadPass {
                     message: error.message,
                     attempts: 1,
                 };
-                self.invalid.push(DeadLetter { key, value: payload.to_vec(), failure, run_id: None, ack });
+                let value = payload.to_vec();
+                self.invalid.push(DeadLetter { key, value, failure, run_id: None, traceparent, ack });
             }
         }
     }

@@ -40,6 +40,9 @@ pub struct Envelope {
     pub raw: Option<Vec<u8>>,
     pub key: Option<Vec<u8>>,
     pub lineage: Lineage,
+    /// The record's W3C `traceparent` header, if it came with a valid one:
+    /// its dead letter keeps it.
+    pub traceparent: Option<String>,
     pub ack: Ack,
 }
 
@@ -67,6 +70,8 @@ pub struct DeadLetter {
     pub value: Vec<u8>,
     pub failure: Failure,
     pub run_id: Option<String>,
+    /// The record's `traceparent`, written as the letter's last header.
+    pub traceparent: Option<String>,
     /// Settled once the DLQ acknowledges the letter.
     pub ack: Ack,
 }
@@ -177,6 +182,7 @@ pub(crate) fn test_envelopes(descriptions: &[&str]) -> Vec<Envelope> {
                 raw: None,
                 key: None,
                 lineage: Lineage { processing_type: ProcessingType::Batch, run_id: None, batch_id: None },
+                traceparent: None,
                 ack: Ack::new(origin, capacity, Arc::new(NoSource), 0),
             }
         })

@@ -19,6 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::time::Duration;
 
 use crate::config::KafkaConfig;
+use crate::domain::trace_context::{TRACEPARENT, valid_traceparent};
 
 /// What `txnflow dlq replay` replays unless told otherwise.
 pub const DEFAULT_ERROR_TYPES: [&str; 2] = ["prediction_failed", "persist_failed"];
@@ -72,10 +73,17 @@ async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::R
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         });
         if error_type.as_ref().is_some_and(|kind| options.error_types.contains(kind)) {
-            let headers = OwnedHeaders::new().insert(Header {
+            let mut headers = OwnedHeaders::new().insert(Header {
                 key: "replayed_from",
                 value: Some(&format!("{}/{}/{}", message.topic(), message.partition(), message.offset())),
             });
+            // The replay continues the record's trace.
+            let traceparent = message.headers().and_then(|headers| {
+                headers.iter().find(|h| h.key == TRACEPARENT).and_then(|h| valid_traceparent(h.value?))
+            });
+            if let Some(traceparent) = &traceparent {
+                headers = headers.insert(Header { key: TRACEPARENT, value: Some(traceparent) });
+            }
             let mut record =
                 FutureRecord::to(&kafka.topic).payload(message.payload().unwrap_or_default()).headers(headers);
             if let Some(key) = message.key() {

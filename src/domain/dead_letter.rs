@@ -75,15 +75,17 @@ pub fn capped(message: &str, max: usize) -> String {
     format!("{}…", &message[..end])
 }
 
-/// The headers of a DLQ record, in the order the README documents them.
+/// The headers of a DLQ record, in the order the README documents them;
+/// the record's `traceparent` last, when it came with one.
 pub fn dlq_headers(
     failure: &Failure,
     origin: &Origin,
     run_id: Option<&str>,
+    traceparent: Option<&str>,
     failed_at: DateTime<Utc>,
     service: &str,
 ) -> Vec<(&'static str, String)> {
-    vec![
+    let mut headers = vec![
         ("error_type", failure.error_type.as_str().to_string()),
         ("error_message", capped(&failure.message, ERROR_MESSAGE_MAX_BYTES)),
         ("stage", failure.stage.as_str().to_string()),
@@ -92,7 +94,11 @@ pub fn dlq_headers(
         ("source", origin.to_string()),
         ("run_id", run_id.unwrap_or_default().to_string()),
         ("service", service.to_string()),
-    ]
+    ];
+    if let Some(traceparent) = traceparent {
+        headers.push((crate::domain::trace_context::TRACEPARENT, traceparent.to_string()));
+    }
+    headers
 }
 
 #[cfg(test)]
@@ -127,7 +133,7 @@ mod tests {
         };
         let origin = Origin::Kafka { topic: "t".into(), partition: 0, offset: 3 };
         let at = Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap();
-        let headers = dlq_headers(&failure, &origin, Some("run-1"), at, "txnflow/0.1.0");
+        let headers = dlq_headers(&failure, &origin, Some("run-1"), None, at, "txnflow/0.1.0");
         assert_eq!(
             headers,
             [

@@ -23,5 +23,6 @@ pub mod rollout;
 pub mod run_progress;
 pub mod time_windows;
 pub mod timestamp;
+pub mod trace_context;
 pub mod transaction;
 pub mod validation;

@@ -150,13 +150,28 @@ impl Scenario {
 
     /// Sends every `(key, value)` and returns where each landed.
     pub async fn produce(&self, events: &[(String, Vec<u8>)]) -> Vec<Sent> {
+        self.produce_with_traceparents(events, &vec![None; events.len()]).await
+    }
+
+    /// Produces each event with its `traceparent` header, where it has one
+    /// (the header's bytes as given, well-formed or not).
+    pub async fn produce_with_traceparents(
+        &self,
+        events: &[(String, Vec<u8>)],
+        traceparents: &[Option<String>],
+    ) -> Vec<Sent> {
+        assert_eq!(events.len(), traceparents.len());
         let mut sent = Vec::with_capacity(events.len());
         let producer = self.producer.lock().unwrap().clone();
-        for chunk in events.chunks(2000) {
-            let deliveries = chunk.iter().map(|(key, value)| {
+        for (chunk, traceparents) in events.chunks(2000).zip(traceparents.chunks(2000)) {
+            let deliveries = chunk.iter().zip(traceparents).map(|((key, value), traceparent)| {
                 let producer = producer.clone();
                 async move {
-                    let record = FutureRecord::to(&self.topic).key(key).payload(value);
+                    let mut record = FutureRecord::to(&self.topic).key(key).payload(value);
+                    if let Some(traceparent) = traceparent {
+                        let header = rdkafka::message::Header { key: "traceparent", value: Some(traceparent) };
+                        record = record.headers(rdkafka::message::OwnedHeaders::new().insert(header));
+                    }
                     let delivery =
                         producer.send(record, Duration::from_secs(120)).await.expect("the broker takes the event");
                     Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset }

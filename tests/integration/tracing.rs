@@ -6,13 +6,14 @@
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::scenario::{Scenario, valid_events};
+use crate::scenario::{Scenario, ids_of, invalid_events, valid_events};
 
 /// An OTLP/HTTP traces receiver on a free loopback port, keeping every
 /// request it decodes.
@@ -171,4 +172,40 @@ async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
     }
     assert!(counted > 0.0, "the spans the receiver did not take are counted\n{}", service.log_tail());
     assert_eq!(receiver.spans().len(), before, "nothing arrives once the receiver is gone");
+}
+
+/// A record's W3C `traceparent` header stays with it: each invalid record
+/// reaches the DLQ with its own `traceparent` as the last header, exactly;
+/// a malformed one is dropped rather than copied; valid records are stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_keep_the_records_traceparent() {
+    let scenario = Scenario::new("traceparent").await;
+    let valid = valid_events(81, 200);
+    let invalid = invalid_events(82, 15);
+    let traceparent = |n: usize| format!("00-{:032x}-{:016x}-01", 0x4bf9_0000 + n, 0x00f0_0000 + n);
+    let mut events = valid.clone();
+    events.extend(invalid.iter().cloned());
+    // Valid records and 10 invalid ones carry a well-formed header; the last
+    // 5 invalid ones a malformed one.
+    let headers: Vec<Option<String>> =
+        (0..events.len()).map(|n| Some(if n < 210 { traceparent(n) } else { format!("00-not-a-trace-{n}") })).collect();
+    let service = scenario.start_service(&[]).await;
+    assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
+    let ends = Scenario::end_offsets(&scenario.produce_with_traceparents(&events, &headers).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_eq!(scenario.transaction_ids(), ids_of(&valid), "the valid records are stored");
+
+    let letters = scenario.dlq(15);
+    let got: BTreeMap<String, Option<String>> = letters
+        .iter()
+        .map(|letter| {
+            let last = letter.headers.last().filter(|(name, _)| name == "traceparent").map(|(_, v)| v.clone());
+            let anywhere = letter.headers.iter().filter(|(name, _)| name == "traceparent").count();
+            assert!(anywhere <= 1, "one traceparent at most: {:?}", letter.headers);
+            (letter.key.clone(), last)
+        })
+        .collect();
+    let expected: BTreeMap<String, Option<String>> =
+        invalid.iter().enumerate().map(|(i, (key, _))| (key.clone(), (i < 10).then(|| traceparent(200 + i)))).collect();
+    assert_eq!(got, expected, "each dead letter's traceparent");
 }
