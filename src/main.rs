@@ -159,6 +159,9 @@ struct ProduceArgs {
     /// Topic to write to (default: kafka.topic).
     #[arg(long)]
     topic: Option<String>,
+    /// Give each record a new sampled W3C traceparent header.
+    #[arg(long)]
+    traceparent: bool,
 }
 
 #[derive(Args)]
@@ -330,6 +333,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 from: args.from,
                 seed: args.seed,
                 topic: args.topic,
+                traceparent: args.traceparent,
             };
             let delivered = tokio_runtime()?.block_on(produce::run(&config.kafka, options))?;
             println!("produced {delivered} records");

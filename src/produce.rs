@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::config::KafkaConfig;
 use crate::domain::csv_rules::{CsvLayout, detect_delimiter};
+use crate::domain::trace_context::{TRACEPARENT, new_traceparent};
 
 /// Merchants of the seed file.
 const MERCHANTS: [&str; 24] = [
@@ -201,6 +202,8 @@ pub struct ProduceOptions {
     pub seed: u64,
     /// Override of `kafka.topic`.
     pub topic: Option<String>,
+    /// Give each record a new sampled W3C `traceparent` header.
+    pub traceparent: bool,
 }
 
 /// Counters shared by the producer loops.
@@ -249,6 +252,7 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
         let (producer, topic, tally, file_records, next_file_row) =
             (producer.clone(), topic.clone(), tally.clone(), file_records.clone(), next_file_row.clone());
         let mut generator = TransactionGenerator::new(options.seed.wrapping_add(index as u64), options.invalid_ratio);
+        let traced = options.traceparent;
         tasks.spawn(async move {
             let mut ticker = tokio::time::interval(period);
             let mut tick_rng = SmallRng::seed_from_u64(index as u64);
@@ -267,7 +271,8 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
                     if record.invalid.is_some() {
                         tally.invalid.fetch_add(1, Ordering::Relaxed);
                     }
-                    sends.push(send(&producer, &topic, record, &tally));
+                    let traceparent = traced.then(|| new_traceparent(rand::random(), rand::random()));
+                    sends.push(send(&producer, &topic, record, traceparent, &tally));
                 }
                 // A tick's records are in flight together: waiting for each
                 // acknowledgement in turn would cap the rate at one per round trip.
@@ -314,8 +319,17 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
 }
 
 /// Sends one record and waits for the broker's acknowledgement.
-async fn send(producer: &crate::kafka::Producer, topic: &str, record: ProducedRecord, tally: &Tally) {
-    let headers = OwnedHeaders::new().insert(Header { key: "producer", value: Some(crate::SERVICE) });
+async fn send(
+    producer: &crate::kafka::Producer,
+    topic: &str,
+    record: ProducedRecord,
+    traceparent: Option<String>,
+    tally: &Tally,
+) {
+    let mut headers = OwnedHeaders::new().insert(Header { key: "producer", value: Some(crate::SERVICE) });
+    if let Some(traceparent) = &traceparent {
+        headers = headers.insert(Header { key: TRACEPARENT, value: Some(traceparent) });
+    }
     let message = FutureRecord::to(topic).key(&record.key).payload(&record.value).headers(headers);
     match producer.send(message, Duration::from_secs(30)).await {
         Ok(_) => {

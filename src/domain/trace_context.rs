@@ -29,6 +29,12 @@ pub fn valid_traceparent(value: &[u8]) -> Option<String> {
     Some(text.to_string())
 }
 
+/// A new sampled `traceparent` with these ids (a zero id, which the
+/// format forbids, becomes 1).
+pub fn new_traceparent(trace_id: u128, parent_id: u64) -> String {
+    format!("00-{:032x}-{:016x}-01", trace_id.max(1), parent_id.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,6 +46,14 @@ mod tests {
         assert_eq!(valid_traceparent(VALID.as_bytes()).as_deref(), Some(VALID));
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra";
         assert_eq!(valid_traceparent(later.as_bytes()).as_deref(), Some(later));
+    }
+
+    #[test]
+    fn a_new_traceparent_is_well_formed_even_from_zero_ids() {
+        for (trace_id, parent_id) in [(0, 0), (1, 2), (u128::MAX, u64::MAX)] {
+            let traceparent = new_traceparent(trace_id, parent_id);
+            assert_eq!(valid_traceparent(traceparent.as_bytes()), Some(traceparent));
+        }
     }
 
     #[test]

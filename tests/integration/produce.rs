@@ -81,3 +81,36 @@ async fn a_csv_file_is_replayed_with_its_own_ids() {
     assert_eq!(transaction.amount.to_string(), "-952.40");
     assert_eq!(transaction.description, "Card expense at EDF");
 }
+
+/// `--traceparent` gives each record a well-formed, sampled W3C
+/// `traceparent` of its own trace; without it, records carry none.
+#[tokio::test]
+async fn traceparent_gives_each_record_its_own_trace() {
+    let topic = create_topic("produce-traced", PARTITIONS).await;
+    let produce = |extra: &[&str]| {
+        let mut args = vec!["produce", "--count", "50", "--rate", "1000", "--topic", &topic];
+        args.extend_from_slice(extra);
+        run(txnflow().args(&args).env("TXNFLOW__KAFKA__BROKERS", brokers()))
+    };
+    let traced = produce(&["--traceparent"]);
+    assert!(traced.status.success(), "{}", stderr(&traced));
+    let plain = produce(&["--seed", "7"]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+
+    let records = read_topic(&topic, PARTITIONS, 100, Duration::from_secs(60));
+    assert_eq!(records.len(), 100);
+    let traceparents: Vec<Option<String>> = records
+        .iter()
+        .map(|r| r.headers.iter().find(|(name, _)| name == "traceparent").map(|(_, v)| v.clone()))
+        .collect();
+    let given: Vec<&String> = traceparents.iter().flatten().collect();
+    assert_eq!(given.len(), 50, "the 50 records of the traced run, and only those");
+    let mut trace_ids = BTreeSet::new();
+    for traceparent in given {
+        let kept = txnflow::domain::trace_context::valid_traceparent(traceparent.as_bytes());
+        assert_eq!(kept.as_ref(), Some(traceparent), "well-formed");
+        assert!(traceparent.ends_with("-01"), "sampled: {traceparent}");
+        trace_ids.insert(traceparent[3..35].to_string());
+    }
+    assert_eq!(trace_ids.len(), 50, "a trace of its own for each record");
+}
