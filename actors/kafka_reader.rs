@@ -28,7 +28,7 @@
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, SpawnHandle, Supervised, WrapFuture};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::Arc;
@@ -45,7 +45,6 @@ use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
 use crate::domain::offsets::OffsetTracker;
 use crate::domain::origin::Origin;
-use crate::domain::trace_context::{TRACEPARENT, valid_traceparent};
 use crate::domain::transaction::ProcessingType;
 use crate::metrics::{self, METRICS, Phase, StageTimer};
 
@@ -597,9 +596,7 @@ impl ReadPass {
         self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
-        let traceparent = message.headers().and_then(|headers| {
-            headers.iter().find(|h| h.key == TRACEPARENT).and_then(|h| valid_traceparent(h.value?))
-        });
+        let traceparent = crate::kafka::traceparent_of(message);
         let max_bytes = pipeline.config.kafka.max_record_bytes;
         let decoded = if payload.len() > max_bytes {
             Err(RecordError {

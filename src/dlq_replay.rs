@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::time::Duration;
 
 use crate::config::KafkaConfig;
-use crate::domain::trace_context::{TRACEPARENT, valid_traceparent};
+use crate::domain::trace_context::TRACEPARENT;
 
 /// What `txnflow dlq replay` replays unless told otherwise.
 pub const DEFAULT_ERROR_TYPES: [&str; 2] = ["prediction_failed", "persist_failed"];
@@ -78,10 +78,7 @@ async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::R
                 value: Some(&format!("{}/{}/{}", message.topic(), message.partition(), message.offset())),
             });
             // The replay continues the record's trace.
-            let traceparent = message.headers().and_then(|headers| {
-                headers.iter().find(|h| h.key == TRACEPARENT).and_then(|h| valid_traceparent(h.value?))
-            });
-            if let Some(traceparent) = &traceparent {
+            if let Some(traceparent) = &crate::kafka::traceparent_of(&message) {
                 headers = headers.insert(Header { key: TRACEPARENT, value: Some(traceparent) });
             }
             let mut record =

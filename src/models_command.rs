@@ -84,7 +84,7 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
     } else {
         eprintln!("promoting {version}: {} history rows", promotion.span.rows);
     }
-    let (Some(first), Some(last)) = (promotion.span.first_at, promotion.span.last_at) else {
+    let (Some(first), Some(mut last)) = (promotion.span.first_at, promotion.span.last_at) else {
         anyhow::bail!("model version {version:?} has no prediction in prediction_history");
     };
     let start = promotion.resume_at.unwrap_or(first).max(first);
@@ -104,10 +104,10 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
         }
         let mut end = window.1 > last;
         if end
-            && let Some(later) =
-                history::last_prediction_since(&mut connection, Some(version), window.1).map_err(database)?
+            && let Some(later) = history::last_prediction_since(&mut connection, version, window.1).map_err(database)?
         {
             // Rows of this version arrived while it was being promoted.
+            last = later;
             windows.extend_to(later);
             end = false;
         }
@@ -150,13 +150,13 @@ pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
     let mut last_progress = Instant::now();
     if let (Some(first), Some(last)) = (span.first_at, span.last_at) {
         let mut windows = TimeWindows::new(first, last, span.rows as u64, CHUNK_ROWS);
-        while let Some((from, to)) = windows.next_window() {
-            let window = (from, to.min(cut));
+        // The span's last row is before the cut, so every window ends at the cut at most.
+        while let Some(window) = windows.next_window() {
             if !windows.fits(history::rows_in_window(&mut connection, None, window).map_err(database)?) {
                 continue;
             }
             let (seen, gone) = history::archive_chunk(&mut connection, window).map_err(database)?;
-            windows.done(to, seen);
+            windows.done(window.1, seen);
             examined += seen;
             moved += gone;
             if last_progress.elapsed() >= Duration::from_secs(5) {

@@ -506,20 +506,18 @@ struct Latest {
     at: Option<DateTime<Utc>>,
 }
 
-/// The last prediction in history at or after `from`, of `version` (or of
-/// any version), found through the BRIN index: rows that arrived after a
-/// walk's span was taken.
+/// `version`'s last prediction in history at or after `from`, found through
+/// the BRIN index: rows that arrived after a walk's span was taken.
 pub fn last_prediction_since(
     connection: &mut PgConnection,
-    version: Option<&str>,
+    version: &str,
     from: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, WriteError> {
     let latest: Latest = diesel::sql_query(
-        "SELECT max(predicted_at) AS at FROM prediction_history
-         WHERE predicted_at >= $1 AND ($2::text IS NULL OR model_version = $2)",
+        "SELECT max(predicted_at) AS at FROM prediction_history WHERE predicted_at >= $1 AND model_version = $2",
     )
     .bind::<Timestamptz, _>(from)
-    .bind::<Nullable<Text>, _>(version)
+    .bind::<Text, _>(version)
     .get_result(connection)?;
     Ok(latest.at)
 }
@@ -547,7 +545,7 @@ pub fn span_before(connection: &mut PgConnection, cut: DateTime<Utc>) -> Result<
 
 /// One archive chunk, in one database transaction: of the history rows
 /// predicted in `[from, to)` (found through the BRIN index on
-/// `predicted_at`; `to` is at most the cut), those that are not a current
+/// `predicted_at`), those that are not a current
 /// prediction move to `prediction_history_archive`. Returns the rows
 /// examined and moved.
 pub fn archive_chunk(
