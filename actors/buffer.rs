@@ -57,9 +57,11 @@ impl<Next: TakesFlushes> Buffer<Next> {
             waited.observe(flushed_at.duration_since(record.ack.read_at()).as_secs_f64());
         }
         tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
+        crate::spans::buffer_waits(records.iter().map(|record| &record.trace), flush_id);
+        let span = crate::spans::flush(flush_id, trigger.as_str(), records.iter().map(|record| &record.trace));
         // The records hold capacity permits, which bound what is in flight;
         // the PredictClient's mailbox never grows past that bound.
-        self.predict_client.do_send(PredictFlush { flush_id, trigger, flushed_at, records });
+        self.predict_client.do_send(PredictFlush { flush_id, trigger, flushed_at, records, span });
     }
 
     fn flush_all(&mut self, trigger: FlushTrigger) {

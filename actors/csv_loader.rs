@@ -33,6 +33,7 @@ use crate::domain::origin::Origin;
 use crate::domain::run_progress::{RowAction, RowOutcome};
 use crate::domain::transaction::{ProcessingType, Transaction};
 use crate::metrics::METRICS;
+use crate::spans::{RecordTrace, RunSpan};
 
 /// Rows sent to the Buffer per message.
 const CHUNK: usize = 500;
@@ -176,7 +177,12 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
     let runs = &pipeline.runs;
     let rows = Arc::new(RunRows { runs: runs.clone(), spec: spec.clone() });
     let first = runs.files_done(&spec.run_id);
+    // One trace per run (per resumption, after a restart): the run's span,
+    // a span per file, and the flushes of its rows under the run.
+    let run_span = RunSpan::start(&spec.run_id, spec.files.len());
+    let row_trace = RecordTrace::of_run(&run_span);
     for file in &spec.files[first..] {
+        let _file_span = run_span.file(&file.uri);
         runs.start_file(&spec.run_id, &file.uri);
         let mut errors = ErrorFile::new(&spec, file);
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -185,7 +191,7 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
                 return;
             }
             let losses = runs.losses(&spec.run_id);
-            match read_file(&pipeline, &buffer, &s3, &rows, file, &mut errors, losses).await {
+            match read_file(&pipeline, &buffer, &s3, (&rows, &row_trace), file, &mut errors, losses).await {
                 Ok(Pass::Complete) => {
                     if wait_settled(runs, &spec.run_id, &file.uri, losses).await {
                         break;
@@ -317,7 +323,7 @@ async fn read_file(
     pipeline: &Pipeline,
     buffer: &Mailbox<Buffer>,
     s3: &aws_sdk_s3::Client,
-    tracker: &Arc<RunRows>,
+    (tracker, row_trace): (&Arc<RunRows>, &RecordTrace),
     file: &InputFile,
     errors: &mut ErrorFile,
     losses: u64,
@@ -369,7 +375,7 @@ async fn read_file(
                     }
                 };
                 let ack = Ack::new(Origin::File { source_uri: file.uri.clone(), line }, permit, tracker.clone(), 0);
-                chunk.push(envelope(spec, file, transaction, ack));
+                chunk.push(envelope(spec, file, transaction, row_trace.clone(), ack));
                 if chunk.len() >= CHUNK {
                     send(buffer, &mut chunk);
                 }
@@ -391,7 +397,7 @@ async fn read_file(
     Ok(Pass::Complete)
 }
 
-fn envelope(spec: &RunSpec, file: &InputFile, transaction: Transaction, ack: Ack) -> Envelope {
+fn envelope(spec: &RunSpec, file: &InputFile, transaction: Transaction, trace: RecordTrace, ack: Ack) -> Envelope {
     // No raw bytes and no key: a dead letter builds them from the
     // transaction (Envelope::dead_letter_value), so rows that are written
     // cost neither.
@@ -403,7 +409,7 @@ fn envelope(spec: &RunSpec, file: &InputFile, transaction: Transaction, ack: Ack
             run_id: Some(spec.run_id.clone()),
             batch_id: Some(file.uri.clone()),
         },
-        traceparent: None,
+        trace,
         transaction,
         ack,
     }

@@ -176,6 +176,7 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
         let shared = pipeline.clone();
         // The blocking pool's thread is outside the actor's span: take it along.
         let span = tracing::Span::current();
+        let write_span = crate::spans::DbWrite::start(&flush.span.context(), flush.records.len());
         let outcome = tokio::task::spawn_blocking(move || {
             let result = span.in_scope(|| store_flush(&shared, &flush, suspicion, started));
             (flush, result)
@@ -191,11 +192,13 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
             Ok((returned, Ok(refusals))) => {
                 let clean = refusals.records.is_empty() && refusals.predictions.is_empty();
                 let label = if clean { "ok" } else { "data_error" };
+                write_span.end(label);
                 METRICS.db_write_duration.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
                 flush = returned;
                 break refusals;
             }
             Ok((returned, Err(error))) => {
+                write_span.end("retry");
                 METRICS.db_write_duration.with_label_values(&["retry"]).observe(started.elapsed().as_secs_f64());
                 flush = returned;
                 let error = crate::db::short_reason(&error);
@@ -206,6 +209,7 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
                     .await;
             }
             Err(join_error) => {
+                write_span.end("panicked");
                 // The write panicked; its records are gone with it, and
                 // their handles reported them lost.
                 tracing::error!(%join_error, "a database write panicked; its records are read again");
@@ -233,7 +237,7 @@ fn acknowledge(
     room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let mut refused: std::collections::HashMap<usize, String> = refusals.records.into_iter().collect();
-    let WriteFlush { flush_id, trigger, flushed_at, records, mut predictions, mut failures } = flush;
+    let WriteFlush { flush_id, trigger, flushed_at, records, mut predictions, mut failures, mut span } = flush;
     // A refused prediction: the transaction is stored, its prediction failed.
     for (position, reason) in refusals.predictions {
         let id = records[position].transaction.id;
@@ -285,6 +289,7 @@ fn acknowledge(
         }
     }
     Ack::predicted(settled);
+    let written_total: u64 = written.values().sum();
     for (source, count) in written {
         METRICS.records.with_label_values(&[source, "written"]).inc_by(count);
     }
@@ -303,6 +308,8 @@ fn acknowledge(
         });
     }
     tracing::debug!(flush_id, total, dead_letters = dead_letters.len(), "flush durable");
+    span.settled(written_total as usize, dead_letters.len());
+    drop(span);
     if !dead_letters.is_empty() {
         dlq_publisher.do_send(DeadLetters(dead_letters));
     }
@@ -319,7 +326,7 @@ fn dead_letter(mut record: Envelope, failure: Failure) -> DeadLetter {
         key: record.key.or_else(|| Some(record.transaction.id.to_string().into_bytes())),
         failure,
         run_id: record.lineage.run_id,
-        traceparent: record.traceparent,
+        trace: record.trace,
         ack: record.ack,
     }
 }

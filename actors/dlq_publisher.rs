@@ -74,7 +74,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
         &letter.failure,
         letter.ack.origin(),
         letter.run_id.as_deref(),
-        letter.traceparent.as_deref(),
+        letter.trace.traceparent.as_deref(),
         chrono::Utc::now(),
         crate::SERVICE,
     );
@@ -82,6 +82,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     for (key, value) in &header_values {
         headers = headers.insert(Header { key, value: Some(value) });
     }
+    let span = crate::spans::DlqSend::start(&letter.trace, topic, letter.failure.error_type.as_str());
     let mut backoff = crate::backoff::Backoff::outage();
     let refused_by = loop {
         let mut record = FutureRecord::to(topic).payload(&letter.value).headers(headers.clone());
@@ -102,6 +103,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
             }
         }
     };
+    span.end(if refused_by.is_none() { "published" } else { "stored" });
     match refused_by {
         None => METRICS.dlq_records.with_label_values(&[letter.failure.error_type.as_str()]).inc(),
         Some(reason) => {

@@ -32,7 +32,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::Pipeline;
 use super::acknowledgement::{Ack, Settlement, Tracker};
@@ -47,6 +47,7 @@ use crate::domain::offsets::OffsetTracker;
 use crate::domain::origin::Origin;
 use crate::domain::transaction::ProcessingType;
 use crate::metrics::{self, METRICS, Phase, StageTimer};
+use crate::spans::{CommitSpan, ReadAt};
 
 /// How long a revoke waits for in-flight records before committing what is durable.
 const REVOKE_WAIT: Duration = Duration::from_secs(10);
@@ -391,7 +392,11 @@ fn commit(consumer: &Reader, commits: Commits) {
     if list.count() == 0 {
         return;
     }
-    if let Err(error) = consumer.commit(&list, mode) {
+    let group = &context.pipeline.config.kafka.group_id;
+    let span = CommitSpan::start(topic, group, list.count(), matches!(mode, CommitMode::Sync));
+    let committed = consumer.commit(&list, mode);
+    span.end(committed.is_err());
+    if let Err(error) = committed {
         tracing::warn!(%error, "offset commit failed; it is retried on the next tick");
     }
 }
@@ -563,6 +568,8 @@ struct ReadPass {
     read: u64,
     rejected: u64,
     started: Instant,
+    /// When its records were received: their read spans start there.
+    received: SystemTime,
     /// Held back by the capacity or the Buffer, in this pass.
     waited: Duration,
 }
@@ -575,6 +582,7 @@ impl ReadPass {
             read: 0,
             rejected: 0,
             started: Instant::now(),
+            received: SystemTime::now(),
             waited: Duration::ZERO,
         }
     }
@@ -596,7 +604,6 @@ impl ReadPass {
         self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
-        let traceparent = crate::kafka::traceparent_of(message);
         let max_bytes = pipeline.config.kafka.max_record_bytes;
         let decoded = if payload.len() > max_bytes {
             Err(RecordError {
@@ -606,6 +613,14 @@ impl ReadPass {
         } else {
             parse_event(payload)
         };
+        let at = ReadAt {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            group: &pipeline.config.kafka.group_id,
+        };
+        let rejected = decoded.is_err().then_some(ErrorType::Invalid.as_str());
+        let trace = crate::spans::read(message, at, self.received, rejected);
         match decoded {
             Ok(transaction) => {
                 let lineage = Lineage {
@@ -614,7 +629,7 @@ impl ReadPass {
                     batch_id: transaction.batch_id.clone(),
                 };
                 let raw = Some(payload.to_vec());
-                self.valid.push(Envelope { transaction, raw, key, lineage, traceparent, ack });
+                self.valid.push(Envelope { transaction, raw, key, lineage, trace, ack });
             }
             Err(error) => {
                 self.rejected += 1;
@@ -625,7 +640,7 @@ impl ReadPass {
                     attempts: 1,
                 };
                 let value = payload.to_vec();
-                self.invalid.push(DeadLetter { key, value, failure, run_id: None, traceparent, ack });
+                self.invalid.push(DeadLetter { key, value, failure, run_id: None, trace, ack });
             }
         }
     }

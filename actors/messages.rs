@@ -10,6 +10,7 @@ use super::acknowledgement::Ack;
 use crate::domain::dead_letter::Failure;
 use crate::domain::prediction::Prediction;
 use crate::domain::transaction::{ProcessingType, Transaction};
+use crate::spans::{FlushSpan, RecordTrace};
 
 /// How and in which run a record entered txnflow (lineage columns).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +41,9 @@ pub struct Envelope {
     pub raw: Option<Vec<u8>>,
     pub key: Option<Vec<u8>>,
     pub lineage: Lineage,
-    /// The record's W3C `traceparent` header, if it came with a valid one:
-    /// its dead letter keeps it.
-    pub traceparent: Option<String>,
+    /// Its `traceparent` and, when sampled, the spans its later spans
+    /// hang under.
+    pub trace: RecordTrace,
     pub ack: Ack,
 }
 
@@ -70,8 +71,9 @@ pub struct DeadLetter {
     pub value: Vec<u8>,
     pub failure: Failure,
     pub run_id: Option<String>,
-    /// The record's `traceparent`, written as the letter's last header.
-    pub traceparent: Option<String>,
+    /// The record's trace: its `traceparent` is the letter's last header,
+    /// and its DLQ span hangs under its `read`.
+    pub trace: RecordTrace,
     /// Settled once the DLQ acknowledges the letter.
     pub ack: Ack,
 }
@@ -112,6 +114,8 @@ pub struct PredictFlush {
     pub trigger: FlushTrigger,
     pub flushed_at: Instant,
     pub records: Vec<Envelope>,
+    /// Ends when the flush is settled.
+    pub span: FlushSpan,
 }
 
 /// PredictClient -> DbWriter: a flush with its predictions and failures.
@@ -124,6 +128,7 @@ pub struct WriteFlush {
     pub records: Vec<Envelope>,
     pub predictions: HashMap<Uuid, Prediction>,
     pub failures: HashMap<Uuid, Failure>,
+    pub span: FlushSpan,
 }
 
 /// Anyone -> DlqPublisher.
@@ -182,7 +187,7 @@ pub(crate) fn test_envelopes(descriptions: &[&str]) -> Vec<Envelope> {
                 raw: None,
                 key: None,
                 lineage: Lineage { processing_type: ProcessingType::Batch, run_id: None, batch_id: None },
-                traceparent: None,
+                trace: RecordTrace::default(),
                 ack: Ack::new(origin, capacity, Arc::new(NoSource), 0),
             }
         })

@@ -5,6 +5,7 @@
 //! written (guarantee 2); its failure travels with it to the DLQ.
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Supervised, WrapFuture};
+use opentelemetry::context::FutureExt as _;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -54,7 +55,8 @@ impl<Next: TakesWrites> Handler<PredictFlush> for PredictClient<Next> {
         let predict = async move {
             let items: Vec<PredictRequestItem> =
                 flush.records.iter().map(|r| PredictRequestItem::from(&r.transaction)).collect();
-            let predicted = ml.predict(items, "pipeline").await;
+            // The ML API calls are the flush span's children.
+            let predicted = ml.predict(items, "pipeline").with_context(flush.span.context()).await;
             tracing::debug!(
                 asked = flush.records.len(),
                 predicted = predicted.predictions.len(),
@@ -72,6 +74,7 @@ impl<Next: TakesWrites> Handler<PredictFlush> for PredictClient<Next> {
                 records: flush.records,
                 predictions: predicted.predictions.into_iter().map(|p| (p.transaction_id, p)).collect(),
                 failures: predicted.failures.into_iter().collect::<HashMap<_, _>>(),
+                span: flush.span,
             };
             actor.db_writer.do_send(write);
         }));
@@ -128,7 +131,13 @@ mod tests {
             let mailbox = Mailbox::default();
             mailbox.point_to(Writer(written.clone()).start());
             let client = PredictClient::new(ml, mailbox).start();
-            let flush = PredictFlush { flush_id: 7, trigger: FlushTrigger::Size, flushed_at: Instant::now(), records };
+            let flush = PredictFlush {
+                flush_id: 7,
+                trigger: FlushTrigger::Size,
+                flushed_at: Instant::now(),
+                records,
+                span: Default::default(),
+            };
             client.send(flush).await.unwrap();
             for _ in 0..1000 {
                 if !written.lock().unwrap().is_empty() {

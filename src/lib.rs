@@ -30,6 +30,7 @@ pub mod produce;
 pub mod repredict;
 pub mod s3;
 pub mod service;
+pub mod spans;
 pub mod tansu_quirks;
 pub mod telemetry;
 

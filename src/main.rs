@@ -286,20 +286,11 @@ fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::telemetry::Tr
         LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(log_format::FlatJson).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    // Only txnflow's own spans are traced: the exporter's HTTP client has
-    // spans of its own, which would trace the export itself. Off, there is
-    // no layer and no filter to consult.
-    let (otel, tracing) = match txnflow::telemetry::layer(&config.tracing)? {
-        Some((layer, tracing)) => {
-            (Some(layer.with_filter(tracing_subscriber::EnvFilter::new("txnflow=info"))), Some(tracing))
-        }
-        None => (None, None),
-    };
+    let tracing = txnflow::telemetry::start(&config.tracing, config.buffer.max_records)?;
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         // Sees recloser's transition events whatever the log level.
         .with(breaker::BreakerStateLayer.with_filter(breaker::layer_filter()))
-        .with(otel)
         .init();
     Ok(tracing)
 }

@@ -194,7 +194,22 @@ fn check_item(
     id
 }
 
-async fn predict(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web::Data<ModelWorkers>) -> HttpResponse {
+/// `POST /predict`, traced (when tracing is on) as a child of the
+/// caller's `traceparent`.
+async fn predict(
+    request: actix_web::HttpRequest,
+    body: web::Bytes,
+    faults: web::Data<SharedFaults>,
+    workers: web::Data<ModelWorkers>,
+) -> HttpResponse {
+    let traceparent = request.headers().get(crate::domain::trace_context::TRACEPARENT).map(|value| value.as_bytes());
+    let span = crate::spans::MlApiRequest::start(traceparent);
+    let response = answer(body, faults, workers).await;
+    span.end(response.status().as_u16());
+    response
+}
+
+async fn answer(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web::Data<ModelWorkers>) -> HttpResponse {
     let faults = faults.read().expect("faults lock").clone();
     let workers = workers.read().expect("workers lock").clone();
     // Held until the answer is built: the request's turn on the model.

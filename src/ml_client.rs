@@ -88,6 +88,12 @@ enum Isolating {
 pub struct MlClient {
     http: reqwest::Client,
     url: String,
+    /// The URL as trace spans name it: no credentials, no query; and its
+    /// host and port.
+    traced_url: (String, String, u16),
+    /// Whether this is the pipeline's client, whose breaker state
+    /// `crate::breaker::state` reports.
+    reported: bool,
     breaker: AsyncRecloser,
     config: PredictConfig,
     categories: HashSet<String>,
@@ -191,9 +197,24 @@ impl MlClient {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(config.concurrency)
             .build()?;
+        let url = format!("{}/predict", config.url.trim_end_matches('/'));
+        let traced_url = match reqwest::Url::parse(&url) {
+            Ok(mut parsed) => {
+                let _ = parsed.set_username("");
+                let _ = parsed.set_password(None);
+                parsed.set_query(None);
+                parsed.set_fragment(None);
+                let host = parsed.host_str().unwrap_or_default().to_string();
+                let port = parsed.port_or_known_default().unwrap_or_default();
+                (parsed.to_string(), host, port)
+            }
+            Err(_) => (String::new(), String::new(), 0),
+        };
         Ok(MlClient {
             http,
-            url: format!("{}/predict", config.url.trim_end_matches('/')),
+            url,
+            traced_url,
+            reported,
             breaker,
             categories: config.categories.iter().cloned().collect(),
             slots: RequestSlots::new(config.concurrency, config.adaptive_concurrency, reported),
@@ -411,7 +432,7 @@ impl MlClient {
                 CallError::ServerError { .. } => isolating == Isolating::No,
                 CallError::Rejected { .. } => false,
             };
-            let call = self.breaker.call_with(against_the_api, self.call(body.clone()));
+            let call = self.breaker.call_with(against_the_api, self.call(body.clone(), attempts, items.len()));
             let started = Instant::now();
             let result = call.await;
             match &result {
@@ -464,13 +485,29 @@ impl MlClient {
         }
     }
 
-    async fn call(&self, body: Vec<u8>) -> Result<Vec<u8>, CallError> {
+    /// One request: `attempt` of a batch of `batch_size` records, traced
+    /// as a child of the current context's span.
+    async fn call(&self, body: Vec<u8>, attempt: u32, batch_size: usize) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
-        let result = self.http.post(&self.url).header("content-type", "application/json").body(body).send().await;
+        let (url, host, port) = &self.traced_url;
+        let span = crate::spans::MlCall::start(&crate::spans::MlRequest {
+            url,
+            server: (host, *port),
+            attempt,
+            batch_size,
+            breaker: self.reported.then(|| crate::breaker::state().as_str()),
+        });
+        let mut request = self.http.post(&self.url).header("content-type", "application/json");
+        if let Some(traceparent) = span.traceparent() {
+            request = request.header(crate::domain::trace_context::TRACEPARENT, traceparent);
+        }
+        let result = request.body(body).send().await;
+        let mut answered = None;
         let outcome = match result {
             Err(error) => Err(CallError::Retriable(format!("request failed: {error}"))),
             Ok(response) => {
                 let status = response.status().as_u16();
+                answered = Some(status);
                 match (classify_status(status), response.bytes().await) {
                     (StatusClass::Success, Ok(bytes)) => Ok(bytes.to_vec()),
                     (StatusClass::Success, Err(error)) => {
@@ -498,6 +535,7 @@ impl MlClient {
             Err(CallError::Misconfigured { .. }) => "misconfigured",
             Err(CallError::Rejected { .. }) => "rejected",
         };
+        span.end(answered, (label != "ok").then_some(label));
         METRICS.ml_api_latency.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
         outcome
     }

@@ -1,6 +1,6 @@
 //! OpenTelemetry traces over OTLP/HTTP, when `tracing.otlp_endpoint` is set:
-//! a `tracing` layer whose sampled spans go through a bounded queue to the
-//! SDK's batch processor (a thread of its own) and its OTLP exporter. A
+//! the pipeline's sampled spans (`crate::spans`) go through a bounded queue
+//! to the SDK's batch processor (a thread of its own) and its OTLP exporter. A
 //! collector that is down or slow never holds up the pipeline: a span that
 //! finds the queue full is dropped, a batch the collector refuses or does
 //! not take in `tracing.export_timeout_ms` is lost, and both are counted in
@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use opentelemetry::Context;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{Link, SpanKind, TraceId, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample,
+    Span, SpanData, SpanExporter, SpanProcessor,
 };
 
 use crate::config::TracingConfig;
@@ -36,14 +37,10 @@ impl Tracing {
     }
 }
 
-/// The layer that turns `tracing` spans into OpenTelemetry ones, and the
-/// provider behind it; None when tracing is off.
-pub fn layer<S>(
-    config: &TracingConfig,
-) -> anyhow::Result<Option<(tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>, Tracing)>>
-where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-{
+/// Starts exporting the pipeline's spans (`crate::spans`) when
+/// `tracing.otlp_endpoint` is set: the provider to shut down at exit, or
+/// None when tracing is off. A flush links to at most `max_links` records.
+pub fn start(config: &TracingConfig, max_links: usize) -> anyhow::Result<Option<Tracing>> {
     if config.otlp_endpoint.is_empty() {
         return Ok(None);
     }
@@ -73,11 +70,43 @@ where
     }
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))))
+        .with_sampler(RatioSampler { ratio: Sampler::TraceIdRatioBased(config.sample_ratio) })
+        .with_max_links_per_span(u32::try_from(max_links).unwrap_or(u32::MAX))
         .with_resource(resource.build())
         .build();
-    let tracer = provider.tracer("txnflow");
-    Ok(Some((tracing_opentelemetry::layer().with_tracer(tracer), Tracing { provider })))
+    crate::spans::install(provider.tracer("txnflow"));
+    Ok(Some(Tracing { provider }))
+}
+
+/// Samples every trace by its id at `sample_ratio`, whether it starts
+/// here or came with a record's sampled `traceparent`, and never one whose
+/// producer did not sample it. Deciding by the trace id alone gives every
+/// span of a trace, and every process with the same ratio, the same
+/// answer; a producer's "sampled" cannot make txnflow trace all its load.
+#[derive(Debug, Clone)]
+struct RatioSampler {
+    ratio: Sampler,
+}
+
+impl ShouldSample for RatioSampler {
+    fn should_sample(
+        &self,
+        parent: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        use opentelemetry::trace::TraceContextExt;
+        let parent_span = parent.filter(|cx| cx.has_active_span()).map(|cx| cx.span().span_context().clone());
+        let trace_state = parent_span.as_ref().map(|span| span.trace_state().clone()).unwrap_or_default();
+        let decision = match &parent_span {
+            Some(span) if span.is_valid() && !span.is_sampled() => SamplingDecision::Drop,
+            _ => self.ratio.should_sample(None, trace_id, name, kind, attributes, links).decision,
+        };
+        SamplingResult { decision, attributes: Vec::new(), trace_state }
+    }
 }
 
 /// Bounds the spans waiting for export: past `capacity`, a span is dropped

@@ -29,6 +29,42 @@ pub fn valid_traceparent(value: &[u8]) -> Option<String> {
     Some(text.to_string())
 }
 
+/// What a well-formed `traceparent` says: the trace, the producer's span,
+/// and whether the producer sampled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: u128,
+    pub parent_id: u64,
+    pub sampled: bool,
+}
+
+/// The ids and the sampled flag of a `traceparent` that
+/// [`valid_traceparent`] kept.
+pub fn parse_traceparent(value: &str) -> Option<TraceParent> {
+    let valid = valid_traceparent(value.as_bytes())?;
+    let flags = u8::from_str_radix(&valid[53..55], 16).ok()?;
+    Some(TraceParent {
+        trace_id: u128::from_str_radix(&valid[3..35], 16).ok()?,
+        parent_id: u64::from_str_radix(&valid[36..52], 16).ok()?,
+        sampled: flags & 1 == 1,
+    })
+}
+
+/// The `tracestate` header's name.
+pub const TRACESTATE: &str = "tracestate";
+
+/// The longest `tracestate` kept: the specification lets a vendor drop
+/// one longer than 512 characters.
+pub const MAX_TRACESTATE: usize = 512;
+
+/// `value` if it can be a `tracestate`: printable ASCII, at most
+/// [`MAX_TRACESTATE`] bytes. Its list syntax is checked where it is used.
+pub fn valid_tracestate(value: &[u8]) -> Option<String> {
+    let printable = value.iter().all(|b| (0x20..0x7f).contains(b));
+    (printable && !value.is_empty() && value.len() <= MAX_TRACESTATE)
+        .then(|| String::from_utf8(value.to_vec()).expect("ASCII"))
+}
+
 /// A new sampled `traceparent` with these ids (a zero id, which the
 /// format forbids, becomes 1).
 pub fn new_traceparent(trace_id: u128, parent_id: u64) -> String {
@@ -54,6 +90,25 @@ mod tests {
             let traceparent = new_traceparent(trace_id, parent_id);
             assert_eq!(valid_traceparent(traceparent.as_bytes()), Some(traceparent));
         }
+    }
+
+    #[test]
+    fn a_kept_traceparent_gives_its_ids_and_flag() {
+        let parsed = parse_traceparent(VALID).unwrap();
+        assert_eq!(parsed.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(parsed.parent_id, 0x00f067aa0ba902b7);
+        assert!(parsed.sampled);
+        let unsampled = VALID.replace("-01", "-00");
+        assert!(!parse_traceparent(&unsampled).unwrap().sampled);
+        assert_eq!(parse_traceparent("00-zz"), None);
+    }
+
+    #[test]
+    fn a_tracestate_is_kept_only_printable_and_bounded() {
+        assert_eq!(valid_tracestate(b"congo=t61rcWkgMzE").as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(valid_tracestate(b""), None);
+        assert_eq!(valid_tracestate(&[b'a', b'=', 0x01]), None);
+        assert_eq!(valid_tracestate(&vec![b'a'; MAX_TRACESTATE + 1]), None);
     }
 
     #[test]

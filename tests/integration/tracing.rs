@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::helpers::{ChildGuard, free_port, txnflow};
 use crate::scenario::{Scenario, ids_of, invalid_events, valid_events};
 
 /// An OTLP/HTTP traces receiver on a free loopback port, keeping every
@@ -53,32 +54,103 @@ impl Receiver {
         let _ = TcpStream::connect(self.address);
     }
 
-    /// The spans received so far: (service.name of their resource, span name).
-    fn spans(&self) -> Vec<(String, String)> {
+    /// Every span received so far.
+    fn spans(&self) -> Vec<ReceivedSpan> {
         let requests = self.requests.lock().unwrap();
         let mut spans = Vec::new();
         for request in requests.iter() {
             for resource_spans in &request.resource_spans {
-                let service = resource_spans
-                    .resource
-                    .iter()
-                    .flat_map(|r| &r.attributes)
-                    .find(|kv| kv.key == "service.name")
-                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                    .map(|v| match v {
-                        Value::StringValue(s) => s.clone(),
-                        other => format!("{other:?}"),
-                    })
-                    .unwrap_or_default();
+                let resource = resource_spans.resource.iter().flat_map(|r| &r.attributes);
+                let service = attributes(resource).remove("service.name").unwrap_or_default();
                 for scope in &resource_spans.scope_spans {
                     for span in &scope.spans {
-                        spans.push((service.clone(), span.name.clone()));
+                        spans.push(ReceivedSpan {
+                            service: service.clone(),
+                            name: span.name.clone(),
+                            trace_id: hex(&span.trace_id),
+                            span_id: hex(&span.span_id),
+                            parent: hex(&span.parent_span_id),
+                            kind: span.kind,
+                            start: span.start_time_unix_nano,
+                            end: span.end_time_unix_nano,
+                            attributes: attributes(&span.attributes),
+                            links: span.links.iter().map(|link| (hex(&link.trace_id), hex(&link.span_id))).collect(),
+                        });
                     }
                 }
             }
         }
         spans
     }
+
+    /// Waits up to `limit` for the spans received to satisfy `done`.
+    async fn wait_for(&self, limit: Duration, done: impl Fn(&[ReceivedSpan]) -> bool) -> Vec<ReceivedSpan> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let spans = self.spans();
+            if done(&spans) || std::time::Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A span as the receiver decoded it; ids in lowercase hex, attribute
+/// values rendered as text.
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    /// Empty for a root span.
+    parent: String,
+    kind: i32,
+    /// Start and end, in nanoseconds since the epoch.
+    start: u64,
+    end: u64,
+    attributes: BTreeMap<String, String>,
+    links: Vec<(String, String)>,
+}
+
+impl ReceivedSpan {
+    fn attribute(&self, key: &str) -> &str {
+        self.attributes.get(key).map_or("", String::as_str)
+    }
+}
+
+/// OTLP's span kinds.
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const PRODUCER: i32 = 4;
+const CONSUMER: i32 = 5;
+
+/// The spans called `name`.
+fn named<'a>(spans: &'a [ReceivedSpan], name: &str) -> std::vec::IntoIter<&'a ReceivedSpan> {
+    spans.iter().filter(|s| s.name == name).collect::<Vec<_>>().into_iter()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attributes<'a>(
+    pairs: impl IntoIterator<Item = &'a opentelemetry_proto::tonic::common::v1::KeyValue>,
+) -> BTreeMap<String, String> {
+    pairs
+        .into_iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Value::StringValue(s)) => s.clone(),
+                Some(Value::IntValue(i)) => i.to_string(),
+                Some(Value::BoolValue(b)) => b.to_string(),
+                Some(Value::DoubleValue(d)) => d.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
 }
 
 /// HTTP/1.1 requests on one connection, until it closes or the receiver stops.
@@ -132,8 +204,12 @@ async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
     let ends = Scenario::end_offsets(&scenario.produce(&valid_events(71, 300)).await);
     assert_eq!(scenario.wait_committed(&ends, deadline).await, ends, "{}", service.log_tail());
     assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 300);
-    // The batch processor exports every 5 s; wait until what it counts as
-    // exported has all arrived.
+    // The batch processor exports every 5 s: wait for the flushes of the
+    // 300 records, then until what it counts as exported has all arrived.
+    let flushed = |spans: &[ReceivedSpan]| -> usize {
+        named(spans, "flush").map(|f| f.attribute("messaging.batch.message_count").parse::<usize>().unwrap()).sum()
+    };
+    receiver.wait_for(deadline, |spans| flushed(spans) == 300).await;
     let exported = "txnflow_trace_spans_total{outcome=\"exported\"}";
     let mut arrived = false;
     for _ in 0..300 {
@@ -147,8 +223,8 @@ async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
     assert!(arrived, "spans arrive at the receiver\n{}", service.log_tail());
     let spans = receiver.spans();
     assert_eq!(service.metric(exported).await, spans.len() as f64, "every span counted as exported arrived");
-    assert!(spans.iter().all(|(service, _)| service == "txnflow"), "service.name: {spans:?}");
-    assert!(spans.iter().any(|(_, name)| name == "flush"), "flush spans: {spans:?}");
+    assert!(spans.iter().all(|span| span.service == "txnflow"), "service.name: {spans:?}");
+    assert_eq!(flushed(&spans), 300, "the flushes of the 300 records");
     assert_eq!(service.metric("txnflow_trace_spans_total{outcome=\"dropped_export_failed\"}").await, 0.0);
     assert_eq!(service.metric("txnflow_trace_spans_total{outcome=\"dropped_queue_full\"}").await, 0.0);
 
@@ -208,4 +284,234 @@ async fn dead_letters_keep_the_records_traceparent() {
     let expected: BTreeMap<String, Option<String>> =
         invalid.iter().enumerate().map(|(i, (key, _))| (key.clone(), (i < 10).then(|| traceparent(200 + i)))).collect();
     assert_eq!(got, expected, "each dead letter's traceparent");
+}
+
+/// `txnflow ml-api` on a free port, exporting its spans to `otlp` as
+/// service `ml-api`: the process (killed on drop) and its base URL.
+async fn traced_ml_api(otlp: &str) -> (ChildGuard, String) {
+    let port = free_port();
+    let child = ChildGuard(
+        txnflow()
+            .args(["ml-api", "--listen", &format!("127.0.0.1:{port}")])
+            .env("TXNFLOW__TRACING__OTLP_ENDPOINT", otlp)
+            .env("OTEL_SERVICE_NAME", "ml-api")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if reqwest::get(format!("{base}/health")).await.is_ok() {
+            return (child, base);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the ML API did not start");
+}
+
+/// Test `n`'s producer span: `traceparent` trace and parent ids.
+fn producer_ids(n: usize) -> (String, String) {
+    (format!("{:032x}", 0x7a3c_0000_0000_0000_0000_0000_0000_0000u128 + n as u128), format!("{:016x}", 0x0b00 + n))
+}
+
+/// 200 valid records and 10 invalid ones, each with its own producer's
+/// `traceparent`, through a service and an ML API that both export to the
+/// receiver. Every record's spans hang where they should:
+/// - its `read` (consumer kind, partition and offset) under the producer's
+///   span, and its `buffer wait` under the read;
+/// - exactly one `flush` links to each valid record's read; each flush's
+///   ML API calls (`POST`, client) and its write (`INSERT transactions`)
+///   are its children, with the HTTP and database attributes;
+/// - the ML API's `POST /predict` (server) is the child of each call: the
+///   request carried the call's `traceparent`, in the flush's trace;
+/// - each invalid record's DLQ `send` (producer) is the child of its read,
+///   and its dead letter's last header is its `traceparent`;
+/// - every span's parent was received too, but for the reads' (the
+///   producers'): no span hangs under one that is never exported.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_records_spans_hang_under_its_traceparent_and_its_flush() {
+    let receiver = Receiver::start();
+    let scenario = Scenario::new("trace-tree").await;
+    let otlp = receiver.url();
+    let (_ml_api, ml_api_url) = traced_ml_api(&otlp).await;
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__TRACING__OTLP_ENDPOINT", otlp.as_str()),
+            ("TXNFLOW__PREDICT__URL", ml_api_url.as_str()),
+            ("TXNFLOW__BUFFER__MAX_RECORDS", "50"),
+        ])
+        .await;
+    assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
+    let valid = valid_events(91, 200);
+    let invalid = invalid_events(92, 10);
+    let mut events = valid.clone();
+    events.extend(invalid.iter().cloned());
+    let traceparents: Vec<Option<String>> = (0..events.len())
+        .map(|n| {
+            let (trace, parent) = producer_ids(n);
+            Some(format!("00-{trace}-{parent}-01"))
+        })
+        .collect();
+    let sent = scenario.produce_with_traceparents(&events, &traceparents).await;
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_eq!(scenario.transaction_ids(), ids_of(&valid));
+
+    let read_name = format!("read {}", scenario.topic);
+    let send_name = format!("send {}", scenario.dlq_topic);
+    let spans = receiver
+        .wait_for(Duration::from_secs(60), |spans| {
+            let count = |name: &str| spans.iter().filter(|s| s.name == name).count();
+            let calls = spans.iter().filter(|s| s.name == "POST" && s.service == "txnflow").count();
+            let linked: usize = spans.iter().filter(|s| s.name == "flush").map(|s| s.links.len()).sum();
+            count(&read_name) == 210
+                && count("buffer wait") == 200
+                && count(&send_name) == 10
+                && linked == 200
+                && calls > 0
+                && count("POST /predict") == calls
+                && count("INSERT transactions") == count("flush")
+        })
+        .await;
+    let by_id: BTreeMap<&str, &ReceivedSpan> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let named = |name: &str| named(&spans, name);
+
+    // Every record's read, under its producer's span.
+    let mut reads = BTreeMap::new();
+    for (n, record) in sent.iter().enumerate() {
+        let (trace, parent) = producer_ids(n);
+        let found: Vec<&ReceivedSpan> = named(&read_name).filter(|s| s.trace_id == trace).collect();
+        assert_eq!(found.len(), 1, "record {n}: one read span\n{}", service.log_tail());
+        let read = found[0];
+        assert_eq!((read.parent.as_str(), read.kind, read.service.as_str()), (parent.as_str(), CONSUMER, "txnflow"));
+        assert_eq!(read.attribute("messaging.system"), "kafka");
+        assert_eq!(read.attribute("messaging.operation.type"), "receive");
+        assert_eq!(read.attribute("messaging.destination.name"), scenario.topic);
+        assert_eq!(read.attribute("messaging.destination.partition.id"), record.partition.to_string());
+        assert_eq!(read.attribute("messaging.kafka.offset"), record.offset.to_string());
+        assert_eq!(read.attribute("error.type"), if n < 200 { "" } else { "invalid" }, "record {n}");
+        reads.insert(n, read);
+    }
+
+    // Valid records: a buffer wait under the read, one flush linking to it.
+    let flushes: Vec<&ReceivedSpan> = named("flush").collect();
+    for (n, read) in reads.iter().filter(|(n, _)| **n < 200) {
+        let waits: Vec<&ReceivedSpan> = named("buffer wait").filter(|s| s.trace_id == read.trace_id).collect();
+        assert_eq!(waits.len(), 1, "record {n}: one buffer wait");
+        assert_eq!(waits[0].parent, read.span_id, "record {n}: the wait hangs under the read");
+        let link = (read.trace_id.clone(), read.span_id.clone());
+        assert_eq!(flushes.iter().filter(|f| f.links.contains(&link)).count(), 1, "record {n}: one flush links to it");
+    }
+
+    // Each flush: its ML API calls and its write are its children.
+    let mut flushed = 0;
+    for flush in &flushes {
+        assert_eq!(flush.parent, "", "a flush is the root of its own trace");
+        let size: usize = flush.attribute("messaging.batch.message_count").parse().unwrap();
+        assert_eq!(size, flush.links.len(), "a flush links to each of its records");
+        flushed += size;
+        let children = |name: &'static str| {
+            spans.iter().filter(move |s| s.name == name && s.parent == flush.span_id && s.trace_id == flush.trace_id)
+        };
+        let calls: Vec<&ReceivedSpan> = children("POST").collect();
+        assert!(!calls.is_empty(), "flush {}: its ML API calls", flush.attribute("txnflow.flush.id"));
+        let mut asked = 0;
+        for call in &calls {
+            assert_eq!(call.kind, CLIENT);
+            assert_eq!(call.attribute("http.request.method"), "POST");
+            assert_eq!(call.attribute("http.response.status_code"), "200");
+            assert_eq!(call.attribute("url.full"), format!("{ml_api_url}/predict"));
+            assert_eq!(call.attribute("http.request.resend_count"), "0");
+            assert_eq!(call.attribute("txnflow.breaker.state"), "closed");
+            asked += call.attribute("txnflow.predict.batch_size").parse::<usize>().unwrap();
+            // The ML API joined the call's trace: its request span is the call's child.
+            let served: Vec<&ReceivedSpan> =
+                named("POST /predict").filter(|s| s.trace_id == call.trace_id && s.parent == call.span_id).collect();
+            assert_eq!(served.len(), 1, "the ML API's span of this call");
+            assert_eq!((served[0].service.as_str(), served[0].kind), ("ml-api", SERVER));
+            assert_eq!(served[0].attribute("http.response.status_code"), "200");
+        }
+        assert_eq!(asked, size, "the calls asked for each record of the flush once");
+        let writes: Vec<&ReceivedSpan> = children("INSERT transactions").collect();
+        assert_eq!(writes.len(), 1, "one write of the flush");
+        assert_eq!(writes[0].kind, CLIENT);
+        assert_eq!(writes[0].attribute("db.system.name"), "postgresql");
+        assert_eq!(writes[0].attribute("db.collection.name"), "transactions");
+        assert_eq!(writes[0].attribute("db.operation.batch.size"), size.to_string());
+        assert_eq!(writes[0].attribute("txnflow.write.outcome"), "ok");
+    }
+    assert_eq!(flushed, 200, "the flushes hold the 200 valid records");
+    assert_eq!(named("POST /predict").count(), named("POST").filter(|s| s.service == "txnflow").count());
+
+    // Invalid records: their DLQ send under the read, and their header kept.
+    for (n, read) in reads.iter().filter(|(n, _)| **n >= 200) {
+        let sends: Vec<&ReceivedSpan> = named(&send_name).filter(|s| s.trace_id == read.trace_id).collect();
+        assert_eq!(sends.len(), 1, "record {n}: one DLQ send");
+        assert_eq!((sends[0].parent.as_str(), sends[0].kind), (read.span_id.as_str(), PRODUCER));
+        assert_eq!(sends[0].attribute("messaging.destination.name"), scenario.dlq_topic);
+        assert_eq!(sends[0].attribute("error.type"), "invalid");
+        assert_eq!(sends[0].attribute("txnflow.dlq.outcome"), "published");
+        assert_eq!(named("buffer wait").filter(|s| s.trace_id == read.trace_id).count(), 0);
+    }
+    let letters = scenario.dlq(10);
+    let got: BTreeMap<String, Option<String>> =
+        letters.iter().map(|l| (l.key.clone(), l.headers.last().map(|(_, value)| value.clone()))).collect();
+    let expected: BTreeMap<String, Option<String>> =
+        invalid.iter().enumerate().map(|(i, (key, _))| (key.clone(), traceparents[200 + i].clone())).collect();
+    assert_eq!(got, expected, "each dead letter's last header is its record's traceparent");
+
+    println!("{}", follow(&spans, reads[&0], &flushes));
+
+    // Commits are traces of their own; nothing hangs under a span never sent.
+    for commit in named(&format!("commit {}", scenario.topic)) {
+        assert_eq!(commit.parent, "");
+        assert_eq!(commit.attribute("messaging.operation.type"), "settle");
+    }
+    for span in spans.iter().filter(|s| !s.parent.is_empty() && s.name != read_name) {
+        assert!(by_id.contains_key(span.parent.as_str()), "the parent of {span:?} was exported");
+    }
+}
+
+/// One record's spans as a tree, with when each started (after the read)
+/// and how long it took: its own trace, then the flush that served it.
+fn follow(spans: &[ReceivedSpan], read: &ReceivedSpan, flushes: &[&ReceivedSpan]) -> String {
+    fn tree(spans: &[ReceivedSpan], span: &ReceivedSpan, origin: u64, depth: usize, out: &mut String) {
+        let keys = [
+            "messaging.destination.partition.id",
+            "messaging.kafka.offset",
+            "http.response.status_code",
+            "txnflow.predict.batch_size",
+            "db.operation.batch.size",
+            "txnflow.write.outcome",
+            "messaging.batch.message_count",
+        ];
+        let shown: Vec<String> = keys
+            .iter()
+            .filter(|k| span.attributes.contains_key(**k))
+            .map(|k| format!("{k}={}", span.attribute(k)))
+            .collect();
+        out.push_str(&format!(
+            "{:>9.3} ms {:>8.3} ms  {}{} [{}] {}\n",
+            (span.start as f64 - origin as f64) / 1e6,
+            (span.end - span.start) as f64 / 1e6,
+            "  ".repeat(depth),
+            span.name,
+            span.service,
+            shown.join(" ")
+        ));
+        let mut children: Vec<&ReceivedSpan> =
+            spans.iter().filter(|s| s.parent == span.span_id && s.trace_id == span.trace_id).collect();
+        children.sort_by_key(|s| s.start);
+        for child in children {
+            tree(spans, child, origin, depth + 1, out);
+        }
+    }
+    let mut out = format!("trace {} (parent {}, the producer's)\n", read.trace_id, read.parent);
+    tree(spans, read, read.start, 0, &mut out);
+    let link = (read.trace_id.clone(), read.span_id.clone());
+    for flush in flushes.iter().filter(|f| f.links.contains(&link)) {
+        out.push_str(&format!("linked from trace {}\n", flush.trace_id));
+        tree(spans, flush, read.start, 0, &mut out);
+    }
+    out
 }
