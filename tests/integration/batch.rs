@@ -47,6 +47,11 @@ impl Folder {
 
 /// `txnflow batch ARGS` with the scenario's database, DLQ topic and ML API.
 pub fn batch(scenario: &Scenario, args: &[&str]) -> Output {
+    batch_with(scenario, args, &[])
+}
+
+/// The same with more environment variables.
+pub fn batch_with(scenario: &Scenario, args: &[&str], env: &[(&str, &str)]) -> Output {
     run(txnflow()
         .arg("batch")
         .args(args)
@@ -54,7 +59,8 @@ pub fn batch(scenario: &Scenario, args: &[&str]) -> Output {
         .env("TXNFLOW__KAFKA__TOPIC", &scenario.topic)
         .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic)
         .env("TXNFLOW__DB__URL", &scenario.db.url)
-        .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url()))
+        .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url())
+        .envs(env.iter().copied()))
 }
 
 /// The summary line's counts, checked for its exact shape.
@@ -75,7 +81,7 @@ fn summary_counts(output: &Output) -> [u64; 6] {
 }
 
 /// The seed file's rows, parsed here independently of txnflow's own rules.
-struct SeedRow {
+pub struct SeedRow {
     line: u64,
     id: String,
     description: String,
@@ -86,7 +92,7 @@ struct SeedRow {
     side: String,
 }
 
-fn seed_rows() -> (String, Vec<SeedRow>) {
+pub fn seed_rows() -> (String, Vec<SeedRow>) {
     let text = std::fs::read_to_string(seed_csv_path()).unwrap();
     let header = text.lines().next().unwrap().to_string();
     let mut reader = csv::ReaderBuilder::new().delimiter(b';').from_reader(text.as_bytes());
@@ -110,7 +116,7 @@ fn seed_rows() -> (String, Vec<SeedRow>) {
     (header, rows)
 }
 
-fn seed_line(row: &SeedRow) -> String {
+pub fn seed_line(row: &SeedRow) -> String {
     format!(
         "{};\"{}\";{};\"{}\";\"{}\";\"{}\";\"{}\"",
         row.id,

@@ -6,7 +6,7 @@
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -514,4 +514,126 @@ fn follow(spans: &[ReceivedSpan], read: &ReceivedSpan, flushes: &[&ReceivedSpan]
         tree(spans, flush, read.start, 0, &mut out);
     }
     out
+}
+
+/// Whether a trace is sampled at `ratio`: the trace-id rule of
+/// OpenTelemetry's `TraceIdRatioBased` sampler, which txnflow applies to
+/// every trace (its lower 64 bits, shifted right by one, under
+/// `ratio × 2⁶³`).
+fn sampled_at(ratio: f64, trace_id: u128) -> bool {
+    ((trace_id as u64) >> 1) < (ratio * (1u64 << 63) as f64) as u64
+}
+
+/// `sample_ratio = 0.1`: of 1,000 records whose producers sampled them
+/// (trace ids from a fixed seed), exactly those whose trace id the ratio
+/// samples are traced, which is 10% within a binomial bound; none of 100
+/// records whose producer did not sample them is, though the ratio would
+/// take each of their ids; and each flush links only to traced records.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
+    use rand::{Rng, SeedableRng};
+    let receiver = Receiver::start();
+    let scenario = Scenario::new("trace-ratio").await;
+    let otlp = receiver.url();
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__TRACING__OTLP_ENDPOINT", otlp.as_str()),
+            ("TXNFLOW__TRACING__SAMPLE_RATIO", "0.1"),
+            ("TXNFLOW__BUFFER__MAX_RECORDS", "200"),
+        ])
+        .await;
+    assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
+    let events = valid_events(93, 1100);
+    let mut seeded = rand::rngs::StdRng::seed_from_u64(2026);
+    let trace_ids: Vec<u128> =
+        (0..1000).map(|_| seeded.random::<u128>() | 1).chain((0..100).map(|n| (n + 1) << 64)).collect();
+    let traceparents: Vec<Option<String>> = trace_ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| Some(format!("00-{id:032x}-{:016x}-{}", n + 1, if n < 1000 { "01" } else { "00" })))
+        .collect();
+    let expected: std::collections::BTreeSet<String> =
+        trace_ids[..1000].iter().filter(|id| sampled_at(0.1, **id)).map(|id| format!("{id:032x}")).collect();
+    // 1,000 draws at p = 0.1: mean 100, standard deviation 9.5; the seed's
+    // count must lie within four of them.
+    assert!((62..=138).contains(&expected.len()), "the seed gives {} sampled traces", expected.len());
+    assert!(trace_ids[1000..].iter().all(|id| sampled_at(0.1, *id)), "the ratio alone would take the unsampled ones");
+
+    let ends = Scenario::end_offsets(&scenario.produce_with_traceparents(&events, &traceparents).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_eq!(scenario.transaction_ids(), ids_of(&events));
+    let read_name = format!("read {}", scenario.topic);
+    let spans = receiver
+        .wait_for(Duration::from_secs(60), |spans| {
+            named(spans, "buffer wait").count() >= expected.len() && named(spans, &read_name).count() >= expected.len()
+        })
+        .await;
+    // The export may still be under way: let a batch more arrive, then count.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let spans = if receiver.spans().len() > spans.len() { receiver.spans() } else { spans };
+    let traced = |name: &str| -> std::collections::BTreeSet<String> {
+        named(&spans, name).map(|s| s.trace_id.clone()).collect()
+    };
+    assert_eq!(traced(&read_name), expected, "exactly the reads of the sampled traces");
+    assert_eq!(named(&spans, &read_name).count(), expected.len(), "one read per sampled record");
+    assert_eq!(traced("buffer wait"), expected, "exactly their buffer waits");
+    let linked: std::collections::BTreeSet<String> =
+        named(&spans, "flush").flat_map(|f| f.links.iter().map(|(trace, _)| trace.clone())).collect();
+    assert!(linked.is_subset(&expected), "flushes link only to traced records");
+    println!("sample_ratio 0.1: {} of 1000 sampled traces exported, 0 of 100 unsampled", expected.len());
+}
+
+/// A batch run is one trace: its `batch run` span, a `file` span for each
+/// of its two files under it, and under it too every flush of its 200
+/// rows, each with its ML API calls and its write as children. Every span
+/// the run exports is in that trace.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_run_is_one_trace_with_a_span_per_file_and_per_flush() {
+    use crate::batch::{Folder, batch_with, seed_line, seed_rows};
+    let receiver = Receiver::start();
+    let scenario = Scenario::new("trace-batch").await;
+    let folder = Folder::new().await;
+    let (header, rows) = seed_rows();
+    let mut files = Vec::new();
+    for (n, part) in rows[..200].chunks(100).enumerate() {
+        let text: String =
+            std::iter::once(header.clone()).chain(part.iter().map(seed_line)).map(|line| line + "\n").collect();
+        files.push(folder.put(&format!("part-{n}.csv"), text.into_bytes()).await);
+    }
+    let run_id = format!("traced-{}", uuid::Uuid::new_v4().simple());
+    let otlp = receiver.url();
+    let output = batch_with(
+        &scenario,
+        &[&folder.uri(), "--run-id", &run_id],
+        &[("TXNFLOW__TRACING__OTLP_ENDPOINT", otlp.as_str()), ("TXNFLOW__BUFFER__MAX_RECORDS", "60")],
+    );
+    assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 200);
+
+    // The process exported what it had before it exited.
+    let spans = receiver.spans();
+    let runs: Vec<&ReceivedSpan> = named(&spans, "batch run").collect();
+    assert_eq!(runs.len(), 1, "one run span: {spans:?}");
+    let run = runs[0];
+    assert_eq!((run.parent.as_str(), run.attribute("txnflow.run.id")), ("", run_id.as_str()));
+    assert!(spans.iter().all(|s| s.trace_id == run.trace_id), "every span is in the run's trace");
+    let file_uris: BTreeSet<&str> = named(&spans, "file")
+        .map(|file| {
+            assert_eq!(file.parent, run.span_id, "a file hangs under its run");
+            file.attribute("txnflow.file.uri")
+        })
+        .collect();
+    assert_eq!(file_uris, files.iter().map(String::as_str).collect(), "a span per file");
+    assert_eq!(named(&spans, "file").count(), 2);
+    let mut flushed = 0;
+    for flush in named(&spans, "flush") {
+        assert_eq!(flush.parent, run.span_id, "a flush hangs under its run");
+        assert!(flush.links.is_empty(), "CSV rows have no spans of their own to link to");
+        let size: usize = flush.attribute("messaging.batch.message_count").parse().unwrap();
+        flushed += size;
+        let children = |name: &str| spans.iter().filter(|s| s.name == name && s.parent == flush.span_id).count();
+        assert!(children("POST") >= 1, "the flush's ML API calls");
+        assert_eq!(children("INSERT transactions"), 1, "the flush's write");
+    }
+    assert_eq!(flushed, 200, "the flushes hold the run's 200 rows");
 }
