@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
 
-.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history
+.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history bench-tracing
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench-pipeline: up ## End-to-end throughput beside psql \copy, latency at the se
 
 bench-batch: up ## txnflow batch of 1M rows from S3 beside psql \copy; peak RSS at 1M and 5M rows
 	@cargo bench --bench batch
+
+bench-tracing: up ## Streaming with tracing off, at sample ratio 0.01 and at 1.0, rotated, 3 x 300,000 keyed events with traceparent headers
+	@BENCH_TRACING=1 BENCH_EVENTS=$${BENCH_EVENTS:-300000} cargo bench --bench pipeline
 
 # The last commit whose pipeline wrote no prediction history.
 NO_HISTORY_REV := a32af76

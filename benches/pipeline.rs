@@ -36,6 +36,12 @@
 //! bench-history` uses it against the last build that wrote no prediction
 //! history.
 //!
+//! `BENCH_TRACING=1` measures tracing's cost instead: keyed throughput
+//! with tracing off, at `sample_ratio` 0.01 and at 1.0, each run once
+//! with each, every event carrying a sampled `traceparent` of its own, the
+//! spans exported to an OTLP/HTTP receiver in this process. `make
+//! bench-tracing` runs it.
+//!
 //!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20, BENCH_BROKER=tansu)
 
 use diesel::{Connection, RunQueryDsl};
@@ -49,6 +55,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 mod common;
+#[path = "../tests/integration/otlp_receiver.rs"]
+mod otlp_receiver;
 
 use common::{
     CopyRow, CpuSample, WaitSampler, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named,
@@ -92,13 +100,22 @@ impl Keys {
 
 /// Produces every event as fast as the producer takes them, and returns
 /// each partition's end offset.
-async fn produce(topic: &str, events: &[(String, Vec<u8>)], keys: Keys) -> BTreeMap<i32, i64> {
+async fn produce(topic: &str, events: &[(String, Vec<u8>)], keys: Keys, traceparents: bool) -> BTreeMap<i32, i64> {
     let producer = txnflow::kafka::producer(&kafka()).unwrap();
     let mut ends = BTreeMap::new();
     for (done, chunk) in events.chunks(5_000).enumerate() {
-        let sends = chunk.iter().map(|(key, value)| {
+        let sends = chunk.iter().enumerate().map(|(n, (key, value))| {
             let record = FutureRecord::to(topic).payload(value);
             let record = if keys == Keys::ById { record.key(key) } else { record };
+            // Each event its own trace, sampled by its producer.
+            let record = if traceparents {
+                let traceparent =
+                    txnflow::domain::trace_context::new_traceparent(rand::random(), (done * 5_000 + n) as u64);
+                let header = rdkafka::message::Header { key: "traceparent", value: Some(&traceparent) };
+                record.headers(rdkafka::message::OwnedHeaders::new().insert(header))
+            } else {
+                record
+            };
             producer.send(record, Duration::from_secs(30))
         });
         for delivery in futures_util::future::join_all(sends).await {
@@ -179,8 +196,22 @@ fn start_ml_api(port: u16) -> (Child, String) {
 /// This build's `txnflow`.
 const THIS_BUILD: &str = env!("CARGO_BIN_EXE_txnflow");
 
-fn start_service(binary: &str, topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Child {
-    let child = Command::new(binary)
+/// How the service under test runs: which binary, with which more
+/// environment, and whether the events carry a `traceparent` header.
+struct Setup<'a> {
+    binary: &'a str,
+    env: Vec<(&'static str, String)>,
+    traceparents: bool,
+}
+
+impl Setup<'_> {
+    fn of(binary: &str) -> Setup<'_> {
+        Setup { binary, env: Vec::new(), traceparents: false }
+    }
+}
+
+fn start_service(setup: &Setup<'_>, topic: &str, db: &str, admin_port: u16, ml_api: &str) -> Child {
+    let child = Command::new(setup.binary)
         .arg("run")
         .env("TXNFLOW__KAFKA__BROKERS", kafka().brokers)
         .env("TXNFLOW__KAFKA__BROKER_QUIRKS", BROKER.get().map_or("tansu", |(_, quirks)| quirks))
@@ -191,6 +222,7 @@ fn start_service(binary: &str, topic: &str, db: &str, admin_port: u16, ml_api: &
         .env("TXNFLOW__PREDICT__URL", ml_api)
         .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
         .env("TXNFLOW__LOG__LEVEL", "warn")
+        .envs(setup.env.iter().map(|(key, value)| (key, value)))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -212,6 +244,10 @@ struct Throughput {
     rss_mb: f64,
     txnflow_cpu_ms_per_1000: f64,
     postgresql_cpu_seconds: f64,
+    /// Trace spans exported and dropped (queue full or export failed), as
+    /// the service counted them when the last row was committed.
+    spans_exported: f64,
+    spans_dropped: f64,
 }
 
 fn stored_rows(db: &str) -> usize {
@@ -255,7 +291,7 @@ fn partition_spans(db: &str) -> String {
 }
 
 async fn throughput(
-    binary: &str,
+    setup: &Setup<'_>,
     run: u64,
     keys: Keys,
     count: usize,
@@ -270,11 +306,11 @@ async fn throughput(
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
     create_topic(&topic, 3, mock).await;
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
-    let ends = produce(&topic, &events, keys).await;
+    let ends = produce(&topic, &events, keys, setup.traceparents).await;
     println!("  partitions' ends: {ends:?}");
     let db = fresh_database("pipeline", false);
     let admin_port = 18391;
-    let service = start_service(binary, &topic, &db, admin_port, ml_api);
+    let service = start_service(setup, &topic, &db, admin_port, ml_api);
     let mut roles = vec![("txnflow", vec![service.pid()]), ("ml-api", vec![ml_api_pid])];
     roles.push(("broker", if mock.is_some() { vec![std::process::id()] } else { pids_named("tansu") }));
     roles.push(("postgresql", pids_named("postgres")));
@@ -333,7 +369,13 @@ async fn throughput(
         "  psql \\copy of the same rows: {copy:.0} rows/s; pipeline / copy = {:.2}; txnflow CPU {txnflow_cpu_ms_per_1000:.0} ms per 1,000 records; peak RSS {rss_mb:.1} MB",
         rate / copy
     );
-    Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000, postgresql_cpu_seconds }
+    let spans = |outcome: &str| {
+        let series = format!("txnflow_trace_spans_total{{outcome=\"{outcome}\"}} ");
+        metrics.lines().find_map(|line| line.strip_prefix(&series)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let spans_exported = spans("exported");
+    let spans_dropped = spans("dropped_queue_full") + spans("dropped_export_failed");
+    Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000, postgresql_cpu_seconds, spans_exported, spans_dropped }
 }
 
 /// Produces at `rate` events/s for `seconds`, and returns when each event's
@@ -390,7 +432,7 @@ async fn latency(
     create_topic(&topic, 3, mock).await;
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
     let db = fresh_database("latency", false);
-    let service = start_service(THIS_BUILD, &topic, &db, 18392, ml_api);
+    let service = start_service(&Setup::of(THIS_BUILD), &topic, &db, 18392, ml_api);
     // Let the consumer join its group before the clock starts.
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!("run {run}, latency: {rate} events/s for {seconds} s, default configuration");
@@ -461,6 +503,10 @@ fn main() {
             compare_builds(runs, count, &baseline, &name, &ml_api, ml_api_process.pid(), mock).await;
             return;
         }
+        if std::env::var("BENCH_TRACING").as_deref() == Ok("1") {
+            compare_tracing(runs, count, &ml_api, ml_api_process.pid(), mock).await;
+            return;
+        }
         let mut throughputs: HashMap<&str, Vec<Throughput>> = HashMap::new();
         let mut latencies: HashMap<u64, Vec<[f64; 4]>> = HashMap::new();
         for run in 1..=runs {
@@ -468,7 +514,8 @@ fn main() {
                 if !only_keys.is_empty() && only_keys != keys.as_str() {
                     continue;
                 }
-                let measured = throughput(THIS_BUILD, run, keys, count, &ml_api, ml_api_process.pid(), mock).await;
+                let measured =
+                    throughput(&Setup::of(THIS_BUILD), run, keys, count, &ml_api, ml_api_process.pid(), mock).await;
                 throughputs.entry(keys.as_str()).or_default().push(measured);
             }
             for rate in [23, 2_000].into_iter().filter(|_| latency_seconds > 0) {
@@ -507,7 +554,8 @@ fn main() {
             println!();
             println!("large run {}/{}: {events} keyed events, one run", i + 1, large_counts.len());
             let run = runs + 1 + i as u64;
-            let measured = throughput(THIS_BUILD, run, Keys::ById, events, &ml_api, ml_api_process.pid(), mock).await;
+            let measured =
+                throughput(&Setup::of(THIS_BUILD), run, Keys::ById, events, &ml_api, ml_api_process.pid(), mock).await;
             large.push((events, measured));
         }
         if !large.is_empty() {
@@ -553,7 +601,8 @@ async fn compare_builds(
         let mut measured = HashMap::new();
         for (binary, label) in order {
             println!("run {run}: {label}");
-            measured.insert(label, throughput(binary, run, Keys::ById, count, ml_api, ml_api_pid, mock).await);
+            let setup = Setup::of(binary);
+            measured.insert(label, throughput(&setup, run, Keys::ById, count, ml_api, ml_api_pid, mock).await);
         }
         pairs.push((measured.remove("this build").unwrap(), measured.remove(name).unwrap()));
     }
@@ -578,6 +627,66 @@ async fn compare_builds(
     }
     let ratios: Vec<f64> = pairs.iter().map(|(this, other)| this.rate / other.rate).collect();
     println!("this build / {name}, run by run: {}", median_and_spread(&ratios, 3));
+}
+
+/// Keyed throughput with tracing off, at `sample_ratio` 0.01 and at 1.0,
+/// every event with a sampled `traceparent` of its own, the spans exported
+/// to an OTLP receiver in this process; the order rotated from run to run.
+async fn compare_tracing(
+    runs: u64,
+    count: usize,
+    ml_api: &str,
+    ml_api_pid: u32,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+) {
+    let receiver = otlp_receiver::Receiver::listen(false);
+    let variants = ["off", "0.01", "1.0"];
+    let mut measured: HashMap<&str, Vec<Throughput>> = HashMap::new();
+    for run in 1..=runs {
+        let mut order = variants;
+        order.rotate_left((run as usize - 1) % variants.len());
+        for variant in order {
+            println!("run {run}: tracing {variant}");
+            let mut setup = Setup { binary: THIS_BUILD, env: Vec::new(), traceparents: true };
+            if variant != "off" {
+                setup.env = vec![
+                    ("TXNFLOW__TRACING__OTLP_ENDPOINT", receiver.url()),
+                    ("TXNFLOW__TRACING__SAMPLE_RATIO", variant.to_string()),
+                ];
+            }
+            let before = receiver.span_count();
+            let result = throughput(&setup, run, Keys::ById, count, ml_api, ml_api_pid, mock).await;
+            println!(
+                "  spans: {:.0} exported, {:.0} dropped; {} received (by the service's exit)",
+                result.spans_exported,
+                result.spans_dropped,
+                receiver.span_count() - before
+            );
+            measured.entry(variant).or_default().push(result);
+        }
+    }
+    receiver.stop();
+    println!();
+    println!("summary: tracing, median (min–max) of {runs} runs of {count} keyed events each, order rotated");
+    println!(
+        "| tracing | txn/s | / off, run by run | pipeline / copy | txnflow CPU ms per 1,000 | spans exported | spans dropped |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let off: Vec<f64> = measured["off"].iter().map(|t| t.rate).collect();
+    for variant in variants {
+        let results = &measured[variant];
+        let figures = |f: fn(&Throughput) -> f64| results.iter().map(f).collect::<Vec<f64>>();
+        let ratios: Vec<f64> = results.iter().zip(&off).map(|(t, off)| t.rate / off).collect();
+        println!(
+            "| {variant} | {} | {} | {} | {} | {} | {} |",
+            median_and_spread(&figures(|t| t.rate), 0),
+            median_and_spread(&ratios, 3),
+            median_and_spread(&figures(|t| t.rate / t.copy), 2),
+            median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
+            median_and_spread(&figures(|t| t.spans_exported), 0),
+            median_and_spread(&figures(|t| t.spans_dropped), 0),
+        );
+    }
 }
 
 /// The event counts of the large keyed runs: `BENCH_LARGE_EVENTS`, commas

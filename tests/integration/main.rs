@@ -14,6 +14,7 @@ mod hostile;
 mod migrations;
 mod ml_api;
 mod mock_cluster;
+mod otlp_receiver;
 mod outage;
 mod produce;
 mod rollout;

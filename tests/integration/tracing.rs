@@ -1,59 +1,23 @@
-//! OpenTelemetry traces over OTLP/HTTP, against a receiver the test starts:
-//! a real HTTP server that decodes each request's protobuf with the
-//! `opentelemetry-proto` types. The first step of tracing: spans are
-//! exported and counted, and a collector that is gone costs no record.
+//! OpenTelemetry traces over OTLP/HTTP, against a receiver the test starts
+//! (`otlp_receiver`): which spans arrive, with which parents, links and
+//! attributes; what sampling exports; and that a collector that is gone
+//! costs no record.
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::helpers::{ChildGuard, free_port, txnflow};
+use crate::otlp_receiver::Receiver;
 use crate::scenario::{Scenario, ids_of, invalid_events, valid_events};
 
-/// An OTLP/HTTP traces receiver on a free loopback port, keeping every
-/// request it decodes.
-struct Receiver {
-    address: SocketAddr,
-    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    stopped: Arc<AtomicBool>,
+/// The spans a receiver kept, as the tests read them.
+trait Spans {
+    fn spans(&self) -> Vec<ReceivedSpan>;
+    async fn wait_for(&self, limit: Duration, done: impl Fn(&[ReceivedSpan]) -> bool) -> Vec<ReceivedSpan>;
 }
 
-impl Receiver {
-    fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let stopped = Arc::new(AtomicBool::new(false));
-        let (kept, stop) = (requests.clone(), stopped.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let (kept, stop) = (kept.clone(), stop.clone());
-                std::thread::spawn(move || serve(stream, &kept, &stop));
-            }
-        });
-        Receiver { address, requests, stopped }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/v1/traces", self.address)
-    }
-
-    /// Closes the port: later exports are refused.
-    fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.address);
-    }
-
+impl Spans for Receiver {
     /// Every span received so far.
     fn spans(&self) -> Vec<ReceivedSpan> {
         let requests = self.requests.lock().unwrap();
@@ -153,46 +117,13 @@ fn attributes<'a>(
         .collect()
 }
 
-/// HTTP/1.1 requests on one connection, until it closes or the receiver stops.
-fn serve(stream: TcpStream, kept: &Mutex<Vec<ExportTraceServiceRequest>>, stop: &AtomicBool) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    loop {
-        let mut length = 0usize;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() || stop.load(Ordering::SeqCst) {
-            return;
-        }
-        kept.lock().unwrap().push(ExportTraceServiceRequest::decode(body.as_slice()).expect("an OTLP protobuf"));
-        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-        if writer.write_all(answer.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
 /// With `tracing.otlp_endpoint` set, the flushes' spans reach the receiver
 /// under `service.name` txnflow, and the metric counts each one exported.
 /// With the receiver gone, every record is still stored and committed, and
 /// the spans that could not be exported are counted as dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
-    let receiver = Receiver::start();
+    let receiver = Receiver::listen(true);
     let scenario = Scenario::new("tracing").await;
     let url = receiver.url();
     let service = scenario
@@ -213,7 +144,7 @@ async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
     let exported = "txnflow_trace_spans_total{outcome=\"exported\"}";
     let mut arrived = false;
     for _ in 0..300 {
-        let spans = receiver.spans().len();
+        let spans = receiver.span_count();
         if spans > 0 && service.metric(exported).await == spans as f64 {
             arrived = true;
             break;
@@ -330,7 +261,7 @@ fn producer_ids(n: usize) -> (String, String) {
 ///   producers'): no span hangs under one that is never exported.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_records_spans_hang_under_its_traceparent_and_its_flush() {
-    let receiver = Receiver::start();
+    let receiver = Receiver::listen(true);
     let scenario = Scenario::new("trace-tree").await;
     let otlp = receiver.url();
     let (_ml_api, ml_api_url) = traced_ml_api(&otlp).await;
@@ -532,7 +463,7 @@ fn sampled_at(ratio: f64, trace_id: u128) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
     use rand::{Rng, SeedableRng};
-    let receiver = Receiver::start();
+    let receiver = Receiver::listen(true);
     let scenario = Scenario::new("trace-ratio").await;
     let otlp = receiver.url();
     let service = scenario
@@ -590,7 +521,7 @@ async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_run_is_one_trace_with_a_span_per_file_and_per_flush() {
     use crate::batch::{Folder, batch_with, seed_line, seed_rows};
-    let receiver = Receiver::start();
+    let receiver = Receiver::listen(true);
     let scenario = Scenario::new("trace-batch").await;
     let folder = Folder::new().await;
     let (header, rows) = seed_rows();
