@@ -81,6 +81,60 @@ fn compose_runs_three_brokers_two_replicas_and_checks_every_service() {
     assert!(token.starts_with("${TXNFLOW_ADMIN_TOKEN:?"), "the token is required from the environment: {token}");
 }
 
+/// Traces: the replicas and the ML API export to Tempo over OTLP/HTTP, the
+/// ML API under its own service name; the producer starts a trace per
+/// record; Grafana has Tempo as a data source, and the dashboard's ML API
+/// latency panel links to the calls' traces in it.
+#[test]
+fn compose_sends_traces_to_tempo_and_grafana_reads_them() {
+    let compose = compose();
+    let services = services(&compose);
+    let service = |name: &str| services.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).unwrap();
+    let tempo = service("tempo");
+    assert!(tempo["image"].as_str().unwrap().starts_with("grafana/tempo:"));
+    let config_file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tempo/tempo.yaml")).unwrap();
+    let config: serde_yaml::Value = serde_yaml::from_str(&config_file).unwrap();
+    assert_eq!(
+        config["distributor"]["receivers"]["otlp"]["protocols"]["http"]["endpoint"].as_str(),
+        Some("0.0.0.0:4318")
+    );
+    assert_eq!(config["server"]["http_listen_port"].as_u64(), Some(3200));
+    for name in ["txnflow", "ml-api"] {
+        let environment = &service(name)["environment"];
+        assert_eq!(
+            environment["TXNFLOW__TRACING__OTLP_ENDPOINT"].as_str(),
+            Some("http://tempo:4318/v1/traces"),
+            "{name} exports its traces to Tempo"
+        );
+    }
+    assert_eq!(service("ml-api")["environment"]["TXNFLOW__TRACING__SERVICE_NAME"].as_str(), Some("ml-api"));
+    assert_eq!(service("producer")["command"][1].as_str(), Some("--traceparent"));
+    assert_eq!(service("grafana")["depends_on"]["tempo"]["condition"].as_str(), Some("service_healthy"));
+    let datasources = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/provisioning/datasources/tempo.yml"
+    ))
+    .unwrap();
+    let datasources: serde_yaml::Value = serde_yaml::from_str(&datasources).unwrap();
+    let source = &datasources["datasources"][0];
+    assert_eq!((source["type"].as_str(), source["uid"].as_str()), (Some("tempo"), Some("tempo")));
+    assert_eq!(source["url"].as_str(), Some("http://tempo:3200"));
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/dashboards/txnflow.json"))
+        .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let latency = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"].as_str().unwrap().starts_with("ML API latency"))
+        .unwrap();
+    let url = latency["links"][0]["url"].as_str().unwrap();
+    let decoded =
+        url.replace("%22", "\"").replace("%3A", ":").replace("%2C", ",").replace("%5B", "[").replace("%5D", "]");
+    assert!(url.starts_with("/explore?"), "{url}");
+    assert!(decoded.contains("\"uid\":\"tempo\"") && decoded.contains("traceql"), "the link queries Tempo: {decoded}");
+}
+
 /// The `airflow` profile adds Airflow, off by default, with the DAG folder
 /// mounted and the txnflow service as the DAG's target.
 #[test]
