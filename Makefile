@@ -59,8 +59,8 @@ bench-pipeline: up ## End-to-end throughput beside psql \copy, latency at the se
 bench-batch: up ## txnflow batch of 1M rows from S3 beside psql \copy; peak RSS at 1M and 5M rows
 	@cargo bench --bench batch
 
-bench-tracing: up ## Streaming with tracing off, at sample ratio 0.01 and at 1.0, rotated, 3 x 300,000 keyed events with traceparent headers
-	@BENCH_TRACING=1 BENCH_EVENTS=$${BENCH_EVENTS:-300000} cargo bench --bench pipeline
+bench-tracing: up ## Streaming with tracing off, at sample ratio 0.01 and at 1.0, rotated, 3 x 1M keyed events with traceparent headers
+	@BENCH_TRACING=1 BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline
 
 # The last commit whose pipeline wrote no prediction history.
 NO_HISTORY_REV := a32af76

@@ -12,7 +12,7 @@ export TXNFLOW__KAFKA__BROKER_QUIRKS="${TXNFLOW__KAFKA__BROKER_QUIRKS:-tansu}"
 
 "$BIN" run &
 service=$!
-"$BIN" produce --invalid-ratio 0.02 >"$LOGS/producer.log" 2>&1 &
+"$BIN" produce --invalid-ratio 0.02 --traceparent >"$LOGS/producer.log" 2>&1 &
 producer=$!
 echo "[run] service pid $service (admin http://127.0.0.1:8088/metrics), producers pid $producer (log .stack/logs/producer.log); Ctrl-C to stop"
 

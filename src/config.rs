@@ -299,8 +299,9 @@ pub struct TracingConfig {
     pub otlp_endpoint: String,
     /// `http/protobuf`, the only one built in.
     pub protocol: String,
-    /// The share of new traces sampled; a record's `traceparent` decides
-    /// for its own trace.
+    /// The share of traces exported, decided by trace id for every trace
+    /// (a record's sampled `traceparent` included); a `traceparent` that
+    /// says "not sampled" is never exported.
     pub sample_ratio: f64,
     /// `service.name`; `OTEL_SERVICE_NAME` wins when set.
     pub service_name: String,

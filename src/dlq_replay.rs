@@ -133,8 +133,12 @@ async fn replay_table(
             return Ok(replayed);
         }
         for row in rows {
-            let headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new()
                 .insert(Header { key: "replayed_from", value: Some(&format!("dead_letters/{}", row.id)) });
+            // The record's trace goes on with it, as from the topic.
+            if let Some(traceparent) = &row.traceparent {
+                headers = headers.insert(Header { key: TRACEPARENT, value: Some(traceparent) });
+            }
             let mut record = FutureRecord::to(&kafka.topic).payload(&row.record_value).headers(headers);
             if let Some(key) = &row.record_key {
                 record = record.key(key);

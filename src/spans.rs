@@ -28,17 +28,20 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
-use crate::domain::trace_context::{TRACEPARENT, TRACESTATE, parse_traceparent, valid_traceparent, valid_tracestate};
+use crate::domain::trace_context::{
+    TRACEPARENT, TRACESTATE, parse_traceparent, sampled_at, valid_traceparent, valid_tracestate,
+};
 
-static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+/// The tracer, and `tracing.sample_ratio`, set once tracing is configured.
+static TRACER: OnceLock<(SdkTracer, f64)> = OnceLock::new();
 
 /// Makes the pipeline's spans; called once, when tracing is configured.
-pub(crate) fn install(tracer: SdkTracer) {
-    let _ = TRACER.set(tracer);
+pub(crate) fn install(tracer: SdkTracer, sample_ratio: f64) {
+    let _ = TRACER.set((tracer, sample_ratio));
 }
 
 fn tracer() -> Option<&'static SdkTracer> {
-    TRACER.get()
+    TRACER.get().map(|(tracer, _)| tracer)
 }
 
 /// A span that is recording (sampled), or none.
@@ -129,12 +132,29 @@ pub fn read(
     use rdkafka::message::Headers;
     let header = |name: &str| message.headers().and_then(|headers| headers.iter().find(|h| h.key == name)?.value);
     let traceparent = header(TRACEPARENT).and_then(valid_traceparent);
-    let Some(tracer) = tracer() else { return RecordTrace { traceparent, ..RecordTrace::default() } };
-    let state = || header(TRACESTATE).and_then(valid_tracestate).and_then(|state| state.parse().ok());
-    let parent = traceparent.as_deref().map_or_else(Context::new, |traceparent| remote(traceparent, state()));
+    let untraced = |traceparent| RecordTrace { traceparent, ..RecordTrace::default() };
+    let Some((tracer, ratio)) = TRACER.get() else { return untraced(traceparent) };
+    // Sampled or not is decided here, as the sampler would, before any span
+    // is built: at a low ratio, most records cost no more than this.
+    let producer = traceparent.as_deref().and_then(parse_traceparent);
+    let trace_id = match producer {
+        Some(producer) if !producer.sampled => return untraced(traceparent),
+        Some(producer) => producer.trace_id,
+        None => rand::random::<u128>().max(1),
+    };
+    if !sampled_at(*ratio, trace_id) {
+        return untraced(traceparent);
+    }
     let builder =
         tracer.span_builder(format!("read {}", at.topic)).with_kind(SpanKind::Consumer).with_start_time(started);
-    let Some(mut span) = start(builder, &parent) else { return RecordTrace { traceparent, ..RecordTrace::default() } };
+    let span = match traceparent.as_deref() {
+        Some(traceparent) => {
+            let state = header(TRACESTATE).and_then(valid_tracestate).and_then(|state| state.parse().ok());
+            start(builder, &remote(traceparent, state))
+        }
+        None => crate::telemetry::with_trace_id(trace_id, || start(builder, &Context::new())),
+    };
+    let Some(mut span) = span else { return untraced(traceparent) };
     span.set_attributes([
         kafka(),
         KeyValue::new("messaging.operation.type", "receive"),

@@ -742,15 +742,17 @@ pub fn store_dead_letter(connection: &mut PgConnection, letter: &StoredDeadLette
         letter.headers.iter().find(|(key, _)| *key == name).map_or(String::new(), |(_, v)| v.replace('\0', " "))
     };
     let run_id = header("run_id");
+    let traceparent = header(crate::domain::trace_context::TRACEPARENT);
     diesel::sql_query(
         "INSERT INTO dead_letters (topic, record_key, record_value, error_type, error_message, stage, failed_at,
-                                   attempts, source, run_id, service, refused_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7::timestamptz, $8, $9, $10, $11, $12)
+                                   attempts, source, run_id, service, refused_by, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7::timestamptz, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (source, error_type) DO UPDATE SET
              topic = EXCLUDED.topic, record_key = EXCLUDED.record_key, record_value = EXCLUDED.record_value,
              error_message = EXCLUDED.error_message, stage = EXCLUDED.stage, failed_at = EXCLUDED.failed_at,
              attempts = EXCLUDED.attempts, run_id = EXCLUDED.run_id, service = EXCLUDED.service,
-             refused_by = EXCLUDED.refused_by, stored_at = now(), replayed_at = NULL",
+             refused_by = EXCLUDED.refused_by, traceparent = EXCLUDED.traceparent, stored_at = now(),
+             replayed_at = NULL",
     )
     .bind::<Text, _>(letter.topic)
     .bind::<Nullable<Bytea>, _>(letter.key)
@@ -764,6 +766,7 @@ pub fn store_dead_letter(connection: &mut PgConnection, letter: &StoredDeadLette
     .bind::<Nullable<Text>, _>((!run_id.is_empty()).then_some(run_id))
     .bind::<Text, _>(header("service"))
     .bind::<Text, _>(letter.refused_by.replace('\0', " "))
+    .bind::<Nullable<Text>, _>((!traceparent.is_empty()).then_some(traceparent))
     .execute(connection)?;
     Ok(())
 }
@@ -787,6 +790,9 @@ pub struct DeadLetterRow {
     pub refused_by: String,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
     pub replayed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The record's W3C `traceparent`, if it came with one.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub traceparent: Option<String>,
 }
 
 /// Dead letters stored in the table, oldest first, of the given error
@@ -799,7 +805,7 @@ pub fn dead_letters(
 ) -> Result<Vec<DeadLetterRow>, WriteError> {
     use diesel::sql_types::{Array, BigInt, Bool, Text};
     Ok(diesel::sql_query(
-        "SELECT id, record_key, record_value, error_type, error_message, source, refused_by, replayed_at
+        "SELECT id, record_key, record_value, error_type, error_message, source, refused_by, replayed_at, traceparent
          FROM dead_letters
          WHERE error_type = ANY($1) AND (NOT $2 OR replayed_at IS NULL)
          ORDER BY id LIMIT $3",

@@ -12,21 +12,26 @@ pub const TRACEPARENT: &str = "traceparent";
 /// without one.
 pub fn valid_traceparent(value: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(value).ok()?;
+    well_formed(text).then(|| text.to_string())
+}
+
+/// Whether `text` is a `traceparent` that [`valid_traceparent`] keeps.
+fn well_formed(text: &str) -> bool {
     let hex = |part: &str, len: usize| {
         part.len() == len && part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
-    if text.len() < 55 || (text.len() > 55 && text.as_bytes()[55] != b'-') {
-        return None;
+    if text.len() < 55 || (text.len() > 55 && text.as_bytes()[55] != b'-') || !text.is_char_boundary(55) {
+        return false;
     }
-    let head = &text[..55];
-    let mut parts = head.split('-');
-    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let well_formed = hex(version, 2) && hex(trace_id, 32) && hex(parent_id, 16) && hex(flags, 2);
+    let mut parts = text[..55].split('-');
+    let (Some(version), Some(trace_id), Some(parent_id), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let hex_fields = hex(version, 2) && hex(trace_id, 32) && hex(parent_id, 16) && hex(flags, 2);
     let meaningful = version != "ff" && trace_id.bytes().any(|b| b != b'0') && parent_id.bytes().any(|b| b != b'0');
-    if !well_formed || !meaningful || (version == "00" && text.len() != 55) {
-        return None;
-    }
-    Some(text.to_string())
+    hex_fields && meaningful && !(version == "00" && text.len() != 55)
 }
 
 /// What a well-formed `traceparent` says: the trace, the producer's span,
@@ -41,13 +46,25 @@ pub struct TraceParent {
 /// The ids and the sampled flag of a `traceparent` that
 /// [`valid_traceparent`] kept.
 pub fn parse_traceparent(value: &str) -> Option<TraceParent> {
-    let valid = valid_traceparent(value.as_bytes())?;
+    let valid = well_formed(value).then_some(value)?;
     let flags = u8::from_str_radix(&valid[53..55], 16).ok()?;
     Some(TraceParent {
         trace_id: u128::from_str_radix(&valid[3..35], 16).ok()?,
         parent_id: u64::from_str_radix(&valid[36..52], 16).ok()?,
         sampled: flags & 1 == 1,
     })
+}
+
+/// Whether a trace is sampled at `ratio`, from its id alone: OpenTelemetry's
+/// `TraceIdRatioBased` rule (the id's lower 64 bits, shifted right by one,
+/// under `ratio × 2⁶³`). Every span of a trace, and every process with the
+/// same ratio, gets the same answer.
+pub fn sampled_at(ratio: f64, trace_id: u128) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    ((trace_id as u64) >> 1) < bound
 }
 
 /// The `tracestate` header's name.
@@ -101,6 +118,16 @@ mod tests {
         let unsampled = VALID.replace("-01", "-00");
         assert!(!parse_traceparent(&unsampled).unwrap().sampled);
         assert_eq!(parse_traceparent("00-zz"), None);
+    }
+
+    #[test]
+    fn the_ratio_rule_depends_on_the_trace_ids_lower_bits_only() {
+        assert!(sampled_at(1.0, u128::MAX) && !sampled_at(0.0, 0));
+        assert!(sampled_at(0.1, 7 << 64), "lower bits zero: under any positive bound");
+        assert!(!sampled_at(0.1, u64::MAX as u128), "lower bits all ones: over any bound below 1");
+        let ids = (0..10_000u64).map(|n| u128::from(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let sampled = ids.filter(|id| sampled_at(0.25, *id)).count();
+        assert!((2_300..=2_700).contains(&sampled), "{sampled} of 10,000 at 0.25");
     }
 
     #[test]

@@ -107,11 +107,15 @@ async fn records_over_the_byte_bound_go_to_the_dlq_or_the_dead_letter_table() {
         .unwrap();
     let mut sent = scenario.produce(&good[..100]).await;
     let mut hostile = Vec::new();
+    // The 2 MB one comes with a traceparent, which its stored dead letter keeps.
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     for (key, value) in [&big_field, &big_event] {
-        let delivery = producer
-            .send(FutureRecord::to(&scenario.topic).key(key).payload(value), Duration::from_secs(30))
-            .await
-            .expect("the broker takes the large event");
+        let mut record = FutureRecord::to(&scenario.topic).key(key).payload(value);
+        if key == &big_event.0 {
+            let header = rdkafka::message::Header { key: "traceparent", value: Some(traceparent) };
+            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(header));
+        }
+        let delivery = producer.send(record, Duration::from_secs(30)).await.expect("the broker takes the large event");
         hostile.push(Sent { key: key.clone(), partition: delivery.partition, offset: delivery.offset });
     }
     sent.extend(hostile.iter().cloned());
@@ -131,11 +135,12 @@ async fn records_over_the_byte_bound_go_to_the_dlq_or_the_dead_letter_table() {
     let stored = query_json(
         &mut scenario.db.connect(),
         "SELECT encode(record_key, 'escape') AS key, length(record_value) AS bytes, error_type, error_message, stage,
-                source, refused_by LIKE 'too large%' AS too_large, replayed_at FROM dead_letters",
+                source, refused_by LIKE 'too large%' AS too_large, replayed_at, traceparent FROM dead_letters",
     );
     assert_eq!(
         stored,
         [json!({
+            "traceparent": traceparent,
             "key": big_event.0,
             "bytes": big_event.1.len(),
             "error_type": "invalid",
@@ -583,24 +588,27 @@ async fn a_50_mb_line_is_refused_without_being_held() {
 
 /// Dead letters stored in the table are replayed through the pipeline by
 /// `txnflow dlq replay`: by default `prediction_failed` and
-/// `persist_failed`, not `invalid` (which would fail again as it is).
+/// `persist_failed`, not `invalid` (which would fail again as it is). A
+/// replayed record carries its stored `traceparent`, so its trace goes on.
 #[tokio::test]
 async fn dead_letters_in_the_table_replay_through_the_pipeline() {
     let scenario = Scenario::new("hostile-replay").await;
     let service = scenario.start_service(&[]).await;
     let events = valid_events(1112, 2);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let insert = |(key, value): &(String, Vec<u8>), error_type: &str, source: &str| {
         diesel::RunQueryDsl::execute(
             diesel::sql_query(
                 "INSERT INTO dead_letters (topic, record_key, record_value, error_type, error_message, stage,
-                                           failed_at, attempts, source, service, refused_by)
+                                           failed_at, attempts, source, service, refused_by, traceparent)
                  VALUES ('dlq', convert_to($1, 'UTF8'), convert_to($2, 'UTF8'), $3, 'x', 'persist', now(), 1, $4,
-                         'txnflow/test', 'too large or invalid for the topic')",
+                         'txnflow/test', 'too large or invalid for the topic', $5)",
             )
             .bind::<diesel::sql_types::Text, _>(key)
             .bind::<diesel::sql_types::Text, _>(String::from_utf8(value.clone()).unwrap())
             .bind::<diesel::sql_types::Text, _>(error_type)
-            .bind::<diesel::sql_types::Text, _>(source),
+            .bind::<diesel::sql_types::Text, _>(source)
+            .bind::<diesel::sql_types::Text, _>(traceparent),
             &mut scenario.db.connect(),
         )
         .unwrap();
@@ -621,6 +629,17 @@ async fn dead_letters_in_the_table_replay_through_the_pipeline() {
     let stored = scenario.wait_for(Duration::from_secs(30), |s| s.predictions().len() == 1).await;
     assert!(stored, "{}", service.log_tail());
     assert_eq!(scenario.transaction_ids(), BTreeSet::from([events[0].0.parse::<Uuid>().unwrap()]));
+    let replayed = crate::helpers::read_topic_from(
+        &scenario.brokers,
+        &scenario.topic,
+        crate::scenario::PARTITIONS,
+        1,
+        Duration::from_secs(30),
+    );
+    let names: Vec<&str> = replayed[0].headers.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!((replayed.len(), replayed[0].key.as_str()), (1, events[0].0.as_str()));
+    assert_eq!(names, ["replayed_from", "traceparent"]);
+    assert_eq!(replayed[0].headers[1].1, traceparent, "the record's trace goes on");
     let rows = query_json(
         &mut scenario.db.connect(),
         "SELECT error_type, replayed_at IS NOT NULL AS replayed FROM dead_letters ORDER BY error_type",

@@ -459,7 +459,9 @@ fn sampled_at(ratio: f64, trace_id: u128) -> bool {
 /// (trace ids from a fixed seed), exactly those whose trace id the ratio
 /// samples are traced, which is 10% within a binomial bound; none of 100
 /// records whose producer did not sample them is, though the ratio would
-/// take each of their ids; and each flush links only to traced records.
+/// take each of their ids; of 1,000 records without a header, 10% within
+/// the bound start a trace, each with an id the ratio samples; and the
+/// flushes of the traced records are traced, linking to them only.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
     use rand::{Rng, SeedableRng};
@@ -474,7 +476,7 @@ async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
         ])
         .await;
     assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
-    let events = valid_events(93, 1100);
+    let events = valid_events(93, 2100);
     let mut seeded = rand::rngs::StdRng::seed_from_u64(2026);
     let trace_ids: Vec<u128> =
         (0..1000).map(|_| seeded.random::<u128>() | 1).chain((0..100).map(|n| (n + 1) << 64)).collect();
@@ -482,6 +484,7 @@ async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
         .iter()
         .enumerate()
         .map(|(n, id)| Some(format!("00-{id:032x}-{:016x}-{}", n + 1, if n < 1000 { "01" } else { "00" })))
+        .chain(std::iter::repeat_n(None, 1000))
         .collect();
     let expected: std::collections::BTreeSet<String> =
         trace_ids[..1000].iter().filter(|id| sampled_at(0.1, **id)).map(|id| format!("{id:032x}")).collect();
@@ -496,22 +499,36 @@ async fn a_sample_ratio_traces_its_share_of_records_by_trace_id() {
     let read_name = format!("read {}", scenario.topic);
     let spans = receiver
         .wait_for(Duration::from_secs(60), |spans| {
-            named(spans, "buffer wait").count() >= expected.len() && named(spans, &read_name).count() >= expected.len()
+            named(spans, "buffer wait").count() >= expected.len() + 62
+                && named(spans, &read_name).count() >= expected.len() + 62
         })
         .await;
     // The export may still be under way: let a batch more arrive, then count.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let spans = if receiver.spans().len() > spans.len() { receiver.spans() } else { spans };
-    let traced = |name: &str| -> std::collections::BTreeSet<String> {
-        named(&spans, name).map(|s| s.trace_id.clone()).collect()
-    };
-    assert_eq!(traced(&read_name), expected, "exactly the reads of the sampled traces");
-    assert_eq!(named(&spans, &read_name).count(), expected.len(), "one read per sampled record");
-    assert_eq!(traced("buffer wait"), expected, "exactly their buffer waits");
-    let linked: std::collections::BTreeSet<String> =
+    let (headed, roots): (Vec<&ReceivedSpan>, Vec<&ReceivedSpan>) =
+        named(&spans, &read_name).partition(|read| !read.parent.is_empty());
+    let headed_traces: BTreeSet<String> = headed.iter().map(|s| s.trace_id.clone()).collect();
+    assert_eq!(headed_traces, expected, "exactly the reads of the sampled traces");
+    assert_eq!(headed.len(), expected.len(), "one read per sampled record");
+    // Records without a header: each trace a new one, sampled by its id.
+    assert!((62..=138).contains(&roots.len()), "{} of 1,000 new traces sampled at 0.1", roots.len());
+    for root in &roots {
+        assert!(sampled_at(0.1, u128::from_str_radix(&root.trace_id, 16).unwrap()), "{root:?}");
+    }
+    let traced: BTreeSet<String> =
+        headed_traces.iter().cloned().chain(roots.iter().map(|r| r.trace_id.clone())).collect();
+    assert_eq!(traced.len(), expected.len() + roots.len(), "each read its own trace");
+    let waits: BTreeSet<String> = named(&spans, "buffer wait").map(|s| s.trace_id.clone()).collect();
+    assert_eq!(waits, traced, "exactly the traced records' buffer waits");
+    let linked: BTreeSet<String> =
         named(&spans, "flush").flat_map(|f| f.links.iter().map(|(trace, _)| trace.clone())).collect();
-    assert!(linked.is_subset(&expected), "flushes link only to traced records");
-    println!("sample_ratio 0.1: {} of 1000 sampled traces exported, 0 of 100 unsampled", expected.len());
+    assert_eq!(linked, traced, "each traced record's flush is traced, and links to the traced records only");
+    println!(
+        "sample_ratio 0.1: {} of 1,000 sampled headers exported, 0 of 100 unsampled ones, {} of 1,000 records without one",
+        expected.len(),
+        roots.len()
+    );
 }
 
 /// A batch run is one trace: its `batch run` span, a `file` span for each
