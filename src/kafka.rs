@@ -227,7 +227,6 @@ pub async fn cluster(kafka: &KafkaConfig) -> anyhow::Result<Cluster> {
     .await?
 }
 
-/// The pipeline's topics, with the input topic's partition count.
 /// A message's `traceparent` header, if it carries a well-formed one.
 pub fn traceparent_of(message: &impl rdkafka::message::Message) -> Option<String> {
     use rdkafka::message::Headers;
@@ -236,6 +235,7 @@ pub fn traceparent_of(message: &impl rdkafka::message::Message) -> Option<String
     crate::domain::trace_context::valid_traceparent(header.value?)
 }
 
+/// The pipeline's topics, with the input topic's partition count.
 pub fn pipeline_topics(kafka: &KafkaConfig) -> Vec<(&str, i32)> {
     let mut topics = vec![(kafka.topic.as_str(), kafka.partitions), (kafka.dlq_topic.as_str(), 1)];
     if !kafka.predictions_topic.is_empty() {

@@ -28,9 +28,7 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
-use crate::domain::trace_context::{
-    TRACEPARENT, TRACESTATE, parse_traceparent, sampled_at, valid_traceparent, valid_tracestate,
-};
+use crate::domain::trace_context::{TRACESTATE, parse_traceparent, sampled_at, valid_traceparent, valid_tracestate};
 
 /// The tracer, and `tracing.sample_ratio`, set once tracing is configured.
 static TRACER: OnceLock<(SdkTracer, f64)> = OnceLock::new();
@@ -73,7 +71,7 @@ fn remote(traceparent: &str, state: Option<TraceState>) -> Context {
 }
 
 /// The W3C `traceparent` of a span, to send on with a request.
-pub fn traceparent_of(span: &SpanContext) -> String {
+fn traceparent_header(span: &SpanContext) -> String {
     format!("00-{:032x}-{:016x}-{:02x}", span.trace_id(), span.span_id(), span.trace_flags().to_u8())
 }
 
@@ -98,11 +96,6 @@ impl RecordTrace {
     /// A CSV row of the run traced by `run`.
     pub fn of_run(run: &RunSpan) -> RecordTrace {
         RecordTrace { traceparent: None, read: None, run: run.context() }
-    }
-
-    /// Whether the record has spans of its own.
-    pub fn is_sampled(&self) -> bool {
-        self.read.is_some()
     }
 
     /// The span the record's later spans hang under: its read, or its run.
@@ -131,7 +124,7 @@ pub fn read(
 ) -> RecordTrace {
     use rdkafka::message::Headers;
     let header = |name: &str| message.headers().and_then(|headers| headers.iter().find(|h| h.key == name)?.value);
-    let traceparent = header(TRACEPARENT).and_then(valid_traceparent);
+    let traceparent = crate::kafka::traceparent_of(message);
     let untraced = |traceparent| RecordTrace { traceparent, ..RecordTrace::default() };
     let Some((tracer, ratio)) = TRACER.get() else { return untraced(traceparent) };
     // Sampled or not is decided here, as the sampler would, before any span
@@ -262,7 +255,7 @@ impl MlCall {
         // trace, with its flag saying so.
         let span =
             tracer.span_builder("POST").with_kind(SpanKind::Client).start_with_context(tracer, &Context::current());
-        let traceparent = Some(traceparent_of(span.span_context()));
+        let traceparent = Some(traceparent_header(span.span_context()));
         let span = span.is_recording().then_some(span).map(|mut span| {
             span.set_attributes([
                 KeyValue::new("http.request.method", "POST"),
