@@ -335,7 +335,7 @@ impl Handler<WriteFlush> for DbWriter {
     type Result = ();
 
     fn handle(&mut self, flush: WriteFlush, ctx: &mut Context<Self>) {
-        let span = tracing::info_span!("flush", flush_id = flush.flush_id);
+        let span = tracing::info_span!("flush", flush_id = flush.flush_id, trace_id = flush.span.trace_id());
         ctx.spawn(
             persist(self.pipeline.clone(), self.dlq_publisher.clone(), flush)
                 .instrument(span)

@@ -49,7 +49,7 @@ impl<Next: TakesWrites> Handler<PredictFlush> for PredictClient<Next> {
 
     fn handle(&mut self, flush: PredictFlush, ctx: &mut Context<Self>) {
         let ml = self.ml.clone();
-        let span = tracing::info_span!("flush", flush_id = flush.flush_id);
+        let span = tracing::info_span!("flush", flush_id = flush.flush_id, trace_id = flush.span.trace_id());
         // Spawned, not awaited: the mailbox keeps taking flushes while this
         // one waits for the API; MlClient bounds the requests in flight.
         let predict = async move {

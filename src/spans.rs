@@ -192,6 +192,11 @@ impl FlushSpan {
         self.0.as_ref().map_or_else(Context::new, |span| under(span.span_context()))
     }
 
+    /// The flush's trace id, when it is sampled: its log lines carry it.
+    pub fn trace_id(&self) -> Option<String> {
+        self.0.as_ref().map(|span| format!("{:032x}", span.span_context().trace_id()))
+    }
+
     /// Notes the flush's outcome: rows written and dead-lettered.
     pub fn settled(&mut self, written: usize, dead_lettered: usize) {
         if let Some(span) = &mut self.0 {

@@ -280,6 +280,8 @@ async fn each_records_spans_hang_under_its_traceparent_and_its_flush() {
             ("TXNFLOW__TRACING__OTLP_ENDPOINT", otlp.as_str()),
             ("TXNFLOW__PREDICT__URL", ml_api_url.as_str()),
             ("TXNFLOW__BUFFER__MAX_RECORDS", "50"),
+            ("TXNFLOW__LOG__FORMAT", "json"),
+            ("TXNFLOW__LOG__LEVEL", "info,txnflow::actors::db_writer=debug"),
         ])
         .await;
     assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
@@ -384,6 +386,17 @@ async fn each_records_spans_hang_under_its_traceparent_and_its_flush() {
         assert_eq!(writes[0].attribute("txnflow.write.outcome"), "ok");
     }
     assert_eq!(flushed, 200, "the flushes hold the 200 valid records");
+    // A flush's log lines carry its trace id, to go from a log to its trace.
+    let logged: BTreeMap<String, String> = std::fs::read_to_string(&service.log)
+        .unwrap()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "flush durable")
+        .map(|line| (line["flush_id"].to_string(), line["trace_id"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    let traced: BTreeMap<String, String> =
+        flushes.iter().map(|f| (f.attribute("txnflow.flush.id").to_string(), f.trace_id.clone())).collect();
+    assert_eq!(logged, traced, "each flush's log line names its trace");
     assert_eq!(named("POST /predict").count(), named("POST").filter(|s| s.service == "txnflow").count());
 
     // Invalid records: their DLQ send under the read, and their header kept.
