@@ -160,17 +160,33 @@ impl Scenario {
         events: &[(String, Vec<u8>)],
         traceparents: &[Option<String>],
     ) -> Vec<Sent> {
-        assert_eq!(events.len(), traceparents.len());
+        let headers: Vec<Vec<(&str, String)>> = traceparents
+            .iter()
+            .map(|traceparent| traceparent.iter().map(|value| ("traceparent", value.clone())).collect())
+            .collect();
+        self.produce_with_headers(events, &headers).await
+    }
+
+    /// Produces each event with its headers, as given.
+    pub async fn produce_with_headers(
+        &self,
+        events: &[(String, Vec<u8>)],
+        headers: &[Vec<(&str, String)>],
+    ) -> Vec<Sent> {
+        assert_eq!(events.len(), headers.len());
         let mut sent = Vec::with_capacity(events.len());
         let producer = self.producer.lock().unwrap().clone();
-        for (chunk, traceparents) in events.chunks(2000).zip(traceparents.chunks(2000)) {
-            let deliveries = chunk.iter().zip(traceparents).map(|((key, value), traceparent)| {
+        for (chunk, headers) in events.chunks(2000).zip(headers.chunks(2000)) {
+            let deliveries = chunk.iter().zip(headers).map(|((key, value), headers)| {
                 let producer = producer.clone();
                 async move {
                     let mut record = FutureRecord::to(&self.topic).key(key).payload(value);
-                    if let Some(traceparent) = traceparent {
-                        let header = rdkafka::message::Header { key: "traceparent", value: Some(traceparent) };
-                        record = record.headers(rdkafka::message::OwnedHeaders::new().insert(header));
+                    if !headers.is_empty() {
+                        let mut owned = rdkafka::message::OwnedHeaders::new();
+                        for (name, value) in headers {
+                            owned = owned.insert(rdkafka::message::Header { key: name, value: Some(value) });
+                        }
+                        record = record.headers(owned);
                     }
                     let delivery =
                         producer.send(record, Duration::from_secs(120)).await.expect("the broker takes the event");

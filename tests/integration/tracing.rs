@@ -34,6 +34,7 @@ impl Spans for Receiver {
                             trace_id: hex(&span.trace_id),
                             span_id: hex(&span.span_id),
                             parent: hex(&span.parent_span_id),
+                            trace_state: span.trace_state.clone(),
                             kind: span.kind,
                             start: span.start_time_unix_nano,
                             end: span.end_time_unix_nano,
@@ -70,6 +71,7 @@ struct ReceivedSpan {
     span_id: String,
     /// Empty for a root span.
     parent: String,
+    trace_state: String,
     kind: i32,
     /// Start and end, in nanoseconds since the epoch.
     start: u64,
@@ -295,7 +297,18 @@ async fn each_records_spans_hang_under_its_traceparent_and_its_flush() {
             Some(format!("00-{trace}-{parent}-01"))
         })
         .collect();
-    let sent = scenario.produce_with_traceparents(&events, &traceparents).await;
+    // Every fourth record also carries a tracestate, which its read keeps.
+    let tracestate = |n: usize| n.is_multiple_of(4).then(|| format!("vendor=r{n},other=x"));
+    let headers: Vec<Vec<(&str, String)>> = traceparents
+        .iter()
+        .enumerate()
+        .map(|(n, traceparent)| {
+            let mut headers = vec![("traceparent", traceparent.clone().unwrap())];
+            headers.extend(tracestate(n).map(|state| ("tracestate", state)));
+            headers
+        })
+        .collect();
+    let sent = scenario.produce_with_headers(&events, &headers).await;
     let ends = Scenario::end_offsets(&sent);
     assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
     assert_eq!(scenario.transaction_ids(), ids_of(&valid));
@@ -335,6 +348,7 @@ async fn each_records_spans_hang_under_its_traceparent_and_its_flush() {
         assert_eq!(read.attribute("messaging.destination.partition.id"), record.partition.to_string());
         assert_eq!(read.attribute("messaging.kafka.offset"), record.offset.to_string());
         assert_eq!(read.attribute("error.type"), if n < 200 { "" } else { "invalid" }, "record {n}");
+        assert_eq!(read.trace_state, tracestate(n).unwrap_or_default(), "record {n}: its tracestate");
         reads.insert(n, read);
     }
 
