@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub struct Receiver {
     address: SocketAddr,
@@ -24,11 +25,18 @@ struct Shared {
     requests: Option<Arc<Mutex<Vec<ExportTraceServiceRequest>>>>,
     spans: Arc<AtomicUsize>,
     stopped: Arc<AtomicBool>,
+    /// How long each answer waits: a slow collector.
+    delay: Duration,
 }
 
 impl Receiver {
     /// A receiver that keeps every request, or only counts the spans.
     pub fn listen(keep: bool) -> Receiver {
+        Receiver::listen_slowly(keep, Duration::ZERO)
+    }
+
+    /// The same, answering each request only after `delay`.
+    pub fn listen_slowly(keep: bool, delay: Duration) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let receiver = Receiver {
@@ -41,6 +49,7 @@ impl Receiver {
             requests: keep.then(|| receiver.requests.clone()),
             spans: receiver.spans.clone(),
             stopped: receiver.stopped.clone(),
+            delay,
         };
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -104,6 +113,7 @@ fn serve(stream: TcpStream, shared: &Shared) {
             requests.lock().unwrap().push(request);
         }
         shared.spans.fetch_add(spans, Ordering::SeqCst);
+        std::thread::sleep(shared.delay);
         let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
         if writer.write_all(answer.as_bytes()).is_err() {
             return;

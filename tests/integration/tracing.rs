@@ -193,6 +193,43 @@ async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
     assert_eq!(receiver.span_count(), received_at_stop, "nothing arrives once the receiver is gone");
 }
 
+/// A collector that answers each export only after 2 s, against an export
+/// timeout of 200 ms: no export succeeds, every record is stored,
+/// predicted once and committed, and the spans are counted as dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_collector_costs_no_record() {
+    let receiver = Receiver::listen_slowly(false, Duration::from_secs(2));
+    let scenario = Scenario::new("trace-slow").await;
+    let url = receiver.url();
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__TRACING__OTLP_ENDPOINT", url.as_str()),
+            ("TXNFLOW__TRACING__EXPORT_TIMEOUT_MS", "200"),
+            ("TXNFLOW__BUFFER__MAX_RECORDS", "100"),
+        ])
+        .await;
+    assert!(service.wait_assigned(Duration::from_secs(60)).await, "{}", service.log_tail());
+    let events = valid_events(73, 2000);
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    assert_eq!(scenario.transaction_ids(), ids_of(&events));
+    assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 2000);
+    let predicted = "txnflow_records_total{outcome=\"predicted\",source=\"kafka\"}";
+    assert_eq!(service.metric(predicted).await, 2000.0, "each record predicted once");
+    let dropped = "txnflow_trace_spans_total{outcome=\"dropped_export_failed\"}";
+    let mut counted = 0.0;
+    for _ in 0..300 {
+        counted = service.metric(dropped).await;
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counted > 0.0, "the spans the collector did not take in time are counted\n{}", service.log_tail());
+    assert_eq!(service.metric("txnflow_trace_spans_total{outcome=\"exported\"}").await, 0.0);
+    receiver.stop();
+}
+
 /// A record's W3C `traceparent` header stays with it: each invalid record
 /// reaches the DLQ with its own `traceparent` as the last header, exactly;
 /// a malformed one is dropped rather than copied; valid records are stored.
