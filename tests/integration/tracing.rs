@@ -180,17 +180,23 @@ async fn spans_are_exported_and_a_missing_collector_costs_no_record() {
     let predicted = "txnflow_records_total{outcome=\"predicted\",source=\"kafka\"}";
     assert_eq!(service.metric(predicted).await, 3300.0, "each record predicted once");
     println!("the collector stopped with {stored_at_stop} of the 3,000 records stored");
-    let dropped = "txnflow_trace_spans_total{outcome=\"dropped_export_failed\"}";
-    let mut counted = 0.0;
+    let counted = failed_exports(&service).await;
+    assert!(counted > 0.0, "the spans the receiver did not take are counted\n{}", service.log_tail());
+    assert_eq!(receiver.span_count(), received_at_stop, "nothing arrives once the receiver is gone");
+}
+
+/// The spans counted as `dropped_export_failed`, once there are any (or
+/// 0 after 30 s).
+async fn failed_exports(service: &crate::scenario::Service) -> f64 {
+    let series = "txnflow_trace_spans_total{outcome=\"dropped_export_failed\"}";
     for _ in 0..300 {
-        counted = service.metric(dropped).await;
+        let counted = service.metric(series).await;
         if counted > 0.0 {
-            break;
+            return counted;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(counted > 0.0, "the spans the receiver did not take are counted\n{}", service.log_tail());
-    assert_eq!(receiver.span_count(), received_at_stop, "nothing arrives once the receiver is gone");
+    0.0
 }
 
 /// A collector that answers each export only after 2 s, against an export
@@ -216,15 +222,7 @@ async fn a_slow_collector_costs_no_record() {
     assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 2000);
     let predicted = "txnflow_records_total{outcome=\"predicted\",source=\"kafka\"}";
     assert_eq!(service.metric(predicted).await, 2000.0, "each record predicted once");
-    let dropped = "txnflow_trace_spans_total{outcome=\"dropped_export_failed\"}";
-    let mut counted = 0.0;
-    for _ in 0..300 {
-        counted = service.metric(dropped).await;
-        if counted > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let counted = failed_exports(&service).await;
     assert!(counted > 0.0, "the spans the collector did not take in time are counted\n{}", service.log_tail());
     assert_eq!(service.metric("txnflow_trace_spans_total{outcome=\"exported\"}").await, 0.0);
     receiver.stop();
