@@ -145,6 +145,14 @@ fn write_positions(
     Ok(())
 }
 
+/// The position of the first record of each transaction id: a record
+/// delivered twice into one flush (a redelivery) is written once, and its
+/// repeat is settled as its first is (see [`acknowledge`]).
+fn first_of_each_id(records: &[Envelope]) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::with_capacity(records.len());
+    (0..records.len()).filter(|&i| seen.insert(records[i].transaction.id)).collect()
+}
+
 /// Writes a flush; `queued` is when it came to the DbWriter, so that its
 /// wait for a connection (and a blocking thread) is counted apart from the write.
 fn store_flush(
@@ -156,7 +164,7 @@ fn store_flush(
     let mut connection = pipeline.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
     metrics::Stage::DbWrite.observe(Phase::Wait, queued.elapsed());
     let _working = StageTimer::start(metrics::Stage::DbWrite, Phase::Work);
-    let positions: Vec<usize> = (0..flush.records.len()).collect();
+    let positions = first_of_each_id(&flush.records);
     let mut refusals = Refusals::default();
     let method = pipeline.config.db.write_method;
     write_positions(&mut connection, flush, &positions, method, suspicion, &mut refusals)?;
@@ -236,8 +244,10 @@ fn acknowledge(
     refusals: Refusals,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
-    let mut refused: std::collections::HashMap<usize, String> = refusals.records.into_iter().collect();
     let WriteFlush { flush_id, trigger, flushed_at, records, mut predictions, mut failures, mut span } = flush;
+    // By id, so that a repeat of a record in this flush shares its first's fate.
+    let refused: std::collections::HashMap<uuid::Uuid, String> =
+        refusals.records.into_iter().map(|(position, reason)| (records[position].transaction.id, reason)).collect();
     // A refused prediction: the transaction is stored, its prediction failed.
     for (position, reason) in refusals.predictions {
         let id = records[position].transaction.id;
@@ -257,29 +267,40 @@ fn acknowledge(
     let total = records.len();
     // Counted per source here, added to the metrics once per flush.
     let (mut written, mut predicted) = (std::collections::HashMap::new(), std::collections::HashMap::new());
-    for (position, mut record) in records.into_iter().enumerate() {
+    // Ids whose first record in this flush was settled: a repeat is not
+    // fanned out or shadow-scored again.
+    let mut seen = std::collections::HashSet::with_capacity(total);
+    for mut record in records {
         let source = record.ack.origin().source_label();
-        if let Some(reason) = refused.remove(&position) {
-            let failure =
-                Failure { error_type: ErrorType::PersistFailed, stage: Stage::Persist, message: reason, attempts: 1 };
+        let id = record.transaction.id;
+        let first = seen.insert(id);
+        if let Some(reason) = refused.get(&id) {
+            let failure = Failure {
+                error_type: ErrorType::PersistFailed,
+                stage: Stage::Persist,
+                message: reason.clone(),
+                attempts: 1,
+            };
             dead_letters.push(dead_letter(record, failure));
             continue;
         }
         *written.entry(source).or_insert(0) += 1;
-        if shadow_slot.is_some() {
+        if shadow_slot.is_some() && first {
             shadow_items.push(crate::domain::prediction::PredictRequestItem::from(&record.transaction));
         }
-        if let Some(prediction) = predictions.remove(&record.transaction.id) {
-            if shadow_slot.is_some() {
-                live_categories.insert(prediction.transaction_id, prediction.category.clone());
+        if let Some(prediction) = predictions.get(&id) {
+            if first {
+                if shadow_slot.is_some() {
+                    live_categories.insert(prediction.transaction_id, prediction.category.clone());
+                }
+                predicted_for_fanout.push(prediction.clone());
             }
             *predicted.entry(source).or_insert(0) += 1;
-            predicted_for_fanout.push(prediction);
             settled.push(record.ack);
         } else {
             record.ack.stored_unpredicted();
             pipeline.stored_unpredicted.store(true, std::sync::atomic::Ordering::SeqCst);
-            let failure = failures.remove(&record.transaction.id).unwrap_or(Failure {
+            let failure = failures.get(&id).cloned().unwrap_or(Failure {
                 error_type: ErrorType::PredictionFailed,
                 stage: Stage::Predict,
                 message: "no prediction".into(),

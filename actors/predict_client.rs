@@ -53,8 +53,14 @@ impl<Next: TakesWrites> Handler<PredictFlush> for PredictClient<Next> {
         // Spawned, not awaited: the mailbox keeps taking flushes while this
         // one waits for the API; MlClient bounds the requests in flight.
         let predict = async move {
-            let items: Vec<PredictRequestItem> =
-                flush.records.iter().map(|r| PredictRequestItem::from(&r.transaction)).collect();
+            // A record delivered twice into this flush is asked for once.
+            let mut seen = std::collections::HashSet::with_capacity(flush.records.len());
+            let items: Vec<PredictRequestItem> = flush
+                .records
+                .iter()
+                .filter(|r| seen.insert(r.transaction.id))
+                .map(|r| PredictRequestItem::from(&r.transaction))
+                .collect();
             // The ML API calls are the flush span's children.
             let predicted = ml.predict(items, "pipeline").with_context(flush.span.context()).await;
             tracing::debug!(
