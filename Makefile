@@ -2,13 +2,15 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 TXNFLOW := target/debug/txnflow
+# cargo-nextest, as `make up` installs it when the machine has none.
+export PATH := $(CURDIR)/.stack/tools/bin:$(PATH)
 
 .PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history bench-tracing
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-up: ## Start the local stack (PostgreSQL, Tansu, SeaweedFS, ML API), installing what is missing
+up: ## Start the local stack (PostgreSQL, a 3-node Apache Kafka, SeaweedFS, ML API), installing what is missing
 	@scripts/stack.sh up
 
 down: ## Stop what `make up` started
@@ -35,9 +37,9 @@ test-airflow: up ## The Airflow DAG: integrity in Apache Airflow 3.1 from PyPI, 
 
 CHAOS_REPORT := $(CURDIR)/target/chaos-report.md
 
-chaos: up ## The chaos suite at full load (30,000 events + 10,000 batch rows per scenario, on Tansu and on a 3-broker mock cluster); prints its table
+chaos: up ## The chaos suite at full load (30,000 events + 10,000 batch rows per scenario, on the local Kafka cluster and on a 3-broker mock cluster); prints its table
 	@mkdir -p target
-	@printf '| scenario | broker | events | lost | duplicated | unpredicted | dead-lettered | actor restarts | recovery | peak lag | commits ahead of rows | peak RSS | took | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n' > $(CHAOS_REPORT)
+	@printf '| scenario | broker | events | read | lost | duplicated | unpredicted | dead-lettered | actor restarts | recovery | peak lag | commits ahead of rows | peak RSS | took | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n' > $(CHAOS_REPORT)
 	@CHAOS_SCALE=full CHAOS_REPORT=$(CHAOS_REPORT) cargo nextest run --test integration -E 'test(/^chaos::|^mock_cluster::chaos_/)' --no-fail-fast --test-threads 2; \
 	  status=$$?; echo; cat $(CHAOS_REPORT); exit $$status
 

@@ -10,11 +10,8 @@
 //!   there is room, then resumes them: a long stall keeps the group
 //!   membership (`max.poll.interval.ms` counts time between polls).
 //! - Partitions start at the group's committed offsets, as librdkafka reads
-//!   them (or as `auto.offset.reset` says when there is no commit).
-//! - With `kafka.broker_quirks = "tansu"`, the local test broker's bugs are
-//!   worked around instead (`crate::tansu_quirks`): no pause (the reader
-//!   stops polling), explicit start offsets, and a seek back when the broker
-//!   skipped records after a start.
+//!   them (or as `auto.offset.reset` says when there is no commit). Only a
+//!   partition that lost a record in flight is ever sought.
 //! - Every record carries an acknowledgement handle that reports to this
 //!   reader's [`ReadOffsets`]. Commits follow what it reports: an offset is
 //!   committed once every record before it is settled.
@@ -27,7 +24,9 @@
 //!   durable, and read on from there.
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, SpawnHandle, Supervised, WrapFuture};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -40,7 +39,7 @@ use super::buffer::Buffer;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{Capacity, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
-use crate::config::BrokerQuirks;
+use crate::config::GroupProtocol;
 use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage, parse_event};
 use crate::domain::offsets::OffsetTracker;
@@ -115,12 +114,8 @@ pub struct ReaderContext {
     offsets: Arc<ReadOffsets>,
     /// For the flush on a revoke.
     buffer: Mailbox<Buffer>,
-    /// The partitions this reader holds, with the group's committed offset
-    /// when they were assigned: the lag's starting point.
-    assigned: std::sync::Mutex<std::collections::BTreeMap<i32, Option<i64>>>,
-    /// Where each partition's reading (re)started, until its first record
-    /// arrives: see [`check_start`].
-    starts: std::sync::Mutex<std::collections::HashMap<i32, Start>>,
+    /// The partitions this reader holds.
+    assigned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
 }
 
 impl ClientContext for ReaderContext {
@@ -133,15 +128,14 @@ impl ClientContext for ReaderContext {
     }
 
     /// The lag of every partition held, from the high watermark and the
-    /// best known committed offset (librdkafka's, or the one read at the
-    /// assignment, whichever is later).
+    /// committed offset librdkafka knows.
     fn stats(&self, statistics: Statistics) {
         let topic = &self.pipeline.config.kafka.topic;
         let Some(stats) = statistics.topics.get(topic) else { return };
         let assigned = self.assigned.lock().expect("assigned lock");
-        for (partition, at_assignment) in assigned.iter() {
+        for partition in assigned.iter() {
             let Some(partition_stats) = stats.partitions.get(partition) else { continue };
-            let committed = [Some(partition_stats.committed_offset), *at_assignment].into_iter().flatten().max();
+            let committed = Some(partition_stats.committed_offset);
             if let Some(lag) =
                 crate::domain::offsets::partition_lag(partition_stats.hi_offset, partition_stats.lo_offset, committed)
             {
@@ -152,11 +146,9 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {
-    /// Assigns the partitions. With `broker_quirks = "none"` librdkafka
-    /// starts each at the group's committed offset; with `"tansu"` they
-    /// start at explicit offsets, since the test broker answers a request
-    /// for the earliest offset with a later one while records are appended
-    /// (see `crate::tansu_quirks`).
+    /// Assigns the partitions: librdkafka starts each at the group's
+    /// committed offset (reading it again until it can), or as
+    /// `auto.offset.reset` says when there is none.
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -166,23 +158,16 @@ impl ConsumerContext for ReaderContext {
         use rdkafka::types::RDKafkaRespErr;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let committed = match self.pipeline.config.kafka.broker_quirks {
-                    // librdkafka starts each partition at the group's
-                    // committed offset (reading it again until it can), or
-                    // as auto.offset.reset says when there is none.
-                    BrokerQuirks::None => None,
-                    BrokerQuirks::Tansu => {
-                        let reset = &self.pipeline.config.kafka.auto_offset_reset;
-                        let (committed, starts) = crate::tansu_quirks::explicit_start_offsets(consumer, tpl, reset);
-                        let starts = starts.into_iter().map(|(partition, offset)| (partition, Start::at(offset)));
-                        self.starts.lock().expect("starts lock").extend(starts);
-                        committed.ok()
-                    }
-                };
-                self.hold(tpl, committed.as_ref());
+                self.hold(tpl);
                 tracing::info!(assigned = ?tpl.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>(), "partitions assigned");
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
-                if let Err(error) = consumer.assign(tpl) {
+                // The consumer protocol (and a cooperative assignor) hands
+                // out only what changes: add it to what is held.
+                let assigned = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+                    _ => consumer.assign(tpl),
+                };
+                if let Err(error) = assigned {
                     tracing::error!(%error, "assign failed");
                 }
                 self.post_rebalance(consumer, &Rebalance::Assign(tpl));
@@ -190,7 +175,11 @@ impl ConsumerContext for ReaderContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.release(tpl);
                 self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
-                if let Err(error) = consumer.unassign() {
+                let unassigned = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+                    _ => consumer.unassign(),
+                };
+                if let Err(error) = unassigned {
                     tracing::error!(%error, "unassign failed");
                 }
                 self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
@@ -245,23 +234,17 @@ impl ConsumerContext for ReaderContext {
 impl ReaderContext {
     /// Whether this reader holds `partition` now.
     fn holds(&self, partition: i32) -> bool {
-        self.assigned.lock().expect("assigned lock").contains_key(&partition)
+        self.assigned.lock().expect("assigned lock").contains(&partition)
     }
 
     /// Partitions assigned: their lag is exported from now on, 0 until the
     /// first statistics (every 5 s) say more, so an idle partition shows 0
     /// and the metric is never absent for a partition someone holds.
-    fn hold(&self, tpl: &TopicPartitionList, committed: Option<&TopicPartitionList>) {
+    fn hold(&self, tpl: &TopicPartitionList) {
         let topic = &self.pipeline.config.kafka.topic;
         let mut assigned = self.assigned.lock().expect("assigned lock");
         for element in tpl.elements() {
-            let offset = committed.and_then(|c| c.find_partition(element.topic(), element.partition())).and_then(|c| {
-                match c.offset() {
-                    Offset::Offset(offset) => Some(offset),
-                    _ => None,
-                }
-            });
-            assigned.insert(element.partition(), offset);
+            assigned.insert(element.partition());
             METRICS.consumer_lag.with_label_values(&[topic.as_str(), &element.partition().to_string()]).set(0);
         }
     }
@@ -308,9 +291,7 @@ impl KafkaReader {
 
     /// Warns, once a minute, while the reader holds no partition. Normal when
     /// the group has more members than partitions; otherwise the group may
-    /// be waiting for a member that died (Tansu waits for the rebalance
-    /// timeout, 5 min, when a member joins before a dead one's session
-    /// expired; see the README).
+    /// be waiting for a member that died (until its session expires).
     fn watch_assignment(&mut self) {
         let Some(consumer) = &self.consumer else { return };
         let holds_partitions = consumer.assignment().is_ok_and(|tpl| tpl.count() > 0);
@@ -333,30 +314,27 @@ impl KafkaReader {
     fn create_consumer(&self, offsets: Arc<ReadOffsets>) -> anyhow::Result<Arc<Reader>> {
         let kafka = &self.pipeline.config.kafka;
         let session_timeout = kafka.session_timeout_ms.to_string();
-        let prefetch_kbytes = match kafka.broker_quirks {
-            BrokerQuirks::None => "4096",
-            BrokerQuirks::Tansu => crate::tansu_quirks::PREFETCH_KBYTES,
-        };
-        let defaults = [
+        let mut defaults = vec![
             ("group.id", kafka.group_id.as_str()),
+            ("group.protocol", kafka.group_protocol.as_str()),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", kafka.auto_offset_reset.as_str()),
-            ("session.timeout.ms", session_timeout.as_str()),
             ("statistics.interval.ms", "5000"),
-            // A real Kafka answers each partition up to max.partition.fetch.bytes
+            // Kafka answers each partition up to max.partition.fetch.bytes
             // and rotates the partitions it serves first, so 4 MiB is shared.
-            ("queued.max.messages.kbytes", prefetch_kbytes),
-            // Tansu answers a fetch only at its max wait; keep that short so
-            // a record's time in the Buffer dominates its latency.
-            ("fetch.wait.max.ms", "100"),
+            ("queued.max.messages.kbytes", "4096"),
         ];
+        // With the consumer protocol the broker owns the session timeout,
+        // and librdkafka refuses a client-side one.
+        if kafka.group_protocol == GroupProtocol::Classic {
+            defaults.push(("session.timeout.ms", session_timeout.as_str()));
+        }
         let consumer: Reader =
             crate::kafka::client_config_with(kafka, &defaults).create_with_context(ReaderContext {
                 pipeline: self.pipeline.clone(),
                 offsets,
                 buffer: self.next.buffer.clone(),
-                starts: Default::default(),
                 assigned: Default::default(),
             })?;
         consumer.subscribe(&[&kafka.topic])?;
@@ -427,9 +405,7 @@ enum Commits {
 /// Reads until stopped or an unrecoverable error.
 async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
-    let quirks = pipeline.config.kafka.broker_quirks;
     let offsets = consumer.context().offsets.clone();
-    let mut rewound = std::collections::HashSet::new();
     // Records received while the partitions were paused, read first.
     let mut carried: std::collections::VecDeque<OwnedMessage> = Default::default();
     loop {
@@ -465,18 +441,10 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
             }
         }
         let mut pass = ReadPass::new();
-        let mut restarted: Vec<i32> = Vec::new();
         let mut messages = messages.into_iter();
         while let Some(message) = messages.next() {
-            if restarted.contains(&message.partition()) {
-                continue; // fetched before the seek back; read again after it
-            }
             // A partition revoked since this was fetched is someone else's now.
             if !consumer.context().holds(message.partition()) {
-                continue;
-            }
-            if quirks == BrokerQuirks::Tansu && !check_start(&consumer, &message, &mut rewound)? {
-                restarted.push(message.partition());
                 continue;
             }
             // The permit is taken once a record is in hand, so an idle reader
@@ -488,27 +456,16 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                     pass.send(&next).await;
                     let waiting = Instant::now();
                     tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading waits");
-                    match quirks {
-                        BrokerQuirks::None => {
-                            // What was fetched before the pause goes on after
-                            // this record, before anything received meanwhile.
-                            carried.extend(messages.by_ref());
-                            let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
-                            pass.waited += waiting.elapsed();
-                            // Revoked during the wait: the permit goes back.
-                            if consumer.context().holds(message.partition()) {
-                                pass.add(&pipeline, &offsets, &message, permit);
-                            }
-                            break;
-                        }
-                        // Tansu answers a resumed fetch with the next batch:
-                        // stop polling instead (see the tansu_quirks module).
-                        BrokerQuirks::Tansu => {
-                            let permit = pipeline.reserve(bytes).await;
-                            pass.waited += waiting.elapsed();
-                            permit
-                        }
+                    // What was fetched before the pause goes on after
+                    // this record, before anything received meanwhile.
+                    carried.extend(messages.by_ref());
+                    let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
+                    pass.waited += waiting.elapsed();
+                    // Revoked during the wait: the permit goes back.
+                    if consumer.context().holds(message.partition()) {
+                        pass.add(&pipeline, &offsets, &message, permit);
                     }
+                    break;
                 }
             };
             pass.add(&pipeline, &offsets, &message, permit);
@@ -678,87 +635,7 @@ fn seek(consumer: &Reader, topic: &str, partition: i32, offset: i64) -> anyhow::
     consumer
         .seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot seek {topic}/{partition} to {offset}: {e}"))?;
-    consumer.context().starts.lock().expect("starts lock").insert(partition, Start::at(offset));
     Ok(())
-}
-
-/// Where a partition's reading (re)started, with `broker_quirks = "tansu"`,
-/// until its first record arrives.
-#[derive(Debug, Clone, Copy)]
-struct Start {
-    offset: i64,
-    since: Instant,
-    /// Already read again from further back because it saw no record.
-    silent_rewound: bool,
-}
-
-impl Start {
-    fn at(offset: i64) -> Start {
-        Start { offset, since: Instant::now(), silent_rewound: false }
-    }
-}
-
-/// With `broker_quirks = "tansu"`: reads again from further back each held
-/// partition whose start has seen no record for `START_SILENCE` (see
-/// [`crate::tansu_quirks`]).
-fn rewind_silent_starts(consumer: &Reader) {
-    let context = consumer.context();
-    let silent: Vec<(i32, i64, i64)> = context
-        .starts
-        .lock()
-        .expect("starts lock")
-        .iter()
-        .filter(|(partition, start)| {
-            start.since.elapsed() >= crate::tansu_quirks::START_SILENCE && context.holds(**partition)
-        })
-        .filter_map(|(partition, start)| {
-            crate::tansu_quirks::silent_start_back(start.offset, start.silent_rewound)
-                .map(|back| (*partition, start.offset, back))
-        })
-        .collect();
-    let topic = &context.pipeline.config.kafka.topic;
-    for (partition, start, back) in silent {
-        tracing::warn!(partition, start, back, "no record since a start; reading again from further back, once");
-        match seek(consumer, topic, partition, back) {
-            Ok(()) => {
-                if let Some(start) = context.starts.lock().expect("starts lock").get_mut(&partition) {
-                    start.silent_rewound = true;
-                }
-            }
-            Err(error) => tracing::warn!(%error, partition, "cannot read again from further back"),
-        }
-    }
-}
-
-/// With `broker_quirks = "tansu"`: whether `message` may be used, given
-/// where its partition's reading started; when the broker skipped records
-/// after a start, it seeks back and reads the gap again (see
-/// [`crate::tansu_quirks`]). Records read twice are harmless: writes are
-/// idempotent. Only the first record after a start is checked: within
-/// continuous reading, a gap is the topic's own (compaction, transaction
-/// markers) and is kept.
-fn check_start(
-    consumer: &Reader,
-    message: &OwnedMessage,
-    rewound: &mut std::collections::HashSet<(i32, i64)>,
-) -> anyhow::Result<bool> {
-    let partition = message.partition();
-    let Some(Start { offset: start, .. }) = consumer.context().starts.lock().expect("starts lock").remove(&partition)
-    else {
-        return Ok(true);
-    };
-    let already = rewound.contains(&(partition, start));
-    let Some(back) = crate::tansu_quirks::seek_back(start, message.offset(), already) else { return Ok(true) };
-    rewound.insert((partition, start));
-    tracing::warn!(
-        partition,
-        start,
-        first = message.offset(),
-        back,
-        "records skipped by the broker after a start; reading again from further back"
-    );
-    seek(consumer, message.topic(), partition, back)?;
-    Ok(false)
 }
 
 impl Actor for KafkaReader {
@@ -790,11 +667,6 @@ impl Actor for KafkaReader {
             let everything = actor.ticks.is_multiple_of(RECOMMIT_EVERY);
             actor.commit(if everything { Commits::All } else { Commits::Moved });
             actor.watch_assignment();
-            if let Some(consumer) = &actor.consumer
-                && actor.pipeline.config.kafka.broker_quirks == BrokerQuirks::Tansu
-            {
-                rewind_silent_starts(consumer);
-            }
         });
     }
 }

@@ -19,13 +19,12 @@
 //!
 //! The end gives the median and the spread (min–max) of every figure.
 //! Then one keyed throughput run each at `BENCH_LARGE_EVENTS` (default
-//! 1,000,000 and 5,000,000 on Tansu; `0` skips them) gives the peak RSS at
+//! 1,000,000 and 5,000,000 on the local cluster; `0` skips them) gives the peak RSS at
 //! those counts, and the rate beside `\copy` where the start weighs less.
 //!
 //! `BENCH_BROKER=mock` runs it on a 3-broker librdkafka mock cluster hosted
-//! by the benchmark process (whose CPU is then the broker's), with the
-//! reader's path for a real Kafka (`broker_quirks = "none"`), instead of
-//! the local stack's Tansu. A mock partition keeps at most 5 MiB (its log
+//! by the benchmark process (whose CPU is then the broker's), instead of
+//! the local stack's three Kafka nodes. A mock partition keeps at most 5 MiB (its log
 //! drops the oldest records beyond, as retention does), so there the default
 //! is 30,000 events, 10,000 a partition.
 //!
@@ -42,7 +41,7 @@
 //! spans exported to an OTLP/HTTP receiver in this process. `make
 //! bench-tracing` runs it.
 //!
-//!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20, BENCH_BROKER=tansu)
+//!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20, BENCH_BROKER=stack)
 
 use diesel::{Connection, RunQueryDsl};
 use futures_util::StreamExt;
@@ -63,12 +62,12 @@ use common::{
     print_stage_table, processing_window, stage_phases,
 };
 
-/// The brokers of this benchmark, and the reader's quirks setting for them.
-static BROKER: std::sync::OnceLock<(String, &'static str)> = std::sync::OnceLock::new();
+/// The brokers of this benchmark, when not the stack's.
+static BROKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn kafka() -> txnflow::config::KafkaConfig {
     let mut kafka = txnflow::config::Config::from_layers([], []).unwrap().kafka;
-    if let Some((brokers, _)) = BROKER.get() {
+    if let Some(brokers) = BROKER.get() {
         kafka.brokers = brokers.clone();
     }
     kafka
@@ -214,7 +213,6 @@ fn start_service(setup: &Setup<'_>, topic: &str, db: &str, admin_port: u16, ml_a
     let child = Command::new(setup.binary)
         .arg("run")
         .env("TXNFLOW__KAFKA__BROKERS", kafka().brokers)
-        .env("TXNFLOW__KAFKA__BROKER_QUIRKS", BROKER.get().map_or("tansu", |(_, quirks)| quirks))
         .env("TXNFLOW__KAFKA__TOPIC", topic)
         .env("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{topic}-dlq"))
         .env("TXNFLOW__KAFKA__GROUP_ID", format!("{topic}-group"))
@@ -312,7 +310,7 @@ async fn throughput(
     let admin_port = 18391;
     let service = start_service(setup, &topic, &db, admin_port, ml_api);
     let mut roles = vec![("txnflow", vec![service.pid()]), ("ml-api", vec![ml_api_pid])];
-    roles.push(("broker", if mock.is_some() { vec![std::process::id()] } else { pids_named("tansu") }));
+    roles.push(("broker", if mock.is_some() { vec![std::process::id()] } else { common::kafka_pids() }));
     roles.push(("postgresql", pids_named("postgres")));
     let cpu = CpuSample::start(roles);
     let waits = WaitSampler::start(&db);
@@ -489,10 +487,10 @@ fn main() {
     let large_counts = large_event_counts(mocked);
     let mock = mocked.then(|| MockCluster::new(3).expect("librdkafka's mock cluster starts"));
     if let Some(cluster) = &mock {
-        BROKER.set((cluster.bootstrap_servers(), "none")).unwrap();
+        BROKER.set(cluster.bootstrap_servers()).unwrap();
         println!("broker: a 3-broker librdkafka mock cluster at {}", cluster.bootstrap_servers());
     } else {
-        println!("broker: the local stack's Tansu");
+        println!("broker: the local stack's Apache Kafka cluster, 3 nodes");
     }
     let mock = mock.as_ref();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

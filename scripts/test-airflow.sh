@@ -44,7 +44,7 @@ PY
 log "starting txnflow run (database $DB, admin 127.0.0.1:$ADMIN_PORT)"
 TXNFLOW__DB__URL="$DB_URL" TXNFLOW__KAFKA__TOPIC="$RUN" TXNFLOW__KAFKA__DLQ_TOPIC="$RUN-dlq" \
   TXNFLOW__KAFKA__GROUP_ID="$RUN" TXNFLOW__ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT" \
-  TXNFLOW__KAFKA__BROKER_QUIRKS=tansu "$ROOT/target/debug/txnflow" run >"$STACK/logs/airflow-txnflow.log" 2>&1 &
+  "$ROOT/target/debug/txnflow" run >"$STACK/logs/airflow-txnflow.log" 2>&1 &
 SERVICE=$!
 trap 'kill $SERVICE 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null && break; sleep 0.2; done

@@ -58,6 +58,8 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     pub predictions_topic: String,
     pub session_timeout_ms: u64,
+    /// `classic` or `consumer` (KIP-848).
+    pub group_protocol: GroupProtocol,
     pub partitions: i32,
     /// Replicas of each topic txnflow creates.
     pub replication_factor: i32,
@@ -66,8 +68,6 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// A record larger than this is dead-lettered as invalid, unread.
     pub max_record_bytes: usize,
-    /// `none` for a real Kafka; `tansu` for the local test broker's bugs.
-    pub broker_quirks: BrokerQuirks,
     /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub security_protocol: String,
     /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` (empty without SASL).
@@ -320,15 +320,26 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// Which broker's known bugs the reader works around.
+/// The consumer group protocol the reader speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BrokerQuirks {
-    /// A broker that behaves as Kafka: the reader pauses partitions at
-    /// capacity, starts from the committed offsets, and never seeks back.
-    None,
-    /// Tansu 0.6, the local stack's broker (see `actors/tansu_quirks.rs`).
-    Tansu,
+pub enum GroupProtocol {
+    /// The classic protocol: the client-side assignor, an eager rebalance,
+    /// and the session timeout of `kafka.session_timeout_ms`.
+    Classic,
+    /// KIP-848's protocol (Kafka 4): the broker assigns, a rebalance moves
+    /// only the partitions that change owner, and the session timeout is
+    /// the broker's `group.consumer.session.timeout.ms`.
+    Consumer,
+}
+
+impl GroupProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -716,7 +727,7 @@ mod tests {
     #[test]
     fn the_defaults_are_complete_and_valid() {
         let config = load_with(&[], &[]).unwrap();
-        assert_eq!(config.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(config.kafka.brokers, "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094");
         assert_eq!(config.kafka.group_id, "txnflow");
         assert_eq!(config.db.url, "postgres://txnflow:txnflow@127.0.0.1:5432/txnflow");
         assert_eq!(config.predict.categories.len(), 15);

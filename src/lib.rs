@@ -31,7 +31,6 @@ pub mod repredict;
 pub mod s3;
 pub mod service;
 pub mod spans;
-pub mod tansu_quirks;
 pub mod telemetry;
 
 #[path = "../actors/mod.rs"]

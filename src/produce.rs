@@ -220,7 +220,7 @@ struct Tally {
 pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result<u64> {
     let producer = crate::kafka::producer(kafka)?;
     let topic = options.topic.clone().unwrap_or_else(|| kafka.topic.clone());
-    // The broker may not create topics on first use (Tansu does not).
+    // The broker may not create topics on first use (auto.create.topics.enable=false).
     crate::kafka::ensure_topics(kafka, &[(topic.as_str(), kafka.partitions)]).await?;
     let tally = Arc::new(Tally::default());
     let limit = options.count.unwrap_or(u64::MAX);

@@ -139,6 +139,15 @@ pub fn pids_named(name: &str) -> Vec<u32> {
     String::from_utf8_lossy(&output).split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
 
+/// The local Kafka cluster's three nodes, from the pid files `make up` writes.
+pub fn kafka_pids() -> Vec<u32> {
+    let pids = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".stack/pids");
+    (1..=3)
+        .filter_map(|n| std::fs::read_to_string(pids.join(format!("kafka-{n}.pid"))).ok())
+        .filter_map(|pid| pid.trim().parse().ok())
+        .collect()
+}
+
 /// CPU use of the processes of a run, by role, from a start to an end.
 pub struct CpuSample {
     roles: Vec<(&'static str, Vec<u32>, Vec<f64>)>,

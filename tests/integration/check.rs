@@ -87,8 +87,11 @@ async fn check_fails_naming_each_dependency_that_does_not_answer() {
 #[tokio::test]
 async fn one_replica_on_several_brokers_is_refused_unless_allowed() {
     let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
-    let kafka =
-        txnflow::config::KafkaConfig { brokers: cluster.bootstrap_servers(), ..crate::helpers::default_config().kafka };
+    let kafka = txnflow::config::KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        replication_factor: 1,
+        ..crate::helpers::default_config().kafka
+    };
     let refused = txnflow::kafka::ensure_topics(&kafka, &[("single", 3)]).await.unwrap_err().to_string();
     assert!(refused.starts_with("kafka.replication_factor is 1 on a cluster of 3 brokers"), "{refused}");
     cluster.create_topic("replicated", 3, 3).unwrap();

@@ -2,6 +2,7 @@
 //! checked without a Docker engine.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 fn compose() -> serde_yaml::Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/compose.yaml")).unwrap();
@@ -593,5 +594,140 @@ async fn a_real_prometheus_evaluates_every_dashboard_query_and_alert_rule() {
             .collect();
     }
     assert_eq!(alerts, expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The local cluster's settings that compose's brokers must share.
+const SHARED_BROKER_SETTINGS: [&str; 14] = [
+    "num.partitions",
+    "default.replication.factor",
+    "min.insync.replicas",
+    "offsets.topic.replication.factor",
+    "offsets.topic.num.partitions",
+    "transaction.state.log.replication.factor",
+    "transaction.state.log.min.isr",
+    "share.coordinator.state.topic.replication.factor",
+    "share.coordinator.state.topic.min.isr",
+    "group.initial.rebalance.delay.ms",
+    "group.consumer.min.session.timeout.ms",
+    "group.consumer.session.timeout.ms",
+    "group.consumer.heartbeat.interval.ms",
+    "auto.create.topics.enable",
+];
+
+fn properties(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
+        .collect()
+}
+
+/// compose's broker settings are valid for Kafka 4.4 and are the local
+/// cluster's: kafka-1's environment, as compose resolves it, is turned into
+/// `server.properties` by the image's own converter (`kafka.docker.KafkaDockerWrapper`,
+/// in the `kafka_2.13` jar that `make up` fetched), which also formats the
+/// log directory; then a real node starts with it. Only host names, ports,
+/// the log directory and the quorum (this node alone) are changed for loopback.
+#[tokio::test]
+async fn compose_broker_settings_start_a_real_kafka_node() {
+    let compose = compose();
+    let image = compose["services"]["kafka-1"]["image"].as_str().unwrap();
+    assert_eq!(image, "apache/kafka:4.4.0", "compose runs Kafka 4.4");
+    let kafka_home = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".stack/kafka");
+    assert!(
+        kafka_home.join("lib/kafka_2.13-4.4.0.jar").exists(),
+        "the jars of the image's Kafka version are the local cluster's (make up)"
+    );
+    let dir = std::env::temp_dir().join(format!("txnflow-compose-kafka-{}", uuid::Uuid::new_v4().simple()));
+    let (client, controller) = (crate::helpers::free_port(), crate::helpers::free_port());
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (key, value) in compose["services"]["kafka-1"]["environment"].as_mapping().unwrap() {
+        let key = key.as_str().unwrap().to_string();
+        let value = match value {
+            serde_yaml::Value::String(text) => text.clone(),
+            other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+        };
+        let value = match key.as_str() {
+            "KAFKA_LISTENERS" => format!("PLAINTEXT://127.0.0.1:{client},CONTROLLER://127.0.0.1:{controller}"),
+            "KAFKA_ADVERTISED_LISTENERS" => format!("PLAINTEXT://127.0.0.1:{client}"),
+            "KAFKA_CONTROLLER_QUORUM_VOTERS" => format!("1@127.0.0.1:{controller}"),
+            "KAFKA_LOG_DIRS" => dir.join("data").display().to_string(),
+            _ => value,
+        };
+        env.push((key, value));
+    }
+    let heap = env.iter().find(|(key, _)| key == "KAFKA_HEAP_OPTS").map(|(_, v)| v.clone()).expect("a bounded heap");
+    for sub in ["default", "mounted", "final"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let classpath = kafka_home.join("lib/*");
+    let setup = std::process::Command::new("java")
+        .arg("-cp")
+        .arg(&classpath)
+        .args(["kafka.docker.KafkaDockerWrapper", "setup"])
+        .arg("--default-configs-dir")
+        .arg(dir.join("default"))
+        .arg("--mounted-configs-dir")
+        .arg(dir.join("mounted"))
+        .arg("--final-configs-dir")
+        .arg(dir.join("final"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .envs(env.iter().cloned())
+        .output()
+        .expect("java runs");
+    assert!(setup.status.success(), "the image's setup: {}", String::from_utf8_lossy(&setup.stdout));
+    let written = std::fs::read_to_string(dir.join("final/server.properties")).unwrap();
+    let compose_settings = properties(&written);
+    assert!(!compose_settings.contains_key("heap.opts"), "KAFKA_HEAP_OPTS is the JVM's, not a property");
+
+    // The same settings as the local cluster's nodes.
+    let local = properties(&std::fs::read_to_string(kafka_home.join("node-1.properties")).unwrap());
+    for key in SHARED_BROKER_SETTINGS {
+        assert_eq!(compose_settings.get(key), local.get(key), "{key}: compose and the local cluster agree");
+    }
+
+    let log = std::fs::File::create(dir.join("node.log")).unwrap();
+    let node = crate::helpers::ChildGuard(
+        std::process::Command::new("java")
+            .args(heap.split_whitespace())
+            .arg("-cp")
+            .arg(&classpath)
+            .arg(format!("-Dlog4j2.configurationFile={}", dir.join("final/log4j2.yaml").display()))
+            .arg("kafka.Kafka")
+            .arg(dir.join("final/server.properties"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The node answers with its metadata: one broker, id 1.
+    let brokers = format!("127.0.0.1:{client}");
+    let mut answered = None;
+    for _ in 0..120 {
+        let consumer: rdkafka::consumer::BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        if let Ok(metadata) = rdkafka::consumer::Consumer::fetch_metadata(&consumer, None, Duration::from_secs(1)) {
+            answered = Some(metadata.brokers().iter().map(|b| b.id()).collect::<Vec<_>>());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let tail = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    assert_eq!(answered, Some(vec![1]), "the node started with compose's settings; its log:\n{tail}");
+    // What the running broker reports is what compose asked for.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let described = admin
+        .describe_configs(&[rdkafka::admin::ResourceSpecifier::Broker(1)], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let config = described.into_iter().next().unwrap().expect("broker 1 describes its config");
+    for key in ["min.insync.replicas", "default.replication.factor", "group.initial.rebalance.delay.ms"] {
+        let entry = config.get(key).unwrap_or_else(|| panic!("{key} described"));
+        assert_eq!(entry.value.as_deref(), compose_settings.get(key).map(String::as_str), "{key} in force");
+    }
+    drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,7 +20,7 @@ pub fn admin_db_url() -> String {
 }
 
 pub fn brokers() -> String {
-    std::env::var("TXNFLOW_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    std::env::var("TXNFLOW_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094".into())
 }
 
 /// The default configuration, as the tests' starting point.
@@ -106,7 +106,7 @@ pub struct ReadRecord {
 }
 
 /// Reads `expected` records from every partition of `topic`, from the start,
-/// without a consumer group (Tansu's group join is slow and not under test).
+/// by assignment, without joining a consumer group (not under test).
 /// Fails after `deadline` with what it has read, and past the expected
 /// count reads on until no record came for 500 ms, so extra records are
 /// seen too.
@@ -177,8 +177,6 @@ pub fn txnflow() -> Command {
     for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("TXNFLOW__")) {
         command.env_remove(name);
     }
-    // The local stack's broker is Tansu; a test on another broker sets `none` after this.
-    command.env("TXNFLOW__KAFKA__BROKER_QUIRKS", "tansu");
     command
 }
 

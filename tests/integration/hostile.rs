@@ -100,6 +100,14 @@ async fn records_over_the_byte_bound_go_to_the_dlq_or_the_dead_letter_table() {
     let good = valid_events(1102, 200);
     let big_field = event_with(4, |e| e["description"] = json!("x".repeat(600_000)));
     let big_event = event_with(5, |e| e["padding"] = json!("p".repeat(2_000_000)));
+    // The input topic takes records up to 10 MB (the broker's default is
+    // 1 MiB), as a topic of large events would; the DLQ topic keeps 1 MiB.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        txnflow::kafka::client_config(&kafka_config_for(&scenario.brokers)).create().unwrap();
+    let large = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&scenario.topic))
+        .set("max.message.bytes", "10000000");
+    let altered = admin.alter_configs(&[large], &rdkafka::admin::AdminOptions::new()).await.unwrap();
+    assert!(altered.iter().all(Result::is_ok), "max.message.bytes set: {altered:?}");
     // The test's own producer may send 2 MB; txnflow's DLQ producer keeps librdkafka's 1 MB.
     let producer: FutureProducer = txnflow::kafka::client_config(&kafka_config_for(&scenario.brokers))
         .set("message.max.bytes", "10000000")

@@ -29,9 +29,6 @@ pub struct Scenario {
     pub ml_api: SocketAddr,
     producer: std::sync::Mutex<txnflow::kafka::Producer>,
     pub brokers: String,
-    /// `kafka.broker_quirks` of the services: `tansu` on the local stack,
-    /// `none` on librdkafka's mock cluster.
-    quirks: &'static str,
 }
 
 /// One produced event: its key, its bytes, and where the broker put it.
@@ -54,21 +51,20 @@ impl Scenario {
 
     /// A scenario on the broker at `brokers` (for example a private one).
     pub async fn with(name: &str, db: TestDatabase, brokers: String) -> Scenario {
-        let scenario = Scenario::without_topics(name, db, brokers, "tansu");
+        let scenario = Scenario::without_topics(name, db, brokers);
         scenario.create_topics().await;
         scenario
     }
 
-    /// A scenario on librdkafka's mock cluster, whose topics have 3
-    /// replicas; its services read with `kafka.broker_quirks = "none"`.
+    /// A scenario on librdkafka's mock cluster, whose topics have 3 replicas.
     pub fn on_mock(name: &str, db: TestDatabase, cluster: &MockCluster<'static, DefaultProducerContext>) -> Scenario {
-        let scenario = Scenario::without_topics(name, db, cluster.bootstrap_servers(), "none");
+        let scenario = Scenario::without_topics(name, db, cluster.bootstrap_servers());
         cluster.create_topic(&scenario.topic, PARTITIONS, 3).unwrap();
         cluster.create_topic(&scenario.dlq_topic, 1, 3).unwrap();
         scenario
     }
 
-    fn without_topics(name: &str, db: TestDatabase, brokers: String, quirks: &'static str) -> Scenario {
+    fn without_topics(name: &str, db: TestDatabase, brokers: String) -> Scenario {
         let topic = format!("test-{name}-{}", Uuid::new_v4().simple());
         Scenario {
             db,
@@ -78,24 +74,12 @@ impl Scenario {
             ml_api: spawn_ml_api(no_faults()),
             producer: std::sync::Mutex::new(test_producer(&brokers)),
             brokers,
-            quirks,
         }
     }
 
     /// The consumer group the scenario's services join.
     pub fn group(&self) -> String {
         self.group.lock().unwrap().clone()
-    }
-
-    /// Services started from now on join `group` instead.
-    pub fn switch_group(&self, group: String) {
-        *self.group.lock().unwrap() = group;
-    }
-
-    /// A new producer: an idempotent producer's sequence state means
-    /// nothing to a broker that restarted empty.
-    pub fn renew_producer(&self) {
-        *self.producer.lock().unwrap() = test_producer(&self.brokers);
     }
 
     /// Creates the scenario's input and DLQ topics (again, after a broker lost them).
@@ -122,7 +106,6 @@ impl Scenario {
         let mut command = txnflow();
         command
             .arg("run")
-            .env("TXNFLOW__KAFKA__BROKER_QUIRKS", self.quirks)
             .env("TXNFLOW__KAFKA__BROKERS", &self.brokers)
             .env("TXNFLOW__KAFKA__TOPIC", &self.topic)
             .env("TXNFLOW__KAFKA__DLQ_TOPIC", &self.dlq_topic)
@@ -198,8 +181,7 @@ impl Scenario {
         sent
     }
 
-    /// One past the last offset sent, per partition. (Tansu's ListOffsets
-    /// "latest" is not reliable, so the end offsets come from the sends.)
+    /// One past the last offset sent, per partition, from the sends.
     pub fn end_offsets(sent: &[Sent]) -> BTreeMap<i32, i64> {
         let mut ends = BTreeMap::new();
         for s in sent {

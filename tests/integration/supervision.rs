@@ -89,9 +89,7 @@ async fn records_held_by_a_crashing_actor_are_read_again_through_their_handles()
     }
 }
 
-/// The restarted instance starts at the offsets the first one committed,
-/// which may lie inside a record batch; Tansu answers such a fetch with the
-/// next batch, and the reader reads the gap again (`check_start`).
+/// The restarted instance starts at the offsets the first one committed.
 #[tokio::test]
 async fn sigterm_under_load_exits_0_and_a_restart_finishes_the_work() {
     let scenario = Scenario::new("sigterm").await;
@@ -108,10 +106,6 @@ async fn sigterm_under_load_exits_0_and_a_restart_finishes_the_work() {
         "exit 0 within the shutdown timeout; log:\n{}",
         service.log_tail()
     );
-    // Tansu gives a member that joins while the old one's session (6 s) is
-    // still live an empty assignment for 5 minutes (see the README's chaos
-    // findings); a stopped process may not have left the group in time.
-    tokio::time::sleep(Duration::from_secs(8)).await;
     let service = scenario.start_service(&[]).await;
     assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
     assert_exact_books(&scenario, &valid, &invalid, &service.log_tail()).await;

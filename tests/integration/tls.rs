@@ -1,10 +1,10 @@
-//! Kafka over TLS, and SASL_SSL with SCRAM, end to end: a private Tansu
-//! whose advertised listener is a TLS port, served by stunnel (Debian's
-//! `stunnel4`, which `make up` installs) with a certificate signed by a CA
-//! the test makes. Every client of the test and of the service goes through
-//! TLS. For SASL, Tansu keeps its SCRAM users in SQLite and requires every
-//! client to authenticate; it checks SCRAM proofs against them (its PLAIN
-//! accepts any password, so PLAIN is not tested against it).
+//! Kafka over TLS, and SASL_SSL with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN,
+//! end to end against the local cluster's own listeners (`make up`): SSL on
+//! ports 9192-9194 and SASL_SSL on 9292-9294, with a certificate signed by
+//! the stack's CA (`.stack/kafka/tls/ca.pem`). Every client of the test and
+//! of the service goes through TLS. SCRAM users are created per test with
+//! Kafka's own `kafka-configs` (`ConfigCommand`); the PLAIN user is in the
+//! brokers' JAAS configuration, with the password `make up` made.
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -71,105 +71,76 @@ fn make_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (ca, cert, key)
 }
 
-/// Tansu on a plain port, advertising the TLS port that stunnel serves.
+/// The stack's Kafka state: jars, CA, the PLAIN user's password.
+fn stack_kafka() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".stack/kafka")
+}
+
+/// Runs Kafka's `kafka-configs` with the stack's jars: creates `user` with
+/// `password` for `mechanism`, over the plaintext listener.
+fn create_scram_user(user: &str, password: &str, mechanism: &str) {
+    let lib = stack_kafka().join("lib/*");
+    let output = Command::new("java")
+        .arg("-cp")
+        .arg(lib)
+        .arg("-Dlog4j2.level=warn")
+        .args(["org.apache.kafka.tools.ConfigCommand", "--bootstrap-server", &crate::helpers::brokers()])
+        .args(["--alter", "--entity-type", "users", "--entity-name", user, "--add-config"])
+        .arg(format!("{mechanism}=[iterations=4096,password={password}]"))
+        .output()
+        .expect("java runs (make up)");
+    assert!(output.status.success(), "kafka-configs: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// One of the cluster's secure listeners, and who logs in there.
 struct TlsBroker {
-    tls_port: u16,
-    _tansu: ChildGuard,
-    _stunnel: ChildGuard,
+    brokers: String,
     ca: PathBuf,
     dir: PathBuf,
-    /// The SCRAM user (name, password, mechanism) every client must log in as, if any.
-    scram: Option<(String, String, &'static str)>,
-}
-
-fn tansu(args: &[&str]) -> Command {
-    let cargo_home =
-        std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
-    let mut command = Command::new(format!("{cargo_home}/bin/tansu"));
-    command.args(args).stdout(Stdio::null()).stderr(Stdio::null());
-    command
-}
-
-fn wait_for_port(port: u16) {
-    let up = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(100));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(up, "port {port} answers");
+    /// The SASL user (name, password, mechanism) every client logs in as, if any.
+    sasl: Option<(String, String, &'static str)>,
 }
 
 impl TlsBroker {
-    /// TLS only, on Tansu's memory engine.
-    fn start() -> TlsBroker {
-        TlsBroker::start_with(None)
-    }
-
-    /// TLS, and SASL with `mechanism` (SCRAM-SHA-256 or -512) required of
-    /// every client, with one user.
-    fn with_scram_user(user: &str, password: &str, mechanism: &'static str) -> TlsBroker {
-        TlsBroker::start_with(Some((user.to_string(), password.to_string(), mechanism)))
-    }
-
-    fn start_with(scram: Option<(String, String, &'static str)>) -> TlsBroker {
+    fn new(brokers: &str, sasl: Option<(String, String, &'static str)>) -> TlsBroker {
         let dir = std::env::temp_dir().join(format!("txnflow-tls-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (ca, cert, key) = make_certificates(&dir, "broker");
-        let (plain_port, tls_port) = (free_port(), free_port());
-        let listener = format!("tcp://127.0.0.1:{plain_port}");
-        let advertised = format!("tcp://127.0.0.1:{tls_port}");
-        let broker = ["broker", "--listener-url", &listener, "--advertised-listener-url", &advertised];
-        let tansu = match &scram {
-            None => tansu(&broker).args(["--storage-engine", "memory://tansu/"]).spawn(),
-            Some((user, password, mechanism)) => {
-                // The user is created while the broker still lets anyone
-                // in, then the broker restarts on the same file requiring SASL.
-                // Tansu takes an sqlite:// path relative to its directory.
-                let storage = "sqlite://tansu.db";
-                let open =
-                    ChildGuard(tansu(&broker).args(["--storage-engine", storage]).current_dir(&dir).spawn().unwrap());
-                wait_for_port(plain_port);
-                let created = tansu(&["user", "create", "--broker", &listener, user, password])
-                    .args(["--mechanism", &mechanism.replace("SCRAM-SHA-", "scram")])
-                    .status()
-                    .expect("tansu user create runs");
-                assert!(created.success(), "tansu user create");
-                drop(open);
-                tansu(&broker).args(["--storage-engine", storage, "--authentication"]).current_dir(&dir).spawn()
-            }
-        }
-        .expect("the stack's Tansu is installed (make up)");
-        let conf = dir.join("stunnel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain_port}\n\
-                 cert = {}\nkey = {}\n",
-                cert.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let stunnel = Command::new("stunnel4")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("stunnel4 is installed (make up)");
-        for port in [plain_port, tls_port] {
-            wait_for_port(port);
-        }
-        TlsBroker { tls_port, _tansu: ChildGuard(tansu), _stunnel: ChildGuard(stunnel), ca, dir, scram }
+        let ca = stack_kafka().join("tls/ca.pem");
+        assert!(ca.exists(), "the stack's CA {} exists (make up)", ca.display());
+        TlsBroker { brokers: brokers.to_string(), ca, dir, sasl }
+    }
+
+    /// The SSL listener: TLS only.
+    fn start() -> TlsBroker {
+        TlsBroker::new("127.0.0.1:9192,127.0.0.1:9193,127.0.0.1:9194", None)
+    }
+
+    /// The SASL_SSL listener, as a new SCRAM user (SCRAM-SHA-256 or -512).
+    fn with_scram_user(user: &str, password: &str, mechanism: &'static str) -> TlsBroker {
+        let user = format!("{user}-{}", Uuid::new_v4().simple());
+        create_scram_user(&user, password, mechanism);
+        TlsBroker::sasl(user, password.to_string(), mechanism)
+    }
+
+    /// The SASL_SSL listener, as the brokers' PLAIN user.
+    fn with_plain_user() -> TlsBroker {
+        let password = std::fs::read_to_string(stack_kafka().join("plain-password")).expect("make up wrote it");
+        TlsBroker::sasl("txnflow-plain".into(), password.trim().to_string(), "PLAIN")
+    }
+
+    fn sasl(user: String, password: String, mechanism: &'static str) -> TlsBroker {
+        TlsBroker::new("127.0.0.1:9292,127.0.0.1:9293,127.0.0.1:9294", Some((user, password, mechanism)))
     }
 
     /// The Kafka settings of a client that trusts `ca` (and logs in as the user).
     fn kafka(&self, ca: &Path) -> txnflow::config::KafkaConfig {
         let mut kafka = txnflow::config::KafkaConfig {
-            brokers: format!("127.0.0.1:{}", self.tls_port),
+            brokers: self.brokers.clone(),
             security_protocol: "ssl".into(),
             ssl_ca_location: ca.display().to_string(),
             ..crate::helpers::default_config().kafka
         };
-        if let Some((user, password, mechanism)) = &self.scram {
+        if let Some((user, password, mechanism)) = &self.sasl {
             kafka.security_protocol = "sasl_ssl".into();
             kafka.sasl_mechanism = mechanism.to_string();
             kafka.sasl_username = user.clone();
@@ -179,14 +150,14 @@ impl TlsBroker {
     }
 
     /// The environment of a `txnflow` process that trusts `ca`, and logs in
-    /// with `password` (from a file) when the broker wants SASL.
+    /// with `password` (from a file) on the SASL listener.
     fn env(&self, ca: &Path, password: Option<&str>) -> Vec<(String, String)> {
         let mut env = vec![
-            ("TXNFLOW__KAFKA__BROKERS".into(), format!("127.0.0.1:{}", self.tls_port)),
+            ("TXNFLOW__KAFKA__BROKERS".into(), self.brokers.clone()),
             ("TXNFLOW__KAFKA__SECURITY_PROTOCOL".into(), "ssl".into()),
             ("TXNFLOW__KAFKA__SSL_CA_LOCATION".into(), ca.display().to_string()),
         ];
-        if let (Some((user, _, mechanism)), Some(password)) = (&self.scram, password) {
+        if let (Some((user, _, mechanism)), Some(password)) = (&self.sasl, password) {
             let file = self.dir.join(format!("password-{}", Uuid::new_v4().simple()));
             std::fs::write(&file, password).unwrap();
             env[1].1 = "sasl_ssl".into();
@@ -198,7 +169,7 @@ impl TlsBroker {
     }
 
     fn password(&self) -> Option<&str> {
-        self.scram.as_ref().map(|(_, password, _)| password.as_str())
+        self.sasl.as_ref().map(|(_, password, _)| password.as_str())
     }
 }
 
@@ -220,12 +191,30 @@ async fn the_pipeline_runs_over_tls() {
 /// The same over SASL_SSL with SCRAM-SHA-512: the service logs in with the
 /// password from a file, and never writes it to its log.
 #[tokio::test]
-async fn the_pipeline_runs_over_sasl_ssl_with_scram() {
+async fn the_pipeline_runs_over_sasl_ssl_with_scram_sha_512() {
     let password = format!("pw-{}", Uuid::new_v4().simple());
     let broker = TlsBroker::with_scram_user("txnflow", &password, "SCRAM-SHA-512");
     let log = the_pipeline_runs_on(&broker).await;
     assert!(!log.contains(&password), "the password never reaches the log");
     eprintln!("tls | SASL_SSL SCRAM-SHA-512 | 500 stored, 20 dead-lettered, commits at the end offsets");
+}
+
+#[tokio::test]
+async fn the_pipeline_runs_over_sasl_ssl_with_scram_sha_256() {
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    let broker = TlsBroker::with_scram_user("txnflow", &password, "SCRAM-SHA-256");
+    let log = the_pipeline_runs_on(&broker).await;
+    assert!(!log.contains(&password), "the password never reaches the log");
+    eprintln!("tls | SASL_SSL SCRAM-SHA-256 | 500 stored, 20 dead-lettered, commits at the end offsets");
+}
+
+/// SASL PLAIN over TLS, which the broker checks against its JAAS users.
+#[tokio::test]
+async fn the_pipeline_runs_over_sasl_ssl_with_plain() {
+    let broker = TlsBroker::with_plain_user();
+    let log = the_pipeline_runs_on(&broker).await;
+    assert!(!log.contains(broker.password().unwrap()), "the password never reaches the log");
+    eprintln!("tls | SASL_SSL PLAIN | 500 stored, 20 dead-lettered, commits at the end offsets");
 }
 
 /// Runs 500 valid and 20 invalid events through a service on `broker`;
@@ -385,12 +374,12 @@ async fn a_wrong_ca_fails_ready_with_a_tls_error() {
     eprintln!("tls | wrong CA | /ready 503, broker: {reason}");
 }
 
-/// A wrong SCRAM-SHA-256 password: the broker refuses the login, `/ready` answers
-/// 503 with librdkafka's SASL reason, and neither the answer nor the log
-/// repeats the password.
-#[tokio::test]
-async fn a_wrong_sasl_password_fails_ready_without_repeating_it() {
-    let broker = TlsBroker::with_scram_user("txnflow", "the-right-one", "SCRAM-SHA-256");
+/// A wrong password: the broker refuses the login, `/ready` answers 503
+/// with librdkafka's SASL reason, and neither the answer nor the log
+/// repeats either password.
+async fn a_wrong_password_fails_ready_without_repeating_it(broker: TlsBroker) {
+    let right = broker.password().unwrap().to_string();
+    let mechanism = broker.sasl.as_ref().unwrap().2;
     let wrong = format!("wrong-{}", Uuid::new_v4().simple());
     let sasl_reason = |reason: &str| reason.contains("SASL") || reason.contains("uthentication");
     let (status, body, log) = refused_start(&broker, broker.env(&broker.ca, Some(&wrong)), sasl_reason).await;
@@ -399,6 +388,23 @@ async fn a_wrong_sasl_password_fails_ready_without_repeating_it() {
     assert!(sasl_reason(&reason), "/ready gives librdkafka's SASL reason: {reason:?}; log:\n{log}");
     assert!(sasl_reason(&log), "the log names the SASL failure:\n{log}");
     assert!(!body.to_string().contains(&wrong) && !log.contains(&wrong), "the password is never repeated");
-    assert!(!log.contains("the-right-one"), "nor the user's");
-    eprintln!("tls | wrong SCRAM password | /ready 503, broker: {reason}");
+    assert!(!body.to_string().contains(&right) && !log.contains(&right), "nor the user's");
+    eprintln!("tls | wrong {mechanism} password | /ready 503, broker: {reason}");
+}
+
+#[tokio::test]
+async fn a_wrong_scram_sha_256_password_fails_ready_without_repeating_it() {
+    let broker = TlsBroker::with_scram_user("txnflow", &format!("pw-{}", Uuid::new_v4().simple()), "SCRAM-SHA-256");
+    a_wrong_password_fails_ready_without_repeating_it(broker).await;
+}
+
+#[tokio::test]
+async fn a_wrong_scram_sha_512_password_fails_ready_without_repeating_it() {
+    let broker = TlsBroker::with_scram_user("txnflow", &format!("pw-{}", Uuid::new_v4().simple()), "SCRAM-SHA-512");
+    a_wrong_password_fails_ready_without_repeating_it(broker).await;
+}
+
+#[tokio::test]
+async fn a_wrong_plain_password_fails_ready_without_repeating_it() {
+    a_wrong_password_fails_ready_without_repeating_it(TlsBroker::with_plain_user()).await;
 }
