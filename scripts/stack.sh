@@ -313,6 +313,18 @@ kafka_wait_whole() {
   log "kafka: 3 brokers, and a leader with all 3 replicas in sync for $KAFKA_CHECK_TOPIC ($(( SECONDS - start ))s)"
 }
 
+# Waits until node N is in the check topic's ISR: it answers, it is
+# registered, and it has caught up (whether or not the others run).
+kafka_wait_in_isr() {
+  local n="$1" start=$SECONDS
+  until kafka_topics --describe --topic "$KAFKA_CHECK_TOPIC" 2>/dev/null | grep -qE "Isr: ([0-9]+,)*$n(,|[[:space:]]|$)"; do
+    if ! pid_alive "kafka-$n"; then tail -n 5 "$LOGS/kafka-$n.log" >&2 || true; fail "kafka node $n exited; its log is $LOGS/kafka-$n.log"; fi
+    (( SECONDS - start < DEADLINE_S * 2 )) || fail "kafka node $n was not back in the ISR within $(( DEADLINE_S * 2 ))s"
+    sleep 1
+  done
+  log "kafka node $n is back in the cluster ($(( SECONDS - start ))s)"
+}
+
 # Waits until no partition of any topic is under-replicated: every node
 # that runs has caught up and is back in every ISR.
 kafka_wait_no_under_replicated() {
@@ -369,15 +381,23 @@ broker() {
       [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
       while [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
       log "kafka node $n killed (SIGKILL)" ;;
-    pause) [[ -n "$pid" ]] && kill -STOP "$pid"; log "kafka node $n paused (SIGSTOP)" ;;
-    resume) [[ -n "$pid" ]] && kill -CONT "$pid"; log "kafka node $n resumed (SIGCONT)" ;;
+    pause) [[ -n "$pid" ]] && kill -STOP "$pid" 2>/dev/null; log "kafka node $n paused (SIGSTOP)" ;;
+    # A node that is not running has nothing to resume.
+    resume) if [[ -n "$pid" ]] && kill -CONT "$pid" 2>/dev/null; then log "kafka node $n resumed (SIGCONT)"; fi ;;
     start)
       if pid_alive "kafka-$n"; then log "kafka node $n already runs (pid $pid)"; else
         log "starting kafka node $n"
         kafka_start_node "$n"
       fi
-      kafka_wait_whole
-      kafka_wait_no_under_replicated ;;
+      kafka_wait_in_isr "$n"
+      # With every node up, back in the cluster means every ISR whole again,
+      # and each partition led by its preferred replica, as before the stop.
+      if pid_alive kafka-1 && pid_alive kafka-2 && pid_alive kafka-3; then
+        kafka_wait_no_under_replicated
+        kafka_java org.apache.kafka.tools.LeaderElectionCommand --bootstrap-server "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094" \
+          --election-type PREFERRED --all-topic-partitions >/dev/null 2>&1 || true
+        log "kafka: preferred leaders elected"
+      fi ;;
     *) echo "usage: $0 broker stop|kill|pause|resume|start 1|2|3" >&2; exit 2 ;;
   esac
 }

@@ -41,10 +41,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         progress.abort();
         admin_handle.stop(true).await;
         pipeline.stop_arbiters(Duration::from_secs(5));
+        let read = METRICS.records.with_label_values(&["kafka", "read"]).get();
         if clean {
-            tracing::info!("stopped cleanly: every record read is durable and committed");
+            tracing::info!(read, "stopped cleanly: every record read is durable and committed");
         } else {
             tracing::warn!(
+                read,
                 in_flight = pipeline.in_flight(),
                 "stopped at the shutdown timeout; uncommitted records will be read again"
             );

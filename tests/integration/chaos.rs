@@ -23,6 +23,12 @@ use crate::outage::PrivatePostgres;
 use crate::scenario::{Scenario, Sent, Service, ids_of, invalid_events, valid_events};
 use txnflow::domain::categories::reference_category;
 
+/// The counter of records read from Kafka, as the exposition names it.
+const READ_SERIES: &str = "txnflow_records_total{outcome=\"read\",source=\"kafka\"}";
+
+/// The broker column of the local cluster's rows.
+const STACK_BROKER: &str = "Kafka 4.4, 3 nodes";
+
 /// Events (with 5% invalid) and batch rows per scenario.
 pub fn scale() -> (usize, usize) {
     match std::env::var("CHAOS_SCALE").as_deref() {
@@ -56,9 +62,10 @@ pub struct Chaos {
     started: Instant,
     /// What the table row should say beside the numbers.
     notes: Mutex<Vec<String>>,
-    /// Each service started, by admin URL, with the records its group had
-    /// committed then: it reads at least the rest.
-    committed_at_start: Mutex<BTreeMap<String, i64>>,
+    /// What the group had committed when the scenario's first service started.
+    committed_at_first_start: Mutex<Option<i64>>,
+    /// Records read by the services the scenario stopped.
+    read_by_stopped: AtomicI64,
 }
 
 /// The books at the end of a scenario: one table row.
@@ -80,7 +87,7 @@ pub struct Books {
 }
 
 impl Chaos {
-    async fn new(name: &'static str, seed: u64) -> Chaos {
+    pub async fn new(name: &'static str, seed: u64) -> Chaos {
         Chaos::on(name, seed, TestDatabase::create()).await
     }
 
@@ -90,7 +97,12 @@ impl Chaos {
 
     async fn with(name: &'static str, seed: u64, db: TestDatabase, brokers: String) -> Chaos {
         let scenario = Scenario::with(&format!("chaos-{}", slug(name)), db, brokers).await;
-        Chaos::of(name, "Kafka 4.4, 3 nodes", seed, scenario).await
+        Chaos::of(name, STACK_BROKER, seed, scenario).await
+    }
+
+    /// A scenario on the local cluster, with topics the caller made.
+    pub async fn on_stack(name: &'static str, seed: u64, scenario: Scenario) -> Chaos {
+        Chaos::of(name, STACK_BROKER, seed, scenario).await
     }
 
     /// A scenario on librdkafka's mock cluster (three brokers).
@@ -135,7 +147,8 @@ impl Chaos {
             probing: Arc::new(AtomicBool::new(true)),
             started: Instant::now(),
             notes: Mutex::default(),
-            committed_at_start: Mutex::default(),
+            committed_at_first_start: Mutex::default(),
+            read_by_stopped: AtomicI64::new(0),
         };
         chaos.start_lag_probe();
         chaos
@@ -205,22 +218,37 @@ impl Chaos {
     }
 
     pub async fn start_service(&self, extra: &[(&str, &str)]) -> Service {
-        let committed: i64 = self.scenario.try_committed_offsets().unwrap_or_default().values().sum();
-        let service = self.scenario.start_service(extra).await;
-        self.committed_at_start.lock().unwrap().insert(service.admin.clone(), committed);
-        service
+        if self.committed_at_first_start.lock().unwrap().is_none() {
+            let committed: i64 = self.scenario.try_committed_offsets().unwrap_or_default().values().sum();
+            *self.committed_at_first_start.lock().unwrap() = Some(committed);
+        }
+        self.scenario.start_service(extra).await
     }
 
-    /// The records read by the `live` services (`txnflow_records_total{outcome="read"}`),
-    /// and the least that they must have read together: what was produced,
-    /// less what the group had committed when the earliest of them started.
+    /// Stops `service` with `signal` (TERM or KILL), keeping the count of
+    /// records it read: from its last log line after a TERM, or read from
+    /// its metrics just before a KILL (what it reads after that cannot be
+    /// committed in the moment left, so another service reads it again).
+    pub async fn stop(&self, service: &mut Service, signal: &str) -> Option<std::process::ExitStatus> {
+        let before = service.metric(READ_SERIES).await as i64;
+        let status = service.signal(signal, Duration::from_secs(30));
+        let logged = std::fs::read_to_string(&service.log).unwrap_or_default().lines().rev().find_map(|line| {
+            let stopped = line.contains("stopped cleanly") || line.contains("stopped at the shutdown timeout");
+            stopped.then(|| line.split("read=").nth(1)?.split_whitespace().next()?.parse::<i64>().ok()).flatten()
+        });
+        self.read_by_stopped.fetch_add(logged.unwrap_or(before), Ordering::Relaxed);
+        status
+    }
+
+    /// The records read by the scenario's services, stopped or `live`
+    /// (`txnflow_records_total{outcome="read"}`), and the least they must
+    /// have read together: what was produced after the first one started.
     async fn records_read(&self, live: &[&Service], produced: i64) -> (i64, i64) {
-        let mut read = 0.0;
+        let mut read = self.read_by_stopped.load(Ordering::Relaxed) as f64;
         for service in live {
-            read += service.metric("txnflow_records_total{outcome=\"read\",source=\"kafka\"}").await;
+            read += service.metric(READ_SERIES).await;
         }
-        let started = self.committed_at_start.lock().unwrap();
-        let baseline = live.iter().filter_map(|s| started.get(&s.admin)).min().copied().unwrap_or(0);
+        let baseline = self.committed_at_first_start.lock().unwrap().unwrap_or(0);
         (read as i64, produced - baseline)
     }
 
@@ -455,7 +483,7 @@ async fn chaos_kill_9_and_restart() {
     chaos.post_batch(&first, "chaos-kill").await;
     let producer = chaos.produce(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    first.signal("KILL", Duration::from_secs(10));
+    chaos.stop(&mut first, "KILL").await;
     let second = chaos.start_service(&[]).await;
     let cleared = Instant::now();
     chaos.post_batch(&second, "chaos-kill").await;
@@ -474,7 +502,7 @@ async fn chaos_one_of_two_instances_lost() {
     chaos.post_batch(&survivor, "chaos-lost").await;
     let producer = chaos.produce(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    doomed.signal("KILL", Duration::from_secs(10));
+    chaos.stop(&mut doomed, "KILL").await;
     chaos.finish(producer, &survivor, "chaos-lost", &[&survivor]).await;
 }
 

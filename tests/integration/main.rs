@@ -3,6 +3,7 @@
 //! every area keeps link time down.
 
 mod batch;
+mod broker_chaos;
 mod chaos;
 mod check;
 mod cli;

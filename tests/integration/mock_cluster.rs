@@ -225,7 +225,7 @@ async fn chaos_three_instances_joining_and_leaving() {
     chaos.post_batch(&last, "mock-instances").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     for leaving in [&mut first, &mut second] {
-        let status = leaving.signal("TERM", Duration::from_secs(30));
+        let status = chaos.stop(leaving, "TERM").await;
         assert_eq!(status.and_then(|s| s.code()), Some(0), "a clean leave:\n{}", leaving.log_tail());
         tokio::time::sleep(Duration::from_secs(3)).await;
     }

@@ -82,6 +82,29 @@ impl Scenario {
         self.group.lock().unwrap().clone()
     }
 
+    /// Services started from now on join `group` instead.
+    pub fn switch_group(&self, group: String) {
+        *self.group.lock().unwrap() = group;
+    }
+
+    /// A scenario whose DLQ topic has its replicas on `dlq_replicas` only
+    /// (for example to take it below its min ISR with one broker down).
+    pub async fn with_dlq_replicas(name: &str, db: TestDatabase, dlq_replicas: &[i32]) -> Scenario {
+        let scenario = Scenario::without_topics(name, db, brokers());
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            txnflow::kafka::client_config(&kafka_config_for(&scenario.brokers)).create().unwrap();
+        let assignment = [dlq_replicas];
+        let dlq = rdkafka::admin::NewTopic::new(
+            &scenario.dlq_topic,
+            1,
+            rdkafka::admin::TopicReplication::Variable(&assignment),
+        );
+        let created = admin.create_topics([&dlq], &rdkafka::admin::AdminOptions::new()).await.unwrap();
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+        scenario.create_topics().await;
+        scenario
+    }
+
     /// Creates the scenario's input and DLQ topics (again, after a broker lost them).
     pub async fn create_topics(&self) {
         let topics = [(self.topic.as_str(), PARTITIONS), (self.dlq_topic.as_str(), 1)];
