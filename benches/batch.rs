@@ -85,6 +85,8 @@ fn timed_txnflow(args: &[&str], db: &str, env: &[(&str, String)], run_id: &str) 
         ("ml-api", vec![std::process::id()]),
         ("s3", pids_named("weed")),
         ("postgresql", pids_named("postgres")),
+        // Idle in a batch run (no Kafka involved), but on the same 2 cores.
+        ("kafka nodes", common::kafka_pids()),
     ]);
     let started = Instant::now();
     let started_at = epoch_seconds();

@@ -350,6 +350,9 @@ async fn throughput(
     let described: Vec<String> =
         used.iter().map(|(role, s)| format!("{role} {s:.1} s ({:.0}% of a core)", 100.0 * s / cpu_seconds)).collect();
     println!("  CPU over {cpu_seconds:.1} s (2 cores = 200%): {}", described.join(", "));
+    if mock.is_none() {
+        println!("  Kafka nodes' RSS, now / peak since start: {}", common::kafka_rss_line());
+    }
     let txnflow_cpu = used.iter().find(|(role, _)| *role == "txnflow").map_or(0.0, |(_, s)| *s);
     let txnflow_cpu_ms_per_1000 = 1000.0 * txnflow_cpu / (count as f64 / 1000.0);
     let postgresql_cpu_seconds = used.iter().find(|(role, _)| *role == "postgresql").map_or(0.0, |(_, s)| *s);

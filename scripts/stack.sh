@@ -164,6 +164,9 @@ ensure_kafka() {
   local stamp="$KAFKA_HOME/lib/.pom.sha256" want
   want="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
+  # The machine kind ships both; a machine without them gets Debian's.
+  command -v java >/dev/null || ensure_apt_tool /usr/bin/java openjdk-17-jre-headless "to run Kafka (Java 17)"
+  command -v mvn >/dev/null || ensure_apt_tool /usr/bin/mvn maven "to fetch Kafka's jars from Maven Central"
   command -v mvn >/dev/null || fail "mvn (Maven) is needed to fetch Kafka's jars"
   command -v java >/dev/null || fail "java (17 or later) is needed to run Kafka"
   log "fetching Apache Kafka's jars from Maven Central (mvn dependency:copy-dependencies; one time, about 55 MB)"
@@ -171,14 +174,15 @@ ensure_kafka() {
   mkdir -p "$KAFKA_HOME/lib"
   local n=0 line start=$SECONDS
   # A bash loop shows a line every 20 artifacts downloaded, so the fetch is never silent.
-  mvn -B -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
+  if ! mvn -B -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
       -DoutputDirectory="$KAFKA_HOME/lib" 2>&1 | tee "$LOGS/kafka-fetch.log" | while IFS= read -r line; do
     case "$line" in
       *Downloaded\ from*) n=$((n + 1)); if (( n % 20 == 0 )); then log "kafka fetch: $n files downloaded"; fi ;;
       *ERROR*) printf '[stack] kafka fetch: %s\n' "$line" ;;
     esac
-  done
-  [[ "${PIPESTATUS[0]}" == 0 ]] || fail "mvn dependency:copy-dependencies; see $LOGS/kafka-fetch.log"
+  done; then
+    fail "mvn dependency:copy-dependencies; see $LOGS/kafka-fetch.log"
+  fi
   ls "$KAFKA_HOME"/lib/kafka_2.13-*.jar >/dev/null 2>&1 || fail "no kafka_2.13 jar was fetched; see $LOGS/kafka-fetch.log"
   echo "$want" >"$stamp"
   log "kafka fetch: $(ls "$KAFKA_HOME/lib" | wc -l) jars in .stack/kafka/lib ($(( SECONDS - start ))s)"
@@ -189,6 +193,7 @@ ensure_kafka() {
 ensure_kafka_secrets() {
   local tls="$KAFKA_HOME/tls"
   if [[ -f "$tls/server.pem" && -f "$KAFKA_HOME/plain-password" ]]; then return 0; fi
+  ensure_apt_tool /usr/bin/openssl openssl "to make the Kafka cluster's test certificates"
   log "making the Kafka cluster's test CA, its TLS certificate and the PLAIN user's password (.stack/kafka)"
   mkdir -p "$tls"
   {

@@ -148,6 +148,32 @@ pub fn kafka_pids() -> Vec<u32> {
         .collect()
 }
 
+/// Resident memory of `pid` now and at its peak (VmRSS, VmHWM), in MB.
+pub fn rss_mb(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The Kafka nodes' resident memory, each "now / peak" in MB, for a report line.
+pub fn kafka_rss_line() -> String {
+    kafka_pids()
+        .into_iter()
+        .enumerate()
+        .map(|(i, pid)| {
+            let (now, peak) = rss_mb(pid);
+            format!("node {} {now:.0} / {peak:.0} MB", i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// CPU use of the processes of a run, by role, from a start to an end.
 pub struct CpuSample {
     roles: Vec<(&'static str, Vec<u32>, Vec<f64>)>,

@@ -259,3 +259,50 @@ async fn chaos_instances_join_and_leave_classic() {
 async fn chaos_instances_join_and_leave_consumer() {
     instances_join_and_leave("3 instances join and leave (consumer, KIP-848)", 707, "consumer").await;
 }
+
+/// The input topic deleted and created again under a running service, then
+/// a second load produced to the new topic: the service does not crash, and
+/// every record of both loads is stored, each once.
+///
+/// Known to fail (2026-12-05): the service does not crash, but the running
+/// consumer keeps its positions from the old topic and reads the new one
+/// from there, so the new log's first records (181 of 600 in one run) are
+/// never read. Detecting the new topic id needs an API rust-rdkafka does not
+/// wrap yet; see the README's chaos findings. Run it with `--run-ignored all`.
+#[tokio::test]
+#[ignore = "known gap: a topic re-created under a running service is read from the old positions"]
+async fn a_topic_deleted_and_created_again_under_a_running_service() {
+    let scenario = Scenario::new("topic-recreated").await;
+    let mut service = scenario.start_service(&[]).await;
+    let first = crate::scenario::valid_events(721, 600);
+    let ends = Scenario::end_offsets(&scenario.produce(&first).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        txnflow::kafka::client_config(&crate::helpers::kafka_config()).create().unwrap();
+    let deleted = admin.delete_topics(&[scenario.topic.as_str()], &rdkafka::admin::AdminOptions::new()).await.unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    // Created again once the deletion has gone through.
+    let mut created = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let new =
+            rdkafka::admin::NewTopic::new(&scenario.topic, PARTITIONS, rdkafka::admin::TopicReplication::Fixed(3));
+        let result = admin.create_topics([&new], &rdkafka::admin::AdminOptions::new()).await.unwrap();
+        if result.iter().all(Result::is_ok) {
+            created = true;
+            break;
+        }
+    }
+    assert!(created, "the topic is created again");
+    scenario.renew_producer();
+    let second = crate::scenario::valid_events(722, 600);
+    scenario.produce(&second).await;
+    let mut all = crate::scenario::ids_of(&first);
+    all.extend(crate::scenario::ids_of(&second));
+    let stored_all = scenario.wait_for(Duration::from_secs(90), |s| s.transaction_ids() == all).await;
+    assert!(!service.has_exited(), "the service is still running; its log:\n{}", service.log_tail());
+    crate::helpers::assert_same_set(&scenario.transaction_ids(), &all, "both loads stored");
+    assert!(stored_all);
+    assert_eq!(scenario.count("SELECT count(*) - count(DISTINCT id) FROM transactions"), 0);
+}

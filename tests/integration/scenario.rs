@@ -87,6 +87,11 @@ impl Scenario {
         *self.group.lock().unwrap() = group;
     }
 
+    /// A new producer, for a topic deleted and created again under the old one.
+    pub fn renew_producer(&self) {
+        *self.producer.lock().unwrap() = test_producer(&self.brokers);
+    }
+
     /// A scenario whose DLQ topic has its replicas on `dlq_replicas` only
     /// (for example to take it below its min ISR with one broker down).
     pub async fn with_dlq_replicas(name: &str, db: TestDatabase, dlq_replicas: &[i32]) -> Scenario {

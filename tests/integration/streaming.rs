@@ -257,3 +257,34 @@ async fn consumer_lag_is_exported_for_every_assigned_partition_from_the_start() 
     }
     assert_eq!(last.iter().map(|(_, lag)| *lag).collect::<Vec<_>>(), [0.0, 0.0, 0.0], "{last:?}");
 }
+
+/// A record delivered twice into one flush (here, each event produced
+/// twice in a row, so both copies sit in one partition and one flush): each
+/// id is sent to the ML API once and stored once with its prediction, and
+/// both copies settle as predicted; none is dead-lettered for being a repeat.
+#[tokio::test]
+async fn a_record_twice_in_one_flush_is_predicted_once_and_stored_once() {
+    let scenario = Scenario::new("repeats").await;
+    let valid = valid_events(1301, 300);
+    let doubled: Vec<(String, Vec<u8>)> = valid.iter().flat_map(|event| [event.clone(), event.clone()]).collect();
+    // One time flush holds the whole load: every pair is in it.
+    let mut service = scenario
+        .start_service(&[("TXNFLOW__BUFFER__MAX_RECORDS", "2000"), ("TXNFLOW__BUFFER__MAX_WAIT_MS", "3000")])
+        .await;
+    let ends = Scenario::end_offsets(&scenario.produce(&doubled).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&valid), "stored ids");
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 300, "each id once");
+    let predictions = scenario.predictions();
+    assert_eq!(predictions.len(), 300);
+    for (id, category) in &predictions {
+        assert_eq!(category, reference_category(*id), "{id}");
+    }
+    let metric = |outcome: &str| format!("txnflow_records_total{{outcome=\"{outcome}\",source=\"kafka\"}}");
+    assert_eq!(service.metric(&metric("read")).await, 600.0);
+    assert_eq!(service.metric(&metric("predicted")).await, 600.0, "both copies settle as predicted");
+    let asked = service.metric("txnflow_ml_api_batch_size_sum{caller=\"pipeline\"}").await;
+    assert_eq!(asked, 300.0, "each id asked of the ML API once");
+    assert!(scenario.dlq(0).is_empty(), "the DLQ is empty");
+    assert!(!service.has_exited());
+}
