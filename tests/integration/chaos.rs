@@ -263,6 +263,26 @@ impl Chaos {
         assert_eq!(response.status().as_u16(), 202, "{}", response.text().await.unwrap());
     }
 
+    /// [`Chaos::post_batch`] of a run a dead instance held: refused (409)
+    /// until the run is stale (`batch.stale_after_ms`), then resumed.
+    pub async fn post_batch_after_its_instance_died(&self, service: &Service, run_id: &str) {
+        let client = reqwest::Client::new();
+        for _ in 0..240 {
+            let response = client
+                .post(format!("{}/batches", service.admin))
+                .json(&serde_json::json!({"uri": self.batch_uri, "run_id": run_id}))
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                202 => return,
+                409 => tokio::time::sleep(Duration::from_millis(500)).await,
+                status => panic!("{}: POST /batches answered {status}: {}", self.name, response.text().await.unwrap()),
+            }
+        }
+        panic!("{}: run {run_id} was never free to resume", self.name);
+    }
+
     /// Waits for the batch run to complete on `service`; returns its report.
     pub async fn batch_done(&self, service: &Service, run_id: &str) -> serde_json::Value {
         let client = reqwest::Client::new();
@@ -474,19 +494,22 @@ async fn chaos_actor_crashes() {
 }
 
 /// `kill -9` of the instance mid-load; a new one starts at once and the
-/// batch run is started again with the same run id. The dead member holds
-/// its partitions until its session times out.
+/// batch run is started again with the same run id, once the dead
+/// instance's run is stale. The dead member holds its partitions until its
+/// session times out.
 #[tokio::test]
 async fn chaos_kill_9_and_restart() {
     let chaos = Chaos::new("kill -9, restart", 502).await;
-    let mut first = chaos.start_service(&[]).await;
+    // The killed instance's batch run is stale, and resumable, after 5 s.
+    let stale = [("TXNFLOW__BATCH__STALE_AFTER_MS", "5000")];
+    let mut first = chaos.start_service(&stale).await;
     chaos.post_batch(&first, "chaos-kill").await;
     let producer = chaos.produce(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(800)).await;
     chaos.stop(&mut first, "KILL").await;
-    let second = chaos.start_service(&[]).await;
+    let second = chaos.start_service(&stale).await;
     let cleared = Instant::now();
-    chaos.post_batch(&second, "chaos-kill").await;
+    chaos.post_batch_after_its_instance_died(&second, "chaos-kill").await;
     let report = chaos.batch_done(&second, "chaos-kill").await;
     assert_eq!(report["status"], "completed", "{report}");
     chaos.books(producer, cleared, &[&second]).await;
