@@ -135,9 +135,8 @@ impl ClientContext for ReaderContext {
         let assigned = self.assigned.lock().expect("assigned lock");
         for partition in assigned.iter() {
             let Some(partition_stats) = stats.partitions.get(partition) else { continue };
-            let committed = Some(partition_stats.committed_offset);
-            if let Some(lag) =
-                crate::domain::offsets::partition_lag(partition_stats.hi_offset, partition_stats.lo_offset, committed)
+            let (high, low) = (partition_stats.hi_offset, partition_stats.lo_offset);
+            if let Some(lag) = crate::domain::offsets::partition_lag(high, low, Some(partition_stats.committed_offset))
             {
                 METRICS.consumer_lag.with_label_values(&[topic.as_str(), &partition.to_string()]).set(lag);
             }

@@ -91,9 +91,10 @@ pub struct KafkaConfig {
 /// The librdkafka settings txnflow itself sets, which `[kafka.properties]`
 /// may not change: what it commits, to which group and brokers, how it
 /// produces, and the security settings, which have keys of their own.
-pub const MANAGED_PROPERTIES: [&str; 14] = [
+pub const MANAGED_PROPERTIES: [&str; 15] = [
     "bootstrap.servers",
     "group.id",
+    "group.protocol",
     "enable.auto.commit",
     "enable.auto.offset.store",
     "enable.idempotence",
@@ -769,6 +770,10 @@ mod tests {
         assert_eq!(error.key, "admin.listen");
         let error = load_with(&[], &[("TXNFLOW__BREAKER__FAILURE_RATE", "1.5")]).unwrap_err();
         assert_eq!(error.key, "breaker.failure_rate");
+        let error = load_with(&[], &[("TXNFLOW__KAFKA__GROUP_PROTOCOL", "cooperative")]).unwrap_err();
+        assert!(error.to_string().starts_with("configuration key `kafka.group_protocol"), "{error}");
+        let config = load_with(&[], &[("TXNFLOW__KAFKA__GROUP_PROTOCOL", "consumer")]).unwrap();
+        assert_eq!(config.kafka.group_protocol, GroupProtocol::Consumer);
     }
 
     /// A capacity under the default flush size (2,000) is refused, naming
@@ -884,6 +889,9 @@ mod tests {
         );
         let managed = load_with(&[], &[("TXNFLOW__KAFKA__PROPERTIES__ENABLE_AUTO_COMMIT", "true")]).unwrap_err();
         assert_eq!(managed.key, "kafka.properties.enable.auto.commit");
+        // The group protocol has a key of its own, kafka.group_protocol.
+        let managed = load_with(&[], &[("TXNFLOW__KAFKA__PROPERTIES__GROUP_PROTOCOL", "consumer")]).unwrap_err();
+        assert_eq!(managed.key, "kafka.properties.group.protocol");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
