@@ -299,6 +299,9 @@ async fn throughput(
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
     let ends = produce(&topic, &events, keys, setup.traceparents).await;
     println!("  partitions' ends: {ends:?}");
+    if mock.is_none() {
+        bare_read(&topic, &ends).await;
+    }
     let db = fresh_database("pipeline", false);
     let admin_port = 18391;
     let service = start_service(setup, &topic, &db, admin_port, ml_api);
@@ -370,6 +373,51 @@ async fn throughput(
     let spans_exported = spans("exported");
     let spans_dropped = spans("dropped_queue_full") + spans("dropped_export_failed");
     Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000, postgresql_cpu_seconds, spans_exported, spans_dropped }
+}
+
+/// Reads the whole topic with a bare librdkafka consumer (no group, no
+/// decoding, nothing sent on) with the reader's prefetch settings, and
+/// prints its rate (`BENCH_READ_QUEUE_KB`, `BENCH_READ_BACKOFF_MS` change
+/// the two): how fast the brokers and librdkafka alone hand over
+/// these records on this machine, the ceiling of the reading stage.
+async fn bare_read(topic: &str, ends: &BTreeMap<i32, i64>) {
+    use rdkafka::consumer::StreamConsumer;
+    let queue_kb = env_or("BENCH_READ_QUEUE_KB", 16384).to_string();
+    let backoff_ms = env_or("BENCH_READ_BACKOFF_MS", 10).to_string();
+    let consumer: StreamConsumer = txnflow::kafka::client_config_with(
+        &kafka(),
+        &[
+            ("group.id", "bench-bare-read"),
+            ("enable.auto.commit", "false"),
+            ("queued.max.messages.kbytes", queue_kb.as_str()),
+            ("fetch.queue.backoff.ms", backoff_ms.as_str()),
+        ],
+    )
+    .create()
+    .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in ends.keys() {
+        list.add_partition_offset(topic, *partition, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let total: i64 = ends.values().sum();
+    let (mut read, mut bytes) = (0i64, 0usize);
+    let mut first = None;
+    while read < total {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("the bare reader gets every record within 30 s")
+            .unwrap();
+        first.get_or_insert_with(Instant::now);
+        bytes += rdkafka::message::Message::payload(&message).map_or(0, <[u8]>::len);
+        read += 1;
+    }
+    let seconds = first.map_or(0.0, |at| at.elapsed().as_secs_f64());
+    println!(
+        "  bare librdkafka read of the topic (queued.max.messages.kbytes {queue_kb}, fetch.queue.backoff.ms {backoff_ms}): {read} records in {seconds:.1} s = {:.0} records/s, {:.1} MB/s",
+        read as f64 / seconds,
+        bytes as f64 / seconds / 1e6
+    );
 }
 
 /// Produces at `rate` events/s for `seconds`, and returns when each event's
