@@ -427,7 +427,12 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 received = consumer.recv() => match received {
                     Ok(message) => messages.push(message.detach()),
                     Err(error) => {
-                        tracing::warn!(%error, "consumer error");
+                        // librdkafka hands the same error over and over
+                        // while a broker is down: once per cause and interval.
+                        let error = error.to_string();
+                        if let Some(held) = crate::kafka::admitted(&format!("consumer error {error}")) {
+                            tracing::warn!(error, "{}", crate::kafka::with_repeats("consumer error".into(), held));
+                        }
                         continue;
                     }
                 },
@@ -436,10 +441,17 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
             }
         }
         // Take what else is already fetched, without waiting, so that one
-        // message to the Buffer carries many records.
-        while messages.len() < READ_BATCH {
+        // message to the Buffer carries many records. The records in hand
+        // are bounded in bytes too, headers included: a header is dropped
+        // after this pass, but held until then.
+        let mut in_hand: usize = messages.iter().map(message_bytes).sum();
+        while messages.len() < READ_BATCH && in_hand < READ_PASS_MAX_BYTES {
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                Ok(Ok(message)) => messages.push(message.detach()),
+                Ok(Ok(message)) => {
+                    let message = message.detach();
+                    in_hand += message_bytes(&message);
+                    messages.push(message);
+                }
                 _ => break,
             }
         }
@@ -452,7 +464,10 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
             }
             // The permit is taken once a record is in hand, so an idle reader
             // holds none.
-            let bytes = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+            // What the record keeps: its value, its key and its traceparent.
+            let bytes = message.payload().map_or(0, <[u8]>::len)
+                + message.key().map_or(0, <[u8]>::len)
+                + crate::kafka::traceparent_of(&message).map_or(0, |kept| kept.len());
             let permit = match pipeline.try_reserve(bytes) {
                 Some(permit) => permit,
                 None => {
@@ -504,7 +519,12 @@ async fn wait_paused(
             permit = &mut reserve => break permit,
             received = consumer.recv() => match received {
                 Ok(message) => carried.push_back(message.detach()),
-                Err(error) => tracing::warn!(%error, "consumer error while paused"),
+                Err(error) => {
+                    let error = error.to_string();
+                    if let Some(held) = crate::kafka::admitted(&format!("consumer error {error}")) {
+                        tracing::warn!(error, "{}", crate::kafka::with_repeats("consumer error while paused".into(), held));
+                    }
+                }
             },
         }
     };
@@ -521,6 +541,17 @@ const PAUSE_AFTER: Duration = Duration::from_secs(2);
 
 /// Records read at once, at most.
 const READ_BATCH: usize = 500;
+/// Bytes of records (headers included) read at once, at most, past the first.
+const READ_PASS_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// A record's bytes as fetched: value, key and every header.
+fn message_bytes(message: &OwnedMessage) -> usize {
+    use rdkafka::message::Headers;
+    let headers = message
+        .headers()
+        .map_or(0, |headers| headers.iter().map(|header| header.key.len() + header.value.map_or(0, <[u8]>::len)).sum());
+    message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len) + headers
+}
 
 /// The stages the reader sends to.
 #[derive(Clone)]

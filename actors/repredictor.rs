@@ -20,6 +20,10 @@ pub struct Repredictor {
     ml: Arc<MlClient>,
     /// The runs this process runs now.
     running: HashSet<String>,
+    /// Starts whose claim is in flight: each holds a place under
+    /// `max_concurrent_runs` until it runs or is refused, so starts that
+    /// arrive together cannot all pass the check.
+    claiming: usize,
 }
 
 impl Repredictor {
@@ -29,7 +33,7 @@ impl Repredictor {
         } else {
             Arc::new(repredict::client(&pipeline.config).expect("repredict.url was checked with the configuration"))
         };
-        Repredictor { pipeline, ml, running: HashSet::new() }
+        Repredictor { pipeline, ml, running: HashSet::new(), claiming: 0 }
     }
 }
 
@@ -66,34 +70,38 @@ impl Handler<StartRepredict> for Repredictor {
         if self.pipeline.is_shutting_down() {
             return Box::pin(actix::fut::ready(Err(StartRefused::ShuttingDown)));
         }
-        if self.running.len() >= max {
+        if self.running.len() + self.claiming >= max {
             return Box::pin(actix::fut::ready(Err(StartRefused::TooMany(max))));
         }
+        self.claiming += 1;
         let run_id = start.run_id.unwrap_or_else(repredict::new_run_id);
         let (url, instance) = (self.pipeline.config.db.url.clone(), self.pipeline.instance.clone());
         let claiming = {
             let run_id = run_id.clone();
             async move { repredict::claim(&url, &instance, &run_id, start.selection).await }
         };
-        Box::pin(claiming.into_actor(self).map(move |claimed, actor, ctx| match claimed? {
-            Claim::Completed(run) => Ok(Started::Completed(Box::new(run))),
-            Claim::Run(claimed) => {
-                actor.running.insert(run_id.clone());
-                let pipeline = actor.pipeline.clone();
-                let context = RunContext {
-                    ml: actor.ml.clone(),
-                    config: pipeline.config.clone(),
-                    stop: Arc::new(move || pipeline.is_shutting_down()),
-                };
-                let id = run_id.clone();
-                actix::AsyncContext::spawn(
-                    ctx,
-                    repredict::execute(claimed, context).into_actor(actor).map(move |end, actor, _ctx| {
-                        actor.running.remove(&id);
-                        tracing::info!("{}", repredict::summary(&end.run, end.seconds));
-                    }),
-                );
-                Ok(Started::Running(run_id))
+        Box::pin(claiming.into_actor(self).map(move |claimed, actor, ctx| {
+            actor.claiming -= 1;
+            match claimed? {
+                Claim::Completed(run) => Ok(Started::Completed(Box::new(run))),
+                Claim::Run(claimed) => {
+                    actor.running.insert(run_id.clone());
+                    let pipeline = actor.pipeline.clone();
+                    let context = RunContext {
+                        ml: actor.ml.clone(),
+                        config: pipeline.config.clone(),
+                        stop: Arc::new(move || pipeline.is_shutting_down()),
+                    };
+                    let id = run_id.clone();
+                    actix::AsyncContext::spawn(
+                        ctx,
+                        repredict::execute(claimed, context).into_actor(actor).map(move |end, actor, _ctx| {
+                            actor.running.remove(&id);
+                            tracing::info!("{}", repredict::summary(&end.run, end.seconds));
+                        }),
+                    );
+                    Ok(Started::Running(run_id))
+                }
             }
         }))
     }
@@ -108,6 +116,7 @@ impl Supervised for Repredictor {
         // Its runs were dropped with the old context, and their sessions
         // with them: each is resumable by POSTing it again.
         self.running.clear();
+        self.claiming = 0;
         super::supervisor::restarted("repredictor", "restarted by its supervisor");
     }
 }

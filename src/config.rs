@@ -24,8 +24,10 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// The message may quote the value refused: any password in it (a
+    /// URL's user info, a `password=` parameter) is hidden.
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), message: message.into() }
+        ConfigError { key: key.into(), message: crate::db::redact(&message.into()) }
     }
 }
 
@@ -143,6 +145,7 @@ pub struct PredictConfig {
     pub concurrency: usize,
     pub adaptive_concurrency: bool,
     pub timeout_ms: u64,
+    pub max_response_bytes: usize,
     pub max_retries: u32,
     pub retry_initial_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
@@ -480,6 +483,16 @@ impl Config {
         positive("predict.batch_size", self.predict.batch_size as u64)?;
         positive("predict.concurrency", self.predict.concurrency as u64)?;
         positive("predict.timeout_ms", self.predict.timeout_ms)?;
+        let largest_answer = crate::domain::prediction::largest_valid_answer_bytes(self.predict.batch_size);
+        if self.predict.max_response_bytes < largest_answer {
+            return Err(ConfigError::new(
+                "predict.max_response_bytes",
+                format!(
+                    "must be at least {largest_answer}, the largest valid answer to predict.batch_size ({}) items",
+                    self.predict.batch_size
+                ),
+            ));
+        }
         positive("predict.retry_initial_backoff_ms", self.predict.retry_initial_backoff_ms)?;
         positive("predict.backfill_interval_ms", self.predict.backfill_interval_ms)?;
         non_empty("predict.default_model_version", &self.predict.default_model_version)?;
@@ -774,6 +787,31 @@ mod tests {
         assert!(error.to_string().starts_with("configuration key `kafka.group_protocol"), "{error}");
         let config = load_with(&[], &[("TXNFLOW__KAFKA__GROUP_PROTOCOL", "consumer")]).unwrap();
         assert_eq!(config.kafka.group_protocol, GroupProtocol::Consumer);
+    }
+
+    /// A refused value is quoted with its password hidden.
+    #[test]
+    fn a_refused_url_is_quoted_without_its_password() {
+        let error = load_with(&[], &[("TXNFLOW__TRACING__OTLP_ENDPOINT", "grpc://u:s3cret@c:4317")]).unwrap_err();
+        assert_eq!(error.key, "tracing.otlp_endpoint");
+        let said = error.to_string();
+        assert!(said.contains("grpc://u:***@c:4317") && !said.contains("s3cret"), "{said}");
+    }
+
+    /// An answer bound below the largest valid answer to a batch is
+    /// refused, naming the key and the size it must reach.
+    #[test]
+    fn an_answer_bound_below_a_valid_answer_is_refused() {
+        let error = load_with(&[], &[("TXNFLOW__PREDICT__BATCH_SIZE", "1000")]).unwrap_err();
+        assert_eq!(error.key, "predict.max_response_bytes");
+        assert!(error.to_string().contains("at least 1100002"), "{error}");
+        let config = load_with(
+            &[],
+            &[("TXNFLOW__PREDICT__BATCH_SIZE", "1000"), ("TXNFLOW__PREDICT__MAX_RESPONSE_BYTES", "1100002")],
+        )
+        .unwrap();
+        assert_eq!(config.predict.max_response_bytes, 1_100_002);
+        assert_eq!(load_with(&[], &[]).unwrap().predict.max_response_bytes, 1_048_576);
     }
 
     /// A capacity under the default flush size (2,000) is refused, naming

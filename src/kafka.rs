@@ -102,7 +102,14 @@ pub fn last_client_error(within: Duration) -> Option<String> {
 /// librdkafka's log line, at the matching level.
 pub fn log_from_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
     use rdkafka::config::RDKafkaLogLevel as Level;
-    let message = crate::db::redact(message);
+    // Debug lines are asked for (`debug=`): every one is said.
+    let held = if matches!(level, Level::Debug) {
+        Some(0)
+    } else {
+        admitted(&crate::domain::repeats::cause_of(facility, message))
+    };
+    let Some(held) = held else { return };
+    let message = with_repeats(crate::db::redact(message), held);
     match level {
         Level::Emerg | Level::Alert | Level::Critical | Level::Error => {
             tracing::error!(target: "librdkafka", facility, "{message}")
@@ -113,13 +120,48 @@ pub fn log_from_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &s
     }
 }
 
+/// librdkafka's lines said so far, by cause: a client retrying a broker
+/// that is down says so once per cause and interval, not many times a second.
+static REPEATS: std::sync::Mutex<Option<crate::domain::repeats::Repeats>> = std::sync::Mutex::new(None);
+
+/// Whether a line of `cause` is said now, with the count held back before it.
+pub(crate) fn admitted(cause: &str) -> Option<u64> {
+    let mut repeats = REPEATS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    repeats.get_or_insert_with(Default::default).admit(cause, std::time::Instant::now())
+}
+
+pub(crate) fn with_repeats(message: String, held: u64) -> String {
+    if held == 0 {
+        return message;
+    }
+    let seconds = crate::domain::repeats::REPEAT_INTERVAL.as_secs();
+    format!("{message} ({held} more like it held back, at most one a {seconds} s)")
+}
+
 /// A client error from librdkafka: logged, and kept for `/ready`.
 pub fn error_from_librdkafka(error: &rdkafka::error::KafkaError, reason: &str) {
     let reason = crate::db::redact(reason);
-    tracing::error!(target: "librdkafka", %error, "{reason}");
+    let summary = error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown);
+    if let Some(held) = admitted(&crate::domain::repeats::cause_of(&error.to_string(), &reason)) {
+        if summary {
+            tracing::error!(
+                target: "librdkafka",
+                %error,
+                "{}",
+                with_repeats(
+                    format!(
+                        "no broker of kafka.brokers answers ({reason}): check that the brokers run and that \
+                         kafka.brokers and kafka.security_protocol name them; librdkafka keeps trying"
+                    ),
+                    held
+                )
+            );
+        } else {
+            tracing::error!(target: "librdkafka", %error, "{}", with_repeats(reason.clone(), held));
+        }
+    }
     let mut last = LAST_ERROR.lock().expect("last error lock");
     // "All brokers are down" follows the error that says why: keep that one.
-    let summary = error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown);
     if !(summary && last.as_ref().is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(30))) {
         *last = Some((std::time::Instant::now(), reason));
     }

@@ -85,11 +85,15 @@ enum ModelsCommand {
     Promote { version: String },
 }
 
+/// The oldest cut `archive predictions --older-than` takes, in days.
+const MAX_ARCHIVE_DAYS: i64 = 36_500;
+
 #[derive(Subcommand)]
 enum ArchiveCommand {
     /// Move prediction_history rows older than DAYS, except current predictions, to prediction_history_archive.
     Predictions {
-        #[arg(long, value_name = "DAYS")]
+        /// At most 36,500 (100 years).
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(0..=MAX_ARCHIVE_DAYS))]
         older_than: u32,
     },
 }

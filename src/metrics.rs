@@ -8,6 +8,8 @@ use std::sync::LazyLock;
 
 pub struct Metrics {
     pub registry: Registry,
+    /// The model versions named in `txnflow_predictions_total`, bounded.
+    version_labels: std::sync::Mutex<crate::domain::version_labels::VersionLabels>,
     /// Records by source (`kafka` | `file`) and outcome (`written`,
     /// `predicted`, `dead_lettered`, `invalid`).
     pub records: IntCounterVec,
@@ -67,6 +69,7 @@ impl Metrics {
         let registry = Registry::new();
         let r = &registry;
         Metrics {
+            version_labels: Default::default(),
             records: register(
                 r,
                 IntCounterVec::new(
@@ -227,12 +230,15 @@ impl Metrics {
         self
     }
 
-    /// Counts stored predictions by model version, as `kind`.
+    /// Counts stored predictions by model version, as `kind`: the first
+    /// 10 versions by name, any other as `other`.
     pub fn count_predictions<'a>(&self, versions: impl IntoIterator<Item = &'a str>, kind: &str) {
         let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        let mut labels = self.version_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for version in versions {
-            *counts.entry(version).or_default() += 1;
+            *counts.entry(labels.label(version)).or_default() += 1;
         }
+        drop(labels);
         for (version, count) in counts {
             self.predictions.with_label_values(&[version, kind]).inc_by(count);
         }

@@ -40,6 +40,8 @@ pub struct Faults {
     /// The status of a request holding a poison record: 422 (the seed
     /// server's validation error), or e.g. 500 or 401 to test those paths.
     pub marker_status: u16,
+    /// The body of that answer, as text (empty: a JSON `detail`).
+    pub marker_body: String,
     /// Share of ids refused (422) on every request, chosen by id, so the
     /// same ids are refused every time ([`refuses`]).
     pub refuse_rate: f64,
@@ -52,6 +54,9 @@ pub struct Faults {
     /// Another model: the category index becomes `(hash(id) + shift) mod 15`
     /// ([`shifted_category`]); 0 is the seed's answer.
     pub shift: u64,
+    /// Answer every request 200 with a body that never ends: a hostile
+    /// server, for the client's bound on answers.
+    pub endless_body: bool,
 }
 
 impl Default for Faults {
@@ -64,10 +69,12 @@ impl Default for Faults {
             extended: false,
             poison_marker: String::new(),
             marker_status: 422,
+            marker_body: String::new(),
             refuse_rate: 0.0,
             model_version: String::new(),
             max_concurrent: 0,
             shift: 0,
+            endless_body: false,
         }
     }
 }
@@ -116,10 +123,12 @@ struct FaultsUpdate {
     extended: Option<bool>,
     poison_marker: Option<String>,
     marker_status: Option<u16>,
+    marker_body: Option<String>,
     refuse_rate: Option<f64>,
     model_version: Option<String>,
     max_concurrent: Option<u32>,
     shift: Option<u64>,
+    endless_body: Option<bool>,
 }
 
 type SharedFaults = Arc<RwLock<Faults>>;
@@ -220,6 +229,14 @@ async fn answer(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web:
     if faults.latency_ms > 0 {
         actix_rt::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
+    if faults.endless_body {
+        // Spaces after an opening bracket: valid JSON so far, never ending.
+        let opening = futures_util::stream::once(async { Ok::<_, actix_web::Error>(web::Bytes::from_static(b"[")) });
+        let filler = futures_util::stream::repeat_with(|| Ok(web::Bytes::from_static(&[b' '; 64 * 1024])));
+        return HttpResponse::Ok()
+            .content_type("application/json")
+            .streaming(futures_util::StreamExt::chain(opening, filler));
+    }
     let mut rng = rand::rng();
     if rng.random_bool(faults.error_rate) {
         return HttpResponse::InternalServerError().json(serde_json::json!({"detail": "injected fault: error_rate"}));
@@ -262,6 +279,9 @@ async fn answer(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web:
     if poisoned && faults.marker_status != 422 {
         let status = actix_web::http::StatusCode::from_u16(faults.marker_status)
             .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+        if !faults.marker_body.is_empty() {
+            return HttpResponse::build(status).content_type("text/plain").body(faults.marker_body.clone());
+        }
         return HttpResponse::build(status).json(serde_json::json!({"detail": "injected fault: poison marker"}));
     }
     if !errors.is_empty() {
@@ -313,10 +333,12 @@ async fn set_faults(
         extended: update.extended.unwrap_or(current.extended),
         poison_marker: update.poison_marker.clone().unwrap_or_else(|| current.poison_marker.clone()),
         marker_status: update.marker_status.unwrap_or(current.marker_status),
+        marker_body: update.marker_body.clone().unwrap_or_else(|| current.marker_body.clone()),
         refuse_rate: update.refuse_rate.unwrap_or(current.refuse_rate),
         model_version: update.model_version.clone().unwrap_or_else(|| current.model_version.clone()),
         max_concurrent: update.max_concurrent.unwrap_or(current.max_concurrent),
         shift: update.shift.unwrap_or(current.shift),
+        endless_body: update.endless_body.unwrap_or(current.endless_body),
     };
     if let Err(message) = next.check() {
         return HttpResponse::UnprocessableEntity().json(serde_json::json!({ "detail": message }));

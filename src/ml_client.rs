@@ -318,10 +318,11 @@ impl MlClient {
                 Attempted::Rejected { .. } => {
                     let mut items = items;
                     let second = items.split_off(items.len() / 2);
-                    let (left, right) = tokio::join!(
-                        self.predict_chunk(items, caller, Isolating::Yes),
-                        self.predict_chunk(second, caller, Isolating::Yes)
-                    );
+                    // One half after the other: a split holds the one request
+                    // its batch had, so a caller's share of the slots (a
+                    // re-prediction's `repredict.max_share`) holds across splits.
+                    let left = self.predict_chunk(items, caller, Isolating::Yes).await;
+                    let right = self.predict_chunk(second, caller, Isolating::Yes).await;
                     let mut both = left;
                     both.merge(right);
                     both
@@ -360,10 +361,9 @@ impl MlClient {
     ) -> BoxFuture<'a, Predicted> {
         Box::pin(async move {
             let second = items.split_off(items.len() / 2);
-            let (left, right) = tokio::join!(
-                self.call_with_retries(&items, caller, Isolating::Yes),
-                self.call_with_retries(&second, caller, Isolating::Yes)
-            );
+            // One half after the other, as for a refused batch.
+            let left = self.call_with_retries(&items, caller, Isolating::Yes).await;
+            let right = self.call_with_retries(&second, caller, Isolating::Yes).await;
             let fails = |attempted: &Attempted| matches!(attempted, Attempted::GaveUp { server_error: true, .. });
             let mut all = Predicted::default();
             if fails(&left) && fails(&right) {
@@ -456,7 +456,8 @@ impl MlClient {
                     METRICS.ml_api_config_errors.with_label_values(&[&status.to_string()]).inc();
                     tracing::error!(
                         status,
-                        url = self.url,
+                        // Without user info or query: the URL may hold a secret.
+                        url = self.traced_url.0,
                         "the ML API refuses txnflow: check predict.url and its credentials; \
                          records are stored without predictions until it is fixed"
                     );
@@ -504,27 +505,38 @@ impl MlClient {
         let result = request.body(body).send().await;
         let mut answered = None;
         let outcome = match result {
-            Err(error) => Err(CallError::Retriable(format!("request failed: {error}"))),
+            // reqwest's error quotes the URL whole, user info included.
+            Err(error) => Err(CallError::Retriable(format!("request failed: {}", error.without_url()))),
             Ok(response) => {
                 let status = response.status().as_u16();
                 answered = Some(status);
-                match (classify_status(status), response.bytes().await) {
-                    (StatusClass::Success, Ok(bytes)) => Ok(bytes.to_vec()),
+                let class = classify_status(status);
+                // An error answer is only ever quoted: its first KiB is enough.
+                let bound = match class {
+                    StatusClass::Success => self.config.max_response_bytes,
+                    _ => ERROR_BODY_MAX_BYTES,
+                };
+                match (class, read_bounded(response, bound).await) {
+                    (StatusClass::Success, Ok(Body::Whole(bytes))) => Ok(bytes),
+                    (StatusClass::Success, Ok(Body::Cut(_))) => Err(CallError::Retriable(format!(
+                        "an answer over predict.max_response_bytes ({} bytes); the rest was not read",
+                        self.config.max_response_bytes
+                    ))),
                     (StatusClass::Success, Err(error)) => {
-                        Err(CallError::Retriable(format!("reading the answer: {error}")))
+                        Err(CallError::Retriable(format!("reading the answer: {}", error.without_url())))
                     }
                     (StatusClass::Retriable, body) if status >= 500 => Err(CallError::ServerError {
                         status,
-                        body: truncate(&String::from_utf8_lossy(&body.unwrap_or_default()), 200),
+                        body: truncate(&String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()), 200),
                     }),
                     (StatusClass::Retriable, body) => Err(CallError::Retriable(format!(
                         "status {status}: {}",
-                        truncate(&String::from_utf8_lossy(&body.unwrap_or_default()), 200)
+                        truncate(&String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()), 200)
                     ))),
                     (StatusClass::Misconfigured, _) => Err(CallError::Misconfigured { status }),
                     (StatusClass::Rejected, body) => Err(CallError::Rejected {
                         status,
-                        body: String::from_utf8_lossy(&body.unwrap_or_default()).into_owned(),
+                        body: String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()).into_owned(),
                     }),
                 }
             }
@@ -551,6 +563,39 @@ impl Predicted {
 
 fn prediction_failed(message: String, attempts: u32) -> Failure {
     Failure { error_type: ErrorType::PredictionFailed, stage: Stage::Predict, message, attempts }
+}
+
+/// The most bytes of an error answer (4xx, 5xx) read: it is only quoted.
+const ERROR_BODY_MAX_BYTES: usize = 1024;
+
+/// An answer's body, read up to a bound.
+enum Body {
+    Whole(Vec<u8>),
+    /// The first `bound` bytes of a longer body; the rest was never read.
+    Cut(Vec<u8>),
+}
+
+impl Body {
+    fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Body::Whole(bytes) | Body::Cut(bytes) => bytes,
+        }
+    }
+}
+
+/// Reads at most `bound` bytes of the body, chunk by chunk, so that an
+/// answer that never ends costs at most the bound (and one chunk).
+async fn read_bounded(mut response: reqwest::Response, bound: usize) -> Result<Body, reqwest::Error> {
+    let mut body = Vec::with_capacity(response.content_length().map_or(0, |n| n.min(bound as u64) as usize));
+    while let Some(chunk) = response.chunk().await? {
+        let room = bound - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(Body::Cut(body));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Body::Whole(body))
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {

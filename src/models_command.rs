@@ -143,7 +143,9 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
 pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut connection = connect(config)?;
-    let cut = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
+    let cut = chrono::Duration::try_days(i64::from(days))
+        .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+        .ok_or_else(|| anyhow::anyhow!("--older-than {days}: too far back"))?;
     let span = history::span_before(&mut connection, cut).map_err(database)?;
     eprintln!("archiving history rows older than {days} days (before {}): {} rows", cut.to_rfc3339(), span.rows);
     let (mut examined, mut moved) = (0u64, 0u64);

@@ -55,9 +55,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// Applies migrations, waiting for PostgreSQL if it is not up yet.
+/// Applies migrations, waiting for PostgreSQL if it is not up yet, with
+/// a line a minute that says since when. A refusal that waiting will not
+/// change (a wrong password, an unknown database) ends the command,
+/// naming the key to fix.
 pub(crate) async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()> {
-    let mut warned = false;
+    let since = Instant::now();
+    let mut warned: Option<Instant> = None;
     loop {
         let url = config.db.url.clone();
         let result =
@@ -70,9 +74,13 @@ pub(crate) async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()
                 return Ok(());
             }
             Err(error) if error.to_string().contains("cannot connect") => {
-                if !warned {
-                    tracing::warn!(%error, "waiting for PostgreSQL");
-                    warned = true;
+                if let Some(fix) = db::refusal_that_will_not_heal(&error.to_string()) {
+                    anyhow::bail!("{error}. Waiting will not change this: check {fix}");
+                }
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    let waited = since.elapsed().as_secs();
+                    tracing::warn!(%error, waited_seconds = waited, "waiting for PostgreSQL (db.url) to answer");
+                    warned = Some(Instant::now());
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -254,7 +254,7 @@ impl RunRegistry {
     pub fn finish(&self, run_id: &str, error: Option<String>) {
         if let Some(run) = self.lock().get_mut(run_id) {
             run.status = if error.is_some() { RunStatus::Failed } else { RunStatus::Completed };
-            run.error = error;
+            run.error = error.as_deref().map(crate::domain::dead_letter::sanitized_reason);
             run.elapsed = Some(run.started.elapsed().as_secs_f64());
         }
         self.changed.notify_waiters();

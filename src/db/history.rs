@@ -37,12 +37,21 @@ pub fn lock_promotions(connection: &mut PgConnection) -> Result<bool, WriteError
     Ok(row.flag)
 }
 
-/// Whether some session runs the run now (its lock is held). Takes and
-/// gives back the lock when it is free, in one statement.
+/// Whether some session runs the run now (its lock is held), read from
+/// `pg_locks` without taking the lock: a status read must never make a
+/// resume, or a run reconnecting after a blip, find its lock taken. A
+/// one-`bigint` advisory lock shows as its high and low 32 bits in
+/// `classid` and `objid`, with `objsubid` 1.
 pub fn run_is_held(connection: &mut PgConnection, run_id: &str) -> Result<bool, WriteError> {
     let row: Flag = diesel::sql_query(format!(
-        "SELECT CASE WHEN pg_try_advisory_lock({RUN_LOCK_KEY}) THEN NOT pg_advisory_unlock({RUN_LOCK_KEY})
-                ELSE true END AS flag"
+        "WITH lock AS (SELECT {RUN_LOCK_KEY} AS key)
+         SELECT EXISTS (
+             SELECT 1 FROM pg_locks, lock
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND classid::bigint = (lock.key >> 32) & 4294967295
+               AND objid::bigint = lock.key & 4294967295
+         ) AS flag"
     ))
     .bind::<Text, _>(run_id)
     .get_result(connection)?;
@@ -236,7 +245,8 @@ pub fn write_chunk(
     let versions: Vec<&str> = predictions.iter().map(|p| p.model_version.as_str()).collect();
     let last_version = versions.last().map(|v| v.to_string());
     let failed_ids: Vec<Uuid> = failures.iter().map(|(id, _)| *id).collect();
-    let reasons: Vec<&str> = failures.iter().map(|(_, reason)| reason.as_str()).collect();
+    let reasons: Vec<String> =
+        failures.iter().map(|(_, reason)| crate::domain::dead_letter::sanitized_reason(reason)).collect();
     connection.transaction::<(u64, u64), WriteError, _>(|tx| {
         let written: Written = diesel::sql_query(
             "WITH predicted AS (
@@ -290,7 +300,7 @@ pub fn finish_run(
          WHERE run_id = $1 RETURNING {RUN_COLUMNS}"
     ))
     .bind::<Text, _>(run_id)
-    .bind::<Nullable<Text>, _>(error)
+    .bind::<Nullable<Text>, _>(error.map(crate::domain::dead_letter::sanitized_reason))
     .get_result(connection)?)
 }
 

@@ -65,6 +65,27 @@ pub fn connect(url: &str) -> anyhow::Result<PgConnection> {
         .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {}: {}", redact(url), redact(&e.to_string())))
 }
 
+/// What to fix when PostgreSQL refused a connection for a reason that
+/// waiting will not change (libpq's message: a wrong password, no
+/// `pg_hba.conf` entry, an unknown role or database, no right to
+/// connect); `None` for an outage, which may heal.
+pub fn refusal_that_will_not_heal(message: &str) -> Option<&'static str> {
+    const REFUSALS: [(&str, &str); 6] = [
+        ("password authentication failed", "the user and password of db.url"),
+        ("no pg_hba.conf entry", "db.url's user and host, or the server's pg_hba.conf"),
+        ("role \"", "the user of db.url"),
+        ("database \"", "the database name of db.url"),
+        ("permission denied for database", "the user of db.url, or its CONNECT right"),
+        ("authentication failed", "the user and password of db.url"),
+    ];
+    let refused = |(text, fix): &(&str, &'static str)| {
+        let found = message.contains(text);
+        let about_existence = text.ends_with('"');
+        (found && (!about_existence || message.contains("does not exist"))).then_some(*fix)
+    };
+    REFUSALS.iter().find_map(refused)
+}
+
 /// Builds the pool. It does not fail when the database is down: connections
 /// are made on demand, so the service can start and wait for PostgreSQL.
 pub fn pool(config: &DbConfig) -> PgPool {
@@ -170,6 +191,18 @@ pub fn short_reason(error: impl std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::redact;
+
+    #[test]
+    fn refusals_that_will_not_heal_name_what_to_fix() {
+        use super::refusal_that_will_not_heal as refusal;
+        let password = "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  password authentication failed for user \"txnflow\"";
+        assert_eq!(refusal(password), Some("the user and password of db.url"));
+        assert_eq!(refusal("FATAL:  database \"nope\" does not exist"), Some("the database name of db.url"));
+        assert_eq!(refusal("FATAL:  role \"nobody\" does not exist"), Some("the user of db.url"));
+        let outage = "connection to server at \"127.0.0.1\", port 5432 failed: Connection refused";
+        assert_eq!(refusal(outage), None, "an outage may heal");
+        assert_eq!(refusal("FATAL:  the database system is starting up"), None);
+    }
 
     #[test]
     fn passwords_are_redacted() {
@@ -631,7 +664,7 @@ pub fn record_backfill_failures(
     use diesel::sql_types::{Array, Integer, Text, Uuid as SqlUuid};
     let ids: Vec<uuid::Uuid> = failed.iter().map(|(id, _)| *id).collect();
     let reasons: Vec<String> =
-        failed.iter().map(|(_, reason)| crate::domain::dead_letter::capped(reason, 1024)).collect();
+        failed.iter().map(|(_, reason)| crate::domain::dead_letter::sanitized_reason(reason)).collect();
     connection.transaction::<usize, WriteError, _>(|tx| {
         let refused: Vec<RefusedNow> = diesel::sql_query(
             "UPDATE prediction_backlog b

@@ -75,6 +75,23 @@ pub fn capped(message: &str, max: usize) -> String {
     format!("{}…", &message[..end])
 }
 
+/// A failure reason as it is stored or sent, wherever it came from (an
+/// ML API's error body, a database or broker error): line breaks and
+/// tabs become spaces, every other control character (NUL included,
+/// which PostgreSQL text cannot hold) is removed, and the text is capped
+/// at [`ERROR_MESSAGE_MAX_BYTES`].
+pub fn sanitized_reason(message: &str) -> String {
+    let cleaned: String = message
+        .chars()
+        .filter_map(|c| match c {
+            '\n' | '\r' | '\t' => Some(' '),
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect();
+    capped(&cleaned, ERROR_MESSAGE_MAX_BYTES)
+}
+
 /// The headers of a DLQ record, in the order the README documents them;
 /// the record's `traceparent` last, when it came with one.
 pub fn dlq_headers(
@@ -87,7 +104,7 @@ pub fn dlq_headers(
 ) -> Vec<(&'static str, String)> {
     let mut headers = vec![
         ("error_type", failure.error_type.as_str().to_string()),
-        ("error_message", capped(&failure.message, ERROR_MESSAGE_MAX_BYTES)),
+        ("error_message", sanitized_reason(&failure.message)),
         ("stage", failure.stage.as_str().to_string()),
         ("failed_at", failed_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
         ("attempts", failure.attempts.to_string()),
@@ -117,6 +134,10 @@ mod tests {
     #[test]
     fn error_messages_are_capped_on_a_character_boundary() {
         assert_eq!(capped("short", 1024), "short");
+        assert_eq!(sanitized_reason("bad\0 body\n\tnext\u{7f}\u{1b}[31m"), "bad body  next[31m");
+        let long = "é\0".repeat(2_000);
+        let cut = sanitized_reason(&long);
+        assert!(cut.len() <= ERROR_MESSAGE_MAX_BYTES && cut.ends_with('…') && !cut.contains('\0'), "{}", cut.len());
         let long = "é".repeat(2000);
         let cut = capped(&long, ERROR_MESSAGE_MAX_BYTES);
         assert!(cut.len() <= ERROR_MESSAGE_MAX_BYTES && cut.ends_with('…'), "{}", cut.len());

@@ -85,6 +85,17 @@ pub struct CheckedAnswer {
 /// The longest model version stored (the `predictions.model_version` column).
 pub const MODEL_VERSION_MAX_CHARS: usize = 50;
 
+/// The most bytes one valid answer item can take: a 36-character id, a
+/// 100-character category and a 50-character version, every character
+/// escaped as `\uXXXX` (6 bytes), a confidence written out in full, the
+/// keys and the punctuation.
+pub const LARGEST_ANSWER_ITEM_BYTES: usize = 1_100;
+
+/// The most bytes a valid answer to `batch_size` items can take.
+pub fn largest_valid_answer_bytes(batch_size: usize) -> usize {
+    batch_size.saturating_mul(LARGEST_ANSWER_ITEM_BYTES).saturating_add(2)
+}
+
 /// What the checks need besides the answer.
 pub struct AnswerRules<'a> {
     pub categories: &'a HashSet<String>,

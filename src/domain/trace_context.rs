@@ -10,10 +10,23 @@ pub const TRACEPARENT: &str = "traceparent";
 /// refused; a later version may carry more fields after a `-`. Anything
 /// else is dropped, as the specification asks, and the record goes on
 /// without one.
+///
+/// What is kept is at most [`TRACEPARENT_BYTES`]: a later version's extra
+/// fields are dropped (the specification reads only the first four), so
+/// a header of any size costs the record 55 bytes.
 pub fn valid_traceparent(value: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(value).ok()?;
-    well_formed(text).then(|| text.to_string())
+    // Only the first 55 bytes are read; a longer value must go on with a `-`.
+    let text = std::str::from_utf8(value.get(..TRACEPARENT_BYTES.min(value.len()))?).ok()?;
+    let rest_ok =
+        value.len() == TRACEPARENT_BYTES || (value.len() > TRACEPARENT_BYTES && value[TRACEPARENT_BYTES] == b'-');
+    let version_00 = text.starts_with("00-");
+    let kept = rest_ok && well_formed(text) && !(version_00 && value.len() != TRACEPARENT_BYTES);
+    kept.then(|| text.to_string())
 }
+
+/// The bytes of a `traceparent` txnflow keeps: version, trace id, parent
+/// id and flags, with their dashes.
+pub const TRACEPARENT_BYTES: usize = 55;
 
 /// Whether `text` is a `traceparent` that [`valid_traceparent`] keeps.
 fn well_formed(text: &str) -> bool {
@@ -98,7 +111,13 @@ mod tests {
     fn a_well_formed_traceparent_is_kept_as_it_came() {
         assert_eq!(valid_traceparent(VALID.as_bytes()).as_deref(), Some(VALID));
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra";
-        assert_eq!(valid_traceparent(later.as_bytes()).as_deref(), Some(later));
+        assert_eq!(valid_traceparent(later.as_bytes()).as_deref(), Some(&later[..55]), "its first four fields");
+        let huge = format!("{}-{}", &later[..55], "x".repeat(900_000));
+        assert_eq!(valid_traceparent(huge.as_bytes()).as_deref(), Some(&later[..55]), "55 bytes of 900 KB");
+        let glued = format!("{}x", &later[..55]);
+        assert_eq!(valid_traceparent(glued.as_bytes()), None, "a later field must follow a dash");
+        let long_00 = format!("{VALID}-extra");
+        assert_eq!(valid_traceparent(long_00.as_bytes()), None, "version 00 has exactly four fields");
     }
 
     #[test]

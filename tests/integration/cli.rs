@@ -9,6 +9,90 @@ fn a_bad_environment_value_exits_2_naming_the_key() {
     assert!(stderr(&output).contains("buffer.max_records"), "{}", stderr(&output));
 }
 
+/// An age past the bound is refused before anything runs, naming the
+/// flag and its range, never a panic.
+#[test]
+fn an_archive_age_out_of_range_exits_2_naming_the_flag() {
+    let output = run(txnflow().args(["archive", "predictions", "--older-than", "100000000"]));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("--older-than") && message.contains("0..=36500"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+/// A database refusal that waiting will not change ends `txnflow run` and
+/// `txnflow batch` with exit 1 and the key to fix, instead of waiting
+/// forever; the password is never repeated.
+#[test]
+fn a_wrong_database_password_or_name_ends_run_and_batch_naming_db_url() {
+    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed-data/transactions_fr.csv");
+    let wrong_password = "postgres://txnflow:wrong-s3cret@127.0.0.1:5432/txnflow";
+    let unknown_database = "postgres://txnflow:txnflow@127.0.0.1:5432/no_such_database_here";
+    let cases = [
+        (vec!["run"], wrong_password, "check the user and password of db.url"),
+        (vec!["batch", seed.to_str().unwrap()], wrong_password, "check the user and password of db.url"),
+        (vec!["run"], unknown_database, "check the database name of db.url"),
+    ];
+    for (args, url, fix) in cases {
+        let mut child = txnflow()
+            .args(&args)
+            .env("TXNFLOW__DB__URL", url)
+            .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{}", crate::helpers::free_port()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("txnflow {args:?} still waits after 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let output = child.wait_with_output().unwrap();
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {message}");
+        assert!(message.contains(fix) && message.contains("Waiting will not change this"), "{args:?}: {message}");
+        assert!(!message.contains("wrong-s3cret"), "{args:?}: the password is never repeated: {message}");
+    }
+}
+
+/// No broker answers: librdkafka's retries are folded into one line per
+/// cause and interval (30 s), and one line says what to check. Over 25 s
+/// (the topics' creation gives up after 15), no line is said twice, and
+/// that line is said once.
+#[test]
+fn brokers_that_are_down_are_said_once_per_cause_with_what_to_check() {
+    let database = crate::helpers::TestDatabase::create();
+    let log = std::env::temp_dir().join(format!("txnflow-down-{}.log", uuid::Uuid::new_v4().simple()));
+    let mut child = txnflow()
+        .arg("run")
+        .env("TXNFLOW__KAFKA__BROKERS", "127.0.0.1:1")
+        .env("TXNFLOW__DB__URL", &database.url)
+        .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{}", crate::helpers::free_port()))
+        .env("TXNFLOW__SHUTDOWN_TIMEOUT_MS", "5000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(25));
+    let _ = std::process::Command::new("kill").args(["-KILL", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let lines: Vec<&str> = text.lines().collect();
+    let actionable = lines.iter().filter(|line| line.contains("no broker of kafka.brokers answers")).count();
+    assert_eq!(actionable, 1, "one line says what to check:\n{text}");
+    let mut causes = std::collections::BTreeMap::<String, usize>::new();
+    for line in &lines {
+        *causes.entry(line.chars().filter(|c| !c.is_ascii_digit()).collect()).or_default() += 1;
+    }
+    let repeated: Vec<_> = causes.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "each line once in 25 s: {repeated:#?}");
+    eprintln!("brokers down for 25 s: {} lines, all different", lines.len());
+}
+
 #[test]
 fn an_unknown_environment_key_exits_2_naming_it() {
     let output = run(txnflow().arg("migrate").env("TXNFLOW__KAFKA__BROKER", "x:1"));

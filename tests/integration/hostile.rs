@@ -344,16 +344,54 @@ async fn two_replicas_backfill_each_transaction_once() {
     );
 }
 
+/// A later version's `traceparent` of 900 KB on each of 200 small
+/// records and on one invalid record, tracing off: each keeps the
+/// header's first 55 bytes (the four fields this version reads), its DLQ
+/// copy too, every record is stored or dead-lettered, each is read once,
+/// and the service's peak RSS stays under 150 MB.
+#[tokio::test]
+async fn a_900_kb_traceparent_costs_a_record_55_bytes() {
+    let scenario = Scenario::new("hostile-traceparent").await;
+    let mut service = scenario.start_service(&[]).await;
+    let good = valid_events(1121, 200);
+    let bad = event_with(4, |e| e["amount"] = json!("lots"));
+    let mut events = good.clone();
+    events.insert(100, bad.clone());
+    let fields = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let huge = format!("{fields}-{}", "x".repeat(900_000));
+    let headers = vec![vec![("traceparent", huge)]; events.len()];
+    let sent = scenario.produce_with_headers(&events, &headers).await;
+    assert_healthy(&scenario, &mut service, &sent).await;
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&good), "stored ids");
+    let dlq = scenario.dlq(1);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!((dlq[0].key.as_str(), header(&dlq[0], "error_type")), (bad.0.as_str(), "invalid"));
+    assert_eq!(header(&dlq[0], "traceparent"), fields, "the DLQ copy keeps the 55 bytes");
+    let read = service.metric("txnflow_records_total{outcome=\"read\",source=\"kafka\"}").await;
+    assert_eq!(read, 201.0, "each record read once");
+    let rss = service.peak_rss_mb();
+    eprintln!(
+        "hostile | 900 KB traceparent (a later version) on 201 records | stored 200, invalid 1 (DLQ, traceparent 55 bytes) | peak RSS {rss:.1} MB"
+    );
+    assert!(rss < 150.0, "peak RSS {rss:.1} MB");
+}
+
 /// Case 10: the API answers 401. That is txnflow's configuration, not the
-/// records: nothing is bisected, the breaker opens, an error names the URL,
-/// a metric counts it; every transaction is stored, and none is given up.
+/// records: nothing is bisected, the breaker opens, an error names the URL
+/// (without the password its user info holds), a metric counts it; every
+/// transaction is stored, and none is given up.
 #[tokio::test]
 async fn an_api_answering_401_is_a_configuration_error() {
     let scenario = Scenario::new("hostile-401").await;
     // Every generated description has a space in it.
     scenario.set_faults(json!({"poison_marker": " ", "marker_status": 401})).await;
     let mut env = QUICK_BACKFILL.to_vec();
-    env.extend([("TXNFLOW__BREAKER__WINDOW", "10"), ("TXNFLOW__BREAKER__OPEN_MS", "1000")]);
+    let with_password = scenario.ml_api_url().replacen("http://", "http://txnflow:s3cret@", 1);
+    env.extend([
+        ("TXNFLOW__BREAKER__WINDOW", "10"),
+        ("TXNFLOW__BREAKER__OPEN_MS", "1000"),
+        ("TXNFLOW__PREDICT__URL", with_password.as_str()),
+    ]);
     let mut service = scenario.start_service(&env).await;
     let events = valid_events(1110, 300);
     let sent = scenario.produce(&events).await;
@@ -383,6 +421,7 @@ async fn an_api_answering_401_is_a_configuration_error() {
     assert_eq!(rejected, 0.0, "a 401 is never split like a 422");
     let log = std::fs::read_to_string(&service.log).unwrap();
     assert!(log.contains("the ML API refuses txnflow") && log.contains(&scenario.ml_api_url()), "names the URL");
+    assert!(!log.contains("s3cret"), "the password is never logged");
     eprintln!(
         "hostile | ML API answering 401, 300 events | stored 300, prediction_failed 300, {requests} requests (none \
          split), breaker opened, 0 given up | peak RSS {:.1} MB",

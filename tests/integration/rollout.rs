@@ -229,6 +229,118 @@ fn a_run_selects_by_time_and_model_and_records_each_failure() {
     assert!(!bad.status.success() && stderr(&bad).contains("since: "), "{}", stderr(&bad));
 }
 
+/// An ML API refusing one record of 1,000 with the body `bad\0`: the NUL
+/// is removed from the reason (PostgreSQL text cannot hold it), so the
+/// run completes with that record in repredict_failures, instead of
+/// failing at the same chunk on every resume.
+#[test]
+fn a_nul_byte_in_an_error_body_costs_one_record_not_the_run() {
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 1_000);
+    let refusing = Faults {
+        poison_marker: "purchase 500".into(),
+        marker_status: 400,
+        marker_body: "bad\0".into(),
+        ..model("v2", 3)
+    };
+    let url = format!("http://{}", spawn_ml_api(refusing));
+    let summary = succeeded(&txnflow_on(&database.url, &url, &["repredict", "--run-id", "nul"]));
+    assert!(summary.starts_with("run nul completed: selected 1000 repredicted 999 failed 1 model v2 in "), "{summary}");
+    let failures = query_json(&mut connection, "SELECT transaction_id::text AS id, reason FROM repredict_failures");
+    assert_eq!(failures, [json!({"id": seeded_id(500), "reason": "rejected by the ML API (400): bad"})]);
+    let run = query_json(&mut connection, "SELECT status, selected, predicted, failed, error FROM repredict_runs");
+    assert_eq!(run, [json!({"status": "completed", "selected": 1000, "predicted": 999, "failed": 1, "error": null})]);
+}
+
+/// Four `POST /repredictions` at once, with `repredict.max_concurrent_runs`
+/// 1: exactly one is accepted (202) and three are refused (429), since
+/// each start holds its place from the check to its claim.
+#[tokio::test]
+async fn starts_that_arrive_together_respect_max_concurrent_runs() {
+    let scenario = Scenario::new("runs-race").await;
+    // A slow model, so that the accepted run is still running when the others arrive.
+    let slow = format!("http://{}", spawn_ml_api(Faults { latency_ms: 200, ..model("v2", 3) }));
+    let service = scenario
+        .start_service(&[("TXNFLOW__REPREDICT__URL", slow.as_str()), ("TXNFLOW__REPREDICT__MAX_CONCURRENT_RUNS", "1")])
+        .await;
+    seed_transactions(&mut scenario.db.connect(), 1_000);
+    let client = reqwest::Client::new();
+    let posts = (0..4).map(|n| {
+        let post =
+            client.post(format!("{}/repredictions", service.admin)).json(&json!({"run_id": format!("race-{n}")}));
+        async move { post.send().await.unwrap().status().as_u16() }
+    });
+    let mut statuses = futures_util::future::join_all(posts).await;
+    statuses.sort_unstable();
+    assert_eq!(statuses, [202, 429, 429, 429], "{}", service.log_tail());
+    let runs = query_json(&mut scenario.db.connect(), "SELECT count(*)::int AS n FROM repredict_runs");
+    assert_eq!(runs, [json!({"n": 1})], "one run recorded");
+}
+
+/// An ML API reporting 41 model versions in turn, 10 records each: the
+/// first 10 versions are counted by name and the other 31 under `other`,
+/// so `txnflow_predictions_total` holds 11 series, whose counts add up.
+#[tokio::test]
+async fn forty_one_model_versions_make_eleven_metric_series() {
+    let scenario = Scenario::new("versions").await;
+    let service = scenario.start_service(&[]).await;
+    let mut ends = BTreeMap::new();
+    for n in 0..41u64 {
+        scenario.set_faults(json!({"extended": true, "model_version": format!("m{n}")})).await;
+        for (partition, end) in Scenario::end_offsets(&scenario.produce(&valid_events(2_000 + n, 10)).await) {
+            ends.insert(partition, end);
+        }
+        assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    }
+    let text = service.metrics().await;
+    let series: BTreeMap<String, f64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("txnflow_predictions_total{"))
+        .map(|rest| {
+            let (labels, value) = rest.split_once("} ").unwrap();
+            (labels.to_string(), value.parse().unwrap())
+        })
+        .collect();
+    let expected: BTreeMap<String, f64> = (0..10)
+        .map(|n| (format!("kind=\"pipeline\",model_version=\"m{n}\""), 10.0))
+        .chain([("kind=\"pipeline\",model_version=\"other\"".to_string(), 310.0)])
+        .collect();
+    assert_eq!(series, expected);
+}
+
+/// The status read (`GET /repredictions/<id>`) sees whether a session
+/// holds a run's lock from `pg_locks`, and never takes it: a resume or a
+/// run reconnecting at that instant cannot find it taken by a reader.
+#[test]
+fn a_status_read_sees_the_run_lock_without_taking_it() {
+    use txnflow::db::history::{lock_run, run_is_held};
+    let database = migrated();
+    let mut runner = database.connect();
+    let mut reader = database.connect();
+    let advisory_locks_of_reader = |reader: &mut diesel::PgConnection| {
+        query_json(
+            reader,
+            "SELECT count(*)::int AS n FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        )
+    };
+    assert!(!run_is_held(&mut reader, "r1").unwrap(), "nobody runs r1 yet");
+    assert!(lock_run(&mut runner, "r1").unwrap());
+    assert!(run_is_held(&mut reader, "r1").unwrap(), "the runner holds r1");
+    assert!(!run_is_held(&mut reader, "r2").unwrap(), "another run id is not held");
+    assert_eq!(advisory_locks_of_reader(&mut reader), [json!({"n": 0})], "the reader took no lock");
+    drop(runner);
+    // The runner's session is gone; PostgreSQL released its lock.
+    let released = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !run_is_held(&mut reader, "r1").unwrap()
+    });
+    assert!(released, "r1 is free once its session ends");
+    let mut resumer = database.connect();
+    assert!(lock_run(&mut resumer, "r1").unwrap(), "a resume takes it");
+    assert_eq!(advisory_locks_of_reader(&mut reader), [json!({"n": 0})]);
+}
+
 /// Acceptance 2: a re-prediction of 50,000 rows killed with SIGKILL
 /// halfway, then POSTed to the service with its run id, ends with exact
 /// counts and no transaction twice in the run's history.
@@ -435,6 +547,62 @@ async fn a_shadow_that_is_down_slow_or_wrong_never_touches_live_records() {
             assert_eq!((agreement("agree"), agreement("disagree")), (0.0, 300.0), "shift 3 agrees on none");
         }
     }
+}
+
+/// A shadow model answering 200 with a body that never ends, beside a live
+/// stream of 5,000 events: each answer is read to
+/// `predict.max_response_bytes` and no further, so the shadow's flushes
+/// fail and are counted, every live record is stored with the live
+/// model's prediction, nothing is dead-lettered, and the service's peak
+/// RSS stays under 150 MB.
+#[tokio::test]
+async fn a_shadow_answering_an_endless_body_costs_the_live_stream_nothing() {
+    let scenario = Scenario::new("endless-shadow").await;
+    scenario.set_faults(json!({"extended": true, "model_version": "v1"})).await;
+    let port = crate::helpers::free_port();
+    let (_shadow, shadow_url, health) =
+        crate::ml_api::spawn_ml_api_command_on(port, &["--extended", "--model-version", "v2", "--faults"]).await;
+    assert!(health.is_some(), "the shadow API answers");
+    let set = reqwest::Client::new().post(format!("{shadow_url}/faults")).json(&json!({"endless_body": true}));
+    assert_eq!(set.send().await.unwrap().status().as_u16(), 200);
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__PREDICT__SHADOW_URL", shadow_url.as_str()),
+            ("TXNFLOW__PREDICT__SHADOW_SAMPLE", "1.0"),
+            ("TXNFLOW__PREDICT__SHADOW_CONCURRENCY", "2"),
+        ])
+        .await;
+    let events = valid_events(65, 5_000);
+    let ids = ids_of(&events);
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    let deadline = Duration::from_secs(180);
+    assert_eq!(scenario.wait_committed(&ends, deadline).await, ends, "{}", service.log_tail());
+    let live = scenario.wait_for(deadline, |s| s.count("SELECT count(*) FROM predictions") == 5_000).await;
+    assert!(live, "every live record predicted\n{}", service.log_tail());
+    let mut connection = scenario.db.connect();
+    assert_current_is(&mut connection, &ids, "v1", 0);
+    assert_eq!(scenario.count("SELECT count(*) FROM prediction_history WHERE kind = 'shadow'"), 0, "no shadow row");
+    assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
+    // Every sampled flush has come to an outcome: none scored.
+    let settled = tokio::time::Instant::now() + deadline;
+    let text = loop {
+        let text = service.metrics().await;
+        if metric_sum(&text, "txnflow_shadow_flushes_total") == metric_sum(&text, "txnflow_flush_size_count") {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < settled, "shadow flushes unsettled\n{}", service.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let outcome = |name: &str| metric_sum(&text, &format!("txnflow_shadow_flushes_total{{outcome=\"{name}\"}}"));
+    let flushes = metric_sum(&text, "txnflow_flush_size_count");
+    eprintln!("shadow flushes: failed {} skipped {} of {flushes}", outcome("failed"), outcome("skipped"));
+    assert_eq!(outcome("scored"), 0.0, "no answer of the shadow was taken");
+    assert_eq!(outcome("failed") + outcome("skipped"), flushes, "every flush failed or skipped");
+    assert!(outcome("failed") >= 1.0, "the shadow's failures are counted");
+    assert_eq!(metric_sum(&text, "txnflow_dlq_records_total"), 0.0, "nothing dead-lettered");
+    let rss = service.peak_rss_mb();
+    eprintln!("peak RSS {rss:.1} MB");
+    assert!(rss < 150.0, "peak RSS {rss:.1} MB, over 150 MB");
 }
 
 /// Acceptance 3: a re-prediction of 50,000 stored rows beside a stream of
