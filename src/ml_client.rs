@@ -42,11 +42,12 @@ pub struct Predicted {
 /// Why one HTTP call did not give an answer.
 #[derive(Debug)]
 enum CallError {
-    /// Connect error, timeout, 408 or 429: worth retrying.
+    /// A connect error, an unreadable or oversized answer: worth retrying.
     Retriable(String),
-    /// A 5xx: worth retrying, and, while other requests are answered, a
-    /// sign that something in this request breaks the server.
-    ServerError { status: u16, body: String },
+    /// A 5xx, 408, 429 or a timeout, with its reason: worth retrying, and,
+    /// while other requests are answered, a sign that something in this
+    /// request breaks or stalls the server: the batch is split to find it.
+    ServerError(String),
     /// 401, 403 or 404: txnflow's configuration, not the records.
     Misconfigured { status: u16 },
     /// Any other 4xx: this request will never be accepted as it is.
@@ -367,7 +368,7 @@ impl MlClient {
             let fails = |attempted: &Attempted| matches!(attempted, Attempted::GaveUp { server_error: true, .. });
             let mut all = Predicted::default();
             if fails(&left) && fails(&right) {
-                let reason = "the ML API answered 5xx to every part of the batch".to_string();
+                let reason = "the ML API failed every part of the batch (5xx, 408, 429 or no answer)".to_string();
                 for item in items.iter().chain(&second) {
                     all.failures.push((item.id, prediction_failed(reason.clone(), 1)));
                     all.unavailable.insert(item.id);
@@ -429,7 +430,7 @@ impl MlClient {
             // to isolate a record, that record's 5xx is its own.
             let against_the_api = |error: &CallError| match error {
                 CallError::Retriable(_) | CallError::Misconfigured { .. } => true,
-                CallError::ServerError { .. } => isolating == Isolating::No,
+                CallError::ServerError(_) => isolating == Isolating::No,
                 CallError::Rejected { .. } => false,
             };
             let call = self.breaker.call_with(against_the_api, self.call(body.clone(), attempts, items.len()));
@@ -440,8 +441,8 @@ impl MlClient {
                     self.slots.record(RequestOutcome::Answered(started.elapsed()));
                 }
                 // A record's own 5xx, met while isolating it, says nothing of the load.
-                Err(recloser::Error::Inner(CallError::ServerError { .. })) if isolating == Isolating::Yes => {}
-                Err(recloser::Error::Inner(CallError::ServerError { .. } | CallError::Retriable(_))) => {
+                Err(recloser::Error::Inner(CallError::ServerError(_))) if isolating == Isolating::Yes => {}
+                Err(recloser::Error::Inner(CallError::ServerError(_) | CallError::Retriable(_))) => {
                     self.slots.record(RequestOutcome::Overloaded);
                 }
                 Err(recloser::Error::Rejected) => {}
@@ -463,15 +464,11 @@ impl MlClient {
                     );
                     return Attempted::Misconfigured { status };
                 }
-                Err(recloser::Error::Inner(CallError::ServerError { status, body })) => {
+                Err(recloser::Error::Inner(CallError::ServerError(reason))) => {
                     if isolating == Isolating::Yes {
-                        return Attempted::GaveUp {
-                            reason: format!("status {status}: {}", truncate(&body, 200)),
-                            attempts,
-                            server_error: true,
-                        };
+                        return Attempted::GaveUp { reason, attempts, server_error: true };
                     }
-                    (format!("status {status}: {}", truncate(&body, 200)), true)
+                    (reason, true)
                 }
                 Err(recloser::Error::Inner(CallError::Retriable(reason))) => (reason, false),
             };
@@ -506,6 +503,9 @@ impl MlClient {
         let mut answered = None;
         let outcome = match result {
             // reqwest's error quotes the URL whole, user info included.
+            Err(error) if error.is_timeout() => {
+                Err(CallError::ServerError(format!("no answer within predict.timeout_ms: {}", error.without_url())))
+            }
             Err(error) => Err(CallError::Retriable(format!("request failed: {}", error.without_url()))),
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -525,11 +525,8 @@ impl MlClient {
                     (StatusClass::Success, Err(error)) => {
                         Err(CallError::Retriable(format!("reading the answer: {}", error.without_url())))
                     }
-                    (StatusClass::Retriable, body) if status >= 500 => Err(CallError::ServerError {
-                        status,
-                        body: truncate(&String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()), 200),
-                    }),
-                    (StatusClass::Retriable, body) => Err(CallError::Retriable(format!(
+                    // 5xx, 408 and 429 alike.
+                    (StatusClass::Retriable, body) => Err(CallError::ServerError(format!(
                         "status {status}: {}",
                         truncate(&String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()), 200)
                     ))),
@@ -543,7 +540,7 @@ impl MlClient {
         };
         let label = match &outcome {
             Ok(_) => "ok",
-            Err(CallError::Retriable(_) | CallError::ServerError { .. }) => "retriable",
+            Err(CallError::Retriable(_) | CallError::ServerError(_)) => "retriable",
             Err(CallError::Misconfigured { .. }) => "misconfigured",
             Err(CallError::Rejected { .. }) => "rejected",
         };

@@ -69,8 +69,8 @@ pub fn compare(config: &Config, a: &str, b: &str, csv: bool) -> anyhow::Result<(
 pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut connection = connect(config)?;
-    if !history::lock_promotions(&mut connection).map_err(database)? {
-        anyhow::bail!("another promotion is running; wait for it to end");
+    if !history::lock_promote_and_archive(&mut connection).map_err(database)? {
+        anyhow::bail!("another promotion or archive is running; wait for it to end");
     }
     let mut promotion = history::start_promotion(&mut connection, version).map_err(database)?;
     if promotion.span.rows == 0 {
@@ -143,6 +143,9 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
 pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut connection = connect(config)?;
+    if !history::lock_promote_and_archive(&mut connection).map_err(database)? {
+        anyhow::bail!("a promotion or another archive is running; wait for it to end");
+    }
     let cut = chrono::Duration::try_days(i64::from(days))
         .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
         .ok_or_else(|| anyhow::anyhow!("--older-than {days}: too far back"))?;

@@ -29,9 +29,10 @@ pub fn lock_run(connection: &mut PgConnection, run_id: &str) -> Result<bool, Wri
     Ok(row.flag)
 }
 
-/// Takes the promotions' lock for this session (one promotion at a time),
-/// if no other session holds it.
-pub fn lock_promotions(connection: &mut PgConnection) -> Result<bool, WriteError> {
+/// Takes the lock of promote and archive for this session, if no other
+/// session holds it: one of them at a time, so that archive never moves a
+/// row a promotion is making current.
+pub fn lock_promote_and_archive(connection: &mut PgConnection) -> Result<bool, WriteError> {
     let row: Flag = diesel::sql_query("SELECT pg_try_advisory_lock(hashtextextended('txnflow.promote', 0)) AS flag")
         .get_result(connection)?;
     Ok(row.flag)
@@ -169,9 +170,15 @@ pub fn start_run(
             .get_result(tx)?;
             return Ok(RunStart::Resumed(run));
         }
+        // The selection is fixed here, in the run's first transaction.
         let run: RepredictRun = diesel::sql_query(format!(
-            "INSERT INTO repredict_runs (run_id, status, since, until, from_model, instance, selected)
-             SELECT $1, 'running', $2, $3, $4, $5, count(*) FROM transactions t WHERE {}
+            "WITH selected AS (
+                 INSERT INTO repredict_selection (run_id, transaction_id)
+                 SELECT $1, t.id FROM transactions t WHERE {}
+                 RETURNING 1
+             )
+             INSERT INTO repredict_runs (run_id, status, since, until, from_model, instance, selected)
+             SELECT $1, 'running', $2, $3, $4, $5, (SELECT count(*) FROM selected)
              RETURNING {RUN_COLUMNS}",
             selection_filter(2)
         ))
@@ -185,36 +192,32 @@ pub fn start_run(
     })
 }
 
-/// The next `limit` selected transactions after `after`, in id order,
-/// leaving out those the run has already re-predicted or failed. A run
-/// selects the transactions stored before it started (`created_at`), so
-/// its backlog is the count it made then, whatever streams in meanwhile.
+/// The next `limit` transactions of the run's selection (fixed when it
+/// started) after `after`, in id order, leaving out those the run has
+/// already re-predicted or failed. The first chunk has its own query: a
+/// keyset condition that may be NULL would keep the index from bounding
+/// the scan under a generic plan.
 pub fn next_chunk(
     connection: &mut PgConnection,
     run: &RepredictRun,
     after: Option<Uuid>,
     limit: usize,
 ) -> Result<Vec<PredictRequestItem>, WriteError> {
+    let after_condition = if after.is_some() { "AND s.transaction_id > $3" } else { "AND $3::uuid IS NULL" };
     let rows: Vec<ClaimedRow> = diesel::sql_query(format!(
         "SELECT t.id, t.description, t.amount::text AS amount, t.\"timestamp\", t.merchant, t.operation_type, t.side
-         FROM transactions t
-         WHERE {}
-           AND ($5::uuid IS NULL OR t.id > $5)
-           AND t.created_at <= $7
+         FROM repredict_selection s
+         JOIN transactions t ON t.id = s.transaction_id
+         WHERE s.run_id = $1 {after_condition}
            AND NOT EXISTS (SELECT 1 FROM prediction_history h
-                           WHERE h.kind = 'repredict' AND h.run_id = $1 AND h.transaction_id = t.id)
-           AND NOT EXISTS (SELECT 1 FROM repredict_failures f WHERE f.run_id = $1 AND f.transaction_id = t.id)
-         ORDER BY t.id
-         LIMIT $6",
-        selection_filter(2)
+                           WHERE h.kind = 'repredict' AND h.run_id = $1 AND h.transaction_id = s.transaction_id)
+           AND NOT EXISTS (SELECT 1 FROM repredict_failures f WHERE f.run_id = $1 AND f.transaction_id = s.transaction_id)
+         ORDER BY s.transaction_id
+         LIMIT $2"
     ))
     .bind::<Text, _>(&run.run_id)
-    .bind::<Nullable<Timestamptz>, _>(run.since)
-    .bind::<Nullable<Timestamptz>, _>(run.until)
-    .bind::<Nullable<Text>, _>(run.from_model.as_deref())
-    .bind::<Nullable<SqlUuid>, _>(after)
     .bind::<BigInt, _>(limit as i64)
-    .bind::<Timestamptz, _>(run.started_at)
+    .bind::<Nullable<SqlUuid>, _>(after)
     .load(connection)?;
     Ok(rows.into_iter().map(ClaimedRow::into_item).collect())
 }
@@ -294,8 +297,11 @@ pub fn finish_run(
     run_id: &str,
     error: Option<&str>,
 ) -> Result<RepredictRun, WriteError> {
+    // A completed run's selection is not needed again; a failed one's is,
+    // to resume it.
     Ok(diesel::sql_query(format!(
-        "UPDATE repredict_runs SET status = CASE WHEN $2::text IS NULL THEN 'completed' ELSE 'failed' END,
+        "WITH done AS (DELETE FROM repredict_selection WHERE run_id = $1 AND $2::text IS NULL)
+         UPDATE repredict_runs SET status = CASE WHEN $2::text IS NULL THEN 'completed' ELSE 'failed' END,
                 error = $2, finished_at = now(), updated_at = now()
          WHERE run_id = $1 RETURNING {RUN_COLUMNS}"
     ))
@@ -458,6 +464,10 @@ pub fn promote_chunk(
                      model_version = EXCLUDED.model_version, predicted_at = EXCLUDED.predicted_at
                  WHERE p.model_version <> EXCLUDED.model_version OR p.predicted_at < EXCLUDED.predicted_at
                  RETURNING 1
+             ), cleared AS (
+                 -- A transaction promoted has its prediction: the backfill
+                 -- must not predict it again over the promotion.
+                 DELETE FROM prediction_backlog b WHERE b.transaction_id IN (SELECT transaction_id FROM latest)
              )
              SELECT (SELECT count(*) FROM chunk) AS examined, (SELECT count(*) FROM changed) AS changed",
         )

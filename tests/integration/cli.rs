@@ -25,7 +25,7 @@ fn an_archive_age_out_of_range_exits_2_naming_the_flag() {
 /// forever; the password is never repeated.
 #[test]
 fn a_wrong_database_password_or_name_ends_run_and_batch_naming_db_url() {
-    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed-data/transactions_fr.csv");
+    let seed = crate::helpers::seed_csv_path();
     let wrong_password = "postgres://txnflow:wrong-s3cret@127.0.0.1:5432/txnflow";
     let unknown_database = "postgres://txnflow:txnflow@127.0.0.1:5432/no_such_database_here";
     let cases = [

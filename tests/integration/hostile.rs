@@ -217,8 +217,25 @@ async fn a_model_version_longer_than_its_column_costs_the_predictions_only() {
 /// that record fails; the breaker never opens; the backfill gives it up.
 #[tokio::test]
 async fn a_record_the_api_always_fails_with_500_is_isolated() {
-    let scenario = Scenario::new("hostile-500").await;
-    scenario.set_faults(json!({"poison_marker": "SERVER-KILLER", "marker_status": 500})).await;
+    a_record_the_api_always_fails_with_is_isolated(500).await;
+}
+
+/// The same with 429 (too many requests) for that one record: isolated
+/// like a 5xx, never holding its whole batch.
+#[tokio::test]
+async fn a_record_the_api_always_answers_429_for_is_isolated() {
+    a_record_the_api_always_fails_with_is_isolated(429).await;
+}
+
+/// The same with 408 (request timeout).
+#[tokio::test]
+async fn a_record_the_api_always_answers_408_for_is_isolated() {
+    a_record_the_api_always_fails_with_is_isolated(408).await;
+}
+
+async fn a_record_the_api_always_fails_with_is_isolated(status: u16) {
+    let scenario = Scenario::new(&format!("hostile-{status}")).await;
+    scenario.set_faults(json!({"poison_marker": "SERVER-KILLER", "marker_status": status})).await;
     let mut env = QUICK_BACKFILL.to_vec();
     env.extend([("TXNFLOW__PREDICT__MAX_RETRIES", "1"), ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "100")]);
     let mut service = scenario.start_service(&env).await;
@@ -247,7 +264,7 @@ async fn a_record_the_api_always_fails_with_500_is_isolated() {
     assert!(refused, "{}", service.log_tail());
     assert_eq!(service.metric("txnflow_circuit_breaker_transitions_total{to=\"open\"}").await, 0.0, "never opened");
     eprintln!(
-        "hostile | one record answered 500 forever among 500 | stored 500, predicted 499, isolated 1 \
+        "hostile | one record answered {status} forever among 500 | stored 500, predicted 499, isolated 1 \
          (prediction_failed, then refused), breaker never opened | peak RSS {:.1} MB",
         service.peak_rss_mb()
     );

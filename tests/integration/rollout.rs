@@ -341,6 +341,84 @@ fn a_status_read_sees_the_run_lock_without_taking_it() {
     assert_eq!(advisory_locks_of_reader(&mut reader), [json!({"n": 0})]);
 }
 
+/// A run's selection is fixed when it starts: a promote during the run
+/// (here, 10 of the 30 selected moved from v0 to v2 between the start and
+/// the first chunk) moves none out of it, and a transaction moved into v0
+/// meanwhile does not join it. Its rows go once it completes.
+#[test]
+fn a_runs_selection_is_fixed_at_its_start() {
+    use txnflow::db::history::{RunStart, finish_run, next_chunk, start_run};
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 100);
+    let v0 = "UPDATE predictions SET model_version = 'v0'
+              WHERE transaction_id IN (SELECT id FROM transactions WHERE substr(description, 10)::int <= 30)";
+    diesel::RunQueryDsl::execute(diesel::sql_query(v0), &mut connection).unwrap();
+    let selection = txnflow::domain::rollout::Selection { since: None, until: None, from_model: Some("v0".into()) };
+    let RunStart::New(run) = start_run(&mut connection, "fixed", &selection, "test").unwrap() else {
+        panic!("a new run")
+    };
+    assert_eq!(run.selected, 30);
+    let moved = "UPDATE predictions SET model_version = CASE WHEN substr(t.description, 10)::int <= 10 THEN 'v2' ELSE 'v0' END
+                 FROM transactions t WHERE t.id = transaction_id AND substr(t.description, 10)::int IN (1,2,3,4,5,6,7,8,9,10,99)";
+    diesel::RunQueryDsl::execute(diesel::sql_query(moved), &mut connection).unwrap();
+    let first = next_chunk(&mut connection, &run, None, 20).unwrap();
+    let rest = next_chunk(&mut connection, &run, first.last().map(|item| item.id), 20).unwrap();
+    let chunked: BTreeSet<String> = first.iter().chain(&rest).map(|item| item.id.to_string()).collect();
+    let expected: BTreeSet<String> = (1..=30).map(seeded_id).collect();
+    assert_eq!((first.len(), rest.len()), (20, 10));
+    assert_same_set(&chunked, &expected, "the 30 selected at the start, in two chunks");
+    finish_run(&mut connection, "fixed", None).unwrap();
+    assert_eq!(query_json(&mut connection, "SELECT count(*)::int AS n FROM repredict_selection"), [json!({"n": 0})]);
+}
+
+/// Promote and archive take one lock: while a session holds it (as a
+/// running promotion does), an archive and another promotion are refused
+/// with exit 1 and a message that says why, and change nothing.
+#[test]
+fn promote_and_archive_run_one_at_a_time() {
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 10);
+    let mut holder = database.connect();
+    let held = query_json(&mut holder, "SELECT pg_try_advisory_lock(hashtextextended('txnflow.promote', 0)) AS held");
+    assert_eq!(held, [json!({"held": true})]);
+    let archive = txnflow_on(&database.url, "", &["archive", "predictions", "--older-than", "0"]);
+    assert_eq!(archive.status.code(), Some(1), "{}", stderr(&archive));
+    assert!(stderr(&archive).contains("a promotion or another archive is running"), "{}", stderr(&archive));
+    let promote = txnflow_on(&database.url, "", &["models", "promote", "v1"]);
+    assert_eq!(promote.status.code(), Some(1), "{}", stderr(&promote));
+    assert!(stderr(&promote).contains("another promotion or archive is running"), "{}", stderr(&promote));
+    let history = query_json(&mut connection, "SELECT count(*)::int AS n FROM prediction_history_archive");
+    assert_eq!(history, [json!({"n": 0})], "nothing archived");
+    drop(holder);
+}
+
+/// A promotion clears the backlog of the transactions it gives a
+/// prediction: the backfill does not predict them again over it.
+#[test]
+fn a_promotion_clears_the_backlog_of_what_it_promotes() {
+    use diesel::connection::SimpleConnection;
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 10);
+    connection
+        .batch_execute(
+            "INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, kind, run_id)
+             SELECT id, 'Travel', 0.5, 'v2', 'repredict', 'r1' FROM transactions
+             WHERE substr(description, 10)::int <= 5;
+             INSERT INTO prediction_backlog (transaction_id, attempts)
+             SELECT id, 2 FROM transactions WHERE substr(description, 10)::int IN (1, 2, 9);",
+        )
+        .unwrap();
+    succeeded(&txnflow_on(&database.url, "", &["models", "promote", "v2"]));
+    let backlog = query_json(&mut connection, "SELECT transaction_id::text AS id FROM prediction_backlog");
+    assert_eq!(backlog, [json!({"id": seeded_id(9)})], "only the one not promoted stays");
+    let current =
+        query_json(&mut connection, "SELECT model_version, count(*)::int AS n FROM predictions GROUP BY 1 ORDER BY 1");
+    assert_eq!(current, [json!({"model_version": "v1", "n": 5}), json!({"model_version": "v2", "n": 5})]);
+}
+
 /// Acceptance 2: a re-prediction of 50,000 rows killed with SIGKILL
 /// halfway, then POSTed to the service with its run id, ends with exact
 /// counts and no transaction twice in the run's history.
