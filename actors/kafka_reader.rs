@@ -427,12 +427,7 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 received = consumer.recv() => match received {
                     Ok(message) => messages.push(message.detach()),
                     Err(error) => {
-                        // librdkafka hands the same error over and over
-                        // while a broker is down: once per cause and interval.
-                        let error = error.to_string();
-                        if let Some(held) = crate::kafka::admitted(&format!("consumer error {error}")) {
-                            tracing::warn!(error, "{}", crate::kafka::with_repeats("consumer error".into(), held));
-                        }
+                        crate::kafka::warn_consumer_error(&error, "consumer error");
                         continue;
                     }
                 },
@@ -463,11 +458,12 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 continue;
             }
             // The permit is taken once a record is in hand, so an idle reader
-            // holds none.
-            // What the record keeps: its value, its key and its traceparent.
+            // holds none. It counts what the record keeps: its value, its
+            // key and its traceparent.
+            let traceparent = crate::kafka::traceparent_of(&message);
             let bytes = message.payload().map_or(0, <[u8]>::len)
                 + message.key().map_or(0, <[u8]>::len)
-                + crate::kafka::traceparent_of(&message).map_or(0, |kept| kept.len());
+                + traceparent.as_ref().map_or(0, String::len);
             let permit = match pipeline.try_reserve(bytes) {
                 Some(permit) => permit,
                 None => {
@@ -481,12 +477,12 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                     pass.waited += waiting.elapsed();
                     // Revoked during the wait: the permit goes back.
                     if consumer.context().holds(message.partition()) {
-                        pass.add(&pipeline, &offsets, &message, permit);
+                        pass.add(&pipeline, &offsets, &message, traceparent, permit);
                     }
                     break;
                 }
             };
-            pass.add(&pipeline, &offsets, &message, permit);
+            pass.add(&pipeline, &offsets, &message, traceparent, permit);
         }
         pass.send(&next).await;
         pass.observe();
@@ -519,12 +515,7 @@ async fn wait_paused(
             permit = &mut reserve => break permit,
             received = consumer.recv() => match received {
                 Ok(message) => carried.push_back(message.detach()),
-                Err(error) => {
-                    let error = error.to_string();
-                    if let Some(held) = crate::kafka::admitted(&format!("consumer error {error}")) {
-                        tracing::warn!(error, "{}", crate::kafka::with_repeats("consumer error while paused".into(), held));
-                    }
-                }
+                Err(error) => crate::kafka::warn_consumer_error(&error, "consumer error while paused"),
             },
         }
     };
@@ -594,7 +585,14 @@ impl ReadPass {
         metrics::Stage::Read.observe(Phase::Work, self.started.elapsed().saturating_sub(self.waited));
     }
 
-    fn add(&mut self, pipeline: &Pipeline, offsets: &Arc<ReadOffsets>, message: &OwnedMessage, permit: Capacity) {
+    fn add(
+        &mut self,
+        pipeline: &Pipeline,
+        offsets: &Arc<ReadOffsets>,
+        message: &OwnedMessage,
+        traceparent: Option<String>,
+        permit: Capacity,
+    ) {
         let origin = Origin::Kafka {
             topic: message.topic().to_string(),
             partition: message.partition(),
@@ -621,7 +619,7 @@ impl ReadPass {
             group: &pipeline.config.kafka.group_id,
         };
         let rejected = decoded.is_err().then_some(ErrorType::Invalid.as_str());
-        let trace = crate::spans::read(message, at, self.received, rejected);
+        let trace = crate::spans::read(message, traceparent, at, self.received, rejected);
         match decoded {
             Ok(transaction) => {
                 let lineage = Lineage {

@@ -122,15 +122,25 @@ pub fn log_from_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &s
 
 /// librdkafka's lines said so far, by cause: a client retrying a broker
 /// that is down says so once per cause and interval, not many times a second.
-static REPEATS: std::sync::Mutex<Option<crate::domain::repeats::Repeats>> = std::sync::Mutex::new(None);
+static REPEATS: std::sync::LazyLock<std::sync::Mutex<crate::domain::repeats::Repeats>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Whether a line of `cause` is said now, with the count held back before it.
-pub(crate) fn admitted(cause: &str) -> Option<u64> {
+fn admitted(cause: &str) -> Option<u64> {
     let mut repeats = REPEATS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    repeats.get_or_insert_with(Default::default).admit(cause, std::time::Instant::now())
+    repeats.admit(cause, std::time::Instant::now())
 }
 
-pub(crate) fn with_repeats(message: String, held: u64) -> String {
+/// A consumer error that `recv` returned, folded like librdkafka's lines:
+/// it hands the same one over and over while a broker is down.
+pub(crate) fn warn_consumer_error(error: &rdkafka::error::KafkaError, what: &str) {
+    let error = error.to_string();
+    if let Some(held) = admitted(&format!("{what} {error}")) {
+        tracing::warn!(error, "{}", with_repeats(what.to_string(), held));
+    }
+}
+
+fn with_repeats(message: String, held: u64) -> String {
     if held == 0 {
         return message;
     }
@@ -143,22 +153,15 @@ pub fn error_from_librdkafka(error: &rdkafka::error::KafkaError, reason: &str) {
     let reason = crate::db::redact(reason);
     let summary = error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown);
     if let Some(held) = admitted(&crate::domain::repeats::cause_of(&error.to_string(), &reason)) {
-        if summary {
-            tracing::error!(
-                target: "librdkafka",
-                %error,
-                "{}",
-                with_repeats(
-                    format!(
-                        "no broker of kafka.brokers answers ({reason}): check that the brokers run and that \
-                         kafka.brokers and kafka.security_protocol name them; librdkafka keeps trying"
-                    ),
-                    held
-                )
-            );
+        let said = if summary {
+            format!(
+                "no broker of kafka.brokers answers ({reason}): check that the brokers run and that \
+                 kafka.brokers and kafka.security_protocol name them; librdkafka keeps trying"
+            )
         } else {
-            tracing::error!(target: "librdkafka", %error, "{}", with_repeats(reason.clone(), held));
-        }
+            reason.clone()
+        };
+        tracing::error!(target: "librdkafka", %error, "{}", with_repeats(said, held));
     }
     let mut last = LAST_ERROR.lock().expect("last error lock");
     // "All brokers are down" follows the error that says why: keep that one.

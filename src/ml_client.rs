@@ -526,15 +526,11 @@ impl MlClient {
                         Err(CallError::Retriable(format!("reading the answer: {}", error.without_url())))
                     }
                     // 5xx, 408 and 429 alike.
-                    (StatusClass::Retriable, body) => Err(CallError::ServerError(format!(
-                        "status {status}: {}",
-                        truncate(&String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()), 200)
-                    ))),
+                    (StatusClass::Retriable, body) => {
+                        Err(CallError::ServerError(format!("status {status}: {}", truncate(&quoted(body), 200))))
+                    }
                     (StatusClass::Misconfigured, _) => Err(CallError::Misconfigured { status }),
-                    (StatusClass::Rejected, body) => Err(CallError::Rejected {
-                        status,
-                        body: String::from_utf8_lossy(&body.map(Body::into_bytes).unwrap_or_default()).into_owned(),
-                    }),
+                    (StatusClass::Rejected, body) => Err(CallError::Rejected { status, body: quoted(body) }),
                 }
             }
         };
@@ -572,11 +568,11 @@ enum Body {
     Cut(Vec<u8>),
 }
 
-impl Body {
-    fn into_bytes(self) -> Vec<u8> {
-        match self {
-            Body::Whole(bytes) | Body::Cut(bytes) => bytes,
-        }
+/// An error answer's body as text, for a reason: what was read of it.
+fn quoted(body: Result<Body, reqwest::Error>) -> String {
+    match body {
+        Ok(Body::Whole(bytes) | Body::Cut(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
     }
 }
 

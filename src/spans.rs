@@ -115,16 +115,17 @@ pub struct ReadAt<'a> {
 
 /// The `read` span of a record just read and checked (`rejected` names
 /// why it is invalid), and what the record carries on. The producer's
-/// `traceparent` is the parent; a header that says "not sampled" is obeyed.
+/// `traceparent` (as [`crate::kafka::traceparent_of`] kept it) is the
+/// parent; a header that says "not sampled" is obeyed.
 pub fn read(
     message: &impl rdkafka::message::Message,
+    traceparent: Option<String>,
     at: ReadAt<'_>,
     started: SystemTime,
     rejected: Option<&str>,
 ) -> RecordTrace {
     use rdkafka::message::Headers;
     let header = |name: &str| message.headers().and_then(|headers| headers.iter().find(|h| h.key == name)?.value);
-    let traceparent = crate::kafka::traceparent_of(message);
     let untraced = |traceparent| RecordTrace { traceparent, ..RecordTrace::default() };
     let Some((tracer, ratio)) = TRACER.get() else { return untraced(traceparent) };
     // Sampled or not is decided here, as the sampler would, before any span

@@ -70,20 +70,15 @@ pub fn connect(url: &str) -> anyhow::Result<PgConnection> {
 /// `pg_hba.conf` entry, an unknown role or database, no right to
 /// connect); `None` for an outage, which may heal.
 pub fn refusal_that_will_not_heal(message: &str) -> Option<&'static str> {
-    const REFUSALS: [(&str, &str); 6] = [
-        ("password authentication failed", "the user and password of db.url"),
-        ("no pg_hba.conf entry", "db.url's user and host, or the server's pg_hba.conf"),
-        ("role \"", "the user of db.url"),
-        ("database \"", "the database name of db.url"),
-        ("permission denied for database", "the user of db.url, or its CONNECT right"),
-        ("authentication failed", "the user and password of db.url"),
+    // Each refusal: the texts its message holds, all of them, and what to fix.
+    const REFUSALS: [(&[&str], &str); 5] = [
+        (&["authentication failed"], "the user and password of db.url"),
+        (&["no pg_hba.conf entry"], "db.url's user and host, or the server's pg_hba.conf"),
+        (&["role \"", "does not exist"], "the user of db.url"),
+        (&["database \"", "does not exist"], "the database name of db.url"),
+        (&["permission denied for database"], "the user of db.url, or its CONNECT right"),
     ];
-    let refused = |(text, fix): &(&str, &'static str)| {
-        let found = message.contains(text);
-        let about_existence = text.ends_with('"');
-        (found && (!about_existence || message.contains("does not exist"))).then_some(*fix)
-    };
-    REFUSALS.iter().find_map(refused)
+    REFUSALS.iter().find(|(texts, _)| texts.iter().all(|text| message.contains(text))).map(|(_, fix)| *fix)
 }
 
 /// Builds the pool. It does not fail when the database is down: connections

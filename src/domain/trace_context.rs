@@ -15,28 +15,27 @@ pub const TRACEPARENT: &str = "traceparent";
 /// fields are dropped (the specification reads only the first four), so
 /// a header of any size costs the record 55 bytes.
 pub fn valid_traceparent(value: &[u8]) -> Option<String> {
-    // Only the first 55 bytes are read; a longer value must go on with a `-`.
-    let text = std::str::from_utf8(value.get(..TRACEPARENT_BYTES.min(value.len()))?).ok()?;
-    let rest_ok =
-        value.len() == TRACEPARENT_BYTES || (value.len() > TRACEPARENT_BYTES && value[TRACEPARENT_BYTES] == b'-');
-    let version_00 = text.starts_with("00-");
-    let kept = rest_ok && well_formed(text) && !(version_00 && value.len() != TRACEPARENT_BYTES);
-    kept.then(|| text.to_string())
+    let (fields, rest) = value.split_at_checked(TRACEPARENT_BYTES)?;
+    let fields = std::str::from_utf8(fields).ok()?;
+    // Version 00 has exactly four fields; a later one may go on after a `-`.
+    let rest_ok = rest.is_empty() || (!fields.starts_with("00-") && rest[0] == b'-');
+    (rest_ok && well_formed(fields)).then(|| fields.to_string())
 }
 
 /// The bytes of a `traceparent` txnflow keeps: version, trace id, parent
 /// id and flags, with their dashes.
 pub const TRACEPARENT_BYTES: usize = 55;
 
-/// Whether `text` is a `traceparent` that [`valid_traceparent`] keeps.
+/// Whether `text` is the four fields of a `traceparent`, as
+/// [`valid_traceparent`] keeps them.
 fn well_formed(text: &str) -> bool {
     let hex = |part: &str, len: usize| {
         part.len() == len && part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
-    if text.len() < 55 || (text.len() > 55 && text.as_bytes()[55] != b'-') || !text.is_char_boundary(55) {
+    if text.len() != TRACEPARENT_BYTES {
         return false;
     }
-    let mut parts = text[..55].split('-');
+    let mut parts = text.split('-');
     let (Some(version), Some(trace_id), Some(parent_id), Some(flags)) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -44,7 +43,7 @@ fn well_formed(text: &str) -> bool {
     };
     let hex_fields = hex(version, 2) && hex(trace_id, 32) && hex(parent_id, 16) && hex(flags, 2);
     let meaningful = version != "ff" && trace_id.bytes().any(|b| b != b'0') && parent_id.bytes().any(|b| b != b'0');
-    hex_fields && meaningful && !(version == "00" && text.len() != 55)
+    hex_fields && meaningful
 }
 
 /// What a well-formed `traceparent` says: the trace, the producer's span,

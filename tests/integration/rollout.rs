@@ -526,6 +526,20 @@ fn metric_sum(text: &str, family: &str) -> f64 {
         .sum()
 }
 
+/// Waits until every sampled flush has come to a shadow outcome (scored,
+/// skipped or failed), and gives the metrics then.
+async fn shadow_flushes_settled(service: &crate::scenario::Service, deadline: Duration, phase: &str) -> String {
+    let settled = tokio::time::Instant::now() + deadline;
+    loop {
+        let text = service.metrics().await;
+        if metric_sum(&text, "txnflow_shadow_flushes_total") == metric_sum(&text, "txnflow_flush_size_count") {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < settled, "{phase}: shadow flushes unsettled\n{}", service.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Acceptance 4: shadow scoring of every stored flush (sample 1.0). With
 /// the shadow API up, every live record gets a shadow row with the
 /// candidate's answer; stopped, slowed past its timeout, and answering
@@ -582,17 +596,7 @@ async fn a_shadow_that_is_down_slow_or_wrong_never_touches_live_records() {
         assert!(live, "{phase}: every live record predicted\n{}", service.log_tail());
         let mut connection = scenario.db.connect();
         assert_current_is(&mut connection, &all_ids, "v1", 0);
-        // Every sampled flush has come to an outcome.
-        let settled = tokio::time::Instant::now() + deadline;
-        loop {
-            let text = service.metrics().await;
-            if metric_sum(&text, "txnflow_shadow_flushes_total") == metric_sum(&text, "txnflow_flush_size_count") {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < settled, "{phase}: shadow flushes unsettled");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let text = service.metrics().await;
+        let text = shadow_flushes_settled(&service, deadline, phase).await;
         assert_eq!(metric_sum(&text, "txnflow_dlq_records_total"), 0.0, "{phase}: nothing dead-lettered");
         assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
         let shadow_rows = query_json(
@@ -662,15 +666,7 @@ async fn a_shadow_answering_an_endless_body_costs_the_live_stream_nothing() {
     assert_eq!(scenario.count("SELECT count(*) FROM prediction_history WHERE kind = 'shadow'"), 0, "no shadow row");
     assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
     // Every sampled flush has come to an outcome: none scored.
-    let settled = tokio::time::Instant::now() + deadline;
-    let text = loop {
-        let text = service.metrics().await;
-        if metric_sum(&text, "txnflow_shadow_flushes_total") == metric_sum(&text, "txnflow_flush_size_count") {
-            break text;
-        }
-        assert!(tokio::time::Instant::now() < settled, "shadow flushes unsettled\n{}", service.log_tail());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let text = shadow_flushes_settled(&service, deadline, "endless body").await;
     let outcome = |name: &str| metric_sum(&text, &format!("txnflow_shadow_flushes_total{{outcome=\"{name}\"}}"));
     let flushes = metric_sum(&text, "txnflow_flush_size_count");
     eprintln!("shadow flushes: failed {} skipped {} of {flushes}", outcome("failed"), outcome("skipped"));
