@@ -230,17 +230,36 @@ impl Metrics {
         self
     }
 
-    /// Counts stored predictions by model version, as `kind`: the first
-    /// 10 versions by name, any other as `other`.
+    /// Counts stored predictions by model version, as `kind`: at most
+    /// [`MAX_NAMED_VERSIONS`](crate::domain::version_labels::MAX_NAMED_VERSIONS)
+    /// versions by name (the current, the shadow's, the most recent). A
+    /// version that gives its name up moves its counts to `other`, so the
+    /// sum over the series stays the number of predictions stored.
     pub fn count_predictions<'a>(&self, versions: impl IntoIterator<Item = &'a str>, kind: &str) {
-        let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        use crate::domain::version_labels::{OTHER_VERSIONS, VersionRole};
+        let role = match kind {
+            "pipeline" | "backfill" => VersionRole::Current,
+            "shadow" => VersionRole::Shadow,
+            _ => VersionRole::Other,
+        };
         let mut labels = self.version_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for version in versions {
-            *counts.entry(labels.label(version)).or_default() += 1;
-        }
-        drop(labels);
-        for (version, count) in counts {
-            self.predictions.with_label_values(&[version, kind]).inc_by(count);
+            let labelled = labels.label(version, role);
+            if let Some(retired) = labelled.retired {
+                for kind in PREDICTION_KINDS {
+                    if let Ok(series) = self.predictions.get_metric_with_label_values(&[&retired, kind]) {
+                        let count = series.get();
+                        let _ = self.predictions.remove_label_values(&[&retired, kind]);
+                        if count > 0 {
+                            self.predictions.with_label_values(&[OTHER_VERSIONS, kind]).inc_by(count);
+                        }
+                    }
+                }
+            }
+            // Counted under the lock, one by one: a version retired later
+            // in this call or by another thread must not be counted under
+            // its name after its move.
+            self.predictions.with_label_values(&[labelled.label, kind]).inc();
         }
     }
 
@@ -251,6 +270,9 @@ impl Metrics {
         String::from_utf8(buffer).expect("prometheus text is UTF-8")
     }
 }
+
+/// The `kind` labels of `txnflow_predictions_total`.
+const PREDICTION_KINDS: [&str; 4] = ["pipeline", "backfill", "repredict", "shadow"];
 
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new().with_known_series());

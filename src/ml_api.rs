@@ -9,12 +9,14 @@
 //! latency, malformed answers, dropped items, and a model that works on a
 //! few requests at once (`max_concurrent`). `model_version` and `shift`
 //! make it another model whose answers are known. They are set at start and
-//! changed at runtime with `POST /faults`.
+//! changed at runtime with `POST /faults`. `GET /load` says how many
+//! requests it has in flight and the most it had at once.
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use uuid::Uuid;
@@ -42,6 +44,9 @@ pub struct Faults {
     pub marker_status: u16,
     /// The body of that answer, as text (empty: a JSON `detail`).
     pub marker_body: String,
+    /// How much later a request holding a poison record is answered: past
+    /// the client's timeout, the record is one that times out.
+    pub marker_latency_ms: u64,
     /// Share of ids refused (422) on every request, chosen by id, so the
     /// same ids are refused every time ([`refuses`]).
     pub refuse_rate: f64,
@@ -70,6 +75,7 @@ impl Default for Faults {
             poison_marker: String::new(),
             marker_status: 422,
             marker_body: String::new(),
+            marker_latency_ms: 0,
             refuse_rate: 0.0,
             model_version: String::new(),
             max_concurrent: 0,
@@ -124,6 +130,7 @@ struct FaultsUpdate {
     poison_marker: Option<String>,
     marker_status: Option<u16>,
     marker_body: Option<String>,
+    marker_latency_ms: Option<u64>,
     refuse_rate: Option<f64>,
     model_version: Option<String>,
     max_concurrent: Option<u32>,
@@ -203,6 +210,48 @@ fn check_item(
     id
 }
 
+/// The requests `POST /predict` has in flight, the most it had at once,
+/// and how many it had in all, since the start or the last
+/// `DELETE /load`: how a test sees the share of the model a client holds.
+#[derive(Debug, Default)]
+struct Load {
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// One request in [`Load`]'s count, until it is dropped.
+struct InFlight<'a>(&'a Load);
+
+impl<'a> InFlight<'a> {
+    fn start(load: &'a Load) -> InFlight<'a> {
+        let now = load.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        load.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        load.requests.fetch_add(1, Ordering::SeqCst);
+        InFlight(load)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn get_load(load: web::Data<Load>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "in_flight": load.in_flight.load(Ordering::SeqCst),
+        "peak_in_flight": load.peak_in_flight.load(Ordering::SeqCst),
+        "requests": load.requests.load(Ordering::SeqCst),
+    }))
+}
+
+async fn reset_load(load: web::Data<Load>) -> HttpResponse {
+    load.peak_in_flight.store(load.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    load.requests.store(0, Ordering::SeqCst);
+    HttpResponse::NoContent().finish()
+}
+
 /// `POST /predict`, traced (when tracing is on) as a child of the
 /// caller's `traceparent`.
 async fn predict(
@@ -210,7 +259,9 @@ async fn predict(
     body: web::Bytes,
     faults: web::Data<SharedFaults>,
     workers: web::Data<ModelWorkers>,
+    load: web::Data<Load>,
 ) -> HttpResponse {
+    let _in_flight = InFlight::start(&load);
     let traceparent = request.headers().get(crate::domain::trace_context::TRACEPARENT).map(|value| value.as_bytes());
     let span = crate::spans::MlApiRequest::start(traceparent);
     let response = answer(body, faults, workers).await;
@@ -276,6 +327,9 @@ async fn answer(body: web::Bytes, faults: web::Data<SharedFaults>, workers: web:
             }
         }
     }
+    if poisoned && faults.marker_latency_ms > 0 {
+        actix_rt::time::sleep(Duration::from_millis(faults.marker_latency_ms)).await;
+    }
     if poisoned && faults.marker_status != 422 {
         let status = actix_web::http::StatusCode::from_u16(faults.marker_status)
             .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
@@ -334,6 +388,7 @@ async fn set_faults(
         poison_marker: update.poison_marker.clone().unwrap_or_else(|| current.poison_marker.clone()),
         marker_status: update.marker_status.unwrap_or(current.marker_status),
         marker_body: update.marker_body.clone().unwrap_or_else(|| current.marker_body.clone()),
+        marker_latency_ms: update.marker_latency_ms.unwrap_or(current.marker_latency_ms),
         refuse_rate: update.refuse_rate.unwrap_or(current.refuse_rate),
         model_version: update.model_version.clone().unwrap_or_else(|| current.model_version.clone()),
         max_concurrent: update.max_concurrent.unwrap_or(current.max_concurrent),
@@ -370,17 +425,21 @@ pub fn start(listen: SocketAddr, faults: Faults, endpoint: FaultsEndpoint) -> an
     faults.check().map_err(|message| anyhow::anyhow!(message))?;
     let workers: ModelWorkers = Arc::new(RwLock::new(model_workers(faults.max_concurrent)));
     let shared: SharedFaults = Arc::new(RwLock::new(faults));
+    let load = web::Data::new(Load::default());
     let server = HttpServer::new(move || {
         let app = App::new()
             .app_data(web::Data::new(shared.clone()))
+            .app_data(load.clone())
             .app_data(web::Data::new(workers.clone()))
             .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
             .route("/predict", web::post().to(predict))
             .route("/health", web::get().to(health));
         match endpoint {
-            FaultsEndpoint::Served => {
-                app.route("/faults", web::get().to(get_faults)).route("/faults", web::post().to(set_faults))
-            }
+            FaultsEndpoint::Served => app
+                .route("/faults", web::get().to(get_faults))
+                .route("/faults", web::post().to(set_faults))
+                .route("/load", web::get().to(get_load))
+                .route("/load", web::delete().to(reset_load)),
             // actix answers 404 for a path without a route.
             FaultsEndpoint::Absent => app,
         }

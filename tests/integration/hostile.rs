@@ -5,7 +5,7 @@
 //! prints its figures (peak RSS among them) on one `hostile |` line.
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -217,28 +217,41 @@ async fn a_model_version_longer_than_its_column_costs_the_predictions_only() {
 /// that record fails; the breaker never opens; the backfill gives it up.
 #[tokio::test]
 async fn a_record_the_api_always_fails_with_500_is_isolated() {
-    a_record_the_api_always_fails_with_is_isolated(500).await;
+    a_record_the_api_always_fails_on_is_isolated("500", json!({"marker_status": 500}), &[]).await;
 }
 
 /// The same with 429 (too many requests) for that one record: isolated
 /// like a 5xx, never holding its whole batch.
 #[tokio::test]
 async fn a_record_the_api_always_answers_429_for_is_isolated() {
-    a_record_the_api_always_fails_with_is_isolated(429).await;
+    a_record_the_api_always_fails_on_is_isolated("429", json!({"marker_status": 429}), &[]).await;
 }
 
 /// The same with 408 (request timeout).
 #[tokio::test]
 async fn a_record_the_api_always_answers_408_for_is_isolated() {
-    a_record_the_api_always_fails_with_is_isolated(408).await;
+    a_record_the_api_always_fails_on_is_isolated("408", json!({"marker_status": 408}), &[]).await;
 }
 
-async fn a_record_the_api_always_fails_with_is_isolated(status: u16) {
-    let scenario = Scenario::new(&format!("hostile-{status}")).await;
-    scenario.set_faults(json!({"poison_marker": "SERVER-KILLER", "marker_status": status})).await;
-    let mut env = QUICK_BACKFILL.to_vec();
-    env.extend([("TXNFLOW__PREDICT__MAX_RETRIES", "1"), ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "100")]);
-    let mut service = scenario.start_service(&env).await;
+/// The same with no answer in time: a request holding that record is
+/// answered 3 s late, past `predict.timeout_ms` (500 ms).
+#[tokio::test]
+async fn a_record_the_api_never_answers_in_time_is_isolated() {
+    let late = json!({"marker_latency_ms": 3_000});
+    a_record_the_api_always_fails_on_is_isolated("timeout", late, &[("TXNFLOW__PREDICT__TIMEOUT_MS", "500")]).await;
+}
+
+/// One record among 500 that the API fails every request for with
+/// `faults` (added to the poison marker), under `env`.
+async fn a_record_the_api_always_fails_on_is_isolated(name: &str, faults: Value, env: &[(&str, &str)]) {
+    let scenario = Scenario::new(&format!("hostile-{name}")).await;
+    let mut knobs = json!({"poison_marker": "SERVER-KILLER"});
+    knobs.as_object_mut().unwrap().extend(faults.as_object().unwrap().clone());
+    scenario.set_faults(knobs).await;
+    let mut all_env = QUICK_BACKFILL.to_vec();
+    all_env.extend([("TXNFLOW__PREDICT__MAX_RETRIES", "1"), ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "100")]);
+    all_env.extend_from_slice(env);
+    let mut service = scenario.start_service(&all_env).await;
     let mut events = valid_events(1106, 500);
     let mut poison: serde_json::Value = serde_json::from_slice(&events[250].1).unwrap();
     poison["description"] = json!("Card expense at SERVER-KILLER");
@@ -264,7 +277,7 @@ async fn a_record_the_api_always_fails_with_is_isolated(status: u16) {
     assert!(refused, "{}", service.log_tail());
     assert_eq!(service.metric("txnflow_circuit_breaker_transitions_total{to=\"open\"}").await, 0.0, "never opened");
     eprintln!(
-        "hostile | one record answered {status} forever among 500 | stored 500, predicted 499, isolated 1 \
+        "hostile | one record answered {name} forever among 500 | stored 500, predicted 499, isolated 1 \
          (prediction_failed, then refused), breaker never opened | peak RSS {:.1} MB",
         service.peak_rss_mb()
     );

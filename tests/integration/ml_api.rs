@@ -86,7 +86,7 @@ async fn fault_knobs_change_at_runtime() {
     assert_eq!(
         current,
         json!({"error_rate": 0.0, "latency_ms": 300, "malformed_rate": 0.0, "drop_rate": 0.0, "extended": true,
-               "poison_marker": "", "marker_status": 422, "marker_body": "", "refuse_rate": 0.0, "model_version": "",
+               "poison_marker": "", "marker_status": 422, "marker_body": "", "marker_latency_ms": 0, "refuse_rate": 0.0, "model_version": "",
                "max_concurrent": 0, "shift": 0, "endless_body": false})
     );
     assert_eq!(post(&base, "/faults", &json!({"error_rate": 2.0})).await.0, 422, "an out-of-range knob is refused");

@@ -1,7 +1,7 @@
 //! Model rollouts against the real stack: re-prediction runs, compare,
 //! promote and roll back, archive, each with exact counts.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use uuid::Uuid;
@@ -253,6 +253,41 @@ fn a_nul_byte_in_an_error_body_costs_one_record_not_the_run() {
     assert_eq!(run, [json!({"status": "completed", "selected": 1000, "predicted": 999, "failed": 1, "error": null})]);
 }
 
+/// A run whose model refuses 111 of 1,000 records, with a share of one
+/// request (`predict.concurrency` 4, `repredict.max_share` 0.25): the
+/// refused batches are split one half after the other, so the model never
+/// sees more than that one request at once, and each refused record ends
+/// in repredict_failures.
+#[tokio::test]
+async fn a_runs_split_batches_stay_within_its_share_of_requests() {
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 1_000);
+    // "purchase 5" is in the descriptions of 5, 50 to 59 and 500 to 599.
+    let refusing = Faults { poison_marker: "purchase 5".into(), latency_ms: 20, ..model("v2", 3) };
+    let url = format!("http://{}", spawn_ml_api(refusing));
+    let output = run(txnflow()
+        .args(["repredict", "--run-id", "share"])
+        .env("TXNFLOW__DB__URL", &database.url)
+        .env("TXNFLOW__REPREDICT__URL", &url)
+        .env("TXNFLOW__PREDICT__CONCURRENCY", "4")
+        .env("TXNFLOW__REPREDICT__MAX_SHARE", "0.25"));
+    let summary = succeeded(&output);
+    assert!(
+        summary.starts_with("run share completed: selected 1000 repredicted 889 failed 111 model v2 in "),
+        "{summary}"
+    );
+    let load: Value = reqwest::get(format!("{url}/load")).await.unwrap().json().await.unwrap();
+    assert_eq!(load["peak_in_flight"], 1, "{load}");
+    let failed: BTreeSet<String> =
+        query_json(&mut connection, "SELECT transaction_id::text AS id FROM repredict_failures")
+            .into_iter()
+            .map(|row| row["id"].as_str().unwrap().to_string())
+            .collect();
+    let refused: BTreeSet<String> = [5].into_iter().chain(50..60).chain(500..600).map(seeded_id).collect();
+    assert_eq!(failed, refused);
+}
+
 /// Four `POST /repredictions` at once, with `repredict.max_concurrent_runs`
 /// 1: exactly one is accepted (202) and three are refused (429), since
 /// each start holds its place from the check to its claim.
@@ -279,10 +314,11 @@ async fn starts_that_arrive_together_respect_max_concurrent_runs() {
 }
 
 /// An ML API reporting 41 model versions in turn, 10 records each: the
-/// first 10 versions are counted by name and the other 31 under `other`,
-/// so `txnflow_predictions_total` holds 11 series, whose counts add up.
+/// 10 most recent versions keep their names and the 31 before them gave
+/// their counts to `other`, so `txnflow_predictions_total` holds 11
+/// series, whose counts add up to the 410 predictions.
 #[tokio::test]
-async fn forty_one_model_versions_make_eleven_metric_series() {
+async fn forty_one_model_versions_leave_the_ten_most_recent_named_and_the_rest_under_other() {
     let scenario = Scenario::new("versions").await;
     let service = scenario.start_service(&[]).await;
     let mut ends = BTreeMap::new();
@@ -302,7 +338,7 @@ async fn forty_one_model_versions_make_eleven_metric_series() {
             (labels.to_string(), value.parse().unwrap())
         })
         .collect();
-    let expected: BTreeMap<String, f64> = (0..10)
+    let expected: BTreeMap<String, f64> = (31..41)
         .map(|n| (format!("kind=\"pipeline\",model_version=\"m{n}\""), 10.0))
         .chain([("kind=\"pipeline\",model_version=\"other\"".to_string(), 310.0)])
         .collect();
