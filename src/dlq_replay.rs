@@ -1,7 +1,7 @@
 //! `txnflow dlq replay`: feeds dead-lettered records back through the
 //! pipeline by republishing each one, key and value unchanged,
 //! to the input topic. Replaying is idempotent: a transaction already stored
-//! is not stored twice, and a prediction is upserted.
+//! is not stored twice, and one that has a prediction keeps it.
 //!
 //! It reads the DLQ in its own consumer group, so a second replay resumes
 //! where the first stopped, and commits a DLQ offset only once the input

@@ -280,10 +280,10 @@ where
 }
 
 /// Writes one flush in one database transaction: transactions inserted
-/// `ON CONFLICT (id) DO NOTHING`, predictions upserted on `transaction_id`,
-/// and each prediction stored or changed appended to `prediction_history`
-/// (kind `pipeline`). A prediction equal to the one stored (a redelivery)
-/// changes nothing and adds no history row.
+/// `ON CONFLICT (id) DO NOTHING`, predictions inserted for transactions
+/// that have none, and each prediction stored appended to
+/// `prediction_history` (kind `pipeline`). A record stored before (a
+/// redelivery, a replay) changes nothing and adds no history row.
 ///
 /// With [`WriteMethod::Copy`], both go in by binary `COPY` first, in one
 /// transaction. `COPY` has no `ON CONFLICT`: a flush holding a record
@@ -314,7 +314,7 @@ pub fn write_flush(
     }
     connection.transaction::<WriteMethod, WriteError, _>(|tx| {
         insert_transactions(tx, rows)?;
-        upsert_predictions(tx, predictions, PredictionKind::Pipeline)?;
+        insert_new_predictions(tx, predictions, PredictionKind::Pipeline)?;
         Ok(WriteMethod::Unnest)
     })
 }
@@ -485,12 +485,13 @@ fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>
     Ok(())
 }
 
-/// Upserts predictions, and appends each one stored or changed to
-/// `prediction_history` as `kind`, in the same statement. A prediction
-/// equal to the stored one is left alone. Repeats of one id within the
-/// call keep the last: PostgreSQL refuses to update one row twice in one
-/// statement.
-pub fn upsert_predictions(
+/// Stores the live model's predictions of transactions that have none,
+/// and appends each one stored to `prediction_history` as `kind`, in the
+/// same statement. A transaction that has a current prediction keeps it:
+/// only a promotion replaces one, so a redelivery, a DLQ replay or a
+/// backfill answer landing after a promotion leaves the promoted one.
+/// Repeats of one id within the call keep the last.
+pub fn insert_new_predictions(
     connection: &mut PgConnection,
     predictions: &[crate::domain::prediction::Prediction],
     kind: PredictionKind,
@@ -510,13 +511,9 @@ pub fn upsert_predictions(
     let versions: Vec<&str> = ids.iter().map(|id| latest[id].model_version.as_str()).collect();
     diesel::sql_query(
         "WITH stored AS (
-             INSERT INTO predictions AS p (transaction_id, category, confidence_score, model_version)
+             INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::text[])
-             ON CONFLICT (transaction_id) DO UPDATE
-             SET category = EXCLUDED.category, confidence_score = EXCLUDED.confidence_score,
-                 model_version = EXCLUDED.model_version, predicted_at = now()
-             WHERE (p.category, p.confidence_score, p.model_version)
-                   IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.confidence_score, EXCLUDED.model_version)
+             ON CONFLICT (transaction_id) DO NOTHING
              RETURNING transaction_id, category, confidence_score, model_version, predicted_at
          )
          INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind)
@@ -632,7 +629,7 @@ pub fn write_backfilled(
 ) -> Result<(), WriteError> {
     let ids: Vec<uuid::Uuid> = predictions.iter().map(|p| p.transaction_id).collect();
     connection.transaction::<(), WriteError, _>(|tx| {
-        upsert_predictions(tx, predictions, PredictionKind::Backfill)?;
+        insert_new_predictions(tx, predictions, PredictionKind::Backfill)?;
         diesel::sql_query("DELETE FROM prediction_backlog WHERE transaction_id = ANY($1)")
             .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(ids)
             .execute(tx)?;

@@ -288,6 +288,91 @@ async fn a_runs_split_batches_stay_within_its_share_of_requests() {
     assert_eq!(failed, refused);
 }
 
+/// Case 8, forced in this order: the backfill claims 10 transactions
+/// stored without a prediction, a promotion then makes v2 current for
+/// them, and only then does the live model's answer come back. The
+/// promoted predictions stay current and the late answer adds no history
+/// row.
+#[test]
+fn a_backfill_answer_landing_after_a_promotion_leaves_the_promoted_prediction() {
+    use diesel::connection::SimpleConnection;
+    use txnflow::domain::prediction::Prediction;
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 100);
+    let unpredicted = format!("'{}'", seeded_id(10));
+    connection
+        .batch_execute(&format!(
+            "DELETE FROM predictions WHERE transaction_id <= {unpredicted};
+             DELETE FROM prediction_history WHERE transaction_id <= {unpredicted};"
+        ))
+        .unwrap();
+    let claimed = txnflow::db::claim_unpredicted(&mut connection, 100, 60_000, 60_000).unwrap();
+    let claimed_ids: BTreeSet<String> = claimed.iter().map(|item| item.id.to_string()).collect();
+    assert_eq!(claimed_ids, (1..=10).map(seeded_id).collect());
+
+    let v2 = format!("http://{}", spawn_ml_api(model("v2", 3)));
+    let run = succeeded(&txnflow_on(&database.url, &v2, &["repredict", "--run-id", "to-v2"]));
+    assert!(run.starts_with("run to-v2 completed: selected 100 repredicted 100 failed 0 model v2"), "{run}");
+    succeeded(&txnflow_on(&database.url, &v2, &["models", "promote", "v2"]));
+
+    let late: Vec<Prediction> = claimed
+        .iter()
+        .map(|item| Prediction {
+            transaction_id: item.id,
+            category: "Food".into(),
+            confidence_score: 0.5,
+            model_version: "v1".into(),
+        })
+        .collect();
+    txnflow::db::write_backfilled(&mut connection, &late).unwrap();
+    let all: BTreeSet<Uuid> = (1..=100).map(|i| Uuid::parse_str(&seeded_id(i)).unwrap()).collect();
+    assert_current_is(&mut connection, &all, "v2", 3);
+    assert_eq!(
+        history(&mut connection),
+        [
+            json!({"model_version": "v1", "kind": "pipeline", "n": 90, "ids": 90}),
+            json!({"model_version": "v2", "kind": "repredict", "n": 100, "ids": 100}),
+        ],
+        "no backfill row"
+    );
+    assert_eq!(query_json(&mut connection, "SELECT count(*)::int AS n FROM prediction_backlog"), [json!({"n": 0})]);
+}
+
+/// Case 8 through Kafka: 300 events predicted by v1, re-predicted and
+/// promoted to v2, then all 300 read again (as a redelivery or a
+/// `dlq replay` would). The live model's answers for them change nothing:
+/// every current prediction stays v2's and history gains no row.
+#[tokio::test]
+async fn a_record_read_again_after_a_promotion_leaves_the_promoted_prediction() {
+    let scenario = Scenario::new("promoted-redelivery").await;
+    scenario.set_faults(json!({"extended": true, "model_version": "v1"})).await;
+    let events = valid_events(8_800, 300);
+    let ids = ids_of(&events);
+    let service = scenario.start_service(&[]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    let mut connection = scenario.db.connect();
+    let predicted = scenario.wait_for(Duration::from_secs(60), |s| s.predictions().len() == 300).await;
+    assert!(predicted, "{}", service.log_tail());
+
+    let v2 = format!("http://{}", spawn_ml_api(model("v2", 3)));
+    succeeded(&txnflow_on(&scenario.db.url, &v2, &["repredict", "--run-id", "to-v2"]));
+    succeeded(&txnflow_on(&scenario.db.url, &v2, &["models", "promote", "v2"]));
+    assert_current_is(&mut connection, &ids, "v2", 3);
+
+    let again = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&again, Duration::from_secs(60)).await, again, "{}", service.log_tail());
+    assert_current_is(&mut connection, &ids, "v2", 3);
+    assert_eq!(
+        history(&mut connection),
+        [
+            json!({"model_version": "v1", "kind": "pipeline", "n": 300, "ids": 300}),
+            json!({"model_version": "v2", "kind": "repredict", "n": 300, "ids": 300}),
+        ]
+    );
+}
+
 /// Four `POST /repredictions` at once, with `repredict.max_concurrent_runs`
 /// 1: exactly one is accepted (202) and three are refused (429), since
 /// each start holds its place from the check to its claim.
