@@ -64,6 +64,11 @@ pub fn compare(config: &Config, a: &str, b: &str, csv: bool) -> anyhow::Result<(
     Ok(())
 }
 
+/// Walks of the history a promotion makes at most: the first, and passes
+/// over the rows that committed behind the one before, while there are
+/// more than a chunk of them. The last pass then holds writers back.
+const MOST_WALKS: u32 = 3;
+
 /// Makes `version`'s latest prediction current for every transaction it
 /// has predicted, in chunks; resumes an interrupted promotion of it.
 pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
@@ -84,49 +89,30 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
     } else {
         eprintln!("promoting {version}: {} history rows", promotion.span.rows);
     }
-    let (Some(first), Some(mut last)) = (promotion.span.first_at, promotion.span.last_at) else {
+    let (Some(first), Some(last)) = (promotion.span.first_at, promotion.span.last_at) else {
         anyhow::bail!("model version {version:?} has no prediction in prediction_history");
     };
-    let start = promotion.resume_at.unwrap_or(first).max(first);
-    let remaining = (promotion.span.rows - promotion.examined).max(1) as u64;
-    let mut windows = TimeWindows::new(start, last, remaining, CHUNK_ROWS);
+    let mut start = promotion.resume_at.unwrap_or(first).max(first);
+    let mut walk = Walk { last, rows: (promotion.span.rows - promotion.examined).max(1) as u64, number: 1 };
     let mut last_progress = Instant::now();
     loop {
-        let Some(window) = windows.next_window() else {
-            // Resumed past the last row: only the end is left to record.
-            let at = windows.next_start();
-            history::promote_chunk(&mut connection, version, &mut promotion, (at, at), true).map_err(database)?;
+        let covered = walk_history(&mut connection, version, &mut promotion, start, &walk, &mut last_progress)?;
+        let from = promotion.catch_up_from.unwrap_or(covered);
+        let behind =
+            history::rows_in_window(&mut connection, Some(version), (from, history::forever())).map_err(database)?;
+        let again = if behind > CHUNK_ROWS && walk.number < MOST_WALKS {
+            history::last_prediction_since(&mut connection, version, from).map_err(database)?
+        } else {
+            None
+        };
+        let Some(last) = again else {
+            history::finish_promotion(&mut connection, version, &mut promotion, from).map_err(database)?;
             break;
         };
-        let rows = history::rows_in_window(&mut connection, Some(version), window).map_err(database)?;
-        if !windows.fits(rows) {
-            continue;
-        }
-        let mut end = window.1 > last;
-        if end
-            && let Some(later) = history::last_prediction_since(&mut connection, version, window.1).map_err(database)?
-        {
-            // Rows of this version arrived while it was being promoted.
-            last = later;
-            windows.extend_to(later);
-            end = false;
-        }
-        let (examined, _) =
-            history::promote_chunk(&mut connection, version, &mut promotion, window, end).map_err(database)?;
-        windows.done(window.1, examined);
-        if end {
-            break;
-        }
-        if last_progress.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "promote {version}: {} of {} history rows ({:.0}%), {} current predictions changed",
-                promotion.examined,
-                promotion.span.rows,
-                100.0 * promotion.examined as f64 / promotion.span.rows.max(1) as f64,
-                promotion.promoted
-            );
-            last_progress = Instant::now();
-        }
+        eprintln!("promote {version}: going over {behind} history rows again, written while it walked");
+        promotion.catch_up_from = None;
+        start = from;
+        walk = Walk { last, rows: behind, number: walk.number + 1 };
     }
     println!(
         "promoted {version}: examined {} history rows, changed {} current predictions in {:.1} s",
@@ -135,6 +121,60 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// One walk of a promotion over history: to `last` (or later, as rows
+/// arrive), about `rows` rows.
+struct Walk {
+    last: chrono::DateTime<chrono::Utc>,
+    rows: u64,
+    number: u32,
+}
+
+/// Walks `version`'s history from `start` in windows, one chunk each,
+/// until no later row is seen; returns where it stopped.
+fn walk_history(
+    connection: &mut diesel::PgConnection,
+    version: &str,
+    promotion: &mut history::Promotion,
+    start: chrono::DateTime<chrono::Utc>,
+    walk: &Walk,
+    last_progress: &mut Instant,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let mut last = walk.last;
+    let mut windows = TimeWindows::new(start, last, walk.rows, CHUNK_ROWS);
+    loop {
+        let Some(window) = windows.next_window() else {
+            return Ok(windows.next_start());
+        };
+        let rows = history::rows_in_window(connection, Some(version), window).map_err(database)?;
+        if !windows.fits(rows) {
+            continue;
+        }
+        let (examined, _) = history::promote_chunk(connection, version, promotion, window).map_err(database)?;
+        windows.done(window.1, examined);
+        if window.1 > last {
+            match history::last_prediction_since(connection, version, window.1).map_err(database)? {
+                // Rows of this version arrived while it was being promoted.
+                Some(later) => {
+                    last = later;
+                    windows.extend_to(later);
+                }
+                None => return Ok(windows.next_start()),
+            }
+        }
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "promote {version}: {} of {} history rows ({:.0}%), {} current predictions changed{}",
+                promotion.examined,
+                promotion.span.rows,
+                100.0 * promotion.examined as f64 / promotion.span.rows.max(1) as f64,
+                promotion.promoted,
+                if walk.number > 1 { format!(", walk {} of at most {MOST_WALKS}", walk.number) } else { String::new() }
+            );
+            *last_progress = Instant::now();
+        }
+    }
 }
 
 /// Moves history rows older than `days` days, except current predictions,

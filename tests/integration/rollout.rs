@@ -540,6 +540,64 @@ fn a_promotion_clears_the_backlog_of_what_it_promotes() {
     assert_eq!(current, [json!({"model_version": "v1", "n": 5}), json!({"model_version": "v2", "n": 5})]);
 }
 
+/// Case 10, forced: a writer opens a transaction and writes a v2 history
+/// row for transaction 1 (dated at its start, as every history row is),
+/// and keeps it open while `models promote v2` walks. The promotion does
+/// not complete past it: its last pass waits for the writer, and once the
+/// writer commits, that row is the current prediction of transaction 1.
+#[test]
+fn a_history_row_committing_while_a_promotion_walks_is_promoted() {
+    use diesel::connection::SimpleConnection;
+    let database = migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 100);
+    let v2 = format!("http://{}", spawn_ml_api(model("v2", 3)));
+    succeeded(&txnflow_on(&database.url, &v2, &["repredict", "--run-id", "to-v2"]));
+    let first = Uuid::parse_str(&seeded_id(1)).unwrap();
+    let late_category = CATEGORIES.iter().find(|c| **c != shifted_category(first, 3)).unwrap();
+    let mut writer = database.connect();
+    writer
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, kind)
+             VALUES ('{first}', '{late_category}', 0.99, 'v2', 'repredict');"
+        ))
+        .unwrap();
+    let mut promote = ChildGuard(
+        txnflow()
+            .args(["models", "promote", "v2"])
+            .env("TXNFLOW__DB__URL", &database.url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let waiting = |connection: &mut diesel::PgConnection| {
+        query_json(
+            connection,
+            "SELECT count(*)::int AS n FROM pg_locks WHERE relation = 'prediction_history'::regclass AND NOT granted",
+        ) == [json!({"n": 1})]
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !waiting(&mut connection) {
+        assert!(promote.0.try_wait().unwrap().is_none(), "the promotion completed while a writer was open");
+        assert!(std::time::Instant::now() < deadline, "the promotion never waited for the writer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer.batch_execute("COMMIT").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(promote.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(promote.0.wait().unwrap().success(), "{out}");
+    // Transaction 1 changed twice: to its first v2 row in the walk, to the late one after.
+    assert!(out.starts_with("promoted v2: examined 101 history rows, changed 101 current predictions"), "{out}");
+    let current = current(&mut connection);
+    assert_eq!(current[&first], (late_category.to_string(), "v2".to_string()));
+    let others = current.iter().filter(|(id, _)| **id != first);
+    for (id, (category, version)) in others {
+        assert_eq!((category.as_str(), version.as_str()), (shifted_category(*id, 3), "v2"), "{id}");
+    }
+}
+
 /// Acceptance 2: a re-prediction of 50,000 rows killed with SIGKILL
 /// halfway, then POSTed to the service with its run id, ends with exact
 /// counts and no transaction twice in the run's history.

@@ -1,0 +1,1 @@
+ALTER TABLE model_promotions DROP COLUMN IF EXISTS catch_up_from;
