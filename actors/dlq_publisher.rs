@@ -75,6 +75,11 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
         letter.ack.origin(),
         letter.run_id.as_deref(),
         letter.trace.traceparent.as_deref(),
+        // The value is kept as it was read: a framed one names its schema.
+        match crate::domain::wire_format::framing(&letter.value) {
+            Ok(crate::domain::wire_format::Framing::Framed { schema_id, .. }) => Some(schema_id),
+            _ => None,
+        },
         chrono::Utc::now(),
         crate::SERVICE,
     );

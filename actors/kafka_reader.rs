@@ -39,13 +39,18 @@ use super::buffer::Buffer;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{Capacity, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
-use crate::config::GroupProtocol;
+use crate::backoff::Backoff;
+use crate::config::{GroupProtocol, ValueFormat};
 use crate::domain::dead_letter::{ErrorType, Failure};
-use crate::domain::event::{RecordError, RejectStage, parse_event};
+use crate::domain::event::{RecordError, RejectStage};
 use crate::domain::offsets::OffsetTracker;
 use crate::domain::origin::Origin;
+use crate::domain::schema_event::{SchemaLookup, read_value};
 use crate::domain::transaction::ProcessingType;
+use crate::domain::validation::validate;
+use crate::domain::wire_format::{self, Framing};
 use crate::metrics::{self, METRICS, Phase, StageTimer};
+use crate::schema_registry::SchemaRegistry;
 use crate::spans::{CommitSpan, ReadAt};
 
 /// How long a revoke waits for in-flight records before committing what is durable.
@@ -406,7 +411,12 @@ enum Commits {
 }
 
 /// Reads until stopped or an unrecoverable error.
-async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -> anyhow::Result<()> {
+async fn read_loop(
+    pipeline: Arc<Pipeline>,
+    next: Next,
+    consumer: Arc<Reader>,
+    registry: Option<Arc<SchemaRegistry>>,
+) -> anyhow::Result<()> {
     let topic = pipeline.config.kafka.topic.clone();
     let offsets = consumer.context().offsets.clone();
     // Records received while the partitions were paused, read first.
@@ -450,7 +460,12 @@ async fn read_loop(pipeline: Arc<Pipeline>, next: Next, consumer: Arc<Reader>) -
                 _ => break,
             }
         }
-        let mut pass = ReadPass::new();
+        if let Some(registry) = &registry
+            && !fetch_schemas(&pipeline, &consumer, registry, &messages, &mut carried).await?
+        {
+            return Ok(());
+        }
+        let mut pass = ReadPass::new(registry.as_deref());
         let mut messages = messages.into_iter();
         while let Some(message) = messages.next() {
             // A partition revoked since this was fetched is someone else's now.
@@ -526,6 +541,68 @@ async fn wait_paused(
     Ok(permit)
 }
 
+/// Fetches the schemas that the records in hand are framed for and that
+/// are not known yet, so that each record is then read without waiting.
+/// While the registry cannot answer, no record is at fault: the held
+/// partitions are paused and polled (as while capacity is full), and the
+/// fetch is tried again with backoff, for as long as it takes. Returns
+/// false when the service stops meanwhile.
+async fn fetch_schemas(
+    pipeline: &Pipeline,
+    consumer: &Reader,
+    registry: &SchemaRegistry,
+    messages: &[OwnedMessage],
+    carried: &mut std::collections::VecDeque<OwnedMessage>,
+) -> anyhow::Result<bool> {
+    if pipeline.config.kafka.value_format == ValueFormat::Json {
+        return Ok(true);
+    }
+    let unknown: std::collections::BTreeSet<u32> = messages
+        .iter()
+        .filter_map(|message| match wire_format::framing(message.payload().unwrap_or_default()) {
+            Ok(Framing::Framed { schema_id, .. }) => Some(schema_id),
+            _ => None,
+        })
+        .filter(|id| registry.cached(*id).is_none())
+        .collect();
+    let mut paused: Option<Instant> = None;
+    let mut backoff = Backoff::outage();
+    for id in unknown {
+        loop {
+            if pipeline.is_shutting_down() {
+                return Ok(false);
+            }
+            let unavailable = match registry.fetch(id).await {
+                Ok(_) => break,
+                Err(unavailable) => unavailable,
+            };
+            if paused.is_none() {
+                consumer.pause(&consumer.assignment()?)?;
+                paused = Some(Instant::now());
+            }
+            METRICS.schema_registry_unavailable.inc();
+            let delay = backoff.next_delay();
+            crate::kafka::warn_repeated(&format!("{unavailable}; reading waits for it (schema id {id})"));
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    received = consumer.recv() => match received {
+                        Ok(message) => carried.push_back(message.detach()),
+                        Err(error) => crate::kafka::warn_consumer_error(&error, "consumer error while paused"),
+                    },
+                }
+            }
+        }
+    }
+    if let Some(since) = paused {
+        consumer.resume(&consumer.assignment()?)?;
+        tracing::info!(waited_s = since.elapsed().as_secs(), "the schema registry answers again: partitions resumed");
+    }
+    Ok(true)
+}
+
 /// How long the reader waits for capacity before it pauses its
 /// partitions; far below `max.poll.interval.ms` (5 minutes by default).
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
@@ -553,7 +630,9 @@ struct Next {
 
 /// What one pass of the read loop sends on: valid records to the Buffer,
 /// invalid ones to the DlqPublisher.
-struct ReadPass {
+struct ReadPass<'r> {
+    /// The schemas of the records framed for the registry, fetched first.
+    registry: Option<&'r SchemaRegistry>,
     valid: Vec<Envelope>,
     invalid: Vec<DeadLetter>,
     /// Counted here and added to the metrics once per send, not per record.
@@ -566,9 +645,10 @@ struct ReadPass {
     waited: Duration,
 }
 
-impl ReadPass {
-    fn new() -> ReadPass {
+impl<'r> ReadPass<'r> {
+    fn new(registry: Option<&'r SchemaRegistry>) -> ReadPass<'r> {
         ReadPass {
+            registry,
             valid: Vec::new(),
             invalid: Vec::new(),
             read: 0,
@@ -610,7 +690,18 @@ impl ReadPass {
                 message: format!("record of {} bytes, over kafka.max_record_bytes ({max_bytes})", payload.len()),
             })
         } else {
-            parse_event(payload)
+            let kafka = &pipeline.config.kafka;
+            let lookup = |id| match self.registry {
+                // Fetched before the pass; a schema evicted since reads as
+                // unusable rather than wait here.
+                Some(registry) => registry
+                    .cached(id)
+                    .unwrap_or_else(|| SchemaLookup::Unusable("evicted from the cache during its read".to_string())),
+                None => SchemaLookup::NoRegistry,
+            };
+            read_value(payload, kafka.value_format, kafka.require_schema, lookup)
+                .raw
+                .and_then(|raw| validate(&raw).map_err(RecordError::from))
         };
         let at = ReadAt {
             topic: message.topic(),
@@ -695,10 +786,19 @@ impl Actor for KafkaReader {
                 return;
             }
         };
+        let registry = match SchemaRegistry::new(&self.pipeline.config.schema_registry) {
+            Ok(registry) => registry.map(Arc::new),
+            Err(error) => {
+                tracing::error!(%error, "cannot create the schema registry client; retrying");
+                ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.stop());
+                return;
+            }
+        };
         self.consumer = Some(consumer.clone());
         ctx.spawn(commit_on_progress(consumer.clone()).into_actor(self));
         let (pipeline, next) = (self.pipeline.clone(), self.next.clone());
-        self.read_loop = Some(ctx.spawn(read_loop(pipeline, next, consumer).into_actor(self).map(|result, _, ctx| {
+        let reading = read_loop(pipeline, next, consumer, registry);
+        self.read_loop = Some(ctx.spawn(reading.into_actor(self).map(|result, _, ctx| {
             if let Err(error) = result {
                 tracing::error!(%error, "the read loop failed; restarting the reader");
                 ctx.stop();

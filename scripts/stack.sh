@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local stack without Docker (contract §10): PostgreSQL (Debian), a
-# three-node Apache Kafka cluster (jars from Maven Central), SeaweedFS (S3)
-# and the reference ML API.
+# three-node Apache Kafka cluster (jars from Maven Central), a Schema
+# Registry (Apicurio, Confluent-compatible API, from Maven Central),
+# SeaweedFS (S3) and the reference ML API.
 #
 #   scripts/stack.sh up      install what is missing, start what is stopped, wait until each answers
 #   scripts/stack.sh down    stop only what `up` started
@@ -24,6 +25,9 @@ LOGS="$STACK/logs" PIDS="$STACK/pids" DATA="$STACK/data" STARTED="$STACK/started
 KAFKA_POM="$ROOT/stack/kafka/pom.xml"
 KAFKA_HOME="$STACK/kafka"
 KAFKA_HEAP="${KAFKA_HEAP:-512m}"
+REGISTRY_VERSION="3.3.3"
+REGISTRY_HOME="$STACK/registry"
+REGISTRY_HEAP="${REGISTRY_HEAP:-384m}"
 NEXTEST_VERSION="0.9.148"
 SEAWEEDFS_VERSION="4.48"
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
@@ -370,6 +374,59 @@ up_kafka() {
   kafka_wait_whole
 }
 
+# A Java of 21 or later (Apicurio 3 needs it): the one on PATH, else the
+# newest under /usr/lib/jvm (the machine kind ships a Temurin JDK there).
+registry_java() {
+  local candidate major
+  for candidate in "$(command -v java || true)" $(ls -d /usr/lib/jvm/*/bin/java 2>/dev/null | sort -rV); do
+    [[ -x "$candidate" ]] || continue
+    major="$("$candidate" -XshowSettings:properties -version 2>&1 | awk -F'= ' '/java.specification.version/ {print $2}')"
+    if [[ "${major%%.*}" =~ ^[0-9]+$ ]] && (( ${major%%.*} >= 21 )); then echo "$candidate"; return 0; fi
+  done
+  return 1
+}
+
+# The registry's files: fetched once per machine, again for another version.
+ensure_registry() {
+  local stamp="$REGISTRY_HOME/.version"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$REGISTRY_VERSION" && -f "$REGISTRY_HOME/quarkus-run.jar" ]]; then return 0; fi
+  log "fetching Apicurio Registry $REGISTRY_VERSION from Maven Central (one time, about 150 MB)"
+  local start=$SECONDS fetch="$STACK/registry-fetch"
+  rm -rf "$REGISTRY_HOME" "$fetch"
+  mkdir -p "$fetch"
+  mvn -B -q dependency:copy -Dartifact="io.apicurio:apicurio-registry-app:$REGISTRY_VERSION:tar.gz:all" \
+    -DoutputDirectory="$fetch" >"$LOGS/registry-fetch.log" 2>&1 \
+    || fail "mvn dependency:copy of apicurio-registry-app; see $LOGS/registry-fetch.log"
+  log "registry fetch: unpacking ($(( SECONDS - start ))s so far)"
+  mkdir -p "$REGISTRY_HOME"
+  tar xzf "$fetch"/apicurio-registry-app-*-all.tar.gz -C "$REGISTRY_HOME" \
+    || fail "unpacking the registry into $REGISTRY_HOME"
+  rm -rf "$fetch"
+  [[ -f "$REGISTRY_HOME/quarkus-run.jar" ]] || fail "no quarkus-run.jar in the registry's archive"
+  echo "$REGISTRY_VERSION" >"$stamp"
+  log "registry fetch: done in $(( SECONDS - start ))s"
+}
+
+registry_ready() { curl -sf http://127.0.0.1:8081/apis/ccompat/v7/subjects; }
+
+# Apicurio Registry on 127.0.0.1:8081 (its Confluent-compatible API under
+# /apis/ccompat/v7), data in memory: `txnflow setup` registers the schemas
+# again after a restart. Its management port (health, metrics) is moved
+# from 9000 to 127.0.0.1:8082.
+up_registry() {
+  if pid_alive registry; then log "registry already running (pid $(cat "$PIDS/registry.pid"))"; return; fi
+  if port_open 8081; then log "port 8081 is already served by another process; using it as the schema registry"; return; fi
+  local java
+  java="$(registry_java)" || fail "the schema registry (Apicurio 3) needs Java 21 or later, on PATH or under /usr/lib/jvm; Debian 12 packages only 17"
+  ensure_registry
+  log "starting the schema registry (Apicurio $REGISTRY_VERSION) on 127.0.0.1:8081 (heap $REGISTRY_HEAP)"
+  start_daemon registry "$java" -Xms128m -Xmx"$REGISTRY_HEAP" -XX:+UseSerialGC \
+    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port=8081 \
+    -Dquarkus.management.host=127.0.0.1 -Dquarkus.management.port=8082 \
+    -jar "$REGISTRY_HOME/quarkus-run.jar"
+  wait_for registry "$LOGS/registry.log" registry_ready
+}
+
 # scripts/stack.sh broker ACTION N
 broker() {
   local action="${1:-}" n="${2:-}" pid
@@ -475,17 +532,19 @@ up() {
   ensure_nextest
   up_postgres
   up_kafka
+  up_registry
   up_seaweedfs
   up_ml_api
   log "creating topics, bucket and schema (txnflow setup)"
   (cd "$ROOT" && "$TXNFLOW_BIN" setup >"$LOGS/setup.log" 2>&1) || fail "txnflow setup; see $LOGS/setup.log"
   sed 's/^/[stack]   /' "$LOGS/setup.log" | grep -v -E '^\[stack\]   .*(INFO|DEBUG)' || true
-  log "stack is up: postgres 127.0.0.1:5432, kafka 127.0.0.1:9092-9094, s3 http://127.0.0.1:8333, ml-api http://127.0.0.1:8000"
+  log "stack is up: postgres 127.0.0.1:5432, kafka 127.0.0.1:9092-9094, registry http://127.0.0.1:8081, s3 http://127.0.0.1:8333, ml-api http://127.0.0.1:8000"
 }
 
 down() {
   mkdir -p "$PIDS" "$STARTED"
   stop_daemon ml-api 5
+  stop_daemon registry 10
   stop_daemon seaweedfs 3
   # The three nodes at once: one by one, the last would wait for a quorum that has gone.
   local n; for n in 1 2 3; do stop_daemon "kafka-$n" 30 & done; wait
@@ -502,7 +561,7 @@ status() {
   local code=0
   line() { printf '%-10s %-9s %s\n' "$1" "$2" "$3"; }
   if pg_ready >/dev/null 2>&1; then line postgres up "127.0.0.1:5432 $( [[ -f "$STARTED/postgres" ]] && echo '(started by make up)' || echo '(not started by make up)')"; else line postgres down ""; code=1; fi
-  for service in kafka-1:9092 kafka-2:9093 kafka-3:9094 seaweedfs:8333 ml-api:8000; do
+  for service in kafka-1:9092 kafka-2:9093 kafka-3:9094 registry:8081 seaweedfs:8333 ml-api:8000; do
     local name="${service%%:*}" port="${service##*:}" owner="(not started by make up)"
     pid_alive "$name" && owner="(pid $(cat "$PIDS/$name.pid"), log .stack/logs/$name.log)"
     if port_open "$port"; then line "$name" up "127.0.0.1:$port $owner"; else line "$name" down ""; code=1; fi

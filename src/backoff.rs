@@ -29,6 +29,13 @@ impl Backoff {
         self.failures
     }
 
+    /// Counts a failed attempt and gives the delay before the next one,
+    /// for a caller that waits on something else meanwhile.
+    pub fn next_delay(&mut self) -> Duration {
+        self.failures += 1;
+        backoff_delay(self.failures, self.initial, self.max, rand::rng().random())
+    }
+
     /// Counts a failed attempt and sleeps before the next one; `said` logs
     /// it first, given the failures so far and the delay.
     pub async fn wait(&mut self, said: impl FnOnce(u32, Duration)) {

@@ -43,6 +43,7 @@ pub struct Config {
     pub repredict: RepredictConfig,
     pub db: DbConfig,
     pub s3: S3Config,
+    pub schema_registry: SchemaRegistryConfig,
     pub batch: BatchConfig,
     pub admin: AdminConfig,
     pub chaos: ChaosConfig,
@@ -70,6 +71,11 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// A record larger than this is dead-lettered as invalid, unread.
     pub max_record_bytes: usize,
+    /// How record values are read: `auto` reads the registry's framing
+    /// when a record has it and plain JSON otherwise.
+    pub value_format: ValueFormat,
+    /// A record without the registry's framing is invalid (`no schema`).
+    pub require_schema: bool,
     /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub security_protocol: String,
     /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` (empty without SASL).
@@ -223,6 +229,33 @@ pub struct S3Config {
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
+}
+
+pub use crate::domain::schema_event::ValueFormat;
+
+/// The least `schema_registry.max_cached_schemas`: every schema of the
+/// records the reader takes at once stays known while they are read.
+pub const MIN_CACHED_SCHEMAS: usize = 1024;
+
+/// A Confluent-compatible schema registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// The base of its Confluent API (empty: none).
+    pub url: String,
+    /// Basic authentication; the password is a secret, or `password_file`.
+    pub username: String,
+    pub password: String,
+    pub password_file: String,
+    /// A bearer token instead, a secret, or `token_file`.
+    pub token: String,
+    pub token_file: String,
+    /// PEM file of the CAs that sign its certificate (empty: the system's).
+    pub ca_file: String,
+    pub timeout_ms: u64,
+    /// Schemas kept in memory, at most; past it the oldest is fetched again
+    /// when it is next needed.
+    pub max_cached_schemas: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,6 +443,29 @@ impl Config {
                 return Err(ConfigError::new("kafka.sasl_password_file", format!("{path} is empty")));
             }
         }
+        let registry = &mut self.schema_registry;
+        for (key, file, secret, other) in [
+            (
+                "schema_registry.password_file",
+                &registry.password_file,
+                &mut registry.password,
+                "schema_registry.password",
+            ),
+            ("schema_registry.token_file", &registry.token_file, &mut registry.token, "schema_registry.token"),
+        ] {
+            if file.is_empty() {
+                continue;
+            }
+            if !secret.is_empty() {
+                return Err(ConfigError::new(key, format!("set {other} or {key}, not both")));
+            }
+            let text =
+                std::fs::read_to_string(file).map_err(|e| ConfigError::new(key, format!("cannot read {file}: {e}")))?;
+            *secret = text.trim().to_string();
+            if secret.is_empty() {
+                return Err(ConfigError::new(key, format!("{file} is empty")));
+            }
+        }
         let admin = &mut self.admin;
         if !admin.token_file.is_empty() {
             if !admin.token.is_empty() {
@@ -540,6 +596,32 @@ impl Config {
         positive("db.pool_size", u64::from(self.db.pool_size))?;
         positive("db.connect_timeout_ms", self.db.connect_timeout_ms)?;
         http_url("s3.endpoint", &self.s3.endpoint)?;
+        let registry = &self.schema_registry;
+        if !registry.url.is_empty() {
+            http_url("schema_registry.url", &registry.url)?;
+        }
+        if !registry.token.is_empty() && !registry.username.is_empty() {
+            return Err(ConfigError::new(
+                "schema_registry.token",
+                "set schema_registry.username (basic authentication) or schema_registry.token, not both",
+            ));
+        }
+        positive("schema_registry.timeout_ms", registry.timeout_ms)?;
+        if registry.max_cached_schemas < MIN_CACHED_SCHEMAS {
+            return Err(ConfigError::new(
+                "schema_registry.max_cached_schemas",
+                format!(
+                    "must be at least {MIN_CACHED_SCHEMAS} (the records the reader takes at once), got {}",
+                    registry.max_cached_schemas
+                ),
+            ));
+        }
+        if self.kafka.value_format == ValueFormat::Json && self.kafka.require_schema {
+            return Err(ConfigError::new(
+                "kafka.require_schema",
+                "needs a kafka.value_format that reads the registry's framing (auto, avro, protobuf or json_schema)",
+            ));
+        }
         non_empty("s3.bucket", &self.s3.bucket)?;
         positive("batch.heartbeat_ms", self.batch.heartbeat_ms)?;
         if self.batch.stale_after_ms <= self.batch.heartbeat_ms {

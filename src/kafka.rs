@@ -140,6 +140,14 @@ pub(crate) fn warn_consumer_error(error: &rdkafka::error::KafkaError, what: &str
     }
 }
 
+/// A warning that may repeat many times a second (a dependency down),
+/// folded the same way: once per cause and interval, with the count.
+pub(crate) fn warn_repeated(message: &str) {
+    if let Some(held) = admitted(&crate::domain::repeats::cause_of(message, "")) {
+        tracing::warn!("{}", with_repeats(message.to_string(), held));
+    }
+}
+
 fn with_repeats(message: String, held: u64) -> String {
     if held == 0 {
         return message;

@@ -3,7 +3,7 @@
 //!
 //! - [`domain`]: the business rules, pure functions with no I/O.
 //! - [`config`]: layered configuration.
-//! - [`db`], [`kafka`], [`s3`]: adapters to the outside world.
+//! - [`db`], [`kafka`], [`s3`], [`schema_registry`]: adapters to the outside world.
 //! - [`ml_api`]: the reference prediction server and its fault knobs.
 //! - [`produce`]: the simulated producers.
 //! - [`service`], [`admin`], [`metrics`], [`ml_client`], [`breaker`],
@@ -29,6 +29,7 @@ pub mod models_command;
 pub mod produce;
 pub mod repredict;
 pub mod s3;
+pub mod schema_registry;
 pub mod service;
 pub mod spans;
 pub mod telemetry;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub ml_api_config_errors: IntCounterVec,
     /// Stored transactions the backfill gave up predicting (`backfill.max_attempts`).
     pub backfill_refused: prometheus::IntCounter,
+    pub schema_registry_unavailable: prometheus::IntCounter,
     /// Scans of `transactions` for rows without a prediction, by why they ran.
     pub backfill_scans: IntCounterVec,
     /// Where the time goes, stage by stage (see [`Stage`]).
@@ -146,6 +147,10 @@ impl Metrics {
             backfill_refused: register(
                 r,
                 prometheus::IntCounter::new("txnflow_backfill_refused_total", "Stored transactions the backfill stopped predicting after backfill.max_attempts (see the refused_predictions view).").unwrap(),
+            ),
+            schema_registry_unavailable: register(
+                r,
+                prometheus::IntCounter::new("txnflow_schema_registry_unavailable_total", "Schema fetches the registry did not answer (unreachable, 5xx, a timeout, refused credentials); reading waits meanwhile.").unwrap(),
             ),
             backfill_scans: register(
                 r,

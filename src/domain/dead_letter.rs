@@ -99,6 +99,7 @@ pub fn dlq_headers(
     origin: &Origin,
     run_id: Option<&str>,
     traceparent: Option<&str>,
+    schema_id: Option<u32>,
     failed_at: DateTime<Utc>,
     service: &str,
 ) -> Vec<(&'static str, String)> {
@@ -112,6 +113,9 @@ pub fn dlq_headers(
         ("run_id", run_id.unwrap_or_default().to_string()),
         ("service", service.to_string()),
     ];
+    if let Some(schema_id) = schema_id {
+        headers.push(("schema_id", schema_id.to_string()));
+    }
     if let Some(traceparent) = traceparent {
         headers.push((crate::domain::trace_context::TRACEPARENT, traceparent.to_string()));
     }
@@ -154,7 +158,7 @@ mod tests {
         };
         let origin = Origin::Kafka { topic: "t".into(), partition: 0, offset: 3 };
         let at = Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap();
-        let headers = dlq_headers(&failure, &origin, Some("run-1"), None, at, "txnflow/0.1.0");
+        let headers = dlq_headers(&failure, &origin, Some("run-1"), None, None, at, "txnflow/0.1.0");
         assert_eq!(
             headers,
             [

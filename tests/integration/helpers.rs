@@ -105,6 +105,13 @@ pub struct ReadRecord {
     pub headers: Vec<(String, String)>,
 }
 
+impl ReadRecord {
+    /// The value of header `name`, empty when absent.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.iter().find(|(key, _)| key == name).map_or("", |(_, value)| value.as_str())
+    }
+}
+
 /// Reads `expected` records from every partition of `topic`, from the start,
 /// by assignment, without joining a consumer group (not under test).
 /// Fails after `deadline` with what it has read, and past the expected

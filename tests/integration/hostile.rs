@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::helpers::{ReadRecord, assert_same_set, kafka_config_for, query_json};
+use crate::helpers::{assert_same_set, kafka_config_for, query_json};
 use crate::scenario::{Scenario, Sent, Service, ids_of, valid_events};
 
 /// A backfill that gives up within a test's time.
@@ -20,10 +20,6 @@ const QUICK_BACKFILL: [(&str, &str); 4] = [
     ("TXNFLOW__BACKFILL__INITIAL_BACKOFF_MS", "300"),
     ("TXNFLOW__BACKFILL__MAX_BACKOFF_MS", "1000"),
 ];
-
-fn header<'a>(record: &'a ReadRecord, name: &str) -> &'a str {
-    record.headers.iter().find(|(key, _)| key == name).map_or("", |(_, value)| value.as_str())
-}
 
 fn source_of(scenario: &Scenario, sent: &Sent) -> String {
     format!("{}/{}/{}", scenario.topic, sent.partition, sent.offset)
@@ -68,7 +64,7 @@ async fn oversized_fields_are_invalid_and_the_rest_flows() {
     let dlq = scenario.dlq(3);
     let reasons: BTreeSet<(String, String, String)> = dlq
         .iter()
-        .map(|r| (r.key.clone(), header(r, "error_type").to_string(), header(r, "error_message").to_string()))
+        .map(|r| (r.key.clone(), r.header("error_type").to_string(), r.header("error_message").to_string()))
         .collect();
     let expected: BTreeSet<(String, String, String)> = [
         (bad[0].0.clone(), "invalid".into(), "run_id: longer than 200 characters (9000)".into()),
@@ -135,9 +131,9 @@ async fn records_over_the_byte_bound_go_to_the_dlq_or_the_dead_letter_table() {
     assert_eq!(dlq.len(), 1, "only the 600 KB record fits the DLQ topic");
     assert_eq!(dlq[0].key, big_field.0);
     assert_eq!(dlq[0].value, big_field.1, "unchanged");
-    assert_eq!(header(&dlq[0], "source"), source_of(&scenario, &hostile[0]));
+    assert_eq!(dlq[0].header("source"), source_of(&scenario, &hostile[0]));
     assert_eq!(
-        header(&dlq[0], "error_message"),
+        dlq[0].header("error_message"),
         format!("record of {} bytes, over kafka.max_record_bytes (65536)", big_field.1.len())
     );
     let stored = query_json(
@@ -192,8 +188,8 @@ async fn a_model_version_longer_than_its_column_costs_the_predictions_only() {
     let dlq = scenario.dlq(200);
     assert_eq!(dlq.len(), 200);
     for record in &dlq {
-        assert_eq!(header(record, "error_type"), "prediction_failed");
-        assert_eq!(header(record, "error_message"), "model_version longer than 50 characters (300)");
+        assert_eq!(record.header("error_type"), "prediction_failed");
+        assert_eq!(record.header("error_message"), "model_version longer than 50 characters (300)");
     }
     let keys: BTreeSet<Uuid> = dlq.iter().map(|r| r.key.parse().unwrap()).collect();
     assert_same_set(&keys, &expected, "dead-lettered keys");
@@ -268,9 +264,9 @@ async fn a_record_the_api_always_fails_on_is_isolated(name: &str, faults: Value,
     let dlq = scenario.dlq(1);
     assert_eq!(dlq.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), [poison_id.to_string()]);
     assert!(
-        header(&dlq[0], "error_message").starts_with("the ML API fails on this record while it answers others"),
+        dlq[0].header("error_message").starts_with("the ML API fails on this record while it answers others"),
         "{}",
-        header(&dlq[0], "error_message")
+        dlq[0].header("error_message")
     );
     let refused =
         scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM refused_predictions") == 1).await;
@@ -395,8 +391,8 @@ async fn a_900_kb_traceparent_costs_a_record_55_bytes() {
     assert_same_set(&scenario.transaction_ids(), &ids_of(&good), "stored ids");
     let dlq = scenario.dlq(1);
     assert_eq!(dlq.len(), 1);
-    assert_eq!((dlq[0].key.as_str(), header(&dlq[0], "error_type")), (bad.0.as_str(), "invalid"));
-    assert_eq!(header(&dlq[0], "traceparent"), fields, "the DLQ copy keeps the 55 bytes");
+    assert_eq!((dlq[0].key.as_str(), dlq[0].header("error_type")), (bad.0.as_str(), "invalid"));
+    assert_eq!(dlq[0].header("traceparent"), fields, "the DLQ copy keeps the 55 bytes");
     let read = service.metric("txnflow_records_total{outcome=\"read\",source=\"kafka\"}").await;
     assert_eq!(read, 201.0, "each record read once");
     let rss = service.peak_rss_mb();
@@ -430,8 +426,8 @@ async fn an_api_answering_401_is_a_configuration_error() {
     let dlq = scenario.dlq(300);
     assert_eq!(dlq.len(), 300);
     for record in &dlq {
-        assert_eq!(header(record, "error_type"), "prediction_failed");
-        let message = header(record, "error_message");
+        assert_eq!(record.header("error_type"), "prediction_failed");
+        let message = record.header("error_message");
         assert!(
             message == "the ML API answered 401: check predict.url and its credentials"
                 || message == "circuit breaker open",
@@ -511,7 +507,7 @@ async fn a_write_refused_while_the_database_answers_is_isolated() {
     let dlq = scenario.dlq(2);
     let outcomes: BTreeSet<(String, String, String)> = dlq
         .iter()
-        .map(|r| (r.key.clone(), header(r, "error_type").to_string(), header(r, "stage").to_string()))
+        .map(|r| (r.key.clone(), r.header("error_type").to_string(), r.header("stage").to_string()))
         .collect();
     let expected: BTreeSet<(String, String, String)> = [
         (refused.to_string(), "persist_failed".into(), "persist".into()),
@@ -520,11 +516,7 @@ async fn a_write_refused_while_the_database_answers_is_isolated() {
     .into();
     assert_eq!(outcomes, expected);
     for record in &dlq {
-        assert!(
-            header(record, "error_message").contains("refused by a trigger"),
-            "{}",
-            header(record, "error_message")
-        );
+        assert!(record.header("error_message").contains("refused by a trigger"), "{}", record.header("error_message"));
     }
     let given_up =
         scenario.wait_for(Duration::from_secs(60), |s| s.count("SELECT count(*) FROM refused_predictions") == 1).await;

@@ -20,6 +20,7 @@ mod outage;
 mod produce;
 mod rollout;
 mod scenario;
+mod schemas;
 mod security;
 mod stack;
 mod streaming;

@@ -1,0 +1,291 @@
+//! Events framed for a schema registry, against the local stack's
+//! registry (Apicurio, Confluent-compatible API): Avro, Protobuf and JSON
+//! Schema records read as plain JSON ones are, on one topic.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::helpers::assert_same_set;
+use crate::scenario::{Scenario, ids_of, valid_events};
+use txnflow::domain::categories::reference_category;
+use txnflow::domain::schema_event::{EventSchema, SchemaFormat};
+use txnflow::domain::wire_format;
+use txnflow::schema_registry::SchemaRegistry;
+
+/// The local stack's registry, as the default configuration names it.
+fn registry() -> SchemaRegistry {
+    let config = txnflow::config::Config::from_layers([], []).unwrap();
+    SchemaRegistry::new(&config.schema_registry).unwrap().expect("a registry URL by default")
+}
+
+/// One of the repository's schemas, registered under `subject`: its id and
+/// the parsed schema.
+async fn registered(registry: &SchemaRegistry, subject: &str, format: SchemaFormat) -> (u32, EventSchema) {
+    let text = match format {
+        SchemaFormat::Avro => include_str!("../../schemas/transaction.avsc"),
+        SchemaFormat::Protobuf => include_str!("../../schemas/transaction.proto"),
+        SchemaFormat::JsonSchema => include_str!("../../schemas/transaction.schema.json"),
+    };
+    let id = registry.register(subject, format, text).await.expect("the registry takes the schema");
+    (id, EventSchema::parse(format, text).unwrap())
+}
+
+/// A JSON event's value framed for `id` with `schema`.
+fn framed(schema: &EventSchema, id: u32, json: &[u8]) -> Vec<u8> {
+    let event: serde_json::Value = serde_json::from_slice(json).unwrap();
+    let body = schema.encode(&event).unwrap();
+    match schema {
+        // encode() gives the message indexes with the message.
+        EventSchema::Protobuf(_) => [wire_format::frame(id, &[]), body].concat(),
+        _ => wire_format::frame(id, &body),
+    }
+}
+
+/// 1,000 events each in Avro, Protobuf and JSON Schema, framed, and 1,000
+/// plain JSON ones, mixed on one topic: the 4,000 are stored with the
+/// same ids as the same events in JSON, each with the reference category,
+/// nothing is dead-lettered, and offsets are committed to the end.
+#[tokio::test]
+async fn four_formats_on_one_topic_are_stored_alike() {
+    let scenario = Scenario::new("formats").await;
+    let registry = registry();
+    let subject = |format: SchemaFormat| format!("{}-{}", scenario.topic, format.as_str());
+    let mut schemas = Vec::new();
+    for format in [SchemaFormat::Avro, SchemaFormat::Protobuf, SchemaFormat::JsonSchema] {
+        schemas.push(registered(&registry, &subject(format), format).await);
+    }
+    let events = valid_events(30_001, 4_000);
+    let mixed: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .enumerate()
+        .map(|(n, (key, json))| match schemas.get(n % 4) {
+            Some((id, schema)) => (key.clone(), framed(schema, *id, json)),
+            None => (key.clone(), json.clone()),
+        })
+        .collect();
+    assert_eq!(mixed.iter().filter(|(_, value)| value[0] == 0).count(), 3_000, "3,000 framed");
+    let service = scenario.start_service(&[]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&mixed).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    let ids = ids_of(&events);
+    assert_same_set(&scenario.transaction_ids(), &ids, "stored");
+    let predicted = scenario.wait_for(Duration::from_secs(60), |s| s.predictions().len() == 4_000).await;
+    assert!(predicted, "{}", service.log_tail());
+    for (id, category) in scenario.predictions() {
+        assert_eq!(category, reference_category(id), "{id}");
+    }
+    assert_eq!(service.metric("txnflow_records_total{outcome=\"invalid\",source=\"kafka\"}").await, 0.0);
+}
+
+/// Records the registry cannot account for: 20 framed for a schema id it
+/// does not know and 20 Avro bodies cut short, among 200 good ones. Exactly
+/// those 40 are dead-lettered as invalid, each with its reason and its
+/// `schema_id` header, and their value unchanged.
+#[tokio::test]
+async fn unknown_schema_ids_and_corrupt_bodies_are_dead_lettered_with_their_schema_id() {
+    let scenario = Scenario::new("schema-faults").await;
+    let registry = registry();
+    let (id, avro) = registered(&registry, &format!("{}-value", scenario.topic), SchemaFormat::Avro).await;
+    let unknown_id = 2_000_000_000u32;
+    let events = valid_events(30_002, 240);
+    let mut bad: BTreeSet<Uuid> = BTreeSet::new();
+    let records: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .enumerate()
+        .map(|(n, (key, json))| {
+            let value = framed(&avro, id, json);
+            let value = match n % 12 {
+                0 => [wire_format::frame(unknown_id, &[]), value[5..].to_vec()].concat(),
+                1 => value[..value.len() / 2].to_vec(),
+                _ => return (key.clone(), value),
+            };
+            bad.insert(Uuid::parse_str(key).unwrap());
+            (key.clone(), value)
+        })
+        .collect();
+    assert_eq!(bad.len(), 40);
+    let service = scenario.start_service(&[]).await;
+    let sent = scenario.produce(&records).await;
+    let ends = Scenario::end_offsets(&sent);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(120)).await, ends, "{}", service.log_tail());
+    let good: BTreeSet<Uuid> = ids_of(&events).difference(&bad).copied().collect();
+    assert_same_set(&scenario.transaction_ids(), &good, "the 200 good ones stored");
+    let letters = scenario.dlq(40);
+    assert_eq!(letters.len(), 40);
+    for letter in &letters {
+        let (n, (_, value)) = records.iter().enumerate().find(|(_, (key, _))| *key == letter.key).unwrap();
+        let header = |name: &str| letter.header(name);
+        assert_eq!(header("error_type"), "invalid");
+        assert_eq!(&letter.value, value, "the value as it was read");
+        if n % 12 == 0 {
+            assert_eq!(header("schema_id"), unknown_id.to_string());
+            assert_eq!(header("error_message"), format!("schema id {unknown_id} not found in the registry"));
+        } else {
+            assert_eq!(header("schema_id"), id.to_string());
+            assert!(
+                header("error_message").starts_with("not an Avro record of its schema"),
+                "{}",
+                header("error_message")
+            );
+        }
+    }
+}
+
+/// A TCP path to the local registry that a test can cut: while it is
+/// down, every connection through it, open or new, is dropped.
+struct RegistryPath {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl RegistryPath {
+    async fn open() -> RegistryPath {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, watching) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut watching = watching.clone();
+                if !*watching.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:8081").await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watching.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        RegistryPath { port, up }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/apis/ccompat/v7", self.port)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+/// The registry out of reach for 30 s, while 500 records framed for a
+/// schema the service has not fetched yet (v2 of the subject's schema,
+/// with an added optional field) arrive. No record is at fault: none is
+/// dead-lettered or stored meanwhile, the offsets stay where they were,
+/// and once the registry answers again all 1,000 are stored.
+#[tokio::test]
+async fn a_registry_out_of_reach_holds_reading_and_loses_nothing() {
+    let scenario = Scenario::new("registry-down").await;
+    let registry = registry();
+    let subject = format!("{}-value", scenario.topic);
+    let (v1_id, v1) = registered(&registry, &subject, SchemaFormat::Avro).await;
+    registry.set_compatibility(&subject, "BACKWARD").await.unwrap();
+    let mut v2_text: serde_json::Value = serde_json::from_str(include_str!("../../schemas/transaction.avsc")).unwrap();
+    v2_text["fields"].as_array_mut().unwrap().push(serde_json::json!(
+        {"name": "channel", "type": ["null", "string"], "default": null}
+    ));
+    let v2_id = registry.register(&subject, SchemaFormat::Avro, &v2_text.to_string()).await.unwrap();
+    assert_ne!(v2_id, v1_id, "v2 is a new schema");
+    let v2 = EventSchema::parse(SchemaFormat::Avro, &v2_text.to_string()).unwrap();
+
+    let path = RegistryPath::open().await;
+    let url = path.url();
+    let service = scenario.start_service(&[("TXNFLOW__SCHEMA_REGISTRY__URL", url.as_str())]).await;
+    let events = valid_events(30_003, 1_000);
+    let (before, during) = events.split_at(500);
+    let first: Vec<(String, Vec<u8>)> = before.iter().map(|(k, json)| (k.clone(), framed(&v1, v1_id, json))).collect();
+    let ends = Scenario::end_offsets(&scenario.produce(&first).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+
+    path.set(false);
+    let second: Vec<(String, Vec<u8>)> = during
+        .iter()
+        .map(|(key, json)| {
+            let mut event: serde_json::Value = serde_json::from_slice(json).unwrap();
+            event["channel"] = "mobile".into();
+            (key.clone(), wire_format::frame(v2_id, &v2.encode(&event).unwrap()))
+        })
+        .collect();
+    let second_ends = Scenario::end_offsets(&scenario.produce(&second).await);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(scenario.committed_offsets(), ends, "nothing past the outage is committed");
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 500, "nothing of v2 stored yet");
+    assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
+    assert_eq!(service.metric("txnflow_records_total{outcome=\"invalid\",source=\"kafka\"}").await, 0.0);
+
+    path.set(true);
+    let mut expected = ends.clone();
+    for (partition, end) in second_ends {
+        let at = expected.entry(partition).or_insert(0);
+        *at = (*at).max(end);
+    }
+    assert_eq!(scenario.wait_committed(&expected, Duration::from_secs(120)).await, expected, "{}", service.log_tail());
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&events), "all 1,000 stored");
+    for outcome in ["invalid", "dead_lettered"] {
+        let metric = format!("txnflow_records_total{{outcome=\"{outcome}\",source=\"kafka\"}}");
+        assert_eq!(service.metric(&metric).await, 0.0, "{outcome}");
+    }
+    let waits = service.metric("txnflow_schema_registry_unavailable_total").await;
+    eprintln!(
+        "schemas | registry out of reach 30 s with 500 records of a new schema id | stored 1,000, dead-lettered 0, {waits} fetches unanswered"
+    );
+    assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
+}
+
+/// `kafka.require_schema` (the last step of a move to a registry): 50
+/// plain JSON records among 150 framed ones are dead-lettered as invalid,
+/// with the reason `no schema` and no `schema_id` header; the framed ones
+/// are stored.
+#[tokio::test]
+async fn required_schemas_send_plain_json_to_the_dlq() {
+    let scenario = Scenario::new("require-schema").await;
+    let registry = registry();
+    let (id, avro) = registered(&registry, &format!("{}-value", scenario.topic), SchemaFormat::Avro).await;
+    let events = valid_events(30_004, 200);
+    let records: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .enumerate()
+        .map(|(n, (key, json))| (key.clone(), if n % 4 == 0 { json.clone() } else { framed(&avro, id, json) }))
+        .collect();
+    let service = scenario.start_service(&[("TXNFLOW__KAFKA__REQUIRE_SCHEMA", "true")]).await;
+    let ends = Scenario::end_offsets(&scenario.produce(&records).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    let plain: BTreeSet<Uuid> = events.iter().step_by(4).map(|(key, _)| Uuid::parse_str(key).unwrap()).collect();
+    let framed_ids: BTreeSet<Uuid> = ids_of(&events).difference(&plain).copied().collect();
+    assert_same_set(&scenario.transaction_ids(), &framed_ids, "the 150 framed ones stored");
+    let letters = scenario.dlq(50);
+    let letter_ids: BTreeSet<Uuid> = letters.iter().map(|letter| Uuid::parse_str(&letter.key).unwrap()).collect();
+    assert_same_set(&letter_ids, &plain, "the 50 plain ones dead-lettered");
+    for letter in &letters {
+        assert_eq!(letter.header("error_type"), "invalid");
+        assert_eq!(letter.header("error_message"), "no schema: the record is not framed for the schema registry");
+        assert_eq!(letter.header("schema_id"), "");
+    }
+}
+
+/// Schema evolution under `BACKWARD`: v2 adds an optional field with a
+/// default and is taken; v3 adds a required field without one, which old
+/// records could not be read with, and the registry refuses it with 409.
+#[tokio::test]
+async fn the_registry_refuses_an_incompatible_schema_with_409() {
+    let registry = registry();
+    let subject = format!("evolution-{}-value", Uuid::new_v4());
+    let (v1_id, _) = registered(&registry, &subject, SchemaFormat::Avro).await;
+    registry.set_compatibility(&subject, "BACKWARD").await.unwrap();
+    let with_field = |field: serde_json::Value| {
+        let mut schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schemas/transaction.avsc")).unwrap();
+        schema["fields"].as_array_mut().unwrap().push(field);
+        schema.to_string()
+    };
+    let v2 = with_field(serde_json::json!({"name": "channel", "type": ["null", "string"], "default": null}));
+    let v2_id = registry.register(&subject, SchemaFormat::Avro, &v2).await.unwrap();
+    assert_ne!(v2_id, v1_id);
+    let v3 = with_field(serde_json::json!({"name": "currency", "type": "string"}));
+    let refused = registry.register(&subject, SchemaFormat::Avro, &v3).await.unwrap_err().to_string();
+    assert!(refused.contains("409 Conflict"), "{refused}");
+    eprintln!("schemas | an incompatible v3 under BACKWARD | {refused}");
+}
