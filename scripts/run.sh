@@ -10,7 +10,9 @@ mkdir -p "$LOGS"
 
 "$BIN" run &
 service=$!
-"$BIN" produce --invalid-ratio 0.02 --traceparent >"$LOGS/producer.log" 2>&1 &
+# The first producer writes plain JSON, the second Avro framed for the
+# schema registry: one topic holding both, as during a move to a registry.
+"$BIN" produce --invalid-ratio 0.02 --traceparent --format json,avro >"$LOGS/producer.log" 2>&1 &
 producer=$!
 echo "[run] service pid $service (admin http://127.0.0.1:8088/metrics), producers pid $producer (log .stack/logs/producer.log); Ctrl-C to stop"
 

@@ -30,6 +30,10 @@ REGISTRY_HOME="$STACK/registry"
 REGISTRY_HEAP="${REGISTRY_HEAP:-384m}"
 NEXTEST_VERSION="0.9.148"
 SEAWEEDFS_VERSION="4.48"
+# Confluent's Python client and serializers, and protoc (grpcio-tools): the
+# tests write records the way Confluent's own producers do.
+CONFLUENT_KAFKA_VERSION="2.16.1"
+GRPCIO_TOOLS_VERSION="1.85.1"
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 TXNFLOW_BIN="$ROOT/target/debug/txnflow"
 DEADLINE_S="${STACK_DEADLINE_S:-60}"
@@ -407,6 +411,18 @@ ensure_registry() {
   log "registry fetch: done in $(( SECONDS - start ))s"
 }
 
+# Confluent's serializers in .stack/venv (made by ensure_seaweedfs).
+ensure_confluent_python() {
+  local stamp="$STACK/venv/.confluent-$CONFLUENT_KAFKA_VERSION-$GRPCIO_TOOLS_VERSION"
+  if [[ -f "$stamp" ]]; then return 0; fi
+  log "installing confluent-kafka $CONFLUENT_KAFKA_VERSION (with its Avro, Protobuf and JSON Schema serializers) and grpcio-tools from PyPI into .stack/venv"
+  "$STACK/venv/bin/pip" install --progress-bar off "confluent-kafka[avro,protobuf,json,schemaregistry]==$CONFLUENT_KAFKA_VERSION" \
+    "grpcio-tools==$GRPCIO_TOOLS_VERSION" >"$LOGS/confluent-install.log" 2>&1 \
+    || fail "pip install confluent-kafka; see $LOGS/confluent-install.log"
+  touch "$stamp"
+  log "confluent-kafka installed"
+}
+
 registry_ready() { curl -sf http://127.0.0.1:8081/apis/ccompat/v7/subjects; }
 
 # Apicurio Registry on 127.0.0.1:8081 (its Confluent-compatible API under
@@ -534,6 +550,7 @@ up() {
   up_kafka
   up_registry
   up_seaweedfs
+  ensure_confluent_python
   up_ml_api
   log "creating topics, bucket and schema (txnflow setup)"
   (cd "$ROOT" && "$TXNFLOW_BIN" setup >"$LOGS/setup.log" 2>&1) || fail "txnflow setup; see $LOGS/setup.log"

@@ -66,6 +66,12 @@ async fn checks(config: &Config) -> Vec<Outcome> {
         result: database(config.db.url.clone()).await,
     });
     outcomes.push(Outcome { what: format!("s3 bucket {}", config.s3.bucket), result: bucket(config).await });
+    if !config.schema_registry.url.is_empty() {
+        outcomes.push(Outcome {
+            what: format!("schema registry {}", crate::db::redact(&config.schema_registry.url)),
+            result: schema_registry(config).await,
+        });
+    }
     let (health, prediction) = ml_api(config).await;
     outcomes.push(Outcome { what: format!("ml api {}", config.predict.url), result: health });
     outcomes.push(Outcome { what: "sample prediction".into(), result: prediction });
@@ -128,6 +134,18 @@ async fn bucket(config: &Config) -> Result<String, String> {
         Ok(Err(error)) => Err(crate::db::short_reason(error.into_service_error())),
         Err(_) => Err(format!("no answer from {} in 10 s", config.s3.endpoint)),
     }
+}
+
+/// The registry's subjects, and whether the input topic's is among them.
+async fn schema_registry(config: &Config) -> Result<String, String> {
+    let registry = crate::schema_registry::SchemaRegistry::new(&config.schema_registry)
+        .map_err(|e| e.to_string())?
+        .ok_or("no schema_registry.url")?;
+    let subjects = registry.subjects().await.map_err(|e| e.to_string())?;
+    let subject = format!("{}-value", config.kafka.topic);
+    let registered =
+        if subjects.contains(&subject) { "registered" } else { "not registered (txnflow setup registers it)" };
+    Ok(format!("{} subject(s); {subject} {registered}", subjects.len()))
 }
 
 /// The ML API's `/health`, and one sample prediction checked like any other.

@@ -166,6 +166,34 @@ struct ProduceArgs {
     /// Give each record a new sampled W3C traceparent header.
     #[arg(long)]
     traceparent: bool,
+    /// Record values: plain JSON, or framed for the schema registry in a
+    /// schema format (registering the repository's schema first). A list
+    /// gives each producer its own, in turn: `json,avro`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "json")]
+    format: Vec<ProduceFormat>,
+    /// The registry subject of the schema (default: <topic>-value).
+    #[arg(long)]
+    subject: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProduceFormat {
+    Json,
+    Avro,
+    Protobuf,
+    JsonSchema,
+}
+
+impl ProduceFormat {
+    fn schema_format(self) -> Option<txnflow::domain::schema_event::SchemaFormat> {
+        use txnflow::domain::schema_event::SchemaFormat;
+        match self {
+            ProduceFormat::Json => None,
+            ProduceFormat::Avro => Some(SchemaFormat::Avro),
+            ProduceFormat::Protobuf => Some(SchemaFormat::Protobuf),
+            ProduceFormat::JsonSchema => Some(SchemaFormat::JsonSchema),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -313,6 +341,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("topics ready: {}", described.join(", "));
                 s3::ensure_bucket(&s3::client(&config.s3), &config.s3.bucket).await?;
                 println!("bucket ready: {}", config.s3.bucket);
+                txnflow::schema_registry::register_pipeline_schemas(&config).await?;
                 anyhow::Ok(())
             })?;
             migrate(&config)
@@ -331,8 +360,10 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 seed: args.seed,
                 topic: args.topic,
                 traceparent: args.traceparent,
+                formats: args.format.iter().map(|format| format.schema_format()).collect(),
+                subject: args.subject,
             };
-            let delivered = tokio_runtime()?.block_on(produce::run(&config.kafka, options))?;
+            let delivered = tokio_runtime()?.block_on(produce::run(&config.kafka, &config.schema_registry, options))?;
             println!("produced {delivered} records");
             Ok(())
         }

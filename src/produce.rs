@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, SchemaRegistryConfig};
 use crate::domain::csv_rules::{CsvLayout, detect_delimiter};
+use crate::domain::schema_event::{EventSchema, SchemaFormat, transaction_schema_text};
 use crate::domain::trace_context::{TRACEPARENT, new_traceparent};
+use crate::schema_registry::SchemaRegistry;
 
 /// Merchants of the seed file.
 const MERCHANTS: [&str; 24] = [
@@ -204,6 +206,44 @@ pub struct ProduceOptions {
     pub topic: Option<String>,
     /// Give each record a new sampled W3C `traceparent` header.
     pub traceparent: bool,
+    /// Each producer loop's format, in turn (the last one for the rest):
+    /// plain JSON (None), or framed for the registry in a schema format.
+    pub formats: Vec<Option<SchemaFormat>>,
+    /// The registry subject of `format`'s schema (default `<topic>-value`).
+    pub subject: Option<String>,
+}
+
+/// How records are written: as they are, or framed for a registry schema.
+enum Writing {
+    Json,
+    Framed { id: u32, schema: EventSchema },
+}
+
+impl Writing {
+    /// Registers the repository's schema in `format` under `subject`.
+    async fn framed(registry: &SchemaRegistryConfig, format: SchemaFormat, subject: &str) -> anyhow::Result<Writing> {
+        let registry = SchemaRegistry::new(registry)?
+            .ok_or_else(|| anyhow::anyhow!("--format {} needs schema_registry.url", format.as_str()))?;
+        let text = transaction_schema_text(format);
+        let id = registry.register(subject, format, text).await?;
+        let schema = EventSchema::parse(format, text).map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(subject, schema_id = id, format = format.as_str(), "schema registered");
+        Ok(Writing::Framed { id, schema })
+    }
+
+    /// The record's value as written. A malformed record (`--invalid-ratio`)
+    /// goes as it is: it has no event to frame, and stays invalid.
+    fn value(&self, record: ProducedRecord) -> ProducedRecord {
+        let Writing::Framed { id, schema } = self else { return record };
+        let framed = serde_json::from_slice::<serde_json::Value>(&record.value)
+            .ok()
+            .filter(|_| record.invalid.is_none())
+            .and_then(|event| schema.frame(*id, &event).ok());
+        match framed {
+            Some(value) => ProducedRecord { value, ..record },
+            None => record,
+        }
+    }
 }
 
 /// Counters shared by the producer loops.
@@ -217,9 +257,19 @@ struct Tally {
 
 /// Runs the producers until `count` records are sent, the file is replayed,
 /// or Ctrl-C. Returns the number of records the broker acknowledged.
-pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result<u64> {
+pub async fn run(kafka: &KafkaConfig, registry: &SchemaRegistryConfig, options: ProduceOptions) -> anyhow::Result<u64> {
     let producer = crate::kafka::producer(kafka)?;
     let topic = options.topic.clone().unwrap_or_else(|| kafka.topic.clone());
+    let mut writings = Vec::new();
+    for format in options.formats.iter().copied().chain(options.formats.is_empty().then_some(None)) {
+        writings.push(Arc::new(match format {
+            Some(format) => {
+                let subject = options.subject.clone().unwrap_or_else(|| format!("{topic}-value"));
+                Writing::framed(registry, format, &subject).await?
+            }
+            None => Writing::Json,
+        }));
+    }
     // The broker may not create topics on first use (auto.create.topics.enable=false).
     crate::kafka::ensure_topics(kafka, &[(topic.as_str(), kafka.partitions)]).await?;
     let tally = Arc::new(Tally::default());
@@ -249,8 +299,14 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
     let next_file_row = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (per_tick, period)) in loops.into_iter().enumerate() {
-        let (producer, topic, tally, file_records, next_file_row) =
-            (producer.clone(), topic.clone(), tally.clone(), file_records.clone(), next_file_row.clone());
+        let (producer, topic, tally, file_records, next_file_row, writing) = (
+            producer.clone(),
+            topic.clone(),
+            tally.clone(),
+            file_records.clone(),
+            next_file_row.clone(),
+            writings[index.min(writings.len() - 1)].clone(),
+        );
         let mut generator = TransactionGenerator::new(options.seed.wrapping_add(index as u64), options.invalid_ratio);
         let traced = options.traceparent;
         tasks.spawn(async move {
@@ -271,6 +327,7 @@ pub async fn run(kafka: &KafkaConfig, options: ProduceOptions) -> anyhow::Result
                     if record.invalid.is_some() {
                         tally.invalid.fetch_add(1, Ordering::Relaxed);
                     }
+                    let record = writing.value(record);
                     let traceparent = traced.then(|| new_traceparent(rand::random(), rand::random()));
                     sends.push(send(&producer, &topic, record, traceparent, &tally));
                 }

@@ -154,6 +154,22 @@ impl SchemaRegistry {
             .ok_or_else(|| anyhow::anyhow!("the registry's answer to registering {subject} has no id"))
     }
 
+    /// The subjects the registry holds.
+    pub async fn subjects(&self) -> anyhow::Result<Vec<String>> {
+        let response = self
+            .request(reqwest::Method::GET, "/subjects")
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("GET /subjects: {}", e.without_url()))?;
+        let status = response.status();
+        let body = read_bounded(response, SCHEMA_BYTES).await?;
+        if !status.is_success() {
+            let detail = crate::domain::dead_letter::sanitized_reason(&String::from_utf8_lossy(&body));
+            anyhow::bail!("GET /subjects answered {status}: {detail}");
+        }
+        serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("GET /subjects: {e}"))
+    }
+
     /// Sets `subject`'s compatibility level, such as `BACKWARD`.
     pub async fn set_compatibility(&self, subject: &str, level: &str) -> anyhow::Result<()> {
         let body = serde_json::json!({"compatibility": level});
@@ -182,6 +198,29 @@ impl SchemaRegistry {
         }
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("the schema registry's answer to {path}: {e}"))
     }
+}
+
+/// `txnflow setup`: registers the transaction's Avro schema for
+/// `kafka.topic` and the predictions' for `kafka.predictions_topic` (when
+/// set), each under `<topic>-value` with `BACKWARD` compatibility, so that
+/// a later version must still read what was written before.
+pub async fn register_pipeline_schemas(config: &crate::config::Config) -> anyhow::Result<()> {
+    use crate::domain::schema_event::{PREDICTION_AVRO, TRANSACTION_AVRO};
+    let Some(registry) = SchemaRegistry::new(&config.schema_registry)? else {
+        println!("schema registry: none (schema_registry.url is empty)");
+        return Ok(());
+    };
+    let kafka = &config.kafka;
+    let mut subjects = vec![(format!("{}-value", kafka.topic), TRANSACTION_AVRO)];
+    if !kafka.predictions_topic.is_empty() {
+        subjects.push((format!("{}-value", kafka.predictions_topic), PREDICTION_AVRO));
+    }
+    for (subject, text) in subjects {
+        let id = registry.register(&subject, SchemaFormat::Avro, text).await?;
+        registry.set_compatibility(&subject, "BACKWARD").await?;
+        println!("schema registered: {subject} (id {id}, Avro, compatibility BACKWARD)");
+    }
+    Ok(())
 }
 
 /// A `GET /schemas/ids/{id}` answer: `{"schema", "schemaType"?, "references"?}`.

@@ -6,7 +6,6 @@
 use serde::Serialize;
 use std::fmt;
 
-use super::amount::DecimalSeparator;
 use super::transaction::{Transaction, format_timestamp};
 use super::validation::{RawField, RawTransaction, ValidationError, validate};
 
@@ -70,20 +69,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<RawTransaction, RecordError> {
     let serde_json::Value::Object(mut object) = value else {
         return Err(decode_error("expected a JSON object".to_string()));
     };
-    let mut take = |key: &str| raw_field(object.remove(key));
-    Ok(RawTransaction {
-        id: take("id"),
-        description: take("description"),
-        amount: take("amount"),
-        timestamp: take("timestamp"),
-        merchant: take("merchant"),
-        operation_type: take("operation_type"),
-        side: take("side"),
-        processing_type: take("processing_type"),
-        run_id: take("run_id"),
-        batch_id: take("batch_id"),
-        decimal_separator: DecimalSeparator::Dot,
-    })
+    Ok(RawTransaction::from_fields(|key| raw_field(object.remove(key))))
 }
 
 /// Decodes and validates one event.

@@ -15,7 +15,6 @@ use apache_avro::Schema as AvroSchema;
 use apache_avro::types::Value as AvroValue;
 use protox::prost_reflect::{self, DynamicMessage, FileDescriptor, Kind, MessageDescriptor, ReflectMessage};
 
-use super::amount::DecimalSeparator;
 use super::event::{RecordError, RejectStage, decode_event};
 use super::validation::{RawField, RawTransaction};
 use super::wire_format::{Framing, FramingError, framing, message_indexes};
@@ -154,6 +153,22 @@ pub fn read_value(
     }
 }
 
+/// The repository's schemas (`schemas/`), as `txnflow setup` and
+/// `txnflow produce` register them.
+pub const TRANSACTION_AVRO: &str = include_str!("../../schemas/transaction.avsc");
+pub const TRANSACTION_PROTOBUF: &str = include_str!("../../schemas/transaction.proto");
+pub const TRANSACTION_JSON_SCHEMA: &str = include_str!("../../schemas/transaction.schema.json");
+pub const PREDICTION_AVRO: &str = include_str!("../../schemas/prediction.avsc");
+
+/// The repository's transaction schema in `format`.
+pub fn transaction_schema_text(format: SchemaFormat) -> &'static str {
+    match format {
+        SchemaFormat::Avro => TRANSACTION_AVRO,
+        SchemaFormat::Protobuf => TRANSACTION_PROTOBUF,
+        SchemaFormat::JsonSchema => TRANSACTION_JSON_SCHEMA,
+    }
+}
+
 /// A writer's schema, parsed once and kept.
 #[derive(Debug, Clone)]
 pub enum EventSchema {
@@ -211,54 +226,40 @@ impl EventSchema {
     }
 }
 
-/// The registry's schema text as the one file the compiler may open.
+/// The registry's schema as the one file the compiler may open: `.proto`
+/// text, or a base64 `FileDescriptorProto`, as Confluent's serializers
+/// register it (a registry may give back either).
 struct RegistryProto(String);
 
 impl protox::file::FileResolver for RegistryProto {
     fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
-        if name == PROTO_FILE {
-            protox::file::File::from_source(name, &self.0)
-        } else {
-            Err(protox::Error::file_not_found(name))
+        if name != PROTO_FILE {
+            return Err(protox::Error::file_not_found(name));
+        }
+        match descriptor_of(&self.0) {
+            Some(mut descriptor) => {
+                descriptor.name = Some(PROTO_FILE.to_string());
+                Ok(protox::file::File::from_file_descriptor_proto(descriptor))
+            }
+            None => protox::file::File::from_source(name, &self.0),
         }
     }
 }
 
-fn decode_error(message: String) -> RecordError {
-    RecordError { stage: RejectStage::Decode, message }
+/// A base64 `FileDescriptorProto`, when the text is one.
+fn descriptor_of(text: &str) -> Option<protox::prost_reflect::prost_types::FileDescriptorProto> {
+    use base64::Engine;
+    use protox::prost::Message;
+    let text = text.trim();
+    if text.is_empty() || text.contains(char::is_whitespace) {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    protox::prost_reflect::prost_types::FileDescriptorProto::decode(bytes.as_slice()).ok()
 }
 
-/// The event's fields, by the names [`RawTransaction`] has.
-const FIELDS: [&str; 10] = [
-    "id",
-    "description",
-    "amount",
-    "timestamp",
-    "merchant",
-    "operation_type",
-    "side",
-    "processing_type",
-    "run_id",
-    "batch_id",
-];
-
-/// A raw transaction from each field's value found by name.
-fn raw_transaction(mut field: impl FnMut(&str) -> RawField) -> RawTransaction {
-    let [id, description, amount, timestamp, merchant, operation_type, side, processing_type, run_id, batch_id] =
-        FIELDS.map(&mut field);
-    RawTransaction {
-        id,
-        description,
-        amount,
-        timestamp,
-        merchant,
-        operation_type,
-        side,
-        processing_type,
-        run_id,
-        batch_id,
-        decimal_separator: DecimalSeparator::Dot,
-    }
+fn decode_error(message: String) -> RecordError {
+    RecordError { stage: RejectStage::Decode, message }
 }
 
 fn decode_avro(schema: &AvroSchema, body: &[u8]) -> Result<RawTransaction, RecordError> {
@@ -276,7 +277,7 @@ fn decode_avro(schema: &AvroSchema, body: &[u8]) -> Result<RawTransaction, Recor
     let (AvroValue::Record(values), AvroSchema::Record(record)) = (value, schema) else {
         return Err(decode_error("the Avro schema is not a record".to_string()));
     };
-    Ok(raw_transaction(|name| {
+    Ok(RawTransaction::from_fields(|name| {
         let Some(at) = record.fields.iter().position(|field| field.name == name) else {
             return RawField::Missing;
         };
@@ -357,7 +358,7 @@ fn decode_protobuf(file: &FileDescriptor, body: &[u8]) -> Result<RawTransaction,
         .ok_or_else(|| decode_error(format!("no message at indexes {indexes:?} in the Protobuf schema")))?;
     let decoded = DynamicMessage::decode(descriptor.clone(), message)
         .map_err(|e| decode_error(format!("not a Protobuf {} message: {e}", descriptor.full_name())))?;
-    Ok(raw_transaction(|name| match descriptor.get_field_by_name(name) {
+    Ok(RawTransaction::from_fields(|name| match descriptor.get_field_by_name(name) {
         None => RawField::Missing,
         Some(field) if field.supports_presence() && !decoded.has_field(&field) => RawField::Missing,
         Some(field) => protobuf_field(&decoded.get_field(&field), &field.kind()),
@@ -415,6 +416,14 @@ impl EventSchema {
             EventSchema::Protobuf(file) => encode_protobuf(file, event),
             EventSchema::JsonSchema => Ok(event.to_string().into_bytes()),
         }
+    }
+}
+
+impl EventSchema {
+    /// A JSON event as a record value framed for schema `id`.
+    pub fn frame(&self, id: u32, event: &serde_json::Value) -> Result<Vec<u8>, String> {
+        // A Protobuf body begins with its message indexes already.
+        Ok([super::wire_format::frame(id, &[]), self.encode(event)?].concat())
     }
 }
 
@@ -609,12 +618,9 @@ mod tests {
     #[test]
     fn the_repos_schemas_write_and_read_the_same_transaction_as_json() {
         let json = decode_event(seed_event().to_string().as_bytes()).unwrap();
-        let avro = EventSchema::parse(SchemaFormat::Avro, include_str!("../../schemas/transaction.avsc")).unwrap();
-        let proto =
-            EventSchema::parse(SchemaFormat::Protobuf, include_str!("../../schemas/transaction.proto")).unwrap();
-        let json_schema =
-            EventSchema::parse(SchemaFormat::JsonSchema, include_str!("../../schemas/transaction.schema.json"))
-                .unwrap();
+        let avro = EventSchema::parse(SchemaFormat::Avro, TRANSACTION_AVRO).unwrap();
+        let proto = EventSchema::parse(SchemaFormat::Protobuf, TRANSACTION_PROTOBUF).unwrap();
+        let json_schema = EventSchema::parse(SchemaFormat::JsonSchema, TRANSACTION_JSON_SCHEMA).unwrap();
         let validated = |raw: &RawTransaction| crate::domain::validation::validate(raw).unwrap();
         for schema in [avro, proto, json_schema] {
             let body = schema.encode(&seed_event()).unwrap();
@@ -640,10 +646,24 @@ mod tests {
     }
 
     #[test]
+    fn a_protobuf_schema_registered_as_a_base64_descriptor_reads_as_its_text() {
+        use base64::Engine;
+        use protox::prost::Message;
+        let EventSchema::Protobuf(file) = EventSchema::parse(SchemaFormat::Protobuf, TRANSACTION_PROTOBUF).unwrap()
+        else {
+            panic!("protobuf")
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(file.file_descriptor_proto().encode_to_vec());
+        let from_descriptor = EventSchema::parse(SchemaFormat::Protobuf, &encoded).unwrap();
+        let from_text = EventSchema::parse(SchemaFormat::Protobuf, TRANSACTION_PROTOBUF).unwrap();
+        let body = from_text.encode(&seed_event()).unwrap();
+        assert_eq!(from_descriptor.decode(&body).unwrap(), from_text.decode(&body).unwrap());
+    }
+
+    #[test]
     fn corrupt_bodies_are_refused_without_panic() {
-        let avro = EventSchema::parse(SchemaFormat::Avro, include_str!("../../schemas/transaction.avsc")).unwrap();
-        let proto =
-            EventSchema::parse(SchemaFormat::Protobuf, include_str!("../../schemas/transaction.proto")).unwrap();
+        let avro = EventSchema::parse(SchemaFormat::Avro, TRANSACTION_AVRO).unwrap();
+        let proto = EventSchema::parse(SchemaFormat::Protobuf, TRANSACTION_PROTOBUF).unwrap();
         for schema in [&avro, &proto] {
             let body = schema.encode(&seed_event()).unwrap();
             for cut in 0..body.len() {

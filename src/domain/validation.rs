@@ -73,6 +73,41 @@ impl Default for RawTransaction {
     }
 }
 
+impl RawTransaction {
+    /// The event's field names, as every format names them.
+    pub const FIELDS: [&'static str; 10] = [
+        "id",
+        "description",
+        "amount",
+        "timestamp",
+        "merchant",
+        "operation_type",
+        "side",
+        "processing_type",
+        "run_id",
+        "batch_id",
+    ];
+
+    /// A record's fields, each found by its name; amounts in decimal dots.
+    pub fn from_fields(mut field: impl FnMut(&str) -> RawField) -> RawTransaction {
+        let [id, description, amount, timestamp, merchant, operation_type, side, processing_type, run_id, batch_id] =
+            Self::FIELDS.map(&mut field);
+        RawTransaction {
+            id,
+            description,
+            amount,
+            timestamp,
+            merchant,
+            operation_type,
+            side,
+            processing_type,
+            run_id,
+            batch_id,
+            decimal_separator: DecimalSeparator::Dot,
+        }
+    }
+}
+
 /// One rule broken by one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

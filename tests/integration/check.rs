@@ -43,6 +43,7 @@ async fn check_says_what_answers_one_line_each() {
         &format!("consumer group {}", scenario.group()),
         &format!("postgresql {db}"),
         "s3 bucket transactions",
+        "schema registry http://127.0.0.1:8081/apis/ccompat/v7",
         &format!("ml api {}", scenario.ml_api_url()),
         "sample prediction",
     ]
@@ -51,7 +52,7 @@ async fn check_says_what_answers_one_line_each() {
     .collect();
     assert_eq!(lines, expected, "{}", stdout(&output));
     assert!(stdout(&output).contains("sample prediction: Transportation"), "{}", stdout(&output));
-    assert!(stdout(&output).trim_end().ends_with("8 checks, 0 failed"));
+    assert!(stdout(&output).trim_end().ends_with("9 checks, 0 failed"));
     assert!(!stdout(&output).contains("txnflow:txnflow@"), "the password is hidden");
 }
 
@@ -76,7 +77,7 @@ async fn check_fails_naming_each_dependency_that_does_not_answer() {
         stdout(&output)
     );
     assert!(stdout(&output).contains("migration(s) pending: run txnflow migrate"), "{}", stdout(&output));
-    assert!(stdout(&output).trim_end().ends_with("8 checks, 4 failed"));
+    assert!(stdout(&output).trim_end().ends_with("9 checks, 4 failed"));
 }
 
 /// On a cluster of three brokers (librdkafka's mock cluster, in this

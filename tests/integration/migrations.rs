@@ -263,14 +263,11 @@ fn the_history_migration_keeps_the_seed_answers() {
     let revert = |connection: &mut diesel::PgConnection| {
         connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()
     };
+    // The rollout migrations (000006 on), newest first.
+    let rollout_reverted =
+        |connection: &mut diesel::PgConnection| -> [String; 5] { std::array::from_fn(|_| revert(connection)) };
     assert_eq!(
-        [
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection)
-        ],
+        rollout_reverted(&mut connection),
         ["20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
     );
     assert_eq!(revert(&mut connection), "20261203000005");
@@ -318,13 +315,7 @@ fn the_history_migration_keeps_the_seed_answers() {
     // version's re-predictions beside the migrated rows): the same answers
     // before them, after them, and after their revert.
     assert_eq!(
-        [
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection)
-        ],
+        rollout_reverted(&mut connection),
         ["20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
     );
     connection
@@ -340,13 +331,7 @@ fn the_history_migration_keeps_the_seed_answers() {
     );
     assert_eq!(seed_answers(&mut connection), before, "the same answers after the rollout migrations");
     assert_eq!(
-        [
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection),
-            revert(&mut connection)
-        ],
+        rollout_reverted(&mut connection),
         ["20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
     );
     assert_eq!(seed_answers(&mut connection), before, "and after its revert");

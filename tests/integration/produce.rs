@@ -114,3 +114,49 @@ async fn traceparent_gives_each_record_its_own_trace() {
     }
     assert_eq!(trace_ids.len(), 50, "a trace of its own for each record");
 }
+
+/// `--format avro`: the repository's schema registered under
+/// `<topic>-value`, and 300 records (20% malformed) written: the 240 valid
+/// ones framed for that schema id, read back as the same transactions as
+/// their JSON (to the timestamp, which the generator takes from the
+/// clock), and the malformed ones sent as they were, unframed.
+#[tokio::test]
+async fn avro_records_are_framed_for_the_registered_schema() {
+    use txnflow::domain::schema_event::{EventSchema, SchemaFormat, TRANSACTION_AVRO};
+    use txnflow::domain::wire_format::{Framing, framing};
+    let topic = create_topic("produce-avro", PARTITIONS).await;
+    let output = run(txnflow()
+        .args(["produce", "--count", "300", "--rate", "2000", "--invalid-ratio", "0.2", "--seed", "9"])
+        .args(["--format", "avro", "--topic", &topic])
+        .env("TXNFLOW__KAFKA__BROKERS", brokers()));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "produced 300 records");
+    let config = txnflow::config::Config::from_layers([], []).unwrap();
+    let registry = txnflow::schema_registry::SchemaRegistry::new(&config.schema_registry).unwrap().unwrap();
+    let id = registry.register(&format!("{topic}-value"), SchemaFormat::Avro, TRANSACTION_AVRO).await.unwrap();
+    let schema = EventSchema::parse(SchemaFormat::Avro, TRANSACTION_AVRO).unwrap();
+
+    let mut generator = TransactionGenerator::new(9, 0.2);
+    let expected: Vec<_> = (0..300).map(|_| generator.next_record()).collect();
+    let records = read_topic(&topic, PARTITIONS, 300, Duration::from_secs(60));
+    assert_eq!(records.len(), 300);
+    let mut framed = 0;
+    for record in &records {
+        let sent = expected.iter().find(|e| e.key == record.key).unwrap();
+        match framing(&record.value).unwrap() {
+            Framing::Framed { schema_id, body } => {
+                framed += 1;
+                assert_eq!(schema_id, id, "framed for the registered schema");
+                let mut read = txnflow::domain::validation::validate(&schema.decode(body).unwrap()).unwrap();
+                // The generator dates events when it makes them: the one made
+                // again here is later than the one sent.
+                let again = parse_event(&sent.value).unwrap();
+                assert!(read.timestamp <= again.timestamp);
+                read.timestamp = again.timestamp;
+                assert_eq!(read, again, "the same transaction as its JSON");
+            }
+            Framing::Unframed(_) => assert!(sent.invalid.is_some(), "only malformed records go unframed"),
+        }
+    }
+    assert_eq!(framed, expected.iter().filter(|r| r.invalid.is_none()).count());
+}

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::helpers::assert_same_set;
 use crate::scenario::{Scenario, ids_of, valid_events};
 use txnflow::domain::categories::reference_category;
-use txnflow::domain::schema_event::{EventSchema, SchemaFormat};
+use txnflow::domain::schema_event::{EventSchema, SchemaFormat, TRANSACTION_AVRO, transaction_schema_text};
 use txnflow::domain::wire_format;
 use txnflow::schema_registry::SchemaRegistry;
 
@@ -22,24 +22,14 @@ fn registry() -> SchemaRegistry {
 /// One of the repository's schemas, registered under `subject`: its id and
 /// the parsed schema.
 async fn registered(registry: &SchemaRegistry, subject: &str, format: SchemaFormat) -> (u32, EventSchema) {
-    let text = match format {
-        SchemaFormat::Avro => include_str!("../../schemas/transaction.avsc"),
-        SchemaFormat::Protobuf => include_str!("../../schemas/transaction.proto"),
-        SchemaFormat::JsonSchema => include_str!("../../schemas/transaction.schema.json"),
-    };
+    let text = transaction_schema_text(format);
     let id = registry.register(subject, format, text).await.expect("the registry takes the schema");
     (id, EventSchema::parse(format, text).unwrap())
 }
 
 /// A JSON event's value framed for `id` with `schema`.
 fn framed(schema: &EventSchema, id: u32, json: &[u8]) -> Vec<u8> {
-    let event: serde_json::Value = serde_json::from_slice(json).unwrap();
-    let body = schema.encode(&event).unwrap();
-    match schema {
-        // encode() gives the message indexes with the message.
-        EventSchema::Protobuf(_) => [wire_format::frame(id, &[]), body].concat(),
-        _ => wire_format::frame(id, &body),
-    }
+    schema.frame(id, &serde_json::from_slice(json).unwrap()).unwrap()
 }
 
 /// 1,000 events each in Avro, Protobuf and JSON Schema, framed, and 1,000
@@ -183,7 +173,7 @@ async fn a_registry_out_of_reach_holds_reading_and_loses_nothing() {
     let subject = format!("{}-value", scenario.topic);
     let (v1_id, v1) = registered(&registry, &subject, SchemaFormat::Avro).await;
     registry.set_compatibility(&subject, "BACKWARD").await.unwrap();
-    let mut v2_text: serde_json::Value = serde_json::from_str(include_str!("../../schemas/transaction.avsc")).unwrap();
+    let mut v2_text: serde_json::Value = serde_json::from_str(TRANSACTION_AVRO).unwrap();
     v2_text["fields"].as_array_mut().unwrap().push(serde_json::json!(
         {"name": "channel", "type": ["null", "string"], "default": null}
     ));
@@ -206,7 +196,7 @@ async fn a_registry_out_of_reach_holds_reading_and_loses_nothing() {
         .map(|(key, json)| {
             let mut event: serde_json::Value = serde_json::from_slice(json).unwrap();
             event["channel"] = "mobile".into();
-            (key.clone(), wire_format::frame(v2_id, &v2.encode(&event).unwrap()))
+            (key.clone(), v2.frame(v2_id, &event).unwrap())
         })
         .collect();
     let second_ends = Scenario::end_offsets(&scenario.produce(&second).await);
@@ -276,8 +266,7 @@ async fn the_registry_refuses_an_incompatible_schema_with_409() {
     let (v1_id, _) = registered(&registry, &subject, SchemaFormat::Avro).await;
     registry.set_compatibility(&subject, "BACKWARD").await.unwrap();
     let with_field = |field: serde_json::Value| {
-        let mut schema: serde_json::Value =
-            serde_json::from_str(include_str!("../../schemas/transaction.avsc")).unwrap();
+        let mut schema: serde_json::Value = serde_json::from_str(TRANSACTION_AVRO).unwrap();
         schema["fields"].as_array_mut().unwrap().push(field);
         schema.to_string()
     };
@@ -288,4 +277,51 @@ async fn the_registry_refuses_an_incompatible_schema_with_409() {
     let refused = registry.register(&subject, SchemaFormat::Avro, &v3).await.unwrap_err().to_string();
     assert!(refused.contains("409 Conflict"), "{refused}");
     eprintln!("schemas | an incompatible v3 under BACKWARD | {refused}");
+}
+
+/// The four formats written by Confluent's own Python producer and
+/// serializers (confluent-kafka's `AvroSerializer`, `ProtobufSerializer`
+/// and `JSONSerializer`, each registering the repository's schema itself;
+/// `scripts/confluent_produce.py`), 1,000 events each on one topic: the
+/// 4,000 are stored with the reference categories, none invalid.
+#[tokio::test]
+async fn records_from_confluents_serializers_are_stored_alike() {
+    use std::io::Write;
+    let scenario = Scenario::new("confluent").await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = txnflow::config::Config::from_layers([], []).unwrap();
+    let events = valid_events(30_005, 4_000);
+    for (chunk, format) in events.chunks(1_000).zip(["avro", "protobuf", "json_schema", "json"]) {
+        let mut child = std::process::Command::new(root.join(".stack/venv/bin/python"))
+            .arg(root.join("scripts/confluent_produce.py"))
+            .args(["--brokers", &crate::helpers::brokers(), "--registry", &config.schema_registry.url])
+            .args(["--topic", &scenario.topic, "--format", format])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the stack's Python (make up installs confluent-kafka)");
+        let mut stdin = child.stdin.take().unwrap();
+        for (_, json) in chunk {
+            stdin.write_all(json).unwrap();
+            stdin.write_all(b"\n").unwrap();
+        }
+        drop(stdin);
+        let output = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{format}: {said}{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(said.trim(), format!("produced 1000 records as {format}"));
+    }
+    let service = scenario.start_service(&[]).await;
+    let ids = ids_of(&events);
+    let stored = scenario.wait_for(Duration::from_secs(120), |s| s.predictions().len() == 4_000).await;
+    if !stored {
+        let letter = &scenario.dlq(1)[0];
+        panic!("not all stored; a dead letter: {}; {}", letter.header("error_message"), service.log_tail());
+    }
+    assert_same_set(&scenario.transaction_ids(), &ids, "stored");
+    for (id, category) in scenario.predictions() {
+        assert_eq!(category, reference_category(id), "{id}");
+    }
+    assert_eq!(service.metric("txnflow_records_total{outcome=\"invalid\",source=\"kafka\"}").await, 0.0);
 }
