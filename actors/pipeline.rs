@@ -30,6 +30,9 @@ pub struct Pipeline {
     pub capacity_bytes: Arc<Semaphore>,
     /// Predictions queued for the fan-out topic (`buffer.capacity`).
     pub fan_out_slots: Arc<Semaphore>,
+    /// The predictions' Avro schema and its registry id, registered on the
+    /// fan-out's first use (`kafka.predictions_format = "avro"`).
+    pub predictions_schema: Arc<tokio::sync::OnceCell<(u32, crate::domain::schema_event::EventSchema)>>,
     /// Flushes being scored by the shadow model (`predict.shadow_concurrency`).
     pub shadow_slots: Arc<Semaphore>,
     /// Batch runs and the progress of each.
@@ -83,6 +86,7 @@ impl Pipeline {
         let shadow_slots = Arc::new(Semaphore::new(config.predict.shadow_concurrency));
         Arc::new(Pipeline {
             fan_out_slots,
+            predictions_schema: Arc::default(),
             shadow_slots,
             config,
             pool,

@@ -8,7 +8,18 @@ use rdkafka::producer::FutureRecord;
 use std::time::Duration;
 
 use super::Pipeline;
+use crate::config::{PredictionsFormat, SchemaRegistryConfig};
 use crate::domain::prediction::Prediction;
+use crate::domain::schema_event::{EventSchema, PREDICTION_AVRO, SchemaFormat};
+
+/// Registers the predictions' Avro schema under `<topic>-value`.
+async fn register(registry: &SchemaRegistryConfig, topic: &str) -> anyhow::Result<(u32, EventSchema)> {
+    let registry = crate::schema_registry::SchemaRegistry::new(registry)?
+        .ok_or_else(|| anyhow::anyhow!("no schema_registry.url"))?;
+    let id = registry.register(&format!("{topic}-value"), SchemaFormat::Avro, PREDICTION_AVRO).await?;
+    let schema = EventSchema::parse(SchemaFormat::Avro, PREDICTION_AVRO).map_err(|e| anyhow::anyhow!(e))?;
+    Ok((id, schema))
+}
 
 /// Room for `count` predictions in the fan-out queue, waited for: while
 /// the predictions topic is slow or down, the queue (`buffer.capacity`
@@ -19,26 +30,48 @@ pub async fn room(pipeline: &Pipeline, count: usize) -> tokio::sync::OwnedSemaph
     pipeline.fan_out_slots.clone().acquire_many_owned(count).await.expect("the semaphore is never closed")
 }
 
-/// Publishes written predictions to `kafka.predictions_topic`, as JSON keyed
+/// Publishes written predictions to `kafka.predictions_topic`, as JSON (or
+/// Avro, `kafka.predictions_format`) keyed
 /// by transaction id, in the room taken by [`room`], freed once
 /// every send is done. Best effort: the database is the record of truth,
 /// and a send that fails (after the producer's 30 s) is logged and dropped.
 pub fn publish(pipeline: &Pipeline, predictions: Vec<Prediction>, room: tokio::sync::OwnedSemaphorePermit) {
     let producer = pipeline.producer.clone();
     let topic = pipeline.config.kafka.predictions_topic.clone();
+    let avro = (pipeline.config.kafka.predictions_format == PredictionsFormat::Avro)
+        .then(|| (pipeline.predictions_schema.clone(), pipeline.config.schema_registry.clone()));
     actix::spawn(async move {
         let _room = room;
+        let schema = match &avro {
+            None => None,
+            Some((schema, registry)) => match schema.get_or_try_init(|| register(registry, &topic)).await {
+                Ok(schema) => Some(schema),
+                Err(error) => {
+                    tracing::warn!(%error, "prediction fan-out skipped: its schema is not registered");
+                    return;
+                }
+            },
+        };
         let sends = predictions.into_iter().map(|prediction| {
             let (producer, topic) = (producer.clone(), topic.clone());
             async move {
                 let key = prediction.transaction_id.to_string();
-                let value = serde_json::json!({
+                let json = serde_json::json!({
                     "transaction_id": key,
                     "category": prediction.category,
                     "confidence_score": prediction.confidence_score,
                     "model_version": prediction.model_version,
-                })
-                .to_string();
+                });
+                let value = match schema {
+                    None => json.to_string().into_bytes(),
+                    Some((id, schema)) => match schema.frame(*id, &json) {
+                        Ok(value) => value,
+                        Err(error) => {
+                            tracing::warn!(%error, "prediction fan-out: not written in Avro");
+                            return;
+                        }
+                    },
+                };
                 if let Err((error, _)) =
                     producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30)).await
                 {

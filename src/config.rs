@@ -76,6 +76,8 @@ pub struct KafkaConfig {
     pub value_format: ValueFormat,
     /// A record without the registry's framing is invalid (`no schema`).
     pub require_schema: bool,
+    /// How `predictions_topic`'s records are written.
+    pub predictions_format: PredictionsFormat,
     /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub security_protocol: String,
     /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` (empty without SASL).
@@ -236,6 +238,15 @@ pub use crate::domain::schema_event::ValueFormat;
 /// The least `schema_registry.max_cached_schemas`: every schema of the
 /// records the reader takes at once stays known while they are read.
 pub const MIN_CACHED_SCHEMAS: usize = 1024;
+
+/// How the predictions fan-out writes its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionsFormat {
+    Json,
+    /// Framed for the registry, with `schemas/prediction.avsc`.
+    Avro,
+}
 
 /// A Confluent-compatible schema registry.
 #[derive(Debug, Clone, Deserialize)]
@@ -615,6 +626,9 @@ impl Config {
                     registry.max_cached_schemas
                 ),
             ));
+        }
+        if self.kafka.predictions_format == PredictionsFormat::Avro && registry.url.is_empty() {
+            return Err(ConfigError::new("kafka.predictions_format", "avro needs schema_registry.url"));
         }
         if self.kafka.value_format == ValueFormat::Json && self.kafka.require_schema {
             return Err(ConfigError::new(

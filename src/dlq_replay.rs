@@ -21,6 +21,9 @@ use std::time::Duration;
 use crate::config::KafkaConfig;
 use crate::domain::trace_context::TRACEPARENT;
 
+/// How long consumer errors alone may come before a replay gives up.
+const CONSUMER_ERRORS_FOR_AT_MOST: Duration = Duration::from_secs(30);
+
 /// What `txnflow dlq replay` replays unless told otherwise.
 pub const DEFAULT_ERROR_TYPES: [&str; 2] = ["prediction_failed", "persist_failed"];
 
@@ -59,11 +62,29 @@ async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::R
     let consumer: StreamConsumer = crate::kafka::client_config_with(kafka, &defaults).create()?;
     consumer.subscribe(&[&kafka.dlq_topic])?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
+    // A consumer error is often passing (a connection dropped and made
+    // again): it ends the replay only once errors alone came for this long.
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
         let message = match tokio::time::timeout(options.idle, consumer.recv()).await {
             Err(_) => break,
-            Ok(Err(error)) => anyhow::bail!("reading {}: {error}", kafka.dlq_topic),
-            Ok(Ok(message)) => message,
+            Ok(Err(error)) => {
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= CONSUMER_ERRORS_FOR_AT_MOST {
+                    anyhow::bail!(
+                        "reading {}: {error} (errors only, for {} s)",
+                        kafka.dlq_topic,
+                        since.elapsed().as_secs()
+                    );
+                }
+                crate::kafka::warn_consumer_error(&error, "dlq replay: consumer error; reading on");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Ok(Ok(message)) => {
+                failing_since = None;
+                message
+            }
         };
         let error_type = message.headers().and_then(|headers| {
             headers

@@ -473,6 +473,10 @@ fn avro_value(json: &serde_json::Value, schema: &AvroSchema) -> Result<AvroValue
         }
         AvroSchema::Null if json.is_null() => AvroValue::Null,
         AvroSchema::String => AvroValue::String(text()?),
+        AvroSchema::Uuid(_) => {
+            let text = text()?;
+            AvroValue::Uuid(uuid::Uuid::parse_str(&text).map_err(|e| format!("{text:?} is not a UUID: {e}"))?)
+        }
         AvroSchema::Boolean => AvroValue::Boolean(json.as_bool().ok_or("expected a boolean")?),
         AvroSchema::Int => AvroValue::Int(json.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or("expected an int")?),
         AvroSchema::Long => AvroValue::Long(json.as_i64().ok_or("expected a long")?),

@@ -325,3 +325,43 @@ async fn records_from_confluents_serializers_are_stored_alike() {
     }
     assert_eq!(service.metric("txnflow_records_total{outcome=\"invalid\",source=\"kafka\"}").await, 0.0);
 }
+
+/// `kafka.predictions_format = "avro"`: the 200 written predictions are
+/// published framed for `prediction.avsc`, registered under
+/// `<predictions topic>-value`, each read back with its transaction id
+/// and reference category.
+#[tokio::test]
+async fn predictions_are_published_in_avro() {
+    use apache_avro::types::Value;
+    use txnflow::domain::schema_event::PREDICTION_AVRO;
+    let scenario = Scenario::new("predictions-avro").await;
+    let predictions_topic = format!("{}-predictions", scenario.topic);
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__KAFKA__PREDICTIONS_TOPIC", predictions_topic.as_str()),
+            ("TXNFLOW__KAFKA__PREDICTIONS_FORMAT", "avro"),
+        ])
+        .await;
+    let events = valid_events(30_006, 200);
+    let ends = Scenario::end_offsets(&scenario.produce(&events).await);
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    let id =
+        registry().register(&format!("{predictions_topic}-value"), SchemaFormat::Avro, PREDICTION_AVRO).await.unwrap();
+    let schema = apache_avro::Schema::parse_str(PREDICTION_AVRO).unwrap();
+    let published = crate::helpers::read_topic(&predictions_topic, 1, 200, Duration::from_secs(30));
+    assert_eq!(published.len(), 200);
+    let mut keys = BTreeSet::new();
+    for record in &published {
+        let wire_format::Framing::Framed { schema_id, body } = wire_format::framing(&record.value).unwrap() else {
+            panic!("framed")
+        };
+        assert_eq!(schema_id, id);
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().unwrap();
+        let Value::Record(fields) = reader.read_value(&mut &body[..]).unwrap() else { panic!("a record") };
+        let transaction = Uuid::parse_str(&record.key).unwrap();
+        assert_eq!(fields[0].1, Value::Uuid(transaction));
+        assert_eq!(fields[1].1, Value::String(reference_category(transaction).to_string()));
+        keys.insert(transaction);
+    }
+    assert_same_set(&keys, &ids_of(&events), "one prediction per transaction");
+}
