@@ -700,7 +700,6 @@ impl<'r> ReadPass<'r> {
                 None => SchemaLookup::NoRegistry,
             };
             read_value(payload, kafka.value_format, kafka.require_schema, lookup)
-                .raw
                 .and_then(|raw| validate(&raw).map_err(RecordError::from))
         };
         let at = ReadAt {

@@ -25,6 +25,8 @@ pub struct Unavailable(pub String);
 const ERROR_BODY_BYTES: usize = 1024;
 /// A schema's text read at most.
 const SCHEMA_BYTES: usize = 1024 * 1024;
+/// Any other answer (registration, compatibility) read at most.
+const ANSWER_BYTES: usize = 64 * 1024;
 
 enum Credentials {
     None,
@@ -190,7 +192,7 @@ impl SchemaRegistry {
             .await
             .map_err(|e| anyhow::anyhow!("the schema registry: {method} {path}: {}", e.without_url()))?;
         let status = response.status();
-        let text = read_bounded(response, ERROR_BODY_BYTES.max(64 * 1024)).await.map_err(|e| anyhow::anyhow!(e))?;
+        let text = read_bounded(response, ANSWER_BYTES).await.map_err(|e| anyhow::anyhow!(e))?;
         let text = String::from_utf8_lossy(&text);
         if !status.is_success() {
             let detail = crate::domain::dead_letter::sanitized_reason(&text);

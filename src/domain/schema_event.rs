@@ -94,25 +94,20 @@ pub enum SchemaLookup {
     NoRegistry,
 }
 
-/// A record value read as an event, and the schema id it was framed for.
-pub struct ReadValue {
-    pub raw: Result<RawTransaction, RecordError>,
-    pub schema_id: Option<u32>,
-}
-
 /// Reads a record's value as `format` says, with `lookup` giving the
-/// schema of a framed one (already fetched: see the reader).
+/// schema of a framed one (already fetched: see the reader). The schema
+/// id a dead letter names is read again from its value's framing.
 pub fn read_value(
     payload: &[u8],
     format: ValueFormat,
     require_schema: bool,
     lookup: impl FnOnce(u32) -> SchemaLookup,
-) -> ReadValue {
+) -> Result<RawTransaction, RecordError> {
     let framing = if format == ValueFormat::Json { Ok(Framing::Unframed(payload)) } else { framing(payload) };
     match framing {
-        Err(error) => ReadValue { raw: Err(decode_error(error.to_string())), schema_id: None },
+        Err(error) => Err(decode_error(error.to_string())),
         Ok(Framing::Unframed(json)) => {
-            let raw = if require_schema {
+            if require_schema {
                 Err(decode_error("no schema: the record is not framed for the schema registry".to_string()))
             } else if !matches!(format, ValueFormat::Json | ValueFormat::Auto) {
                 Err(decode_error(format!(
@@ -121,35 +116,31 @@ pub fn read_value(
                 )))
             } else {
                 decode_event(json)
-            };
-            ReadValue { raw, schema_id: None }
+            }
         }
-        Ok(Framing::Framed { schema_id, body }) => {
-            let raw = match lookup(schema_id) {
-                SchemaLookup::Found(schema) => {
-                    let wanted = match format {
-                        ValueFormat::Avro => Some(SchemaFormat::Avro),
-                        ValueFormat::Protobuf => Some(SchemaFormat::Protobuf),
-                        ValueFormat::JsonSchema => Some(SchemaFormat::JsonSchema),
-                        ValueFormat::Json | ValueFormat::Auto => None,
-                    };
-                    match wanted {
-                        Some(wanted) if wanted != schema.format() => Err(decode_error(format!(
-                            "schema id {schema_id} is {}, and kafka.value_format is {}",
-                            schema.format().as_str(),
-                            format.as_str()
-                        ))),
-                        _ => schema.decode(body),
-                    }
+        Ok(Framing::Framed { schema_id, body }) => match lookup(schema_id) {
+            SchemaLookup::Found(schema) => {
+                let wanted = match format {
+                    ValueFormat::Avro => Some(SchemaFormat::Avro),
+                    ValueFormat::Protobuf => Some(SchemaFormat::Protobuf),
+                    ValueFormat::JsonSchema => Some(SchemaFormat::JsonSchema),
+                    ValueFormat::Json | ValueFormat::Auto => None,
+                };
+                match wanted {
+                    Some(wanted) if wanted != schema.format() => Err(decode_error(format!(
+                        "schema id {schema_id} is {}, and kafka.value_format is {}",
+                        schema.format().as_str(),
+                        format.as_str()
+                    ))),
+                    _ => schema.decode(body),
                 }
-                SchemaLookup::NotFound => Err(decode_error(format!("schema id {schema_id} not found in the registry"))),
-                SchemaLookup::Unusable(why) => Err(decode_error(format!("schema id {schema_id} is unusable: {why}"))),
-                SchemaLookup::NoRegistry => {
-                    Err(decode_error(format!("framed for schema id {schema_id}, and no schema_registry.url is set")))
-                }
-            };
-            ReadValue { raw, schema_id: Some(schema_id) }
-        }
+            }
+            SchemaLookup::NotFound => Err(decode_error(format!("schema id {schema_id} not found in the registry"))),
+            SchemaLookup::Unusable(why) => Err(decode_error(format!("schema id {schema_id} is unusable: {why}"))),
+            SchemaLookup::NoRegistry => {
+                Err(decode_error(format!("framed for schema id {schema_id}, and no schema_registry.url is set")))
+            }
+        },
     }
 }
 
