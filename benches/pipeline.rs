@@ -41,6 +41,12 @@
 //! spans exported to an OTLP/HTTP receiver in this process. `make
 //! bench-tracing` runs it.
 //!
+//! `BENCH_FORMATS=json,avro` measures the event formats instead: keyed
+//! throughput with the events in each format (`json`, `avro`, `protobuf`,
+//! `json_schema`), framed for the local registry under `<topic>-value`,
+//! each run once with each, the order rotated, each beside `\copy` of the
+//! same rows. `make bench-schemas` runs it at 1,000,000 events.
+//!
 //!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20, BENCH_BROKER=stack)
 
 use diesel::{Connection, RunQueryDsl};
@@ -56,6 +62,9 @@ use std::time::{Duration, Instant, SystemTime};
 mod common;
 #[path = "../tests/integration/otlp_receiver.rs"]
 mod otlp_receiver;
+
+use txnflow::domain::schema_event::{EventSchema, SchemaFormat, transaction_schema_text};
+use txnflow::schema_registry::SchemaRegistry;
 
 use common::{
     CopyRow, CpuSample, WaitSampler, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named,
@@ -194,11 +203,14 @@ struct Setup<'a> {
     binary: &'a str,
     env: Vec<(&'static str, String)>,
     traceparents: bool,
+    /// Plain JSON events (None), or events framed for the registry in a
+    /// schema format, registered under `<topic>-value`.
+    format: Option<SchemaFormat>,
 }
 
 impl Setup<'_> {
     fn of(binary: &str) -> Setup<'_> {
-        Setup { binary, env: Vec::new(), traceparents: false }
+        Setup { binary, env: Vec::new(), traceparents: false, format: None }
     }
 }
 
@@ -297,7 +309,13 @@ async fn throughput(
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
     create_topic(&topic, 3, mock).await;
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
-    let ends = produce(&topic, &events, keys, setup.traceparents).await;
+    let ends = match setup.format {
+        None => produce(&topic, &events, keys, setup.traceparents).await,
+        Some(format) => {
+            let framed = framed_events(&topic, format, &events).await;
+            produce(&topic, &framed, keys, setup.traceparents).await
+        }
+    };
     println!("  partitions' ends: {ends:?}");
     if mock.is_none() {
         bare_read(&topic, &ends).await;
@@ -373,6 +391,31 @@ async fn throughput(
     let spans_exported = spans("exported");
     let spans_dropped = spans("dropped_queue_full") + spans("dropped_export_failed");
     Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000, postgresql_cpu_seconds, spans_exported, spans_dropped }
+}
+
+/// The events framed for the registry in `format`, its schema registered
+/// under `<topic>-value` first, as `txnflow produce --format` does.
+async fn framed_events(topic: &str, format: SchemaFormat, events: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    let config = txnflow::config::Config::from_layers([], []).unwrap().schema_registry;
+    let registry = SchemaRegistry::new(&config).unwrap().expect("schema_registry.url is set by default");
+    let text = transaction_schema_text(format);
+    let id = registry.register(&format!("{topic}-value"), format, text).await.expect("the local registry is up");
+    let schema = EventSchema::parse(format, text).unwrap();
+    let framed: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|(key, value)| {
+            let event: serde_json::Value = serde_json::from_slice(value).unwrap();
+            (key.clone(), schema.frame(id, &event).unwrap())
+        })
+        .collect();
+    let size = |events: &[(String, Vec<u8>)]| events.iter().map(|(_, value)| value.len()).sum::<usize>();
+    println!(
+        "  framed in {} (schema id {id}): {:.0} bytes an event, against {:.0} as JSON",
+        format.as_str(),
+        size(&framed) as f64 / events.len() as f64,
+        size(events) as f64 / events.len() as f64
+    );
+    framed
 }
 
 /// Reads the whole topic with a bare librdkafka consumer (no group, no
@@ -549,6 +592,10 @@ fn main() {
             compare_tracing(runs, count, &ml_api, ml_api_process.pid(), mock).await;
             return;
         }
+        if let Ok(formats) = std::env::var("BENCH_FORMATS") {
+            compare_formats(runs, count, &formats, &ml_api, ml_api_process.pid(), mock).await;
+            return;
+        }
         let mut throughputs: HashMap<&str, Vec<Throughput>> = HashMap::new();
         let mut latencies: HashMap<u64, Vec<[f64; 4]>> = HashMap::new();
         for run in 1..=runs {
@@ -689,7 +736,7 @@ async fn compare_tracing(
         order.rotate_left((run as usize - 1) % variants.len());
         for variant in order {
             println!("run {run}: tracing {variant}");
-            let mut setup = Setup { binary: THIS_BUILD, env: Vec::new(), traceparents: true };
+            let mut setup = Setup { traceparents: true, ..Setup::of(THIS_BUILD) };
             if variant != "off" {
                 setup.env = vec![
                     ("TXNFLOW__TRACING__OTLP_ENDPOINT", receiver.url()),
@@ -727,6 +774,64 @@ async fn compare_tracing(
             median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
             median_and_spread(&figures(|t| t.spans_exported), 0),
             median_and_spread(&figures(|t| t.spans_dropped), 0),
+        );
+    }
+}
+
+/// Keyed throughput with the events in each of `formats` (commas between
+/// them: `json` for plain JSON, or a schema format), the order rotated from
+/// run to run; each beside `\copy` of the same rows in the same run.
+async fn compare_formats(
+    runs: u64,
+    count: usize,
+    formats: &str,
+    ml_api: &str,
+    ml_api_pid: u32,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+) {
+    let variants: Vec<(&str, Option<SchemaFormat>)> = formats
+        .split(',')
+        .map(str::trim)
+        .map(|name| match name {
+            "json" => (name, None),
+            "avro" => (name, Some(SchemaFormat::Avro)),
+            "protobuf" => (name, Some(SchemaFormat::Protobuf)),
+            "json_schema" => (name, Some(SchemaFormat::JsonSchema)),
+            _ => panic!("BENCH_FORMATS: json, avro, protobuf or json_schema, with commas between them"),
+        })
+        .collect();
+    let mut measured: HashMap<&str, Vec<Throughput>> = HashMap::new();
+    for run in 1..=runs {
+        let mut order = variants.clone();
+        order.rotate_left((run as usize - 1) % variants.len());
+        for (name, format) in order {
+            println!("run {run}: events in {name}");
+            let setup = Setup { format, ..Setup::of(THIS_BUILD) };
+            measured
+                .entry(name)
+                .or_default()
+                .push(throughput(&setup, run, Keys::ById, count, ml_api, ml_api_pid, mock).await);
+        }
+    }
+    println!();
+    println!("summary: event formats, median (min–max) of {runs} runs of {count} keyed events each, order rotated");
+    println!(
+        "| events | txn/s | / {}, run by run | pipeline / copy | txnflow CPU ms per 1,000 | peak RSS MB |",
+        variants[0].0
+    );
+    println!("|---|---|---|---|---|---|");
+    let first: Vec<f64> = measured[variants[0].0].iter().map(|t| t.rate).collect();
+    for (name, _) in &variants {
+        let results = &measured[name];
+        let figures = |f: fn(&Throughput) -> f64| results.iter().map(f).collect::<Vec<f64>>();
+        let ratios: Vec<f64> = results.iter().zip(&first).map(|(t, first)| t.rate / first).collect();
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            median_and_spread(&figures(|t| t.rate), 0),
+            median_and_spread(&ratios, 3),
+            median_and_spread(&figures(|t| t.rate / t.copy), 2),
+            median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
+            median_and_spread(&figures(|t| t.rss_mb), 0),
         );
     }
 }
