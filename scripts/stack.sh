@@ -591,5 +591,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   broker) shift; broker "$@" ;;
-  *) echo "usage: $0 up|down|status|broker ACTION N" >&2; exit 2 ;;
+  # The registry's Java and jar, for tests that start a registry of their own.
+  registry-command) java="$(registry_java)" || fail "no Java 21 or later for the registry"; ensure_registry; echo "$java"; echo "$REGISTRY_HOME/quarkus-run.jar" ;;
+  *) echo "usage: $0 up|down|status|broker ACTION N|registry-command" >&2; exit 2 ;;
 esac

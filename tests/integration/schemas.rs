@@ -365,3 +365,142 @@ async fn predictions_are_published_in_avro() {
     }
     assert_same_set(&keys, &ids_of(&events), "one prediction per transaction");
 }
+
+/// An Apicurio registry of the test's own, serving HTTPS only, with a
+/// certificate from a CA of the test's own and basic authentication for
+/// one user; killed when the test ends.
+struct SecuredRegistry {
+    _process: crate::helpers::ChildGuard,
+    url: String,
+    ca: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl SecuredRegistry {
+    async fn start(dir: &std::path::Path, username: &str, password: &str) -> SecuredRegistry {
+        let (ca, cert, key) = crate::tls::make_certificates(dir, "registry");
+        let stack = std::process::Command::new("bash")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack.sh"))
+            .arg("registry-command")
+            .output()
+            .unwrap();
+        assert!(stack.status.success(), "{}", String::from_utf8_lossy(&stack.stderr));
+        let said = String::from_utf8(stack.stdout).unwrap();
+        let (java, jar) = said.trim().split_once('\n').expect("the registry's Java and jar");
+        let port = crate::helpers::free_port();
+        let log = dir.join("registry.log");
+        let property = |name: &str, value: &str| format!("-D{name}={value}");
+        let process = std::process::Command::new(java)
+            .args(["-Xms64m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
+            .args([
+                property("quarkus.http.host", "127.0.0.1"),
+                property("quarkus.http.ssl-port", &port.to_string()),
+                property("quarkus.http.insecure-requests", "disabled"),
+                property("quarkus.http.ssl.certificate.files", &cert.display().to_string()),
+                property("quarkus.http.ssl.certificate.key-files", &key.display().to_string()),
+                property("quarkus.management.enabled", "false"),
+                property("quarkus.http.auth.basic", "true"),
+                property("quarkus.security.users.embedded.enabled", "true"),
+                property("quarkus.security.users.embedded.plain-text", "true"),
+                property(&format!("quarkus.security.users.embedded.users.{username}"), password),
+                property(&format!("quarkus.security.users.embedded.roles.{username}"), "sr-admin"),
+            ])
+            .arg("-jar")
+            .arg(jar)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = SecuredRegistry {
+            _process: crate::helpers::ChildGuard(process),
+            url: format!("https://127.0.0.1:{port}/apis/ccompat/v7"),
+            ca,
+            log,
+        };
+        let client = registry.client();
+        for _ in 0..1_200 {
+            if client.get(format!("{}/subjects", registry.url)).send().await.is_ok() {
+                return registry;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the secured registry did not answer in 120 s: {}", std::fs::read_to_string(&registry.log).unwrap());
+    }
+
+    /// An HTTP client that trusts the registry's CA, with no credentials.
+    fn client(&self) -> reqwest::Client {
+        let pem = std::fs::read(&self.ca).unwrap();
+        reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap()).build().unwrap()
+    }
+}
+
+/// A registry behind TLS and basic authentication. Without credentials it
+/// answers 401, and without its CA no TLS connection is made. A service with a wrong password reads nothing for 15 s: no
+/// record is at fault, so none is dead-lettered or stored, no offset moves,
+/// and its log names the 401 and never the password. Restarted with the
+/// password from a file and the CA from `ca_file`, it stores all 300.
+#[tokio::test]
+async fn a_registry_behind_tls_and_basic_auth_is_read_with_its_password_file_and_ca() {
+    let dir = std::env::temp_dir().join(format!("txnflow-registry-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    let secured = SecuredRegistry::start(&dir, "txnflow", &password).await;
+    let anonymous = secured.client().get(format!("{}/subjects", secured.url)).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401, "no credentials");
+    let untrusted = reqwest::get(format!("{}/subjects", secured.url)).await;
+    assert!(untrusted.is_err_and(|e| e.is_connect()), "the test CA is not among the system's");
+
+    let password_file = dir.join("registry-password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let ca = secured.ca.display().to_string();
+    let password_file = password_file.display().to_string();
+    let mut config = txnflow::config::Config::from_layers([], []).unwrap().schema_registry;
+    config.url = secured.url.clone();
+    config.username = "txnflow".into();
+    config.password = password.clone();
+    config.ca_file = ca.clone();
+    let registry = SchemaRegistry::new(&config).unwrap().unwrap();
+
+    let scenario = Scenario::new("registry-secured").await;
+    let (id, avro) = registered(&registry, &format!("{}-value", scenario.topic), SchemaFormat::Avro).await;
+    let events = valid_events(30_007, 300);
+    let records: Vec<(String, Vec<u8>)> = events.iter().map(|(k, json)| (k.clone(), framed(&avro, id, json))).collect();
+    let ends = Scenario::end_offsets(&scenario.produce(&records).await);
+
+    let url = secured.url.as_str();
+    let mut refused = scenario
+        .start_service(&[
+            ("TXNFLOW__SCHEMA_REGISTRY__URL", url),
+            ("TXNFLOW__SCHEMA_REGISTRY__USERNAME", "txnflow"),
+            ("TXNFLOW__SCHEMA_REGISTRY__PASSWORD", "not-the-password"),
+            ("TXNFLOW__SCHEMA_REGISTRY__CA_FILE", ca.as_str()),
+        ])
+        .await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(refused.metric("txnflow_schema_registry_unavailable_total").await > 0.0, "{}", refused.log_tail());
+    assert_eq!(refused.metric("txnflow_records_total{outcome=\"invalid\",source=\"kafka\"}").await, 0.0);
+    assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 0);
+    assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
+    assert!(scenario.committed_offsets().is_empty(), "no offset committed");
+    let log = std::fs::read_to_string(&refused.log).unwrap();
+    assert!(log.contains("401"), "the log names the registry's answer: {}", refused.log_tail());
+    assert!(!log.contains("not-the-password"), "the log never repeats the password");
+    refused.signal("TERM", Duration::from_secs(30)).expect("the service stops");
+
+    let service = scenario
+        .start_service(&[
+            ("TXNFLOW__SCHEMA_REGISTRY__URL", url),
+            ("TXNFLOW__SCHEMA_REGISTRY__USERNAME", "txnflow"),
+            ("TXNFLOW__SCHEMA_REGISTRY__PASSWORD_FILE", password_file.as_str()),
+            ("TXNFLOW__SCHEMA_REGISTRY__CA_FILE", ca.as_str()),
+        ])
+        .await;
+    assert_eq!(scenario.wait_committed(&ends, Duration::from_secs(60)).await, ends, "{}", service.log_tail());
+    assert_same_set(&scenario.transaction_ids(), &ids_of(&events), "all 300 stored");
+    assert_eq!(scenario.count("SELECT count(*) FROM dead_letters"), 0);
+    let log = std::fs::read_to_string(&service.log).unwrap();
+    assert!(!log.contains(&password), "the log never repeats the password");
+    drop(service);
+    drop(secured);
+    let _ = std::fs::remove_dir_all(&dir);
+}

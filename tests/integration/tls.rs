@@ -19,7 +19,7 @@ use crate::helpers::{ChildGuard, TestDatabase, assert_same_set, free_port, no_fa
 use crate::scenario::{ids_of, invalid_events, valid_events};
 
 /// A CA, and a certificate for 127.0.0.1 signed by it, made with openssl.
-fn make_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+pub fn make_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let ca_key = dir.join(format!("{name}-ca.key"));
     let ca = dir.join(format!("{name}-ca.pem"));
     let key = dir.join(format!("{name}-server.key"));
