@@ -25,7 +25,7 @@ use super::Pipeline;
 use crate::db;
 use crate::domain::backfill_scan::{ScanReason, ScanSchedule};
 use crate::domain::prediction::Prediction;
-use crate::metrics::METRICS;
+use crate::observability::metrics::METRICS;
 
 pub struct Backfill {
     pipeline: Arc<Pipeline>,

@@ -12,7 +12,7 @@ use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, FlushTrigger, Ingest, PredictFlush};
 use super::predict_client::PredictClient;
 use crate::config::BufferConfig;
-use crate::metrics::{METRICS, Phase, Stage};
+use crate::observability::metrics::{METRICS, Phase, Stage};
 
 /// The Buffer, sending its flushes to `Next`: the PredictClient, or a test's
 /// stand-in.
@@ -57,8 +57,9 @@ impl<Next: TakesFlushes> Buffer<Next> {
             waited.observe(flushed_at.duration_since(record.ack.read_at()).as_secs_f64());
         }
         tracing::debug!(flush_id, size = records.len(), trigger = trigger.as_str(), "flush");
-        crate::spans::buffer_waits(records.iter().map(|record| &record.trace), flush_id);
-        let span = crate::spans::flush(flush_id, trigger.as_str(), records.iter().map(|record| &record.trace));
+        crate::observability::spans::buffer_waits(records.iter().map(|record| &record.trace), flush_id);
+        let span =
+            crate::observability::spans::flush(flush_id, trigger.as_str(), records.iter().map(|record| &record.trace));
         // The records hold capacity permits, which bound what is in flight;
         // the PredictClient's mailbox never grows past that bound.
         self.predict_client.do_send(PredictFlush { flush_id, trigger, flushed_at, records, span });

@@ -32,8 +32,8 @@ use crate::batch::{self, BatchError, ErrorFile, InputFile, RunRegistry, RunSpec}
 use crate::domain::origin::Origin;
 use crate::domain::run_progress::{RowAction, RowOutcome};
 use crate::domain::transaction::{ProcessingType, Transaction};
-use crate::metrics::METRICS;
-use crate::spans::{RecordTrace, RunSpan};
+use crate::observability::metrics::METRICS;
+use crate::observability::spans::{RecordTrace, RunSpan};
 
 /// Rows sent to the Buffer per message.
 const CHUNK: usize = 500;
@@ -60,7 +60,7 @@ pub struct CsvLoader {
 
 impl CsvLoader {
     pub fn new(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>) -> CsvLoader {
-        let s3 = crate::s3::client(&pipeline.config.s3);
+        let s3 = crate::batch::s3::client(&pipeline.config.s3);
         CsvLoader { pipeline, buffer, s3, recording: false }
     }
 
@@ -185,7 +185,7 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
         let _file_span = run_span.file(&file.uri);
         runs.start_file(&spec.run_id, &file.uri);
         let mut errors = ErrorFile::new(&spec, file);
-        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = crate::domain::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             if pipeline.is_shutting_down() {
                 return;

@@ -31,7 +31,7 @@ use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
 use crate::config::WriteMethod;
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
-use crate::metrics::{self, METRICS, Phase, StageTimer};
+use crate::observability::metrics::{self, METRICS, Phase, StageTimer};
 
 pub struct DbWriter {
     pipeline: Arc<Pipeline>,
@@ -177,14 +177,14 @@ fn store_flush(
 /// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
 /// answers are taken as refusals of the records, which are isolated.
 async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, mut flush: WriteFlush) {
-    let mut backoff = crate::backoff::Backoff::outage();
+    let mut backoff = crate::domain::backoff::Backoff::outage();
     let refusals = loop {
         let suspicion = if backoff.failures() >= SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
         let started = Instant::now();
         let shared = pipeline.clone();
         // The blocking pool's thread is outside the actor's span: take it along.
         let span = tracing::Span::current();
-        let write_span = crate::spans::DbWrite::start(&flush.span.context(), flush.records.len());
+        let write_span = crate::observability::spans::DbWrite::start(&flush.span.context(), flush.records.len());
         let outcome = tokio::task::spawn_blocking(move || {
             let result = span.in_scope(|| store_flush(&shared, &flush, suspicion, started));
             (flush, result)

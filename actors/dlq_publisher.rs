@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::Pipeline;
 use super::messages::{DeadLetter, DeadLetters};
 use crate::domain::dead_letter::dlq_headers;
-use crate::metrics::METRICS;
+use crate::observability::metrics::METRICS;
 
 pub struct DlqPublisher {
     pipeline: Arc<Pipeline>,
@@ -87,8 +87,8 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
     for (key, value) in &header_values {
         headers = headers.insert(Header { key, value: Some(value) });
     }
-    let span = crate::spans::DlqSend::start(&letter.trace, topic, letter.failure.error_type.as_str());
-    let mut backoff = crate::backoff::Backoff::outage();
+    let span = crate::observability::spans::DlqSend::start(&letter.trace, topic, letter.failure.error_type.as_str());
+    let mut backoff = crate::domain::backoff::Backoff::outage();
     let refused_by = loop {
         let mut record = FutureRecord::to(topic).payload(&letter.value).headers(headers.clone());
         if let Some(key) = &letter.key {
@@ -129,7 +129,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
 /// Stores a dead letter in PostgreSQL, retrying while the database is
 /// unreachable (as a flush does: nothing is acknowledged meanwhile).
 async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static str, String)], refused_by: &str) {
-    let mut backoff = crate::backoff::Backoff::outage();
+    let mut backoff = crate::domain::backoff::Backoff::outage();
     loop {
         let (topic, key, value) = (pipeline.config.kafka.dlq_topic.clone(), letter.key.clone(), letter.value.clone());
         let (headers, refused_by) = (headers.to_vec(), refused_by.to_string());

@@ -39,8 +39,8 @@ use super::buffer::Buffer;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{Capacity, CommitNow, DeadLetter, DeadLetters, Envelope, Ingest, Lineage, StopReading};
-use crate::backoff::Backoff;
 use crate::config::{GroupProtocol, ValueFormat};
+use crate::domain::backoff::Backoff;
 use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage};
 use crate::domain::offsets::OffsetTracker;
@@ -49,9 +49,9 @@ use crate::domain::schema_event::{SchemaLookup, read_value};
 use crate::domain::transaction::ProcessingType;
 use crate::domain::validation::validate;
 use crate::domain::wire_format::{self, Framing};
-use crate::metrics::{self, METRICS, Phase, StageTimer};
-use crate::schema_registry::SchemaRegistry;
-use crate::spans::{CommitSpan, ReadAt};
+use crate::kafka::schema_registry::SchemaRegistry;
+use crate::observability::metrics::{self, METRICS, Phase, StageTimer};
+use crate::observability::spans::{CommitSpan, ReadAt};
 
 /// How long a revoke waits for in-flight records before committing what is durable.
 const REVOKE_WAIT: Duration = Duration::from_secs(10);
@@ -709,7 +709,7 @@ impl<'r> ReadPass<'r> {
             group: &pipeline.config.kafka.group_id,
         };
         let rejected = decoded.is_err().then_some(ErrorType::Invalid.as_str());
-        let trace = crate::spans::read(message, traceparent, at, self.received, rejected);
+        let trace = crate::observability::spans::read(message, traceparent, at, self.received, rejected);
         match decoded {
             Ok(transaction) => {
                 let lineage = Lineage {

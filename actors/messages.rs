@@ -10,7 +10,7 @@ use super::acknowledgement::Ack;
 use crate::domain::dead_letter::Failure;
 use crate::domain::prediction::Prediction;
 use crate::domain::transaction::{ProcessingType, Transaction};
-use crate::spans::{FlushSpan, RecordTrace};
+use crate::observability::spans::{FlushSpan, RecordTrace};
 
 /// How and in which run a record entered txnflow (lineage columns).
 #[derive(Debug, Clone, PartialEq, Eq)]

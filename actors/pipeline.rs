@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use crate::batch::RunRegistry;
 use crate::config::Config;
 use crate::db::PgPool;
-use crate::ml_client::MlClient;
+use crate::ml::client::MlClient;
 
 use super::{
     Mailbox, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, messages, predict_client,

@@ -1,5 +1,5 @@
 //! PredictClient: asks the ML API for the category of every record of a
-//! flush, through [`crate::ml_client::MlClient`] (batches, concurrency,
+//! flush, through [`crate::ml::client::MlClient`] (batches, concurrency,
 //! retries, circuit breaker, bisection, per-record checks), then hands the
 //! flush to the DbWriter. A record without a usable prediction is still
 //! written (guarantee 2); its failure travels with it to the DLQ.
@@ -14,7 +14,7 @@ use super::db_writer::DbWriter;
 use super::mailbox::Mailbox;
 use super::messages::{PredictFlush, WriteFlush};
 use crate::domain::prediction::PredictRequestItem;
-use crate::ml_client::MlClient;
+use crate::ml::client::MlClient;
 
 /// The PredictClient, handing its flushes to `Next`: the DbWriter, or a
 /// test's stand-in.
@@ -94,7 +94,7 @@ mod tests {
     use super::*;
     use crate::actors::messages::{FlushTrigger, test_envelopes};
     use crate::domain::dead_letter::{ErrorType, Stage};
-    use crate::ml_api::{Faults, refuses, spawn_in_thread};
+    use crate::ml::reference_api::{Faults, refuses, spawn_in_thread};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
     use uuid::Uuid;
@@ -124,7 +124,7 @@ mod tests {
         let address = spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).unwrap();
         let config = crate::config::Config::load(None).unwrap();
         let predict = crate::config::PredictConfig { url: format!("http://{address}"), ..config.predict };
-        let ml = Arc::new(MlClient::new(&predict, crate::breaker::build(&config.breaker)).unwrap());
+        let ml = Arc::new(MlClient::new(&predict, crate::ml::breaker::build(&config.breaker)).unwrap());
         let mut descriptions = vec!["a purchase"; 40];
         descriptions[16] = "a POISON purchase";
         let records = test_envelopes(&descriptions);

@@ -14,7 +14,7 @@ use crate::domain::schema_event::{EventSchema, PREDICTION_AVRO, SchemaFormat};
 
 /// Registers the predictions' Avro schema under `<topic>-value`.
 async fn register(registry: &SchemaRegistryConfig, topic: &str) -> anyhow::Result<(u32, EventSchema)> {
-    let registry = crate::schema_registry::SchemaRegistry::new(registry)?
+    let registry = crate::kafka::schema_registry::SchemaRegistry::new(registry)?
         .ok_or_else(|| anyhow::anyhow!("no schema_registry.url"))?;
     let id = registry.register(&format!("{topic}-value"), SchemaFormat::Avro, PREDICTION_AVRO).await?;
     let schema = EventSchema::parse(SchemaFormat::Avro, PREDICTION_AVRO).map_err(|e| anyhow::anyhow!(e))?;

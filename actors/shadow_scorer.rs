@@ -17,8 +17,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::Pipeline;
 use crate::db::{self, PgPool};
 use crate::domain::prediction::PredictRequestItem;
-use crate::metrics::METRICS;
-use crate::ml_client::MlClient;
+use crate::ml::client::MlClient;
+use crate::observability::metrics::METRICS;
 
 pub struct ShadowScorer {
     ml: Option<Arc<MlClient>>,
@@ -40,7 +40,7 @@ impl ShadowScorer {
                     max_retries: 0,
                     ..config.predict.clone()
                 };
-                let breaker = crate::breaker::build_named(&config.breaker, "shadow_api");
+                let breaker = crate::ml::breaker::build_named(&config.breaker, "shadow_api");
                 MlClient::other_model(&predict, breaker)
                     .map_err(
                         |error| tracing::warn!(%error, "cannot build the shadow model's client; shadow scoring off"),

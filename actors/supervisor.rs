@@ -18,7 +18,7 @@ use super::{
     Mailbox, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
     repredictor, shadow_scorer,
 };
-use crate::metrics::METRICS;
+use crate::observability::metrics::METRICS;
 
 /// One supervised actor: its name (in logs, metrics and the chaos
 /// endpoint), how to start it, and when it is revived.

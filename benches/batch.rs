@@ -44,14 +44,14 @@ fn generate(path: &std::path::Path, rows: u64) {
 
 /// The same transactions every time for the same count (seeded).
 fn transactions(rows: u64) -> impl Iterator<Item = txnflow::domain::transaction::Transaction> {
-    let mut generator = txnflow::produce::TransactionGenerator::new(4242, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(4242, 0.0);
     (0..rows).map(move |_| txnflow::domain::event::parse_event(&generator.next_record().value).unwrap())
 }
 
 async fn upload(path: &std::path::Path, key: &str) -> String {
     let config = txnflow::config::Config::from_layers([], []).unwrap();
-    let client = txnflow::s3::client(&config.s3);
-    txnflow::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
+    let client = txnflow::batch::s3::client(&config.s3);
+    txnflow::batch::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
     let body = aws_sdk_s3::primitives::ByteStream::from_path(path).await.unwrap();
     client.put_object().bucket(&config.s3.bucket).key(key).body(body).send().await.unwrap();
     format!("s3://{}/{key}", config.s3.bucket)
@@ -304,12 +304,19 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let ml_api = format!(
         "http://{}",
-        txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap()
+        txnflow::ml::reference_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap()
     );
     let v2 = (env_or("BENCH_REPREDICT", 1) > 0).then(|| {
-        let model =
-            txnflow::ml_api::Faults { extended: true, model_version: "v2".into(), shift: 3, ..Default::default() };
-        format!("http://{}", txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), model).unwrap())
+        let model = txnflow::ml::reference_api::Faults {
+            extended: true,
+            model_version: "v2".into(),
+            shift: 3,
+            ..Default::default()
+        };
+        format!(
+            "http://{}",
+            txnflow::ml::reference_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), model).unwrap()
+        )
     });
     let models = Models { live: &ml_api, v2: v2.as_deref() };
     let bench_id = uuid::Uuid::new_v4().simple().to_string();

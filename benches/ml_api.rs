@@ -56,8 +56,9 @@ fn request_bodies(count: usize) -> Vec<Vec<u8>> {
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 10);
     let clients = env_or("BENCH_CLIENTS", 4) as usize;
-    let faults = txnflow::ml_api::Faults::default();
-    let address = txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
+    let faults = txnflow::ml::reference_api::Faults::default();
+    let address =
+        txnflow::ml::reference_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
     let url = format!("http://{address}/predict");
     let bodies = Arc::new(request_bodies(256));
     println!(
@@ -158,9 +159,10 @@ const FLUSH_CALLERS: usize = 4;
 const FLUSH_RECORDS: usize = 2_000;
 
 fn slow_model_run(workers: u32, latency_ms: u64, seconds: u64, adaptive: bool) {
-    use txnflow::metrics::METRICS;
-    let faults = txnflow::ml_api::Faults { latency_ms, max_concurrent: workers, ..Default::default() };
-    let address = txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
+    use txnflow::observability::metrics::METRICS;
+    let faults = txnflow::ml::reference_api::Faults { latency_ms, max_concurrent: workers, ..Default::default() };
+    let address =
+        txnflow::ml::reference_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the server starts");
     let config = txnflow::config::Config::load(None).expect("the default configuration");
     let predict = txnflow::config::PredictConfig {
         url: format!("http://{address}"),
@@ -172,7 +174,8 @@ fn slow_model_run(workers: u32, latency_ms: u64, seconds: u64, adaptive: bool) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let ml = Arc::new(
-            txnflow::ml_client::MlClient::new(&predict, txnflow::breaker::build(&config.breaker)).expect("the client"),
+            txnflow::ml::client::MlClient::new(&predict, txnflow::ml::breaker::build(&config.breaker))
+                .expect("the client"),
         );
         let retriable = || METRICS.ml_api_latency.with_label_values(&["retriable"]).get_sample_count();
         let retriable_before = retriable();

@@ -64,7 +64,7 @@ mod common;
 mod otlp_receiver;
 
 use txnflow::domain::schema_event::{EventSchema, SchemaFormat, transaction_schema_text};
-use txnflow::schema_registry::SchemaRegistry;
+use txnflow::kafka::schema_registry::SchemaRegistry;
 
 use common::{
     CopyRow, CpuSample, WaitSampler, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named,
@@ -303,7 +303,7 @@ async fn throughput(
     mock: Option<&MockCluster<'static, DefaultProducerContext>>,
 ) -> Throughput {
     println!("run {run}, {} events: generating and producing {count} to a fresh topic", keys.as_str());
-    let mut generator = txnflow::produce::TransactionGenerator::new(99 + run, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(99 + run, 0.0);
     let events: Vec<(String, Vec<u8>)> =
         (0..count).map(|_| generator.next_record()).map(|r| (r.key, r.value)).collect();
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
@@ -469,7 +469,7 @@ async fn produce_at_rate(
     topic: &str,
     rate: u64,
     seconds: u64,
-    generator: &mut txnflow::produce::TransactionGenerator,
+    generator: &mut txnflow::cli::produce::TransactionGenerator,
 ) -> HashMap<String, SystemTime> {
     let producer = txnflow::kafka::producer(&kafka()).unwrap();
     // Sent in ticks of 10 ms (or one event per tick below 100 events/s).
@@ -521,7 +521,7 @@ async fn latency(
     // Let the consumer join its group before the clock starts.
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!("run {run}, latency: {rate} events/s for {seconds} s, default configuration");
-    let mut generator = txnflow::produce::TransactionGenerator::new(7 + run, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(7 + run, 0.0);
     let acked = produce_at_rate(&topic, rate, seconds, &mut generator).await;
     let mut connection = diesel::PgConnection::establish(&db).unwrap();
     #[derive(diesel::QueryableByName)]

@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tracing_subscriber::fmt::format::JsonFields;
+use txnflow::batch::s3;
+use txnflow::cli::{dlq_replay, produce};
 use txnflow::config::{Config, LogFormat};
-use txnflow::{breaker, db, dlq_replay, kafka, log_format, ml_api, produce, s3, service};
+use txnflow::ml::{breaker, reference_api as ml_api};
+use txnflow::observability::log_format;
+use txnflow::{db, kafka, service};
 
 /// Exit status of a configuration that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -303,7 +307,7 @@ fn leave(code: i32) -> ! {
 /// Logs to stderr, and traces over OTLP when `tracing.otlp_endpoint` is
 /// set (the provider is returned to be shut down, which exports what is
 /// queued, at exit).
-fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::telemetry::Tracing>> {
+fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::observability::telemetry::Tracing>> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level))
         // Recloser's raw events feed BreakerStateLayer, which logs the
@@ -318,7 +322,7 @@ fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::telemetry::Tr
         LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(log_format::FlatJson).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    let tracing = txnflow::telemetry::start(&config.tracing, config.buffer.max_records)?;
+    let tracing = txnflow::observability::telemetry::start(&config.tracing, config.buffer.max_records)?;
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         // Sees recloser's transition events whatever the log level.
@@ -330,7 +334,7 @@ fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::telemetry::Tr
 fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Run => service::run(config),
-        Command::Check => txnflow::check::run(&config),
+        Command::Check => txnflow::cli::check::run(&config),
         Command::Migrate => migrate(&config),
         Command::Setup => {
             tokio_runtime()?.block_on(async {
@@ -341,13 +345,13 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("topics ready: {}", described.join(", "));
                 s3::ensure_bucket(&s3::client(&config.s3), &config.s3.bucket).await?;
                 println!("bucket ready: {}", config.s3.bucket);
-                txnflow::schema_registry::register_pipeline_schemas(&config).await?;
+                txnflow::kafka::schema_registry::register_pipeline_schemas(&config).await?;
                 anyhow::Ok(())
             })?;
             migrate(&config)
         }
-        Command::Batch(args) if args.via_kafka => txnflow::batch_command::publish(config, args.uri, args.run_id),
-        Command::Batch(args) => txnflow::batch_command::run(config, args.uri, args.run_id),
+        Command::Batch(args) if args.via_kafka => txnflow::cli::batch::publish(config, args.uri, args.run_id),
+        Command::Batch(args) => txnflow::cli::batch::run(config, args.uri, args.run_id),
         Command::Produce(args) => {
             if !(0.0..=1.0).contains(&args.invalid_ratio) {
                 anyhow::bail!("--invalid-ratio must be in [0, 1], got {}", args.invalid_ratio);
@@ -395,15 +399,15 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 args.from_model.as_deref(),
             )
             .map_err(|reason| anyhow::anyhow!("repredict: {reason}"))?;
-            txnflow::repredict::run_command(config, args.run_id, selection)
+            txnflow::cli::repredict::run_command(config, args.run_id, selection)
         }
-        Command::Models(ModelsCommand::List) => txnflow::models_command::list(&config),
+        Command::Models(ModelsCommand::List) => txnflow::cli::models::list(&config),
         Command::Models(ModelsCommand::Compare { a, b, format }) => {
-            txnflow::models_command::compare(&config, &a, &b, format == "csv")
+            txnflow::cli::models::compare(&config, &a, &b, format == "csv")
         }
-        Command::Models(ModelsCommand::Promote { version }) => txnflow::models_command::promote(&config, &version),
+        Command::Models(ModelsCommand::Promote { version }) => txnflow::cli::models::promote(&config, &version),
         Command::Archive(ArchiveCommand::Predictions { older_than }) => {
-            txnflow::models_command::archive(&config, older_than)
+            txnflow::cli::models::archive(&config, older_than)
         }
         Command::MlApi(args) => {
             let mut faults = config.ml_api.faults.clone();

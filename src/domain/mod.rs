@@ -9,6 +9,7 @@
 
 pub mod amount;
 pub mod backfill_scan;
+pub mod backoff;
 pub mod categories;
 pub mod concurrency;
 pub mod csv_rules;

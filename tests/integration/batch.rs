@@ -22,8 +22,8 @@ pub struct Folder {
 impl Folder {
     pub async fn new() -> Folder {
         let config = crate::helpers::default_config();
-        let client = txnflow::s3::client(&config.s3);
-        txnflow::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
+        let client = txnflow::batch::s3::client(&config.s3);
+        txnflow::batch::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
         Folder { client, bucket: config.s3.bucket, prefix: format!("tests/{}/", Uuid::new_v4().simple()) }
     }
 

@@ -200,12 +200,12 @@ pub fn stderr(output: &Output) -> String {
 }
 
 /// Starts a reference ML API of this test's own on a free port.
-pub fn spawn_ml_api(faults: txnflow::ml_api::Faults) -> SocketAddr {
-    txnflow::ml_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the ML API starts")
+pub fn spawn_ml_api(faults: txnflow::ml::reference_api::Faults) -> SocketAddr {
+    txnflow::ml::reference_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), faults).expect("the ML API starts")
 }
 
-pub fn no_faults() -> txnflow::ml_api::Faults {
-    txnflow::ml_api::Faults::default()
+pub fn no_faults() -> txnflow::ml::reference_api::Faults {
+    txnflow::ml::reference_api::Faults::default()
 }
 
 /// A port that was free a moment ago, for servers started as processes.

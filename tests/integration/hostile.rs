@@ -35,7 +35,7 @@ async fn assert_healthy(scenario: &Scenario, service: &mut Service, sent: &[Sent
 }
 
 fn event_with(seed: u64, change: impl FnOnce(&mut serde_json::Value)) -> (String, Vec<u8>) {
-    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(seed, 0.0);
     let mut event = generator.valid_event();
     change(&mut event);
     (event["id"].as_str().unwrap().to_string(), event.to_string().into_bytes())
@@ -295,11 +295,15 @@ async fn refused_transactions_do_not_hold_back_the_backfill() {
     ]);
     let mut service = scenario.start_service(&env).await;
     let pool = valid_events(1107, 4_000);
-    let refused: Vec<_> =
-        pool.iter().filter(|(key, _)| txnflow::ml_api::refuses(key.parse().unwrap(), 0.5)).take(500).cloned().collect();
+    let refused: Vec<_> = pool
+        .iter()
+        .filter(|(key, _)| txnflow::ml::reference_api::refuses(key.parse().unwrap(), 0.5))
+        .take(500)
+        .cloned()
+        .collect();
     let good: Vec<_> = pool
         .iter()
-        .filter(|(key, _)| !txnflow::ml_api::refuses(key.parse().unwrap(), 0.5))
+        .filter(|(key, _)| !txnflow::ml::reference_api::refuses(key.parse().unwrap(), 0.5))
         .take(1_000)
         .cloned()
         .collect();
@@ -540,7 +544,7 @@ fn children_peak_rss_mb() -> f64 {
 
 /// `count` rows in the seed system's format (quoted, `;`), with their ids.
 fn seed_rows(seed: u64, count: usize) -> Vec<(Uuid, String)> {
-    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(seed, 0.0);
     (0..count)
         .map(|_| {
             let event = generator.valid_event();
@@ -558,7 +562,7 @@ fn summary(output: &std::process::Output) -> Vec<u64> {
 
 /// `count` rows as a plain comma-separated file writes them: no quotes.
 fn plain_rows(seed: u64, count: usize) -> Vec<(Uuid, String)> {
-    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(seed, 0.0);
     (0..count)
         .map(|_| {
             let event = generator.valid_event();

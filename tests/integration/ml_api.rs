@@ -100,7 +100,7 @@ async fn fault_knobs_change_at_runtime() {
 
 #[tokio::test]
 async fn partial_drops_leave_out_some_items_only() {
-    let base = format!("http://{}", spawn_ml_api(txnflow::ml_api::Faults { drop_rate: 0.5, ..no_faults() }));
+    let base = format!("http://{}", spawn_ml_api(txnflow::ml::reference_api::Faults { drop_rate: 0.5, ..no_faults() }));
     let ids: Vec<Uuid> = (1..=200u128).map(Uuid::from_u128).collect();
     let request: Vec<Value> = ids.iter().map(|id| item(&id.to_string())).collect();
     let (status, body) = post(&base, "/predict", &Value::Array(request)).await;
@@ -217,9 +217,10 @@ async fn a_shifted_model_moves_every_category_by_its_shift() {
 /// `refuse_rate` refuses the same ids on every request, and only them.
 #[tokio::test]
 async fn the_refuse_rate_refuses_the_same_ids_every_time() {
-    let base = format!("http://{}", spawn_ml_api(txnflow::ml_api::Faults { refuse_rate: 0.3, ..no_faults() }));
+    let base =
+        format!("http://{}", spawn_ml_api(txnflow::ml::reference_api::Faults { refuse_rate: 0.3, ..no_faults() }));
     let ids: Vec<Uuid> = (0..1_000).map(|i| Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("r{i}").as_bytes())).collect();
-    let refused: Vec<Uuid> = ids.iter().copied().filter(|id| txnflow::ml_api::refuses(*id, 0.3)).collect();
+    let refused: Vec<Uuid> = ids.iter().copied().filter(|id| txnflow::ml::reference_api::refuses(*id, 0.3)).collect();
     assert!((250..350).contains(&refused.len()), "about 30% of ids: {}", refused.len());
     let accepted: Vec<Value> = ids.iter().filter(|id| !refused.contains(id)).map(|id| item(&id.to_string())).collect();
     let (status, body) = post(&base, "/predict", &Value::Array(accepted)).await;
@@ -236,7 +237,7 @@ async fn the_refuse_rate_refuses_the_same_ids_every_time() {
 async fn a_model_with_few_workers_makes_requests_wait_their_turn() {
     let base = format!(
         "http://{}",
-        spawn_ml_api(txnflow::ml_api::Faults { latency_ms: 200, max_concurrent: 1, ..no_faults() })
+        spawn_ml_api(txnflow::ml::reference_api::Faults { latency_ms: 200, max_concurrent: 1, ..no_faults() })
     );
     let request = json!([item("b9fa6684-502b-4695-8f92-247432ba610d")]);
     let answered_after = |count: usize| {

@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::helpers::{brokers, create_topic, read_topic, run, seed_csv_path, stderr, stdout, txnflow};
+use txnflow::cli::produce::TransactionGenerator;
 use txnflow::domain::event::parse_event;
-use txnflow::produce::TransactionGenerator;
 
 const PARTITIONS: i32 = 3;
 
@@ -132,7 +132,7 @@ async fn avro_records_are_framed_for_the_registered_schema() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(stdout(&output).trim(), "produced 300 records");
     let config = txnflow::config::Config::from_layers([], []).unwrap();
-    let registry = txnflow::schema_registry::SchemaRegistry::new(&config.schema_registry).unwrap().unwrap();
+    let registry = txnflow::kafka::schema_registry::SchemaRegistry::new(&config.schema_registry).unwrap().unwrap();
     let id = registry.register(&format!("{topic}-value"), SchemaFormat::Avro, TRANSACTION_AVRO).await.unwrap();
     let schema = EventSchema::parse(SchemaFormat::Avro, TRANSACTION_AVRO).unwrap();
 

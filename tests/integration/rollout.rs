@@ -11,7 +11,7 @@ use crate::helpers::{
 };
 use crate::scenario::{Scenario, ids_of, valid_events};
 use txnflow::domain::categories::{CATEGORIES, shifted_category};
-use txnflow::ml_api::Faults;
+use txnflow::ml::reference_api::Faults;
 
 /// A reference model answering as `version`, each category moved by `shift`.
 fn model(version: &str, shift: u64) -> Faults {

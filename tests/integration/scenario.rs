@@ -414,7 +414,7 @@ impl Service {
 
 /// `count` valid events from a seeded generator: (key, bytes).
 pub fn valid_events(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
-    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 0.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(seed, 0.0);
     (0..count)
         .map(|_| {
             let record = generator.next_record();
@@ -425,7 +425,7 @@ pub fn valid_events(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
 
 /// `count` invalid events, the five kinds in turn.
 pub fn invalid_events(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
-    let mut generator = txnflow::produce::TransactionGenerator::new(seed, 1.0);
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(seed, 1.0);
     (0..count)
         .map(|_| {
             let record = generator.next_record();

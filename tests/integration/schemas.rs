@@ -11,7 +11,7 @@ use crate::scenario::{Scenario, ids_of, valid_events};
 use txnflow::domain::categories::reference_category;
 use txnflow::domain::schema_event::{EventSchema, SchemaFormat, TRANSACTION_AVRO, transaction_schema_text};
 use txnflow::domain::wire_format;
-use txnflow::schema_registry::SchemaRegistry;
+use txnflow::kafka::schema_registry::SchemaRegistry;
 
 /// The local stack's registry, as the default configuration names it.
 fn registry() -> SchemaRegistry {

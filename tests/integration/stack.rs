@@ -29,8 +29,8 @@ fn the_broker_has_the_pipeline_topics() {
 #[tokio::test]
 async fn s3_stores_and_returns_an_object_in_the_pipeline_bucket() {
     let config = default_config();
-    let client = txnflow::s3::client(&config.s3);
-    txnflow::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
+    let client = txnflow::batch::s3::client(&config.s3);
+    txnflow::batch::s3::ensure_bucket(&client, &config.s3.bucket).await.unwrap();
     let key = format!("tests/{}.csv", uuid::Uuid::new_v4());
     client
         .put_object()

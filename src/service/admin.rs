@@ -13,7 +13,7 @@ use crate::actors::Pipeline;
 use crate::actors::csv_loader::LoadCsv;
 use crate::actors::messages::Chaos;
 use crate::batch::BatchError;
-use crate::metrics::METRICS;
+use crate::observability::metrics::METRICS;
 
 struct AdminState {
     pipeline: Arc<Pipeline>,
@@ -202,8 +202,8 @@ struct RepredictRequest {
 /// option, 409 a run id running elsewhere or given another selection, 429
 /// a run beyond `repredict.max_concurrent_runs`.
 async fn start_repredict(request: web::Json<RepredictRequest>, state: web::Data<AdminState>) -> HttpResponse {
+    use crate::actors::repredictor::engine::StartError;
     use crate::actors::repredictor::{StartRefused, StartRepredict, Started};
-    use crate::repredict::StartError;
     let request = request.into_inner();
     let selection = match crate::domain::rollout::Selection::parse(
         request.since.as_deref(),

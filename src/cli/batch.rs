@@ -9,7 +9,8 @@ use crate::actors::Pipeline;
 use crate::actors::csv_loader::LoadCsv;
 use crate::batch::{InputPolicy, RunStatus};
 use crate::config::Config;
-use crate::{breaker, db, kafka, ml_client, service};
+use crate::ml::{breaker, client as ml_client};
+use crate::{db, kafka, service};
 
 /// Runs the batch to completion, prints its summary line, and returns an
 /// error when it could not start or did not complete.
@@ -18,7 +19,7 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
         // The input first: a bad uri or file fails at once, before any
         // connection to the database or the broker is tried.
         let run_id = run_id.unwrap_or_else(crate::batch::new_run_id);
-        crate::batch::prepare(&crate::s3::client(&config.s3), &uri, &run_id, &InputPolicy::Any).await?;
+        crate::batch::prepare(&crate::batch::s3::client(&config.s3), &uri, &run_id, &InputPolicy::Any).await?;
         if config.db.auto_migrate {
             service::migrate_when_reachable(&config).await?;
         }
@@ -77,7 +78,7 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let started = Instant::now();
-        let s3 = crate::s3::client(&config.s3);
+        let s3 = crate::batch::s3::client(&config.s3);
         let run_id = run_id.unwrap_or_else(crate::batch::new_run_id);
         let spec = crate::batch::prepare(&s3, &uri, &run_id, &InputPolicy::Any).await?;
         let topic = config.kafka.topic.clone();

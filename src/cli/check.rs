@@ -128,7 +128,7 @@ async fn database(url: String) -> Result<String, String> {
 }
 
 async fn bucket(config: &Config) -> Result<String, String> {
-    let s3 = crate::s3::client(&config.s3);
+    let s3 = crate::batch::s3::client(&config.s3);
     match tokio::time::timeout(Duration::from_secs(10), s3.head_bucket().bucket(&config.s3.bucket).send()).await {
         Ok(Ok(_)) => Ok(format!("reachable at {}", config.s3.endpoint)),
         Ok(Err(error)) => Err(crate::db::short_reason(error.into_service_error())),
@@ -138,7 +138,7 @@ async fn bucket(config: &Config) -> Result<String, String> {
 
 /// The registry's subjects, and whether the input topic's is among them.
 async fn schema_registry(config: &Config) -> Result<String, String> {
-    let registry = crate::schema_registry::SchemaRegistry::new(&config.schema_registry)
+    let registry = crate::kafka::schema_registry::SchemaRegistry::new(&config.schema_registry)
         .map_err(|e| e.to_string())?
         .ok_or("no schema_registry.url")?;
     let subjects = registry.subjects().await.map_err(|e| e.to_string())?;

@@ -20,7 +20,7 @@ use crate::config::{KafkaConfig, SchemaRegistryConfig};
 use crate::domain::csv_rules::{CsvLayout, detect_delimiter};
 use crate::domain::schema_event::{EventSchema, SchemaFormat, transaction_schema_text};
 use crate::domain::trace_context::{TRACEPARENT, new_traceparent};
-use crate::schema_registry::SchemaRegistry;
+use crate::kafka::schema_registry::SchemaRegistry;
 
 /// Merchants of the seed file.
 const MERCHANTS: [&str; 24] = [

@@ -7,10 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actors::Pipeline;
-use crate::actors::messages::{CommitNow, FlushNow, StopReading};
 use crate::config::Config;
-use crate::metrics::METRICS;
-use crate::{admin, breaker, db, kafka, ml_client};
+use crate::ml::{breaker, client as ml_client};
+use crate::observability::metrics::METRICS;
+use crate::{db, kafka};
+
+pub mod admin;
+pub mod shutdown;
+
+use shutdown::{shutdown, wait_for_signal};
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     // Before anything connects: an exposed admin port without a token is a
@@ -87,34 +92,6 @@ pub(crate) async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()
             Err(error) => return Err(error),
         }
     }
-}
-
-pub(crate) async fn wait_for_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-    }
-}
-
-/// Stops reading, flushes, waits for every record in flight, commits.
-/// Returns whether everything read became durable in time.
-async fn shutdown(pipeline: &Arc<Pipeline>, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(500));
-    pipeline.begin_shutdown();
-    if let Some(reader) = pipeline.kafka_reader() {
-        let _ = reader.send(StopReading).await;
-    }
-    let _ = pipeline.buffer().send(FlushNow).await;
-    while pipeline.in_flight() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let clean = pipeline.in_flight() == 0;
-    if let Some(reader) = pipeline.kafka_reader() {
-        let _ = reader.send(CommitNow).await;
-    }
-    clean
 }
 
 /// One line every 5 s: records in, written, predicted, dead-lettered,

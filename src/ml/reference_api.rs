@@ -24,66 +24,7 @@ use uuid::Uuid;
 use crate::domain::categories::{REFERENCE_MODEL_VERSION, reference_confidence, shifted_category};
 use crate::domain::timestamp::parse_timestamp;
 
-/// The fault knobs. Rates are shares in [0, 1], drawn per request (per item
-/// for `drop_rate`).
-/// `Faults::default()` is a well-behaved server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Faults {
-    pub error_rate: f64,
-    pub latency_ms: u64,
-    pub malformed_rate: f64,
-    pub drop_rate: f64,
-    /// Answer `confidence_score` and `model_version` too.
-    pub extended: bool,
-    /// When not empty, any item whose description contains it makes the
-    /// whole request fail with `marker_status`: a poison record.
-    pub poison_marker: String,
-    /// The status of a request holding a poison record: 422 (the seed
-    /// server's validation error), or e.g. 500 or 401 to test those paths.
-    pub marker_status: u16,
-    /// The body of that answer, as text (empty: a JSON `detail`).
-    pub marker_body: String,
-    /// How much later a request holding a poison record is answered: past
-    /// the client's timeout, the record is one that times out.
-    pub marker_latency_ms: u64,
-    /// Share of ids refused (422) on every request, chosen by id, so the
-    /// same ids are refused every time ([`refuses`]).
-    pub refuse_rate: f64,
-    /// The model version answered with `extended` (empty: the reference one).
-    pub model_version: String,
-    /// Requests the model works on at once (0: no limit). The others wait
-    /// their turn, in arrival order, as on a model server with a fixed pool
-    /// of workers; with `latency_ms` each turn lasts that long.
-    pub max_concurrent: u32,
-    /// Another model: the category index becomes `(hash(id) + shift) mod 15`
-    /// ([`shifted_category`]); 0 is the seed's answer.
-    pub shift: u64,
-    /// Answer every request 200 with a body that never ends: a hostile
-    /// server, for the client's bound on answers.
-    pub endless_body: bool,
-}
-
-impl Default for Faults {
-    fn default() -> Faults {
-        Faults {
-            error_rate: 0.0,
-            latency_ms: 0,
-            malformed_rate: 0.0,
-            drop_rate: 0.0,
-            extended: false,
-            poison_marker: String::new(),
-            marker_status: 422,
-            marker_body: String::new(),
-            marker_latency_ms: 0,
-            refuse_rate: 0.0,
-            model_version: String::new(),
-            max_concurrent: 0,
-            shift: 0,
-            endless_body: false,
-        }
-    }
-}
+pub use crate::config::MlApiFaults as Faults;
 
 /// Whether `refuse_rate` refuses `id`: a share of the id space, fixed per
 /// id (its first 4 bytes as a fraction: random in v4 and v5 ids, unlike the
@@ -263,7 +204,7 @@ async fn predict(
 ) -> HttpResponse {
     let _in_flight = InFlight::start(&load);
     let traceparent = request.headers().get(crate::domain::trace_context::TRACEPARENT).map(|value| value.as_bytes());
-    let span = crate::spans::MlApiRequest::start(traceparent);
+    let span = crate::observability::spans::MlApiRequest::start(traceparent);
     let response = answer(body, faults, workers).await;
     span.end(response.status().as_u16());
     response

@@ -146,7 +146,7 @@ pub fn read(
             let state = header(TRACESTATE).and_then(valid_tracestate).and_then(|state| state.parse().ok());
             start(builder, &remote(traceparent, state))
         }
-        None => crate::telemetry::with_trace_id(trace_id, || start(builder, &Context::new())),
+        None => crate::observability::telemetry::with_trace_id(trace_id, || start(builder, &Context::new())),
     };
     let Some(mut span) = span else { return untraced(traceparent) };
     span.set_attributes([

@@ -20,7 +20,7 @@ use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
 
 use crate::config::BreakerConfig;
-use crate::metrics::METRICS;
+use crate::observability::metrics::METRICS;
 
 /// The name recloser puts on its events, to tell ours from any other.
 const BREAKER_NAME: &str = "ml_api";

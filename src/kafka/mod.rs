@@ -1,5 +1,5 @@
-//! Kafka adapter: client settings shared by every producer and consumer, and
-//! topic creation.
+//! Kafka adapter: client settings shared by every producer and consumer,
+//! topic creation, and the schema registry that framed records name.
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -8,6 +8,8 @@ use rdkafka::producer::FutureProducer;
 use std::time::Duration;
 
 use crate::config::KafkaConfig;
+
+pub mod schema_registry;
 
 /// Settings every client shares: the brokers, the security settings, and
 /// `[kafka.properties]` (after txnflow's own, so they may tune those too).

@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
 
-use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::db::history::{self, RepredictRun, RunStart};
 use crate::db::{self, WriteError};
+use crate::domain::backoff::Backoff;
 use crate::domain::prediction::{PredictRequestItem, Prediction};
 use crate::domain::rollout::Selection;
-use crate::metrics::METRICS;
-use crate::ml_client::{MlClient, Predicted};
+use crate::ml::client::{MlClient, Predicted};
+use crate::observability::metrics::METRICS;
 
 /// Why a run did not start.
 #[derive(Debug, thiserror::Error)]
@@ -408,47 +408,6 @@ fn write_or_isolate(
     }
 }
 
-/// `txnflow repredict`: one run in this process, with progress in the log
-/// and the summary line on stdout. Ctrl-C or SIGTERM stops it between
-/// chunks, resumable.
-pub fn run_command(config: Config, run_id: Option<String>, selection: Selection) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(async move {
-        if config.db.auto_migrate {
-            let mut connection = db::connect(&config.db.url)?;
-            db::migrate(&mut connection)?;
-        }
-        let run_id = run_id.unwrap_or_else(new_run_id);
-        let instance = crate::actors::instance_name();
-        let claimed = match claim(&config.db.url, &instance, &run_id, selection).await? {
-            Claim::Completed(run) => {
-                println!("{}", summary(&run, 0.0));
-                eprintln!("run {run_id} completed before; nothing to do");
-                return Ok(());
-            }
-            Claim::Run(claimed) => claimed,
-        };
-        let ml = Arc::new(client(&config)?);
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stopping.clone();
-        tokio::spawn(async move {
-            crate::service::wait_for_signal().await;
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-        let stop = Arc::new(move || stopping.load(std::sync::atomic::Ordering::SeqCst));
-        let end = execute(claimed, RunContext { ml, config, stop }).await;
-        println!("{}", summary(&end.run, end.seconds));
-        match end.run.status.as_str() {
-            "completed" => Ok(()),
-            "failed" => Err(anyhow::anyhow!(
-                "re-prediction run {run_id} failed: {}; run it again to resume",
-                end.run.error.as_deref().unwrap_or("unknown")
-            )),
-            _ => Err(anyhow::anyhow!("re-prediction run {run_id} stopped before its end; run it again to resume")),
-        }
-    })
-}
-
 /// The ML API client of re-predictions: `repredict.url` with a breaker of
 /// its own, or the pipeline's (`predict.url`).
 pub fn client(config: &Config) -> anyhow::Result<MlClient> {
@@ -457,9 +416,9 @@ pub fn client(config: &Config) -> anyhow::Result<MlClient> {
         predict.url = config.repredict.url.clone();
     }
     if config.repredict.url.is_empty() {
-        MlClient::new(&predict, crate::breaker::build(&config.breaker))
+        MlClient::new(&predict, crate::ml::breaker::build(&config.breaker))
     } else {
-        MlClient::other_model(&predict, crate::breaker::build_named(&config.breaker, "repredict_api"))
+        MlClient::other_model(&predict, crate::ml::breaker::build_named(&config.breaker, "repredict_api"))
     }
 }
 

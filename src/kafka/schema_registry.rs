@@ -27,6 +27,8 @@ const ERROR_BODY_BYTES: usize = 1024;
 const SCHEMA_BYTES: usize = 1024 * 1024;
 /// Any other answer (registration, compatibility) read at most.
 const ANSWER_BYTES: usize = 64 * 1024;
+/// Tries of a registration or configuration request that got no answer.
+const SEND_ATTEMPTS: u32 = 3;
 
 enum Credentials {
     None,
@@ -126,7 +128,7 @@ impl SchemaRegistry {
             .request(reqwest::Method::GET, &format!("/schemas/ids/{id}"))
             .send()
             .await
-            .map_err(|e| Unavailable(e.without_url().to_string()))?;
+            .map_err(|e| Unavailable(described(e)))?;
         let status = response.status();
         let lookup = if status == reqwest::StatusCode::NOT_FOUND {
             Lookup::NotFound
@@ -162,7 +164,7 @@ impl SchemaRegistry {
             .request(reqwest::Method::GET, "/subjects")
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("GET /subjects: {}", e.without_url()))?;
+            .map_err(|e| anyhow::anyhow!("GET /subjects: {}", described(e)))?;
         let status = response.status();
         let body = read_bounded(response, SCHEMA_BYTES).await?;
         if !status.is_success() {
@@ -184,13 +186,27 @@ impl SchemaRegistry {
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .request(method.clone(), path)
-            .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("the schema registry: {method} {path}: {}", e.without_url()))?;
+        // Registration and configuration are idempotent, so a request that
+        // never reached the registry (refused, reset) is sent again, at most
+        // SEND_ATTEMPTS times; an answer, whatever it says, is final.
+        let mut attempt = 1;
+        let response = loop {
+            let sent = self
+                .request(method.clone(), path)
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(body.to_string())
+                .send()
+                .await;
+            match sent {
+                Ok(response) => break response,
+                Err(error) if attempt < SEND_ATTEMPTS && (error.is_connect() || error.is_request()) => {
+                    tracing::debug!(error = described(error), attempt, "the schema registry: sending again");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(error) => anyhow::bail!("the schema registry: {method} {path}: {}", described(error)),
+            }
+        };
         let status = response.status();
         let text = read_bounded(response, ANSWER_BYTES).await.map_err(|e| anyhow::anyhow!(e))?;
         let text = String::from_utf8_lossy(&text);
@@ -254,13 +270,27 @@ fn parse_schema(body: &[u8]) -> Lookup {
 /// The body, or Unavailable past `max` bytes.
 async fn read_bounded(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, Unavailable> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| Unavailable(e.without_url().to_string()))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| Unavailable(described(e)))? {
         if body.len() + chunk.len() > max {
             return Err(Unavailable(format!("an answer over {max} bytes")));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// A request's failure with its causes (refused, reset, a TLS error), and
+/// without its URL, which may carry credentials.
+fn described(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 #[cfg(test)]

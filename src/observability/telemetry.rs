@@ -1,5 +1,5 @@
 //! OpenTelemetry traces over OTLP/HTTP, when `tracing.otlp_endpoint` is set:
-//! the pipeline's sampled spans (`crate::spans`) go through a bounded queue
+//! the pipeline's sampled spans (`crate::observability::spans`) go through a bounded queue
 //! to the SDK's batch processor (a thread of its own) and its OTLP exporter. A
 //! collector that is down or slow never holds up the pipeline: a span that
 //! finds the queue full is dropped, a batch the collector refuses or does
@@ -22,7 +22,7 @@ use opentelemetry_sdk::trace::{
 
 use crate::config::TracingConfig;
 use crate::domain::trace_context::sampled_at;
-use crate::metrics::METRICS;
+use crate::observability::metrics::METRICS;
 
 /// The tracer provider of the process, to flush and shut down at exit.
 pub struct Tracing {
@@ -38,7 +38,7 @@ impl Tracing {
     }
 }
 
-/// Starts exporting the pipeline's spans (`crate::spans`) when
+/// Starts exporting the pipeline's spans (`crate::observability::spans`) when
 /// `tracing.otlp_endpoint` is set: the provider to shut down at exit, or
 /// None when tracing is off. A flush links to at most `max_links` records.
 pub fn start(config: &TracingConfig, max_links: usize) -> anyhow::Result<Option<Tracing>> {
@@ -64,7 +64,7 @@ pub fn start(config: &TracingConfig, max_links: usize) -> anyhow::Result<Option<
         .with_max_links_per_span(u32::try_from(max_links).unwrap_or(u32::MAX))
         .with_resource(resource.build())
         .build();
-    crate::spans::install(provider.tracer("txnflow"), config.sample_ratio);
+    crate::observability::spans::install(provider.tracer("txnflow"), config.sample_ratio);
     Ok(Some(Tracing { provider }))
 }
 

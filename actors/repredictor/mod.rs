@@ -1,19 +1,21 @@
 //! Repredictor: runs the re-prediction runs POSTed to the service
 //! (`POST /repredictions`), at most `repredict.max_concurrent_runs` at
 //! once, with the pipeline's ML API client (or `repredict.url`'s own).
-//! The run itself is [`crate::repredict`]: recorded, resumable, into
+//! The run itself is [`crate::actors::repredictor::engine`]: recorded, resumable, into
 //! history only. A run stops between chunks when the service shuts down,
 //! and is resumed by POSTing it again, here or on another replica.
+
+pub mod engine;
 
 use actix::{Actor, ActorFutureExt, Context, Handler, Message, ResponseActFuture, Supervised, WrapFuture};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::Pipeline;
+use crate::actors::Pipeline;
 use crate::db::history::RepredictRun;
 use crate::domain::rollout::Selection;
-use crate::ml_client::MlClient;
-use crate::repredict::{self, Claim, RunContext, StartError};
+use crate::ml::client::MlClient;
+use engine::{Claim, RunContext, StartError};
 
 pub struct Repredictor {
     pipeline: Arc<Pipeline>,
@@ -31,7 +33,7 @@ impl Repredictor {
         let ml = if pipeline.config.repredict.url.is_empty() {
             pipeline.ml.clone()
         } else {
-            Arc::new(repredict::client(&pipeline.config).expect("repredict.url was checked with the configuration"))
+            Arc::new(engine::client(&pipeline.config).expect("repredict.url was checked with the configuration"))
         };
         Repredictor { pipeline, ml, running: HashSet::new(), claiming: 0 }
     }
@@ -74,11 +76,11 @@ impl Handler<StartRepredict> for Repredictor {
             return Box::pin(actix::fut::ready(Err(StartRefused::TooMany(max))));
         }
         self.claiming += 1;
-        let run_id = start.run_id.unwrap_or_else(repredict::new_run_id);
+        let run_id = start.run_id.unwrap_or_else(engine::new_run_id);
         let (url, instance) = (self.pipeline.config.db.url.clone(), self.pipeline.instance.clone());
         let claiming = {
             let run_id = run_id.clone();
-            async move { repredict::claim(&url, &instance, &run_id, start.selection).await }
+            async move { engine::claim(&url, &instance, &run_id, start.selection).await }
         };
         Box::pin(claiming.into_actor(self).map(move |claimed, actor, ctx| {
             actor.claiming -= 1;
@@ -95,9 +97,9 @@ impl Handler<StartRepredict> for Repredictor {
                     let id = run_id.clone();
                     actix::AsyncContext::spawn(
                         ctx,
-                        repredict::execute(claimed, context).into_actor(actor).map(move |end, actor, _ctx| {
+                        engine::execute(claimed, context).into_actor(actor).map(move |end, actor, _ctx| {
                             actor.running.remove(&id);
-                            tracing::info!("{}", repredict::summary(&end.run, end.seconds));
+                            tracing::info!("{}", engine::summary(&end.run, end.seconds));
                         }),
                     );
                     Ok(Started::Running(run_id))
@@ -117,8 +119,8 @@ impl Supervised for Repredictor {
         // with them: each is resumable by POSTing it again.
         self.running.clear();
         self.claiming = 0;
-        super::supervisor::restarted("repredictor", "restarted by its supervisor");
+        crate::actors::supervisor::restarted("repredictor", "restarted by its supervisor");
     }
 }
 
-super::supervisor::chaos_hook!(Repredictor, "repredictor");
+crate::actors::supervisor::chaos_hook!(Repredictor, "repredictor");

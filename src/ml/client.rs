@@ -26,7 +26,7 @@ use crate::domain::concurrency::{AdaptiveLimit, RequestOutcome};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::domain::prediction::{AnswerRules, PredictRequestItem, Prediction, check_answer};
 use crate::domain::retry::{StatusClass, classify_status};
-use crate::metrics::{self, METRICS, Phase, StageTimer};
+use crate::observability::metrics::{self, METRICS, Phase, StageTimer};
 
 /// The outcome of predicting a set of transactions.
 #[derive(Debug, Default)]
@@ -93,7 +93,7 @@ pub struct MlClient {
     /// host and port.
     traced_url: (String, String, u16),
     /// Whether this is the pipeline's client, whose breaker state
-    /// `crate::breaker::state` reports.
+    /// `crate::ml::breaker::state` reports.
     reported: bool,
     breaker: AsyncRecloser,
     config: PredictConfig,
@@ -418,7 +418,7 @@ impl MlClient {
         let _working = StageTimer::start(metrics::Stage::MlApi, Phase::Work);
         METRICS.ml_api_batch_size.with_label_values(&[caller]).observe(items.len() as f64);
         let mut attempts = 0;
-        let mut backoff = crate::backoff::Backoff::new(
+        let mut backoff = crate::domain::backoff::Backoff::new(
             Duration::from_millis(self.config.retry_initial_backoff_ms),
             Duration::from_millis(self.config.retry_max_backoff_ms),
         );
@@ -488,12 +488,12 @@ impl MlClient {
     async fn call(&self, body: Vec<u8>, attempt: u32, batch_size: usize) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
         let (url, host, port) = &self.traced_url;
-        let span = crate::spans::MlCall::start(&crate::spans::MlRequest {
+        let span = crate::observability::spans::MlCall::start(&crate::observability::spans::MlRequest {
             url,
             server: (host, *port),
             attempt,
             batch_size,
-            breaker: self.reported.then(|| crate::breaker::state().as_str()),
+            breaker: self.reported.then(|| crate::ml::breaker::state().as_str()),
         });
         let mut request = self.http.post(&self.url).header("content-type", "application/json");
         if let Some(traceparent) = span.traceparent() {

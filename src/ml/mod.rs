@@ -1,0 +1,6 @@
+//! The ML prediction API: the client the pipeline asks, its circuit
+//! breaker, and the reference server with its fault knobs.
+
+pub mod breaker;
+pub mod client;
+pub mod reference_api;
