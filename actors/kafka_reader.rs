@@ -329,7 +329,7 @@ impl KafkaReader {
             // fetching while it is full and looks again after
             // fetch.queue.backoff.ms (1 s by default), which left the reader
             // waiting for records a third of the time; 16 MiB looked at
-            // every 10 ms kept it fed (see the README's benchmarks).
+            // every 10 ms kept it fed (see docs/benchmarks.md).
             ("queued.max.messages.kbytes", "16384"),
             ("fetch.queue.backoff.ms", "10"),
         ];

@@ -259,7 +259,7 @@ impl Config {
         if let Some(key) = kafka.properties.keys().find(|key| MANAGED_PROPERTIES.contains(&key.as_str())) {
             return Err(ConfigError::new(
                 format!("kafka.properties.{key}"),
-                "is set by txnflow itself (see kafka.* and the README); it cannot be changed here",
+                "is set by txnflow itself (see kafka.* and docs/configuration.md); it cannot be changed here",
             ));
         }
         Ok(())

@@ -92,7 +92,7 @@ pub fn sanitized_reason(message: &str) -> String {
     capped(&cleaned, ERROR_MESSAGE_MAX_BYTES)
 }
 
-/// The headers of a DLQ record, in the order the README documents them;
+/// The headers of a DLQ record, in the order docs/operations.md documents them;
 /// the record's `traceparent` last, when it came with one.
 pub fn dlq_headers(
     failure: &Failure,

@@ -268,7 +268,7 @@ async fn chaos_instances_join_and_leave_consumer() {
 /// consumer keeps its positions from the old topic and reads the new one
 /// from there, so the new log's first records (181 of 600 in one run) are
 /// never read. Detecting the new topic id needs an API rust-rdkafka does not
-/// wrap yet; see the README's chaos findings. Run it with `--run-ignored all`.
+/// wrap yet; see docs/chaos.md. Run it with `--run-ignored all`.
 #[tokio::test]
 #[ignore = "known gap: a topic re-created under a running service is read from the old positions"]
 async fn a_topic_deleted_and_created_again_under_a_running_service() {

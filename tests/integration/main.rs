@@ -9,6 +9,7 @@ mod check;
 mod cli;
 mod db_write;
 mod deploy;
+mod docs;
 mod faults;
 mod helpers;
 mod hostile;
