@@ -70,7 +70,10 @@ async fn scan_if_due(pipeline: Arc<Pipeline>, known: Option<ScanReason>) -> Opti
             Ok(true) => ScanReason::BacklogDue,
             Ok(false) => return None,
             Err(error) => {
-                tracing::debug!(error = db::short_reason(&error), "backfill cannot read the backlog");
+                tracing::debug!(
+                    error = crate::domain::redaction::short_reason(&error),
+                    "backfill cannot read the backlog"
+                );
                 return None;
             }
         },
@@ -95,7 +98,10 @@ async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
             Ok(items) if !items.is_empty() => items,
             Ok(_) => return (predicted_total, true),
             Err(error) => {
-                tracing::debug!(error = db::short_reason(&error), "backfill cannot read the database");
+                tracing::debug!(
+                    error = crate::domain::redaction::short_reason(&error),
+                    "backfill cannot read the database"
+                );
                 return (predicted_total, false);
             }
         };
@@ -134,7 +140,10 @@ async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
                 }
             }
             Err(error) => {
-                tracing::debug!(error = db::short_reason(&error), "backfill cannot write; next round later");
+                tracing::debug!(
+                    error = crate::domain::redaction::short_reason(&error),
+                    "backfill cannot write; next round later"
+                );
                 return (predicted_total, false);
             }
         }
@@ -173,7 +182,7 @@ fn write_predictions(
             Ok(()) => stored.push(prediction),
             Err(error) => failed.push((
                 prediction.transaction_id,
-                format!("prediction refused by the database: {}", db::short_reason(&error)),
+                format!("prediction refused by the database: {}", crate::domain::redaction::short_reason(&error)),
             )),
         }
     }

@@ -209,7 +209,7 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
                 write_span.end("retry");
                 METRICS.db_write_duration.with_label_values(&["retry"]).observe(started.elapsed().as_secs_f64());
                 flush = returned;
-                let error = crate::db::short_reason(&error);
+                let error = crate::domain::redaction::short_reason(&error);
                 backoff
                     .wait(|attempt, delay| {
                         tracing::warn!(attempt, ?delay, error, "write failed; retrying (nothing is acknowledged)")

@@ -147,7 +147,7 @@ async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static st
         match stored {
             Ok(()) => return,
             Err(error) => {
-                let error = crate::db::short_reason(&error);
+                let error = crate::domain::redaction::short_reason(&error);
                 backoff
                     .wait(|attempt, delay| {
                         tracing::warn!(error, attempt, ?delay, "cannot store the dead letter; retrying")

@@ -105,7 +105,10 @@ impl Handler<ScoreShadow> for ShadowScorer {
                         "scored"
                     }
                     Err(error) => {
-                        tracing::debug!(error = db::short_reason(&error), "cannot store shadow predictions");
+                        tracing::debug!(
+                            error = crate::domain::redaction::short_reason(&error),
+                            "cannot store shadow predictions"
+                        );
                         "failed"
                     }
                 }

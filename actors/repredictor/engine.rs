@@ -107,7 +107,7 @@ pub async fn claim(db_url: &str, instance: &str, run_id: &str, selection: Select
     let (url, instance, run_id) = (db_url.to_string(), instance.to_string(), run_id.to_string());
     tokio::task::spawn_blocking(move || {
         let mut connection = db::connect(&url).map_err(|e| StartError::Database(format!("{e:#}")))?;
-        let database = |e: WriteError| StartError::Database(db::short_reason(e));
+        let database = |e: WriteError| StartError::Database(crate::domain::redaction::short_reason(e));
         if !history::lock_run(&mut connection, &run_id).map_err(database)? {
             return Err(StartError::Running(run_id));
         }
@@ -195,7 +195,11 @@ pub async fn execute(claimed: ClaimedRun, context: RunContext) -> RunEnd {
         Err(reason) => finish(&mut session, &mut run, Some(reason)).await,
     };
     if let Err(error) = end {
-        tracing::warn!(run_id = run.run_id, error = db::short_reason(&error), "cannot record the run's end");
+        tracing::warn!(
+            run_id = run.run_id,
+            error = crate::domain::redaction::short_reason(&error),
+            "cannot record the run's end"
+        );
     }
     RunEnd { run, seconds: started.elapsed().as_secs_f64() }
 }
@@ -329,9 +333,11 @@ where
     loop {
         match session.call(call.clone()).await {
             Ok(value) => return Ok(Some(value)),
-            Err(WriteError::Refused(reason)) => return Err(format!("cannot {what}: {}", db::short_reason(reason))),
+            Err(WriteError::Refused(reason)) => {
+                return Err(format!("cannot {what}: {}", crate::domain::redaction::short_reason(reason)));
+            }
             Err(WriteError::Unavailable(reason)) if since.elapsed() < max_unavailable => {
-                let reason = db::short_reason(reason);
+                let reason = crate::domain::redaction::short_reason(reason);
                 backoff
                     .wait(|failures, delay| {
                         tracing::warn!(failures, error = reason, "cannot {what}; again in {} ms", delay.as_millis())
@@ -342,7 +348,11 @@ where
                 }
             }
             Err(WriteError::Unavailable(reason)) => {
-                return Err(format!("cannot {what} for {} s: {}", since.elapsed().as_secs(), db::short_reason(reason)));
+                return Err(format!(
+                    "cannot {what} for {} s: {}",
+                    since.elapsed().as_secs(),
+                    crate::domain::redaction::short_reason(reason)
+                ));
             }
         }
     }
@@ -396,7 +406,10 @@ fn write_or_isolate(
                 Ok((1, _)) => stored.push(prediction.clone()),
                 Ok(_) => {}
                 Err(WriteError::Refused(reason)) => {
-                    let reason = format!("prediction refused by the database: {}", db::short_reason(reason));
+                    let reason = format!(
+                        "prediction refused by the database: {}",
+                        crate::domain::redaction::short_reason(reason)
+                    );
                     failed +=
                         history::write_chunk(connection, &run_id, &[], &[(prediction.transaction_id, reason)], None)?.1;
                 }

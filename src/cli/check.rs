@@ -59,16 +59,18 @@ async fn checks(config: &Config) -> Vec<Outcome> {
             };
             outcomes.push(Outcome { what, result });
         }
-        Err(error) => outcomes.push(Outcome { what: broker, result: Err(crate::db::short_reason(error)) }),
+        Err(error) => {
+            outcomes.push(Outcome { what: broker, result: Err(crate::domain::redaction::short_reason(error)) })
+        }
     }
     outcomes.push(Outcome {
-        what: format!("postgresql {}", crate::db::redact(&config.db.url)),
+        what: format!("postgresql {}", crate::domain::redaction::redact(&config.db.url)),
         result: database(config.db.url.clone()).await,
     });
     outcomes.push(Outcome { what: format!("s3 bucket {}", config.s3.bucket), result: bucket(config).await });
     if !config.schema_registry.url.is_empty() {
         outcomes.push(Outcome {
-            what: format!("schema registry {}", crate::db::redact(&config.schema_registry.url)),
+            what: format!("schema registry {}", crate::domain::redaction::redact(&config.schema_registry.url)),
             result: schema_registry(config).await,
         });
     }
@@ -85,18 +87,20 @@ async fn group_lag(kafka: crate::config::KafkaConfig, partitions: i32) -> Result
         let consumer: BaseConsumer<crate::kafka::KafkaContext> = crate::kafka::client_config(&kafka)
             .set("group.id", &kafka.group_id)
             .create_with_context(crate::kafka::KafkaContext)
-            .map_err(crate::db::short_reason)?;
+            .map_err(crate::domain::redaction::short_reason)?;
         let mut list = rdkafka::TopicPartitionList::new();
         for partition in 0..partitions {
             list.add_partition(&kafka.topic, partition);
         }
-        let committed = consumer.committed_offsets(list, Duration::from_secs(10)).map_err(crate::db::short_reason)?;
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .map_err(crate::domain::redaction::short_reason)?;
         let mut parts = Vec::new();
         let mut total = 0i64;
         for element in committed.elements() {
             let (_, high) = consumer
                 .fetch_watermarks(&kafka.topic, element.partition(), Duration::from_secs(10))
-                .map_err(crate::db::short_reason)?;
+                .map_err(crate::domain::redaction::short_reason)?;
             let lag = match element.offset() {
                 rdkafka::Offset::Offset(offset) => (high - offset).max(0),
                 // Nothing committed yet: all of it.
@@ -115,7 +119,7 @@ async fn group_lag(kafka: crate::config::KafkaConfig, partitions: i32) -> Result
 async fn database(url: String) -> Result<String, String> {
     tokio::task::spawn_blocking(move || {
         use diesel_migrations::MigrationHarness;
-        let mut connection = crate::db::connect(&url).map_err(crate::db::short_reason)?;
+        let mut connection = crate::db::connect(&url).map_err(crate::domain::redaction::short_reason)?;
         let pending = connection.pending_migrations(crate::db::MIGRATIONS).map_err(|e| e.to_string())?;
         if pending.is_empty() {
             Ok("reachable, schema up to date".to_string())
@@ -131,7 +135,7 @@ async fn bucket(config: &Config) -> Result<String, String> {
     let s3 = crate::batch::s3::client(&config.s3);
     match tokio::time::timeout(Duration::from_secs(10), s3.head_bucket().bucket(&config.s3.bucket).send()).await {
         Ok(Ok(_)) => Ok(format!("reachable at {}", config.s3.endpoint)),
-        Ok(Err(error)) => Err(crate::db::short_reason(error.into_service_error())),
+        Ok(Err(error)) => Err(crate::domain::redaction::short_reason(error.into_service_error())),
         Err(_) => Err(format!("no answer from {} in 10 s", config.s3.endpoint)),
     }
 }
@@ -158,7 +162,7 @@ async fn ml_api(config: &Config) -> (Result<String, String>, Result<String, Stri
     let health = match http.get(format!("{base}/health")).send().await {
         Ok(response) if response.status().is_success() => Ok(format!("/health answers {}", response.status())),
         Ok(response) => Err(format!("/health answers {}", response.status())),
-        Err(error) => Err(crate::db::short_reason(error)),
+        Err(error) => Err(crate::domain::redaction::short_reason(error)),
     };
     let sample = PredictRequestItem {
         id: uuid::Uuid::parse_str("b9fa6684-502b-4695-8f92-247432ba610d").expect("a uuid"),
@@ -184,10 +188,10 @@ async fn ml_api(config: &Config) -> (Result<String, String>, Result<String, Stri
                     (None, None) => Err("no prediction in the answer".into()),
                 }
             }
-            Err(error) => Err(crate::db::short_reason(error)),
+            Err(error) => Err(crate::domain::redaction::short_reason(error)),
         },
         Ok(response) => Err(format!("/predict answers {}", response.status())),
-        Err(error) => Err(crate::db::short_reason(error)),
+        Err(error) => Err(crate::domain::redaction::short_reason(error)),
     };
     (health, prediction)
 }

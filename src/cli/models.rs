@@ -21,7 +21,7 @@ fn connect(config: &Config) -> anyhow::Result<diesel::PgConnection> {
 }
 
 fn database(error: db::WriteError) -> anyhow::Error {
-    anyhow::anyhow!("{}", db::short_reason(error))
+    anyhow::anyhow!("{}", crate::domain::redaction::short_reason(error))
 }
 
 /// The versions, with their counts and coverage.

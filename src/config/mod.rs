@@ -29,7 +29,7 @@ impl ConfigError {
     /// The message may quote the value refused: any password in it (a
     /// URL's user info, a `password=` parameter) is hidden.
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), message: crate::db::redact(&message.into()) }
+        ConfigError { key: key.into(), message: crate::domain::redaction::redact(&message.into()) }
     }
 }
 
@@ -365,7 +365,7 @@ pub struct MlApiFaults {
     /// the client's timeout, the record is one that times out.
     pub marker_latency_ms: u64,
     /// Share of ids refused (422) on every request, chosen by id, so the
-    /// same ids are refused every time ([`refuses`](crate::ml::reference_api::refuses)).
+    /// same ids are refused every time (`reference_api::refuses`).
     pub refuse_rate: f64,
     /// The model version answered with `extended` (empty: the reference one).
     pub model_version: String,

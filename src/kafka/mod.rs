@@ -111,7 +111,7 @@ pub fn log_from_librdkafka(level: rdkafka::config::RDKafkaLogLevel, facility: &s
         admitted(&crate::domain::repeats::cause_of(facility, message))
     };
     let Some(held) = held else { return };
-    let message = with_repeats(crate::db::redact(message), held);
+    let message = with_repeats(crate::domain::redaction::redact(message), held);
     match level {
         Level::Emerg | Level::Alert | Level::Critical | Level::Error => {
             tracing::error!(target: "librdkafka", facility, "{message}")
@@ -160,7 +160,7 @@ fn with_repeats(message: String, held: u64) -> String {
 
 /// A client error from librdkafka: logged, and kept for `/ready`.
 pub fn error_from_librdkafka(error: &rdkafka::error::KafkaError, reason: &str) {
-    let reason = crate::db::redact(reason);
+    let reason = crate::domain::redaction::redact(reason);
     let summary = error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown);
     if let Some(held) = admitted(&crate::domain::repeats::cause_of(&error.to_string(), &reason)) {
         let said = if summary {
@@ -207,7 +207,11 @@ pub fn producer(kafka: &KafkaConfig) -> anyhow::Result<Producer> {
     let defaults =
         [("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5"), ("message.timeout.ms", "30000")];
     client_config_with(kafka, &defaults).create_with_context(KafkaContext).map_err(|e| {
-        anyhow::anyhow!("cannot create a Kafka producer for {}: {}", kafka.brokers, crate::db::redact(&e.to_string()))
+        anyhow::anyhow!(
+            "cannot create a Kafka producer for {}: {}",
+            kafka.brokers,
+            crate::domain::redaction::redact(&e.to_string())
+        )
     })
 }
 
@@ -226,9 +230,9 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> anyho
             );
         }
     }
-    let admin: AdminClient<KafkaContext> = client_config(kafka)
-        .create_with_context(KafkaContext)
-        .map_err(|e| anyhow::anyhow!("cannot create a Kafka admin client: {}", crate::db::redact(&e.to_string())))?;
+    let admin: AdminClient<KafkaContext> = client_config(kafka).create_with_context(KafkaContext).map_err(|e| {
+        anyhow::anyhow!("cannot create a Kafka admin client: {}", crate::domain::redaction::redact(&e.to_string()))
+    })?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(replication)))
@@ -260,9 +264,10 @@ pub struct Cluster {
 pub async fn cluster(kafka: &KafkaConfig) -> anyhow::Result<Cluster> {
     let config = client_config(kafka);
     tokio::task::spawn_blocking(move || {
-        let client: rdkafka::producer::BaseProducer<KafkaContext> = config
-            .create_with_context(KafkaContext)
-            .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {}", crate::db::redact(&e.to_string())))?;
+        let client: rdkafka::producer::BaseProducer<KafkaContext> =
+            config.create_with_context(KafkaContext).map_err(|e| {
+                anyhow::anyhow!("cannot create a Kafka client: {}", crate::domain::redaction::redact(&e.to_string()))
+            })?;
         let metadata = rdkafka::producer::Producer::client(&client)
             .fetch_metadata(None, Duration::from_secs(10))
             .map_err(|e| {

@@ -21,8 +21,10 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+use super::answer_body::{Body, ERROR_BODY_MAX_BYTES, quoted, read_bounded, truncate};
+use super::request_slots::RequestSlots;
 use crate::config::PredictConfig;
-use crate::domain::concurrency::{AdaptiveLimit, RequestOutcome};
+use crate::domain::concurrency::RequestOutcome;
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::domain::prediction::{AnswerRules, PredictRequestItem, Prediction, check_answer};
 use crate::domain::retry::{StatusClass, classify_status};
@@ -101,82 +103,6 @@ pub struct MlClient {
     /// Bounds the requests in flight across every caller: to
     /// `concurrency`, or to less while the API is overloaded or slow.
     slots: RequestSlots,
-}
-
-/// The requests in flight toward the API, across every caller, under an
-/// [`AdaptiveLimit`] (or a fixed one, without `adaptive_concurrency`).
-struct RequestSlots {
-    state: std::sync::Mutex<SlotsState>,
-    freed: tokio::sync::Notify,
-    adaptive: bool,
-    /// Whether the limit is the pipeline's, shown in its metric.
-    reported: bool,
-}
-
-struct SlotsState {
-    limit: AdaptiveLimit,
-    in_flight: usize,
-}
-
-/// One request's slot, given back when dropped.
-struct Slot<'a>(&'a RequestSlots);
-
-impl RequestSlots {
-    fn new(max: usize, adaptive: bool, reported: bool) -> RequestSlots {
-        if reported {
-            METRICS.ml_api_concurrency_limit.set(max as i64);
-        }
-        let state = SlotsState { limit: AdaptiveLimit::new(max), in_flight: 0 };
-        RequestSlots { state: std::sync::Mutex::new(state), freed: tokio::sync::Notify::new(), adaptive, reported }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Waits until fewer requests than the limit are in flight.
-    async fn acquire(&self) -> Slot<'_> {
-        loop {
-            // Made before the check, so that a slot freed meanwhile wakes it.
-            let freed = self.freed.notified();
-            {
-                let mut state = self.lock();
-                if state.in_flight < state.limit.current() {
-                    state.in_flight += 1;
-                    return Slot(self);
-                }
-            }
-            freed.await;
-        }
-    }
-
-    /// Adapts the limit to how a request ended.
-    fn record(&self, outcome: RequestOutcome) {
-        if !self.adaptive {
-            return;
-        }
-        let mut state = self.lock();
-        let before = state.limit.current();
-        state.limit.record(outcome);
-        let after = state.limit.current();
-        drop(state);
-        if after != before {
-            if self.reported {
-                METRICS.ml_api_concurrency_limit.set(after as i64);
-            }
-            tracing::debug!(before, after, "ML API requests allowed in flight");
-        }
-        if after > before {
-            self.freed.notify_waiters();
-        }
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.lock().in_flight -= 1;
-        self.0.freed.notify_waiters();
-    }
 }
 
 impl MlClient {
@@ -556,105 +482,4 @@ impl Predicted {
 
 fn prediction_failed(message: String, attempts: u32) -> Failure {
     Failure { error_type: ErrorType::PredictionFailed, stage: Stage::Predict, message, attempts }
-}
-
-/// The most bytes of an error answer (4xx, 5xx) read: it is only quoted.
-const ERROR_BODY_MAX_BYTES: usize = 1024;
-
-/// An answer's body, read up to a bound.
-enum Body {
-    Whole(Vec<u8>),
-    /// The first `bound` bytes of a longer body; the rest was never read.
-    Cut(Vec<u8>),
-}
-
-/// An error answer's body as text, for a reason: what was read of it.
-fn quoted(body: Result<Body, reqwest::Error>) -> String {
-    match body {
-        Ok(Body::Whole(bytes) | Body::Cut(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(_) => String::new(),
-    }
-}
-
-/// Reads at most `bound` bytes of the body, chunk by chunk, so that an
-/// answer that never ends costs at most the bound (and one chunk).
-async fn read_bounded(mut response: reqwest::Response, bound: usize) -> Result<Body, reqwest::Error> {
-    let mut body = Vec::with_capacity(response.content_length().map_or(0, |n| n.min(bound as u64) as usize));
-    while let Some(chunk) = response.chunk().await? {
-        let room = bound - body.len();
-        if chunk.len() > room {
-            body.extend_from_slice(&chunk[..room]);
-            return Ok(Body::Cut(body));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Body::Whole(body))
-}
-
-fn truncate(text: &str, max_chars: usize) -> String {
-    match text.char_indices().nth(max_chars) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Whether an `acquire` would wait now.
-    fn waits(slots: &RequestSlots) -> bool {
-        futures_util::FutureExt::now_or_never(slots.acquire()).is_none()
-    }
-
-    #[test]
-    fn the_slots_follow_the_limit_down_and_back_up() {
-        let slots = RequestSlots::new(4, true, true);
-        let held: Vec<Slot<'_>> =
-            (0..4).map(|_| futures_util::FutureExt::now_or_never(slots.acquire()).unwrap()).collect();
-        assert!(waits(&slots), "4 of 4 in flight");
-        slots.record(RequestOutcome::Overloaded);
-        assert_eq!(slots.lock().limit.current(), 2);
-        let mut held = held;
-        held.truncate(2);
-        assert!(waits(&slots), "2 in flight at a limit of 2: none is given");
-        held.truncate(1);
-        let third = futures_util::FutureExt::now_or_never(slots.acquire()).expect("1 in flight: one more");
-        assert!(waits(&slots));
-        // Two answers at their pace grow a limit of 2 to 2.9: still 2.
-        slots.record(RequestOutcome::Answered(Duration::from_millis(5)));
-        slots.record(RequestOutcome::Answered(Duration::from_millis(5)));
-        assert!(waits(&slots));
-        slots.record(RequestOutcome::Answered(Duration::from_millis(5)));
-        assert_eq!(slots.lock().limit.current(), 3);
-        assert!(!waits(&slots), "a third slot once the limit is 3");
-        drop((held, third));
-        assert_eq!(slots.lock().in_flight, 0, "every slot given back");
-    }
-
-    #[test]
-    fn without_adaptive_concurrency_the_limit_stays_fixed() {
-        let slots = RequestSlots::new(3, false, true);
-        for _ in 0..5 {
-            slots.record(RequestOutcome::Overloaded);
-        }
-        assert_eq!(slots.lock().limit.current(), 3);
-    }
-
-    /// A waiter is woken when a slot is given back.
-    #[tokio::test]
-    async fn a_slot_given_back_wakes_a_waiter() {
-        let slots = std::sync::Arc::new(RequestSlots::new(1, true, true));
-        let first = slots.acquire().await;
-        let waiter = {
-            let slots = slots.clone();
-            tokio::spawn(async move {
-                let _slot = slots.acquire().await;
-            })
-        };
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        drop(first);
-        waiter.await.unwrap();
-    }
 }

@@ -115,7 +115,7 @@ pub struct ReadAt<'a> {
 
 /// The `read` span of a record just read and checked (`rejected` names
 /// why it is invalid), and what the record carries on. The producer's
-/// `traceparent` (as [`crate::kafka::traceparent_of`] kept it) is the
+/// `traceparent` (as `kafka::traceparent_of` kept it) is the
 /// parent; a header that says "not sampled" is obeyed.
 pub fn read(
     message: &impl rdkafka::message::Message,

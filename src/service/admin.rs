@@ -78,8 +78,8 @@ async fn ready(state: web::Data<AdminState>) -> HttpResponse {
     });
     let (database, broker) = tokio::join!(database, broker);
     // A short reason, secrets hidden: the answer says which dependency failed.
-    let database = database.unwrap_or_else(|e| Err(e.to_string())).map_err(crate::db::short_reason);
-    let broker = broker.unwrap_or_else(|e| Err(e.to_string())).map_err(crate::db::short_reason);
+    let database = database.unwrap_or_else(|e| Err(e.to_string())).map_err(crate::domain::redaction::short_reason);
+    let broker = broker.unwrap_or_else(|e| Err(e.to_string())).map_err(crate::domain::redaction::short_reason);
     let body = serde_json::json!({
         "database": database.as_ref().err().map_or("ok".to_string(), |e| e.clone()),
         "broker": broker.as_ref().err().map_or("ok".to_string(), |e| e.clone()),
@@ -259,7 +259,7 @@ async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState
         }
         Ok(None) => HttpResponse::NotFound().json(serde_json::json!({"error": "no such re-prediction run"})),
         Err(error) => HttpResponse::ServiceUnavailable().json(
-            serde_json::json!({"error": format!("cannot read repredict_runs: {}", crate::db::short_reason(error))}),
+            serde_json::json!({"error": format!("cannot read repredict_runs: {}", crate::domain::redaction::short_reason(error))}),
         ),
     }
 }

@@ -34,32 +34,26 @@ fn anchor(heading: &str) -> String {
         .collect()
 }
 
-fn anchors(text: &str) -> BTreeSet<String> {
+/// The page's lines outside fenced code blocks.
+fn prose(text: &str) -> impl Iterator<Item = &str> {
     let mut in_code = false;
-    let mut found = BTreeSet::new();
-    for line in text.lines() {
+    text.lines().filter(move |line| {
         if line.starts_with("```") {
             in_code = !in_code;
+            return false;
         }
-        if !in_code && line.starts_with('#') {
-            found.insert(anchor(line.trim_start_matches('#')));
-        }
-    }
-    found
+        !in_code
+    })
+}
+
+fn anchors(text: &str) -> BTreeSet<String> {
+    prose(text).filter(|line| line.starts_with('#')).map(|line| anchor(line.trim_start_matches('#'))).collect()
 }
 
 /// The targets of the page's inline links, `[text](target)`, outside code.
 fn links(text: &str) -> Vec<String> {
-    let mut in_code = false;
     let mut found = Vec::new();
-    for line in text.lines() {
-        if line.starts_with("```") {
-            in_code = !in_code;
-            continue;
-        }
-        if in_code {
-            continue;
-        }
+    for line in prose(text) {
         let mut rest = line;
         while let Some(at) = rest.find("](") {
             rest = &rest[at + 2..];
@@ -102,4 +96,59 @@ fn every_link_in_the_readme_and_docs_resolves() {
 fn the_readme_is_a_front_door_of_at_most_400_lines() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     assert!(readme.lines().count() <= 400, "README.md has {} lines", readme.lines().count());
+}
+
+/// The top-level modules of `src/` and `actors/` use each other without a
+/// cycle, as `docs/architecture.md`'s Layout says: read from every
+/// `crate::<module>` path in their files.
+#[test]
+fn the_top_level_modules_use_each_other_without_a_cycle() {
+    let modules = [
+        ("actors", "actors"),
+        ("batch", "src/batch"),
+        ("cli", "src/cli"),
+        ("config", "src/config"),
+        ("db", "src/db"),
+        ("domain", "src/domain"),
+        ("kafka", "src/kafka"),
+        ("ml", "src/ml"),
+        ("observability", "src/observability"),
+        ("service", "src/service"),
+    ];
+    let names: BTreeSet<&str> = modules.iter().map(|(name, _)| *name).collect();
+    let mut uses: std::collections::BTreeMap<&str, BTreeSet<String>> = Default::default();
+    for (name, dir) in modules {
+        let mut files = vec![root().join(dir)];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|entry| entry.unwrap().path()));
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in text.match_indices("crate::") {
+                let used: String = text[at + 7..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                if names.contains(used.as_str()) && used != name {
+                    uses.entry(name).or_default().insert(used);
+                }
+            }
+        }
+    }
+    // Depth-first search for a module that reaches itself.
+    fn reaches(
+        uses: &std::collections::BTreeMap<&str, BTreeSet<String>>,
+        from: &str,
+        to: &str,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        uses.get(from)
+            .into_iter()
+            .flatten()
+            .any(|next| next == to || (seen.insert(next.clone()) && reaches(uses, next, to, seen)))
+    }
+    let cycles: Vec<String> = names
+        .iter()
+        .filter(|name| reaches(&uses, name, name, &mut BTreeSet::new()))
+        .map(|name| format!("{name} uses {:?}", uses.get(name)))
+        .collect();
+    assert!(cycles.is_empty(), "modules that reach themselves:\n{}", cycles.join("\n"));
 }

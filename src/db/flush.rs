@@ -1,0 +1,309 @@
+//! A flush's writes: its transactions, their predictions and the
+//! predictions' history rows, in one database transaction, by binary
+//! `COPY` first and by `UNNEST` statements when `COPY` fails whole.
+
+use diesel::pg::PgConnection;
+use diesel::{Connection, ExecuteCopyFromDsl, RunQueryDsl};
+
+use super::WriteError;
+use super::binary_copy::BinaryCopy;
+use crate::config::WriteMethod;
+use crate::domain::prediction::PredictionKind;
+
+/// The columns a flush writes, for `COPY`'s column lists.
+mod schema {
+    diesel::table! {
+        transactions (id) {
+            id -> Uuid,
+            description -> Text,
+            amount -> Numeric,
+            timestamp -> Timestamptz,
+            merchant -> Nullable<Text>,
+            operation_type -> Text,
+            side -> Text,
+            processing_type -> Text,
+            run_id -> Nullable<Text>,
+            batch_id -> Nullable<Text>,
+            source -> Nullable<Text>,
+        }
+    }
+
+    diesel::table! {
+        predictions (transaction_id) {
+            transaction_id -> Uuid,
+            category -> Text,
+            confidence_score -> Double,
+            model_version -> Text,
+        }
+    }
+
+    // Append-only and keyless in the database; the macro wants a key
+    // column, and these declarations only name columns for `COPY`.
+    diesel::table! {
+        prediction_history (transaction_id) {
+            transaction_id -> Uuid,
+            category -> Text,
+            confidence_score -> Double,
+            model_version -> Text,
+            kind -> Text,
+        }
+    }
+}
+
+/// One transaction to store, with its lineage.
+pub struct TransactionRow<'a> {
+    pub transaction: &'a crate::domain::transaction::Transaction,
+    pub processing_type: crate::domain::transaction::ProcessingType,
+    pub run_id: Option<&'a str>,
+    pub batch_id: Option<&'a str>,
+    pub source: String,
+}
+
+/// Writes one flush in one database transaction: transactions inserted
+/// `ON CONFLICT (id) DO NOTHING`, predictions inserted for transactions
+/// that have none, and each prediction stored appended to
+/// `prediction_history` (kind `pipeline`). A record stored before (a
+/// redelivery, a replay) changes nothing and adds no history row.
+///
+/// With [`WriteMethod::Copy`], both go in by binary `COPY` first, in one
+/// transaction. `COPY` has no `ON CONFLICT`: a flush holding a record
+/// stored before (a redelivery, a replay) or a value the database refuses
+/// makes it fail as a whole, and then that transaction is rolled back and
+/// the flush is written in a second one with `UNNEST` statements, whose
+/// outcome (and error) is the flush's. Each `UNNEST` statement takes
+/// column arrays, so a flush of any size binds 11 and 4 parameters, far
+/// under PostgreSQL's 65,535.
+///
+/// Returns the method that stored the flush.
+pub fn write_flush(
+    connection: &mut PgConnection,
+    rows: &[TransactionRow<'_>],
+    predictions: &[crate::domain::prediction::Prediction],
+    method: WriteMethod,
+) -> Result<WriteMethod, WriteError> {
+    if method == WriteMethod::Copy
+        && connection
+            .transaction::<(), diesel::result::Error, _>(|tx| {
+                copy_transactions(tx, rows)?;
+                copy_predictions(tx, predictions)?;
+                copy_history(tx, predictions, PredictionKind::Pipeline)
+            })
+            .is_ok()
+    {
+        return Ok(WriteMethod::Copy);
+    }
+    connection.transaction::<WriteMethod, WriteError, _>(|tx| {
+        insert_transactions(tx, rows)?;
+        insert_new_predictions(tx, predictions, PredictionKind::Pipeline)?;
+        Ok(WriteMethod::Unnest)
+    })
+}
+
+/// Hands a finished binary COPY stream to the connection.
+fn write_copy(out: &mut dyn std::io::Write, bytes: &[u8]) -> diesel::QueryResult<()> {
+    out.write_all(bytes).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
+}
+
+/// Binary `COPY` of the rows into `transactions`.
+fn copy_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> diesel::QueryResult<()> {
+    use diesel::pg::CopyFormat;
+    use schema::transactions::dsl as t;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut copy = BinaryCopy::with_capacity(rows.len(), 256);
+    for row in rows {
+        let transaction = row.transaction;
+        copy.row(11)
+            .uuid(&transaction.id)
+            .text(&transaction.description)
+            .numeric_cents(transaction.amount.cents())
+            .timestamptz(&transaction.timestamp)
+            .optional_text(transaction.merchant.as_deref())
+            .text(&transaction.operation_type)
+            .text(transaction.side.as_str())
+            .text(row.processing_type.as_str())
+            .optional_text(row.run_id)
+            .optional_text(row.batch_id)
+            .text(&row.source);
+    }
+    let bytes = copy.finish();
+    let columns = (
+        t::id,
+        t::description,
+        t::amount,
+        t::timestamp,
+        t::merchant,
+        t::operation_type,
+        t::side,
+        t::processing_type,
+        t::run_id,
+        t::batch_id,
+        t::source,
+    );
+    diesel::copy_from(t::transactions)
+        .from_raw_data(columns, |out| write_copy(out, &bytes))
+        .with_format(CopyFormat::Binary)
+        .execute(connection)?;
+    Ok(())
+}
+
+/// Binary `COPY` of the predictions into `predictions`.
+fn copy_predictions(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+) -> diesel::QueryResult<()> {
+    use diesel::pg::CopyFormat;
+    use schema::predictions::dsl as p;
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let bytes = prediction_copy(predictions, None);
+    diesel::copy_from(p::predictions)
+        .from_raw_data((p::transaction_id, p::category, p::confidence_score, p::model_version), |out| {
+            write_copy(out, &bytes)
+        })
+        .with_format(CopyFormat::Binary)
+        .execute(connection)?;
+    Ok(())
+}
+
+/// Binary `COPY` of the predictions into `prediction_history`. Its
+/// `predicted_at` defaults to `now()`, the transaction's start, as the
+/// `predictions` rows' does: the two rows of one prediction agree.
+fn copy_history(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+    kind: PredictionKind,
+) -> diesel::QueryResult<()> {
+    use diesel::pg::CopyFormat;
+    use schema::prediction_history::dsl as h;
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let bytes = prediction_copy(predictions, Some(kind));
+    diesel::copy_from(h::prediction_history)
+        .from_raw_data((h::transaction_id, h::category, h::confidence_score, h::model_version, h::kind), |out| {
+            write_copy(out, &bytes)
+        })
+        .with_format(CopyFormat::Binary)
+        .execute(connection)?;
+    Ok(())
+}
+
+/// The binary `COPY` stream of predictions: `transaction_id`, `category`,
+/// `confidence_score`, `model_version`, and `kind` when one is given.
+fn prediction_copy(predictions: &[crate::domain::prediction::Prediction], kind: Option<PredictionKind>) -> Vec<u8> {
+    let fields = if kind.is_some() { 5 } else { 4 };
+    let mut copy = BinaryCopy::with_capacity(predictions.len(), 96);
+    for prediction in predictions {
+        let row = copy
+            .row(fields)
+            .uuid(&prediction.transaction_id)
+            .text(prediction.category.as_str())
+            .float8(prediction.confidence_score)
+            .text(&prediction.model_version);
+        if let Some(kind) = kind {
+            row.text(kind.as_str());
+        }
+    }
+    copy.finish()
+}
+
+fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> Result<(), WriteError> {
+    use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut descriptions = Vec::with_capacity(rows.len());
+    let mut amounts = Vec::with_capacity(rows.len());
+    let mut timestamps = Vec::with_capacity(rows.len());
+    let mut merchants = Vec::with_capacity(rows.len());
+    let mut operation_types = Vec::with_capacity(rows.len());
+    let mut sides = Vec::with_capacity(rows.len());
+    let mut processing_types = Vec::with_capacity(rows.len());
+    let mut run_ids = Vec::with_capacity(rows.len());
+    let mut batch_ids = Vec::with_capacity(rows.len());
+    let mut sources = Vec::with_capacity(rows.len());
+    for row in rows {
+        let t = row.transaction;
+        ids.push(t.id);
+        descriptions.push(t.description.as_str());
+        amounts.push(t.amount.to_string());
+        timestamps.push(t.timestamp);
+        merchants.push(t.merchant.as_deref());
+        operation_types.push(t.operation_type.as_str());
+        sides.push(t.side.as_str());
+        processing_types.push(row.processing_type.as_str());
+        run_ids.push(row.run_id);
+        batch_ids.push(row.batch_id);
+        sources.push(row.source.as_str());
+    }
+    diesel::sql_query(
+        "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side,
+                                   processing_type, run_id, batch_id, source)
+         SELECT id, description, amount::numeric(12, 2), ts, merchant, operation_type, side,
+                processing_type, run_id, batch_id, source
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[], $11::text[])
+              AS r(id, description, amount, ts, merchant, operation_type, side, processing_type, run_id, batch_id, source)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Text>, _>(descriptions)
+    .bind::<Array<Text>, _>(amounts)
+    .bind::<Array<Timestamptz>, _>(timestamps)
+    .bind::<Array<Nullable<Text>>, _>(merchants)
+    .bind::<Array<Text>, _>(operation_types)
+    .bind::<Array<Text>, _>(sides)
+    .bind::<Array<Text>, _>(processing_types)
+    .bind::<Array<Nullable<Text>>, _>(run_ids)
+    .bind::<Array<Nullable<Text>>, _>(batch_ids)
+    .bind::<Array<Text>, _>(sources)
+    .execute(connection)?;
+    Ok(())
+}
+
+/// Stores the live model's predictions of transactions that have none,
+/// and appends each one stored to `prediction_history` as `kind`, in the
+/// same statement. A transaction that has a current prediction keeps it:
+/// only a promotion replaces one, so a redelivery, a DLQ replay or a
+/// backfill answer landing after a promotion leaves the promoted one.
+/// Repeats of one id within the call keep the last.
+pub fn insert_new_predictions(
+    connection: &mut PgConnection,
+    predictions: &[crate::domain::prediction::Prediction],
+    kind: PredictionKind,
+) -> Result<(), WriteError> {
+    use diesel::sql_types::{Array, Double, Text, Uuid as SqlUuid};
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let mut latest: std::collections::HashMap<uuid::Uuid, &crate::domain::prediction::Prediction> =
+        std::collections::HashMap::with_capacity(predictions.len());
+    for prediction in predictions {
+        latest.insert(prediction.transaction_id, prediction);
+    }
+    let ids: Vec<uuid::Uuid> = latest.keys().copied().collect();
+    let categories: Vec<&str> = ids.iter().map(|id| latest[id].category.as_str()).collect();
+    let scores: Vec<f64> = ids.iter().map(|id| latest[id].confidence_score).collect();
+    let versions: Vec<&str> = ids.iter().map(|id| latest[id].model_version.as_str()).collect();
+    diesel::sql_query(
+        "WITH stored AS (
+             INSERT INTO predictions (transaction_id, category, confidence_score, model_version)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::float8[], $4::text[])
+             ON CONFLICT (transaction_id) DO NOTHING
+             RETURNING transaction_id, category, confidence_score, model_version, predicted_at
+         )
+         INSERT INTO prediction_history (transaction_id, category, confidence_score, model_version, predicted_at, kind)
+         SELECT transaction_id, category, confidence_score, model_version, predicted_at, $5 FROM stored",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Text>, _>(categories)
+    .bind::<Array<Double>, _>(scores)
+    .bind::<Array<Text>, _>(versions)
+    .bind::<Text, _>(kind.as_str())
+    .execute(connection)?;
+    Ok(())
+}
