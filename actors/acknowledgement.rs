@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::messages::Capacity;
+use super::capacity::Reserved;
 use crate::domain::origin::Origin;
 
 /// What became of a record, as its source is told.
@@ -50,7 +50,7 @@ pub struct Ack {
     /// When the source read the record.
     read_at: std::time::Instant,
     /// Returned to the pipeline when the handle goes, settled or not.
-    _capacity: Capacity,
+    _capacity: Reserved,
 }
 
 impl std::fmt::Debug for Ack {
@@ -60,7 +60,7 @@ impl std::fmt::Debug for Ack {
 }
 
 impl Ack {
-    pub fn new(origin: Origin, capacity: Capacity, tracker: Arc<dyn Tracker>, mark: u64) -> Ack {
+    pub fn new(origin: Origin, capacity: Reserved, tracker: Arc<dyn Tracker>, mark: u64) -> Ack {
         let read_at = std::time::Instant::now();
         Ack { origin, mark, tracker, stored: false, settled: false, read_at, _capacity: capacity }
     }
@@ -143,7 +143,7 @@ mod tests {
     fn handle(capacity: &(Arc<Semaphore>, Arc<Semaphore>), reports: &Arc<Reports>, line: u64) -> Ack {
         let record = capacity.0.clone().try_acquire_owned().unwrap();
         let bytes = capacity.1.clone().try_acquire_many_owned(10).unwrap();
-        Ack::new(origin(line), Capacity { _record: record, _bytes: bytes }, reports.clone(), 7)
+        Ack::new(origin(line), Reserved { _record: record, _bytes: bytes }, reports.clone(), 7)
     }
 
     fn capacity() -> (Arc<Semaphore>, Arc<Semaphore>) {

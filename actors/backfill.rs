@@ -18,35 +18,70 @@
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, SpawnHandle, Supervised, WrapFuture};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::Pipeline;
-use crate::db;
+use super::prediction_fan_out::PredictionFanOut;
+use super::system::Stopping;
+use crate::config::{BackfillConfig, PredictConfig};
+use crate::db::{self, PgPool};
 use crate::domain::backfill_scan::{ScanReason, ScanSchedule};
 use crate::domain::prediction::Prediction;
+use crate::ml::client::MlClient;
 use crate::observability::metrics::METRICS;
 
 pub struct Backfill {
-    pipeline: Arc<Pipeline>,
+    params: Arc<BackfillParams>,
     running: Option<SpawnHandle>,
     schedule: ScanSchedule,
 }
 
+/// What the Backfill is built from.
+pub struct BackfillParams {
+    /// Its tick (`backfill_interval_ms`) and round size (`batch_size` x `concurrency`).
+    pub predict: PredictConfig,
+    pub backfill: BackfillConfig,
+    pub pool: PgPool,
+    /// The pipeline's ML API client, breaker included.
+    pub ml: Arc<MlClient>,
+    pub fan_out: PredictionFanOut,
+    pub stored_unpredicted: StoredUnpredicted,
+    pub stopping: Stopping,
+}
+
+/// Set by the DbWriter when a flush stored rows without their prediction:
+/// the backfill scans for them at its next tick (see `domain::backfill_scan`).
+#[derive(Clone, Default)]
+pub struct StoredUnpredicted(Arc<AtomicBool>);
+
+impl StoredUnpredicted {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn clear(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 impl Backfill {
-    pub fn new(pipeline: Arc<Pipeline>) -> Backfill {
-        let schedule = ScanSchedule::new(Duration::from_millis(pipeline.config.backfill.full_scan_interval_ms));
-        Backfill { pipeline, running: None, schedule }
+    pub fn new(params: BackfillParams) -> Backfill {
+        let schedule = ScanSchedule::new(Duration::from_millis(params.backfill.full_scan_interval_ms));
+        Backfill { params: Arc::new(params), running: None, schedule }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.running.is_some() || self.pipeline.is_shutting_down() {
+        if self.running.is_some() || self.params.stopping.is_set() {
             return;
         }
-        let pipeline = self.pipeline.clone();
+        let params = self.params.clone();
         let started = Instant::now();
-        let known = self.schedule.due(started, pipeline.stored_unpredicted.load(Ordering::SeqCst));
-        let handle = ctx.spawn(scan_if_due(pipeline, known).into_actor(self).map(move |scanned, actor, _ctx| {
+        let known = self.schedule.due(started, params.stored_unpredicted.is_set());
+        let handle = ctx.spawn(scan_if_due(params, known).into_actor(self).map(move |scanned, actor, _ctx| {
             actor.running = None;
             let Some((reason, predicted, finished)) = scanned else { return };
             actor.schedule.scanning(started);
@@ -63,10 +98,10 @@ impl Backfill {
 /// Scans when `known` gives a reason, or when the backlog holds a due
 /// retry; returns the reason, how many it predicted, and whether it saw
 /// every row it could claim.
-async fn scan_if_due(pipeline: Arc<Pipeline>, known: Option<ScanReason>) -> Option<(ScanReason, usize, bool)> {
+async fn scan_if_due(params: Arc<BackfillParams>, known: Option<ScanReason>) -> Option<(ScanReason, usize, bool)> {
     let reason = match known {
         Some(reason) => reason,
-        None => match db::blocking(&pipeline.pool, db::backlog_due).await {
+        None => match db::blocking(&params.pool, db::backlog_due).await {
             Ok(true) => ScanReason::BacklogDue,
             Ok(false) => return None,
             Err(error) => {
@@ -80,21 +115,21 @@ async fn scan_if_due(pipeline: Arc<Pipeline>, known: Option<ScanReason>) -> Opti
     };
     // Rows stored unpredicted from here on are committed after the scan's
     // snapshot may have been taken: they set the flag again.
-    pipeline.stored_unpredicted.store(false, Ordering::SeqCst);
-    let (predicted, finished) = backfill(pipeline).await;
+    params.stored_unpredicted.clear();
+    let (predicted, finished) = backfill(params).await;
     Some((reason, predicted, finished))
 }
 
 /// Predicts the claimable transactions until none are left or a round
 /// leaves some unpredicted. Returns how many it predicted, and false when
 /// it stopped before it had seen every claimable row.
-async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
-    let round = (pipeline.config.predict.batch_size * pipeline.config.predict.concurrency) as i64;
-    let settings = pipeline.config.backfill.clone();
+async fn backfill(params: Arc<BackfillParams>) -> (usize, bool) {
+    let round = (params.predict.batch_size * params.predict.concurrency) as i64;
+    let settings = &params.backfill;
     let mut predicted_total = 0;
     loop {
         let (initial, max) = (settings.initial_backoff_ms, settings.max_backoff_ms);
-        let items = match db::blocking(&pipeline.pool, move |c| db::claim_unpredicted(c, round, initial, max)).await {
+        let items = match db::blocking(&params.pool, move |c| db::claim_unpredicted(c, round, initial, max)).await {
             Ok(items) if !items.is_empty() => items,
             Ok(_) => return (predicted_total, true),
             Err(error) => {
@@ -106,7 +141,7 @@ async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
             }
         };
         let asked = items.len();
-        let predicted = pipeline.ml.predict(items, "backfill").await;
+        let predicted = params.ml.predict(items, "backfill").await;
         let stored;
         let (not_at_fault, failed): (Vec<_>, Vec<_>) =
             predicted.failures.into_iter().partition(|(id, _)| predicted.unavailable.contains(id));
@@ -114,7 +149,7 @@ async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
         let not_at_fault: Vec<uuid::Uuid> = not_at_fault.into_iter().map(|(id, _)| id).collect();
         let predictions = predicted.predictions;
         let max_attempts = settings.max_attempts;
-        let written = db::blocking(&pipeline.pool, move |connection| {
+        let written = db::blocking(&params.pool, move |connection| {
             let (stored, failed) = write_predictions(connection, predictions, failed)?;
             let refused = db::record_backfill_failures(connection, &failed, &not_at_fault, max_attempts)?;
             Ok((stored, refused))
@@ -134,9 +169,9 @@ async fn backfill(pipeline: Arc<Pipeline>) -> (usize, bool) {
                     );
                 }
                 // Late predictions are published like the flush's own.
-                if !pipeline.config.kafka.predictions_topic.is_empty() && !predictions.is_empty() {
-                    let room = super::prediction_fan_out::room(&pipeline, predictions.len()).await;
-                    super::prediction_fan_out::publish(&pipeline, predictions, room);
+                if params.fan_out.is_on() && !predictions.is_empty() {
+                    let room = params.fan_out.room(predictions.len()).await;
+                    params.fan_out.publish(predictions, room);
                 }
             }
             Err(error) => {
@@ -194,7 +229,7 @@ impl Actor for Backfill {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Registered here, not in new(): a restart keeps the struct but not its timers.
-        let interval = Duration::from_millis(self.pipeline.config.predict.backfill_interval_ms);
+        let interval = Duration::from_millis(self.params.predict.backfill_interval_ms);
         ctx.run_interval(interval, |actor, ctx| actor.tick(ctx));
     }
 }

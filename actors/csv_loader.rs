@@ -23,12 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
-use super::Pipeline;
 use super::acknowledgement::{Ack, Settlement, Tracker};
 use super::buffer::Buffer;
+use super::capacity::Capacity;
 use super::mailbox::Mailbox;
 use super::messages::{Envelope, FlushNow, Ingest, Lineage};
+use super::system::Stopping;
 use crate::batch::{self, BatchError, ErrorFile, InputFile, RunRegistry, RunSpec};
+use crate::config::{BatchConfig, S3Config};
 use crate::domain::origin::Origin;
 use crate::domain::run_progress::{RowAction, RowOutcome};
 use crate::domain::transaction::{ProcessingType, Transaction};
@@ -51,23 +53,32 @@ pub struct LoadCsv {
 }
 
 pub struct CsvLoader {
-    pipeline: Arc<Pipeline>,
+    params: Arc<CsvLoaderParams>,
     buffer: Mailbox<Buffer>,
     s3: aws_sdk_s3::Client,
     /// A heartbeat is being written: the next tick skips rather than queue.
     recording: bool,
 }
 
+/// What the CsvLoader is built from.
+pub struct CsvLoaderParams {
+    pub batch: BatchConfig,
+    pub s3: S3Config,
+    pub capacity: Arc<Capacity>,
+    pub stopping: Stopping,
+    pub recorder: RunRecorder,
+}
+
 impl CsvLoader {
-    pub fn new(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>) -> CsvLoader {
-        let s3 = crate::batch::s3::client(&pipeline.config.s3);
-        CsvLoader { pipeline, buffer, s3, recording: false }
+    pub fn new(params: CsvLoaderParams, buffer: Mailbox<Buffer>) -> CsvLoader {
+        let s3 = crate::batch::s3::client(&params.s3);
+        CsvLoader { params: Arc::new(params), buffer, s3, recording: false }
     }
 
     fn spawn_run(&self, spec: Arc<RunSpec>, ctx: &mut Context<Self>) {
-        let (pipeline, buffer, s3) = (self.pipeline.clone(), self.buffer.clone(), self.s3.clone());
+        let (params, buffer, s3) = (self.params.clone(), self.buffer.clone(), self.s3.clone());
         let span = tracing::info_span!("batch_run", run_id = spec.run_id.as_str());
-        ctx.spawn(run(pipeline, buffer, s3, spec).instrument(span).into_actor(self));
+        ctx.spawn(run(params, buffer, s3, spec).instrument(span).into_actor(self));
     }
 }
 
@@ -76,17 +87,18 @@ impl Actor for CsvLoader {
 
     /// Also runs after a restart: runs still running go on where they were.
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for spec in self.pipeline.runs.running() {
+        for spec in self.params.recorder.runs.running() {
             tracing::info!(run_id = spec.run_id, "resuming the batch run");
             self.spawn_run(spec, ctx);
         }
         // The heartbeat: every run's progress into `batch_runs`, for the
         // other replicas' GET /batches and to show this process is alive.
-        let every = Duration::from_millis(self.pipeline.config.batch.heartbeat_ms);
+        let every = Duration::from_millis(self.params.batch.heartbeat_ms);
         ctx.run_interval(every, |loader, ctx| {
             if !loader.recording {
                 loader.recording = true;
-                let record = record_runs(loader.pipeline.clone());
+                let recorder = loader.params.recorder.clone();
+                let record = async move { recorder.record().await };
                 ctx.spawn(record.into_actor(loader).map(|(), loader, _| loader.recording = false));
             }
         });
@@ -105,23 +117,23 @@ impl Handler<LoadCsv> for CsvLoader {
 
     fn handle(&mut self, load: LoadCsv, _ctx: &mut Context<Self>) -> Self::Result {
         let s3 = self.s3.clone();
-        let pipeline = self.pipeline.clone();
+        let params = self.params.clone();
         let check = async move {
             let run_id = load.run_id.unwrap_or_else(batch::new_run_id);
             let spec = batch::prepare(&s3, &load.uri, &run_id, &load.policy).await?;
-            if pipeline.runs.is_running(&run_id) {
+            if params.recorder.runs.is_running(&run_id) {
                 return Err(BatchError::AlreadyRunning(run_id));
             }
-            let max_running = pipeline.config.batch.max_concurrent_runs;
-            if pipeline.runs.running().len() >= max_running {
+            let max_running = params.batch.max_concurrent_runs;
+            if params.recorder.runs.running().len() >= max_running {
                 return Err(BatchError::TooManyRuns(max_running));
             }
-            claim(&pipeline, &spec).await?;
+            params.recorder.claim(&spec).await?;
             // A re-run of a run id starts a new error file.
             for file in &spec.files {
                 ErrorFile::new(&spec, file).reset();
             }
-            pipeline.runs.begin(spec, max_running)
+            params.recorder.runs.begin(spec, max_running)
         };
         Box::pin(check.into_actor(self).map(|checked, actor, ctx| {
             let spec = checked?;
@@ -173,8 +185,8 @@ impl Tracker for RunRows {
 }
 
 /// Loads every file of the run not done yet, in order.
-async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
-    let runs = &pipeline.runs;
+async fn run(params: Arc<CsvLoaderParams>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::Client, spec: Arc<RunSpec>) {
+    let runs = &params.recorder.runs;
     let rows = Arc::new(RunRows { runs: runs.clone(), spec: spec.clone() });
     let first = runs.files_done(&spec.run_id);
     // One trace per run (per resumption, after a restart): the run's span,
@@ -187,11 +199,11 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
         let mut errors = ErrorFile::new(&spec, file);
         let mut backoff = crate::domain::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
-            if pipeline.is_shutting_down() {
+            if params.stopping.is_set() {
                 return;
             }
             let losses = runs.losses(&spec.run_id);
-            match read_file(&pipeline, &buffer, &s3, (&rows, &row_trace), file, &mut errors, losses).await {
+            match read_file(&params, &buffer, &s3, (&rows, &row_trace), file, &mut errors, losses).await {
                 Ok(Pass::Complete) => {
                     if wait_settled(runs, &spec.run_id, &file.uri, losses).await {
                         break;
@@ -200,11 +212,9 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
                 Ok(Pass::WorkLost) => {}
                 Ok(Pass::ShuttingDown) => return,
                 Err(error) => {
-                    backoff
-                        .wait(|_, delay| {
-                            tracing::warn!(uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row")
-                        })
-                        .await;
+                    let (_, delay) = backoff.next_attempt();
+                    tracing::warn!(uri = file.uri, %error, ?delay, "reading failed; reading again from the first unsettled row");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             }
@@ -219,7 +229,7 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
                 Ok(uri) => Some(uri),
                 Err(error) => {
                     runs.finish(&spec.run_id, Some(format!("cannot store the error file: {error}")));
-                    record_runs(pipeline.clone()).await;
+                    params.recorder.record().await;
                     return;
                 }
             }
@@ -230,68 +240,79 @@ async fn run(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, s3: aws_sdk_s3::C
     if let Some(report) = runs.report(&spec.run_id) {
         tracing::info!(summary = report.summary, "batch run completed");
     }
-    record_runs(pipeline.clone()).await;
+    params.recorder.record().await;
 }
 
-/// Records the run in `batch_runs` as this process's, unless another live
-/// process runs it (then `AlreadyRunning`, whichever replica was asked).
-/// When PostgreSQL cannot be reached the run starts anyway: the heartbeat
-/// records it once the database is back.
-async fn claim(pipeline: &Arc<Pipeline>, spec: &RunSpec) -> Result<(), BatchError> {
-    let report = batch::RunRegistry::starting_report(spec);
-    match write_reports(pipeline, vec![report], true).await.map(|recorded| recorded[0].1) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(BatchError::AlreadyRunning(spec.run_id.clone())),
-        Err(error) => {
-            tracing::warn!(run_id = spec.run_id, %error, "cannot record the run in PostgreSQL; starting it anyway");
-            Ok(())
-        }
-    }
+/// Records batch runs in `batch_runs` as this process's.
+#[derive(Clone)]
+pub struct RunRecorder {
+    pub pool: crate::db::PgPool,
+    pub runs: Arc<RunRegistry>,
+    /// This process, as the table names the one running a run.
+    pub instance: String,
+    /// `batch.stale_after_ms`: when another process may take a run over.
+    pub stale_after_ms: u64,
 }
 
-/// Writes `reports` to `batch_runs` as this process's (see
-/// [`crate::db::record_run`] for `take_over`), on the blocking pool; each
-/// comes back with whether the row is now this process's.
-async fn write_reports(
-    pipeline: &Arc<Pipeline>,
-    reports: Vec<batch::RunReport>,
-    take_over: bool,
-) -> Result<Vec<(batch::RunReport, bool)>, crate::db::WriteError> {
-    let shared = pipeline.clone();
-    crate::db::blocking(&pipeline.pool, move |connection| {
-        let stale_after = shared.config.batch.stale_after_ms;
-        reports
-            .into_iter()
-            .map(|report| {
-                crate::db::record_run(connection, &shared.instance, &report, take_over, stale_after)
-                    .map(|mine| (report, mine))
-            })
-            .collect()
-    })
-    .await
-}
-
-/// Writes what `batch_runs` lacks: every running run's progress, and each
-/// finished run's final report (once it is in, it is not sent again). A
-/// failure is logged and retried by the next heartbeat.
-pub async fn record_runs(pipeline: Arc<Pipeline>) {
-    let reports = pipeline.runs.to_record();
-    if reports.is_empty() {
-        return;
-    }
-    let outcome = write_reports(&pipeline, reports, false).await;
-    match outcome {
-        Ok(recorded) => {
-            for (report, mine) in recorded {
-                if pipeline.runs.recorded(&report, mine) {
-                    // Another process took the run over while this one was
-                    // silent (see batch.stale_after_ms). Both load it; writes
-                    // are idempotent. The table keeps the other's reports.
-                    tracing::warn!(run_id = report.run_id, "another instance took this batch run over");
-                }
+impl RunRecorder {
+    /// Records the run in `batch_runs` as this process's, unless another live
+    /// process runs it (then `AlreadyRunning`, whichever replica was asked).
+    /// When PostgreSQL cannot be reached the run starts anyway: the heartbeat
+    /// records it once the database is back.
+    async fn claim(&self, spec: &RunSpec) -> Result<(), BatchError> {
+        let report = batch::RunRegistry::starting_report(spec);
+        match self.write(vec![report], true).await.map(|recorded| recorded[0].1) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BatchError::AlreadyRunning(spec.run_id.clone())),
+            Err(error) => {
+                tracing::warn!(run_id = spec.run_id, %error, "cannot record the run in PostgreSQL; starting it anyway");
+                Ok(())
             }
         }
-        Err(error) => tracing::debug!(%error, "cannot record batch runs; the next heartbeat tries again"),
+    }
+
+    /// Writes `reports` to `batch_runs` as this process's (see
+    /// [`crate::db::record_run`] for `take_over`), on the blocking pool; each
+    /// comes back with whether the row is now this process's.
+    async fn write(
+        &self,
+        reports: Vec<batch::RunReport>,
+        take_over: bool,
+    ) -> Result<Vec<(batch::RunReport, bool)>, crate::db::WriteError> {
+        let (instance, stale_after) = (self.instance.clone(), self.stale_after_ms);
+        crate::db::blocking(&self.pool, move |connection| {
+            reports
+                .into_iter()
+                .map(|report| {
+                    crate::db::record_run(connection, &instance, &report, take_over, stale_after)
+                        .map(|mine| (report, mine))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Writes what `batch_runs` lacks: every running run's progress, and each
+    /// finished run's final report (once it is in, it is not sent again). A
+    /// failure is logged and retried by the next heartbeat.
+    pub async fn record(&self) {
+        let reports = self.runs.to_record();
+        if reports.is_empty() {
+            return;
+        }
+        match self.write(reports, false).await {
+            Ok(recorded) => {
+                for (report, mine) in recorded {
+                    if self.runs.recorded(&report, mine) {
+                        // Another process took the run over while this one was
+                        // silent (see batch.stale_after_ms). Both load it; writes
+                        // are idempotent. The table keeps the other's reports.
+                        tracing::warn!(run_id = report.run_id, "another instance took this batch run over");
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot record batch runs; the next heartbeat tries again"),
+        }
     }
 }
 
@@ -320,7 +341,7 @@ async fn wait_settled(runs: &RunRegistry, run_id: &str, uri: &str, losses: u64) 
 
 /// Reads the file once from the start, sending the rows not yet settled.
 async fn read_file(
-    pipeline: &Pipeline,
+    params: &CsvLoaderParams,
     buffer: &Mailbox<Buffer>,
     s3: &aws_sdk_s3::Client,
     (tracker, row_trace): (&Arc<RunRows>, &RecordTrace),
@@ -328,10 +349,10 @@ async fn read_file(
     errors: &mut ErrorFile,
     losses: u64,
 ) -> Result<Pass, String> {
-    let (runs, spec) = (&pipeline.runs, &tracker.spec);
+    let (runs, spec) = (&params.recorder.runs, &tracker.spec);
     let run_id = spec.run_id.as_str();
     let resume = runs.resume_line(run_id, &file.uri);
-    let max_bytes = pipeline.config.batch.max_record_bytes;
+    let max_bytes = params.batch.max_record_bytes;
     let mut chunk: Vec<Envelope> = Vec::with_capacity(CHUNK);
     let mut rows = batch::RowReader::new(s3, file, max_bytes);
     while let Some(row) = rows.next().await.map_err(|e| e.to_string())? {
@@ -344,7 +365,7 @@ async fn read_file(
         if runs.losses(run_id) != losses {
             return Ok(Pass::WorkLost);
         }
-        if pipeline.is_shutting_down() {
+        if params.stopping.is_set() {
             send(buffer, &mut chunk);
             return Ok(Pass::ShuttingDown);
         }
@@ -366,12 +387,12 @@ async fn read_file(
         match runs.row(run_id, &file.uri, line, || file.parse_row(record)) {
             (RowAction::Send, Some(Ok(transaction))) => {
                 let bytes = record.as_slice().len();
-                let permit = match pipeline.try_reserve(bytes) {
+                let permit = match params.capacity.try_reserve(bytes) {
                     Some(permit) => permit,
                     None => {
                         // The pipeline is full: hand on what we hold, then wait (backpressure).
                         send(buffer, &mut chunk);
-                        pipeline.reserve(bytes).await
+                        params.capacity.reserve(bytes).await
                     }
                 };
                 let ack = Ack::new(Origin::File { source_uri: file.uri.clone(), line }, permit, tracker.clone(), 0);

@@ -13,18 +13,26 @@ use rdkafka::producer::FutureRecord;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Pipeline;
 use super::messages::{DeadLetter, DeadLetters};
 use crate::domain::dead_letter::dlq_headers;
 use crate::observability::metrics::METRICS;
 
 pub struct DlqPublisher {
-    pipeline: Arc<Pipeline>,
+    params: Arc<DlqPublisherParams>,
+}
+
+/// What the DlqPublisher is built from.
+pub struct DlqPublisherParams {
+    /// `kafka.dlq_topic`.
+    pub topic: String,
+    pub producer: crate::kafka::Producer,
+    /// For the dead letters the topic refuses for good.
+    pub pool: crate::db::PgPool,
 }
 
 impl DlqPublisher {
-    pub fn new(pipeline: Arc<Pipeline>) -> DlqPublisher {
-        DlqPublisher { pipeline }
+    pub fn new(params: DlqPublisherParams) -> DlqPublisher {
+        DlqPublisher { params: Arc::new(params) }
     }
 }
 
@@ -68,8 +76,8 @@ fn refused_for_good(error: &KafkaError, attempt: u32) -> Option<String> {
 /// Sends one dead letter until the topic takes it, or, when the topic
 /// refuses it for good, stores it in the `dead_letters` table. Then the
 /// record counts as dead-lettered.
-async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
-    let topic = &pipeline.config.kafka.dlq_topic;
+async fn publish(params: &DlqPublisherParams, letter: DeadLetter) {
+    let topic = &params.topic;
     let header_values = dlq_headers(
         &letter.failure,
         letter.ack.origin(),
@@ -94,17 +102,15 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
         if let Some(key) = &letter.key {
             record = record.key(key);
         }
-        match pipeline.producer.send(record, Duration::from_secs(30)).await {
+        match params.producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => break None,
             Err((error, _)) => {
                 if let Some(reason) = refused_for_good(&error, backoff.failures() + 1) {
                     break Some(reason);
                 }
-                backoff
-                    .wait(|attempt, delay| {
-                        tracing::warn!(%error, attempt, ?delay, source = %letter.ack.origin(), "DLQ send failed; retrying")
-                    })
-                    .await;
+                let (attempt, delay) = backoff.next_attempt();
+                tracing::warn!(%error, attempt, ?delay, source = %letter.ack.origin(), "DLQ send failed; retrying");
+                tokio::time::sleep(delay).await;
             }
         }
     };
@@ -118,7 +124,7 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
                 reason,
                 "the DLQ topic refuses this dead letter for good; storing it in the dead_letters table"
             );
-            store(pipeline, &letter, &header_values, &reason).await;
+            store(params, &letter, &header_values, &reason).await;
             METRICS.dead_letters_stored.with_label_values(&[letter.failure.error_type.as_str()]).inc();
         }
     }
@@ -128,12 +134,12 @@ async fn publish(pipeline: &Pipeline, letter: DeadLetter) {
 
 /// Stores a dead letter in PostgreSQL, retrying while the database is
 /// unreachable (as a flush does: nothing is acknowledged meanwhile).
-async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static str, String)], refused_by: &str) {
+async fn store(params: &DlqPublisherParams, letter: &DeadLetter, headers: &[(&'static str, String)], refused_by: &str) {
     let mut backoff = crate::domain::backoff::Backoff::outage();
     loop {
-        let (topic, key, value) = (pipeline.config.kafka.dlq_topic.clone(), letter.key.clone(), letter.value.clone());
+        let (topic, key, value) = (params.topic.clone(), letter.key.clone(), letter.value.clone());
         let (headers, refused_by) = (headers.to_vec(), refused_by.to_string());
-        let stored = crate::db::blocking(&pipeline.pool, move |connection| {
+        let stored = crate::db::blocking(&params.pool, move |connection| {
             let row = crate::db::StoredDeadLetter {
                 topic: &topic,
                 key: key.as_deref(),
@@ -148,11 +154,9 @@ async fn store(pipeline: &Pipeline, letter: &DeadLetter, headers: &[(&'static st
             Ok(()) => return,
             Err(error) => {
                 let error = crate::domain::redaction::short_reason(&error);
-                backoff
-                    .wait(|attempt, delay| {
-                        tracing::warn!(error, attempt, ?delay, "cannot store the dead letter; retrying")
-                    })
-                    .await;
+                let (attempt, delay) = backoff.next_attempt();
+                tracing::warn!(error, attempt, ?delay, "cannot store the dead letter; retrying");
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -162,9 +166,9 @@ impl Handler<DeadLetters> for DlqPublisher {
     type Result = ();
 
     fn handle(&mut self, DeadLetters(letters): DeadLetters, ctx: &mut Context<Self>) {
-        let pipeline = self.pipeline.clone();
+        let params = self.params.clone();
         let send_all = async move {
-            let sends = letters.into_iter().map(|letter| publish(&pipeline, letter));
+            let sends = letters.into_iter().map(|letter| publish(&params, letter));
             futures_util::future::join_all(sends).await;
         };
         ctx.spawn(send_all.into_actor(self).map(|(), _, _| ()));

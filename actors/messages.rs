@@ -3,7 +3,6 @@
 use actix::Message;
 use std::collections::HashMap;
 use std::time::Instant;
-use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::acknowledgement::Ack;
@@ -18,15 +17,6 @@ pub struct Lineage {
     pub processing_type: ProcessingType,
     pub run_id: Option<String>,
     pub batch_id: Option<String>,
-}
-
-/// One record's share of the pipeline's bounded capacity: one unit of the
-/// record bound and its size in bytes. Both return when it is dropped, so
-/// the bounds cannot leak, even through a crashing actor.
-#[derive(Debug)]
-pub struct Capacity {
-    pub(crate) _record: OwnedSemaphorePermit,
-    pub(crate) _bytes: OwnedSemaphorePermit,
 }
 
 /// A valid record on its way to the database. Its acknowledgement handle
@@ -177,7 +167,7 @@ pub(crate) fn test_envelopes(descriptions: &[&str]) -> Vec<Envelope> {
                 "id": line.to_string(), "description": description, "amount": "-12.50",
                 "timestamp": "2026-01-11T10:00:00", "operation_type": "payment", "side": "debit",
             });
-            let capacity = Capacity {
+            let capacity = crate::actors::capacity::Reserved {
                 _record: records.clone().try_acquire_owned().expect("one permit per record"),
                 _bytes: bytes.clone().try_acquire_owned().expect("one permit per record"),
             };

@@ -12,9 +12,9 @@
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, Supervised};
 use std::sync::Arc;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Pipeline;
+use crate::config::{BreakerConfig, DbConfig, PredictConfig};
 use crate::db::{self, PgPool};
 use crate::domain::prediction::PredictRequestItem;
 use crate::ml::client::MlClient;
@@ -27,9 +27,16 @@ pub struct ShadowScorer {
     pool: PgPool,
 }
 
+/// What the ShadowScorer is built from.
+pub struct ShadowScorerParams {
+    /// The live model's settings, with the shadow's URL and concurrency.
+    pub predict: PredictConfig,
+    pub breaker: BreakerConfig,
+    pub db: DbConfig,
+}
+
 impl ShadowScorer {
-    pub fn new(pipeline: Arc<Pipeline>) -> ShadowScorer {
-        let config = &pipeline.config;
+    pub fn new(config: ShadowScorerParams) -> ShadowScorer {
         let ml = (!config.predict.shadow_url.is_empty())
             .then(|| {
                 let predict = crate::config::PredictConfig {
@@ -65,18 +72,34 @@ pub struct ScoreShadow {
     pub slot: OwnedSemaphorePermit,
 }
 
-/// Whether this stored flush goes to the shadow model, and its slot if it
-/// does; a sampled flush that finds every slot busy is counted as skipped.
-pub fn sample(pipeline: &Pipeline) -> Option<OwnedSemaphorePermit> {
-    let share = pipeline.config.predict.shadow_sample;
-    if pipeline.config.predict.shadow_url.is_empty() || share <= 0.0 || rand::random::<f64>() >= share {
-        return None;
+/// Which stored flushes go to the shadow model: a share of them
+/// (`predict.shadow_sample`), each with one of `predict.shadow_concurrency`
+/// slots. Held by the DbWriter.
+#[derive(Clone)]
+pub struct ShadowSampler {
+    /// 0 when there is no shadow model.
+    share: f64,
+    slots: Arc<Semaphore>,
+}
+
+impl ShadowSampler {
+    pub fn new(predict: &PredictConfig) -> ShadowSampler {
+        let share = if predict.shadow_url.is_empty() { 0.0 } else { predict.shadow_sample };
+        ShadowSampler { share, slots: Arc::new(Semaphore::new(predict.shadow_concurrency)) }
     }
-    match pipeline.shadow_slots.clone().try_acquire_owned() {
-        Ok(slot) => Some(slot),
-        Err(_) => {
-            METRICS.shadow_flushes.with_label_values(&["skipped"]).inc();
-            None
+
+    /// Whether this stored flush goes to the shadow model, and its slot if it
+    /// does; a sampled flush that finds every slot busy is counted as skipped.
+    pub fn sample(&self) -> Option<OwnedSemaphorePermit> {
+        if self.share <= 0.0 || rand::random::<f64>() >= self.share {
+            return None;
+        }
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                METRICS.shadow_flushes.with_label_values(&["skipped"]).inc();
+                None
+            }
         }
     }
 }

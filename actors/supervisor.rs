@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::messages::Chaos;
-use super::pipeline::Mailboxes;
+use super::system::{ActorSystem, Mailboxes};
 use super::{
-    Mailbox, Pipeline, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client,
-    repredictor, shadow_scorer,
+    Mailbox, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, predict_client, repredictor,
+    shadow_scorer,
 };
 use crate::observability::metrics::METRICS;
 
@@ -25,7 +25,7 @@ use crate::observability::metrics::METRICS;
 struct Entry {
     name: &'static str,
     /// Starts it under its name.
-    start: fn(&Arc<Pipeline>, &'static str) -> Started,
+    start: fn(&Arc<ActorSystem>, &'static str) -> Started,
     /// Revived while the service shuts down too (to finish what is in
     /// flight); the reader is not, since it stops reading then.
     revive_in_shutdown: bool,
@@ -39,53 +39,110 @@ struct Started {
 }
 
 /// The actors, in start order: each one's next stages are started before
-/// it, and it is wired with their mailboxes.
+/// it, and it is wired with their mailboxes. Each gets its own parameters,
+/// built here from the system's resources: what an actor holds is what this
+/// table gives it.
 const ACTORS: [Entry; 9] = [
-    entry("dlq_publisher", |p, name| start(p, name, dlq_publisher::DlqPublisher::new, |m| &m.dlq_publisher)),
-    entry("shadow_scorer", |p, name| start(p, name, shadow_scorer::ShadowScorer::new, |m| &m.shadow_scorer)),
-    entry("db_writer", |p, name| {
-        let make = |p: Arc<Pipeline>| {
-            let dlq_publisher = p.mailboxes.dlq_publisher.clone();
-            db_writer::DbWriter::new(p, dlq_publisher)
+    entry("dlq_publisher", |s, name| {
+        let make = |s: Arc<ActorSystem>| {
+            let params = dlq_publisher::DlqPublisherParams {
+                topic: s.config.kafka.dlq_topic.clone(),
+                producer: s.producer.clone(),
+                pool: s.pool.clone(),
+            };
+            dlq_publisher::DlqPublisher::new(params)
         };
-        start(p, name, make, |m| &m.db_writer)
+        start(s, name, make, |m| &m.dlq_publisher)
     }),
-    entry("predict_client", |p, name| {
-        let make = |p: Arc<Pipeline>| {
-            let db_writer = p.mailboxes.db_writer.clone();
-            predict_client::PredictClient::new(p.ml.clone(), db_writer)
+    entry("shadow_scorer", |s, name| {
+        let make = |s: Arc<ActorSystem>| {
+            shadow_scorer::ShadowScorer::new(shadow_scorer::ShadowScorerParams {
+                predict: s.config.predict.clone(),
+                breaker: s.config.breaker.clone(),
+                db: s.config.db.clone(),
+            })
         };
-        start(p, name, make, |m| &m.predict_client)
+        start(s, name, make, |m| &m.shadow_scorer)
     }),
-    entry("buffer", |p, name| {
-        let make = |p: Arc<Pipeline>| {
-            let predict_client = p.mailboxes.predict_client.clone();
-            buffer::Buffer::new(&p.config.buffer, predict_client)
+    entry("db_writer", |s, name| {
+        let make = |s: Arc<ActorSystem>| {
+            let params = db_writer::DbWriterParams {
+                pool: s.pool.clone(),
+                write_method: s.config.db.write_method,
+                stored_unpredicted: s.stored_unpredicted.clone(),
+                fan_out: s.fan_out.clone(),
+                shadow_sampler: s.shadow_sampler.clone(),
+                shadow_scorer: s.mailboxes.shadow_scorer.clone(),
+            };
+            db_writer::DbWriter::new(params, s.mailboxes.dlq_publisher.clone())
         };
-        start(p, name, make, |m| &m.buffer)
+        start(s, name, make, |m| &m.db_writer)
     }),
-    entry("backfill", |p, name| start(p, name, backfill::Backfill::new, |m| &m.backfill)),
-    entry("repredictor", |p, name| start(p, name, repredictor::Repredictor::new, |m| &m.repredictor)),
-    entry("csv_loader", |p, name| {
-        let make = |p: Arc<Pipeline>| {
-            let buffer = p.mailboxes.buffer.clone();
-            csv_loader::CsvLoader::new(p, buffer)
+    entry("predict_client", |s, name| {
+        let make =
+            |s: Arc<ActorSystem>| predict_client::PredictClient::new(s.ml.clone(), s.mailboxes.db_writer.clone());
+        start(s, name, make, |m| &m.predict_client)
+    }),
+    entry("buffer", |s, name| {
+        let make = |s: Arc<ActorSystem>| buffer::Buffer::new(&s.config.buffer, s.mailboxes.predict_client.clone());
+        start(s, name, make, |m| &m.buffer)
+    }),
+    entry("backfill", |s, name| {
+        let make = |s: Arc<ActorSystem>| {
+            backfill::Backfill::new(backfill::BackfillParams {
+                predict: s.config.predict.clone(),
+                backfill: s.config.backfill.clone(),
+                pool: s.pool.clone(),
+                ml: s.ml.clone(),
+                fan_out: s.fan_out.clone(),
+                stored_unpredicted: s.stored_unpredicted.clone(),
+                stopping: s.stopping.clone(),
+            })
         };
-        start(p, name, make, |m| &m.csv_loader)
+        start(s, name, make, |m| &m.backfill)
+    }),
+    entry("repredictor", |s, name| {
+        let make = |s: Arc<ActorSystem>| {
+            repredictor::Repredictor::new(repredictor::RepredictorParams {
+                config: s.config.clone(),
+                ml: s.ml.clone(),
+                instance: s.instance.clone(),
+                stopping: s.stopping.clone(),
+            })
+        };
+        start(s, name, make, |m| &m.repredictor)
+    }),
+    entry("csv_loader", |s, name| {
+        let make = |s: Arc<ActorSystem>| {
+            let params = csv_loader::CsvLoaderParams {
+                batch: s.config.batch.clone(),
+                s3: s.config.s3.clone(),
+                capacity: s.capacity.clone(),
+                stopping: s.stopping.clone(),
+                recorder: s.run_recorder(),
+            };
+            csv_loader::CsvLoader::new(params, s.mailboxes.buffer.clone())
+        };
+        start(s, name, make, |m| &m.csv_loader)
     }),
     Entry {
         revive_in_shutdown: false,
-        ..entry("kafka_reader", |p, name| {
-            let make = |p: Arc<Pipeline>| {
-                let (buffer, dlq_publisher) = (p.mailboxes.buffer.clone(), p.mailboxes.dlq_publisher.clone());
-                kafka_reader::KafkaReader::new(p, buffer, dlq_publisher)
+        ..entry("kafka_reader", |s, name| {
+            let make = |s: Arc<ActorSystem>| {
+                let params = kafka_reader::ReaderParams {
+                    kafka: s.config.kafka.clone(),
+                    schema_registry: s.config.schema_registry.clone(),
+                    capacity: s.capacity.clone(),
+                    stopping: s.stopping.clone(),
+                };
+                kafka_reader::KafkaReader::new(params, s.mailboxes.buffer.clone(), s.mailboxes.dlq_publisher.clone())
             };
-            start(p, name, make, |m| &m.kafka_reader)
+            start(s, name, make, |m| &m.kafka_reader)
         })
     },
 ];
 
-const fn entry(name: &'static str, start: fn(&Arc<Pipeline>, &'static str) -> Started) -> Entry {
+const fn entry(name: &'static str, start: fn(&Arc<ActorSystem>, &'static str) -> Started) -> Entry {
     Entry { name, start, revive_in_shutdown: true }
 }
 
@@ -111,9 +168,9 @@ pub struct Running {
 /// `make` (which wires it with its next stages' mailboxes), and points its
 /// own mailbox, `mailbox`, at it.
 fn start<A>(
-    pipeline: &Arc<Pipeline>,
+    system: &Arc<ActorSystem>,
     name: &'static str,
-    make: fn(Arc<Pipeline>) -> A,
+    make: fn(Arc<ActorSystem>) -> A,
     mailbox: fn(&Mailboxes) -> &Mailbox<A>,
 ) -> Started
 where
@@ -126,47 +183,47 @@ where
     // a span in each handler. Runs before the actor starts: an arbiter runs
     // what it is given in order. The guard is never dropped.
     handle.spawn_fn(move || std::mem::forget(tracing::info_span!("actor", actor = name).entered()));
-    let shared = pipeline.clone();
+    let shared = system.clone();
     let addr = Supervisor::start_in_arbiter(&handle, move |_| make(shared));
-    pipeline.threads.lock().expect("threads lock").push(arbiter);
+    system.threads.lock().expect("threads lock").push(arbiter);
     let chaos = addr.clone().recipient();
-    mailbox(&pipeline.mailboxes).point_to(addr);
+    mailbox(&system.mailboxes).point_to(addr);
     Started { chaos, arbiter: handle }
 }
 
 /// Starts every actor (the reader only when `read_kafka`), then the
 /// watchdog that revives them.
-pub fn start_all(pipeline: &Arc<Pipeline>, read_kafka: bool) {
+pub fn start_all(system: &Arc<ActorSystem>, read_kafka: bool) {
     for entry in ACTORS.iter().filter(|entry| read_kafka || entry.name != "kafka_reader") {
         METRICS.actor_restarts.with_label_values(&[entry.name]);
-        let started = (entry.start)(pipeline, entry.name);
-        let mut running = pipeline.running.lock().expect("running lock");
+        let started = (entry.start)(system, entry.name);
+        let mut running = system.running.lock().expect("running lock");
         running.actors.push((entry, started.chaos));
         running.arbiters.push(started.arbiter);
     }
-    let pipeline = pipeline.clone();
+    let system = system.clone();
     actix::spawn(async move {
         let mut ticker = tokio::time::interval(Duration::from_millis(200));
         loop {
             ticker.tick().await;
-            revive_panicked(&pipeline);
+            revive_panicked(&system);
         }
     });
 }
 
 /// Starts again every actor whose mailbox closed: a panic ended its thread.
-fn revive_panicked(pipeline: &Arc<Pipeline>) {
+fn revive_panicked(system: &Arc<ActorSystem>) {
     let ended: Vec<&'static Entry> = {
-        let running = pipeline.running.lock().expect("running lock");
+        let running = system.running.lock().expect("running lock");
         running.actors.iter().filter(|(_, chaos)| !chaos.connected()).map(|(entry, _)| *entry).collect()
     };
     for entry in ended {
-        if !entry.revive_in_shutdown && pipeline.is_shutting_down() {
+        if !entry.revive_in_shutdown && system.stopping.is_set() {
             continue;
         }
-        let started = (entry.start)(pipeline, entry.name);
+        let started = (entry.start)(system, entry.name);
         {
-            let mut running = pipeline.running.lock().expect("running lock");
+            let mut running = system.running.lock().expect("running lock");
             if let Some(slot) = running.actors.iter_mut().find(|(e, _)| e.name == entry.name) {
                 slot.1 = started.chaos;
             }
@@ -184,8 +241,8 @@ pub fn restarted(actor: &'static str, why: &str) {
 }
 
 /// Sends a chaos hook to the actor named `actor`; false when none runs.
-pub fn chaos(pipeline: &Pipeline, actor: &str, chaos: Chaos) -> bool {
-    let running = pipeline.running.lock().expect("running lock");
+pub fn chaos(system: &ActorSystem, actor: &str, chaos: Chaos) -> bool {
+    let running = system.running.lock().expect("running lock");
     match running.actors.iter().find(|(entry, _)| entry.name == actor) {
         Some((_, hook)) => {
             hook.do_send(chaos);
@@ -198,11 +255,11 @@ pub fn chaos(pipeline: &Pipeline, actor: &str, chaos: Chaos) -> bool {
 /// Stops every arbiter (after a graceful shutdown) and waits, at most
 /// `wait`, for their threads to end, so that the actors and the clients
 /// they hold are gone before the process ends.
-pub fn stop_all(pipeline: &Pipeline, wait: Duration) {
-    for arbiter in &pipeline.running.lock().expect("running lock").arbiters {
+pub fn stop_all(system: &ActorSystem, wait: Duration) {
+    for arbiter in &system.running.lock().expect("running lock").arbiters {
         arbiter.stop();
     }
-    let threads = std::mem::take(&mut *pipeline.threads.lock().expect("threads lock"));
+    let threads = std::mem::take(&mut *system.threads.lock().expect("threads lock"));
     let (done, joined) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for thread in threads {

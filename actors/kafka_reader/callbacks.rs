@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ReadOffsets;
-use crate::actors::Pipeline;
+use super::ReaderParams;
 use crate::actors::buffer::Buffer;
 use crate::actors::mailbox::Mailbox;
 use crate::observability::metrics::METRICS;
@@ -18,7 +18,7 @@ pub(super) const REVOKE_WAIT: Duration = Duration::from_secs(10);
 
 /// The consumer's callbacks: rebalances and statistics (consumer lag).
 pub struct ReaderContext {
-    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) params: Arc<ReaderParams>,
     pub(super) offsets: Arc<ReadOffsets>,
     /// For the flush on a revoke.
     pub(super) buffer: Mailbox<Buffer>,
@@ -38,7 +38,7 @@ impl ClientContext for ReaderContext {
     /// The lag of every partition held, from the high watermark and the
     /// committed offset librdkafka knows.
     fn stats(&self, statistics: Statistics) {
-        let topic = &self.pipeline.config.kafka.topic;
+        let topic = &self.params.kafka.topic;
         let Some(stats) = statistics.topics.get(topic) else { return };
         let assigned = self.assigned.lock().expect("assigned lock");
         for partition in assigned.iter() {
@@ -118,7 +118,7 @@ impl ConsumerContext for ReaderContext {
         while self.offsets.awaits_any(&partitions) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let topic = self.pipeline.config.kafka.topic.clone();
+        let topic = self.params.kafka.topic.clone();
         let mut commit = TopicPartitionList::new();
         for (partition, offset) in self.offsets.release(&partitions) {
             let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(offset));
@@ -141,7 +141,7 @@ impl ReaderContext {
     /// first statistics (every 5 s) say more, so an idle partition shows 0
     /// and the metric is never absent for a partition someone holds.
     pub(super) fn hold(&self, tpl: &TopicPartitionList) {
-        let topic = &self.pipeline.config.kafka.topic;
+        let topic = &self.params.kafka.topic;
         let mut assigned = self.assigned.lock().expect("assigned lock");
         for element in tpl.elements() {
             assigned.insert(element.partition());
@@ -152,7 +152,7 @@ impl ReaderContext {
     /// Partitions revoked: this reader no longer exports their lag (their
     /// new owner does).
     pub(super) fn release(&self, tpl: &TopicPartitionList) {
-        let topic = &self.pipeline.config.kafka.topic;
+        let topic = &self.params.kafka.topic;
         let mut assigned = self.assigned.lock().expect("assigned lock");
         for element in tpl.elements() {
             assigned.remove(&element.partition());

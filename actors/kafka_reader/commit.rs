@@ -22,7 +22,7 @@ pub(super) const COMMIT_SPACING: Duration = Duration::from_millis(200);
 pub(super) fn commit(consumer: &Reader, commits: Commits) {
     let context = consumer.context();
     let mode = if matches!(commits, Commits::AllNow) { CommitMode::Sync } else { CommitMode::Async };
-    let topic = &context.pipeline.config.kafka.topic;
+    let topic = &context.params.kafka.topic;
     let mut list = TopicPartitionList::new();
     for (partition, offset) in context.offsets.to_commit(commits, |partition| context.holds(partition)) {
         let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
@@ -30,7 +30,7 @@ pub(super) fn commit(consumer: &Reader, commits: Commits) {
     if list.count() == 0 {
         return;
     }
-    let group = &context.pipeline.config.kafka.group_id;
+    let group = &context.params.kafka.group_id;
     let span = CommitSpan::start(topic, group, list.count(), matches!(mode, CommitMode::Sync));
     let committed = consumer.commit(&list, mode);
     span.end(committed.is_err());

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::ReadOffsets;
-use crate::actors::Pipeline;
+use super::ReaderParams;
 use crate::actors::acknowledgement::Ack;
 use crate::actors::buffer::Buffer;
+use crate::actors::capacity::Reserved;
 use crate::actors::dlq_publisher::DlqPublisher;
 use crate::actors::mailbox::Mailbox;
-use crate::actors::messages::{Capacity, DeadLetter, DeadLetters, Envelope, Ingest, Lineage};
+use crate::actors::messages::{DeadLetter, DeadLetters, Envelope, Ingest, Lineage};
 use crate::domain::dead_letter::{ErrorType, Failure};
 use crate::domain::event::{RecordError, RejectStage};
 use crate::domain::origin::Origin;
@@ -82,11 +83,11 @@ impl<'r> ReadPass<'r> {
 
     pub(super) fn add(
         &mut self,
-        pipeline: &Pipeline,
+        params: &ReaderParams,
         offsets: &Arc<ReadOffsets>,
         message: &OwnedMessage,
         traceparent: Option<String>,
-        permit: Capacity,
+        permit: Reserved,
     ) {
         let origin = Origin::Kafka {
             topic: message.topic().to_string(),
@@ -98,14 +99,14 @@ impl<'r> ReadPass<'r> {
         self.read += 1;
         let payload = message.payload().unwrap_or_default();
         let key = message.key().map(<[u8]>::to_vec);
-        let max_bytes = pipeline.config.kafka.max_record_bytes;
+        let max_bytes = params.kafka.max_record_bytes;
         let decoded = if payload.len() > max_bytes {
             Err(RecordError {
                 stage: RejectStage::Decode,
                 message: format!("record of {} bytes, over kafka.max_record_bytes ({max_bytes})", payload.len()),
             })
         } else {
-            let kafka = &pipeline.config.kafka;
+            let kafka = &params.kafka;
             let lookup = |id| match self.registry {
                 // Fetched before the pass; a schema evicted since reads as
                 // unusable rather than wait here.
@@ -121,7 +122,7 @@ impl<'r> ReadPass<'r> {
             topic: message.topic(),
             partition: message.partition(),
             offset: message.offset(),
-            group: &pipeline.config.kafka.group_id,
+            group: &params.kafka.group_id,
         };
         let rejected = decoded.is_err().then_some(ErrorType::Invalid.as_str());
         let trace = crate::observability::spans::read(message, traceparent, at, self.received, rejected);

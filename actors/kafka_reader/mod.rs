@@ -33,12 +33,13 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Pipeline;
 use super::buffer::Buffer;
+use super::capacity::Capacity;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{CommitNow, StopReading};
-use crate::config::GroupProtocol;
+use super::system::Stopping;
+use crate::config::{GroupProtocol, KafkaConfig, SchemaRegistryConfig};
 use crate::kafka::schema_registry::SchemaRegistry;
 
 mod callbacks;
@@ -56,8 +57,17 @@ use read_loop::read_loop;
 
 type Reader = StreamConsumer<ReaderContext>;
 
+/// What the KafkaReader is built from.
+pub struct ReaderParams {
+    pub kafka: KafkaConfig,
+    pub schema_registry: SchemaRegistryConfig,
+    /// Every record read takes its share; none left pauses reading.
+    pub capacity: Arc<Capacity>,
+    pub stopping: Stopping,
+}
+
 pub struct KafkaReader {
-    pipeline: Arc<Pipeline>,
+    params: Arc<ReaderParams>,
     next: Next,
     consumer: Option<Arc<Reader>>,
     read_loop: Option<SpawnHandle>,
@@ -77,9 +87,9 @@ const RECOMMIT_EVERY: u32 = 10;
 const UNASSIGNED_WARNING: Duration = Duration::from_secs(30);
 
 impl KafkaReader {
-    pub fn new(pipeline: Arc<Pipeline>, buffer: Mailbox<Buffer>, dlq_publisher: Mailbox<DlqPublisher>) -> KafkaReader {
+    pub fn new(params: ReaderParams, buffer: Mailbox<Buffer>, dlq_publisher: Mailbox<DlqPublisher>) -> KafkaReader {
         let next = Next { buffer, dlq_publisher };
-        KafkaReader { pipeline, next, consumer: None, read_loop: None, unassigned: None, ticks: 0 }
+        KafkaReader { params: Arc::new(params), next, consumer: None, read_loop: None, unassigned: None, ticks: 0 }
     }
 
     /// Warns, once a minute, while the reader holds no partition. Normal when
@@ -88,7 +98,7 @@ impl KafkaReader {
     fn watch_assignment(&mut self) {
         let Some(consumer) = &self.consumer else { return };
         let holds_partitions = consumer.assignment().is_ok_and(|tpl| tpl.count() > 0);
-        if holds_partitions || self.pipeline.is_shutting_down() {
+        if holds_partitions || self.params.stopping.is_set() {
             self.unassigned = None;
             return;
         }
@@ -105,7 +115,7 @@ impl KafkaReader {
     }
 
     fn create_consumer(&self, offsets: Arc<ReadOffsets>) -> anyhow::Result<Arc<Reader>> {
-        let kafka = &self.pipeline.config.kafka;
+        let kafka = &self.params.kafka;
         let session_timeout = kafka.session_timeout_ms.to_string();
         let mut defaults = vec![
             ("group.id", kafka.group_id.as_str()),
@@ -129,7 +139,7 @@ impl KafkaReader {
         }
         let consumer: Reader =
             crate::kafka::client_config_with(kafka, &defaults).create_with_context(ReaderContext {
-                pipeline: self.pipeline.clone(),
+                params: self.params.clone(),
                 offsets,
                 buffer: self.next.buffer.clone(),
                 assigned: Default::default(),
@@ -160,7 +170,7 @@ impl Actor for KafkaReader {
                 return;
             }
         };
-        let registry = match SchemaRegistry::new(&self.pipeline.config.schema_registry) {
+        let registry = match SchemaRegistry::new(&self.params.schema_registry) {
             Ok(registry) => registry.map(Arc::new),
             Err(error) => {
                 tracing::error!(%error, "cannot create the schema registry client; retrying");
@@ -170,8 +180,8 @@ impl Actor for KafkaReader {
         };
         self.consumer = Some(consumer.clone());
         ctx.spawn(commit_on_progress(consumer.clone()).into_actor(self));
-        let (pipeline, next) = (self.pipeline.clone(), self.next.clone());
-        let reading = read_loop(pipeline, next, consumer, registry);
+        let (params, next) = (self.params.clone(), self.next.clone());
+        let reading = read_loop(params, next, consumer, registry);
         self.read_loop = Some(ctx.spawn(reading.into_actor(self).map(|result, _, ctx| {
             if let Err(error) = result {
                 tracing::error!(%error, "the read loop failed; restarting the reader");

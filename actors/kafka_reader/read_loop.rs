@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Reader;
+use super::ReaderParams;
 use super::decode::{Next, READ_BATCH, READ_PASS_MAX_BYTES, ReadPass, message_bytes};
-use crate::actors::Pipeline;
-use crate::actors::messages::Capacity;
+use crate::actors::capacity::Reserved;
 use crate::config::ValueFormat;
 use crate::domain::backoff::Backoff;
 use crate::domain::wire_format::{self, Framing};
@@ -20,17 +20,17 @@ use crate::observability::metrics::{self, METRICS, Phase, StageTimer};
 
 /// Reads until stopped or an unrecoverable error.
 pub(super) async fn read_loop(
-    pipeline: Arc<Pipeline>,
+    params: Arc<ReaderParams>,
     next: Next,
     consumer: Arc<Reader>,
     registry: Option<Arc<SchemaRegistry>>,
 ) -> anyhow::Result<()> {
-    let topic = pipeline.config.kafka.topic.clone();
+    let topic = params.kafka.topic.clone();
     let offsets = consumer.context().offsets.clone();
     // Records received while the partitions were paused, read first.
     let mut carried: std::collections::VecDeque<OwnedMessage> = Default::default();
     loop {
-        if pipeline.is_shutting_down() {
+        if params.stopping.is_set() {
             return Ok(());
         }
         let rewinds = offsets.lock().take_rewinds();
@@ -69,7 +69,7 @@ pub(super) async fn read_loop(
             }
         }
         if let Some(registry) = &registry
-            && !fetch_schemas(&pipeline, &consumer, registry, &messages, &mut carried).await?
+            && !fetch_schemas(&params, &consumer, registry, &messages, &mut carried).await?
         {
             return Ok(());
         }
@@ -87,25 +87,25 @@ pub(super) async fn read_loop(
             let bytes = message.payload().map_or(0, <[u8]>::len)
                 + message.key().map_or(0, <[u8]>::len)
                 + traceparent.as_ref().map_or(0, String::len);
-            let permit = match pipeline.try_reserve(bytes) {
+            let permit = match params.capacity.try_reserve(bytes) {
                 Some(permit) => permit,
                 None => {
                     pass.send(&next).await;
                     let waiting = Instant::now();
-                    tracing::debug!(in_flight = pipeline.in_flight(), "capacity full: reading waits");
+                    tracing::debug!(in_flight = params.capacity.in_flight(), "capacity full: reading waits");
                     // What was fetched before the pause goes on after
                     // this record, before anything received meanwhile.
                     carried.extend(messages.by_ref());
-                    let permit = wait_paused(&pipeline, &consumer, bytes, &mut carried).await?;
+                    let permit = wait_paused(&params, &consumer, bytes, &mut carried).await?;
                     pass.waited += waiting.elapsed();
                     // Revoked during the wait: the permit goes back.
                     if consumer.context().holds(message.partition()) {
-                        pass.add(&pipeline, &offsets, &message, traceparent, permit);
+                        pass.add(&params, &offsets, &message, traceparent, permit);
                     }
                     break;
                 }
             };
-            pass.add(&pipeline, &offsets, &message, traceparent, permit);
+            pass.add(&params, &offsets, &message, traceparent, permit);
         }
         pass.send(&next).await;
         pass.observe();
@@ -120,18 +120,22 @@ pub(super) async fn read_loop(
 /// time between polls. A record that still arrives is carried to the
 /// next pass, in order.
 pub(super) async fn wait_paused(
-    pipeline: &Pipeline,
+    params: &ReaderParams,
     consumer: &Reader,
     bytes: usize,
     carried: &mut std::collections::VecDeque<OwnedMessage>,
-) -> anyhow::Result<Capacity> {
-    if let Ok(permit) = tokio::time::timeout(PAUSE_AFTER, pipeline.reserve(bytes)).await {
+) -> anyhow::Result<Reserved> {
+    if let Ok(permit) = tokio::time::timeout(PAUSE_AFTER, params.capacity.reserve(bytes)).await {
         return Ok(permit);
     }
     let paused = consumer.assignment()?;
     consumer.pause(&paused)?;
-    tracing::info!(partitions = paused.count(), in_flight = pipeline.in_flight(), "capacity full: partitions paused");
-    let reserve = pipeline.reserve(bytes);
+    tracing::info!(
+        partitions = paused.count(),
+        in_flight = params.capacity.in_flight(),
+        "capacity full: partitions paused"
+    );
+    let reserve = params.capacity.reserve(bytes);
     tokio::pin!(reserve);
     let permit = loop {
         tokio::select! {
@@ -156,13 +160,13 @@ pub(super) async fn wait_paused(
 /// fetch is tried again with backoff, for as long as it takes. Returns
 /// false when the service stops meanwhile.
 pub(super) async fn fetch_schemas(
-    pipeline: &Pipeline,
+    params: &ReaderParams,
     consumer: &Reader,
     registry: &SchemaRegistry,
     messages: &[OwnedMessage],
     carried: &mut std::collections::VecDeque<OwnedMessage>,
 ) -> anyhow::Result<bool> {
-    if pipeline.config.kafka.value_format == ValueFormat::Json {
+    if params.kafka.value_format == ValueFormat::Json {
         return Ok(true);
     }
     let unknown: std::collections::BTreeSet<u32> = messages
@@ -177,7 +181,7 @@ pub(super) async fn fetch_schemas(
     let mut backoff = Backoff::outage();
     for id in unknown {
         loop {
-            if pipeline.is_shutting_down() {
+            if params.stopping.is_set() {
                 return Ok(false);
             }
             let unavailable = match registry.fetch(id).await {

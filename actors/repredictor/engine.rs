@@ -280,17 +280,15 @@ async fn run_chunks(
                     since.elapsed().as_secs()
                 ));
             }
-            api_backoff
-                .wait(|failures, delay| {
-                    tracing::warn!(
-                        run_id = run.run_id,
-                        waiting = left.len(),
-                        failures,
-                        "the ML API is unavailable; trying the chunk again in {} ms",
-                        delay.as_millis()
-                    )
-                })
-                .await;
+            let (failures, delay) = api_backoff.next_attempt();
+            tracing::warn!(
+                run_id = run.run_id,
+                waiting = left.len(),
+                failures,
+                "the ML API is unavailable; trying the chunk again in {} ms",
+                delay.as_millis()
+            );
+            tokio::time::sleep(delay).await;
             if (context.stop)() {
                 return Ok(Finished::Stopped);
             }
@@ -338,11 +336,9 @@ where
             }
             Err(WriteError::Unavailable(reason)) if since.elapsed() < max_unavailable => {
                 let reason = crate::domain::redaction::short_reason(reason);
-                backoff
-                    .wait(|failures, delay| {
-                        tracing::warn!(failures, error = reason, "cannot {what}; again in {} ms", delay.as_millis())
-                    })
-                    .await;
+                let (failures, delay) = backoff.next_attempt();
+                tracing::warn!(failures, error = reason, "cannot {what}; again in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
                 if stop() {
                     return Ok(None);
                 }

@@ -11,14 +11,16 @@ use actix::{Actor, ActorFutureExt, Context, Handler, Message, ResponseActFuture,
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::actors::Pipeline;
+use crate::actors::system::Stopping;
+use crate::config::Config;
 use crate::db::history::RepredictRun;
 use crate::domain::rollout::Selection;
 use crate::ml::client::MlClient;
 use engine::{Claim, RunContext, StartError};
 
 pub struct Repredictor {
-    pipeline: Arc<Pipeline>,
+    params: RepredictorParams,
+    /// The pipeline's client, or `repredict.url`'s own.
     ml: Arc<MlClient>,
     /// The runs this process runs now.
     running: HashSet<String>,
@@ -28,14 +30,25 @@ pub struct Repredictor {
     claiming: usize,
 }
 
+/// What the Repredictor is built from.
+pub struct RepredictorParams {
+    /// The engine's settings: `repredict`, `predict`, `breaker` and `db`.
+    pub config: Config,
+    /// The pipeline's ML API client, used when `repredict.url` is empty.
+    pub ml: Arc<MlClient>,
+    /// This process, as `repredict_runs` names the one running a run.
+    pub instance: String,
+    pub stopping: Stopping,
+}
+
 impl Repredictor {
-    pub fn new(pipeline: Arc<Pipeline>) -> Repredictor {
-        let ml = if pipeline.config.repredict.url.is_empty() {
-            pipeline.ml.clone()
+    pub fn new(params: RepredictorParams) -> Repredictor {
+        let ml = if params.config.repredict.url.is_empty() {
+            params.ml.clone()
         } else {
-            Arc::new(engine::client(&pipeline.config).expect("repredict.url was checked with the configuration"))
+            Arc::new(engine::client(&params.config).expect("repredict.url was checked with the configuration"))
         };
-        Repredictor { pipeline, ml, running: HashSet::new(), claiming: 0 }
+        Repredictor { params, ml, running: HashSet::new(), claiming: 0 }
     }
 }
 
@@ -68,8 +81,8 @@ impl Handler<StartRepredict> for Repredictor {
     type Result = ResponseActFuture<Self, Result<Started, StartRefused>>;
 
     fn handle(&mut self, start: StartRepredict, _ctx: &mut Context<Self>) -> Self::Result {
-        let max = self.pipeline.config.repredict.max_concurrent_runs;
-        if self.pipeline.is_shutting_down() {
+        let max = self.params.config.repredict.max_concurrent_runs;
+        if self.params.stopping.is_set() {
             return Box::pin(actix::fut::ready(Err(StartRefused::ShuttingDown)));
         }
         if self.running.len() + self.claiming >= max {
@@ -77,7 +90,7 @@ impl Handler<StartRepredict> for Repredictor {
         }
         self.claiming += 1;
         let run_id = start.run_id.unwrap_or_else(engine::new_run_id);
-        let (url, instance) = (self.pipeline.config.db.url.clone(), self.pipeline.instance.clone());
+        let (url, instance) = (self.params.config.db.url.clone(), self.params.instance.clone());
         let claiming = {
             let run_id = run_id.clone();
             async move { engine::claim(&url, &instance, &run_id, start.selection).await }
@@ -88,11 +101,11 @@ impl Handler<StartRepredict> for Repredictor {
                 Claim::Completed(run) => Ok(Started::Completed(Box::new(run))),
                 Claim::Run(claimed) => {
                     actor.running.insert(run_id.clone());
-                    let pipeline = actor.pipeline.clone();
+                    let stopping = actor.params.stopping.clone();
                     let context = RunContext {
                         ml: actor.ml.clone(),
-                        config: pipeline.config.clone(),
-                        stop: Arc::new(move || pipeline.is_shutting_down()),
+                        config: actor.params.config.clone(),
+                        stop: Arc::new(move || stopping.is_set()),
                     };
                     let id = run_id.clone();
                     actix::AsyncContext::spawn(

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actors::Pipeline;
+use crate::actors::ActorSystem;
 use crate::actors::csv_loader::LoadCsv;
 use crate::batch::{InputPolicy, RunStatus};
 use crate::config::Config;
@@ -27,23 +27,23 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
             tracing::warn!(%error, "cannot create the topics; expecting them to exist");
         }
         let ml = ml_client::MlClient::new(&config.predict, breaker::build(&config.breaker))?;
-        let pipeline = Pipeline::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
-        pipeline.start(false);
-        let outcome = load(&pipeline, uri, Some(run_id)).await;
-        pipeline.begin_shutdown();
-        pipeline.stop_arbiters(Duration::from_secs(10));
+        let system = ActorSystem::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
+        system.start(false);
+        let outcome = load(&system, uri, Some(run_id)).await;
+        system.stopping.set();
+        system.stop_arbiters(Duration::from_secs(10));
         outcome
     })
 }
 
-async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
-    let run_id = pipeline.csv_loader().send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
+async fn load(system: &Arc<ActorSystem>, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
+    let run_id = system.csv_loader().send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
     let mut last_progress = Instant::now();
     loop {
-        let report = pipeline.runs.report(&run_id).expect("the run is registered");
+        let report = system.runs.report(&run_id).expect("the run is registered");
         if report.status != RunStatus::Running {
             // The final report into batch_runs before the process ends.
-            crate::actors::csv_loader::record_runs(pipeline.clone()).await;
+            system.run_recorder().record().await;
             println!("{}", report.summary);
             for error_file in &report.error_files {
                 eprintln!("invalid rows: {error_file}");
@@ -63,7 +63,7 @@ async fn load(pipeline: &Arc<Pipeline>, uri: String, run_id: Option<String>) -> 
             );
             last_progress = Instant::now();
         }
-        pipeline.runs.changed(Duration::from_millis(200)).await;
+        system.runs.changed(Duration::from_millis(200)).await;
     }
 }
 

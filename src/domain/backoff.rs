@@ -1,6 +1,7 @@
 //! Waiting between attempts: exponential backoff with full jitter, capped
 //! (the delays of [`crate::domain::retry::backoff_delay`]), counted per
-//! operation. One helper for every retry loop of the service.
+//! operation. One helper for every retry loop of the service; the loop
+//! itself sleeps, so this stays a rule without I/O or a runtime.
 
 use rand::Rng;
 use std::time::Duration;
@@ -36,13 +37,11 @@ impl Backoff {
         backoff_delay(self.failures, self.initial, self.max, rand::rng().random())
     }
 
-    /// Counts a failed attempt and sleeps before the next one; `said` logs
-    /// it first, given the failures so far and the delay.
-    pub async fn wait(&mut self, said: impl FnOnce(u32, Duration)) {
-        self.failures += 1;
-        let delay = backoff_delay(self.failures, self.initial, self.max, rand::rng().random());
-        said(self.failures, delay);
-        tokio::time::sleep(delay).await;
+    /// Counts a failed attempt: the failures so far, and the delay before
+    /// the next attempt (for the caller to log, then sleep).
+    pub fn next_attempt(&mut self) -> (u32, Duration) {
+        let delay = self.next_delay();
+        (self.failures, delay)
     }
 }
 
@@ -50,13 +49,13 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn each_wait_counts_a_failure_and_says_its_capped_delay_first() {
+    #[test]
+    fn each_attempt_counts_a_failure_and_gives_its_capped_delay() {
         let (initial, max) = (Duration::from_millis(1), Duration::from_millis(4));
         let mut backoff = Backoff::new(initial, max);
         let mut said = Vec::new();
         for _ in 0..4 {
-            backoff.wait(|failures, delay| said.push((failures, delay))).await;
+            said.push(backoff.next_attempt());
         }
         assert_eq!(backoff.failures(), 4);
         assert_eq!(said.iter().map(|(failures, _)| *failures).collect::<Vec<_>>(), [1, 2, 3, 4]);

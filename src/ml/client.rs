@@ -405,7 +405,9 @@ impl MlClient {
                     server_error,
                 };
             }
-            backoff.wait(|attempts, delay| tracing::debug!(attempts, ?delay, reason, "retrying the ML API")).await;
+            let (attempts, delay) = backoff.next_attempt();
+            tracing::debug!(attempts, ?delay, reason, "retrying the ML API");
+            tokio::time::sleep(delay).await;
         }
     }
 

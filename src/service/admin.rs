@@ -9,14 +9,14 @@ use rdkafka::producer::Producer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::actors::Pipeline;
+use crate::actors::ActorSystem;
 use crate::actors::csv_loader::LoadCsv;
 use crate::actors::messages::Chaos;
 use crate::batch::BatchError;
 use crate::observability::metrics::METRICS;
 
 struct AdminState {
-    pipeline: Arc<Pipeline>,
+    system: Arc<ActorSystem>,
     chaos_enabled: bool,
 }
 
@@ -60,13 +60,13 @@ async fn health() -> HttpResponse {
 
 /// Ready when the database and the broker both answer.
 async fn ready(state: web::Data<AdminState>) -> HttpResponse {
-    let pool = state.pipeline.pool.clone();
+    let pool = state.system.pool.clone();
     let database = tokio::task::spawn_blocking(move || {
         use diesel::RunQueryDsl;
         let mut connection = pool.get_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
         diesel::sql_query("SELECT 1").execute(&mut connection).map(|_| ()).map_err(|e| e.to_string())
     });
-    let producer = state.pipeline.producer.clone();
+    let producer = state.system.producer.clone();
     let broker = tokio::task::spawn_blocking(move || {
         producer.client().fetch_metadata(None, Duration::from_secs(2)).map(|_| ()).map_err(|e| {
             // librdkafka's own last word says why (a TLS handshake refused, say).
@@ -92,8 +92,8 @@ async fn ready(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
-    METRICS.in_flight.set(state.pipeline.in_flight() as i64);
-    METRICS.in_flight_bytes.set(state.pipeline.in_flight_bytes() as i64);
+    METRICS.in_flight.set(state.system.capacity.in_flight() as i64);
+    METRICS.in_flight_bytes.set(state.system.capacity.in_flight_bytes() as i64);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(METRICS.render())
 }
 
@@ -108,7 +108,7 @@ async fn chaos(path: web::Path<(String, String)>, state: web::Data<AdminState>) 
         "panic" => Chaos::Panic,
         _ => return HttpResponse::NotFound().json(serde_json::json!({"error": format!("unknown chaos {kind:?}")})),
     };
-    let sent = state.pipeline.chaos(&actor, chaos);
+    let sent = state.system.chaos(&actor, chaos);
     if sent {
         HttpResponse::Accepted().json(serde_json::json!({"actor": actor, "chaos": kind}))
     } else {
@@ -129,8 +129,8 @@ struct BatchRequest {
 /// 429 a run beyond `batch.max_concurrent_runs`.
 async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminState>) -> HttpResponse {
     let BatchRequest { uri, run_id } = request.into_inner();
-    let loader = state.pipeline.csv_loader();
-    let policy = crate::batch::InputPolicy::for_http(&state.pipeline.config);
+    let loader = state.system.csv_loader();
+    let policy = crate::batch::InputPolicy::for_http(&state.system.config);
     match loader.send(LoadCsv { uri, run_id, policy }).await {
         Ok(Ok(run_id)) => {
             HttpResponse::Accepted().json(serde_json::json!({"run_id": run_id, "status": format!("/batches/{run_id}")}))
@@ -156,13 +156,13 @@ async fn start_batch(request: web::Json<BatchRequest>, state: web::Data<AdminSta
 /// replica answers for every run, and a run whose process stopped
 /// reporting shows as `interrupted`.
 async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
-    let pipeline = state.pipeline.clone();
-    let local = pipeline.runs.report(&run_id).map(|report| {
+    let system = state.system.clone();
+    let local = system.runs.report(&run_id).map(|report| {
         let mut answer = serde_json::to_value(report).expect("a report serialises");
-        answer["instance"] = pipeline.instance.clone().into();
+        answer["instance"] = system.instance.clone().into();
         answer
     });
-    let pool = pipeline.pool.clone();
+    let pool = system.pool.clone();
     let id = run_id.clone();
     let recorded = web::block(move || {
         let mut connection = pool.get().map_err(|e| e.to_string())?;
@@ -171,12 +171,12 @@ async fn batch_status(run_id: web::Path<String>, state: web::Data<AdminState>) -
     .await
     .unwrap_or_else(|error| Err(error.to_string()));
     let from_table = |row: crate::db::RecordedRun| {
-        let stale_after = pipeline.config.batch.stale_after_ms;
+        let stale_after = system.config.batch.stale_after_ms;
         HttpResponse::Ok().json(crate::batch::recorded_answer(&row.report, &row.instance, row.age_ms, stale_after))
     };
     match (local, recorded) {
         // Another process ran it since: its report is the newer one.
-        (Some(_), Ok(Some(row))) if row.instance != pipeline.instance => from_table(row),
+        (Some(_), Ok(Some(row))) if row.instance != system.instance => from_table(row),
         (Some(answer), _) => HttpResponse::Ok().json(answer),
         (None, Ok(Some(row))) => from_table(row),
         (None, Ok(None)) => {
@@ -223,7 +223,7 @@ async fn start_repredict(request: web::Json<RepredictRequest>, state: web::Data<
         HttpResponse::build(status).json(serde_json::json!({"error": error.to_string()}))
     };
     use actix_web::http::StatusCode;
-    match state.pipeline.repredictor().send(StartRepredict { run_id: request.run_id, selection }).await {
+    match state.system.repredictor().send(StartRepredict { run_id: request.run_id, selection }).await {
         Ok(Ok(Started::Running(run_id))) => HttpResponse::Accepted()
             .json(serde_json::json!({"run_id": run_id, "status": format!("/repredictions/{run_id}")})),
         Ok(Ok(Started::Completed(run))) => HttpResponse::Ok().json(run),
@@ -239,7 +239,7 @@ async fn start_repredict(request: web::Json<RepredictRequest>, state: web::Data<
 /// `GET /repredictions/<run_id>`: the run's record, from any replica;
 /// a run recorded as running that no session holds is `interrupted`.
 async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
-    let pool = state.pipeline.pool.clone();
+    let pool = state.system.pool.clone();
     let id = run_id.into_inner();
     let answer = crate::db::blocking(&pool, move |connection| {
         let Some(run) = crate::db::history::load_run(connection, &id)? else { return Ok(None) };
@@ -268,12 +268,12 @@ async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState
 /// needs `admin.token` (see [`crate::config::AdminConfig::check_exposure`]).
 pub fn start(
     admin: &crate::config::AdminConfig,
-    pipeline: Arc<Pipeline>,
+    system: Arc<ActorSystem>,
     chaos_enabled: bool,
 ) -> anyhow::Result<actix_web::dev::Server> {
     admin.check_exposure()?;
     let listen = admin.listen;
-    let state = web::Data::new(AdminState { pipeline, chaos_enabled });
+    let state = web::Data::new(AdminState { system, chaos_enabled });
     let token = web::Data::new(AdminToken(admin.token.clone()));
     let server = HttpServer::new(move || {
         App::new()

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actors::Pipeline;
+use crate::actors::ActorSystem;
 use crate::config::Config;
 use crate::ml::{breaker, client as ml_client};
 use crate::observability::metrics::METRICS;
@@ -29,12 +29,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(%error, "cannot create the topics; expecting them to exist");
         }
         let ml = ml_client::MlClient::new(&config.predict, breaker::build(&config.breaker))?;
-        let pipeline = Pipeline::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
-        pipeline.start(true);
-        let admin = admin::start(&config.admin, pipeline.clone(), config.chaos.enabled)?;
+        let system = ActorSystem::new(config.clone(), db::pool(&config.db), ml, kafka::producer(&config.kafka)?);
+        system.start(true);
+        let admin = admin::start(&config.admin, system.clone(), config.chaos.enabled)?;
         let admin_handle = admin.handle();
         actix_rt::spawn(admin);
-        let progress = actix_rt::spawn(report_progress(pipeline.clone()));
+        let progress = actix_rt::spawn(report_progress(system.clone()));
         tracing::info!(
             topic = config.kafka.topic,
             group = config.kafka.group_id,
@@ -42,17 +42,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             "txnflow is running"
         );
         wait_for_signal().await;
-        let clean = shutdown(&pipeline, Duration::from_millis(config.shutdown_timeout_ms)).await;
+        let clean = shutdown(&system, Duration::from_millis(config.shutdown_timeout_ms)).await;
         progress.abort();
         admin_handle.stop(true).await;
-        pipeline.stop_arbiters(Duration::from_secs(5));
+        system.stop_arbiters(Duration::from_secs(5));
         let read = METRICS.records.with_label_values(&["kafka", "read"]).get();
         if clean {
             tracing::info!(read, "stopped cleanly: every record read is durable and committed");
         } else {
             tracing::warn!(
                 read,
-                in_flight = pipeline.in_flight(),
+                in_flight = system.capacity.in_flight(),
                 "stopped at the shutdown timeout; uncommitted records will be read again"
             );
         }
@@ -96,7 +96,7 @@ pub(crate) async fn migrate_when_reachable(config: &Config) -> anyhow::Result<()
 
 /// One line every 5 s: records in, written, predicted, dead-lettered,
 /// buffer depth, in flight, breaker state.
-async fn report_progress(pipeline: Arc<Pipeline>) {
+async fn report_progress(system: Arc<ActorSystem>) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     ticker.tick().await;
     loop {
@@ -114,7 +114,7 @@ async fn report_progress(pipeline: Arc<Pipeline>) {
             count("predicted"),
             count("dead_lettered"),
             METRICS.buffer_depth.get(),
-            pipeline.in_flight(),
+            system.capacity.in_flight(),
             breaker::state().as_str()
         );
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actors::Pipeline;
+use crate::actors::ActorSystem;
 use crate::actors::messages::{CommitNow, FlushNow, StopReading};
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C).
@@ -19,18 +19,18 @@ pub async fn wait_for_signal() {
 
 /// Stops reading, flushes, waits for every record in flight, commits.
 /// Returns whether everything read became durable in time.
-pub async fn shutdown(pipeline: &Arc<Pipeline>, timeout: Duration) -> bool {
+pub async fn shutdown(system: &Arc<ActorSystem>, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(500));
-    pipeline.begin_shutdown();
-    if let Some(reader) = pipeline.kafka_reader() {
+    system.stopping.set();
+    if let Some(reader) = system.kafka_reader() {
         let _ = reader.send(StopReading).await;
     }
-    let _ = pipeline.buffer().send(FlushNow).await;
-    while pipeline.in_flight() > 0 && Instant::now() < deadline {
+    let _ = system.buffer().send(FlushNow).await;
+    while system.capacity.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let clean = pipeline.in_flight() == 0;
-    if let Some(reader) = pipeline.kafka_reader() {
+    let clean = system.capacity.in_flight() == 0;
+    if let Some(reader) = system.kafka_reader() {
         let _ = reader.send(CommitNow).await;
     }
     clean

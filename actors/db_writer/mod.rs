@@ -11,7 +11,7 @@
 //! PostgreSQL unreachable: the same write is retried with backoff, and
 //! nothing is acknowledged, so the capacity fills and the sources pause
 //! (guarantee 5). Data the database refuses: the flush is split in halves
-//! until the refused records stand alone; those go to the DLQ as
+//! until the refused records stand alone ([`split`]); those go to the DLQ as
 //! `persist_failed`, and the rest is written. A lone refused record is tried
 //! once more without its prediction: if that is stored, only the prediction
 //! failed (`prediction_failed`). An error that persists while the database
@@ -23,24 +23,42 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
 
-use super::Pipeline;
 use super::acknowledgement::Ack;
+use super::backfill::StoredUnpredicted;
 use super::dlq_publisher::DlqPublisher;
 use super::mailbox::Mailbox;
 use super::messages::{DeadLetter, DeadLetters, Envelope, WriteFlush};
+use super::prediction_fan_out::PredictionFanOut;
+use super::shadow_scorer::{ShadowSampler, ShadowScorer};
 use crate::config::WriteMethod;
-use crate::db::{TransactionRow, WriteError, write_flush};
+use crate::db::{PgPool, WriteError};
 use crate::domain::dead_letter::{ErrorType, Failure, Stage};
 use crate::observability::metrics::{self, METRICS, Phase, StageTimer};
 
+mod split;
+
+use split::{FlushRows, Refusals, SUSPECT_DATA_AFTER, Suspicion, first_of_each_id, write_positions};
+
 pub struct DbWriter {
-    pipeline: Arc<Pipeline>,
+    params: Arc<DbWriterParams>,
     dlq_publisher: Mailbox<DlqPublisher>,
 }
 
+/// What the DbWriter is built from.
+pub struct DbWriterParams {
+    pub pool: PgPool,
+    /// `db.write_method`: how a whole flush is written.
+    pub write_method: WriteMethod,
+    /// Told when rows are stored without their prediction.
+    pub stored_unpredicted: StoredUnpredicted,
+    pub fan_out: PredictionFanOut,
+    pub shadow_sampler: ShadowSampler,
+    pub shadow_scorer: Mailbox<ShadowScorer>,
+}
+
 impl DbWriter {
-    pub fn new(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>) -> DbWriter {
-        DbWriter { pipeline, dlq_publisher }
+    pub fn new(params: DbWriterParams, dlq_publisher: Mailbox<DlqPublisher>) -> DbWriter {
+        DbWriter { params: Arc::new(params), dlq_publisher }
     }
 }
 
@@ -56,118 +74,22 @@ impl Supervised for DbWriter {
     }
 }
 
-/// What a write refused, by position in the flush, with the reason.
-#[derive(Debug, Default)]
-struct Refusals {
-    /// Records the database refused whole: dead-lettered as `persist_failed`.
-    records: Vec<(usize, String)>,
-    /// Records stored without their prediction, which the database refused:
-    /// they count as `prediction_failed`, and the backfill predicts them again.
-    predictions: Vec<(usize, String)>,
-}
-
-/// How much a failing write is trusted to be the database's fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Suspicion {
-    /// An error is the database's (unreachable, busy) unless it says the data is bad.
-    Database,
-    /// The same write kept failing while the database answers: any error
-    /// that persists while `SELECT 1` works is a refusal of the data.
-    Data,
-}
-
-/// Consecutive failures of one write after which it is suspected, not the database.
-const SUSPECT_DATA_AFTER: u32 = 3;
-
-/// Whether the database answers a trivial query on this connection.
-fn answers(connection: &mut diesel::pg::PgConnection) -> bool {
-    use diesel::RunQueryDsl;
-    diesel::sql_query("SELECT 1").execute(connection).is_ok()
-}
-
-/// The refusal reason of a failed write, or the error when the database
-/// itself is the problem (then the whole write is retried later).
-fn refusal(
-    connection: &mut diesel::pg::PgConnection,
-    error: WriteError,
-    suspicion: Suspicion,
-) -> Result<String, WriteError> {
-    match error {
-        WriteError::Refused(reason) => Ok(reason),
-        WriteError::Unavailable(reason) if suspicion == Suspicion::Data && answers(connection) => Ok(reason),
-        unavailable => Err(unavailable),
-    }
-}
-
-/// Writes the records at `positions`, splitting on refused data until each
-/// refused record stands alone; a lone record is tried once more without
-/// its prediction, since a bad prediction must not cost the transaction.
-/// The halves of a split are written with `UNNEST`: `COPY` failed on
-/// their whole already.
-fn write_positions(
-    connection: &mut diesel::pg::PgConnection,
-    flush: &WriteFlush,
-    positions: &[usize],
-    method: WriteMethod,
-    suspicion: Suspicion,
-    refusals: &mut Refusals,
-) -> Result<(), WriteError> {
-    let rows: Vec<TransactionRow<'_>> = positions
-        .iter()
-        .map(|&i| {
-            let record = &flush.records[i];
-            TransactionRow {
-                transaction: &record.transaction,
-                processing_type: record.lineage.processing_type,
-                run_id: record.lineage.run_id.as_deref(),
-                batch_id: record.lineage.batch_id.as_deref(),
-                source: record.ack.origin().to_string(),
-            }
-        })
-        .collect();
-    let predictions: Vec<_> =
-        positions.iter().filter_map(|&i| flush.predictions.get(&flush.records[i].transaction.id).cloned()).collect();
-    let Err(error) = write_flush(connection, &rows, &predictions, method) else { return Ok(()) };
-    let reason = refusal(connection, error, suspicion)?;
-    if positions.len() > 1 {
-        let (left, right) = positions.split_at(positions.len() / 2);
-        write_positions(connection, flush, left, WriteMethod::Unnest, suspicion, refusals)?;
-        return write_positions(connection, flush, right, WriteMethod::Unnest, suspicion, refusals);
-    }
-    if predictions.is_empty() {
-        refusals.records.push((positions[0], reason));
-        return Ok(());
-    }
-    match write_flush(connection, &rows, &[], WriteMethod::Unnest) {
-        Ok(_) => refusals.predictions.push((positions[0], format!("prediction refused by the database: {reason}"))),
-        Err(error) => refusals.records.push((positions[0], refusal(connection, error, suspicion)?)),
-    }
-    Ok(())
-}
-
-/// The position of the first record of each transaction id: a record
-/// delivered twice into one flush (a redelivery) is written once, and its
-/// repeat is settled as its first is (see [`acknowledge`]).
-fn first_of_each_id(records: &[Envelope]) -> Vec<usize> {
-    let mut seen = std::collections::HashSet::with_capacity(records.len());
-    (0..records.len()).filter(|&i| seen.insert(records[i].transaction.id)).collect()
-}
-
 /// Writes a flush; `queued` is when it came to the DbWriter, so that its
 /// wait for a connection (and a blocking thread) is counted apart from the write.
 fn store_flush(
-    pipeline: &Pipeline,
+    params: &DbWriterParams,
     flush: &WriteFlush,
     suspicion: Suspicion,
     queued: Instant,
 ) -> Result<Refusals, WriteError> {
-    let mut connection = pipeline.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
+    let mut connection = params.pool.get().map_err(|e| WriteError::Unavailable(e.to_string()))?;
     metrics::Stage::DbWrite.observe(Phase::Wait, queued.elapsed());
     let _working = StageTimer::start(metrics::Stage::DbWrite, Phase::Work);
     let positions = first_of_each_id(&flush.records);
     let mut refusals = Refusals::default();
-    let method = pipeline.config.db.write_method;
-    write_positions(&mut connection, flush, &positions, method, suspicion, &mut refusals)?;
+    let method = params.write_method;
+    let rows = FlushRows { records: &flush.records, predictions: &flush.predictions };
+    write_positions(&mut *connection, &rows, &positions, method, suspicion, &mut refusals)?;
     Ok(refusals)
 }
 
@@ -176,12 +98,12 @@ fn store_flush(
 /// nothing (guarantee 5); once the same write has failed
 /// [`SUSPECT_DATA_AFTER`] times, errors the database keeps giving while it
 /// answers are taken as refusals of the records, which are isolated.
-async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, mut flush: WriteFlush) {
+async fn persist(params: Arc<DbWriterParams>, dlq_publisher: Mailbox<DlqPublisher>, mut flush: WriteFlush) {
     let mut backoff = crate::domain::backoff::Backoff::outage();
     let refusals = loop {
         let suspicion = if backoff.failures() >= SUSPECT_DATA_AFTER { Suspicion::Data } else { Suspicion::Database };
         let started = Instant::now();
-        let shared = pipeline.clone();
+        let shared = params.clone();
         // The blocking pool's thread is outside the actor's span: take it along.
         let span = tracing::Span::current();
         let write_span = crate::observability::spans::DbWrite::start(&flush.span.context(), flush.records.len());
@@ -190,7 +112,7 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
             (flush, result)
         })
         .await;
-        let state = pipeline.pool.state();
+        let state = params.pool.state();
         METRICS.db_pool_connections.with_label_values(&["idle"]).set(i64::from(state.idle_connections));
         METRICS
             .db_pool_connections
@@ -210,11 +132,9 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
                 METRICS.db_write_duration.with_label_values(&["retry"]).observe(started.elapsed().as_secs_f64());
                 flush = returned;
                 let error = crate::domain::redaction::short_reason(&error);
-                backoff
-                    .wait(|attempt, delay| {
-                        tracing::warn!(attempt, ?delay, error, "write failed; retrying (nothing is acknowledged)")
-                    })
-                    .await;
+                let (attempt, delay) = backoff.next_attempt();
+                tracing::warn!(attempt, ?delay, error, "write failed; retrying (nothing is acknowledged)");
+                tokio::time::sleep(delay).await;
             }
             Err(join_error) => {
                 write_span.end("panicked");
@@ -227,18 +147,14 @@ async fn persist(pipeline: Arc<Pipeline>, dlq_publisher: Mailbox<DlqPublisher>, 
     };
     // Room in the fan-out queue first, holding the records: a predictions
     // topic that is down then pauses the sources instead of piling up sends.
-    let room = if pipeline.config.kafka.predictions_topic.is_empty() {
-        None
-    } else {
-        Some(super::prediction_fan_out::room(&pipeline, flush.predictions.len()).await)
-    };
-    acknowledge(&pipeline, &dlq_publisher, flush, refusals, room);
+    let room = if params.fan_out.is_on() { Some(params.fan_out.room(flush.predictions.len()).await) } else { None };
+    acknowledge(&params, &dlq_publisher, flush, refusals, room);
 }
 
 /// Settles the records written with their prediction, and sends the failed
 /// predictions and the refused records to the DLQ with their handles.
 fn acknowledge(
-    pipeline: &Pipeline,
+    params: &DbWriterParams,
     dlq_publisher: &Mailbox<DlqPublisher>,
     flush: WriteFlush,
     refusals: Refusals,
@@ -258,7 +174,7 @@ fn acknowledge(
             Failure { error_type: ErrorType::PredictionFailed, stage: Stage::Persist, message: reason, attempts },
         );
     }
-    let shadow_slot = super::shadow_scorer::sample(pipeline);
+    let shadow_slot = params.shadow_sampler.sample();
     let mut shadow_items = Vec::new();
     let mut live_categories = std::collections::HashMap::new();
     let mut dead_letters = Vec::new();
@@ -299,7 +215,7 @@ fn acknowledge(
             settled.push(record.ack);
         } else {
             record.ack.stored_unpredicted();
-            pipeline.stored_unpredicted.store(true, std::sync::atomic::Ordering::SeqCst);
+            params.stored_unpredicted.set();
             let failure = failures.get(&id).cloned().unwrap_or(Failure {
                 error_type: ErrorType::PredictionFailed,
                 stage: Stage::Predict,
@@ -322,7 +238,7 @@ fn acknowledge(
     if let Some(slot) = shadow_slot
         && !shadow_items.is_empty()
     {
-        pipeline.mailboxes.shadow_scorer.do_send(super::shadow_scorer::ScoreShadow {
+        params.shadow_scorer.do_send(super::shadow_scorer::ScoreShadow {
             items: shadow_items,
             live: live_categories,
             slot,
@@ -337,7 +253,7 @@ fn acknowledge(
     if let Some(room) = room
         && !predicted_for_fanout.is_empty()
     {
-        super::prediction_fan_out::publish(pipeline, predicted_for_fanout, room);
+        params.fan_out.publish(predicted_for_fanout, room);
     }
 }
 
@@ -358,7 +274,7 @@ impl Handler<WriteFlush> for DbWriter {
     fn handle(&mut self, flush: WriteFlush, ctx: &mut Context<Self>) {
         let span = tracing::info_span!("flush", flush_id = flush.flush_id, trace_id = flush.span.trace_id());
         ctx.spawn(
-            persist(self.pipeline.clone(), self.dlq_publisher.clone(), flush)
+            persist(self.params.clone(), self.dlq_publisher.clone(), flush)
                 .instrument(span)
                 .into_actor(self)
                 .map(|(), _, _| ()),

@@ -1,54 +1,62 @@
-//! What every actor shares: the configuration, the clients, the bounded
-//! capacity, the run registry and the stages' mailboxes.
+//! The actor system: the resources the actors are built from, their
+//! mailboxes, and the supervisor's table of what runs. The supervisor gives
+//! each actor its own parameters from these (see `supervisor::ACTORS`); no
+//! actor holds the system itself.
 
 use actix::Arbiter;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 use crate::batch::RunRegistry;
 use crate::config::Config;
 use crate::db::PgPool;
 use crate::ml::client::MlClient;
 
+use super::capacity::Capacity;
 use super::{
     Mailbox, backfill, buffer, csv_loader, db_writer, dlq_publisher, kafka_reader, messages, predict_client,
-    repredictor, shadow_scorer, supervisor,
+    prediction_fan_out, repredictor, shadow_scorer, supervisor,
 };
 
-/// What every actor shares: configuration, clients, the capacity, the
-/// batch runs and the stages' mailboxes.
-pub struct Pipeline {
+/// The running actors and what they are built from: built once per
+/// process, held by the process and the supervisor.
+pub struct ActorSystem {
     pub config: Config,
     pub pool: PgPool,
     pub ml: Arc<MlClient>,
     pub producer: crate::kafka::Producer,
-    /// Records in memory (`buffer.capacity`).
-    pub capacity: Arc<Semaphore>,
-    /// Bytes those records hold (`buffer.capacity_bytes`).
-    pub capacity_bytes: Arc<Semaphore>,
-    /// Predictions queued for the fan-out topic (`buffer.capacity`).
-    pub fan_out_slots: Arc<Semaphore>,
-    /// The predictions' Avro schema and its registry id, registered on the
-    /// fan-out's first use (`kafka.predictions_format = "avro"`).
-    pub predictions_schema: Arc<tokio::sync::OnceCell<(u32, crate::domain::schema_event::EventSchema)>>,
-    /// Flushes being scored by the shadow model (`predict.shadow_concurrency`).
-    pub shadow_slots: Arc<Semaphore>,
+    /// The records in memory and the bytes they hold.
+    pub capacity: Arc<Capacity>,
     /// Batch runs and the progress of each.
     pub runs: Arc<RunRegistry>,
     /// This process, as the `batch_runs` table names the one running a run:
     /// `host/pid`.
     pub instance: String,
-    shutting_down: AtomicBool,
-    /// Set when a flush stored rows without their prediction: the backfill
-    /// scans for them at its next tick (see `domain::backfill_scan`).
-    pub stored_unpredicted: AtomicBool,
+    pub stopping: Stopping,
+    pub(super) stored_unpredicted: backfill::StoredUnpredicted,
+    pub(super) fan_out: prediction_fan_out::PredictionFanOut,
+    pub(super) shadow_sampler: shadow_scorer::ShadowSampler,
     pub(super) mailboxes: Mailboxes,
     /// The actors running, with their chaos hooks and arbiters.
     pub(super) running: Mutex<supervisor::Running>,
     /// Every arbiter thread started, joined at the end.
     pub(super) threads: Mutex<Vec<Arbiter>>,
+}
+
+/// Set once the process shuts down: sources stop reading, and new runs are
+/// refused.
+#[derive(Clone, Default)]
+pub struct Stopping(Arc<AtomicBool>);
+
+impl Stopping {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// Every stage's mailbox. The supervisor wires each stage with the
@@ -78,26 +86,23 @@ pub fn instance_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-impl Pipeline {
-    pub fn new(config: Config, pool: PgPool, ml: MlClient, producer: crate::kafka::Producer) -> Arc<Pipeline> {
-        let capacity = Arc::new(Semaphore::new(config.buffer.capacity));
-        let capacity_bytes = Arc::new(Semaphore::new(config.buffer.capacity_bytes));
-        let fan_out_slots = Arc::new(Semaphore::new(config.buffer.capacity));
-        let shadow_slots = Arc::new(Semaphore::new(config.predict.shadow_concurrency));
-        Arc::new(Pipeline {
-            fan_out_slots,
-            predictions_schema: Arc::default(),
-            shadow_slots,
+impl ActorSystem {
+    pub fn new(config: Config, pool: PgPool, ml: MlClient, producer: crate::kafka::Producer) -> Arc<ActorSystem> {
+        let capacity = Arc::new(Capacity::new(config.buffer.capacity, config.buffer.capacity_bytes));
+        let fan_out = prediction_fan_out::PredictionFanOut::new(&config, producer.clone());
+        let shadow_sampler = shadow_scorer::ShadowSampler::new(&config.predict);
+        Arc::new(ActorSystem {
+            fan_out,
+            shadow_sampler,
             config,
             pool,
             ml: Arc::new(ml),
             producer,
             capacity,
-            capacity_bytes,
             runs: Arc::default(),
             instance: instance_name(),
-            shutting_down: AtomicBool::new(false),
-            stored_unpredicted: AtomicBool::new(false),
+            stopping: Stopping::default(),
+            stored_unpredicted: Default::default(),
             mailboxes: Mailboxes::default(),
             running: Mutex::default(),
             threads: Mutex::default(),
@@ -126,53 +131,19 @@ impl Pipeline {
         self.mailboxes.repredictor.clone()
     }
 
+    /// What records a batch run's progress in `batch_runs`.
+    pub fn run_recorder(&self) -> csv_loader::RunRecorder {
+        csv_loader::RunRecorder {
+            pool: self.pool.clone(),
+            runs: self.runs.clone(),
+            instance: self.instance.clone(),
+            stale_after_ms: self.config.batch.stale_after_ms,
+        }
+    }
+
     /// Sends a chaos hook to the actor named `actor`; false when none runs.
     pub fn chaos(&self, actor: &str, chaos: messages::Chaos) -> bool {
         supervisor::chaos(self, actor, chaos)
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
-    }
-
-    /// Records read and not yet durable or dropped.
-    pub fn in_flight(&self) -> usize {
-        self.config.buffer.capacity - self.capacity.available_permits()
-    }
-
-    /// The bytes those records hold.
-    pub fn in_flight_bytes(&self) -> usize {
-        self.config.buffer.capacity_bytes - self.capacity_bytes.available_permits()
-    }
-
-    /// A record's share of the capacity, for a record of `bytes`, if both
-    /// bounds have room now.
-    pub fn try_reserve(&self, bytes: usize) -> Option<messages::Capacity> {
-        let record = self.capacity.clone().try_acquire_owned().ok()?;
-        let bytes = self.capacity_bytes.clone().try_acquire_many_owned(self.byte_permits(bytes)).ok()?;
-        Some(messages::Capacity { _record: record, _bytes: bytes })
-    }
-
-    /// The same, waiting until both bounds have room (backpressure).
-    pub async fn reserve(&self, bytes: usize) -> messages::Capacity {
-        let record = self.capacity.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let bytes = self
-            .capacity_bytes
-            .clone()
-            .acquire_many_owned(self.byte_permits(bytes))
-            .await
-            .expect("the semaphore is never closed");
-        messages::Capacity { _record: record, _bytes: bytes }
-    }
-
-    /// A record counts at least one byte, and at most the whole byte bound
-    /// (a larger one still passes, alone).
-    fn byte_permits(&self, bytes: usize) -> u32 {
-        bytes.clamp(1, self.config.buffer.capacity_bytes) as u32
     }
 
     /// Stops every arbiter (after a graceful shutdown) and waits, at most
