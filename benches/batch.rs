@@ -18,6 +18,10 @@
 //!    1,000 rows.
 //!
 //!   cargo bench --bench batch    (BENCH_RUNS=3, BENCH_ROWS=1000000, BENCH_LARGE_ROWS=5000000; 0 skips the large run)
+//!
+//! `BENCH_TXNFLOW_BIN` runs another `txnflow` binary instead of this build's
+//! (one built at another commit by `scripts/build-baseline.sh`), to compare
+//! two builds back to back.
 
 mod common;
 
@@ -27,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use common::{
-    CopyRow, CpuSample, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named, processing_window,
+    CopyRow, CpuSample, TestDatabase, copy_rate, env_or, median, median_and_spread, pids_named, processing_window,
 };
 
 /// Writes `rows` generated transactions as a seed-format CSV file.
@@ -75,6 +79,11 @@ fn load(uri: &str, db: &str, ml_api: &str, run_id: &str) -> Loaded {
     timed_txnflow(&["batch", uri, "--run-id", run_id], db, &env, run_id)
 }
 
+/// This build's `txnflow`, or `BENCH_TXNFLOW_BIN`.
+fn txnflow_binary() -> String {
+    std::env::var("BENCH_TXNFLOW_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_txnflow").to_string())
+}
+
 /// `/usr/bin/time -v txnflow ARGS` on `db`, with `env` beside; its progress
 /// lines (those about a file or a run) pass through.
 fn timed_txnflow(args: &[&str], db: &str, env: &[(&str, String)], run_id: &str) -> Loaded {
@@ -93,7 +102,7 @@ fn timed_txnflow(args: &[&str], db: &str, env: &[(&str, String)], run_id: &str) 
     let mut child = Command::new("/usr/bin/time")
         .args(["-v", "-o"])
         .arg(&report)
-        .arg(env!("CARGO_BIN_EXE_txnflow"))
+        .arg(txnflow_binary())
         .args(args)
         .env("TXNFLOW__DB__URL", db)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -240,7 +249,8 @@ fn measure(
     let megabytes = std::fs::metadata(&path).unwrap().len() as f64 / 1e6;
     println!("batch: uploading {megabytes:.0} MB to S3");
     let uri = runtime.block_on(upload(&path, &format!("bench/{bench_id}/rows-{count}.csv")));
-    let db = fresh_database("batch", true);
+    let database = TestDatabase::migrated();
+    let db = database.url.clone();
     println!("batch: txnflow batch {uri}");
     let run_id = format!("bench-{bench_id}-{count}");
     let loaded = load(&uri, &db, ml_api, &run_id);
@@ -320,6 +330,7 @@ fn main() {
     });
     let models = Models { live: &ml_api, v2: v2.as_deref() };
     let bench_id = uuid::Uuid::new_v4().simple().to_string();
+    println!("txnflow: {}", txnflow_binary());
     let mut measured = Vec::new();
     for run in 1..=runs {
         println!("run {run} of {runs}");

@@ -237,13 +237,7 @@ fn slow_model_run(workers: u32, latency_ms: u64, seconds: u64, adaptive: bool) {
 }
 
 fn request_item(n: u64) -> txnflow::domain::prediction::PredictRequestItem {
-    txnflow::domain::prediction::PredictRequestItem {
-        id: uuid::Uuid::from_u128(u128::from(n) << 64 | 0x4000_8000_0000_0000),
-        description: "Card expense at EDF".into(),
-        amount: -952.4,
-        timestamp: "2023-11-28T06:35:12".into(),
-        merchant: Some("EDF".into()),
-        operation_type: "payment".into(),
-        side: "debit".into(),
-    }
+    txnflow::domain::prediction::PredictRequestItem::example(uuid::Uuid::from_u128(
+        u128::from(n) << 64 | 0x4000_8000_0000_0000,
+    ))
 }

@@ -67,7 +67,7 @@ use txnflow::domain::schema_event::{EventSchema, SchemaFormat, transaction_schem
 use txnflow::kafka::schema_registry::SchemaRegistry;
 
 use common::{
-    CopyRow, CpuSample, WaitSampler, copy_rate, env_or, fresh_database, median, median_and_spread, pids_named,
+    CopyRow, CpuSample, TestDatabase, WaitSampler, copy_rate, env_or, median, median_and_spread, pids_named,
     print_stage_table, processing_window, stage_phases,
 };
 
@@ -320,7 +320,8 @@ async fn throughput(
     if mock.is_none() {
         bare_read(&topic, &ends).await;
     }
-    let db = fresh_database("pipeline", false);
+    let database = TestDatabase::create();
+    let db = database.url.clone();
     let admin_port = 18391;
     let service = start_service(setup, &topic, &db, admin_port, ml_api);
     let mut roles = vec![("txnflow", vec![service.pid()]), ("ml-api", vec![ml_api_pid])];
@@ -516,7 +517,8 @@ async fn latency(
     let topic = format!("bench-latency-{}", uuid::Uuid::new_v4().simple());
     create_topic(&topic, 3, mock).await;
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
-    let db = fresh_database("latency", false);
+    let database = TestDatabase::create();
+    let db = database.url.clone();
     let service = start_service(&Setup::of(THIS_BUILD), &topic, &db, 18392, ml_api);
     // Let the consumer join its group before the clock starts.
     tokio::time::sleep(Duration::from_secs(5)).await;

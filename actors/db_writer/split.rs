@@ -11,27 +11,20 @@ use crate::config::WriteMethod;
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::prediction::Prediction;
 
+/// A write's outcome: done, or why not.
+type Written = Result<(), WriteError>;
+
 /// Where a flush is written: a PostgreSQL connection in the service.
 pub(super) trait FlushStore {
     /// Writes the rows and their predictions in one database transaction.
-    fn write(
-        &mut self,
-        rows: &[TransactionRow<'_>],
-        predictions: &[Prediction],
-        method: WriteMethod,
-    ) -> Result<(), WriteError>;
+    fn write(&mut self, rows: &[TransactionRow<'_>], predictions: &[Prediction], method: WriteMethod) -> Written;
 
     /// Whether the database answers a trivial query.
     fn answers(&mut self) -> bool;
 }
 
 impl FlushStore for diesel::pg::PgConnection {
-    fn write(
-        &mut self,
-        rows: &[TransactionRow<'_>],
-        predictions: &[Prediction],
-        method: WriteMethod,
-    ) -> Result<(), WriteError> {
+    fn write(&mut self, rows: &[TransactionRow<'_>], predictions: &[Prediction], method: WriteMethod) -> Written {
         write_flush(self, rows, predictions, method).map(|_| ())
     }
 
@@ -152,12 +145,7 @@ mod tests {
     }
 
     impl FlushStore for ScriptedStore {
-        fn write(
-            &mut self,
-            rows: &[TransactionRow<'_>],
-            predictions: &[Prediction],
-            method: WriteMethod,
-        ) -> Result<(), WriteError> {
+        fn write(&mut self, rows: &[TransactionRow<'_>], predictions: &[Prediction], method: WriteMethod) -> Written {
             self.methods.push((method, rows.len()));
             if rows.iter().any(|row| row.transaction.description == "stuck") {
                 return Err(WriteError::Unavailable("canceling statement due to statement timeout".into()));

@@ -1,10 +1,10 @@
 //! The reader's offsets in flight: what its records' handles report, and
 //! what a commit may send. The bookkeeping is the pure
-//! [`OffsetTracker`]; this adds the lock and the wake-ups the read loop
+//! [`PartitionOffsets`]; this adds the lock and the wake-ups the read loop
 //! and the commit loop wait on.
 
 use crate::actors::acknowledgement::{Settlement, Tracker};
-use crate::domain::offsets::OffsetTracker;
+use crate::domain::offsets::PartitionOffsets;
 use crate::domain::origin::Origin;
 
 /// One consumer's offsets in flight: the tracker its records' handles
@@ -12,7 +12,7 @@ use crate::domain::origin::Origin;
 /// reports of records read by the old one change nothing.
 #[derive(Default)]
 pub struct ReadOffsets {
-    pub(super) offsets: std::sync::Mutex<OffsetTracker>,
+    pub(super) offsets: std::sync::Mutex<PartitionOffsets>,
     /// Records became durable: a commit may move.
     pub(super) progress: tokio::sync::Notify,
     /// A record was lost: its partition is to be read again.
@@ -22,7 +22,7 @@ pub struct ReadOffsets {
 impl ReadOffsets {
     /// The lock is taken in a handle's drop, during a panic's unwinding
     /// too: a poisoned lock is used as it is, never a second panic.
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, PartitionOffsets> {
         self.offsets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -30,7 +30,7 @@ impl ReadOffsets {
     /// flight is the next owner's to read, so the revoke that closing its
     /// consumer brings waits for none of it and commits nothing more.
     pub(super) fn abandon(&self) {
-        *self.lock() = OffsetTracker::default();
+        *self.lock() = PartitionOffsets::default();
     }
 
     /// What a commit of `kind` sends: `(partition, next offset to read)`

@@ -1,10 +1,11 @@
-//! What the benchmarks share: fresh databases and the `psql \copy` baseline.
+//! What the benchmarks share: fresh databases (the tests' own fixture) and
+//! the `psql \copy` baseline.
 
 #![allow(dead_code)] // each benchmark uses its own part of this module
 
 use diesel::{Connection, RunQueryDsl};
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use txnflow::domain::transaction::{Transaction, format_timestamp};
@@ -15,23 +16,10 @@ pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// A new, empty database; with `migrate`, the schema applied.
-pub fn fresh_database(prefix: &str, migrate: bool) -> String {
-    let name = format!("bench_{prefix}_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = diesel::PgConnection::establish(ADMIN_DB).expect("make up first");
-    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
-    let url = format!("postgres://txnflow:txnflow@127.0.0.1:5432/{name}");
-    if migrate {
-        let status = Command::new(env!("CARGO_BIN_EXE_txnflow"))
-            .arg("migrate")
-            .env("TXNFLOW__DB__URL", &url)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    url
-}
+// Fresh databases are the integration tests' own fixture.
+#[path = "../../tests/support/database.rs"]
+mod database;
+pub use database::TestDatabase;
 
 /// Seconds from the first stored row to the last (`created_at`).
 pub fn processing_window(db: &str) -> f64 {
@@ -60,7 +48,8 @@ pub struct CopyRow {
 /// `psql \copy` of the rows into both tables of a fresh, migrated database:
 /// the database's own bulk-load rate, in rows per second.
 pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
-    let db = fresh_database("copy", true);
+    let database = TestDatabase::migrated();
+    let db = &database.url;
     let dir = std::env::temp_dir();
     let transactions_csv = dir.join(format!("bench-transactions-{}.csv", std::process::id()));
     let predictions_csv = dir.join(format!("bench-predictions-{}.csv", std::process::id()));
@@ -99,7 +88,7 @@ pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
         ("predictions", "transaction_id, category, confidence_score, model_version", &predictions_csv),
     ] {
         let command = format!("\\copy {table} ({columns}) FROM '{}' WITH (FORMAT csv)", file.display());
-        let status = Command::new("psql").arg(&db).args(["-q", "-c", &command]).status().unwrap();
+        let status = Command::new("psql").arg(db).args(["-q", "-c", &command]).status().unwrap();
         assert!(status.success(), "psql \\copy {table}");
     }
     let elapsed = started.elapsed().as_secs_f64();

@@ -164,15 +164,8 @@ async fn ml_api(config: &Config) -> (Result<String, String>, Result<String, Stri
         Ok(response) => Err(format!("/health answers {}", response.status())),
         Err(error) => Err(crate::domain::redaction::short_reason(error)),
     };
-    let sample = PredictRequestItem {
-        id: uuid::Uuid::parse_str("b9fa6684-502b-4695-8f92-247432ba610d").expect("a uuid"),
-        description: "Card expense at EDF".into(),
-        amount: -952.4,
-        timestamp: "2023-11-28T06:35:12".into(),
-        merchant: Some("EDF".into()),
-        operation_type: "payment".into(),
-        side: "debit".into(),
-    };
+    let sample =
+        PredictRequestItem::example(uuid::Uuid::parse_str("b9fa6684-502b-4695-8f92-247432ba610d").expect("a uuid"));
     let prediction = match http.post(format!("{base}/predict")).json(&[&sample]).send().await {
         Ok(response) if response.status().is_success() => match response.bytes().await {
             Ok(body) => {

@@ -37,16 +37,16 @@ impl PartitionState {
 
 /// The in-flight offsets of every assigned partition.
 #[derive(Debug, Clone, Default)]
-pub struct OffsetTracker {
+pub struct PartitionOffsets {
     partitions: BTreeMap<i32, PartitionState>,
     /// The last generation handed out, across partitions, so that one is
     /// never reused (not even after a partition is forgotten and assigned again).
     generations: u64,
 }
 
-impl OffsetTracker {
+impl PartitionOffsets {
     /// A record at `offset` was read and is now in flight. Returns the
-    /// reading's generation, for [`OffsetTracker::lost`].
+    /// reading's generation, for [`PartitionOffsets::lost`].
     pub fn read(&mut self, partition: i32, offset: i64) -> u64 {
         let generations = &mut self.generations;
         let state = self.partitions.entry(partition).or_insert_with(|| {
@@ -97,7 +97,7 @@ impl OffsetTracker {
     }
 
     /// A commit of `offset` failed: it is offered again by the next
-    /// [`OffsetTracker::take_commits`], even if nothing moved since (an
+    /// [`PartitionOffsets::take_commits`], even if nothing moved since (an
     /// idle partition would otherwise never commit its last records).
     pub fn commit_failed(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition)
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_offered_again() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         tracker.read(0, 10);
         tracker.durable(0, 10);
         assert_eq!(tracker.take_commits(), [(0, 11)]);
@@ -196,12 +196,12 @@ mod tests {
 
     #[test]
     fn nothing_read_means_nothing_to_commit() {
-        assert!(OffsetTracker::default().take_commits().is_empty());
+        assert!(PartitionOffsets::default().take_commits().is_empty());
     }
 
     #[test]
     fn the_commit_stops_at_the_first_record_in_flight() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         for offset in 10..15 {
             tracker.read(0, offset);
         }
@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn partitions_are_independent() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         tracker.read(0, 0);
         tracker.read(1, 7);
         tracker.durable(1, 7);
@@ -229,7 +229,7 @@ mod tests {
 
     #[test]
     fn unknown_and_repeated_acks_change_nothing() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         tracker.read(0, 5);
         tracker.durable(0, 99);
         tracker.durable(3, 1);
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_loss_rewinds_its_partition_alone_to_the_first_record_not_durable() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         let generation = tracker.read(0, 0);
         for offset in 1..5 {
             assert_eq!(tracker.read(0, offset), generation, "one reading, one generation");
@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn a_loss_of_a_durable_or_forgotten_record_changes_nothing() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         let generation = tracker.read(0, 0);
         tracker.durable(0, 0);
         tracker.lost(0, 0, generation);
@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_forgotten_partition_is_not_committed() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = PartitionOffsets::default();
         tracker.read(2, 0);
         tracker.forget(2);
         assert!(tracker.take_commits().is_empty());

@@ -24,6 +24,22 @@ pub struct PredictRequestItem {
     pub side: String,
 }
 
+impl PredictRequestItem {
+    /// A valid item, the seed file's first row under `id`: what
+    /// `txnflow check` asks the ML API, and the benchmarks' request.
+    pub fn example(id: Uuid) -> PredictRequestItem {
+        PredictRequestItem {
+            id,
+            description: "Card expense at EDF".into(),
+            amount: -952.4,
+            timestamp: "2023-11-28T06:35:12".into(),
+            merchant: Some("EDF".into()),
+            operation_type: "payment".into(),
+            side: "debit".into(),
+        }
+    }
+}
+
 impl From<&Transaction> for PredictRequestItem {
     fn from(transaction: &Transaction) -> Self {
         PredictRequestItem {

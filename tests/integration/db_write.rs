@@ -9,7 +9,7 @@ use txnflow::domain::amount::Amount;
 use txnflow::domain::prediction::Prediction;
 use txnflow::domain::transaction::{ProcessingType, Side, Transaction};
 
-use crate::helpers::{TestDatabase, query_json, run, txnflow};
+use crate::helpers::{TestDatabase, query_json};
 
 /// Transactions at the edges of what a row holds: amounts of every digit
 /// layout, no merchant, text with quotes, tabs, backslashes and non-ASCII.
@@ -74,18 +74,12 @@ const HISTORY: &str = "SELECT h.model_version, h.kind, count(*)::int AS n,
                        FROM prediction_history h JOIN predictions p USING (transaction_id)
                        GROUP BY 1, 2 ORDER BY 1, 2";
 
-fn migrated() -> TestDatabase {
-    let database = TestDatabase::create();
-    assert!(run(txnflow().arg("migrate").env("TXNFLOW__DB__URL", &database.url)).status.success());
-    database
-}
-
 #[test]
 fn copy_and_unnest_store_the_same_rows() {
     let transactions = edge_transactions(1);
     let mut stored = Vec::new();
     for method in [WriteMethod::Copy, WriteMethod::Unnest] {
-        let database = migrated();
+        let database = TestDatabase::migrated();
         let mut connection = database.connect();
         let stored_by = write_flush(&mut connection, &rows(&transactions), &predictions(&transactions, "v1"), method);
         assert_eq!(stored_by.unwrap(), method, "a new flush is stored by the method asked for");
@@ -121,7 +115,7 @@ fn copy_and_unnest_store_the_same_rows() {
 
 #[test]
 fn a_flush_holding_stored_records_is_written_whole_by_the_fallback() {
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     let first = edge_transactions(2);
     let stored_by =

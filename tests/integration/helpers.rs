@@ -4,7 +4,7 @@
 
 use diesel::pg::PgConnection;
 use diesel::sql_types::Text;
-use diesel::{Connection, QueryableByName, RunQueryDsl};
+use diesel::{QueryableByName, RunQueryDsl};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::net::SocketAddr;
@@ -13,11 +13,6 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use txnflow::config::{Config, KafkaConfig};
-
-/// The stack's administrative database URL (the role may create databases).
-pub fn admin_db_url() -> String {
-    std::env::var("TXNFLOW_TEST_DB_URL").unwrap_or_else(|_| "postgres://txnflow:txnflow@127.0.0.1:5432/txnflow".into())
-}
 
 pub fn brokers() -> String {
     std::env::var("TXNFLOW_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094".into())
@@ -28,42 +23,9 @@ pub fn default_config() -> Config {
     Config::from_layers([], []).expect("defaults are valid")
 }
 
-/// A database of its own, dropped when the test ends.
-pub struct TestDatabase {
-    pub name: String,
-    pub url: String,
-    /// The server's administrative URL, where the database is dropped.
-    admin: String,
-}
-
-impl TestDatabase {
-    pub fn create() -> TestDatabase {
-        TestDatabase::create_on(&admin_db_url())
-    }
-
-    /// A database of its own on the server of `admin_url` (for example a
-    /// private cluster that a test stops and starts).
-    pub fn create_on(admin_url: &str) -> TestDatabase {
-        let name = format!("txnflow_test_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::establish(admin_url).expect("the stack's PostgreSQL answers (make up)");
-        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
-        let url = format!("{}/{name}", &admin_url[..admin_url.rfind('/').unwrap()]);
-        TestDatabase { name, url, admin: admin_url.to_string() }
-    }
-
-    pub fn connect(&self) -> PgConnection {
-        PgConnection::establish(&self.url).unwrap()
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&self.admin) {
-            let _ =
-                diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin);
-        }
-    }
-}
+#[path = "../support/database.rs"]
+mod database;
+pub use database::{TestDatabase, admin_db_url};
 
 #[derive(QueryableByName)]
 struct JsonRow {

@@ -166,12 +166,6 @@ fn seed_transactions(connection: &mut diesel::PgConnection, count: usize) {
         .unwrap();
 }
 
-fn migrated() -> TestDatabase {
-    let database = TestDatabase::create();
-    assert!(run(txnflow().arg("migrate").env("TXNFLOW__DB__URL", &database.url)).status.success());
-    database
-}
-
 /// The id `seed_transactions` gives row `i`.
 fn seeded_id(i: u32) -> String {
     format!("00000000-0000-0000-0000-{i:012}")
@@ -182,7 +176,7 @@ fn seeded_id(i: u32) -> String {
 /// selection is refused.
 #[test]
 fn a_run_selects_by_time_and_model_and_records_each_failure() {
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 100);
     // Every third one is currently v0's.
@@ -235,7 +229,7 @@ fn a_run_selects_by_time_and_model_and_records_each_failure() {
 /// failing at the same chunk on every resume.
 #[test]
 fn a_nul_byte_in_an_error_body_costs_one_record_not_the_run() {
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 1_000);
     let refusing = Faults {
@@ -260,7 +254,7 @@ fn a_nul_byte_in_an_error_body_costs_one_record_not_the_run() {
 /// in repredict_failures.
 #[tokio::test]
 async fn a_runs_split_batches_stay_within_its_share_of_requests() {
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 1_000);
     // "purchase 5" is in the descriptions of 5, 50 to 59 and 500 to 599.
@@ -297,7 +291,7 @@ async fn a_runs_split_batches_stay_within_its_share_of_requests() {
 fn a_backfill_answer_landing_after_a_promotion_leaves_the_promoted_prediction() {
     use diesel::connection::SimpleConnection;
     use txnflow::domain::prediction::Prediction;
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 100);
     let unpredicted = format!("'{}'", seeded_id(10));
@@ -436,7 +430,7 @@ async fn forty_one_model_versions_leave_the_ten_most_recent_named_and_the_rest_u
 #[test]
 fn a_status_read_sees_the_run_lock_without_taking_it() {
     use txnflow::db::history::{lock_run, run_is_held};
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut runner = database.connect();
     let mut reader = database.connect();
     let advisory_locks_of_reader = |reader: &mut diesel::PgConnection| {
@@ -469,7 +463,7 @@ fn a_status_read_sees_the_run_lock_without_taking_it() {
 #[test]
 fn a_runs_selection_is_fixed_at_its_start() {
     use txnflow::db::history::{RunStart, finish_run, next_chunk, start_run};
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 100);
     let v0 = "UPDATE predictions SET model_version = 'v0'
@@ -498,7 +492,7 @@ fn a_runs_selection_is_fixed_at_its_start() {
 /// with exit 1 and a message that says why, and change nothing.
 #[test]
 fn promote_and_archive_run_one_at_a_time() {
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 10);
     let mut holder = database.connect();
@@ -520,7 +514,7 @@ fn promote_and_archive_run_one_at_a_time() {
 #[test]
 fn a_promotion_clears_the_backlog_of_what_it_promotes() {
     use diesel::connection::SimpleConnection;
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 10);
     connection
@@ -548,7 +542,7 @@ fn a_promotion_clears_the_backlog_of_what_it_promotes() {
 #[test]
 fn a_history_row_committing_while_a_promotion_walks_is_promoted() {
     use diesel::connection::SimpleConnection;
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 100);
     let v2 = format!("http://{}", spawn_ml_api(model("v2", 3)));
@@ -603,7 +597,7 @@ fn a_history_row_committing_while_a_promotion_walks_is_promoted() {
 /// counts and no transaction twice in the run's history.
 #[tokio::test]
 async fn a_run_killed_halfway_resumes_on_the_service_with_whole_counts() {
-    let scenario = Scenario::with_database("repredict-kill", migrated()).await;
+    let scenario = Scenario::with_database("repredict-kill", TestDatabase::migrated()).await;
     let mut connection = scenario.db.connect();
     seed_transactions(&mut connection, 50_000);
     // 20 ms per request, 2 requests at once (half of predict.concurrency): about 5 s for the run.
@@ -866,7 +860,7 @@ async fn a_shadow_answering_an_endless_body_costs_the_live_stream_nothing() {
 #[tokio::test]
 async fn a_run_beside_a_300_per_second_stream_leaves_the_stream_whole() {
     // 60 ms per request, 2 at once: the run takes about 15 s, as long as the stream.
-    let scenario = Scenario::with_database("repredict-beside", migrated()).await;
+    let scenario = Scenario::with_database("repredict-beside", TestDatabase::migrated()).await;
     scenario.set_faults(json!({"extended": true, "model_version": "v1"})).await;
     let mut connection = scenario.db.connect();
     seed_transactions(&mut connection, 50_000);
@@ -938,7 +932,7 @@ async fn a_run_beside_a_300_per_second_stream_leaves_the_stream_whole() {
 #[test]
 fn archive_moves_old_history_but_never_a_current_prediction() {
     use diesel::connection::SimpleConnection;
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 100);
     // v1 (current) and v2 (re-predicted) are 40 and 35 days old; v3 is a
@@ -997,7 +991,7 @@ fn archive_moves_old_history_but_never_a_current_prediction() {
 #[test]
 fn promote_applies_each_transactions_latest_across_many_windows_and_resumes() {
     use diesel::connection::SimpleConnection;
-    let database = migrated();
+    let database = TestDatabase::migrated();
     let mut connection = database.connect();
     seed_transactions(&mut connection, 12_000);
     // v3: transaction i at `base + i seconds` (i <= 3,000: all at `base`),
