@@ -135,7 +135,9 @@ up_postgres() {
   read -r version cluster <<<"$(pg_cluster)"
   if ! pg_lsclusters --no-header | awk 'NR==1 {print $4}' | grep -q online; then
     log "starting PostgreSQL $version/$cluster"
-    pg_ctlcluster "$version" "$cluster" start || fail "pg_ctlcluster $version $cluster start; see /var/log/postgresql/postgresql-$version-$cluster.log"
+    # After an unclean stop, PostgreSQL syncs its whole data directory
+    # before it answers, which can take longer than pg_ctl's default 60 s.
+    pg_ctlcluster "$version" "$cluster" start -- -t 600 || fail "pg_ctlcluster $version $cluster start; see /var/log/postgresql/postgresql-$version-$cluster.log"
     echo "$version $cluster" >"$STARTED/postgres"
   fi
   wait_for postgres-server "/var/log/postgresql/postgresql-$version-$cluster.log" runuser -u postgres -- psql -Atc 'select 1'
@@ -151,6 +153,14 @@ END $$;
 SELECT 'CREATE DATABASE txnflow OWNER txnflow' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'txnflow')
 \gexec
 SQL
+  # Databases left by test and benchmark runs that were killed (a run that
+  # ends drops its own), when nothing is connected to them.
+  local left
+  left="$(runuser -u postgres -- psql -Atc "SELECT datname FROM pg_database d WHERE (datname LIKE 'txnflow\_test\_%' OR datname LIKE 'bench\_%') AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)")"
+  if [[ -n "$left" ]]; then
+    log "dropping $(wc -w <<<"$left") databases left by test or benchmark runs that were killed"
+    for db in $left; do runuser -u postgres -- psql -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null; done
+  fi
   wait_for postgres "$LOGS/postgres-setup.log" pg_ready
 }
 
