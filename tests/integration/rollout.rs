@@ -487,6 +487,54 @@ fn a_runs_selection_is_fixed_at_its_start() {
     assert_eq!(query_json(&mut connection, "SELECT count(*)::int AS n FROM repredict_selection"), [json!({"n": 0})]);
 }
 
+/// A chunk starts where the last one ended: late in a run, the chunk query
+/// reads about a chunk of `transactions`, with the plan PostgreSQL picks,
+/// with its generic plan, and with the merge join that once read the table
+/// from its first id on every chunk (so that the run slowed down as it went).
+#[test]
+fn a_late_chunk_reads_about_a_chunk_of_transactions_whatever_the_plan() {
+    use txnflow::db::history::{RunStart, next_chunk_query, start_run};
+    let database = TestDatabase::migrated();
+    let mut connection = database.connect();
+    seed_transactions(&mut connection, 20_000);
+    let selection = txnflow::domain::rollout::Selection { since: None, until: None, from_model: None };
+    let RunStart::New(run) = start_run(&mut connection, "late", &selection, "test").unwrap() else {
+        panic!("a new run")
+    };
+    assert_eq!(run.selected, 20_000);
+    diesel::RunQueryDsl::execute(diesel::sql_query("ANALYZE"), &mut connection).unwrap();
+    let query = next_chunk_query(true);
+    let after = seeded_id(10_000);
+    for (plan, settings) in [
+        ("as chosen", ""),
+        ("generic", "SET plan_cache_mode = force_generic_plan;"),
+        ("merge join", "SET enable_nestloop = off; SET enable_hashjoin = off;"),
+    ] {
+        let sql = format!(
+            "{settings} PREPARE chunk(text, bigint, uuid) AS {query};
+             EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE chunk('late', 500, '{after}')"
+        );
+        let output = std::process::Command::new("psql").args([&database.url, "-Atqc", &sql]).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let explained: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let mut read = 0;
+        rows_read_from(&explained[0]["Plan"], "transactions", &mut read);
+        assert!(read <= 1_000, "{plan}: {read} rows of transactions read for a chunk of 500 at the halfway mark");
+        let returned = explained[0]["Plan"]["Actual Rows"].as_u64().unwrap();
+        assert_eq!(returned, 500, "{plan}");
+    }
+}
+
+/// The rows the plan's nodes on `table` produced, over all their loops.
+fn rows_read_from(node: &Value, table: &str, read: &mut u64) {
+    if node["Relation Name"] == table {
+        *read += node["Actual Rows"].as_u64().unwrap() * node["Actual Loops"].as_u64().unwrap();
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        rows_read_from(child, table, read);
+    }
+}
+
 /// Promote and archive take one lock: while a session holds it (as a
 /// running promotion does), an archive and another promotion are refused
 /// with exit 1 and a message that says why, and change nothing.

@@ -146,17 +146,32 @@ pub fn start_run(
 
 /// The next `limit` transactions of the run's selection (fixed when it
 /// started) after `after`, in id order, leaving out those the run has
-/// already re-predicted or failed. The first chunk has its own query: a
-/// keyset condition that may be NULL would keep the index from bounding
-/// the scan under a generic plan.
+/// already re-predicted or failed.
 pub fn next_chunk(
     connection: &mut PgConnection,
     run: &RepredictRun,
     after: Option<Uuid>,
     limit: usize,
 ) -> Result<Vec<PredictRequestItem>, WriteError> {
-    let after_condition = if after.is_some() { "AND s.transaction_id > $3" } else { "AND $3::uuid IS NULL" };
-    let rows: Vec<ClaimedRow> = diesel::sql_query(format!(
+    let rows: Vec<ClaimedRow> = diesel::sql_query(next_chunk_query(after.is_some()))
+        .bind::<Text, _>(&run.run_id)
+        .bind::<BigInt, _>(limit as i64)
+        .bind::<Nullable<SqlUuid>, _>(after)
+        .load(connection)?;
+    Ok(rows.into_iter().map(ClaimedRow::into_item).collect())
+}
+
+/// The chunk query, with the run id at `$1`, the limit at `$2` and the
+/// last id done at `$3`. Each chunk must start where the last one ended,
+/// so that the thousandth costs what the first did:
+/// - the first chunk has its own query: a keyset condition that may be
+///   NULL would keep the index from bounding the scan under a generic plan;
+/// - the bound is on both sides of the join: PostgreSQL does not carry an
+///   inequality across `t.id = s.transaction_id`, and a merge join would
+///   otherwise read `transactions` from its first id on every chunk.
+pub fn next_chunk_query(after: bool) -> String {
+    let after_condition = if after { "AND s.transaction_id > $3 AND t.id > $3" } else { "AND $3::uuid IS NULL" };
+    format!(
         "SELECT t.id, t.description, t.amount::text AS amount, t.\"timestamp\", t.merchant, t.operation_type, t.side
          FROM repredict_selection s
          JOIN transactions t ON t.id = s.transaction_id
@@ -166,12 +181,7 @@ pub fn next_chunk(
            AND NOT EXISTS (SELECT 1 FROM repredict_failures f WHERE f.run_id = $1 AND f.transaction_id = s.transaction_id)
          ORDER BY s.transaction_id
          LIMIT $2"
-    ))
-    .bind::<Text, _>(&run.run_id)
-    .bind::<BigInt, _>(limit as i64)
-    .bind::<Nullable<SqlUuid>, _>(after)
-    .load(connection)?;
-    Ok(rows.into_iter().map(ClaimedRow::into_item).collect())
+    )
 }
 
 #[derive(diesel::QueryableByName)]
