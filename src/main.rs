@@ -87,6 +87,17 @@ enum ModelsCommand {
     },
     /// Make V's latest prediction current for every transaction V has predicted (no ML API call).
     Promote { version: String },
+    /// Every prediction of one transaction, across versions and the archive, newest first.
+    History {
+        /// The transaction's id: its UUID, or its source id (the seed's `1`, `2`, …).
+        id: String,
+        /// The most predictions shown (at most 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+        /// table (default) or json.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
 }
 
 /// The oldest cut `archive predictions --older-than` takes, in days.
@@ -406,6 +417,9 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
             txnflow::cli::models::compare(&config, &a, &b, format == "csv")
         }
         Command::Models(ModelsCommand::Promote { version }) => txnflow::cli::models::promote(&config, &version),
+        Command::Models(ModelsCommand::History { id, limit, format }) => {
+            txnflow::cli::models::history(&config, &id, limit, format == "json")
+        }
         Command::Archive(ArchiveCommand::Predictions { older_than }) => {
             txnflow::cli::models::archive(&config, older_than)
         }

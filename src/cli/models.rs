@@ -1,4 +1,4 @@
-//! `txnflow models list | compare A B | promote V` and `txnflow archive
+//! `txnflow models list | compare A B | promote V | history ID` and `txnflow archive
 //! predictions`: model rollouts over `prediction_history`, in the database
 //! only (the ML API is never called).
 
@@ -215,5 +215,51 @@ pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
         examined - moved,
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `txnflow models history ID`: every prediction of one transaction,
+/// newest first, with the current one marked.
+pub fn history(config: &Config, id: &str, limit: i64, json: bool) -> anyhow::Result<()> {
+    let transaction_id =
+        crate::domain::identity::lookup_id(id).map_err(|reason| anyhow::anyhow!("models history: {reason}"))?;
+    let mut connection = connect(config)?;
+    let found = history::transaction_predictions(&mut connection, transaction_id, limit).map_err(database)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(());
+    }
+    if !found.stored {
+        anyhow::bail!("models history: no transaction {transaction_id} is stored");
+    }
+    match &found.current {
+        Some(current) => println!(
+            "transaction {transaction_id}: current {} ({:.3}, {}, {})",
+            current.category,
+            current.confidence_score,
+            current.model_version,
+            current.predicted_at.format("%Y-%m-%dT%H:%M:%SZ")
+        ),
+        None => println!("transaction {transaction_id}: no current prediction"),
+    }
+    let width = found.history.iter().map(|p| p.model_version.chars().count()).max().unwrap_or(0).max(13);
+    println!(
+        "{:20}  {:width$}  {:24}  {:>10}  {:9}  archived",
+        "predicted_at", "model_version", "category", "confidence", "kind"
+    );
+    for past in &found.history {
+        println!(
+            "{:20}  {:width$}  {:24}  {:>10.3}  {:9}  {}",
+            past.predicted_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            past.model_version,
+            past.category,
+            past.confidence_score,
+            past.kind,
+            if past.archived { "yes" } else { "no" }
+        );
+    }
+    if found.truncated {
+        println!("(the newest {} shown; --limit shows more, up to {})", found.history.len(), history::MAX_LOOKUP);
+    }
     Ok(())
 }

@@ -264,6 +264,42 @@ async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState
     }
 }
 
+#[derive(serde::Deserialize)]
+struct LookupQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /transactions/<id>/predictions`: every prediction of one
+/// transaction, across versions and the archive, newest first (`?limit=`,
+/// 100 by default, at most 1,000). The id is its UUID or its source id.
+async fn transaction_predictions(
+    id: web::Path<String>,
+    query: web::Query<LookupQuery>,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
+    let transaction_id = match crate::domain::identity::lookup_id(&id) {
+        Ok(transaction_id) => transaction_id,
+        Err(reason) => return HttpResponse::BadRequest().json(serde_json::json!({"error": reason})),
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=crate::db::history::MAX_LOOKUP).contains(&limit) {
+        let error = format!("limit must be between 1 and {}", crate::db::history::MAX_LOOKUP);
+        return HttpResponse::BadRequest().json(serde_json::json!({"error": error}));
+    }
+    let pool = state.system.pool.clone();
+    let found = crate::db::blocking(&pool, move |connection| {
+        crate::db::history::transaction_predictions(connection, transaction_id, limit)
+    })
+    .await;
+    match found {
+        Ok(found) if !found.stored => HttpResponse::NotFound().json(found),
+        Ok(found) => HttpResponse::Ok().json(found),
+        Err(error) => HttpResponse::ServiceUnavailable().json(
+            serde_json::json!({"error": format!("cannot read prediction_history: {}", crate::domain::redaction::short_reason(error))}),
+        ),
+    }
+}
+
 /// Binds and starts the admin server. A listen address beyond loopback
 /// needs `admin.token` (see [`crate::config::AdminConfig::check_exposure`]).
 pub fn start(
@@ -288,6 +324,7 @@ pub fn start(
             .route("/batches/{run_id}", web::get().to(batch_status))
             .route("/repredictions", web::post().to(start_repredict))
             .route("/repredictions/{run_id}", web::get().to(repredict_status))
+            .route("/transactions/{id}/predictions", web::get().to(transaction_predictions))
     })
     .workers(1)
     .disable_signals()

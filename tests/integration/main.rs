@@ -12,6 +12,7 @@ mod deploy;
 mod docs;
 mod faults;
 mod helpers;
+mod history_lookup;
 mod hostile;
 mod migrations;
 mod ml_api;

@@ -1,7 +1,7 @@
 //! Model rollouts in the database, over `prediction_history`: the locks
 //! that keep runs apart, model versions and their comparison, and shadow
 //! rows; re-prediction runs in [`runs`], promotion in [`promote`],
-//! archiving in [`archive`].
+//! archiving in [`archive`], one transaction's predictions in [`lookup`].
 
 use chrono::{DateTime, Utc};
 use diesel::RunQueryDsl;
@@ -14,10 +14,12 @@ use crate::domain::prediction::Prediction;
 use crate::domain::rollout::Confusion;
 
 mod archive;
+mod lookup;
 mod promote;
 mod runs;
 
 pub use archive::*;
+pub use lookup::*;
 pub use promote::*;
 pub use runs::*;
 
