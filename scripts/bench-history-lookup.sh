@@ -19,6 +19,7 @@
 # INSERT_ROWS more rows in flushes of 2,000 from 4 clients, as the
 # DbWriter does, with PostgreSQL's CPU for them.
 set -euo pipefail
+export PGOPTIONS="-c client_min_messages=warning"
 ROWS="${HISTORY_ROWS:-10000000}"
 LOOKUPS="${LOOKUPS:-1000}"
 INSERT_ROWS="${INSERT_ROWS:-1000000}"
@@ -110,7 +111,8 @@ for candidate in brin hash btree; do
   rate=$(awk -v n="$((flushes * 4 * 2000))" -v s="$seconds" 'BEGIN {printf "%.0f", n / s}')
   per_row=$(awk -v c="$cpu" -v n="$((flushes * 4 * 2000))" 'BEGIN {printf "%.1f", c * 1e6 / n}')
   # Back to ROWS rows for the next candidate.
-  psql "$URL" -qc "DELETE FROM prediction_history WHERE model_version = 'v2'; VACUUM prediction_history"
+  psql "$URL" -qc "DELETE FROM prediction_history WHERE model_version = 'v2'"
+  psql "$URL" -qc "VACUUM prediction_history"
   lines+=("| $candidate | $size | $build | $p50 | $p99 | $max | $rate | $per_row |")
 done
 echo

@@ -17,7 +17,7 @@ fn migrate_applies_the_schema_once_and_is_harmless_twice() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         stdout(&first).trim(),
-        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010",
+        "applied migrations: 20261126000001, 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010, 20261205000011",
         "every migration, in order"
     );
     let second = migrate(&database);
@@ -178,10 +178,11 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     assert!(migrate(&database).status.success());
     let mut connection = database.connect();
     let reverted: Vec<String> =
-        (0..9).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
+        (0..10).map(|_| connection.revert_last_migration(txnflow::db::MIGRATIONS).unwrap().to_string()).collect();
     assert_eq!(
         reverted,
         [
+            "20261205000011",
             "20261205000010",
             "20261205000009",
             "20261204000008",
@@ -231,7 +232,7 @@ fn reverting_txnflow_migrations_restores_the_seed_schema() {
     let again = migrate(&database);
     assert_eq!(
         stdout(&again).trim(),
-        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010"
+        "applied migrations: 20261126000002, 20261126000003, 20261201000004, 20261203000005, 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010, 20261205000011"
     );
     let stored = query_json(&mut connection, "SELECT processing_type, run_id FROM transactions");
     assert_eq!(stored, [json!({"processing_type": "streaming", "run_id": null})]);
@@ -265,10 +266,10 @@ fn the_history_migration_keeps_the_seed_answers() {
     };
     // The rollout migrations (000006 on), newest first.
     let rollout_reverted =
-        |connection: &mut diesel::PgConnection| -> [String; 5] { std::array::from_fn(|_| revert(connection)) };
+        |connection: &mut diesel::PgConnection| -> [String; 6] { std::array::from_fn(|_| revert(connection)) };
     assert_eq!(
         rollout_reverted(&mut connection),
-        ["20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
+        ["20261205000011", "20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
     );
     assert_eq!(revert(&mut connection), "20261203000005");
     connection
@@ -289,7 +290,7 @@ fn the_history_migration_keeps_the_seed_answers() {
     let applied = migrate(&database);
     assert_eq!(
         stdout(&applied).trim(),
-        "applied migrations: 20261203000005, 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010"
+        "applied migrations: 20261203000005, 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010, 20261205000011"
     );
     assert_eq!(seed_answers(&mut connection), before, "the same answers after the migrations");
     let history = query_json(
@@ -316,7 +317,7 @@ fn the_history_migration_keeps_the_seed_answers() {
     // before them, after them, and after their revert.
     assert_eq!(
         rollout_reverted(&mut connection),
-        ["20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
+        ["20261205000011", "20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
     );
     connection
         .batch_execute(
@@ -327,12 +328,12 @@ fn the_history_migration_keeps_the_seed_answers() {
     assert_eq!(seed_answers(&mut connection), before, "history rows change none of the seed's answers");
     assert_eq!(
         stdout(&migrate(&database)).trim(),
-        "applied migrations: 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010"
+        "applied migrations: 20261203000006, 20261204000007, 20261204000008, 20261205000009, 20261205000010, 20261205000011"
     );
     assert_eq!(seed_answers(&mut connection), before, "the same answers after the rollout migrations");
     assert_eq!(
         rollout_reverted(&mut connection),
-        ["20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
+        ["20261205000011", "20261205000010", "20261205000009", "20261204000008", "20261204000007", "20261203000006"]
     );
     assert_eq!(seed_answers(&mut connection), before, "and after its revert");
 

@@ -1,0 +1,2 @@
+DROP INDEX IF EXISTS idx_prediction_history_archive_transaction;
+DROP INDEX IF EXISTS idx_prediction_history_transaction;
