@@ -242,18 +242,19 @@ pub fn history(config: &Config, id: &str, limit: i64, json: bool) -> anyhow::Res
         ),
         None => println!("transaction {transaction_id}: no current prediction"),
     }
-    let width = found.history.iter().map(|p| p.model_version.chars().count()).max().unwrap_or(0).max(13);
+    let width = found.history.iter().map(|p| p.prediction.model_version.chars().count()).max().unwrap_or(0).max(13);
     println!(
         "{:20}  {:width$}  {:24}  {:>10}  {:9}  archived",
         "predicted_at", "model_version", "category", "confidence", "kind"
     );
     for past in &found.history {
+        let prediction = &past.prediction;
         println!(
             "{:20}  {:width$}  {:24}  {:>10.3}  {:9}  {}",
-            past.predicted_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            past.model_version,
-            past.category,
-            past.confidence_score,
+            prediction.predicted_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            prediction.model_version,
+            prediction.category,
+            prediction.confidence_score,
             past.kind,
             if past.archived { "yes" } else { "no" }
         );

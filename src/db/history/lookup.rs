@@ -2,9 +2,9 @@
 //! the first question asked of a history.
 
 use chrono::{DateTime, Utc};
-use diesel::RunQueryDsl;
 use diesel::pg::PgConnection;
 use diesel::sql_types::{BigInt, Bool, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::{QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
 use crate::db::WriteError;
@@ -12,9 +12,9 @@ use crate::db::WriteError;
 /// The most predictions one lookup returns (`--limit`, `?limit=`).
 pub const MAX_LOOKUP: i64 = 1_000;
 
-/// One prediction of the transaction, live or archived.
-#[derive(diesel::QueryableByName, Debug, Clone, serde::Serialize)]
-pub struct PastPrediction {
+/// A prediction: what the model said, and when.
+#[derive(QueryableByName, Debug, Clone, serde::Serialize)]
+pub struct Predicted {
     #[diesel(sql_type = Text)]
     pub category: String,
     #[diesel(sql_type = Double)]
@@ -23,6 +23,14 @@ pub struct PastPrediction {
     pub model_version: String,
     #[diesel(sql_type = Timestamptz)]
     pub predicted_at: DateTime<Utc>,
+}
+
+/// One prediction of the transaction in its history, live or archived.
+#[derive(QueryableByName, Debug, Clone, serde::Serialize)]
+pub struct PastPrediction {
+    #[diesel(embed)]
+    #[serde(flatten)]
+    pub prediction: Predicted,
     /// `pipeline`, `backfill`, `repredict`, `shadow` or `migrated`.
     #[diesel(sql_type = Text)]
     pub kind: String,
@@ -33,33 +41,21 @@ pub struct PastPrediction {
     pub archived: bool,
 }
 
-/// The transaction's current prediction (`predictions`).
-#[derive(diesel::QueryableByName, Debug, Clone, serde::Serialize)]
-pub struct CurrentPrediction {
-    #[diesel(sql_type = Text)]
-    pub category: String,
-    #[diesel(sql_type = Double)]
-    pub confidence_score: f64,
-    #[diesel(sql_type = Text)]
-    pub model_version: String,
-    #[diesel(sql_type = Timestamptz)]
-    pub predicted_at: DateTime<Utc>,
-}
-
 /// What is known of one transaction's predictions.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TransactionPredictions {
     pub transaction_id: Uuid,
     /// Whether the transaction is stored at all.
     pub stored: bool,
-    pub current: Option<CurrentPrediction>,
+    /// Its current prediction (`predictions`).
+    pub current: Option<Predicted>,
     /// Newest first, at most the limit asked.
     pub history: Vec<PastPrediction>,
     /// More rows than the limit exist.
     pub truncated: bool,
 }
 
-#[derive(diesel::QueryableByName)]
+#[derive(QueryableByName)]
 struct Stored {
     #[diesel(sql_type = Bool)]
     stored: bool,
@@ -76,7 +72,7 @@ pub fn transaction_predictions(
     let stored: Stored = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM transactions WHERE id = $1) AS stored")
         .bind::<SqlUuid, _>(transaction_id)
         .get_result(connection)?;
-    let current: Option<CurrentPrediction> = diesel::sql_query(
+    let current: Option<Predicted> = diesel::sql_query(
         "SELECT category, confidence_score, model_version, predicted_at FROM predictions WHERE transaction_id = $1",
     )
     .bind::<SqlUuid, _>(transaction_id)
