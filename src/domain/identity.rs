@@ -22,15 +22,15 @@ pub fn canonical_id(source_id: &str) -> Option<Uuid> {
     Some(Uuid::try_parse(trimmed).unwrap_or_else(|_| Uuid::new_v5(&TRANSACTION_NAMESPACE, trimmed.as_bytes())))
 }
 
-/// The longest id a lookup (`models history`,
-/// `GET /transactions/<id>/predictions`) takes, in bytes.
-pub const MAX_LOOKUP_ID_BYTES: usize = 256;
-
-/// The canonical id of an id a user looks up: a UUID as it is, a source id
-/// (the seed's `1`, `2`, …) as the pipeline derives it.
+/// The canonical id of an id a user looks up (`models history`,
+/// `GET /transactions/<id>/predictions`): a UUID as it is, a source id (the
+/// seed's `1`, `2`, …) as the pipeline derives it. An id longer than a
+/// record may carry (`validation::ID_MAX_CHARS`) names no stored transaction.
 pub fn lookup_id(id: &str) -> Result<Uuid, String> {
-    if id.len() > MAX_LOOKUP_ID_BYTES {
-        return Err(format!("transaction id of {} bytes, over {MAX_LOOKUP_ID_BYTES}", id.len()));
+    let max = super::validation::ID_MAX_CHARS;
+    let chars = id.chars().count();
+    if chars > max {
+        return Err(format!("transaction id: longer than {max} characters ({chars})"));
     }
     canonical_id(id).ok_or_else(|| "transaction id is empty".to_string())
 }

@@ -89,7 +89,7 @@ fn models_history_lists_one_transactions_predictions_newest_first_across_the_arc
 
     let output = history(&database, &[&"x".repeat(300)]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("transaction id of 300 bytes, over 256"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("transaction id: longer than 200 characters (300)"), "{}", stderr(&output));
 }
 
 #[tokio::test]
@@ -114,5 +114,5 @@ async fn the_admin_server_answers_one_transactions_predictions() {
     let (status, refused) = get("/transactions/1/predictions?limit=0".into()).await;
     assert_eq!((status, refused), (400, json!({"error": "limit must be between 1 and 1000"})));
     let (status, refused) = get(format!("/transactions/{}/predictions", "x".repeat(300))).await;
-    assert_eq!((status, refused), (400, json!({"error": "transaction id of 300 bytes, over 256"})));
+    assert_eq!((status, refused), (400, json!({"error": "transaction id: longer than 200 characters (300)"})));
 }
