@@ -29,9 +29,11 @@ use diesel::{Connection, RunQueryDsl};
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
+use txnflow::domain::transaction::ProcessingType;
 
 use common::{
-    CopyRow, CpuSample, TestDatabase, copy_rate, env_or, median, median_and_spread, pids_named, processing_window,
+    Ceiling, CopyRow, CpuSample, TestDatabase, copy_rate, env_or, median, median_and_spread, pids_named,
+    processing_window,
 };
 
 /// Writes `rows` generated transactions as a seed-format CSV file.
@@ -185,6 +187,8 @@ struct Measured {
     /// Rows over the whole command's wall time: start, S3 stream and summary.
     wall_rows_per_second: f64,
     copy: Option<f64>,
+    /// The ceiling loader's best rate for the same rows (`common::Ceiling`).
+    ceiling: Option<f64>,
     peak_rss_mb: f64,
     cpu_ms_per_1000: f64,
     /// The share of a core each process used over the wall time, txnflow first.
@@ -277,15 +281,23 @@ fn measure(
         .collect();
     let described: Vec<String> = cores.iter().map(|(role, c)| format!("{role} {:.0}%", 100.0 * c)).collect();
     println!("batch: CPU over the wall time (2 cores = 200%): {}", described.join(", "));
+    let rows: Vec<CopyRow> = if with_copy {
+        transactions(count)
+            .enumerate()
+            .map(|(i, transaction)| CopyRow {
+                transaction,
+                processing_type: ProcessingType::Batch,
+                run_id: run_id.clone(),
+                batch_id: uri.clone(),
+                source: format!("{uri}:{}", i + 2),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let copy = with_copy.then(|| {
         println!("bulk load: psql \\copy of the same rows into both tables");
-        let copy = copy_rate(transactions(count).enumerate().map(|(i, transaction)| CopyRow {
-            transaction,
-            processing_type: "batch",
-            run_id: run_id.clone(),
-            batch_id: uri.clone(),
-            source: format!("{uri}:{}", i + 2),
-        }));
+        let copy = copy_rate(rows.iter());
         println!(
             "bulk load: {copy:.0} rows/s; txnflow batch / copy = {:.2} (first to last row), {:.2} (wall time)",
             rows_per_second / copy,
@@ -293,6 +305,19 @@ fn measure(
         );
         copy
     });
+    let ceiling = with_copy.then(|| {
+        println!(
+            "ceiling: binary COPY of the same rows, predictions and history, pre-encoded, on each connection count"
+        );
+        let ceiling = Ceiling::measure(&rows);
+        println!(
+            "ceiling: {}; txnflow batch / ceiling = {:.2} (first to last row)",
+            ceiling.describe(),
+            rows_per_second / ceiling.rate
+        );
+        ceiling.rate
+    });
+    drop(rows);
     let _ = std::fs::remove_file(&path);
     let repredict = models.v2.filter(|_| with_copy).map(|v2| repredict(&db, v2, count, &format!("{run_id}-v2")));
     let wall_rows_per_second = count as f64 / loaded.wall_seconds;
@@ -300,6 +325,7 @@ fn measure(
         rows_per_second,
         wall_rows_per_second,
         copy,
+        ceiling,
         peak_rss_mb: loaded.peak_rss_mb,
         cpu_ms_per_1000,
         cores,
@@ -341,16 +367,18 @@ fn main() {
     println!();
     println!("summary: median (min–max) of {runs} runs of {rows} rows, release build, this machine");
     println!(
-        "| rows/s (first to last row) | rows/s (wall) | psql \\copy rows/s | batch / copy | batch / copy (wall) | txnflow CPU ms per 1,000 rows | peak RSS MB |"
+        "| rows/s (first to last row) | rows/s (wall) | psql \\copy rows/s | batch / copy | batch / copy (wall) | ceiling rows/s | share of ceiling | txnflow CPU ms per 1,000 rows | peak RSS MB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         median_and_spread(&figures(|m| m.rows_per_second), 0),
         median_and_spread(&figures(|m| m.wall_rows_per_second), 0),
         median_and_spread(&figures(|m| m.copy.unwrap_or(f64::NAN)), 0),
         median_and_spread(&figures(|m| m.rows_per_second / m.copy.unwrap_or(f64::NAN)), 2),
         median_and_spread(&figures(|m| m.wall_rows_per_second / m.copy.unwrap_or(f64::NAN)), 2),
+        median_and_spread(&figures(|m| m.ceiling.unwrap_or(f64::NAN)), 0),
+        median_and_spread(&figures(|m| m.rows_per_second / m.ceiling.unwrap_or(f64::NAN)), 2),
         median_and_spread(&figures(|m| m.cpu_ms_per_1000), 0),
         median_and_spread(&figures(|m| m.peak_rss_mb), 0),
     );

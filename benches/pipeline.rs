@@ -64,10 +64,11 @@ mod common;
 mod otlp_receiver;
 
 use txnflow::domain::schema_event::{EventSchema, SchemaFormat, transaction_schema_text};
+use txnflow::domain::transaction::ProcessingType;
 use txnflow::kafka::schema_registry::SchemaRegistry;
 
 use common::{
-    CopyRow, CpuSample, TestDatabase, WaitSampler, copy_rate, env_or, median, median_and_spread, pids_named,
+    Ceiling, CopyRow, CpuSample, TestDatabase, WaitSampler, copy_rate, env_or, median, median_and_spread, pids_named,
     print_stage_table, processing_window, stage_phases,
 };
 
@@ -244,6 +245,8 @@ async fn scrape(admin_port: u16) -> String {
 struct Throughput {
     rate: f64,
     copy: f64,
+    /// The ceiling loader's best rate for the same rows (`common::Ceiling`).
+    ceiling: f64,
     rss_mb: f64,
     txnflow_cpu_ms_per_1000: f64,
     postgresql_cpu_seconds: f64,
@@ -374,16 +377,27 @@ async fn throughput(
     println!("  txnflow's PostgreSQL backends, sampled every 50 ms: {waits}");
     println!("  where the time went (txnflow_stage_seconds over the {window:.1} s window):");
     print_stage_table(&stage_phases(&metrics), window);
-    let copy = copy_rate(events.iter().enumerate().map(|(offset, (_, value))| CopyRow {
-        transaction: txnflow::domain::event::parse_event(value).unwrap(),
-        processing_type: "streaming",
-        run_id: String::new(),
-        batch_id: String::new(),
-        source: format!("bench/0/{offset}"),
-    }));
+    let rows: Vec<CopyRow> = events
+        .iter()
+        .enumerate()
+        .map(|(offset, (_, value))| CopyRow {
+            transaction: txnflow::domain::event::parse_event(value).unwrap(),
+            processing_type: ProcessingType::Streaming,
+            run_id: String::new(),
+            batch_id: String::new(),
+            source: format!("bench/0/{offset}"),
+        })
+        .collect();
+    let copy = copy_rate(rows.iter());
     println!(
         "  psql \\copy of the same rows: {copy:.0} rows/s; pipeline / copy = {:.2}; txnflow CPU {txnflow_cpu_ms_per_1000:.0} ms per 1,000 records; peak RSS {rss_mb:.1} MB",
         rate / copy
+    );
+    let ceiling = Ceiling::measure(&rows);
+    println!(
+        "  ceiling (binary COPY of the same rows, predictions and history, pre-encoded): {}; pipeline / ceiling = {:.2}",
+        ceiling.describe(),
+        rate / ceiling.rate
     );
     let spans = |outcome: &str| {
         let series = format!("txnflow_trace_spans_total{{outcome=\"{outcome}\"}} ");
@@ -391,7 +405,16 @@ async fn throughput(
     };
     let spans_exported = spans("exported");
     let spans_dropped = spans("dropped_queue_full") + spans("dropped_export_failed");
-    Throughput { rate, copy, rss_mb, txnflow_cpu_ms_per_1000, postgresql_cpu_seconds, spans_exported, spans_dropped }
+    Throughput {
+        rate,
+        copy,
+        ceiling: ceiling.rate,
+        rss_mb,
+        txnflow_cpu_ms_per_1000,
+        postgresql_cpu_seconds,
+        spans_exported,
+        spans_dropped,
+    }
 }
 
 /// The events framed for the registry in `format`, its schema registered
@@ -615,16 +638,20 @@ fn main() {
         }
         println!();
         println!("summary: median (min–max) of {runs} runs of {count} events, release build, this machine");
-        println!("| events | txn/s | psql \\copy rows/s | pipeline / copy | txnflow CPU ms per 1,000 | peak RSS MB |");
-        println!("|---|---|---|---|---|---|");
+        println!(
+            "| events | txn/s | psql \\copy rows/s | pipeline / copy | ceiling rows/s | share of ceiling | txnflow CPU ms per 1,000 | peak RSS MB |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
         for keys in ["keyed", "unkeyed"] {
             let Some(measured) = throughputs.get(keys) else { continue };
             let figures = |f: fn(&Throughput) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
             println!(
-                "| {keys} | {} | {} | {} | {} | {} |",
+                "| {keys} | {} | {} | {} | {} | {} | {} | {} |",
                 median_and_spread(&figures(|t| t.rate), 0),
                 median_and_spread(&figures(|t| t.copy), 0),
                 median_and_spread(&figures(|t| t.rate / t.copy), 2),
+                median_and_spread(&figures(|t| t.ceiling), 0),
+                median_and_spread(&figures(|t| t.rate / t.ceiling), 2),
                 median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
                 median_and_spread(&figures(|t| t.rss_mb), 0),
             );
@@ -653,15 +680,17 @@ fn main() {
             println!();
             println!("memory and rate at large counts, keyed, one run each (target: peak RSS <= 150 MB, flat):");
             println!(
-                "| events | txn/s | psql \\copy rows/s | pipeline / copy | txnflow CPU ms per 1,000 | peak RSS MB |"
+                "| events | txn/s | psql \\copy rows/s | pipeline / copy | ceiling rows/s | share of ceiling | txnflow CPU ms per 1,000 | peak RSS MB |"
             );
-            println!("|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|");
             for (events, t) in &large {
                 println!(
-                    "| {events} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} |",
+                    "| {events} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.1} |",
                     t.rate,
                     t.copy,
                     t.rate / t.copy,
+                    t.ceiling,
+                    t.rate / t.ceiling,
                     t.txnflow_cpu_ms_per_1000,
                     t.rss_mb
                 );

@@ -1,5 +1,5 @@
-//! What the benchmarks share: fresh databases (the tests' own fixture) and
-//! the `psql \copy` baseline.
+//! What the benchmarks share: fresh databases (the tests' own fixture),
+//! the `psql \copy` baseline and the ceiling loader.
 
 #![allow(dead_code)] // each benchmark uses its own part of this module
 
@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use txnflow::domain::transaction::{Transaction, format_timestamp};
+use txnflow::domain::transaction::{ProcessingType, Transaction, format_timestamp};
 
 pub const ADMIN_DB: &str = "postgres://txnflow:txnflow@127.0.0.1:5432/txnflow";
 
@@ -39,7 +39,7 @@ pub fn processing_window(db: &str) -> f64 {
 /// One row as txnflow stores it: the transaction and its lineage.
 pub struct CopyRow {
     pub transaction: Transaction,
-    pub processing_type: &'static str,
+    pub processing_type: ProcessingType,
     pub run_id: String,
     pub batch_id: String,
     pub source: String,
@@ -47,7 +47,7 @@ pub struct CopyRow {
 
 /// `psql \copy` of the rows into both tables of a fresh, migrated database:
 /// the database's own bulk-load rate, in rows per second.
-pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
+pub fn copy_rate<'a>(rows: impl Iterator<Item = &'a CopyRow>) -> f64 {
     let database = TestDatabase::migrated();
     let db = &database.url;
     let dir = std::env::temp_dir();
@@ -67,10 +67,10 @@ pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
             t.merchant.clone().unwrap_or_default(),
             t.operation_type.clone(),
             t.side.as_str().to_string(),
-            row.processing_type.to_string(),
-            row.run_id,
-            row.batch_id,
-            row.source,
+            row.processing_type.as_str().to_string(),
+            row.run_id.clone(),
+            row.batch_id.clone(),
+            row.source.clone(),
         ])
         .unwrap();
         transactions.write_all(&line.into_inner().unwrap()).unwrap();
@@ -95,6 +95,103 @@ pub fn copy_rate(rows: impl Iterator<Item = CopyRow>) -> f64 {
     let _ = std::fs::remove_file(transactions_csv);
     let _ = std::fs::remove_file(predictions_csv);
     count as f64 / elapsed
+}
+
+/// The database's ceiling for a run's rows: the fastest loader we have,
+/// with no broker and no ML API. Each row, its prediction (the reference
+/// category, as in `copy_rate`) and its history row are encoded before the
+/// clock starts into binary `COPY` streams of `CEILING_CHUNK_ROWS` rows,
+/// txnflow's own encoding ([`txnflow::db::EncodedFlush`]); then the chunks
+/// are sent on several connections at once, each chunk in one database
+/// transaction, into the same three tables of a fresh, migrated database,
+/// with the same indexes.
+pub struct Ceiling {
+    /// The best rate, in rows per second.
+    pub rate: f64,
+    /// The connection count that gave it.
+    pub connections: usize,
+    /// Each connection count tried, with its rate.
+    pub tried: Vec<(usize, f64)>,
+}
+
+impl Ceiling {
+    /// Loads the rows once per connection count of `BENCH_CEILING_CONNECTIONS`
+    /// (default 1,2,4) and keeps the fastest.
+    pub fn measure(rows: &[CopyRow]) -> Ceiling {
+        let counts: Vec<usize> = std::env::var("BENCH_CEILING_CONNECTIONS")
+            .unwrap_or_else(|_| "1,2,4".into())
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .filter(|&n| n > 0)
+            .collect();
+        let chunks = encode_chunks(rows);
+        let tried: Vec<(usize, f64)> = counts.iter().map(|&n| (n, ceiling_load(&chunks, rows.len(), n))).collect();
+        let (connections, rate) = tried.iter().copied().fold((0, 0.0), |best, t| if t.1 > best.1 { t } else { best });
+        Ceiling { rate, connections, tried }
+    }
+
+    /// "R rows/s on N connections (1: a, 2: b, …)", for a report line.
+    pub fn describe(&self) -> String {
+        let tried = self.tried.iter().map(|(n, rate)| format!("{n}: {rate:.0}")).collect::<Vec<_>>().join(", ");
+        format!("{:.0} rows/s on {} connections ({tried})", self.rate, self.connections)
+    }
+}
+
+/// Rows per chunk of the ceiling loader: far above a flush, so that each
+/// `COPY` costs little beside its rows.
+const CEILING_CHUNK_ROWS: usize = 10_000;
+
+fn encode_chunks(rows: &[CopyRow]) -> Vec<txnflow::db::EncodedFlush> {
+    use txnflow::domain::prediction::{Prediction, PredictionKind};
+    rows.chunks(CEILING_CHUNK_ROWS)
+        .map(|chunk| {
+            let optional = |text: &str| (!text.is_empty()).then(|| text.to_string());
+            let lineage: Vec<(Option<String>, Option<String>)> =
+                chunk.iter().map(|row| (optional(&row.run_id), optional(&row.batch_id))).collect();
+            let stored: Vec<txnflow::db::TransactionRow<'_>> = chunk
+                .iter()
+                .zip(&lineage)
+                .map(|(row, (run_id, batch_id))| txnflow::db::TransactionRow {
+                    transaction: &row.transaction,
+                    processing_type: row.processing_type,
+                    run_id: run_id.as_deref(),
+                    batch_id: batch_id.as_deref(),
+                    source: row.source.clone(),
+                })
+                .collect();
+            let predictions: Vec<Prediction> = chunk
+                .iter()
+                .map(|row| Prediction {
+                    transaction_id: row.transaction.id,
+                    category: txnflow::domain::categories::reference_category(row.transaction.id).to_string(),
+                    confidence_score: 1.0,
+                    model_version: "v1.0.0".to_string(),
+                })
+                .collect();
+            txnflow::db::EncodedFlush::of(&stored, &predictions, PredictionKind::Pipeline)
+        })
+        .collect()
+}
+
+/// One load of the encoded chunks on `connections` connections, in rows per second.
+fn ceiling_load(chunks: &[txnflow::db::EncodedFlush], rows: usize, connections: usize) -> f64 {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let database = TestDatabase::migrated();
+    let mut opened: Vec<diesel::PgConnection> =
+        (0..connections).map(|_| diesel::PgConnection::establish(&database.url).unwrap()).collect();
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for connection in opened.iter_mut() {
+            let next = &next;
+            scope.spawn(move || {
+                while let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    connection.transaction(|tx| chunk.copy_into(tx)).expect("the ceiling's COPY");
+                }
+            });
+        }
+    });
+    rows as f64 / started.elapsed().as_secs_f64()
 }
 
 /// CPU seconds (user and system) a process has used so far, from

@@ -83,11 +83,7 @@ pub fn write_flush(
 ) -> Result<WriteMethod, WriteError> {
     if method == WriteMethod::Copy
         && connection
-            .transaction::<(), diesel::result::Error, _>(|tx| {
-                copy_transactions(tx, rows)?;
-                copy_predictions(tx, predictions)?;
-                copy_history(tx, predictions, PredictionKind::Pipeline)
-            })
+            .transaction(|tx| EncodedFlush::of(rows, predictions, PredictionKind::Pipeline).copy_into(tx))
             .is_ok()
     {
         return Ok(WriteMethod::Copy);
@@ -99,18 +95,86 @@ pub fn write_flush(
     })
 }
 
+/// A flush as three binary `COPY` streams, one per table, encoded before
+/// any of them is sent. The benchmarks' ceiling loader sends the same
+/// streams with nothing else around them.
+pub struct EncodedFlush {
+    transaction_count: usize,
+    prediction_count: usize,
+    transactions: Vec<u8>,
+    predictions: Vec<u8>,
+    history: Vec<u8>,
+}
+
+impl EncodedFlush {
+    /// The streams of `rows` and of `predictions`, whose history rows are
+    /// of `kind`.
+    pub fn of(
+        rows: &[TransactionRow<'_>],
+        predictions: &[crate::domain::prediction::Prediction],
+        kind: PredictionKind,
+    ) -> EncodedFlush {
+        EncodedFlush {
+            transaction_count: rows.len(),
+            prediction_count: predictions.len(),
+            transactions: transaction_copy(rows),
+            predictions: prediction_copy(predictions, None),
+            history: prediction_copy(predictions, Some(kind)),
+        }
+    }
+
+    /// Sends the three streams on `connection`, in the caller's database
+    /// transaction. Empty tables are skipped.
+    pub fn copy_into(&self, connection: &mut PgConnection) -> diesel::QueryResult<()> {
+        use diesel::pg::CopyFormat;
+        use schema::{prediction_history::dsl as h, predictions::dsl as p, transactions::dsl as t};
+        if self.transaction_count > 0 {
+            let columns = (
+                t::id,
+                t::description,
+                t::amount,
+                t::timestamp,
+                t::merchant,
+                t::operation_type,
+                t::side,
+                t::processing_type,
+                t::run_id,
+                t::batch_id,
+                t::source,
+            );
+            diesel::copy_from(t::transactions)
+                .from_raw_data(columns, |out| write_copy(out, &self.transactions))
+                .with_format(CopyFormat::Binary)
+                .execute(connection)?;
+        }
+        if self.prediction_count > 0 {
+            diesel::copy_from(p::predictions)
+                .from_raw_data((p::transaction_id, p::category, p::confidence_score, p::model_version), |out| {
+                    write_copy(out, &self.predictions)
+                })
+                .with_format(CopyFormat::Binary)
+                .execute(connection)?;
+            // `predicted_at` defaults to `now()`, the transaction's start, as
+            // the `predictions` rows' does: the two rows of one prediction agree.
+            diesel::copy_from(h::prediction_history)
+                .from_raw_data(
+                    (h::transaction_id, h::category, h::confidence_score, h::model_version, h::kind),
+                    |out| write_copy(out, &self.history),
+                )
+                .with_format(CopyFormat::Binary)
+                .execute(connection)?;
+        }
+        Ok(())
+    }
+}
+
 /// Hands a finished binary COPY stream to the connection.
 fn write_copy(out: &mut dyn std::io::Write, bytes: &[u8]) -> diesel::QueryResult<()> {
     out.write_all(bytes).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
 }
 
-/// Binary `COPY` of the rows into `transactions`.
-fn copy_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> diesel::QueryResult<()> {
-    use diesel::pg::CopyFormat;
-    use schema::transactions::dsl as t;
-    if rows.is_empty() {
-        return Ok(());
-    }
+/// The binary `COPY` stream of `transactions`' rows.
+fn transaction_copy(rows: &[TransactionRow<'_>]) -> Vec<u8> {
     let mut copy = BinaryCopy::with_capacity(rows.len(), 256);
     for row in rows {
         let transaction = row.transaction;
@@ -127,68 +191,7 @@ fn copy_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>])
             .optional_text(row.batch_id)
             .text(&row.source);
     }
-    let bytes = copy.finish();
-    let columns = (
-        t::id,
-        t::description,
-        t::amount,
-        t::timestamp,
-        t::merchant,
-        t::operation_type,
-        t::side,
-        t::processing_type,
-        t::run_id,
-        t::batch_id,
-        t::source,
-    );
-    diesel::copy_from(t::transactions)
-        .from_raw_data(columns, |out| write_copy(out, &bytes))
-        .with_format(CopyFormat::Binary)
-        .execute(connection)?;
-    Ok(())
-}
-
-/// Binary `COPY` of the predictions into `predictions`.
-fn copy_predictions(
-    connection: &mut PgConnection,
-    predictions: &[crate::domain::prediction::Prediction],
-) -> diesel::QueryResult<()> {
-    use diesel::pg::CopyFormat;
-    use schema::predictions::dsl as p;
-    if predictions.is_empty() {
-        return Ok(());
-    }
-    let bytes = prediction_copy(predictions, None);
-    diesel::copy_from(p::predictions)
-        .from_raw_data((p::transaction_id, p::category, p::confidence_score, p::model_version), |out| {
-            write_copy(out, &bytes)
-        })
-        .with_format(CopyFormat::Binary)
-        .execute(connection)?;
-    Ok(())
-}
-
-/// Binary `COPY` of the predictions into `prediction_history`. Its
-/// `predicted_at` defaults to `now()`, the transaction's start, as the
-/// `predictions` rows' does: the two rows of one prediction agree.
-fn copy_history(
-    connection: &mut PgConnection,
-    predictions: &[crate::domain::prediction::Prediction],
-    kind: PredictionKind,
-) -> diesel::QueryResult<()> {
-    use diesel::pg::CopyFormat;
-    use schema::prediction_history::dsl as h;
-    if predictions.is_empty() {
-        return Ok(());
-    }
-    let bytes = prediction_copy(predictions, Some(kind));
-    diesel::copy_from(h::prediction_history)
-        .from_raw_data((h::transaction_id, h::category, h::confidence_score, h::model_version, h::kind), |out| {
-            write_copy(out, &bytes)
-        })
-        .with_format(CopyFormat::Binary)
-        .execute(connection)?;
-    Ok(())
+    copy.finish()
 }
 
 /// The binary `COPY` stream of predictions: `transaction_id`, `category`,
