@@ -3,13 +3,14 @@
 //! change only when a version is promoted (`txnflow models promote`).
 //!
 //! A run reads the selected transactions in id order, a chunk at a time,
-//! and asks the ML API through the same [`MlClient`] as the pipeline
+//! reading, predicting and writing three successive chunks at once, and
+//! asks the ML API through the same [`MlClient`] as the pipeline
 //! (batches, retries, breaker, bisection, per-record checks), holding at
 //! most `repredict.max_share` of `predict.concurrency` in requests. Each
 //! chunk's history rows, failures and the run's counts are written in one
-//! database transaction, so a run killed at any point resumes after its
-//! last whole chunk with whole counts. The session that runs a run holds
-//! its advisory lock: one run id never runs twice at once, and a run whose
+//! database transaction, in order, so a run killed at any point resumes
+//! after its last whole chunk with whole counts. The session that writes a
+//! run holds its advisory lock: one run id never runs twice at once, and a run whose
 //! process died is free to resume at once.
 //!
 //! Every selected transaction ends in history or in `repredict_failures`
@@ -56,13 +57,15 @@ pub enum Claim {
     Completed(RepredictRun),
 }
 
-/// The connection of a run, which holds its lock. After the database
-/// dropped it, the next call connects again and takes the lock back; when
-/// another session has taken it meanwhile, the run is that session's.
+/// A connection of a run. The writer's holds the run's lock: after the
+/// database dropped it, the next call connects again and takes the lock
+/// back; when another session has taken it meanwhile, the run is that
+/// session's. The reader's holds no lock: it only reads the selection.
 struct Session {
     url: String,
     run_id: String,
     connection: Option<PgConnection>,
+    locked: bool,
 }
 
 impl Session {
@@ -71,12 +74,12 @@ impl Session {
         T: Send + 'static,
         F: FnOnce(&mut PgConnection) -> Result<T, WriteError> + Send + 'static,
     {
-        let (url, run_id) = (self.url.clone(), self.run_id.clone());
+        let (url, run_id, locked) = (self.url.clone(), self.run_id.clone(), self.locked);
         let connection = self.connection.take();
         let (connection, result) = tokio::task::spawn_blocking(move || {
             let mut connection = match connection {
                 Some(connection) => connection,
-                None => match reconnect(&url, &run_id) {
+                None => match reconnect(&url, &run_id, locked) {
                     Ok(connection) => connection,
                     Err(error) => return (None, Err(error)),
                 },
@@ -93,9 +96,9 @@ impl Session {
     }
 }
 
-fn reconnect(url: &str, run_id: &str) -> Result<PgConnection, WriteError> {
+fn reconnect(url: &str, run_id: &str, locked: bool) -> Result<PgConnection, WriteError> {
     let mut connection = db::connect(url).map_err(|e| WriteError::Unavailable(e.to_string()))?;
-    if !history::lock_run(&mut connection, run_id)? {
+    if locked && !history::lock_run(&mut connection, run_id)? {
         return Err(WriteError::Refused(format!("run {run_id} was taken over by another session")));
     }
     Ok(connection)
@@ -111,7 +114,8 @@ pub async fn claim(db_url: &str, instance: &str, run_id: &str, selection: Select
         if !history::lock_run(&mut connection, &run_id).map_err(database)? {
             return Err(StartError::Running(run_id));
         }
-        let session = |connection| Session { url, run_id: run_id.clone(), connection: Some(connection) };
+        let session =
+            |connection| Session { url, run_id: run_id.clone(), connection: Some(connection), locked: true };
         match history::start_run(&mut connection, &run_id, &selection, &instance).map_err(database)? {
             RunStart::New(run) => Ok(Claim::Run(ClaimedRun { session: session(connection), run, resumed: false })),
             RunStart::Resumed(run) => Ok(Claim::Run(ClaimedRun { session: session(connection), run, resumed: true })),
@@ -204,6 +208,7 @@ pub async fn execute(claimed: ClaimedRun, context: RunContext) -> RunEnd {
     RunEnd { run, seconds: started.elapsed().as_secs_f64() }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Finished {
     Completed,
     Stopped,
@@ -215,7 +220,25 @@ async fn finish(session: &mut Session, run: &mut RepredictRun, error: Option<Str
     Ok(())
 }
 
-/// The chunks, one after another; Err is why the run failed.
+/// One write of the run, in the order the chunks were read: a chunk's
+/// predictions and failures, and `done_through`, its last id, once the
+/// whole chunk is answered.
+struct ChunkWrite {
+    predictions: Vec<Prediction>,
+    failures: Vec<(uuid::Uuid, String)>,
+    done_through: Option<uuid::Uuid>,
+}
+
+/// The chunks, in three stages that overlap: the reader selects chunk
+/// k + 2 while the ML API answers chunk k + 1 and the writer stores chunk
+/// k. Each queue between them holds one chunk, so a run holds at most
+/// five chunks in memory. One chunk is at the API at a time, so the run's
+/// share of `predict.concurrency` stays what `repredict.max_share` allows,
+/// and the writer stores the chunks in order, so the resume point is
+/// always the end of a chunk that is whole in the database.
+///
+/// Err is why the run failed; the writer's reason comes first, then the
+/// reader's, then the API stage's.
 async fn run_chunks(
     session: &mut Session,
     run: &mut RepredictRun,
@@ -223,26 +246,81 @@ async fn run_chunks(
     started: Instant,
     remaining: &mut i64,
 ) -> Result<Finished, String> {
+    let (chunk_sender, chunks) = tokio::sync::mpsc::channel(1);
+    let (write_sender, writes) = tokio::sync::mpsc::channel(1);
+    let reader = Session { url: session.url.clone(), run_id: run.run_id.clone(), connection: None, locked: false };
+    let read = read_chunks(reader, run.clone(), run.resume_after, context, chunk_sender);
+    let run_id = run.run_id.clone();
+    let predict = predict_chunks(&run_id, context, chunks, write_sender);
+    let write = write_chunks(session, run, context, started, remaining, writes);
+    let (read, predict, write) = tokio::join!(read, predict, write);
+    let ends = [write, read, predict];
+    if let Some(reason) = ends.iter().find_map(|end| match end {
+        Err(Ended::Failed(reason)) => Some(reason.clone()),
+        _ => None,
+    }) {
+        return Err(reason);
+    }
+    Ok(if ends.iter().all(Result::is_ok) { Finished::Completed } else { Finished::Stopped })
+}
+
+/// Why a stage ended before the run was whole.
+enum Ended {
+    /// Stopped, or its neighbour ended: the run stays resumable.
+    Stopped,
+    Failed(String),
+}
+
+impl Ended {
+    fn from_retry<T>(result: Result<Option<T>, String>) -> Result<T, Ended> {
+        match result {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => Err(Ended::Stopped),
+            Err(reason) => Err(Ended::Failed(reason)),
+        }
+    }
+}
+
+/// The reader: each chunk of the selection after `after`, in id order,
+/// until none is left (Ok) or the run stops.
+async fn read_chunks(
+    mut session: Session,
+    snapshot: RepredictRun,
+    mut after: Option<uuid::Uuid>,
+    context: &RunContext,
+    chunks: tokio::sync::mpsc::Sender<Vec<PredictRequestItem>>,
+) -> Result<(), Ended> {
     let settings = &context.config.repredict;
-    let max_unavailable = Duration::from_millis(settings.max_unavailable_ms);
-    let mut last_progress = Instant::now();
-    let mut resume_after = run.resume_after;
+    let (max_unavailable, limit) = (Duration::from_millis(settings.max_unavailable_ms), settings.chunk_size);
+    let snapshot = Arc::new(snapshot);
     loop {
         if (context.stop)() {
-            return Ok(Finished::Stopped);
+            return Err(Ended::Stopped);
         }
-        let (snapshot, limit) = (run.clone(), settings.chunk_size);
-        let items = match retry(session, &*context.stop, max_unavailable, "read the next chunk", move |c| {
-            history::next_chunk(c, &snapshot, resume_after, limit)
-        })
-        .await?
-        {
-            Some(items) => items,
-            None => return Ok(Finished::Stopped),
-        };
+        let run = snapshot.clone();
+        let read = move |c: &mut PgConnection| history::next_chunk(c, &run, after, limit);
+        let items =
+            Ended::from_retry(retry(&mut session, &*context.stop, max_unavailable, "read the next chunk", read).await)?;
         let Some(last) = items.last().map(|item| item.id) else {
-            return Ok(Finished::Completed);
+            return Ok(());
         };
+        after = Some(last);
+        chunks.send(items).await.map_err(|_| Ended::Stopped)?;
+    }
+}
+
+/// The API stage: each chunk asked of the ML API, within the run's
+/// share. While the API answers nobody, what it did answer is written and
+/// the rest is asked again, for at most `repredict.max_unavailable_ms`.
+async fn predict_chunks(
+    run_id: &str,
+    context: &RunContext,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<PredictRequestItem>>,
+    writes: tokio::sync::mpsc::Sender<ChunkWrite>,
+) -> Result<(), Ended> {
+    let max_unavailable = Duration::from_millis(context.config.repredict.max_unavailable_ms);
+    while let Some(items) = chunks.recv().await {
+        let last = items.last().map(|item| item.id);
         let mut pending = items;
         let mut unavailable_since: Option<Instant> = None;
         let mut api_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -251,38 +329,23 @@ async fn run_chunks(
             let predicted = context.ml.predict_at_most(pending.clone(), "repredict", requests).await;
             let (left, predictions, failures) = split(&pending, predicted);
             let whole = left.is_empty();
-            let run_id = run.run_id.clone();
-            let write = write_or_isolate(run_id, predictions, failures, whole.then_some(last));
-            let (stored, failed) = match retry(session, &*context.stop, max_unavailable, "write a chunk", write).await?
-            {
-                Some(counts) => counts,
-                None => return Ok(Finished::Stopped),
-            };
-            run.predicted += stored.len() as i64;
-            run.failed += failed as i64;
-            if let Some(version) = stored.last().map(|p| p.model_version.clone()) {
-                run.model_version = Some(version);
-            }
-            METRICS.count_predictions(stored.iter().map(|p| p.model_version.as_str()), "repredict");
-            let done = (stored.len() as u64 + failed) as i64;
-            let settled = done.min(*remaining);
-            METRICS.repredict_backlog.sub(settled);
-            *remaining -= settled;
+            let write = ChunkWrite { predictions, failures, done_through: if whole { last } else { None } };
+            writes.send(write).await.map_err(|_| Ended::Stopped)?;
             if whole {
                 break;
             }
             // The API answered none of these: wait for it, within bounds.
             let since = *unavailable_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= max_unavailable {
-                return Err(format!(
+                return Err(Ended::Failed(format!(
                     "the ML API answered none of {} transactions for {} s (repredict.max_unavailable_ms)",
                     left.len(),
                     since.elapsed().as_secs()
-                ));
+                )));
             }
             let (failures, delay) = api_backoff.next_attempt();
             tracing::warn!(
-                run_id = run.run_id,
+                run_id,
                 waiting = left.len(),
                 failures,
                 "the ML API is unavailable; trying the chunk again in {} ms",
@@ -290,12 +353,47 @@ async fn run_chunks(
             );
             tokio::time::sleep(delay).await;
             if (context.stop)() {
-                return Ok(Finished::Stopped);
+                return Err(Ended::Stopped);
             }
             pending = left;
         }
-        resume_after = Some(last);
-        run.resume_after = resume_after;
+        if (context.stop)() {
+            return Err(Ended::Stopped);
+        }
+    }
+    Ok(())
+}
+
+/// The writer: each write in one database transaction on the session
+/// that holds the run's lock, in order, with the run's counts and resume
+/// point; a progress line every 5 s.
+async fn write_chunks(
+    session: &mut Session,
+    run: &mut RepredictRun,
+    context: &RunContext,
+    started: Instant,
+    remaining: &mut i64,
+    mut writes: tokio::sync::mpsc::Receiver<ChunkWrite>,
+) -> Result<(), Ended> {
+    let max_unavailable = Duration::from_millis(context.config.repredict.max_unavailable_ms);
+    let mut last_progress = Instant::now();
+    while let Some(ChunkWrite { predictions, failures, done_through }) = writes.recv().await {
+        let write = write_or_isolate(run.run_id.clone(), predictions, failures, done_through);
+        let (stored, failed) =
+            Ended::from_retry(retry(session, &*context.stop, max_unavailable, "write a chunk", write).await)?;
+        run.predicted += stored.len() as i64;
+        run.failed += failed as i64;
+        if let Some(version) = stored.last().map(|p| p.model_version.clone()) {
+            run.model_version = Some(version);
+        }
+        METRICS.count_predictions(stored.iter().map(|p| p.model_version.as_str()), "repredict");
+        let done = (stored.len() as u64 + failed) as i64;
+        let settled = done.min(*remaining);
+        METRICS.repredict_backlog.sub(settled);
+        *remaining -= settled;
+        if done_through.is_some() {
+            run.resume_after = done_through;
+        }
         if last_progress.elapsed() >= Duration::from_secs(5) {
             let done = run.predicted + run.failed;
             let seconds = started.elapsed().as_secs_f64();
@@ -311,6 +409,7 @@ async fn run_chunks(
             last_progress = Instant::now();
         }
     }
+    Ok(())
 }
 
 /// A database call tried again while the database is unavailable, at most
