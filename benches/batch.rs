@@ -311,9 +311,11 @@ fn measure(
         );
         let ceiling = Ceiling::measure(&rows);
         println!(
-            "ceiling: {}; txnflow batch / ceiling = {:.2} (first to last row)",
+            "ceiling: {}; txnflow batch / ceiling = {:.2} (first to last row); the batch's PostgreSQL {:.1} µs CPU per row",
             ceiling.describe(),
-            rows_per_second / ceiling.rate
+            rows_per_second / ceiling.rate,
+            1e6 * loaded.others_cpu.iter().find(|(role, _)| *role == "postgresql").map_or(0.0, |(_, s)| *s)
+                / count as f64
         );
         ceiling.rate
     });

@@ -395,9 +395,10 @@ async fn throughput(
     );
     let ceiling = Ceiling::measure(&rows);
     println!(
-        "  ceiling (binary COPY of the same rows, predictions and history, pre-encoded): {}; pipeline / ceiling = {:.2}",
+        "  ceiling (binary COPY of the same rows, predictions and history, pre-encoded): {}; pipeline / ceiling = {:.2}; the pipeline's PostgreSQL {:.1} µs CPU per row",
         ceiling.describe(),
-        rate / ceiling.rate
+        rate / ceiling.rate,
+        1e6 * postgresql_cpu_seconds / count as f64
     );
     let spans = |outcome: &str| {
         let series = format!("txnflow_trace_spans_total{{outcome=\"{outcome}\"}} ");

@@ -114,8 +114,7 @@ pub async fn claim(db_url: &str, instance: &str, run_id: &str, selection: Select
         if !history::lock_run(&mut connection, &run_id).map_err(database)? {
             return Err(StartError::Running(run_id));
         }
-        let session =
-            |connection| Session { url, run_id: run_id.clone(), connection: Some(connection), locked: true };
+        let session = |connection| Session { url, run_id: run_id.clone(), connection: Some(connection), locked: true };
         match history::start_run(&mut connection, &run_id, &selection, &instance).map_err(database)? {
             RunStart::New(run) => Ok(Claim::Run(ClaimedRun { session: session(connection), run, resumed: false })),
             RunStart::Resumed(run) => Ok(Claim::Run(ClaimedRun { session: session(connection), run, resumed: true })),
@@ -288,7 +287,7 @@ async fn read_chunks(
     snapshot: RepredictRun,
     mut after: Option<uuid::Uuid>,
     context: &RunContext,
-    chunks: tokio::sync::mpsc::Sender<Vec<PredictRequestItem>>,
+    chunks: tokio::sync::mpsc::Sender<history::Chunk>,
 ) -> Result<(), Ended> {
     let settings = &context.config.repredict;
     let (max_unavailable, limit) = (Duration::from_millis(settings.max_unavailable_ms), settings.chunk_size);
@@ -299,13 +298,13 @@ async fn read_chunks(
         }
         let run = snapshot.clone();
         let read = move |c: &mut PgConnection| history::next_chunk(c, &run, after, limit);
-        let items =
+        let chunk =
             Ended::from_retry(retry(&mut session, &*context.stop, max_unavailable, "read the next chunk", read).await)?;
-        let Some(last) = items.last().map(|item| item.id) else {
+        if chunk.last.is_none() {
             return Ok(());
-        };
-        after = Some(last);
-        chunks.send(items).await.map_err(|_| Ended::Stopped)?;
+        }
+        after = chunk.last;
+        chunks.send(chunk).await.map_err(|_| Ended::Stopped)?;
     }
 }
 
@@ -315,12 +314,17 @@ async fn read_chunks(
 async fn predict_chunks(
     run_id: &str,
     context: &RunContext,
-    mut chunks: tokio::sync::mpsc::Receiver<Vec<PredictRequestItem>>,
+    mut chunks: tokio::sync::mpsc::Receiver<history::Chunk>,
     writes: tokio::sync::mpsc::Sender<ChunkWrite>,
 ) -> Result<(), Ended> {
     let max_unavailable = Duration::from_millis(context.config.repredict.max_unavailable_ms);
-    while let Some(items) = chunks.recv().await {
-        let last = items.last().map(|item| item.id);
+    while let Some(history::Chunk { items, last }) = chunks.recv().await {
+        if items.is_empty() {
+            // Done before a stop: only the resume point moves.
+            let write = ChunkWrite { predictions: Vec::new(), failures: Vec::new(), done_through: last };
+            writes.send(write).await.map_err(|_| Ended::Stopped)?;
+            continue;
+        }
         let mut pending = items;
         let mut unavailable_since: Option<Instant> = None;
         let mut api_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));

@@ -110,8 +110,9 @@ pub struct Ceiling {
     pub rate: f64,
     /// The connection count that gave it.
     pub connections: usize,
-    /// Each connection count tried, with its rate.
-    pub tried: Vec<(usize, f64)>,
+    /// Each connection count tried, with its rate and PostgreSQL's CPU
+    /// per row, in microseconds.
+    pub tried: Vec<(usize, f64, f64)>,
 }
 
 impl Ceiling {
@@ -125,14 +126,26 @@ impl Ceiling {
             .filter(|&n| n > 0)
             .collect();
         let chunks = encode_chunks(rows);
-        let tried: Vec<(usize, f64)> = counts.iter().map(|&n| (n, ceiling_load(&chunks, rows.len(), n))).collect();
-        let (connections, rate) = tried.iter().copied().fold((0, 0.0), |best, t| if t.1 > best.1 { t } else { best });
+        let tried: Vec<(usize, f64, f64)> = counts
+            .iter()
+            .map(|&n| {
+                let (rate, postgresql_us_per_row) = ceiling_load(&chunks, rows.len(), n);
+                (n, rate, postgresql_us_per_row)
+            })
+            .collect();
+        let (connections, rate, _) =
+            tried.iter().copied().fold((0, 0.0, 0.0), |best, t| if t.1 > best.1 { t } else { best });
         Ceiling { rate, connections, tried }
     }
 
-    /// "R rows/s on N connections (1: a, 2: b, …)", for a report line.
+    /// "R rows/s on N connections (1: a rows/s, PostgreSQL c µs CPU per row; …)", for a report line.
     pub fn describe(&self) -> String {
-        let tried = self.tried.iter().map(|(n, rate)| format!("{n}: {rate:.0}")).collect::<Vec<_>>().join(", ");
+        let tried = self
+            .tried
+            .iter()
+            .map(|(n, rate, us)| format!("{n}: {rate:.0} rows/s, PostgreSQL {us:.1} µs CPU per row"))
+            .collect::<Vec<_>>()
+            .join("; ");
         format!("{:.0} rows/s on {} connections ({tried})", self.rate, self.connections)
     }
 }
@@ -173,13 +186,15 @@ fn encode_chunks(rows: &[CopyRow]) -> Vec<txnflow::db::EncodedFlush> {
         .collect()
 }
 
-/// One load of the encoded chunks on `connections` connections, in rows per second.
-fn ceiling_load(chunks: &[txnflow::db::EncodedFlush], rows: usize, connections: usize) -> f64 {
+/// One load of the encoded chunks on `connections` connections: rows per
+/// second, and PostgreSQL's CPU per row in microseconds.
+fn ceiling_load(chunks: &[txnflow::db::EncodedFlush], rows: usize, connections: usize) -> (f64, f64) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let database = TestDatabase::migrated();
     let mut opened: Vec<diesel::PgConnection> =
         (0..connections).map(|_| diesel::PgConnection::establish(&database.url).unwrap()).collect();
     let next = AtomicUsize::new(0);
+    let cpu = CpuSample::start(vec![("postgresql", pids_named("postgres"))]);
     let started = Instant::now();
     std::thread::scope(|scope| {
         for connection in opened.iter_mut() {
@@ -191,7 +206,10 @@ fn ceiling_load(chunks: &[txnflow::db::EncodedFlush], rows: usize, connections: 
             });
         }
     });
-    rows as f64 / started.elapsed().as_secs_f64()
+    let elapsed = started.elapsed().as_secs_f64();
+    let (used, _) = cpu.end();
+    let postgresql_seconds: f64 = used.iter().map(|(_, seconds)| seconds).sum();
+    (rows as f64 / elapsed, 1e6 * postgresql_seconds / rows as f64)
 }
 
 /// CPU seconds (user and system) a process has used so far, from

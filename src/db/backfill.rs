@@ -72,6 +72,10 @@ pub fn claim_unpredicted(
 }
 
 impl ClaimedRow {
+    pub(crate) fn id(&self) -> uuid::Uuid {
+        self.id
+    }
+
     pub(crate) fn into_item(self) -> crate::domain::prediction::PredictRequestItem {
         crate::domain::prediction::PredictRequestItem {
             id: self.id,

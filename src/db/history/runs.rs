@@ -2,6 +2,7 @@
 //! by chunk into `prediction_history`, finished.
 
 use chrono::{DateTime, Utc};
+use diesel::deserialize::QueryableByName;
 use diesel::pg::PgConnection;
 use diesel::sql_types::{Array, BigInt, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel::{Connection, RunQueryDsl};
@@ -104,7 +105,7 @@ pub fn start_run(
     selection: &Selection,
     instance: &str,
 ) -> Result<RunStart, WriteError> {
-    connection.transaction::<RunStart, WriteError, _>(|tx| {
+    let start = connection.transaction::<RunStart, WriteError, _>(|tx| {
         if let Some(run) = load_run(tx, run_id)? {
             if run.selection() != *selection {
                 return Ok(RunStart::OtherSelection(run));
@@ -141,46 +142,90 @@ pub fn start_run(
         .bind::<Text, _>(instance)
         .get_result(tx)?;
         Ok(RunStart::New(run))
-    })
+    })?;
+    // The chunk query reads the selection in its key's order only when the
+    // planner knows how many rows it holds: without statistics (a million
+    // rows just inserted), it sorts the whole rest of it on every chunk
+    // until autovacuum gets to the table. ANALYZE samples a fixed number of
+    // rows, so this costs about the same at any size.
+    if matches!(start, RunStart::New(_) | RunStart::Resumed(_)) {
+        diesel::sql_query("ANALYZE repredict_selection").execute(connection)?;
+    }
+    Ok(start)
 }
 
-/// The next `limit` transactions of the run's selection (fixed when it
-/// started) after `after`, in id order, leaving out those the run has
-/// already re-predicted or failed.
+/// A chunk of a run's selection: its transactions not yet re-predicted
+/// nor failed, and the last selected id it covered, where the next chunk
+/// starts. `last` is None once the selection is walked.
+pub struct Chunk {
+    pub items: Vec<PredictRequestItem>,
+    pub last: Option<Uuid>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ChunkRow {
+    #[diesel(embed)]
+    transaction: ClaimedRow,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    done: bool,
+}
+
+/// The next `limit` selected transactions of the run (fixed when it
+/// started) after `after`, in id order; those the run has already
+/// re-predicted or failed (a chunk written in part before a stop) are
+/// left out of `items` but still move `last`.
 pub fn next_chunk(
     connection: &mut PgConnection,
     run: &RepredictRun,
     after: Option<Uuid>,
     limit: usize,
-) -> Result<Vec<PredictRequestItem>, WriteError> {
-    let rows: Vec<ClaimedRow> = diesel::sql_query(next_chunk_query(after.is_some()))
+) -> Result<Chunk, WriteError> {
+    let rows: Vec<ChunkRow> = diesel::sql_query(next_chunk_query(after.is_some()))
         .bind::<Text, _>(&run.run_id)
         .bind::<BigInt, _>(limit as i64)
         .bind::<Nullable<SqlUuid>, _>(after)
         .load(connection)?;
-    Ok(rows.into_iter().map(ClaimedRow::into_item).collect())
+    let last = rows.last().map(|chunk_row| chunk_row.transaction.id());
+    let items = rows
+        .into_iter()
+        .filter(|chunk_row| !chunk_row.done)
+        .map(|chunk_row| chunk_row.transaction.into_item())
+        .collect();
+    Ok(Chunk { items, last })
 }
 
 /// The chunk query, with the run id at `$1`, the limit at `$2` and the
-/// last id done at `$3`. Each chunk must start where the last one ended,
-/// so that the thousandth costs what the first did:
-/// - the first chunk has its own query: a keyset condition that may be
-///   NULL would keep the index from bounding the scan under a generic plan;
-/// - the bound is on both sides of the join: PostgreSQL does not carry an
-///   inequality across `t.id = s.transaction_id`, and a merge join would
-///   otherwise read `transactions` from its first id on every chunk.
+/// last id done at `$3`. Each chunk must cost what the first did, whatever
+/// plan PostgreSQL picks and whatever statistics it has (a table loaded a
+/// minute ago has none):
+/// - the selection is read first, `limit` ids on from `$3` in its primary
+///   key's order; the first chunk has its own query, since a keyset
+///   condition that may be NULL would keep the index from bounding the
+///   scan under a generic plan;
+/// - each selected transaction is then looked up by its id, in a lateral
+///   subquery that `OFFSET 0` keeps the planner from turning into a join
+///   (which, misjudging the sizes, could hash or merge the whole table);
+/// - whether the run did a transaction already is asked per row too, by
+///   index; `OFFSET 0` again keeps the planner from hashing the run's
+///   whole history (or failures) instead.
 pub fn next_chunk_query(after: bool) -> String {
-    let after_condition = if after { "AND s.transaction_id > $3 AND t.id > $3" } else { "AND $3::uuid IS NULL" };
+    let selection_after = if after { "AND transaction_id > $3" } else { "AND $3::uuid IS NULL" };
     format!(
-        "SELECT t.id, t.description, t.amount::text AS amount, t.\"timestamp\", t.merchant, t.operation_type, t.side
-         FROM repredict_selection s
-         JOIN transactions t ON t.id = s.transaction_id
-         WHERE s.run_id = $1 {after_condition}
-           AND NOT EXISTS (SELECT 1 FROM prediction_history h
-                           WHERE h.kind = 'repredict' AND h.run_id = $1 AND h.transaction_id = s.transaction_id)
-           AND NOT EXISTS (SELECT 1 FROM repredict_failures f WHERE f.run_id = $1 AND f.transaction_id = s.transaction_id)
-         ORDER BY s.transaction_id
-         LIMIT $2"
+        "SELECT t.id, t.description, t.amount, t.\"timestamp\", t.merchant, t.operation_type, t.side,
+                EXISTS (SELECT 1 FROM prediction_history h
+                        WHERE h.kind = 'repredict' AND h.run_id = $1 AND h.transaction_id = s.transaction_id
+                        OFFSET 0)
+                OR EXISTS (SELECT 1 FROM repredict_failures f
+                           WHERE f.run_id = $1 AND f.transaction_id = s.transaction_id OFFSET 0) AS done
+         FROM (SELECT transaction_id FROM repredict_selection
+               WHERE run_id = $1 {selection_after}
+               ORDER BY transaction_id
+               LIMIT $2) s
+         CROSS JOIN LATERAL (
+             SELECT id, description, amount::text AS amount, \"timestamp\", merchant, operation_type, side
+             FROM transactions WHERE id = s.transaction_id OFFSET 0
+         ) t
+         ORDER BY s.transaction_id"
     )
 }
 
