@@ -5,7 +5,7 @@ TXNFLOW := target/debug/txnflow
 # cargo-nextest, as `make up` installs it when the machine has none.
 export PATH := $(CURDIR)/.stack/tools/bin:$(PATH)
 
-.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history bench-tracing bench-schemas bench-history-lookup
+.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history bench-tracing bench-schemas bench-history-lookup bench-peers
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ bench-schemas: up ## Streaming with plain JSON events against Avro events throug
 
 bench-tracing: up ## Streaming with tracing off, at sample ratio 0.01 and at 1.0, rotated, 3 x 1M keyed events with traceparent headers
 	@BENCH_TRACING=1 BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline
+
+bench-peers: up ## Kafka Connect + the Debezium JDBC sink against txnflow on the same events, 3 x 1M keyed; its last line is `bench-peers: txnflow=… peer=… ratio_to_peer=… share_of_ceiling=…`
+	@BENCH_PEER=1 BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline
 
 bench-history-lookup: up ## One transaction's history at 10M history rows: lookup latency and append cost of each index candidate
 	@scripts/bench-history-lookup.sh

@@ -47,6 +47,11 @@
 //! each run once with each, the order rotated, each beside `\copy` of the
 //! same rows. `make bench-schemas` runs it at 1,000,000 events.
 //!
+//! `BENCH_PEER=1` compares txnflow with the tool teams run instead: Kafka
+//! Connect and the Debezium JDBC sink land the same events first, then
+//! txnflow streams them, run by run (`pipeline/peer.rs`). `make
+//! bench-peers` runs it at 1,000,000 events.
+//!
 //!   cargo bench --bench pipeline   (BENCH_RUNS=3, BENCH_EVENTS=300000, BENCH_LATENCY_SECONDS=20, BENCH_BROKER=stack)
 
 use diesel::{Connection, RunQueryDsl};
@@ -62,6 +67,8 @@ use std::time::{Duration, Instant, SystemTime};
 mod common;
 #[path = "../tests/integration/otlp_receiver.rs"]
 mod otlp_receiver;
+#[path = "pipeline/peer.rs"]
+mod peer;
 
 use txnflow::domain::schema_event::{EventSchema, SchemaFormat, transaction_schema_text};
 use txnflow::domain::transaction::ProcessingType;
@@ -241,6 +248,13 @@ async fn scrape(admin_port: u16) -> String {
     }
 }
 
+/// The events of run `run`: `count` valid events from the producer's
+/// generator, seeded by the run, as (key, value).
+fn bench_events(run: u64, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut generator = txnflow::cli::produce::TransactionGenerator::new(99 + run, 0.0);
+    (0..count).map(|_| generator.next_record()).map(|r| (r.key, r.value)).collect()
+}
+
 /// What one throughput run measured.
 struct Throughput {
     rate: f64,
@@ -306,9 +320,7 @@ async fn throughput(
     mock: Option<&MockCluster<'static, DefaultProducerContext>>,
 ) -> Throughput {
     println!("run {run}, {} events: generating and producing {count} to a fresh topic", keys.as_str());
-    let mut generator = txnflow::cli::produce::TransactionGenerator::new(99 + run, 0.0);
-    let events: Vec<(String, Vec<u8>)> =
-        (0..count).map(|_| generator.next_record()).map(|r| (r.key, r.value)).collect();
+    let events = bench_events(run, count);
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
     create_topic(&topic, 3, mock).await;
     create_topic(&format!("{topic}-dlq"), 1, mock).await;
@@ -618,6 +630,10 @@ fn main() {
             compare_tracing(runs, count, &ml_api, ml_api_process.pid(), mock).await;
             return;
         }
+        if std::env::var("BENCH_PEER").as_deref() == Ok("1") {
+            compare_peer(runs, count, &ml_api, ml_api_process.pid()).await;
+            return;
+        }
         if let Ok(formats) = std::env::var("BENCH_FORMATS") {
             compare_formats(runs, count, &formats, &ml_api, ml_api_process.pid(), mock).await;
             return;
@@ -698,6 +714,50 @@ fn main() {
             }
         }
     });
+}
+
+/// `make bench-peers`: each run lands its events with the peer
+/// (`peer::land`), then streams the same events through txnflow's full
+/// pipeline, ML API and history included, beside `\copy` and the ceiling.
+async fn compare_peer(runs: u64, count: usize, ml_api: &str, ml_api_pid: u32) {
+    let lib = peer::jars();
+    let mut pairs = Vec::new();
+    for run in 1..=runs {
+        println!("run {run} of {runs}");
+        let landed = peer::land(&lib, run, &bench_events(run, count)).await;
+        let streamed = throughput(&Setup::of(THIS_BUILD), run, Keys::ById, count, ml_api, ml_api_pid, None).await;
+        println!("  txnflow / peer = {:.2}", streamed.rate / landed.rate);
+        pairs.push((streamed, landed));
+    }
+    let txnflow = |f: fn(&Throughput) -> f64| pairs.iter().map(|(t, _)| f(t)).collect::<Vec<f64>>();
+    let peer = |f: fn(&peer::PeerLanding) -> f64| pairs.iter().map(|(_, p)| f(p)).collect::<Vec<f64>>();
+    println!();
+    println!("summary: median (min–max) of {runs} runs of {count} keyed events, the same events for both");
+    println!("| | rows/s | CPU ms per 1,000 | peak RSS MB | writes |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| txnflow | {} | {} | {} | transactions, predictions (ML API), history |",
+        median_and_spread(&txnflow(|t| t.rate), 0),
+        median_and_spread(&txnflow(|t| t.txnflow_cpu_ms_per_1000), 0),
+        median_and_spread(&txnflow(|t| t.rss_mb), 0),
+    );
+    println!(
+        "| Kafka Connect + Debezium JDBC sink | {} | {} | {} | transactions (upsert) |",
+        median_and_spread(&peer(|p| p.rate), 0),
+        median_and_spread(&peer(|p| p.cpu_ms_per_1000), 0),
+        median_and_spread(&peer(|p| p.rss_mb), 0),
+    );
+    let ratios: Vec<f64> = pairs.iter().map(|(t, p)| t.rate / p.rate).collect();
+    let shares: Vec<f64> = pairs.iter().map(|(t, _)| t.rate / t.ceiling).collect();
+    println!("txnflow / peer, run by run: {}", median_and_spread(&ratios, 2));
+    println!("txnflow / ceiling, run by run: {}", median_and_spread(&shares, 2));
+    println!(
+        "bench-peers: txnflow={:.0} peer={:.0} ratio_to_peer={:.2} share_of_ceiling={:.2}",
+        median(&txnflow(|t| t.rate)),
+        median(&peer(|p| p.rate)),
+        median(&ratios),
+        median(&shares)
+    );
 }
 
 /// Keyed throughput of this build against `baseline`, run by run, the

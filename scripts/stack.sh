@@ -177,33 +177,49 @@ kafka_java() {
   java -Dlog4j2.configurationFile="$ROOT/stack/kafka/log4j2.properties" -cp "$KAFKA_HOME/lib/*" "$@"
 }
 
-# The jars: fetched once per machine, again when the pom changes.
-ensure_kafka() {
-  local stamp="$KAFKA_HOME/lib/.pom.sha256" want
-  want="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
+# The runtime jars of a pom into a directory, with Maven: once per machine,
+# again when the pom changes. A line every 20 artifacts downloaded, so the
+# fetch is never silent.
+maven_fetch() {
+  local pom="$1" lib="$2" label="$3" size="$4" stamp want
+  stamp="$lib/.pom.sha256"
+  want="$(sha256sum "$pom" | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
   # The machine kind ships both; a machine without them gets Debian's.
-  command -v java >/dev/null || ensure_apt_tool /usr/bin/java openjdk-17-jre-headless "to run Kafka (Java 17)"
-  command -v mvn >/dev/null || ensure_apt_tool /usr/bin/mvn maven "to fetch Kafka's jars from Maven Central"
-  command -v mvn >/dev/null || fail "mvn (Maven) is needed to fetch Kafka's jars"
-  command -v java >/dev/null || fail "java (17 or later) is needed to run Kafka"
-  log "fetching Apache Kafka's jars from Maven Central (mvn dependency:copy-dependencies; one time, about 55 MB)"
-  rm -rf "$KAFKA_HOME/lib"
-  mkdir -p "$KAFKA_HOME/lib"
-  local n=0 line start=$SECONDS
-  # A bash loop shows a line every 20 artifacts downloaded, so the fetch is never silent.
-  if ! mvn -B -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
-      -DoutputDirectory="$KAFKA_HOME/lib" 2>&1 | tee "$LOGS/kafka-fetch.log" | while IFS= read -r line; do
+  command -v java >/dev/null || ensure_apt_tool /usr/bin/java openjdk-17-jre-headless "to run $label (Java 17)"
+  command -v mvn >/dev/null || ensure_apt_tool /usr/bin/mvn maven "to fetch $label's jars from Maven Central"
+  command -v mvn >/dev/null || fail "mvn (Maven) is needed to fetch $label's jars"
+  command -v java >/dev/null || fail "java (17 or later) is needed to run $label"
+  log "fetching $label's jars from Maven Central (mvn dependency:copy-dependencies; one time, about $size)"
+  rm -rf "$lib"
+  mkdir -p "$lib"
+  local n=0 line start=$SECONDS fetch_log
+  fetch_log="$LOGS/$(basename "$(dirname "$pom")")-fetch.log"
+  if ! mvn -B -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$lib" 2>&1 | tee "$fetch_log" | while IFS= read -r line; do
     case "$line" in
-      *Downloaded\ from*) n=$((n + 1)); if (( n % 20 == 0 )); then log "kafka fetch: $n files downloaded"; fi ;;
-      *ERROR*) printf '[stack] kafka fetch: %s\n' "$line" ;;
+      *Downloaded\ from*) n=$((n + 1)); if (( n % 20 == 0 )); then log "$label fetch: $n files downloaded"; fi ;;
+      *ERROR*) printf '[stack] %s fetch: %s\n' "$label" "$line" ;;
     esac
   done; then
-    fail "mvn dependency:copy-dependencies; see $LOGS/kafka-fetch.log"
+    fail "mvn dependency:copy-dependencies; see $fetch_log"
   fi
-  ls "$KAFKA_HOME"/lib/kafka_2.13-*.jar >/dev/null 2>&1 || fail "no kafka_2.13 jar was fetched; see $LOGS/kafka-fetch.log"
   echo "$want" >"$stamp"
-  log "kafka fetch: $(ls "$KAFKA_HOME/lib" | wc -l) jars in .stack/kafka/lib ($(( SECONDS - start ))s)"
+  log "$label fetch: $(ls "$lib" | wc -l) jars in ${lib#"$ROOT/"} ($(( SECONDS - start ))s)"
+}
+
+ensure_kafka() {
+  maven_fetch "$KAFKA_POM" "$KAFKA_HOME/lib" "Apache Kafka" "55 MB"
+  ls "$KAFKA_HOME"/lib/kafka_2.13-*.jar >/dev/null 2>&1 || fail "no kafka_2.13 jar was fetched; see $LOGS/kafka-fetch.log"
+}
+
+# The benchmark peer's jars (Kafka Connect and the Debezium JDBC sink),
+# fetched only by `make bench-peers`.
+PEER_LIB="$STACK/peer/lib"
+ensure_peer() {
+  maven_fetch "$ROOT/stack/peer/pom.xml" "$PEER_LIB" "Kafka Connect and the Debezium JDBC sink" "65 MB"
+  ls "$PEER_LIB"/connect-runtime-*.jar "$PEER_LIB"/debezium-connector-jdbc-*.jar >/dev/null 2>&1 \
+    || fail "no connect-runtime or debezium-connector-jdbc jar was fetched; see $LOGS/peer-fetch.log"
 }
 
 # A CA and a certificate for 127.0.0.1 and localhost, PEM (the brokers' TLS
@@ -603,5 +619,7 @@ case "${1:-}" in
   broker) shift; broker "$@" ;;
   # The registry's Java and jar, for tests that start a registry of their own.
   registry-command) java="$(registry_java)" || fail "no Java 21 or later for the registry"; ensure_registry; echo "$java"; echo "$REGISTRY_HOME/quarkus-run.jar" ;;
-  *) echo "usage: $0 up|down|status|broker ACTION N|registry-command" >&2; exit 2 ;;
+  # The benchmark peer's jars, fetched when missing; prints their directory.
+  peer-jars) ensure_peer >&2; echo "$PEER_LIB" ;;
+  *) echo "usage: $0 up|down|status|broker ACTION N|registry-command|peer-jars" >&2; exit 2 ;;
 esac
