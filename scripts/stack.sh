@@ -402,6 +402,21 @@ up_kafka() {
   done
   log "kafka: the three nodes answer ($(( SECONDS - start ))s)"
   kafka_wait_whole
+  kafka_drop_leftover_topics
+}
+
+# Topics that test and benchmark runs left (test-*, bench-*, peer-*). Each
+# replicated partition costs the three nodes CPU while idle and disk space
+# (a benchmark topic holds 200 MB a replica), and nothing reads them once
+# their run is over; `make up` runs before any test of its own starts.
+kafka_drop_leftover_topics() {
+  local left
+  left="$(kafka_topics --list 2>/dev/null | grep -cE '^(test|bench|peer)-' || true)"
+  if (( left > 0 )); then
+    log "kafka: deleting $left topics left by test and benchmark runs"
+    kafka_topics --delete --if-exists --topic '(test|bench|peer)-.*' >"$LOGS/kafka-cleanup.log" 2>&1 \
+      || log "kafka: the cleanup failed (see $LOGS/kafka-cleanup.log); the topics stay"
+  fi
 }
 
 # A Java of 21 or later (Apicurio 3 needs it): the one on PATH, else the

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::common::{self, CpuSample, TestDatabase, processing_window};
-use super::{Child, Keys, create_topic, produce, stored_rows};
+use super::{Child, Keys, create_topic, delete_topics, produce, stored_rows};
 
 /// What one landing by the peer measured.
 pub struct PeerLanding {
@@ -148,6 +148,7 @@ pub async fn land(lib: &str, run: u64, events: &[(String, Vec<u8>)]) -> PeerLand
     let (used, cpu_seconds) = cpu.end();
     let rss_mb = connect.peak_rss_mb();
     drop(connect);
+    delete_topics(&[&topic], None).await;
     let _ = std::fs::remove_dir_all(&dir);
     let window = processing_window(&database.url);
     let rate = count as f64 / window;
