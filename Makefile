@@ -74,13 +74,14 @@ bench-tracing: up ## Streaming with tracing off, at sample ratio 0.01 and at 1.0
 bench-peers: up ## Kafka Connect + the Debezium JDBC sink against txnflow on the same events, 3 x 1M keyed; its last line is `bench-peers: txnflow=… peer=… ratio_to_peer=… share_of_ceiling=…`
 	@BENCH_PEER=1 BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline
 
+# The baseline of bench-history: this commit with its history writes taken
+# out (scripts/no-history.patch), the same build in every other way.
+HEAD_REV = $(shell git rev-parse --short HEAD)
+
+bench-history: up ## Streaming with prediction history against this commit with its history writes taken out, alternated, 5 x 1M keyed events
+	@scripts/build-baseline.sh $(HEAD_REV) target/baseline/txnflow-$(HEAD_REV)-no-history scripts/no-history.patch
+	@BENCH_BASELINE_BIN=target/baseline/txnflow-$(HEAD_REV)-no-history BENCH_BASELINE_NAME="no history ($(HEAD_REV), patched)" \
+	  BENCH_RUNS=$${BENCH_RUNS:-5} BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline
+
 bench-history-lookup: up ## One transaction's history at 10M history rows: lookup latency and append cost of each index candidate
 	@scripts/bench-history-lookup.sh
-
-# The last commit whose pipeline wrote no prediction history.
-NO_HISTORY_REV := a32af76
-
-bench-history: up ## Streaming with prediction history (this build) against the last build without it, alternated, 3 x 1M keyed events
-	@scripts/build-baseline.sh $(NO_HISTORY_REV) target/baseline/txnflow-$(NO_HISTORY_REV)
-	@BENCH_BASELINE_BIN=target/baseline/txnflow-$(NO_HISTORY_REV) BENCH_BASELINE_NAME="no history ($(NO_HISTORY_REV))" \
-	  BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline

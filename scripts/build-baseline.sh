@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds `txnflow` (release) at another commit, for a benchmark that compares
-# this build with it: `scripts/build-baseline.sh REV OUT`. The commit is
-# checked out in a worktree under target/, and built with a target directory
-# of its own, so this build's binary is never overwritten by it. Built once;
-# OUT is reused while it exists.
+# this build with it: `scripts/build-baseline.sh REV OUT [PATCH]`. The commit
+# is checked out in a worktree under target/, PATCH (a file of `git apply`)
+# applied to it when given, and built with a target directory of its own, so
+# this build's binary is never overwritten by it. Built once; OUT is reused
+# while it exists.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REV="$1"
 OUT="$2"
+PATCH="${3:-}"
 if [[ -x "$OUT" ]]; then
   echo "[baseline] $OUT exists (txnflow at $REV)"
   exit 0
@@ -16,6 +18,10 @@ SRC="$ROOT/target/baseline-src-$REV"
 if [[ ! -d "$SRC" ]]; then
   echo "[baseline] checking out $REV in $SRC"
   git -C "$ROOT" worktree add --detach "$SRC" "$REV" >/dev/null
+  if [[ -n "$PATCH" ]]; then
+    echo "[baseline] applying $PATCH"
+    git -C "$SRC" apply "$(cd "$(dirname "$PATCH")" && pwd)/$(basename "$PATCH")"
+  fi
 fi
 echo "[baseline] building txnflow at $REV (release, its own target directory; the first build takes several minutes)"
 CARGO_TARGET_DIR="$ROOT/target/baseline-target" cargo build --release --locked --bin txnflow \
