@@ -207,7 +207,6 @@ pub async fn execute(claimed: ClaimedRun, context: RunContext) -> RunEnd {
     RunEnd { run, seconds: started.elapsed().as_secs_f64() }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Finished {
     Completed,
     Stopped,
@@ -356,7 +355,9 @@ async fn predict_chunks(
                 delay.as_millis()
             );
             tokio::time::sleep(delay).await;
-            if (context.stop)() {
+            // A writer that has ended (the database refused the run) stops
+            // the wait too, instead of it lasting to max_unavailable_ms.
+            if (context.stop)() || writes.is_closed() {
                 return Err(Ended::Stopped);
             }
             pending = left;

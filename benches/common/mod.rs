@@ -154,21 +154,22 @@ impl Ceiling {
 /// `COPY` costs little beside its rows.
 const CEILING_CHUNK_ROWS: usize = 10_000;
 
+/// An empty lineage field is NULL, as in `copy_rate`'s CSV.
+fn optional(text: &str) -> Option<&str> {
+    (!text.is_empty()).then_some(text)
+}
+
 fn encode_chunks(rows: &[CopyRow]) -> Vec<txnflow::db::EncodedFlush> {
     use txnflow::domain::prediction::{Prediction, PredictionKind};
     rows.chunks(CEILING_CHUNK_ROWS)
         .map(|chunk| {
-            let optional = |text: &str| (!text.is_empty()).then(|| text.to_string());
-            let lineage: Vec<(Option<String>, Option<String>)> =
-                chunk.iter().map(|row| (optional(&row.run_id), optional(&row.batch_id))).collect();
             let stored: Vec<txnflow::db::TransactionRow<'_>> = chunk
                 .iter()
-                .zip(&lineage)
-                .map(|(row, (run_id, batch_id))| txnflow::db::TransactionRow {
+                .map(|row| txnflow::db::TransactionRow {
                     transaction: &row.transaction,
                     processing_type: row.processing_type,
-                    run_id: run_id.as_deref(),
-                    batch_id: batch_id.as_deref(),
+                    run_id: optional(&row.run_id),
+                    batch_id: optional(&row.batch_id),
                     source: row.source.clone(),
                 })
                 .collect();
