@@ -189,6 +189,8 @@ struct Measured {
     copy: Option<f64>,
     /// The ceiling loader's best rate for the same rows (`common::Ceiling`).
     ceiling: Option<f64>,
+    /// Its rate while the CPU the run's other processes used is taken.
+    ceiling_shared: Option<f64>,
     peak_rss_mb: f64,
     cpu_ms_per_1000: f64,
     /// The share of a core each process used over the wall time, txnflow first.
@@ -309,15 +311,18 @@ fn measure(
         println!(
             "ceiling: binary COPY of the same rows, predictions and history, pre-encoded, on each connection count"
         );
-        let ceiling = Ceiling::measure(&rows);
+        // The cores every process but PostgreSQL used over the load.
+        let others_cores = cores.iter().filter(|(role, _)| *role != "postgresql").map(|(_, c)| c).sum::<f64>();
+        let ceiling = Ceiling::measure(&rows, others_cores);
         println!(
-            "ceiling: {}; txnflow batch / ceiling = {:.2} (first to last row); the batch's PostgreSQL {:.1} µs CPU per row",
+            "ceiling: {}; txnflow batch / ceiling = {:.2}{} (first to last row); the batch's PostgreSQL {:.1} µs CPU per row",
             ceiling.describe(),
             rows_per_second / ceiling.rate,
+            ceiling.shared.map_or(String::new(), |(_, rate, _)| format!(", / the ceiling with that CPU taken = {:.2}", rows_per_second / rate)),
             1e6 * loaded.others_cpu.iter().find(|(role, _)| *role == "postgresql").map_or(0.0, |(_, s)| *s)
                 / count as f64
         );
-        ceiling.rate
+        ceiling
     });
     drop(rows);
     let _ = std::fs::remove_file(&path);
@@ -327,7 +332,8 @@ fn measure(
         rows_per_second,
         wall_rows_per_second,
         copy,
-        ceiling,
+        ceiling: ceiling.as_ref().map(|c| c.rate),
+        ceiling_shared: ceiling.as_ref().and_then(|c| c.shared).map(|(_, rate, _)| rate),
         peak_rss_mb: loaded.peak_rss_mb,
         cpu_ms_per_1000,
         cores,
@@ -369,11 +375,11 @@ fn main() {
     println!();
     println!("summary: median (min–max) of {runs} runs of {rows} rows, release build, this machine");
     println!(
-        "| rows/s (first to last row) | rows/s (wall) | psql \\copy rows/s | batch / copy | batch / copy (wall) | ceiling rows/s | share of ceiling | txnflow CPU ms per 1,000 rows | peak RSS MB |"
+        "| rows/s (first to last row) | rows/s (wall) | psql \\copy rows/s | batch / copy | batch / copy (wall) | ceiling rows/s | share of ceiling | share of the ceiling with the others' CPU taken | txnflow CPU ms per 1,000 rows | peak RSS MB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         median_and_spread(&figures(|m| m.rows_per_second), 0),
         median_and_spread(&figures(|m| m.wall_rows_per_second), 0),
         median_and_spread(&figures(|m| m.copy.unwrap_or(f64::NAN)), 0),
@@ -381,6 +387,7 @@ fn main() {
         median_and_spread(&figures(|m| m.wall_rows_per_second / m.copy.unwrap_or(f64::NAN)), 2),
         median_and_spread(&figures(|m| m.ceiling.unwrap_or(f64::NAN)), 0),
         median_and_spread(&figures(|m| m.rows_per_second / m.ceiling.unwrap_or(f64::NAN)), 2),
+        median_and_spread(&figures(|m| m.rows_per_second / m.ceiling_shared.unwrap_or(f64::NAN)), 2),
         median_and_spread(&figures(|m| m.cpu_ms_per_1000), 0),
         median_and_spread(&figures(|m| m.peak_rss_mb), 0),
     );

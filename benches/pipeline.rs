@@ -275,6 +275,9 @@ struct Throughput {
     copy: f64,
     /// The ceiling loader's best rate for the same rows (`common::Ceiling`).
     ceiling: f64,
+    /// Its rate while the CPU the run's other processes used is taken (NaN
+    /// with `BENCH_CEILING_SHARED=0`).
+    ceiling_shared: f64,
     rss_mb: f64,
     txnflow_cpu_ms_per_1000: f64,
     postgresql_cpu_seconds: f64,
@@ -420,11 +423,15 @@ async fn throughput(
         "  psql \\copy of the same rows: {copy:.0} rows/s; pipeline / copy = {:.2}; txnflow CPU {txnflow_cpu_ms_per_1000:.0} ms per 1,000 records; peak RSS {rss_mb:.1} MB",
         rate / copy
     );
-    let ceiling = Ceiling::measure(&rows);
+    // The cores every process but PostgreSQL used over the run.
+    let others_cores = used.iter().filter(|(role, _)| *role != "postgresql").map(|(_, s)| s).sum::<f64>() / cpu_seconds;
+    let ceiling = Ceiling::measure(&rows, others_cores);
+    let ceiling_shared = ceiling.shared.map_or(f64::NAN, |(_, rate, _)| rate);
     println!(
-        "  ceiling (binary COPY of the same rows, predictions and history, pre-encoded): {}; pipeline / ceiling = {:.2}; the pipeline's PostgreSQL {:.1} µs CPU per row",
+        "  ceiling (binary COPY of the same rows, predictions and history, pre-encoded): {}; pipeline / ceiling = {:.2}, / the ceiling with that CPU taken = {:.2}; the pipeline's PostgreSQL {:.1} µs CPU per row",
         ceiling.describe(),
         rate / ceiling.rate,
+        rate / ceiling_shared,
         1e6 * postgresql_cpu_seconds / count as f64
     );
     let spans = |outcome: &str| {
@@ -437,6 +444,7 @@ async fn throughput(
         rate,
         copy,
         ceiling: ceiling.rate,
+        ceiling_shared,
         rss_mb,
         txnflow_cpu_ms_per_1000,
         postgresql_cpu_seconds,
@@ -671,19 +679,20 @@ fn main() {
         println!();
         println!("summary: median (min–max) of {runs} runs of {count} events, release build, this machine");
         println!(
-            "| events | txn/s | psql \\copy rows/s | pipeline / copy | ceiling rows/s | share of ceiling | txnflow CPU ms per 1,000 | peak RSS MB |"
+            "| events | txn/s | psql \\copy rows/s | pipeline / copy | ceiling rows/s | share of ceiling | share of the ceiling with the others' CPU taken | txnflow CPU ms per 1,000 | peak RSS MB |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for keys in ["keyed", "unkeyed"] {
             let Some(measured) = throughputs.get(keys) else { continue };
             let figures = |f: fn(&Throughput) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
             println!(
-                "| {keys} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {keys} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 median_and_spread(&figures(|t| t.rate), 0),
                 median_and_spread(&figures(|t| t.copy), 0),
                 median_and_spread(&figures(|t| t.rate / t.copy), 2),
                 median_and_spread(&figures(|t| t.ceiling), 0),
                 median_and_spread(&figures(|t| t.rate / t.ceiling), 2),
+                median_and_spread(&figures(|t| t.rate / t.ceiling_shared), 2),
                 median_and_spread(&figures(|t| t.txnflow_cpu_ms_per_1000), 0),
                 median_and_spread(&figures(|t| t.rss_mb), 0),
             );
@@ -764,8 +773,13 @@ async fn compare_peer(runs: u64, count: usize, ml_api: &str, ml_api_pid: u32) {
     );
     let ratios: Vec<f64> = pairs.iter().map(|(t, p)| t.rate / p.rate).collect();
     let shares: Vec<f64> = pairs.iter().map(|(t, _)| t.rate / t.ceiling).collect();
+    let shared_shares: Vec<f64> = pairs.iter().map(|(t, _)| t.rate / t.ceiling_shared).collect();
     println!("txnflow / peer, run by run: {}", median_and_spread(&ratios, 2));
     println!("txnflow / ceiling, run by run: {}", median_and_spread(&shares, 2));
+    println!(
+        "txnflow / the ceiling with the CPU the others used taken, run by run: {}",
+        median_and_spread(&shared_shares, 2)
+    );
     println!(
         "bench-peers: txnflow={:.0} peer={:.0} ratio_to_peer={:.2} share_of_ceiling={:.2}",
         median(&txnflow(|t| t.rate)),

@@ -100,7 +100,7 @@ pub fn copy_rate<'a>(rows: impl Iterator<Item = &'a CopyRow>) -> f64 {
 /// The database's ceiling for a run's rows: the fastest loader we have,
 /// with no broker and no ML API. Each row, its prediction (the reference
 /// category, as in `copy_rate`) and its history row are encoded before the
-/// clock starts into binary `COPY` streams of `CEILING_CHUNK_ROWS` rows,
+/// clock starts into binary `COPY` streams of `BENCH_CEILING_CHUNK_ROWS` rows (10,000),
 /// txnflow's own encoding ([`txnflow::db::EncodedFlush`]); then the chunks
 /// are sent on several connections at once, each chunk in one database
 /// transaction, into the same three tables of a fresh, migrated database,
@@ -113,12 +113,20 @@ pub struct Ceiling {
     /// Each connection count tried, with its rate and PostgreSQL's CPU
     /// per row, in microseconds.
     pub tried: Vec<(usize, f64, f64)>,
+    /// The same load on the best count while busy threads take the cores
+    /// the measured run's other processes used (`Ceiling::measure`'s
+    /// `others_cores`): the rate and PostgreSQL's CPU per row then.
+    pub shared: Option<(f64, f64, f64)>,
 }
 
 impl Ceiling {
     /// Loads the rows once per connection count of `BENCH_CEILING_CONNECTIONS`
-    /// (default 1,2,4) and keeps the fastest.
-    pub fn measure(rows: &[CopyRow]) -> Ceiling {
+    /// (default 1,2,4) and keeps the fastest. Then, unless `others_cores`
+    /// is 0 or `BENCH_CEILING_SHARED=0`, loads them once more on that count
+    /// while busy threads take `others_cores` of the 2 cores, as txnflow, the
+    /// ML API, the broker and S3 took them in the measured run: what the
+    /// database can do with the CPU that is left to it.
+    pub fn measure(rows: &[CopyRow], others_cores: f64) -> Ceiling {
         let counts: Vec<usize> = std::env::var("BENCH_CEILING_CONNECTIONS")
             .unwrap_or_else(|_| "1,2,4".into())
             .split(',')
@@ -135,7 +143,13 @@ impl Ceiling {
             .collect();
         let (connections, rate, _) =
             tried.iter().copied().fold((0, 0.0, 0.0), |best, t| if t.1 > best.1 { t } else { best });
-        Ceiling { rate, connections, tried }
+        let shared = (others_cores > 0.0 && env_or("BENCH_CEILING_SHARED", 1) != 0).then(|| {
+            let taker = CpuTaker::start(others_cores);
+            let (rate, postgresql_us_per_row) = ceiling_load(&chunks, rows.len(), connections);
+            drop(taker);
+            (others_cores, rate, postgresql_us_per_row)
+        });
+        Ceiling { rate, connections, tried, shared }
     }
 
     /// "R rows/s on N connections (1: a rows/s, PostgreSQL c µs CPU per row; …)", for a report line.
@@ -146,13 +160,66 @@ impl Ceiling {
             .map(|(n, rate, us)| format!("{n}: {rate:.0} rows/s, PostgreSQL {us:.1} µs CPU per row"))
             .collect::<Vec<_>>()
             .join("; ");
-        format!("{:.0} rows/s on {} connections ({tried})", self.rate, self.connections)
+        let shared = self.shared.map_or(String::new(), |(cores, rate, us)| {
+            format!(
+                "; with {:.0}% of a core taken as in the run: {rate:.0} rows/s, PostgreSQL {us:.1} µs CPU per row",
+                100.0 * cores
+            )
+        });
+        format!("{:.0} rows/s on {} connections ({tried}){shared}", self.rate, self.connections)
     }
 }
 
-/// Rows per chunk of the ceiling loader: far above a flush, so that each
-/// `COPY` costs little beside its rows.
-const CEILING_CHUNK_ROWS: usize = 10_000;
+/// Busy threads that take a share of the CPU until dropped: each spins for
+/// part of every 10 ms and sleeps for the rest, as a process that competes
+/// for the cores does.
+struct CpuTaker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuTaker {
+    /// Takes `cores` (1.5 = a core and a half), spread over as many threads
+    /// as whole cores it needs.
+    fn start(cores: f64) -> CpuTaker {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let count = cores.ceil().max(1.0) as usize;
+        let duty = (cores / count as f64).clamp(0.0, 1.0);
+        let period = std::time::Duration::from_millis(10);
+        let threads = (0..count)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        while started.elapsed() < period.mul_f64(duty) {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::sleep(period.mul_f64(1.0 - duty));
+                    }
+                })
+            })
+            .collect();
+        CpuTaker { stop, threads }
+    }
+}
+
+impl Drop for CpuTaker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Rows per chunk of the ceiling loader (`BENCH_CEILING_CHUNK_ROWS`): by
+/// default far above a flush, so that each `COPY` costs little beside its
+/// rows.
+fn ceiling_chunk_rows() -> usize {
+    env_or("BENCH_CEILING_CHUNK_ROWS", 10_000).max(1) as usize
+}
 
 /// An empty lineage field is NULL, as in `copy_rate`'s CSV.
 fn optional(text: &str) -> Option<&str> {
@@ -161,7 +228,7 @@ fn optional(text: &str) -> Option<&str> {
 
 fn encode_chunks(rows: &[CopyRow]) -> Vec<txnflow::db::EncodedFlush> {
     use txnflow::domain::prediction::{Prediction, PredictionKind};
-    rows.chunks(CEILING_CHUNK_ROWS)
+    rows.chunks(ceiling_chunk_rows())
         .map(|chunk| {
             let stored: Vec<txnflow::db::TransactionRow<'_>> = chunk
                 .iter()
