@@ -280,6 +280,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    // The error is said once: as a plain line for people, or as the log's
+    // JSON event for log pipelines.
+    let json_logs = matches!(config.log.format, LogFormat::Json);
     let code = match run(cli.command, config) {
         Ok(()) => 0,
         // A rule checked only by the command that needs it (admin exposure).
@@ -287,8 +290,11 @@ fn main() -> ExitCode {
             eprintln!("txnflow: {error:#}");
             i32::from(EXIT_BAD_CONFIG)
         }
-        Err(error) => {
+        Err(error) if json_logs => {
             tracing::error!("{error:#}");
+            1
+        }
+        Err(error) => {
             eprintln!("txnflow: {error:#}");
             1
         }

@@ -56,6 +56,15 @@ pub fn compare(config: &Config, a: &str, b: &str, csv: bool) -> anyhow::Result<(
     let mut connection = connect(config)?;
     eprintln!("comparing {a} and {b} over the transactions both have predicted");
     let confusion = history::compare(&mut connection, a, b).map_err(database)?;
+    if confusion.total() == 0 {
+        for version in [a, b] {
+            if !history::has_predictions(&mut connection, version).map_err(database)? {
+                anyhow::bail!(
+                    "model version {version:?} has no prediction in prediction_history (see `txnflow models list`)"
+                );
+            }
+        }
+    }
     if csv {
         print!("{}", confusion.to_csv(a, b));
     } else {

@@ -23,9 +23,8 @@ impl Config {
         for file in files {
             let name = file.display().to_string();
             let text =
-                std::fs::read_to_string(file).map_err(|e| ConfigError::new(&name, format!("cannot read file: {e}")))?;
-            let table: toml::Table =
-                text.parse().map_err(|e| ConfigError::new(&name, format!("not valid TOML: {e}")))?;
+                std::fs::read_to_string(file).map_err(|e| ConfigError::file(&name, format!("cannot read: {e}")))?;
+            let table: toml::Table = text.parse().map_err(|e| ConfigError::file(&name, toml_error(&text, &e)))?;
             merge(&mut merged, table);
         }
         let mut overrides: Vec<(String, String)> =
@@ -36,7 +35,7 @@ impl Config {
         }
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|error| {
             let key = error.path().to_string();
-            ConfigError::new(key, error.into_inner().to_string())
+            ConfigError::new(key, in_plain_words(error.into_inner().message()))
         })?;
         let mut config = config;
         config.read_secret_files()?;
@@ -102,6 +101,64 @@ impl Config {
     }
 }
 
+/// Where a file's TOML goes wrong and why, without quoting the file: its
+/// lines may hold secrets.
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let why = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("not valid TOML at line {line}, column {column}: {why}")
+        }
+        None => format!("not valid TOML: {why}"),
+    }
+}
+
+/// serde's wording of a refused value, in a user's words: "invalid type:
+/// string \"x\", expected usize" becomes "expected a whole number, got
+/// \"x\"".
+fn in_plain_words(message: &str) -> String {
+    let expected_words = |expected: &str| -> String {
+        match expected.trim() {
+            "usize" | "u64" | "u32" | "u16" | "u8" => "a whole number, 0 or more".into(),
+            "i64" | "i32" | "i16" | "i8" | "isize" => "a whole number".into(),
+            "f64" | "f32" => "a number".into(),
+            "a boolean" => "true or false".into(),
+            "a string" => "text in quotes".into(),
+            other => other.to_string(),
+        }
+    };
+    // "unknown field `x`, expected one of `a`, `b`" (or "expected `a`"), and
+    // "unknown variant `x`, expected `a` or `b`".
+    let listed = |expected: &str| expected.trim_start_matches("one of ").replace('`', "").replace(" or ", ", ");
+    if let Some(rest) = message.strip_prefix("unknown field ")
+        && let Some((_, expected)) = rest.split_once(", expected ")
+    {
+        return format!("unknown key; the keys here are {}", listed(expected));
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ")
+        && let Some((got, expected)) = rest.split_once(", expected ")
+    {
+        return format!("expected one of {}, got {}", listed(expected), got.trim_matches('`'));
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix)
+            && let Some((got, expected)) = rest.rsplit_once(", expected ")
+        {
+            let got = got
+                .trim_start_matches("string ")
+                .trim_start_matches("integer ")
+                .trim_start_matches("floating point ")
+                .trim_start_matches("boolean ")
+                .trim_matches('`');
+            return format!("expected {}, got {got}", expected_words(expected));
+        }
+    }
+    message.to_string()
+}
+
 /// Deep-merges `overlay` into `base`: tables merge, any other value replaces.
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
     for (key, value) in overlay {
@@ -135,21 +192,37 @@ fn apply_env(defaults: &toml::Table, merged: &mut toml::Table, name: &str, text:
         table.insert(property.replace('_', "."), toml::Value::String(text.to_string()));
         return Ok(());
     }
-    let unknown = || ConfigError::new(format!("{dotted} (from {name})"), "unknown key");
-    let (leaf, sections) = path.split_last().ok_or_else(unknown)?;
+    // An unknown name lists what is valid where it went wrong.
+    let unknown = |table: &toml::Table, top: bool| {
+        let (mut sections, mut keys) = (Vec::new(), Vec::new());
+        for (key, value) in table {
+            if value.is_table() { sections.push(key.as_str()) } else { keys.push(key.as_str()) }
+        }
+        let message = if top {
+            format!("unknown key; the sections are {}, and the top-level keys {}", sections.join(", "), keys.join(", "))
+        } else {
+            keys.extend(sections);
+            format!("unknown key; the keys here are {}", keys.join(", "))
+        };
+        ConfigError::new(format!("{dotted} (from {name})"), message)
+    };
+    let Some((leaf, sections)) = path.split_last() else { return Err(unknown(defaults, true)) };
     let mut default_table = defaults;
     let mut target = merged;
-    for section in sections {
-        default_table = default_table.get(section).and_then(toml::Value::as_table).ok_or_else(unknown)?;
-        target = target.get_mut(section).and_then(toml::Value::as_table_mut).ok_or_else(unknown)?;
+    for (depth, section) in sections.iter().enumerate() {
+        let Some(next) = default_table.get(section).and_then(toml::Value::as_table) else {
+            return Err(unknown(default_table, depth == 0));
+        };
+        default_table = next;
+        target = target.get_mut(section).and_then(toml::Value::as_table_mut).ok_or_else(|| unknown(next, false))?;
     }
-    let default = default_table.get(leaf).ok_or_else(unknown)?;
+    let default = default_table.get(leaf).ok_or_else(|| unknown(default_table, sections.is_empty()))?;
     let bad = |expected: &str| {
         ConfigError::new(format!("{dotted} (from {name})"), format!("expected {expected}, got {text:?}"))
     };
     let value = match default {
         toml::Value::String(_) => toml::Value::String(text.to_string()),
-        toml::Value::Integer(_) => toml::Value::Integer(text.trim().parse().map_err(|_| bad("an integer"))?),
+        toml::Value::Integer(_) => toml::Value::Integer(text.trim().parse().map_err(|_| bad("a whole number"))?),
         toml::Value::Float(_) => toml::Value::Float(text.trim().parse().map_err(|_| bad("a number"))?),
         toml::Value::Boolean(_) => toml::Value::Boolean(text.trim().parse().map_err(|_| bad("true or false"))?),
         toml::Value::Array(_) => {

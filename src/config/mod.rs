@@ -17,19 +17,27 @@ pub const DEFAULTS_TOML: &str = include_str!("../../config/default.toml");
 const ENV_PREFIX: &str = "TXNFLOW__";
 const LOCAL_FILE: &str = "config/local.toml";
 
-/// A configuration that cannot be used. `key` is the dotted path of the culprit.
+/// A configuration that cannot be used. `key` is the dotted path of the
+/// culprit, or the path of a file that cannot be read as configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("configuration key `{key}`: {message}")]
+#[error("configuration {} `{key}`: {message}", if *.is_file { "file" } else { "key" })]
 pub struct ConfigError {
     pub key: String,
     pub message: String,
+    /// `key` names a file rather than a key.
+    pub is_file: bool,
 }
 
 impl ConfigError {
     /// The message may quote the value refused: any password in it (a
     /// URL's user info, a `password=` parameter) is hidden.
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), message: crate::domain::redaction::redact(&message.into()) }
+        ConfigError { key: key.into(), message: crate::domain::redaction::redact(&message.into()), is_file: false }
+    }
+
+    /// A file given as configuration that cannot be read or parsed.
+    pub fn file(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { is_file: true, ..ConfigError::new(path, message) }
     }
 }
 

@@ -148,3 +148,93 @@ fn an_unknown_or_invalid_librdkafka_property_exits_2_naming_it() {
         assert!(stderr(&output).contains(key), "{variable}: {}", stderr(&output));
     }
 }
+
+/// A command's error is said once, as one plain line on stderr: no
+/// second copy from the log, no terminal colour codes.
+#[test]
+fn an_error_is_said_once_without_colour_codes() {
+    let database = crate::helpers::TestDatabase::migrated();
+    for args in [vec!["models", "promote", "v9"], vec!["models", "compare", "v9", "v9"]] {
+        let output = run(txnflow().args(&args).env("TXNFLOW__DB__URL", &database.url));
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {}", stderr(&output));
+        let message = stderr(&output);
+        let said: Vec<&str> = message.lines().filter(|line| line.contains("has no prediction")).collect();
+        assert_eq!(
+            said,
+            [r#"txnflow: model version "v9" has no prediction in prediction_history (see `txnflow models list`)"#],
+            "{args:?}: {message}"
+        );
+        assert!(!message.contains('\u{1b}'), "{args:?}: no colour codes: {message:?}");
+    }
+}
+
+/// Comparing with a version that has no prediction is an error, as
+/// promoting it is, not "0 transactions predicted by both".
+#[test]
+fn comparing_a_version_without_predictions_exits_1_naming_it() {
+    let database = crate::helpers::TestDatabase::migrated();
+    let output = run(txnflow().args(["models", "compare", "v1", "v2"]).env("TXNFLOW__DB__URL", &database.url));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(crate::helpers::stdout(&output), "", "no table is printed");
+    assert!(
+        stderr(&output).lines().any(|line| line
+            == r#"txnflow: model version "v1" has no prediction in prediction_history (see `txnflow models list`)"#),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Configuration errors in a user's words: a file is called a file and is
+/// never quoted, a refused value says what was expected, and an unknown
+/// name in an environment variable lists the valid ones.
+#[test]
+fn configuration_errors_are_in_plain_words() {
+    let dir = std::env::temp_dir().join(format!("txnflow-words-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "[db]\nurl = \"postgres://u:hunter2@h/db\"\npool_size = = 4\n").unwrap();
+    let typed = dir.join("typed.toml");
+    std::fs::write(&typed, "[buffer]\nmax_records = \"two thousand\"\n").unwrap();
+    let variant = dir.join("variant.toml");
+    std::fs::write(&variant, "[log]\nformat = \"xml\"\n").unwrap();
+    let sections = "the sections are admin, backfill, batch, breaker, buffer, chaos, db, kafka, log, ml_api, predict, repredict, s3, schema_registry, tracing";
+    // The arguments, the environment, and the whole of stderr.
+    type Case = (Vec<String>, Vec<(&'static str, &'static str)>, String);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--config".into(), broken.display().to_string()],
+            vec![],
+            format!(
+                "txnflow: configuration file `{}`: not valid TOML at line 3, column 13: extra `=`, expected nothing",
+                broken.display()
+            ),
+        ),
+        (
+            vec!["--config".into(), typed.display().to_string()],
+            vec![],
+            r#"txnflow: configuration key `buffer.max_records`: expected a whole number, 0 or more, got "two thousand""#.into(),
+        ),
+        (
+            vec!["--config".into(), variant.display().to_string()],
+            vec![],
+            "txnflow: configuration key `log.format`: expected one of text, json, got xml".into(),
+        ),
+        (
+            vec![],
+            vec![("TXNFLOW__KAFAK__BROKERS", "x:1")],
+            format!("txnflow: configuration key `kafak.brokers (from TXNFLOW__KAFAK__BROKERS)`: unknown key; {sections}, and the top-level keys shutdown_timeout_ms"),
+        ),
+        (
+            vec![],
+            vec![("TXNFLOW__LOG__FORMATS", "json")],
+            "txnflow: configuration key `log.formats (from TXNFLOW__LOG__FORMATS)`: unknown key; the keys here are format, level".into(),
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let output = run(txnflow().args(&args).arg("migrate").envs(env.iter().copied()));
+        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}: {}", stderr(&output));
+        assert_eq!(stderr(&output).trim_end(), expected, "{args:?} {env:?}");
+        assert!(!stderr(&output).contains("hunter2"), "the file is never quoted");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

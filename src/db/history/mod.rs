@@ -108,6 +108,21 @@ pub fn model_versions(connection: &mut PgConnection) -> Result<Vec<ModelVersion>
 }
 
 #[derive(diesel::QueryableByName)]
+struct Found {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    found: bool,
+}
+
+/// Whether `version` has a prediction in the history.
+pub fn has_predictions(connection: &mut PgConnection, version: &str) -> Result<bool, WriteError> {
+    let row: Found =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM prediction_history WHERE model_version = $1) AS found")
+            .bind::<Text, _>(version)
+            .get_result(connection)?;
+    Ok(row.found)
+}
+
+#[derive(diesel::QueryableByName)]
 struct Pair {
     #[diesel(sql_type = Text)]
     a: String,
