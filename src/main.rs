@@ -16,8 +16,30 @@ use txnflow::{db, kafka, service};
 /// Exit status of a configuration that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
 
+/// Shown after the top-level `--help`.
+const EXAMPLES: &str = "\
+Examples:
+  txnflow check                              test every dependency with these settings
+  txnflow run                                stream: Kafka -> ML API -> PostgreSQL
+  txnflow batch s3://transactions/2026-12.csv
+  txnflow batch ./transactions_fr.csv        a local file, or a directory of .csv files
+  txnflow repredict --model-url http://127.0.0.1:8001 --since 2026-01-01
+  txnflow models compare v1 v2
+  txnflow models history 42
+
+Configuration: config/default.toml, then config/local.toml, then --config FILE,
+then environment variables TXNFLOW__SECTION__KEY, which win:
+  TXNFLOW__DB__URL=postgres://... TXNFLOW__BUFFER__MAX_RECORDS=5000 txnflow run
+Every key and its default: config/default.toml. Exit status: 0 done, 1 failed,
+2 a configuration or usage error.";
+
 #[derive(Parser)]
-#[command(name = "txnflow", version, about = "Classifies financial transactions, losing nothing.")]
+#[command(
+    name = "txnflow",
+    version,
+    about = "Classifies financial transactions, losing nothing.",
+    after_help = EXAMPLES
+)]
 struct Cli {
     /// A TOML file layered over config/default.toml and config/local.toml.
     #[arg(long, global = true, value_name = "FILE")]
@@ -71,6 +93,9 @@ struct RepredictArgs {
     /// The run id (generated when absent); a stopped run with this id resumes.
     #[arg(long)]
     run_id: Option<String>,
+    /// The ML API to ask, instead of repredict.url (or predict.url).
+    #[arg(long, value_name = "URL")]
+    model_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -78,15 +103,25 @@ enum ModelsCommand {
     /// The model versions, with their predictions, coverage and current share.
     List,
     /// Agreement and the confusion table of A's latest predictions against B's.
+    #[command(after_help = "Example: txnflow models compare v1 v2 --format csv > confusion.csv")]
     Compare {
+        /// A model version, as `txnflow models list` shows it (e.g. v1).
+        #[arg(value_name = "A")]
         a: String,
+        /// The model version to compare it with.
+        #[arg(value_name = "B")]
         b: String,
         /// table (default) or csv (a_category,b_category,transactions).
         #[arg(long, default_value = "table", value_parser = ["table", "csv"])]
         format: String,
     },
     /// Make V's latest prediction current for every transaction V has predicted (no ML API call).
-    Promote { version: String },
+    #[command(after_help = "Example: txnflow models promote v2   (roll back: promote the earlier version)")]
+    Promote {
+        /// The model version to make current, as `txnflow models list` shows it.
+        #[arg(value_name = "VERSION")]
+        version: String,
+    },
     /// Every prediction of one transaction, across versions and the archive, newest first.
     History {
         /// The transaction's id: its UUID, or its source id (the seed's `1`, `2`, …).
@@ -107,7 +142,7 @@ const MAX_ARCHIVE_DAYS: i64 = 36_500;
 enum ArchiveCommand {
     /// Move prediction_history rows older than DAYS, except current predictions, to prediction_history_archive.
     Predictions {
-        /// At most 36,500 (100 years).
+        /// Move the rows predicted more than DAYS days ago; at most 36,500 (100 years).
         #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(0..=MAX_ARCHIVE_DAYS))]
         older_than: u32,
     },
@@ -147,6 +182,15 @@ enum DlqCommand {
 }
 
 #[derive(Args)]
+#[command(after_help = "\
+Examples:
+  txnflow batch s3://transactions/2026-12.csv
+  txnflow batch s3://transactions/december/            every .csv under the prefix
+  txnflow batch ./transactions_fr.csv --run-id dec-1   a re-run with the same id stores nothing twice
+
+Invalid rows go to an error file, with their line and the failing fields:
+s3://<bucket>/errors/<run-id>.csv for an S3 input, <dir>/errors/<run-id>.csv
+beside a local file (written only when a row is invalid).")]
 struct BatchArgs {
     /// s3://bucket/key.csv, s3://bucket/prefix/, or a local file or directory.
     uri: String,
@@ -416,6 +460,10 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 args.from_model.as_deref(),
             )
             .map_err(|reason| anyhow::anyhow!("repredict: {reason}"))?;
+            let mut config = config;
+            if let Some(url) = &args.model_url {
+                config.set_repredict_url("--model-url", url)?;
+            }
             txnflow::cli::repredict::run_command(config, args.run_id, selection)
         }
         Command::Models(ModelsCommand::List) => txnflow::cli::models::list(&config),

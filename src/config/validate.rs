@@ -5,6 +5,14 @@ use super::*;
 use std::path::Path;
 
 impl Config {
+    /// Sets `repredict.url` from a command's flag (`flag` names it in a
+    /// refusal), checked as the key is.
+    pub fn set_repredict_url(&mut self, flag: &str, url: &str) -> Result<(), ConfigError> {
+        self.repredict.url = url.to_string();
+        self.check()
+            .map_err(|error| if error.key == "repredict.url" { ConfigError::new(flag, error.message) } else { error })
+    }
+
     /// Rules that types alone cannot express.
     pub(super) fn check(&self) -> Result<(), ConfigError> {
         let positive = |key: &str, value: u64| {

@@ -238,3 +238,43 @@ fn configuration_errors_are_in_plain_words() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--help` reads like a well-kept tool's: examples, the environment
+/// variables, and a description for every positional argument and flag.
+#[test]
+fn help_has_examples_the_environment_and_every_argument_described() {
+    let top = crate::helpers::stdout(&run(txnflow().arg("--help")));
+    for needed in ["Examples:", "txnflow batch s3://", "TXNFLOW__SECTION__KEY", "Exit status: 0 done, 1 failed"] {
+        assert!(top.contains(needed), "top-level --help lacks {needed:?}:\n{top}");
+    }
+    let commands: [&[&str]; 6] = [
+        &["batch"],
+        &["repredict"],
+        &["models", "compare"],
+        &["models", "promote"],
+        &["models", "history"],
+        &["archive", "predictions"],
+    ];
+    for command in commands {
+        let output = run(txnflow().args(command).arg("--help"));
+        assert!(output.status.success(), "{command:?}");
+        let help = crate::helpers::stdout(&output);
+        // Every argument and option line gives its meaning after its name.
+        for line in help.lines().filter(|line| line.trim_start().starts_with(['<', '-'])) {
+            let described = line.trim_start().split_once("  ").is_some_and(|(_, text)| !text.trim().is_empty());
+            assert!(described, "{command:?}: undescribed {line:?}:\n{help}");
+        }
+    }
+    let repredict = crate::helpers::stdout(&run(txnflow().args(["repredict", "--help"])));
+    assert!(repredict.contains("--model-url <URL>"), "{repredict}");
+    let batch = crate::helpers::stdout(&run(txnflow().args(["batch", "--help"])));
+    assert!(batch.contains("<dir>/errors/<run-id>.csv"), "batch --help says where the error file goes:\n{batch}");
+}
+
+/// `repredict --model-url` is checked as `repredict.url` is, and named.
+#[test]
+fn a_bad_model_url_exits_2_naming_the_flag() {
+    let output = run(txnflow().args(["repredict", "--model-url", "ftp://model"]));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).starts_with("txnflow: configuration key `--model-url`: "), "{}", stderr(&output));
+}
