@@ -14,7 +14,7 @@ service=$!
 # schema registry: one topic holding both, as during a move to a registry.
 "$BIN" produce --invalid-ratio 0.02 --traceparent --format json,avro >"$LOGS/producer.log" 2>&1 &
 producer=$!
-echo "[run] service pid $service (admin http://127.0.0.1:8088/metrics), producers pid $producer (log .stack/logs/producer.log); Ctrl-C to stop"
+echo "[run] service pid $service (its start line in the log names its admin address), producers pid $producer (log .stack/logs/producer.log); Ctrl-C to stop"
 
 stop() {
   trap - INT TERM

@@ -38,7 +38,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(
             topic = config.kafka.topic,
             group = config.kafka.group_id,
-            admin = %config.admin.listen,
+            metrics = %format!("http://{}/metrics", config.admin.listen),
             "txnflow is running"
         );
         wait_for_signal().await;

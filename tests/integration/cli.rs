@@ -278,3 +278,46 @@ fn a_bad_model_url_exits_2_naming_the_flag() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).starts_with("txnflow: configuration key `--model-url`: "), "{}", stderr(&output));
 }
+
+/// `make run` (`scripts/run.sh`) names the admin address the service
+/// listens on, whatever `admin.listen` is.
+#[test]
+fn make_run_names_the_admin_address_it_listens_on() {
+    let database = crate::helpers::TestDatabase::migrated();
+    let topic = format!("test-run-{}", uuid::Uuid::new_v4().simple());
+    let port = crate::helpers::free_port();
+    let log = std::env::temp_dir().join(format!("{topic}.log"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/run.sh");
+    let mut command = std::process::Command::new("bash");
+    command.arg(&script);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("TXNFLOW__")) {
+        command.env_remove(name);
+    }
+    let mut child = command
+        .env("TXNFLOW__DB__URL", &database.url)
+        .env("TXNFLOW__KAFKA__TOPIC", &topic)
+        .env("TXNFLOW__KAFKA__DLQ_TOPIC", format!("{topic}-dlq"))
+        .env("TXNFLOW__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let running = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) =
+            text.lines().find(|line| line.contains("txnflow is running") && line.contains("metrics=http"))
+        {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no \"txnflow is running\" line in 90 s:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let stopped = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(running.contains(&format!("metrics=http://127.0.0.1:{port}/metrics")), "{running}");
+    assert!(!text.contains(":8088"), "no address but the configured one:\n{text}");
+    assert!(stopped.success(), "run.sh stops cleanly:\n{text}");
+}
