@@ -258,6 +258,19 @@ impl RunSpec {
     }
 }
 
+impl RunSpec {
+    /// Where the run's invalid rows will go, said before it starts: the
+    /// error file, or for a prefix the folder of one file per input.
+    pub fn errors_destination(&self) -> String {
+        let Some(first) = self.files.first() else { return String::new() };
+        let location = self.error_location(first).uri();
+        match location.rsplit_once('/') {
+            Some((folder, _)) if self.errors_per_file => format!("{folder}/<file name>"),
+            _ => location,
+        }
+    }
+}
+
 /// Resolves the uri to its files, as `policy` allows, and checks each file's header.
 pub async fn prepare(
     s3: &aws_sdk_s3::Client,
@@ -481,5 +494,10 @@ mod tests {
         assert_eq!(single.error_location(&local).uri(), "/data/in/errors/r1.csv");
         let prefix = RunSpec { errors_per_file: true, ..single };
         assert_eq!(prefix.error_location(&s3).uri(), "s3://b/errors/r1/jan.csv");
+        // Said before the run starts.
+        let single = RunSpec { files: vec![local], errors_per_file: false, ..prefix };
+        assert_eq!(single.errors_destination(), "/data/in/errors/r1.csv");
+        let prefix = RunSpec { files: vec![s3], errors_per_file: true, ..single };
+        assert_eq!(prefix.errors_destination(), "s3://b/errors/r1/<file name>");
     }
 }

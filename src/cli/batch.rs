@@ -19,7 +19,14 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
         // The input first: a bad uri or file fails at once, before any
         // connection to the database or the broker is tried.
         let run_id = run_id.unwrap_or_else(crate::batch::new_run_id);
-        crate::batch::prepare(&crate::batch::s3::client(&config.s3), &uri, &run_id, &InputPolicy::Any).await?;
+        let spec =
+            crate::batch::prepare(&crate::batch::s3::client(&config.s3), &uri, &run_id, &InputPolicy::Any).await?;
+        eprintln!(
+            "batch run {run_id}: {} file{} from {uri}; invalid rows, if any, go to {}",
+            spec.files.len(),
+            if spec.files.len() == 1 { "" } else { "s" },
+            spec.errors_destination()
+        );
         if config.db.auto_migrate {
             service::migrate_when_reachable(&config).await?;
         }

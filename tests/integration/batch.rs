@@ -326,8 +326,20 @@ async fn a_prefix_a_local_path_and_a_shuffled_comma_file_all_load() {
     folder.put("month=2026-01/readme.txt", b"not a csv".to_vec()).await;
     folder.put("month=2026-01/errors/old-run.csv", b"id\n1\n".to_vec()).await;
     let prefix = format!("{}month=2026-01/", folder.uri());
-    let output = batch(&scenario, &[&prefix, "--run-id", &format!("prefix-{}", Uuid::new_v4().simple())]);
+    let prefix_run = format!("prefix-{}", Uuid::new_v4().simple());
+    let output = batch(&scenario, &[&prefix, "--run-id", &prefix_run]);
     assert_eq!(summary_counts(&output), [300, 300, 0, 300, 300, 0]);
+    // Where invalid rows would go is said before the run starts.
+    assert_eq!(
+        stderr(&output).lines().next(),
+        Some(
+            format!(
+                "batch run {prefix_run}: 3 files from {prefix}; invalid rows, if any, go to s3://{}/errors/{prefix_run}/<file name>",
+                folder.bucket
+            )
+            .as_str()
+        )
+    );
     let stored = query_json(&mut scenario.db.connect(), "SELECT id, batch_id FROM transactions");
     for (n, part) in rows[..300].chunks(100).enumerate() {
         for row in part {
@@ -344,6 +356,17 @@ async fn a_prefix_a_local_path_and_a_shuffled_comma_file_all_load() {
     std::fs::write(&local, file_of(&rows[300..350])).unwrap();
     let output = batch(&scenario, &[local.to_str().unwrap(), "--run-id", "local-run"]);
     assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0]);
+    assert_eq!(
+        stderr(&output).lines().next(),
+        Some(
+            format!(
+                "batch run local-run: 1 file from {}; invalid rows, if any, go to {}",
+                local.display(),
+                dir.join("errors/local-run.csv").display()
+            )
+            .as_str()
+        )
+    );
     assert_eq!(
         scenario.count(&format!("SELECT count(*) FROM transactions WHERE batch_id = '{}'", local.display())),
         50
