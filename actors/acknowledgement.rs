@@ -19,6 +19,9 @@ use crate::domain::origin::Origin;
 pub enum Settlement {
     /// In PostgreSQL with its prediction: nothing more happens to it.
     Predicted,
+    /// In PostgreSQL before this record came (a redelivery, a replay, a
+    /// batch run again), left as it was: nothing more happens to it.
+    AlreadyStored,
     /// In PostgreSQL without a prediction; its `prediction_failed` dead
     /// letter is on its way, with the handle.
     StoredUnpredicted,
@@ -78,13 +81,24 @@ impl Ack {
     /// These records and their predictions are in PostgreSQL. Each tracker
     /// is told once, for all of its records.
     pub fn predicted(acks: Vec<Ack>) {
+        Ack::settle_all(acks, Settlement::Predicted);
+    }
+
+    /// The records' transactions were stored before them and are left as
+    /// they were: the handles go.
+    pub fn already_stored(acks: Vec<Ack>) {
+        Ack::settle_all(acks, Settlement::AlreadyStored);
+    }
+
+    /// Reports the settlement of every record, one report per source.
+    fn settle_all(acks: Vec<Ack>, settlement: Settlement) {
         let mut acks = acks;
         while let Some(first) = acks.first() {
             let tracker = first.tracker.clone();
             let (mut same, rest): (Vec<Ack>, Vec<Ack>) =
                 acks.into_iter().partition(|ack| Arc::ptr_eq(&ack.tracker, &tracker));
             let records: Vec<(&Origin, u64)> = same.iter().map(|ack| (&ack.origin, ack.mark)).collect();
-            tracker.report(&records, Settlement::Predicted);
+            tracker.report(&records, settlement);
             for ack in &mut same {
                 ack.settled = true;
             }

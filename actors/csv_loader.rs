@@ -166,6 +166,7 @@ impl Tracker for RunRows {
         let run_id = &self.spec.run_id;
         let outcome = match settlement {
             Settlement::Predicted => RowOutcome::Predicted,
+            Settlement::AlreadyStored => RowOutcome::AlreadyStored,
             // Settled once its prediction_failed dead letter is acknowledged.
             Settlement::StoredUnpredicted => return,
             Settlement::DeadLettered { stored: true } => RowOutcome::PredictionFailed,

@@ -54,7 +54,7 @@ log "airflow dags test txnflow_batch 2026-01-01"
 TXNFLOW_ADMIN_URL="http://127.0.0.1:$ADMIN_PORT" TXNFLOW_BUCKET="transactions/$RUN" \
   "$VENV/bin/airflow" dags test txnflow_batch 2026-01-01 >"$STACK/logs/airflow-dags-test.log" 2>&1 \
   || { tail -30 "$STACK/logs/airflow-dags-test.log"; exit 1; }
-grep -o "read [0-9]* valid [0-9]* invalid [0-9]* predicted [0-9]* written [0-9]* dead-lettered [0-9]* in [0-9.]* s" \
+grep -o "read [0-9]* valid [0-9]* invalid [0-9]* predicted [0-9]* written [0-9]* already-stored [0-9]* dead-lettered [0-9]* in [0-9.]* s" \
   "$STACK/logs/airflow-dags-test.log" | tail -1
 
 ROWS=$(PGPASSWORD=txnflow psql -h 127.0.0.1 -U txnflow -d "$DB" -Atc \

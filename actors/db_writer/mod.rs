@@ -180,6 +180,7 @@ fn acknowledge(
     let mut dead_letters = Vec::new();
     let mut predicted_for_fanout = Vec::new();
     let mut settled = Vec::with_capacity(records.len());
+    let mut already_stored = Vec::new();
     let total = records.len();
     // Counted per source here, added to the metrics once per flush.
     let (mut written, mut predicted) = (std::collections::HashMap::new(), std::collections::HashMap::new());
@@ -212,7 +213,11 @@ fn acknowledge(
                 predicted_for_fanout.push(prediction.clone());
             }
             *predicted.entry(source).or_insert(0) += 1;
-            settled.push(record.ack);
+            if refusals.already_stored.contains(&id) {
+                already_stored.push(record.ack);
+            } else {
+                settled.push(record.ack);
+            }
         } else {
             record.ack.stored_unpredicted();
             params.stored_unpredicted.set();
@@ -226,6 +231,7 @@ fn acknowledge(
         }
     }
     Ack::predicted(settled);
+    Ack::already_stored(already_stored);
     let written_total: u64 = written.values().sum();
     for (source, count) in written {
         METRICS.records.with_label_values(&[source, "written"]).inc_by(count);

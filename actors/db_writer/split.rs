@@ -11,12 +11,13 @@ use crate::config::WriteMethod;
 use crate::db::{TransactionRow, WriteError, write_flush};
 use crate::domain::prediction::Prediction;
 
-/// A write's outcome: done, or why not.
-type Written = Result<(), WriteError>;
+/// A write's outcome: done, with the ids that were stored before it, or why not.
+type Written = Result<Vec<Uuid>, WriteError>;
 
 /// Where a flush is written: a PostgreSQL connection in the service.
 pub(super) trait FlushStore {
-    /// Writes the rows and their predictions in one database transaction.
+    /// Writes the rows and their predictions in one database transaction;
+    /// the rows stored before are left as they were.
     fn write(&mut self, rows: &[TransactionRow<'_>], predictions: &[Prediction], method: WriteMethod) -> Written;
 
     /// Whether the database answers a trivial query.
@@ -25,7 +26,7 @@ pub(super) trait FlushStore {
 
 impl FlushStore for diesel::pg::PgConnection {
     fn write(&mut self, rows: &[TransactionRow<'_>], predictions: &[Prediction], method: WriteMethod) -> Written {
-        write_flush(self, rows, predictions, method).map(|_| ())
+        write_flush(self, rows, predictions, method).map(|flushed| flushed.already_stored)
     }
 
     fn answers(&mut self) -> bool {
@@ -34,9 +35,13 @@ impl FlushStore for diesel::pg::PgConnection {
     }
 }
 
-/// What a write refused, by position in the flush, with the reason.
+/// What a write refused, by position in the flush, with the reason, and
+/// what it found stored already.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Refusals {
+    /// Transactions stored before this flush (a redelivery, a replay, a
+    /// batch run again): not refused, left as they were.
+    pub(super) already_stored: std::collections::HashSet<Uuid>,
     /// Records the database refused whole: dead-lettered as `persist_failed`.
     pub(super) records: Vec<(usize, String)>,
     /// Records stored without their prediction, which the database refused:
@@ -101,7 +106,13 @@ pub(super) fn write_positions(
         .collect();
     let predictions: Vec<_> =
         positions.iter().filter_map(|&i| flush.predictions.get(&flush.records[i].transaction.id).cloned()).collect();
-    let Err(error) = store.write(&rows, &predictions, method) else { return Ok(()) };
+    let error = match store.write(&rows, &predictions, method) {
+        Ok(already_stored) => {
+            refusals.already_stored.extend(already_stored);
+            return Ok(());
+        }
+        Err(error) => error,
+    };
     let reason = refusal(store, error, suspicion)?;
     if positions.len() > 1 {
         let (left, right) = positions.split_at(positions.len() / 2);
@@ -113,7 +124,10 @@ pub(super) fn write_positions(
         return Ok(());
     }
     match store.write(&rows, &[], WriteMethod::Unnest) {
-        Ok(()) => refusals.predictions.push((positions[0], format!("prediction refused by the database: {reason}"))),
+        Ok(already_stored) => {
+            refusals.already_stored.extend(already_stored);
+            refusals.predictions.push((positions[0], format!("prediction refused by the database: {reason}")))
+        }
         Err(error) => refusals.records.push((positions[0], refusal(store, error, suspicion)?)),
     }
     Ok(())
@@ -158,7 +172,7 @@ mod tests {
             }
             self.stored.extend(rows.iter().map(|row| row.transaction.description.clone()));
             self.predicted.extend(predictions.iter().map(|prediction| prediction.category.clone()));
-            Ok(())
+            Ok(Vec::new())
         }
 
         fn answers(&mut self) -> bool {

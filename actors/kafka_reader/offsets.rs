@@ -79,7 +79,10 @@ impl Tracker for ReadOffsets {
             }
             // In PostgreSQL already: durable, though its dead letter was lost.
             Settlement::Lost { stored: true } => {}
-            Settlement::Predicted | Settlement::StoredUnpredicted | Settlement::DeadLettered { .. } => {
+            Settlement::Predicted
+            | Settlement::AlreadyStored
+            | Settlement::StoredUnpredicted
+            | Settlement::DeadLettered { .. } => {
                 let mut offsets = self.lock();
                 kafka.for_each(|(partition, offset, _)| offsets.durable(partition, offset));
                 drop(offsets);

@@ -74,25 +74,36 @@ pub struct TransactionRow<'a> {
 /// column arrays, so a flush of any size binds 11 and 4 parameters, far
 /// under PostgreSQL's 65,535.
 ///
-/// Returns the method that stored the flush.
+/// Returns the method that stored the flush, and the transactions that
+/// were stored before it.
 pub fn write_flush(
     connection: &mut PgConnection,
     rows: &[TransactionRow<'_>],
     predictions: &[crate::domain::prediction::Prediction],
     method: WriteMethod,
-) -> Result<WriteMethod, WriteError> {
+) -> Result<Flushed, WriteError> {
     if method == WriteMethod::Copy
         && connection
             .transaction(|tx| EncodedFlush::of(rows, predictions, PredictionKind::Pipeline).copy_into(tx))
             .is_ok()
     {
-        return Ok(WriteMethod::Copy);
+        return Ok(Flushed { method: WriteMethod::Copy, already_stored: Vec::new() });
     }
-    connection.transaction::<WriteMethod, WriteError, _>(|tx| {
-        insert_transactions(tx, rows)?;
+    connection.transaction::<Flushed, WriteError, _>(|tx| {
+        let already_stored = insert_transactions(tx, rows)?;
         insert_new_predictions(tx, predictions, PredictionKind::Pipeline)?;
-        Ok(WriteMethod::Unnest)
+        Ok(Flushed { method: WriteMethod::Unnest, already_stored })
     })
+}
+
+/// What a flush's write did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Flushed {
+    /// The method that stored it.
+    pub method: WriteMethod,
+    /// The ids of its transactions that were stored before it (a
+    /// redelivery, a replay, a batch run again): they are left as they were.
+    pub already_stored: Vec<uuid::Uuid>,
 }
 
 /// A flush as three binary `COPY` streams, one per table, encoded before
@@ -213,10 +224,14 @@ fn prediction_copy(predictions: &[crate::domain::prediction::Prediction], kind: 
     copy.finish()
 }
 
-fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>]) -> Result<(), WriteError> {
+/// Inserts the rows whose id is not stored yet; returns the ids that were.
+fn insert_transactions(
+    connection: &mut PgConnection,
+    rows: &[TransactionRow<'_>],
+) -> Result<Vec<uuid::Uuid>, WriteError> {
     use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut ids = Vec::with_capacity(rows.len());
     let mut descriptions = Vec::with_capacity(rows.len());
@@ -243,7 +258,7 @@ fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>
         batch_ids.push(row.batch_id);
         sources.push(row.source.as_str());
     }
-    diesel::sql_query(
+    let inserted = diesel::sql_query(
         "INSERT INTO transactions (id, description, amount, \"timestamp\", merchant, operation_type, side,
                                    processing_type, run_id, batch_id, source)
          SELECT id, description, amount::numeric(12, 2), ts, merchant, operation_type, side,
@@ -251,9 +266,10 @@ fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
                      $8::text[], $9::text[], $10::text[], $11::text[])
               AS r(id, description, amount, ts, merchant, operation_type, side, processing_type, run_id, batch_id, source)
-         ON CONFLICT (id) DO NOTHING",
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id",
     )
-    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<SqlUuid>, _>(&ids)
     .bind::<Array<Text>, _>(descriptions)
     .bind::<Array<Text>, _>(amounts)
     .bind::<Array<Timestamptz>, _>(timestamps)
@@ -264,8 +280,15 @@ fn insert_transactions(connection: &mut PgConnection, rows: &[TransactionRow<'_>
     .bind::<Array<Nullable<Text>>, _>(run_ids)
     .bind::<Array<Nullable<Text>>, _>(batch_ids)
     .bind::<Array<Text>, _>(sources)
-    .execute(connection)?;
-    Ok(())
+    .load::<InsertedId>(connection)?;
+    let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().map(|row| row.id).collect();
+    Ok(ids.into_iter().filter(|id| !inserted.contains(id)).collect())
+}
+
+#[derive(diesel::QueryableByName)]
+struct InsertedId {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: uuid::Uuid,
 }
 
 /// Stores the live model's predictions of transactions that have none,

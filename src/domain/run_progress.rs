@@ -22,6 +22,8 @@ pub enum RowOutcome {
     PredictionFailed,
     /// Refused by the database and dead-lettered as `persist_failed`.
     Refused,
+    /// Stored before this run (a run again), left as it was.
+    AlreadyStored,
 }
 
 /// A run's counts, as its summary line prints them.
@@ -32,15 +34,18 @@ pub struct RunCounts {
     pub invalid: u64,
     pub predicted: u64,
     pub written: u64,
+    /// Valid rows whose transaction was stored before the run, left as
+    /// they were: neither written nor predicted again.
+    pub already_stored: u64,
     pub dead_lettered: u64,
 }
 
 impl RunCounts {
-    /// `read N valid V invalid I predicted P written W dead-lettered D in T s`.
+    /// `read N valid V invalid I predicted P written W already-stored A dead-lettered D in T s`.
     pub fn summary(&self, seconds: f64) -> String {
         format!(
-            "read {} valid {} invalid {} predicted {} written {} dead-lettered {} in {seconds:.1} s",
-            self.read, self.valid, self.invalid, self.predicted, self.written, self.dead_lettered
+            "read {} valid {} invalid {} predicted {} written {} already-stored {} dead-lettered {} in {seconds:.1} s",
+            self.read, self.valid, self.invalid, self.predicted, self.written, self.already_stored, self.dead_lettered
         )
     }
 
@@ -50,6 +55,7 @@ impl RunCounts {
         self.invalid += other.invalid;
         self.predicted += other.predicted;
         self.written += other.written;
+        self.already_stored += other.already_stored;
         self.dead_lettered += other.dead_lettered;
     }
 }
@@ -187,6 +193,7 @@ impl FileProgress {
                 self.counts.dead_lettered += 1;
             }
             RowOutcome::Refused => self.counts.dead_lettered += 1,
+            RowOutcome::AlreadyStored => self.counts.already_stored += 1,
         }
         true
     }
@@ -231,11 +238,11 @@ mod tests {
         assert!(progress.is_done());
         assert_eq!(
             progress.counts,
-            RunCounts { read: 3, valid: 3, invalid: 0, predicted: 1, written: 2, dead_lettered: 2 }
+            RunCounts { read: 3, valid: 3, invalid: 0, predicted: 1, written: 2, already_stored: 0, dead_lettered: 2 }
         );
         assert_eq!(
             progress.counts.summary(1.25),
-            "read 3 valid 3 invalid 0 predicted 1 written 2 dead-lettered 2 in 1.2 s"
+            "read 3 valid 3 invalid 0 predicted 1 written 2 already-stored 0 dead-lettered 2 in 1.2 s"
         );
     }
 

@@ -65,18 +65,18 @@ pub fn batch_with(scenario: &Scenario, args: &[&str], env: &[(&str, &str)]) -> O
 
 /// The summary line's counts, checked for its exact shape.
 #[track_caller]
-fn summary_counts(output: &Output) -> [u64; 6] {
+fn summary_counts(output: &Output) -> [u64; 7] {
     assert!(output.status.success(), "txnflow batch failed:\n{}", stderr(output));
     let out = stdout(output);
     let line = out.lines().last().unwrap_or_default();
     let words: Vec<&str> = line.split(' ').collect();
-    let labels = ["read", "valid", "invalid", "predicted", "written", "dead-lettered", "in", "s"];
-    assert_eq!(words.len(), 15, "summary line {line:?}");
-    for (i, label) in labels.iter().enumerate().take(7) {
+    let labels = ["read", "valid", "invalid", "predicted", "written", "already-stored", "dead-lettered", "in", "s"];
+    assert_eq!(words.len(), 17, "summary line {line:?}");
+    for (i, label) in labels.iter().enumerate().take(8) {
         assert_eq!(words[i * 2], *label, "summary line {line:?}");
     }
-    assert_eq!(words[14], "s");
-    assert!(words[13].parse::<f64>().is_ok(), "summary line {line:?}");
+    assert_eq!(words[16], "s");
+    assert!(words[15].parse::<f64>().is_ok(), "summary line {line:?}");
     std::array::from_fn(|i| words[i * 2 + 1].parse().unwrap())
 }
 
@@ -142,7 +142,7 @@ async fn the_seed_file_loads_as_it_is_and_a_rerun_adds_nothing() {
     let run_id = format!("seed-{}", Uuid::new_v4().simple());
 
     let output = batch(&scenario, &[&uri, "--run-id", &run_id]);
-    assert_eq!(summary_counts(&output), [10_000, 10_000, 0, 10_000, 10_000, 0], "{}", stdout(&output));
+    assert_eq!(summary_counts(&output), [10_000, 10_000, 0, 10_000, 10_000, 0, 0], "{}", stdout(&output));
 
     let (_, rows) = seed_rows();
     let expected: BTreeSet<Uuid> = rows.iter().map(|row| id_of(&row.id)).collect();
@@ -179,9 +179,9 @@ async fn the_seed_file_loads_as_it_is_and_a_rerun_adds_nothing() {
         assert_eq!(stored["source"], format!("{uri}:{}", row.line));
     }
 
-    // A second run: the same counts, and not one row more or changed.
+    // A second run: every row already stored, and not one row more or changed.
     let again = batch(&scenario, &[&uri, "--run-id", &format!("{run_id}-again")]);
-    assert_eq!(summary_counts(&again), [10_000, 10_000, 0, 10_000, 10_000, 0]);
+    assert_eq!(summary_counts(&again), [10_000, 10_000, 0, 0, 0, 10_000, 0]);
     assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 10_000);
     assert_eq!(scenario.count("SELECT count(*) FROM predictions"), 10_000);
     assert_eq!(
@@ -204,7 +204,7 @@ async fn corrupted_lines_go_to_the_error_file_with_their_line_and_reason() {
     let run_id = format!("bad-{}", Uuid::new_v4().simple());
 
     let output = batch(&scenario, &[&uri, "--run-id", &run_id]);
-    assert_eq!(summary_counts(&output), [10_000, 9_900, 100, 9_900, 9_900, 0]);
+    assert_eq!(summary_counts(&output), [10_000, 9_900, 100, 9_900, 9_900, 0, 0]);
     let expected: BTreeSet<Uuid> =
         rows.iter().filter(|row| !corrupted.contains_key(&row.line)).map(|row| id_of(&row.id)).collect();
     assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
@@ -328,7 +328,7 @@ async fn a_prefix_a_local_path_and_a_shuffled_comma_file_all_load() {
     let prefix = format!("{}month=2026-01/", folder.uri());
     let prefix_run = format!("prefix-{}", Uuid::new_v4().simple());
     let output = batch(&scenario, &[&prefix, "--run-id", &prefix_run]);
-    assert_eq!(summary_counts(&output), [300, 300, 0, 300, 300, 0]);
+    assert_eq!(summary_counts(&output), [300, 300, 0, 300, 300, 0, 0]);
     // Where invalid rows would go is said before the run starts.
     assert_eq!(
         stderr(&output).lines().next(),
@@ -355,7 +355,7 @@ async fn a_prefix_a_local_path_and_a_shuffled_comma_file_all_load() {
     let local = dir.join("local.csv");
     std::fs::write(&local, file_of(&rows[300..350])).unwrap();
     let output = batch(&scenario, &[local.to_str().unwrap(), "--run-id", "local-run"]);
-    assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0]);
+    assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0, 0]);
     assert_eq!(
         stderr(&output).lines().next(),
         Some(
@@ -382,7 +382,7 @@ async fn a_prefix_a_local_path_and_a_shuffled_comma_file_all_load() {
     }
     let comma = folder.put("comma.csv", text.into_bytes()).await;
     let output = batch(&scenario, &[&comma, "--run-id", "comma-run"]);
-    assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0]);
+    assert_eq!(summary_counts(&output), [50, 50, 0, 50, 50, 0, 0]);
     let stored = query_json(
         &mut scenario.db.connect(),
         &format!("SELECT id, amount::text AS amount, side, description FROM transactions WHERE batch_id = '{comma}'"),
@@ -674,7 +674,7 @@ async fn a_csv_rows_dead_letter_is_a_replayable_event() {
         .env("TXNFLOW__DB__URL", &scenario.db.url)
         .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url())
         .env("TXNFLOW__PREDICT__MAX_RETRIES", "0"));
-    assert_eq!(summary_counts(&output), [20, 20, 0, 0, 20, 20], "{}", stdout(&output));
+    assert_eq!(summary_counts(&output), [20, 20, 0, 0, 20, 0, 20], "{}", stdout(&output));
     let dlq = scenario.dlq(20);
     assert_eq!(dlq.len(), 20);
     let mut keys = BTreeSet::new();
@@ -720,7 +720,7 @@ async fn wait_not_running(service: &crate::scenario::Service, run_id: &str) -> s
     }
 }
 
-const COUNT_KEYS: [&str; 6] = ["read", "valid", "invalid", "predicted", "written", "dead_lettered"];
+const COUNT_KEYS: [&str; 7] = ["read", "valid", "invalid", "predicted", "written", "already_stored", "dead_lettered"];
 
 fn counts_of(report: &serde_json::Value) -> Vec<u64> {
     COUNT_KEYS.iter().map(|key| report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"))).collect()
@@ -757,7 +757,7 @@ async fn any_replica_answers_for_a_run_and_none_runs_it_twice() {
     let from_second = wait_not_running(&second, &run_id).await;
     let from_first = run_status(&first, &run_id).await;
     assert_eq!(from_second["status"], "completed", "{from_second}");
-    assert_eq!(counts_of(&from_second), [3_000, 3_000, 0, 3_000, 3_000, 0]);
+    assert_eq!(counts_of(&from_second), [3_000, 3_000, 0, 3_000, 3_000, 0, 0]);
     assert_eq!(counts_of(&from_first), counts_of(&from_second));
     assert_eq!(from_first["summary"], from_second["summary"]);
     let expected: BTreeSet<Uuid> = rows[..3_000].iter().map(|row| id_of(&row.id)).collect();
@@ -792,6 +792,8 @@ async fn a_run_whose_replica_died_is_interrupted_and_resumes_on_another() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(doomed.signal("KILL", Duration::from_secs(10)).is_some(), "kill -9");
+    // What the dead replica stored; nothing writes to the run's rows until the takeover.
+    let stored_before = scenario.count("SELECT count(*) FROM transactions") as u64;
 
     let interrupted = wait_not_running(&survivor, &run_id).await;
     assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
@@ -803,9 +805,10 @@ async fn a_run_whose_replica_died_is_interrupted_and_resumes_on_another() {
     let done = wait_not_running(&survivor, &run_id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_ne!(done["instance"], owner.as_str());
-    // The second pass reads the whole file again: rows stored by the first
-    // are written again as they were (idempotent), so every count is whole.
-    assert_eq!(counts_of(&done), [10_000, 10_000, 0, 10_000, 10_000, 0]);
+    // The second pass reads the whole file again: the rows the first stored
+    // are found stored and left as they were; the others are written.
+    let written = 10_000 - stored_before;
+    assert_eq!(counts_of(&done), [10_000, 10_000, 0, written, written, stored_before, 0]);
     let (_, rows) = seed_rows();
     let expected: BTreeSet<Uuid> = rows.iter().map(|row| id_of(&row.id)).collect();
     assert_same_set(&scenario.transaction_ids(), &expected, "stored ids");
@@ -822,6 +825,8 @@ async fn a_hundred_short_batch_runs_all_exit_cleanly() {
     let scenario = Scenario::new("exits").await;
     let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/sample/transactions-sample.csv");
     let mut failures = Vec::new();
+    // Each transaction is written by one run; the others find it stored.
+    let (mut written, mut already_stored) = (0, 0);
     for round in 0..25 {
         let children: Vec<std::process::Child> = (0..4)
             .map(|_| {
@@ -840,11 +845,23 @@ async fn a_hundred_short_batch_runs_all_exit_cleanly() {
         for child in children {
             let output = child.wait_with_output().unwrap();
             let summary = stdout(&output);
-            if !output.status.success() || !summary.starts_with("read 5 valid 5 invalid 0 predicted 5 written 5 ") {
+            let counts: Vec<u64> =
+                summary.split_whitespace().skip(1).step_by(2).take(7).filter_map(|n| n.parse().ok()).collect();
+            // read 5 valid 5 invalid 0 predicted P written P already-stored 5 - P dead-lettered 0
+            let whole = counts.len() == 7
+                && counts[..3] == [5, 5, 0]
+                && counts[3] == counts[4]
+                && counts[4] + counts[5] == 5
+                && counts[6] == 0;
+            if !output.status.success() || !whole {
                 failures.push(format!("round {round}: {:?} {summary} {}", output.status, stderr(&output)));
+            } else {
+                written += counts[4];
+                already_stored += counts[5];
             }
         }
     }
     assert_eq!(failures, Vec::<String>::new());
+    assert_eq!((written, already_stored), (5, 495), "written once, found stored 99 times");
     assert_eq!(scenario.count("SELECT count(*) FROM transactions"), 5);
 }

@@ -4,7 +4,7 @@
 
 use serde_json::json;
 use txnflow::config::WriteMethod;
-use txnflow::db::{TransactionRow, write_flush};
+use txnflow::db::{Flushed, TransactionRow, write_flush};
 use txnflow::domain::amount::Amount;
 use txnflow::domain::prediction::Prediction;
 use txnflow::domain::transaction::{ProcessingType, Side, Transaction};
@@ -82,7 +82,11 @@ fn copy_and_unnest_store_the_same_rows() {
         let database = TestDatabase::migrated();
         let mut connection = database.connect();
         let stored_by = write_flush(&mut connection, &rows(&transactions), &predictions(&transactions, "v1"), method);
-        assert_eq!(stored_by.unwrap(), method, "a new flush is stored by the method asked for");
+        assert_eq!(
+            stored_by.unwrap(),
+            Flushed { method, already_stored: vec![] },
+            "a new flush is stored by the method asked for"
+        );
         stored.push(query_json(&mut connection, STORED));
         assert_eq!(
             query_json(&mut connection, HISTORY),
@@ -120,12 +124,13 @@ fn a_flush_holding_stored_records_is_written_whole_by_the_fallback() {
     let first = edge_transactions(2);
     let stored_by =
         write_flush(&mut connection, &rows(&first[..4]), &predictions(&first[..4], "v1"), WriteMethod::Copy);
-    assert_eq!(stored_by.unwrap(), WriteMethod::Copy);
+    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Copy, already_stored: vec![] });
     // Four of these are stored already (with v1); COPY fails on them, and
     // the flush is written by UNNEST: six new rows predicted v2, while the
     // four keep their v1 prediction (only a promotion replaces one).
     let stored_by = write_flush(&mut connection, &rows(&first), &predictions(&first, "v2"), WriteMethod::Copy);
-    assert_eq!(stored_by.unwrap(), WriteMethod::Unnest);
+    let ids: Vec<uuid::Uuid> = first.iter().map(|t| t.id).collect();
+    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: ids[..4].to_vec() });
     let stored = query_json(&mut connection, STORED);
     assert_eq!(stored.len(), 10);
     let versions: Vec<&str> = stored.iter().map(|row| row["model_version"].as_str().unwrap()).collect();
@@ -139,7 +144,7 @@ fn a_flush_holding_stored_records_is_written_whole_by_the_fallback() {
     assert_eq!(query_json(&mut connection, HISTORY), history, "v1's 4 kept, v2's 6 added");
     // The same flush again (a redelivery): nothing changes, no history row.
     let stored_by = write_flush(&mut connection, &rows(&first), &predictions(&first, "v2"), WriteMethod::Copy);
-    assert_eq!(stored_by.unwrap(), WriteMethod::Unnest);
+    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: ids }, "all found stored");
     assert_eq!(query_json(&mut connection, HISTORY), history, "a redelivered prediction adds no history row");
     // A refused value fails the fallback too, with the database's reason.
     let mut bad = edge_transactions(3);

@@ -554,10 +554,11 @@ fn seed_rows(seed: u64, count: usize) -> Vec<(Uuid, String)> {
         .collect()
 }
 
-/// The batch summary's numbers: read, valid, invalid, predicted, written, dead-lettered.
+/// The batch summary's numbers: read, valid, invalid, predicted, written,
+/// already-stored, dead-lettered.
 fn summary(output: &std::process::Output) -> Vec<u64> {
     let text = crate::helpers::stdout(output);
-    text.split_whitespace().skip(1).step_by(2).take(6).map(|n| n.parse().unwrap()).collect()
+    text.split_whitespace().skip(1).step_by(2).take(7).map(|n| n.parse().unwrap()).collect()
 }
 
 /// `count` rows as a plain comma-separated file writes them: no quotes.
@@ -602,7 +603,7 @@ async fn an_unbalanced_quote_costs_one_row() {
     let run_id = format!("quote-{}", Uuid::new_v4().simple());
     let output = crate::batch::batch(&scenario, &[&uri, "--run-id", &run_id]);
     assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
-    assert_eq!(summary(&output), [100_000, 99_999, 1, 99_999, 99_999, 0], "{}", crate::helpers::stdout(&output));
+    assert_eq!(summary(&output), [100_000, 99_999, 1, 99_999, 99_999, 0, 0], "{}", crate::helpers::stdout(&output));
     let mut expected: BTreeSet<Uuid> = rows.iter().map(|(id, _)| *id).collect();
     expected.remove(&rows[8].0);
     assert_same_set(&scenario.transaction_ids(), &expected, "every row but line 10");
@@ -644,7 +645,7 @@ async fn a_50_mb_line_is_refused_without_being_held() {
     }
     let output = crate::batch::batch(&scenario, &[path.to_str().unwrap(), "--run-id", "line"]);
     assert!(output.status.success(), "{}", crate::helpers::stderr(&output));
-    assert_eq!(summary(&output), [1_001, 1_000, 1, 1_000, 1_000, 0], "{}", crate::helpers::stdout(&output));
+    assert_eq!(summary(&output), [1_001, 1_000, 1, 1_000, 1_000, 0, 0], "{}", crate::helpers::stdout(&output));
     assert_same_set(&scenario.transaction_ids(), &rows.iter().map(|(id, _)| *id).collect(), "the 1,000 rows");
     let error_file = std::fs::read_to_string(dir.join("errors/line.csv")).unwrap();
     let lines: Vec<&str> = error_file.lines().collect();
