@@ -340,6 +340,9 @@ async fn wait_settled(runs: &RunRegistry, run_id: &str, uri: &str, losses: u64) 
     }
 }
 
+/// Rows read between two reports of the bytes read.
+const BYTES_REPORTED_EVERY: u64 = 1024;
+
 /// Reads the file once from the start, sending the rows not yet settled.
 async fn read_file(
     params: &CsvLoaderParams,
@@ -356,7 +359,12 @@ async fn read_file(
     let max_bytes = params.batch.max_record_bytes;
     let mut chunk: Vec<Envelope> = Vec::with_capacity(CHUNK);
     let mut rows = batch::RowReader::new(s3, file, max_bytes);
-    while let Some(row) = rows.next().await.map_err(|e| e.to_string())? {
+    for count in 0u64.. {
+        // How far reading is, for the run's percent: now and then, not per row.
+        if count % BYTES_REPORTED_EVERY == 0 {
+            runs.read_to(run_id, &file.uri, rows.bytes_read());
+        }
+        let Some(row) = rows.next().await.map_err(|e| e.to_string())? else { break };
         let line = match &row {
             batch::Row::Record { line, .. } | batch::Row::Oversized { line } => *line,
         };
@@ -412,6 +420,7 @@ async fn read_file(
         }
     }
     let last_line = rows.end_line();
+    runs.read_to(run_id, &file.uri, rows.bytes_read());
     send(buffer, &mut chunk);
     runs.end_of_file(run_id, &file.uri, last_line);
     // The file's last rows need not wait for the Buffer's timer.

@@ -382,6 +382,8 @@ async fn write_chunks(
 ) -> Result<(), Ended> {
     let max_unavailable = Duration::from_millis(context.config.repredict.max_unavailable_ms);
     let mut last_progress = Instant::now();
+    // Rows an earlier attempt of the run did: not this attempt's rate.
+    let done_before = (run.predicted + run.failed) as u64;
     while let Some(ChunkWrite { predictions, failures, done_through }) = writes.recv().await {
         let write = write_or_isolate(run.run_id.clone(), predictions, failures, done_through);
         let (stored, failed) =
@@ -400,16 +402,18 @@ async fn write_chunks(
             run.resume_after = done_through;
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
-            let done = run.predicted + run.failed;
+            let done = (run.predicted + run.failed) as u64;
             let seconds = started.elapsed().as_secs_f64();
+            let now = done.saturating_sub(done_before);
+            let estimate = crate::domain::progress::estimate(done, run.selected.max(0) as u64, now, seconds);
             tracing::info!(
                 run_id = run.run_id,
-                "re-prediction: {done} of {} ({:.0}%), repredicted {} failed {}, {:.0} rows/s",
+                "re-prediction: {done} of {} ({}), repredicted {} failed {}, {:.0} rows/s",
                 run.selected,
-                100.0 * done as f64 / run.selected.max(1) as f64,
+                estimate.describe(),
                 run.predicted,
                 run.failed,
-                done as f64 / seconds.max(0.001),
+                now as f64 / seconds.max(0.001),
             );
             last_progress = Instant::now();
         }

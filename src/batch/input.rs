@@ -207,6 +207,8 @@ pub struct InputFile {
     pub uri: String,
     pub delimiter: u8,
     pub layout: CsvLayout,
+    /// Its size in bytes when known, for the run's percent and time left.
+    pub size: Option<u64>,
 }
 
 impl InputFile {
@@ -298,7 +300,8 @@ pub async fn prepare(
         let mut reader = open(s3, &location).await?;
         let head = reader.fill_buf().await.map_err(|e| unreadable(&file_uri, e))?;
         let (delimiter, layout) = check_header(head, &file_uri)?;
-        files.push(InputFile { location, uri: file_uri, delimiter, layout });
+        let size = super::rows::size_of(s3, &location).await;
+        files.push(InputFile { location, uri: file_uri, delimiter, layout, size });
     }
     Ok(RunSpec { run_id: run_id.to_string(), uri: uri.to_string(), files, errors_per_file })
 }
@@ -482,6 +485,7 @@ mod tests {
     #[test]
     fn error_files_go_beside_the_input() {
         let file = |location: Location| InputFile {
+            size: None,
             uri: location.uri(),
             location,
             delimiter: b',',

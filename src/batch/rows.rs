@@ -119,6 +119,12 @@ impl<'a> RowReader<'a> {
         }
     }
 
+    /// How far into the file reading is, in bytes: the end of the last row read.
+    pub fn bytes_read(&self) -> u64 {
+        let (segment_byte, _) = self.segment;
+        segment_byte + self.reader.as_ref().map_or(0, |(reader, _)| reader.position().byte())
+    }
+
     /// One past the file's last line, once [`RowReader::next`] gave None.
     pub fn end_line(&self) -> u64 {
         self.end_line.unwrap_or(0)
@@ -231,6 +237,18 @@ pub async fn open_at(s3: &aws_sdk_s3::Client, location: &Location, offset: u64) 
             file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| unreadable(&uri, e))?;
             Ok(Box::new(BufReader::with_capacity(BUFFER, file)))
         }
+    }
+}
+
+/// A file's size in bytes, when the store says it (an S3 HEAD, a local
+/// file's metadata); None leaves the run without a percent.
+pub async fn size_of(s3: &aws_sdk_s3::Client, location: &Location) -> Option<u64> {
+    match location {
+        Location::S3 { bucket, key } => {
+            let head = s3.head_object().bucket(bucket).key(key).send().await.ok()?;
+            head.content_length().and_then(|length| u64::try_from(length).ok())
+        }
+        Location::Local(path) => tokio::fs::metadata(path).await.ok().map(|metadata| metadata.len()),
     }
 }
 

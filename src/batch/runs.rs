@@ -50,6 +50,15 @@ pub struct RunReport {
     pub error_files: Vec<String>,
     pub error: Option<String>,
     pub elapsed_seconds: f64,
+    /// Bytes of the run's files read so far, out of their total when every
+    /// file's size is known.
+    pub bytes_read: u64,
+    pub bytes_total: Option<u64>,
+    /// Done by bytes read, rounded down to a tenth and below 100 until the
+    /// run completes; None when a file's size is unknown.
+    pub percent: Option<f64>,
+    /// Seconds left at the rate so far; None when unknown.
+    pub eta_seconds: Option<f64>,
     pub summary: String,
 }
 
@@ -71,6 +80,9 @@ struct RunState {
     losses: u64,
     /// Another process took the run over in `batch_runs` (said once).
     taken_over: bool,
+    /// Bytes of the finished files, and of the current one read so far.
+    bytes_done: u64,
+    current_bytes: u64,
 }
 
 impl RunState {
@@ -81,6 +93,11 @@ impl RunState {
         }
         counts
     }
+}
+
+/// The run's bytes, when every file's size is known.
+fn total_bytes(spec: &RunSpec) -> Option<u64> {
+    spec.files.iter().map(|file| file.size).sum()
 }
 
 /// Finished runs kept in memory, newest first, once the table has them;
@@ -144,6 +161,8 @@ impl RunRegistry {
                 final_recorded: false,
                 losses: 0,
                 taken_over: false,
+                bytes_done: 0,
+                current_bytes: 0,
             },
         );
         Ok(spec)
@@ -199,6 +218,15 @@ impl RunRegistry {
         self.with_file(run_id, uri, |progress| progress.resume_line()).unwrap_or(0)
     }
 
+    /// Reading of the current file reached byte `bytes`.
+    pub fn read_to(&self, run_id: &str, uri: &str, bytes: u64) {
+        if let Some(run) = self.lock().get_mut(run_id)
+            && run.current.as_ref().is_some_and(|(current, _)| current == uri)
+        {
+            run.current_bytes = run.current_bytes.max(bytes);
+        }
+    }
+
     pub fn end_of_file(&self, run_id: &str, uri: &str, last_line: u64) {
         self.with_file(run_id, uri, |progress| progress.end_of_file(last_line));
         self.changed.notify_waiters();
@@ -243,9 +271,12 @@ impl RunRegistry {
     /// The current file is done: its counts join the run's.
     pub fn file_done(&self, run_id: &str, error_file: Option<String>) {
         if let Some(run) = self.lock().get_mut(run_id) {
-            if let Some((_, progress)) = run.current.take() {
+            if let Some((uri, progress)) = run.current.take() {
                 run.done.add(&progress.counts);
+                let size = run.spec.files.iter().find(|file| file.uri == uri).and_then(|file| file.size);
+                run.bytes_done += size.unwrap_or(run.current_bytes);
             }
+            run.current_bytes = 0;
             run.files_done += 1;
             run.error_files.extend(error_file);
         }
@@ -297,7 +328,12 @@ impl RunRegistry {
     /// A run's report before it starts: nothing counted yet.
     pub fn starting_report(spec: &RunSpec) -> RunReport {
         let counts = RunCounts::default();
+        let bytes_total = total_bytes(spec);
         RunReport {
+            bytes_read: 0,
+            bytes_total,
+            percent: bytes_total.map(|_| 0.0),
+            eta_seconds: None,
             run_id: spec.run_id.clone(),
             uri: spec.uri.clone(),
             status: RunStatus::Running,
@@ -316,7 +352,23 @@ impl RunRegistry {
         let run = runs.get(run_id)?;
         let counts = run.counts();
         let elapsed = run.elapsed.unwrap_or_else(|| run.started.elapsed().as_secs_f64());
+        let bytes_read = run.bytes_done + run.current_bytes;
+        let bytes_total = total_bytes(&run.spec);
+        let (percent, eta_seconds) = match (run.status, bytes_total) {
+            (RunStatus::Completed, _) => (Some(100.0), Some(0.0)),
+            (_, None) => (None, None),
+            (status, Some(total)) => {
+                let estimate = crate::domain::progress::estimate(bytes_read, total, bytes_read, elapsed);
+                // Read to the end is not done: the last rows are still in flight.
+                let percent = estimate.percent.min(99.9);
+                (Some(percent), estimate.eta_seconds.filter(|_| status == RunStatus::Running))
+            }
+        };
         Some(RunReport {
+            bytes_read,
+            bytes_total,
+            percent,
+            eta_seconds,
             run_id: run_id.to_string(),
             uri: run.spec.uri.clone(),
             status: run.status,
@@ -416,5 +468,53 @@ mod tests {
         assert_eq!(done[0].status, RunStatus::Completed);
         runs.recorded(&done[0], true);
         assert!(runs.to_record().is_empty(), "the final report is in");
+    }
+    #[test]
+    fn the_percent_follows_the_bytes_read_and_reaches_100_only_when_completed() {
+        use crate::batch::{InputFile, Location};
+        let file = |name: &str, size: Option<u64>| InputFile {
+            location: Location::Local(name.into()),
+            uri: name.into(),
+            delimiter: b';',
+            layout: crate::domain::csv_rules::CsvLayout::from_header(crate::domain::csv_rules::REQUIRED_COLUMNS)
+                .unwrap(),
+            size,
+        };
+        let runs = RunRegistry::default();
+        let spec = RunSpec {
+            run_id: "r".into(),
+            uri: "dir/".into(),
+            files: vec![file("a.csv", Some(100)), file("b.csv", Some(300))],
+            errors_per_file: true,
+        };
+        runs.begin(spec, 1).unwrap();
+        let at = |runs: &RunRegistry| {
+            let report = runs.report("r").unwrap();
+            (report.bytes_read, report.bytes_total, report.percent)
+        };
+        assert_eq!(at(&runs), (0, Some(400), Some(0.0)));
+        runs.start_file("r", "a.csv");
+        runs.read_to("r", "a.csv", 50);
+        assert_eq!(at(&runs), (50, Some(400), Some(12.5)));
+        runs.read_to("r", "b.csv", 90); // not the current file: ignored
+        runs.file_done("r", None);
+        runs.start_file("r", "b.csv");
+        runs.read_to("r", "b.csv", 300);
+        // Read to the end, rows still in flight: not 100 yet.
+        assert_eq!(at(&runs), (400, Some(400), Some(99.9)));
+        runs.file_done("r", None);
+        runs.finish("r", None);
+        let done = runs.report("r").unwrap();
+        assert_eq!((done.percent, done.eta_seconds), (Some(100.0), Some(0.0)));
+        // A file of unknown size leaves the run without a percent.
+        let unknown = RunSpec {
+            run_id: "u".into(),
+            uri: "dir/".into(),
+            files: vec![file("a.csv", Some(100)), file("c.csv", None)],
+            errors_per_file: true,
+        };
+        runs.begin(unknown, 2).unwrap();
+        let report = runs.report("u").unwrap();
+        assert_eq!((report.bytes_total, report.percent, report.eta_seconds), (None, None, None));
     }
 }

@@ -61,9 +61,13 @@ async fn load(system: &Arc<ActorSystem>, uri: String, run_id: Option<String>) ->
             };
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
+            let progress = report.percent.map_or(String::new(), |percent| {
+                let estimate = crate::domain::progress::Estimate { percent, eta_seconds: report.eta_seconds };
+                format!("; {}", estimate.describe())
+            });
             tracing::info!(
                 run_id,
-                "file {}/{}: {}",
+                "file {}/{}: {}{progress}",
                 (report.files_done + 1).min(report.files),
                 report.files,
                 report.counts.summary(report.elapsed_seconds)

@@ -74,8 +74,8 @@ pub struct TransactionRow<'a> {
 /// column arrays, so a flush of any size binds 11 and 4 parameters, far
 /// under PostgreSQL's 65,535.
 ///
-/// Returns the method that stored the flush, and the transactions that
-/// were stored before it.
+/// Returns the method that stored the flush, and the transactions another
+/// run stored before it.
 pub fn write_flush(
     connection: &mut PgConnection,
     rows: &[TransactionRow<'_>],
@@ -101,8 +101,9 @@ pub fn write_flush(
 pub struct Flushed {
     /// The method that stored it.
     pub method: WriteMethod,
-    /// The ids of its transactions that were stored before it (a
-    /// redelivery, a replay, a batch run again): they are left as they were.
+    /// The ids of its transactions that another run (another `run_id`,
+    /// or streaming for a batch row) stored before it: they are left as
+    /// they were. Rows stored before by the same run are its own.
     pub already_stored: Vec<uuid::Uuid>,
 }
 
@@ -282,7 +283,24 @@ fn insert_transactions(
     .bind::<Array<Text>, _>(sources)
     .load::<InsertedId>(connection)?;
     let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().map(|row| row.id).collect();
-    Ok(ids.into_iter().filter(|id| !inserted.contains(id)).collect())
+    let found: Vec<(uuid::Uuid, Option<&str>)> =
+        rows.iter().map(|row| (row.transaction.id, row.run_id)).filter(|(id, _)| !inserted.contains(id)).collect();
+    if found.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Rows this run stored itself (a row sent again after a crash, a run
+    // resumed or taken over, a redelivered record) count as its own.
+    let (found_ids, found_runs): (Vec<uuid::Uuid>, Vec<Option<&str>>) = found.iter().copied().unzip();
+    let others: Vec<InsertedId> = diesel::sql_query(
+        "SELECT t.id FROM transactions t
+         JOIN UNNEST($1::uuid[], $2::text[]) AS r(id, run_id) ON t.id = r.id
+         WHERE t.run_id IS DISTINCT FROM r.run_id",
+    )
+    .bind::<Array<SqlUuid>, _>(&found_ids)
+    .bind::<Array<Nullable<Text>>, _>(&found_runs)
+    .load(connection)?;
+    let others: std::collections::HashSet<uuid::Uuid> = others.into_iter().map(|row| row.id).collect();
+    Ok(found_ids.into_iter().filter(|id| others.contains(id)).collect())
 }
 
 #[derive(diesel::QueryableByName)]

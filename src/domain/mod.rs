@@ -19,6 +19,7 @@ pub mod identity;
 pub mod offsets;
 pub mod origin;
 pub mod prediction;
+pub mod progress;
 pub mod redaction;
 pub mod repeats;
 pub mod retry;

@@ -255,6 +255,15 @@ async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState
                 answer["hint"] = "POST /repredictions with this run_id to resume it".into();
             }
             answer["backlog"] = run.backlog().into();
+            // The rate so far, from the run's start to its last chunk.
+            let done = (run.predicted + run.failed).max(0) as u64;
+            let seconds = (run.updated_at - run.started_at).num_milliseconds() as f64 / 1000.0;
+            let estimate = crate::domain::progress::estimate(done, run.selected.max(0) as u64, done, seconds);
+            answer["percent"] = estimate.percent.into();
+            answer["eta_seconds"] = match answer["status"].as_str() {
+                Some("running") | Some("completed") => estimate.eta_seconds.into(),
+                _ => serde_json::Value::Null,
+            };
             HttpResponse::Ok().json(answer)
         }
         Ok(None) => HttpResponse::NotFound().json(serde_json::json!({"error": "no such re-prediction run"})),

@@ -129,8 +129,8 @@ fn a_flush_holding_stored_records_is_written_whole_by_the_fallback() {
     // the flush is written by UNNEST: six new rows predicted v2, while the
     // four keep their v1 prediction (only a promotion replaces one).
     let stored_by = write_flush(&mut connection, &rows(&first), &predictions(&first, "v2"), WriteMethod::Copy);
-    let ids: Vec<uuid::Uuid> = first.iter().map(|t| t.id).collect();
-    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: ids[..4].to_vec() });
+    // The four found stored have the same lineage: the same run's own rows.
+    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: vec![] });
     let stored = query_json(&mut connection, STORED);
     assert_eq!(stored.len(), 10);
     let versions: Vec<&str> = stored.iter().map(|row| row["model_version"].as_str().unwrap()).collect();
@@ -144,8 +144,16 @@ fn a_flush_holding_stored_records_is_written_whole_by_the_fallback() {
     assert_eq!(query_json(&mut connection, HISTORY), history, "v1's 4 kept, v2's 6 added");
     // The same flush again (a redelivery): nothing changes, no history row.
     let stored_by = write_flush(&mut connection, &rows(&first), &predictions(&first, "v2"), WriteMethod::Copy);
-    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: ids }, "all found stored");
+    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: vec![] });
     assert_eq!(query_json(&mut connection, HISTORY), history, "a redelivered prediction adds no history row");
+    // Another run's rows (a batch run again under a new run id): all found
+    // stored by others, and left as they were.
+    let again: Vec<TransactionRow<'_>> =
+        rows(&first).into_iter().map(|row| TransactionRow { run_id: Some("run-2"), ..row }).collect();
+    let stored_by = write_flush(&mut connection, &again, &predictions(&first, "v2"), WriteMethod::Copy);
+    let ids: Vec<uuid::Uuid> = first.iter().map(|t| t.id).collect();
+    assert_eq!(stored_by.unwrap(), Flushed { method: WriteMethod::Unnest, already_stored: ids });
+    assert_eq!(query_json(&mut connection, HISTORY), history, "nothing changes");
     // A refused value fails the fallback too, with the database's reason.
     let mut bad = edge_transactions(3);
     bad[0].operation_type = "x".repeat(51);

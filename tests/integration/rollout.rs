@@ -711,6 +711,9 @@ async fn a_run_killed_halfway_resumes_on_the_service_with_whole_counts() {
     let interrupted = status().await;
     assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
     assert_eq!(interrupted["predicted"], predicted);
+    // How far it got, rounded down to a tenth; no time left while nobody runs it.
+    let percent = (1000 * predicted as u64 / 50_000) as f64 / 10.0;
+    assert_eq!((&interrupted["percent"], &interrupted["eta_seconds"]), (&json!(percent), &json!(null)));
     let posted = client.post(format!("{}/repredictions", service.admin)).json(&json!({"run_id": "big"})).send().await;
     let posted = posted.unwrap();
     assert_eq!(posted.status().as_u16(), 202);
@@ -732,6 +735,7 @@ async fn a_run_killed_halfway_resumes_on_the_service_with_whole_counts() {
         (&json!(50_000), &json!(50_000), &json!(0), &json!(0), &json!("v2")),
         "{done}"
     );
+    assert_eq!((&done["percent"], &done["eta_seconds"]), (&json!(100.0), &json!(0.0)), "{done}");
     let history = query_json(
         &mut connection,
         "SELECT transaction_id::text AS id, category FROM prediction_history WHERE kind = 'repredict' AND run_id = 'big'",
