@@ -107,7 +107,12 @@ fn toml_error(text: &str, error: &toml::de::Error) -> String {
     let why = error.message().trim_end();
     match error.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            // The span is in bytes: back to a character's start, never a panic.
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             format!("not valid TOML at line {line}, column {column}: {why}")
@@ -297,6 +302,17 @@ mod tests {
         assert!(error.to_string().starts_with("configuration key `kafka.group_protocol"), "{error}");
         let config = load_with(&[], &[("TXNFLOW__KAFKA__GROUP_PROTOCOL", "consumer")]).unwrap();
         assert_eq!(config.kafka.group_protocol, GroupProtocol::Consumer);
+    }
+
+    /// A file that is not TOML is located by line and character column,
+    /// and never quoted.
+    #[test]
+    fn a_toml_error_names_its_line_and_column_without_quoting_the_file() {
+        let text = "[db]\nurl = \"postgres://u:pässword@h/db\" x\n";
+        let error = text.parse::<toml::Table>().unwrap_err();
+        let said = super::toml_error(text, &error);
+        assert!(said.starts_with("not valid TOML at line 2, column 36: "), "{said}");
+        assert!(!said.contains("pässword"), "{said}");
     }
 
     /// A refused value is quoted with its password hidden.
