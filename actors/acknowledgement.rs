@@ -19,8 +19,8 @@ use crate::domain::origin::Origin;
 pub enum Settlement {
     /// In PostgreSQL with its prediction: nothing more happens to it.
     Predicted,
-    /// In PostgreSQL before this record came (a redelivery, a replay, a
-    /// batch run again), left as it was: nothing more happens to it.
+    /// Stored before by another run (another run id, or the stream for a
+    /// batch row), left as it was: nothing more happens to it.
     AlreadyStored,
     /// In PostgreSQL without a prediction; its `prediction_failed` dead
     /// letter is on its way, with the handle.
@@ -84,8 +84,8 @@ impl Ack {
         Ack::settle_all(acks, Settlement::Predicted);
     }
 
-    /// The records' transactions were stored before them and are left as
-    /// they were: the handles go.
+    /// The records' transactions were stored before by another run and are
+    /// left as they were: the handles go.
     pub fn already_stored(acks: Vec<Ack>) {
         Ack::settle_all(acks, Settlement::AlreadyStored);
     }

@@ -39,8 +39,8 @@ impl FlushStore for diesel::pg::PgConnection {
 /// what it found stored already.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Refusals {
-    /// Transactions stored before this flush (a redelivery, a replay, a
-    /// batch run again): not refused, left as they were.
+    /// Transactions another run stored before this flush (a batch run
+    /// again under a new run id): not refused, left as they were.
     pub(super) already_stored: std::collections::HashSet<Uuid>,
     /// Records the database refused whole: dead-lettered as `persist_failed`.
     pub(super) records: Vec<(usize, String)>,

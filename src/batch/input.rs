@@ -258,9 +258,7 @@ impl RunSpec {
             Location::Local(path) => Location::Local(path.parent().unwrap_or(Path::new(".")).join(relative)),
         }
     }
-}
 
-impl RunSpec {
     /// Where the run's invalid rows will go, said before it starts: the
     /// error file, or for a prefix the folder of one file per input.
     pub fn errors_destination(&self) -> String {

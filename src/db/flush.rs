@@ -225,7 +225,8 @@ fn prediction_copy(predictions: &[crate::domain::prediction::Prediction], kind: 
     copy.finish()
 }
 
-/// Inserts the rows whose id is not stored yet; returns the ids that were.
+/// Inserts the rows whose id is not stored yet; returns, in row order, the
+/// ids of those another run stored before.
 fn insert_transactions(
     connection: &mut PgConnection,
     rows: &[TransactionRow<'_>],
@@ -281,30 +282,32 @@ fn insert_transactions(
     .bind::<Array<Nullable<Text>>, _>(run_ids)
     .bind::<Array<Nullable<Text>>, _>(batch_ids)
     .bind::<Array<Text>, _>(sources)
-    .load::<InsertedId>(connection)?;
+    .load::<StoredId>(connection)?;
     let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().map(|row| row.id).collect();
-    let found: Vec<(uuid::Uuid, Option<&str>)> =
-        rows.iter().map(|row| (row.transaction.id, row.run_id)).filter(|(id, _)| !inserted.contains(id)).collect();
-    if found.is_empty() {
+    let (found_ids, found_runs): (Vec<uuid::Uuid>, Vec<Option<&str>>) = rows
+        .iter()
+        .filter(|row| !inserted.contains(&row.transaction.id))
+        .map(|row| (row.transaction.id, row.run_id))
+        .unzip();
+    if found_ids.is_empty() {
         return Ok(Vec::new());
     }
     // Rows this run stored itself (a row sent again after a crash, a run
     // resumed or taken over, a redelivered record) count as its own.
-    let (found_ids, found_runs): (Vec<uuid::Uuid>, Vec<Option<&str>>) = found.iter().copied().unzip();
-    let others: Vec<InsertedId> = diesel::sql_query(
-        "SELECT t.id FROM transactions t
-         JOIN UNNEST($1::uuid[], $2::text[]) AS r(id, run_id) ON t.id = r.id
-         WHERE t.run_id IS DISTINCT FROM r.run_id",
+    let others: Vec<StoredId> = diesel::sql_query(
+        "SELECT t.id FROM UNNEST($1::uuid[], $2::text[]) WITH ORDINALITY AS r(id, run_id, position)
+         JOIN transactions t ON t.id = r.id
+         WHERE t.run_id IS DISTINCT FROM r.run_id
+         ORDER BY r.position",
     )
     .bind::<Array<SqlUuid>, _>(&found_ids)
     .bind::<Array<Nullable<Text>>, _>(&found_runs)
     .load(connection)?;
-    let others: std::collections::HashSet<uuid::Uuid> = others.into_iter().map(|row| row.id).collect();
-    Ok(found_ids.into_iter().filter(|id| others.contains(id)).collect())
+    Ok(others.into_iter().map(|row| row.id).collect())
 }
 
 #[derive(diesel::QueryableByName)]
-struct InsertedId {
+struct StoredId {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: uuid::Uuid,
 }

@@ -22,7 +22,7 @@ pub enum RowOutcome {
     PredictionFailed,
     /// Refused by the database and dead-lettered as `persist_failed`.
     Refused,
-    /// Stored before this run (a run again), left as it was.
+    /// Stored before by another run, left as it was.
     AlreadyStored,
 }
 
@@ -34,8 +34,8 @@ pub struct RunCounts {
     pub invalid: u64,
     pub predicted: u64,
     pub written: u64,
-    /// Valid rows whose transaction was stored before the run, left as
-    /// they were: neither written nor predicted again.
+    /// Valid rows whose transaction another run stored before, left as
+    /// they were: not written again.
     pub already_stored: u64,
     pub dead_lettered: u64,
 }
