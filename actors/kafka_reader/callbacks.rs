@@ -48,6 +48,12 @@ impl ClientContext for ReaderContext {
             {
                 METRICS.consumer_lag.with_label_values(&[topic.as_str(), &partition.to_string()]).set(lag);
             }
+            if partition_stats.committed_offset >= 0 {
+                let committed = &METRICS.consumer_committed_offset;
+                committed
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(partition_stats.committed_offset);
+            }
         }
     }
 }
@@ -156,7 +162,9 @@ impl ReaderContext {
         let mut assigned = self.assigned.lock().expect("assigned lock");
         for element in tpl.elements() {
             assigned.remove(&element.partition());
-            let _ = METRICS.consumer_lag.remove_label_values(&[topic.as_str(), &element.partition().to_string()]);
+            let labels = [topic.as_str(), &element.partition().to_string()];
+            let _ = METRICS.consumer_lag.remove_label_values(&labels);
+            let _ = METRICS.consumer_committed_offset.remove_label_values(&labels);
         }
     }
 }

@@ -74,3 +74,14 @@ pub fn recorded_run(connection: &mut PgConnection, run_id: &str) -> Result<Optio
     .load(connection)?;
     Ok(rows.pop())
 }
+
+/// The `limit` batch runs recorded last, newest first, for the status page.
+pub fn recent_runs(connection: &mut PgConnection, limit: i64) -> Result<Vec<RecordedRun>, WriteError> {
+    Ok(diesel::sql_query(
+        "SELECT instance, report::text AS report,
+                (EXTRACT(EPOCH FROM now() - updated_at) * 1000)::bigint AS age_ms
+         FROM batch_runs ORDER BY updated_at DESC LIMIT $1",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(connection)?)
+}

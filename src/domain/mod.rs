@@ -20,6 +20,7 @@ pub mod offsets;
 pub mod origin;
 pub mod prediction;
 pub mod progress;
+pub mod rates;
 pub mod redaction;
 pub mod repeats;
 pub mod retry;

@@ -76,9 +76,32 @@ pub fn short_reason(error: impl std::fmt::Display) -> String {
     }
 }
 
+/// A dead letter's reason with every double-quoted part replaced by `"…"`:
+/// decoders quote the values they refuse, and a page that lists dead
+/// letters shows why and where, never what a record held.
+pub fn without_quoted_values(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..open]);
+        match rest[open + 1..].find('"') {
+            Some(close) => {
+                out.push_str("\"…\"");
+                rest = &rest[open + close + 2..];
+            }
+            None => {
+                out.push_str("\"…");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, without_quoted_values};
 
     #[test]
     fn passwords_are_redacted() {
@@ -99,5 +122,19 @@ mod tests {
             "sasl.password=*** secret_key=*** access_token=*** a=b"
         );
         assert_eq!(redact("no secrets: x=1"), "no secrets: x=1");
+    }
+
+    #[test]
+    fn a_reason_keeps_no_quoted_value() {
+        assert_eq!(
+            without_quoted_values(r#"amount: invalid type: string "SECRET-42", expected a number"#),
+            r#"amount: invalid type: string "…", expected a number"#
+        );
+        assert_eq!(without_quoted_values(r#"two "a" and "b""#), r#"two "…" and "…""#);
+        assert_eq!(without_quoted_values(r#"cut "off"#), r#"cut "…"#);
+        assert_eq!(
+            without_quoted_values("malformed JSON: expected value at line 1 column 1"),
+            "malformed JSON: expected value at line 1 column 1"
+        );
     }
 }

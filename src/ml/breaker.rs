@@ -64,6 +64,11 @@ fn record_transition(to: BreakerState) {
         return;
     }
     METRICS.breaker_transitions.with_label_values(&[to.as_str()]).inc();
+    let from = [BreakerState::Closed, BreakerState::HalfOpen, BreakerState::Open]
+        .into_iter()
+        .find(|state| *state as u8 == from)
+        .unwrap_or(BreakerState::Closed);
+    crate::observability::recent::note_breaker_transition(from.as_str(), to.as_str());
     match to {
         BreakerState::Open => {
             tracing::warn!(state = to.as_str(), "ML API circuit breaker opened: predictions wait for the backfill")

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub db_write_duration: HistogramVec,
     pub db_pool_connections: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
+    /// The group's committed offset of each input partition this process holds.
+    pub consumer_committed_offset: IntGaugeVec,
     pub actor_restarts: IntCounterVec,
     pub in_flight: IntGauge,
     pub in_flight_bytes: IntGauge,
@@ -129,6 +131,10 @@ impl Metrics {
             consumer_lag: register(
                 r,
                 IntGaugeVec::new(Opts::new("txnflow_consumer_lag", "Records not yet committed, per input partition."), &["topic", "partition"]).unwrap(),
+            ),
+            consumer_committed_offset: register(
+                r,
+                IntGaugeVec::new(Opts::new("txnflow_consumer_committed_offset", "The committed offset of each input partition held."), &["topic", "partition"]).unwrap(),
             ),
             actor_restarts: register(
                 r,

@@ -3,5 +3,6 @@
 
 pub mod log_format;
 pub mod metrics;
+pub mod recent;
 pub mod spans;
 pub mod telemetry;

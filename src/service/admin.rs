@@ -1,5 +1,6 @@
-//! The admin HTTP server of `txnflow run`: health, readiness,
-//! Prometheus metrics and, when `chaos.enabled`, the chaos hooks.
+//! The admin HTTP server of `txnflow run`: the status page, health,
+//! readiness, Prometheus metrics, batch and re-prediction runs, lookups
+//! and, when `chaos.enabled`, the chaos hooks.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -18,10 +19,13 @@ use crate::observability::metrics::METRICS;
 struct AdminState {
     system: Arc<ActorSystem>,
     chaos_enabled: bool,
+    samples: Arc<super::status::Samples>,
 }
 
-/// The endpoints anyone may call: probes and scrapes carry no token.
-const OPEN_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
+/// The endpoints anyone may call: probes and scrapes carry no token, and
+/// the status page's files hold no data (the page asks for the token and
+/// sends it with each `GET /status.json`).
+const OPEN_PATHS: [&str; 6] = ["/health", "/ready", "/metrics", "/", "/status.css", "/status.js"];
 
 /// Whether `header` is `Bearer <token>`. Compared in constant time, so the
 /// answer's timing tells nothing about how much of a guess was right.
@@ -95,6 +99,28 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     METRICS.in_flight.set(state.system.capacity.in_flight() as i64);
     METRICS.in_flight_bytes.set(state.system.capacity.in_flight_bytes() as i64);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(METRICS.render())
+}
+
+/// The status page's files, from the binary.
+async fn page_file(request: actix_web::HttpRequest) -> HttpResponse {
+    use super::status::{PAGE_CSS, PAGE_HTML, PAGE_JS, PAGE_POLICY};
+    let (content_type, body) = match request.path() {
+        "/status.css" => ("text/css; charset=utf-8", PAGE_CSS),
+        "/status.js" => ("text/javascript; charset=utf-8", PAGE_JS),
+        _ => ("text/html; charset=utf-8", PAGE_HTML),
+    };
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header(("content-security-policy", PAGE_POLICY))
+        .insert_header(("x-content-type-options", "nosniff"))
+        .insert_header(("cache-control", "no-cache"))
+        .body(body)
+}
+
+/// `GET /status.json`: what the status page shows (see [`super::status::snapshot`]).
+async fn status_json(state: web::Data<AdminState>) -> HttpResponse {
+    let answer = super::status::snapshot(&state.system, &state.samples).await;
+    HttpResponse::Ok().insert_header(("cache-control", "no-store")).json(answer)
 }
 
 async fn chaos(path: web::Path<(String, String)>, state: web::Data<AdminState>) -> HttpResponse {
@@ -236,6 +262,28 @@ async fn start_repredict(request: web::Json<RepredictRequest>, state: web::Data<
     }
 }
 
+/// A re-prediction run's record as `GET /repredictions/<run_id>` answers
+/// it: with its backlog, percent and time left, and `interrupted` when it
+/// is recorded as running but no session holds it.
+pub(super) fn repredict_answer(run: &crate::db::history::RepredictRun, held: bool) -> serde_json::Value {
+    let mut answer = serde_json::to_value(run).expect("a run serialises");
+    if run.status == "running" && !held {
+        answer["status"] = "interrupted".into();
+        answer["hint"] = "POST /repredictions with this run_id to resume it".into();
+    }
+    answer["backlog"] = run.backlog().into();
+    // The rate so far, from the run's start to its last chunk.
+    let done = (run.predicted + run.failed).max(0) as u64;
+    let seconds = (run.updated_at - run.started_at).num_milliseconds() as f64 / 1000.0;
+    let estimate = crate::domain::progress::estimate(done, run.selected.max(0) as u64, done, seconds);
+    answer["percent"] = estimate.percent.into();
+    answer["eta_seconds"] = match answer["status"].as_str() {
+        Some("running") | Some("completed") => estimate.eta_seconds.into(),
+        _ => serde_json::Value::Null,
+    };
+    answer
+}
+
 /// `GET /repredictions/<run_id>`: the run's record, from any replica;
 /// a run recorded as running that no session holds is `interrupted`.
 async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState>) -> HttpResponse {
@@ -249,21 +297,7 @@ async fn repredict_status(run_id: web::Path<String>, state: web::Data<AdminState
     .await;
     match answer {
         Ok(Some((run, held))) => {
-            let mut answer = serde_json::to_value(&run).expect("a run serialises");
-            if run.status == "running" && !held {
-                answer["status"] = "interrupted".into();
-                answer["hint"] = "POST /repredictions with this run_id to resume it".into();
-            }
-            answer["backlog"] = run.backlog().into();
-            // The rate so far, from the run's start to its last chunk.
-            let done = (run.predicted + run.failed).max(0) as u64;
-            let seconds = (run.updated_at - run.started_at).num_milliseconds() as f64 / 1000.0;
-            let estimate = crate::domain::progress::estimate(done, run.selected.max(0) as u64, done, seconds);
-            answer["percent"] = estimate.percent.into();
-            answer["eta_seconds"] = match answer["status"].as_str() {
-                Some("running") | Some("completed") => estimate.eta_seconds.into(),
-                _ => serde_json::Value::Null,
-            };
+            let answer = repredict_answer(&run, held);
             HttpResponse::Ok().json(answer)
         }
         Ok(None) => HttpResponse::NotFound().json(serde_json::json!({"error": "no such re-prediction run"})),
@@ -318,13 +352,19 @@ pub fn start(
 ) -> anyhow::Result<actix_web::dev::Server> {
     admin.check_exposure()?;
     let listen = admin.listen;
-    let state = web::Data::new(AdminState { system, chaos_enabled });
+    let samples = Arc::new(super::status::Samples::default());
+    actix_rt::spawn(super::status::sample_counters(samples.clone()));
+    let state = web::Data::new(AdminState { system, chaos_enabled, samples });
     let token = web::Data::new(AdminToken(admin.token.clone()));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(token.clone())
             .wrap(actix_web::middleware::from_fn(require_token))
+            .route("/", web::get().to(page_file))
+            .route("/status.css", web::get().to(page_file))
+            .route("/status.js", web::get().to(page_file))
+            .route("/status.json", web::get().to(status_json))
             .route("/health", web::get().to(health))
             .route("/ready", web::get().to(ready))
             .route("/metrics", web::get().to(metrics))

@@ -14,6 +14,7 @@ use crate::{db, kafka};
 
 pub mod admin;
 pub mod shutdown;
+pub mod status;
 
 use shutdown::{shutdown, wait_for_signal};
 

@@ -25,6 +25,7 @@ mod scenario;
 mod schemas;
 mod security;
 mod stack;
+mod status_page;
 mod streaming;
 mod supervision;
 mod tls;

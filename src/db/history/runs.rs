@@ -70,6 +70,21 @@ pub fn load_run(connection: &mut PgConnection, run_id: &str) -> Result<Option<Re
     Ok(rows.pop())
 }
 
+/// The `limit` re-prediction runs started last, newest first, each with
+/// whether a session holds it (a running run nobody holds is interrupted).
+pub fn recent_runs(connection: &mut PgConnection, limit: i64) -> Result<Vec<(RepredictRun, bool)>, WriteError> {
+    let runs: Vec<RepredictRun> =
+        diesel::sql_query(format!("SELECT {RUN_COLUMNS} FROM repredict_runs ORDER BY started_at DESC LIMIT $1"))
+            .bind::<diesel::sql_types::BigInt, _>(limit)
+            .load(connection)?;
+    runs.into_iter()
+        .map(|run| {
+            let held = run.status == "running" && super::run_is_held(connection, &run.run_id)?;
+            Ok((run, held))
+        })
+        .collect()
+}
+
 /// How a run's start went, in the session holding its lock.
 #[derive(Debug)]
 pub enum RunStart {
