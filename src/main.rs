@@ -377,7 +377,8 @@ fn init_logging(config: &Config) -> anyhow::Result<Option<txnflow::observability
     use tracing_subscriber::prelude::*;
     // Colours only on a terminal: log files and pipes get plain text.
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        // Above the progress bar, when one is drawn.
+        .with_writer(txnflow::observability::progress::LogWriter::default)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match config.log.format {
         LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(log_format::FlatJson).boxed(),

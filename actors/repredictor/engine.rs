@@ -161,6 +161,9 @@ pub struct RunContext {
     /// Asked between chunks and while waiting: true stops the run, which
     /// stays resumable.
     pub stop: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Progress drawn on a terminal when there is one (the command); the
+    /// service's runs say it in a log line every 5 s.
+    pub progress_on_terminal: bool,
 }
 
 /// How a run ended in this process.
@@ -187,7 +190,7 @@ pub async fn execute(claimed: ClaimedRun, context: RunContext) -> RunEnd {
         describe(&run.selection())
     );
     let mut remaining = backlog;
-    let outcome = run_chunks(&mut session, &mut run, &context, started, &mut remaining).await;
+    let outcome = run_chunks(&mut session, &mut run, &context, &mut remaining).await;
     METRICS.repredict_backlog.sub(remaining);
     let end = match outcome {
         Ok(Finished::Completed) => finish(&mut session, &mut run, None).await,
@@ -241,7 +244,6 @@ async fn run_chunks(
     session: &mut Session,
     run: &mut RepredictRun,
     context: &RunContext,
-    started: Instant,
     remaining: &mut i64,
 ) -> Result<Finished, String> {
     let (chunk_sender, chunks) = tokio::sync::mpsc::channel(1);
@@ -250,7 +252,7 @@ async fn run_chunks(
     let read = read_chunks(reader, run.clone(), run.resume_after, context, chunk_sender);
     let run_id = run.run_id.clone();
     let predict = predict_chunks(&run_id, context, chunks, write_sender);
-    let write = write_chunks(session, run, context, started, remaining, writes);
+    let write = write_chunks(session, run, context, remaining, writes);
     let (read, predict, write) = tokio::join!(read, predict, write);
     let ends = [write, read, predict];
     if let Some(reason) = ends.iter().find_map(|end| match end {
@@ -371,19 +373,29 @@ async fn predict_chunks(
 
 /// The writer: each write in one database transaction on the session
 /// that holds the run's lock, in order, with the run's counts and resume
-/// point; a progress line every 5 s.
+/// point; its progress on the terminal, or in a line every 5 s.
 async fn write_chunks(
     session: &mut Session,
     run: &mut RepredictRun,
     context: &RunContext,
-    started: Instant,
     remaining: &mut i64,
     mut writes: tokio::sync::mpsc::Receiver<ChunkWrite>,
 ) -> Result<(), Ended> {
     let max_unavailable = Duration::from_millis(context.config.repredict.max_unavailable_ms);
-    let mut last_progress = Instant::now();
+    use crate::observability::progress::{Progress, Unit};
+    let what = format!("re-prediction {}", run.run_id);
+    let mut progress = if context.progress_on_terminal {
+        Progress::start(what, Unit::Rows)
+    } else {
+        Progress::lines(what, Unit::Rows)
+    };
     // Rows an earlier attempt of the run did: not this attempt's rate.
-    let done_before = (run.predicted + run.failed) as u64;
+    let progress_of = |run: &RepredictRun| {
+        let detail = format!("repredicted {} failed {}", run.predicted, run.failed);
+        ((run.predicted + run.failed).max(0) as u64, Some(run.selected.max(0) as u64), detail)
+    };
+    let (done, total, detail) = progress_of(run);
+    progress.show(done, total, &detail);
     while let Some(ChunkWrite { predictions, failures, done_through }) = writes.recv().await {
         let write = write_or_isolate(run.run_id.clone(), predictions, failures, done_through);
         let (stored, failed) =
@@ -401,23 +413,11 @@ async fn write_chunks(
         if done_through.is_some() {
             run.resume_after = done_through;
         }
-        if last_progress.elapsed() >= Duration::from_secs(5) {
-            let done = (run.predicted + run.failed) as u64;
-            let seconds = started.elapsed().as_secs_f64();
-            let now = done.saturating_sub(done_before);
-            let estimate = crate::domain::progress::estimate(done, run.selected.max(0) as u64, now, seconds);
-            tracing::info!(
-                run_id = run.run_id,
-                "re-prediction: {done} of {} ({}), repredicted {} failed {}, {:.0} rows/s",
-                run.selected,
-                estimate.describe(),
-                run.predicted,
-                run.failed,
-                now as f64 / seconds.max(0.001),
-            );
-            last_progress = Instant::now();
-        }
+        let (done, total, detail) = progress_of(run);
+        progress.show(done, total, &detail);
     }
+    let (done, total, detail) = progress_of(run);
+    progress.finish(done, total, &detail);
     Ok(())
 }
 

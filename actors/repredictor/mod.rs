@@ -106,6 +106,7 @@ impl Handler<StartRepredict> for Repredictor {
                         ml: actor.ml.clone(),
                         config: actor.params.config.clone(),
                         stop: Arc::new(move || stopping.is_set()),
+                        progress_on_terminal: false,
                     };
                     let id = run_id.clone();
                     actix::AsyncContext::spawn(

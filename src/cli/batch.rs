@@ -10,6 +10,7 @@ use crate::actors::csv_loader::LoadCsv;
 use crate::batch::{InputPolicy, RunStatus};
 use crate::config::Config;
 use crate::ml::{breaker, client as ml_client};
+use crate::observability::progress::{Progress, Unit};
 use crate::{db, kafka, service};
 
 /// Runs the batch to completion, prints its summary line, and returns an
@@ -45,12 +46,24 @@ pub fn run(config: Config, uri: String, run_id: Option<String>) -> anyhow::Resul
 
 async fn load(system: &Arc<ActorSystem>, uri: String, run_id: Option<String>) -> anyhow::Result<()> {
     let run_id = system.csv_loader().send(LoadCsv { uri, run_id, policy: InputPolicy::Any }).await??;
-    let mut last_progress = Instant::now();
+    // By bytes read of the files' known sizes, with the rows in its detail.
+    let mut progress = Progress::start(format!("batch run {run_id}"), Unit::Bytes);
+    let detail = |report: &crate::batch::RunReport| {
+        format!(
+            "file {}/{}: {}",
+            (report.files_done + 1).min(report.files),
+            report.files,
+            report.counts.summary(report.elapsed_seconds)
+        )
+    };
     loop {
         let report = system.runs.report(&run_id).expect("the run is registered");
         if report.status != RunStatus::Running {
             // The final report into batch_runs before the process ends.
             system.run_recorder().record().await;
+            if report.status == RunStatus::Completed {
+                progress.finish(report.bytes_read, report.bytes_total, &detail(&report));
+            }
             println!("{}", report.summary);
             for error_file in &report.error_files {
                 eprintln!("invalid rows: {error_file}");
@@ -60,20 +73,7 @@ async fn load(system: &Arc<ActorSystem>, uri: String, run_id: Option<String>) ->
                 Some(error) => Err(anyhow::anyhow!("batch run {run_id} failed: {error}")),
             };
         }
-        if last_progress.elapsed() >= Duration::from_secs(5) {
-            let progress = report.percent.map_or(String::new(), |percent| {
-                let estimate = crate::domain::progress::Estimate { percent, eta_seconds: report.eta_seconds };
-                format!("; {}", estimate.describe())
-            });
-            tracing::info!(
-                run_id,
-                "file {}/{}: {}{progress}",
-                (report.files_done + 1).min(report.files),
-                report.files,
-                report.counts.summary(report.elapsed_seconds)
-            );
-            last_progress = Instant::now();
-        }
+        progress.show(report.bytes_read, report.bytes_total, &detail(&report));
         system.runs.changed(Duration::from_millis(200)).await;
     }
 }

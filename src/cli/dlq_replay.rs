@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use crate::config::KafkaConfig;
 use crate::domain::trace_context::TRACEPARENT;
+use crate::observability::progress::{Progress, Unit};
 
 /// How long consumer errors alone may come before a replay gives up.
 const CONSUMER_ERRORS_FOR_AT_MOST: Duration = Duration::from_secs(30);
@@ -62,6 +63,10 @@ async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::R
     let consumer: StreamConsumer = crate::kafka::client_config_with(kafka, &defaults).create()?;
     consumer.subscribe(&[&kafka.dlq_topic])?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
+    // Out of the records past the group's committed offsets when it starts.
+    let pending = pending_records(&consumer, &kafka.dlq_topic);
+    let mut progress = Progress::start(format!("dlq replay of {}", kafka.dlq_topic), Unit::Rows);
+    let detail = |replayed: u64, skipped: u64| format!("replayed {replayed} skipped {skipped} (another error type)");
     // A consumer error is often passing (a connection dropped and made
     // again): it ends the replay only once errors alone came for this long.
     let mut failing_since: Option<std::time::Instant> = None;
@@ -118,12 +123,37 @@ async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::R
         let mut commit = TopicPartitionList::new();
         commit.add_partition_offset(message.topic(), message.partition(), Offset::Offset(message.offset() + 1))?;
         consumer.commit(&commit, CommitMode::Async)?;
-        if (replayed + skipped) % 1000 == 0 {
-            tracing::info!(replayed, skipped, "replaying the DLQ");
-        }
+        let done = replayed + skipped;
+        progress.show(done, pending.map(|pending| pending.max(done)), &detail(replayed, skipped));
     }
     consumer.commit_consumer_state(CommitMode::Sync).ok();
+    let done = replayed + skipped;
+    progress.finish(done, Some(done), &detail(replayed, skipped));
     Ok((replayed, skipped))
+}
+
+/// The records of `topic` past the group's committed offsets (past the
+/// low watermark where none is committed); None when the broker does
+/// not say.
+fn pending_records(consumer: &StreamConsumer, topic: &str) -> Option<u64> {
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let partitions: Vec<i32> = metadata.topics().first()?.partitions().iter().map(|p| p.id()).collect();
+    let mut list = TopicPartitionList::new();
+    for partition in &partitions {
+        list.add_partition(topic, *partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout).ok()?;
+    let mut pending = 0u64;
+    for partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).ok()?;
+        let from = match committed.find_partition(topic, partition).map(|element| element.offset()) {
+            Some(Offset::Offset(offset)) if offset >= low => offset,
+            _ => low,
+        };
+        pending += (high - from).max(0) as u64;
+    }
+    Some(pending)
 }
 
 /// Republishes the pending rows of `dead_letters` of those types to the

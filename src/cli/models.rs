@@ -2,11 +2,12 @@
 //! predictions`: model rollouts over `prediction_history`, in the database
 //! only (the ML API is never called).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::Config;
 use crate::db::{self, history};
 use crate::domain::time_windows::TimeWindows;
+use crate::observability::progress::{Progress, Unit};
 
 /// The history rows a promote or archive chunk aims at (its time window
 /// follows the density of the rows); each chunk is one database transaction.
@@ -103,9 +104,9 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
     };
     let mut start = promotion.resume_at.unwrap_or(first).max(first);
     let mut walk = Walk { last, rows: (promotion.span.rows - promotion.examined).max(1) as u64, number: 1 };
-    let mut last_progress = Instant::now();
+    let mut progress = Progress::start(format!("promote {version}"), Unit::Rows);
     loop {
-        let covered = walk_history(&mut connection, version, &mut promotion, start, &walk, &mut last_progress)?;
+        let covered = walk_history(&mut connection, version, &mut promotion, start, &walk, &mut progress)?;
         let from = promotion.catch_up_from.unwrap_or(covered);
         let behind =
             history::rows_in_window(&mut connection, Some(version), (from, history::forever())).map_err(database)?;
@@ -116,6 +117,8 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
         };
         let Some(last) = again else {
             history::finish_promotion(&mut connection, version, &mut promotion, from).map_err(database)?;
+            let (done, total, detail) = promotion_progress(&promotion, &walk);
+            progress.finish(done, total, &detail);
             break;
         };
         eprintln!("promote {version}: going over {behind} history rows again, written while it walked");
@@ -148,7 +151,7 @@ fn walk_history(
     promotion: &mut history::Promotion,
     start: chrono::DateTime<chrono::Utc>,
     walk: &Walk,
-    last_progress: &mut Instant,
+    progress: &mut Progress,
 ) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     let mut last = walk.last;
     let mut windows = TimeWindows::new(start, last, walk.rows, CHUNK_ROWS);
@@ -172,18 +175,18 @@ fn walk_history(
                 None => return Ok(windows.next_start()),
             }
         }
-        if last_progress.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "promote {version}: {} of {} history rows ({:.0}%), {} current predictions changed{}",
-                promotion.examined,
-                promotion.span.rows,
-                100.0 * promotion.examined as f64 / promotion.span.rows.max(1) as f64,
-                promotion.promoted,
-                if walk.number > 1 { format!(", walk {} of at most {MOST_WALKS}", walk.number) } else { String::new() }
-            );
-            *last_progress = Instant::now();
-        }
+        let (done, total, detail) = promotion_progress(promotion, walk);
+        progress.show(done, total, &detail);
     }
+}
+
+/// A promotion's progress: history rows examined of those counted at its
+/// start (more when a walk goes over rows written meanwhile).
+fn promotion_progress(promotion: &history::Promotion, walk: &Walk) -> (u64, Option<u64>, String) {
+    let examined = promotion.examined.max(0) as u64;
+    let total = (promotion.span.rows.max(0) as u64).max(examined);
+    let again = if walk.number > 1 { format!(", walk {} of at most {MOST_WALKS}", walk.number) } else { String::new() };
+    (examined, Some(total), format!("{} current predictions changed{again}", promotion.promoted))
 }
 
 /// Moves history rows older than `days` days, except current predictions,
@@ -201,7 +204,8 @@ pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
     let span = history::span_before(&mut connection, cut).map_err(database)?;
     eprintln!("archiving history rows older than {days} days (before {}): {} rows", cut.to_rfc3339(), span.rows);
     let (mut examined, mut moved) = (0u64, 0u64);
-    let mut last_progress = Instant::now();
+    let mut progress = Progress::start(format!("archive older than {days} days"), Unit::Rows);
+    let total = Some(span.rows.max(0) as u64);
     if let (Some(first), Some(last)) = (span.first_at, span.last_at) {
         let mut windows = TimeWindows::new(first, last, span.rows as u64, CHUNK_ROWS);
         // The span's last row is before the cut, so every window ends at the cut at most.
@@ -213,12 +217,10 @@ pub fn archive(config: &Config, days: u32) -> anyhow::Result<()> {
             windows.done(window.1, seen);
             examined += seen;
             moved += gone;
-            if last_progress.elapsed() >= Duration::from_secs(5) {
-                eprintln!("archive: examined {examined} of {}, moved {moved}", span.rows);
-                last_progress = Instant::now();
-            }
+            progress.show(examined, total, &format!("moved {moved}"));
         }
     }
+    progress.finish(examined, total.map(|rows| rows.max(examined)), &format!("moved {moved}"));
     println!(
         "archived {moved} of {examined} history rows older than {days} days ({} kept: current predictions) in {:.1} s",
         examined - moved,

@@ -36,7 +36,7 @@ pub fn run_command(config: Config, run_id: Option<String>, selection: Selection)
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let stop = Arc::new(move || stopping.load(std::sync::atomic::Ordering::SeqCst));
-        let end = execute(claimed, RunContext { ml, config, stop }).await;
+        let end = execute(claimed, RunContext { ml, config, stop, progress_on_terminal: true }).await;
         println!("{}", summary(&end.run, end.seconds));
         match end.run.status.as_str() {
             "completed" => Ok(()),

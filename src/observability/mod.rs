@@ -3,6 +3,7 @@
 
 pub mod log_format;
 pub mod metrics;
+pub mod progress;
 pub mod recent;
 pub mod spans;
 pub mod telemetry;

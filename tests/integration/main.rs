@@ -20,6 +20,7 @@ mod mock_cluster;
 mod otlp_receiver;
 mod outage;
 mod produce;
+mod progress;
 mod rollout;
 mod scenario;
 mod schemas;
