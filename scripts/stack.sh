@@ -66,17 +66,29 @@ wait_for() {
 # line every 20 crates, plus every line that is not "Compiling", so a long
 # build is never silent and never floods the terminal.
 cargo_progress() {
-  local label="$1" n=0 line
+  local label="$1" n=0 line started=$SECONDS total
+  # The crates in Cargo.lock: about as many as a first build compiles.
+  total=$(grep -c '^name = ' "$ROOT/Cargo.lock" 2>/dev/null || echo 0)
   # A bash loop, not awk: Debian's mawk buffers its input and would stay silent.
   tee "$2" | while IFS= read -r line; do
     case "$line" in
       *Compiling*)
         n=$((n + 1))
-        if (( n % 20 == 0 )); then printf '[stack] %s: %d crates compiled (%s)\n' "$label" "$n" "$(awk '{print $2}' <<<"$line")"; fi ;;
+        if (( n % 20 == 0 )); then
+          local elapsed=$((SECONDS - started)) left=""
+          if (( total > n && elapsed > 0 )); then left=", about $(( (total - n) * elapsed / n / 60 )) min $(( (total - n) * elapsed / n % 60 )) s left"; fi
+          printf '[stack] %s: %d of about %d crates compiled (%d%%%s; %s)\n' "$label" "$n" "$total" "$(( total > 0 ? (n * 100 / total > 99 ? 99 : n * 100 / total) : 0 ))" "$left" "$(awk '{print $2}' <<<"$line")"
+        fi ;;
       *Finished*|*Installing*|*Installed*|*error*) printf '[stack] %s: %s\n' "$label" "$line" ;;
     esac
   done
 }
+
+# step WHAT: one of the steps of `up`, numbered, so that a first set-up
+# says how far along it is.
+UP_STEPS=10
+UP_STEP=0
+step() { UP_STEP=$((UP_STEP + 1)); log "step $UP_STEP of $UP_STEPS: $*"; }
 
 pid_alive() { [[ -f "$PIDS/$1.pid" ]] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
 
@@ -598,15 +610,16 @@ build_txnflow() {
 
 up() {
   mkdir -p "$LOGS" "$PIDS" "$DATA" "$STARTED"
-  build_txnflow
-  ensure_nextest
-  ensure_browser
-  up_postgres
-  up_kafka
-  up_registry
-  up_seaweedfs
-  ensure_confluent_python
-  up_ml_api
+  step "txnflow"; build_txnflow
+  step "cargo-nextest"; ensure_nextest
+  step "Chromium and playwright-core (the status page's browser test)"; ensure_browser
+  step "PostgreSQL"; up_postgres
+  step "Apache Kafka"; up_kafka
+  step "the schema registry"; up_registry
+  step "SeaweedFS (S3)"; up_seaweedfs
+  step "confluent-kafka for Python"; ensure_confluent_python
+  step "the reference ML API"; up_ml_api
+  step "topics, bucket and schema"
   log "creating topics, bucket and schema (txnflow setup)"
   (cd "$ROOT" && "$TXNFLOW_BIN" setup >"$LOGS/setup.log" 2>&1) || fail "txnflow setup; see $LOGS/setup.log"
   sed 's/^/[stack]   /' "$LOGS/setup.log" | grep -v -E '^\[stack\]   .*(INFO|DEBUG)' || true
