@@ -8,13 +8,37 @@ BIN="$ROOT/target/debug/txnflow"
 LOGS="$ROOT/.stack/logs"
 mkdir -p "$LOGS"
 
-"$BIN" run &
+# The status page is behind the admin token: one made for this run unless
+# the environment or config/local.toml gives one.
+token_note="sign in with admin.token from your configuration"
+if [[ -z "${TXNFLOW__ADMIN__TOKEN:-}" ]] && ! grep -qsE '^[[:space:]]*token[[:space:]]*=' "$ROOT/config/local.toml"; then
+  TXNFLOW__ADMIN__TOKEN="$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')"
+  export TXNFLOW__ADMIN__TOKEN
+  token_note="sign in with the token $TXNFLOW__ADMIN__TOKEN (made for this run; set TXNFLOW__ADMIN__TOKEN to choose one)"
+fi
+
+# The service's log goes to the terminal as it is; its start line gives
+# the page's address, said again here with the token to use.
+announce_page() {
+  # Ctrl-C is for the service, which logs while it stops: this reader stays until its last line.
+  trap '' INT TERM
+  local line page
+  while IFS= read -r line; do
+    printf '%s\n' "$line" >&2
+    if [[ "$line" == *"txnflow is running"* && "$line" =~ page=(http://[^[:space:]]+) ]]; then
+      page="${BASH_REMATCH[1]}"
+      printf '[run] status page: %s (%s)\n' "$page" "$token_note" >&2
+    fi
+  done
+}
+
+"$BIN" run 2> >(announce_page) &
 service=$!
 # The first producer writes plain JSON, the second Avro framed for the
 # schema registry: one topic holding both, as during a move to a registry.
 "$BIN" produce --invalid-ratio 0.02 --traceparent --format json,avro >"$LOGS/producer.log" 2>&1 &
 producer=$!
-echo "[run] service pid $service (its start line in the log names its admin address), producers pid $producer (log .stack/logs/producer.log); Ctrl-C to stop"
+echo "[run] service pid $service (the status page's address follows once it runs), producers pid $producer (log .stack/logs/producer.log); Ctrl-C to stop"
 
 stop() {
   trap - INT TERM

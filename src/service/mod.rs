@@ -39,6 +39,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(
             topic = config.kafka.topic,
             group = config.kafka.group_id,
+            page = %format!("http://{}/", config.admin.listen),
             metrics = %format!("http://{}/metrics", config.admin.listen),
             "txnflow is running"
         );
@@ -109,14 +110,15 @@ async fn report_progress(system: Arc<ActorSystem>) {
                 .sum::<u64>()
         };
         tracing::info!(
-            "in {} written {} predicted {} dead-lettered {} buffer {} in-flight {} breaker {}",
+            "in {} written {} predicted {} dead-lettered {} buffer {} in-flight {} breaker {} (status page http://{}/)",
             count("read"),
             count("written"),
             count("predicted"),
             count("dead_lettered"),
             METRICS.buffer_depth.get(),
             system.capacity.in_flight(),
-            breaker::state().as_str()
+            breaker::state().as_str(),
+            system.config.admin.listen
         );
     }
 }

@@ -280,7 +280,8 @@ fn a_bad_model_url_exits_2_naming_the_flag() {
 }
 
 /// `make run` (`scripts/run.sh`) names the admin address the service
-/// listens on, whatever `admin.listen` is.
+/// listens on, whatever `admin.listen` is, and opens with the status
+/// page's address and the token made for the run, which the page takes.
 #[test]
 fn make_run_names_the_admin_address_it_listens_on() {
     let database = crate::helpers::TestDatabase::migrated();
@@ -313,11 +314,39 @@ fn make_run_names_the_admin_address_it_listens_on() {
         assert!(std::time::Instant::now() < deadline, "no \"txnflow is running\" line in 90 s:\n{text}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
+    // It opens with the status page's address and a token made for the run, which the page takes.
+    let page = format!("http://127.0.0.1:{port}/");
+    let banner = format!("[run] status page: {page} (sign in with the token ");
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|line| line.starts_with(&banner)) {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no {banner:?}:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let token = line[banner.len()..].split(' ').next().unwrap().to_string();
+    assert_eq!(
+        &line[banner.len() + token.len()..],
+        " (made for this run; set TXNFLOW__ADMIN__TOKEN to choose one))",
+        "{line}"
+    );
+    assert!(token.len() >= 24, "{token:?}");
+    let client = reqwest::blocking::Client::new();
+    let status = |token: Option<&str>| {
+        let request = client.get(format!("{page}status.json"));
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        request.send().unwrap().status().as_u16()
+    };
+    assert_eq!((status(Some(&token)), status(None), status(Some("wrong"))), (200, 401, 401));
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let stopped = child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
-    assert!(running.contains(&format!("metrics=http://127.0.0.1:{port}/metrics")), "{running}");
+    assert!(running.contains(&format!("page={page} metrics=http://127.0.0.1:{port}/metrics")), "{running}");
     assert!(!text.contains(":8088"), "no address but the configured one:\n{text}");
     assert!(stopped.success(), "run.sh stops cleanly:\n{text}");
 }
