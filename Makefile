@@ -5,7 +5,7 @@ TXNFLOW := target/debug/txnflow
 # cargo-nextest, as `make up` installs it when the machine has none.
 export PATH := $(CURDIR)/.stack/tools/bin:$(PATH)
 
-.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history bench-tracing bench-schemas bench-history-lookup bench-peers
+.PHONY: help up down status run test test-unit test-airflow chaos fuzz bench-ml-api bench-pipeline bench-batch bench-history bench-tracing bench-schemas bench-history-lookup bench-peers bench-progress
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-pipeline: up ## End-to-end throughput beside psql \copy, latency at the se
 
 bench-batch: up ## txnflow batch of 1M rows from S3 beside psql \copy; peak RSS at 1M and 5M rows
 	@cargo bench --bench batch
+
+bench-progress: up ## The progress bar of a 1M-row txnflow batch in a pseudo-terminal: its time left at 25, 50 and 75% against the time it took
+	@BENCH_PROGRESS_ETA=1 BENCH_REPREDICT=0 cargo bench --bench batch
 
 bench-schemas: up ## Streaming with plain JSON events against Avro events through the registry, rotated, 3 x 1M keyed events
 	@BENCH_FORMATS=$${BENCH_FORMATS:-json,avro} BENCH_EVENTS=$${BENCH_EVENTS:-1000000} cargo bench --bench pipeline

@@ -19,6 +19,9 @@
 //!
 //!   cargo bench --bench batch    (BENCH_RUNS=3, BENCH_ROWS=1000000, BENCH_LARGE_ROWS=5000000; 0 skips the large run)
 //!
+//! `BENCH_PROGRESS_ETA=1` measures the terminal progress bar's time left
+//! instead (`make bench-progress`).
+//!
 //! `BENCH_TXNFLOW_BIN` runs another `txnflow` binary instead of this build's
 //! (one built at another commit by `scripts/build-baseline.sh`), to compare
 //! two builds back to back.
@@ -341,6 +344,67 @@ fn measure(
     }
 }
 
+/// `BENCH_PROGRESS_ETA=1`: how good the terminal bar's time left is. A
+/// batch of `BENCH_ROWS` runs in a pseudo-terminal (util-linux `script`);
+/// each frame is read as it comes. The time left said at the first frame at
+/// 50% or more is set against the time the run then took. Reported, not
+/// asserted.
+fn progress_eta(runtime: &tokio::runtime::Runtime, ml_api: &str, rows: u64) {
+    let bench_id = uuid::Uuid::new_v4().simple().to_string();
+    let path = std::env::temp_dir().join(format!("bench-eta-{bench_id}.csv"));
+    println!("progress: generating {rows} rows in the seed's format");
+    generate(&path, rows);
+    let uri = runtime.block_on(upload(&path, &format!("bench/{bench_id}/eta-{rows}.csv")));
+    let _ = std::fs::remove_file(&path);
+    let database = TestDatabase::migrated();
+    let command = format!("stty cols 200 rows 50; exec '{}' batch '{uri}' --run-id eta-{bench_id}", txnflow_binary());
+    println!("progress: txnflow batch {uri} in a pseudo-terminal");
+    let started = Instant::now();
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("TXNFLOW__DB__URL", &database.url)
+        .env("TXNFLOW__PREDICT__URL", ml_api)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("util-linux script runs");
+    let mut output = child.stdout.take().unwrap();
+    // (seconds since the start, percent, seconds left) of every frame.
+    let mut frames: Vec<(f64, u64, u64)> = Vec::new();
+    let mut pending = String::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        let read = std::io::Read::read(&mut output, &mut buffer).unwrap_or(0);
+        if read == 0 {
+            break;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        let at = started.elapsed().as_secs_f64();
+        while let Some(end) = pending.find(" left") {
+            let frame: String = pending.drain(..end + 5).collect();
+            let percent =
+                frame.rsplit_once("] ").and_then(|(_, rest)| rest.trim_start().split('%').next()?.parse().ok());
+            let left = frame.rsplit(' ').nth(1).and_then(|clock| {
+                let parts: Vec<u64> = clock.split(':').filter_map(|p| p.parse().ok()).collect();
+                (parts.len() == 3).then(|| parts[0] * 3600 + parts[1] * 60 + parts[2])
+            });
+            if let (Some(percent), Some(left)) = (percent, left) {
+                frames.push((at, percent, left));
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    let total = started.elapsed().as_secs_f64();
+    println!("progress: {} frames read; the run took {total:.1} s ({status})", frames.len());
+    println!("| done | after | time left said | time it took | said / took |");
+    println!("|---|---|---|---|---|");
+    for mark in [25, 50, 75] {
+        if let Some((at, percent, left)) = frames.iter().find(|(_, percent, _)| *percent >= mark) {
+            let took = total - at;
+            println!("| {percent}% | {at:.1} s | {left} s | {took:.1} s | {:.2} |", *left as f64 / took);
+        }
+    }
+}
+
 fn main() {
     let runs = env_or("BENCH_RUNS", 3);
     let rows = env_or("BENCH_ROWS", 1_000_000);
@@ -362,6 +426,9 @@ fn main() {
             txnflow::ml::reference_api::spawn_in_thread("127.0.0.1:0".parse().unwrap(), model).unwrap()
         )
     });
+    if env_or("BENCH_PROGRESS_ETA", 0) > 0 {
+        return progress_eta(&runtime, &ml_api, rows);
+    }
     let models = Models { live: &ml_api, v2: v2.as_deref() };
     let bench_id = uuid::Uuid::new_v4().simple().to_string();
     println!("txnflow: {}", txnflow_binary());

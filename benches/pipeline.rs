@@ -35,6 +35,9 @@
 //! bench-history` uses it against the last build that wrote no prediction
 //! history.
 //!
+//! `BENCH_STATUS_PAGE=1` asks for `/status.json` every 2 s during each
+//! run, as an open status page does (a build without the page answers 404).
+//!
 //! `BENCH_TRACING=1` measures tracing's cost instead: keyed throughput
 //! with tracing off, at `sample_ratio` 0.01 and at 1.0, each run once
 //! with each, every event carrying a sampled `traceparent` of its own, the
@@ -361,6 +364,16 @@ async fn throughput(
     roles.push(("postgresql", pids_named("postgres")));
     let cpu = CpuSample::start(roles);
     let waits = WaitSampler::start(&db);
+    // An open status page: its JSON asked for every 2 s, as the page does.
+    let page = std::env::var("BENCH_STATUS_PAGE").is_ok_and(|value| value == "1").then(|| {
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            loop {
+                let _ = client.get(format!("http://127.0.0.1:{admin_port}/status.json")).send().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
     let started = Instant::now();
     let mut last_report = Instant::now();
     loop {
@@ -376,6 +389,9 @@ async fn throughput(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(page) = page {
+        page.abort();
+    }
     let metrics = scrape(admin_port).await;
     let (used, cpu_seconds) = cpu.end();
     let waits = waits.end();

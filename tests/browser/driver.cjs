@@ -4,7 +4,7 @@
 //   {"do": "login", "token": T}            types T in the sign-in form and submits it
 //   {"do": "wait", "js": E, "timeout_ms": N} until expression E is truthy; answers its value
 //   {"do": "eval", "js": E}                answers E's value
-//   {"do": "screenshot", "path": P}        the whole page, as PNG
+//   {"do": "screenshot", "path": P, "full_page": B}  as PNG: the whole page, or what the window shows
 //   {"do": "close"}
 // The browser is Debian's Chromium; playwright-core comes from
 // PLAYWRIGHT_CORE (the path `make up` installed it to).
@@ -51,7 +51,7 @@ async function run(command) {
     case 'eval':
       return await page.evaluate(command.js);
     case 'screenshot':
-      await page.screenshot({ path: command.path, fullPage: true });
+      await page.screenshot({ path: command.path, fullPage: command.full_page !== false });
       return command.path;
     case 'close':
       if (browser) await browser.close();

@@ -1,6 +1,6 @@
 //! Long commands' progress: one line redrawn in place on a terminal (a
 //! pseudo-terminal made by util-linux `script`), and a line every 5 s
-//! without one.
+//! without one. `make bench-progress` reports how good the time left is.
 
 use std::process::Command;
 
@@ -8,11 +8,10 @@ use crate::batch::{Folder, batch_with};
 use crate::helpers::{run, seed_csv_path, stderr, txnflow};
 use crate::scenario::Scenario;
 
-/// `txnflow batch ARGS` in a pseudo-terminal: what the terminal showed.
-fn batch_on_a_terminal(scenario: &Scenario, args: &[&str]) -> String {
+/// `txnflow ARGS` in a pseudo-terminal of 200 columns: what the terminal showed.
+fn on_a_terminal(scenario: &Scenario, args: &[&str]) -> String {
     let program = txnflow().get_program().to_string_lossy().into_owned();
     let command = std::iter::once(program)
-        .chain(["batch".to_string()])
         .chain(args.iter().map(|arg| arg.to_string()))
         .map(|word| format!("'{word}'"))
         .collect::<Vec<_>>()
@@ -23,9 +22,10 @@ fn batch_on_a_terminal(scenario: &Scenario, args: &[&str]) -> String {
         .env("TXNFLOW__KAFKA__TOPIC", &scenario.topic)
         .env("TXNFLOW__KAFKA__DLQ_TOPIC", &scenario.dlq_topic)
         .env("TXNFLOW__DB__URL", &scenario.db.url)
-        .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url()));
+        .env("TXNFLOW__PREDICT__URL", scenario.ml_api_url())
+        .env("TXNFLOW__REPREDICT__URL", scenario.ml_api_url()));
     let shown = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "txnflow batch failed on a terminal:\n{shown}");
+    assert!(output.status.success(), "txnflow {args:?} failed on a terminal:\n{shown}");
     shown
 }
 
@@ -75,13 +75,13 @@ fn screen(raw: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_batch_run_redraws_one_progress_line_on_a_terminal_up_to_100_percent() {
+async fn a_batch_run_and_a_repredict_redraw_one_progress_line_on_a_terminal_up_to_100_percent() {
     let scenario = Scenario::new("progresstty").await;
     let folder = Folder::new().await;
     let uri = folder.put("transactions_fr.csv", std::fs::read(seed_csv_path()).unwrap()).await;
     // 20 ms an ML API call: the run lasts long enough to draw a few frames.
     scenario.set_faults(serde_json::json!({"latency_ms": 20})).await;
-    let shown = batch_on_a_terminal(&scenario, &[&uri, "--run-id", "tty-run"]);
+    let shown = on_a_terminal(&scenario, &["batch", &uri, "--run-id", "tty-run"]);
 
     // Drawn more than once, and left on the screen as one line at 100%.
     let frames = shown.matches("batch run tty-run [").count();
@@ -108,6 +108,16 @@ async fn a_batch_run_redraws_one_progress_line_on_a_terminal_up_to_100_percent()
         "{summary:?}"
     );
     assert_eq!(scenario.count("SELECT count(*) FROM transactions WHERE run_id = 'tty-run'"), 10_000);
+
+    // A re-prediction of those rows, by rows re-predicted out of those selected.
+    let shown = on_a_terminal(&scenario, &["repredict", "--run-id", "tty-re"]);
+    let screen = self::screen(&shown);
+    let bars: Vec<&String> = screen.iter().filter(|line| line.contains("re-prediction tty-re [")).collect();
+    assert_eq!(bars.len(), 1, "one line on the screen:\n{}", screen.join("\n"));
+    assert!(bars[0].contains("] 100% 10,000/10,000 "), "the bar ends at 100%: {:?}", bars[0]);
+    assert!(bars[0].ends_with(" left repredicted 10000 failed 0"), "{:?}", bars[0]);
+    let summary = screen.iter().rev().find(|line| !line.is_empty()).expect("a summary line");
+    assert!(summary.starts_with("run tty-re completed: selected 10000 repredicted 10000 failed 0 "), "{summary:?}");
 }
 
 #[tokio::test]

@@ -71,11 +71,16 @@ impl Browser {
         self.call(json!({"do": "eval", "js": js})).unwrap_or_else(|error| panic!("{js}: {error}"))
     }
 
-    fn screenshot(&mut self, name: &str) {
+    /// The whole page into `target/status-page/<name>.png`; `window` only what the window shows.
+    fn screenshot_of(&mut self, name: &str, full_page: bool) {
         let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/status-page");
         std::fs::create_dir_all(&folder).unwrap();
         let path = folder.join(format!("{name}.png"));
-        self.call(json!({"do": "screenshot", "path": path})).expect("a screenshot");
+        self.call(json!({"do": "screenshot", "path": path, "full_page": full_page})).expect("a screenshot");
+    }
+
+    fn screenshot(&mut self, name: &str) {
+        self.screenshot_of(name, true);
     }
 }
 
@@ -247,4 +252,6 @@ async fn the_status_page_shows_the_flow_in_a_real_browser() {
     );
     assert_eq!(shown, json!(expected));
     browser.screenshot("6-caught-up");
+    // The window alone: the picture in the README (docs/status-page.png).
+    browser.screenshot_of("7-window", false);
 }
