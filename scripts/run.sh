@@ -8,10 +8,20 @@ BIN="$ROOT/target/debug/txnflow"
 LOGS="$ROOT/.stack/logs"
 mkdir -p "$LOGS"
 
+# Whether the environment or config/local.toml's [admin] section sets a
+# token or a token file (a non-empty one).
+admin_token_configured() {
+  [[ -n "${TXNFLOW__ADMIN__TOKEN:-}" || -n "${TXNFLOW__ADMIN__TOKEN_FILE:-}" ]] && return 0
+  [[ -f "$ROOT/config/local.toml" ]] || return 1
+  awk '/^[[:space:]]*\[/ { admin = ($0 ~ /^[[:space:]]*\[admin\][[:space:]]*$/) }
+       admin && /^[[:space:]]*token(_file)?[[:space:]]*=[[:space:]]*"[^"]+"/ { found = 1 }
+       END { exit !found }' "$ROOT/config/local.toml"
+}
+
 # The status page is behind the admin token: one made for this run unless
 # the environment or config/local.toml gives one.
 token_note="sign in with admin.token from your configuration"
-if [[ -z "${TXNFLOW__ADMIN__TOKEN:-}" ]] && ! grep -qsE '^[[:space:]]*token[[:space:]]*=' "$ROOT/config/local.toml"; then
+if ! admin_token_configured; then
   TXNFLOW__ADMIN__TOKEN="$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')"
   export TXNFLOW__ADMIN__TOKEN
   token_note="sign in with the token $TXNFLOW__ADMIN__TOKEN (made for this run; set TXNFLOW__ADMIN__TOKEN to choose one)"
@@ -25,7 +35,8 @@ announce_page() {
   local line page
   while IFS= read -r line; do
     printf '%s\n' "$line" >&2
-    if [[ "$line" == *"txnflow is running"* && "$line" =~ page=(http://[^[:space:]]+) ]]; then
+    # The start line, in the text log format (page=URL) or the JSON one ("page":"URL").
+    if [[ "$line" == *"txnflow is running"* && "$line" =~ page[=\"\:]+(http://[^[:space:]\"]+) ]]; then
       page="${BASH_REMATCH[1]}"
       printf '[run] status page: %s (%s)\n' "$page" "$token_note" >&2
     fi

@@ -65,10 +65,10 @@ wait_for() {
 # cargo_progress LABEL LOGFILE: keep cargo's full output in LOGFILE and show a
 # line every 20 crates, plus every line that is not "Compiling", so a long
 # build is never silent and never floods the terminal.
+# cargo_progress LABEL LOG [TOTAL]: a build's progress, out of about TOTAL
+# crates when given.
 cargo_progress() {
-  local label="$1" n=0 line started=$SECONDS total
-  # The crates in Cargo.lock: about as many as a first build compiles.
-  total=$(grep -c '^name = ' "$ROOT/Cargo.lock" 2>/dev/null || echo 0)
+  local label="$1" n=0 line started=$SECONDS total="${3:-0}"
   # A bash loop, not awk: Debian's mawk buffers its input and would stay silent.
   tee "$2" | while IFS= read -r line; do
     case "$line" in
@@ -77,7 +77,11 @@ cargo_progress() {
         if (( n % 20 == 0 )); then
           local elapsed=$((SECONDS - started)) left=""
           if (( total > n && elapsed > 0 )); then left=", about $(( (total - n) * elapsed / n / 60 )) min $(( (total - n) * elapsed / n % 60 )) s left"; fi
-          printf '[stack] %s: %d of about %d crates compiled (%d%%%s; %s)\n' "$label" "$n" "$total" "$(( total > 0 ? (n * 100 / total > 99 ? 99 : n * 100 / total) : 0 ))" "$left" "$(awk '{print $2}' <<<"$line")"
+          if (( total > 0 )); then
+            printf '[stack] %s: %d of about %d crates compiled (%d%%%s; %s)\n' "$label" "$n" "$total" "$(( n * 100 / total > 99 ? 99 : n * 100 / total ))" "$left" "$(awk '{print $2}' <<<"$line")"
+          else
+            printf '[stack] %s: %d crates compiled (%s)\n' "$label" "$n" "$(awk '{print $2}' <<<"$line")"
+          fi
         fi ;;
       *Finished*|*Installing*|*Installed*|*error*) printf '[stack] %s: %s\n' "$label" "$line" ;;
     esac
@@ -604,7 +608,9 @@ build_txnflow() {
   ensure_apt_tool /usr/bin/pkg-config pkg-config "to find OpenSSL when building librdkafka"
   # The dev profile, the one the tests use, so CI compiles the crate's dependencies once.
   log "building txnflow (cargo build; the first build takes several minutes)"
-  (cd "$ROOT" && cargo build --bin txnflow 2>&1) | cargo_progress "txnflow build" "$LOGS/cargo-build.log" \
+  # The crates in Cargo.lock: about as many as a first build compiles.
+  local crates; crates=$(grep -c '^name = ' "$ROOT/Cargo.lock" 2>/dev/null || echo 0)
+  (cd "$ROOT" && cargo build --bin txnflow 2>&1) | cargo_progress "txnflow build" "$LOGS/cargo-build.log" "$crates" \
     || fail "cargo build; see $LOGS/cargo-build.log"
 }
 

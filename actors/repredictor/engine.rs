@@ -389,7 +389,8 @@ async fn write_chunks(
     } else {
         Progress::lines(what, Unit::Rows)
     };
-    // Rows an earlier attempt of the run did: not this attempt's rate.
+    // Done out of selected; the progress counts its rate from its first
+    // figure, so rows an earlier attempt did are not this attempt's rate.
     let progress_of = |run: &RepredictRun| {
         let detail = format!("repredicted {} failed {}", run.predicted, run.failed);
         ((run.predicted + run.failed).max(0) as u64, Some(run.selected.max(0) as u64), detail)

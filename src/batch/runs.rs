@@ -291,12 +291,12 @@ impl RunRegistry {
         self.changed.notify_waiters();
     }
 
-    /// Whether this process is running `run_id`.
     /// The ids of every run this process knows, running or finished.
     pub fn ids(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
     }
 
+    /// Whether this process is running `run_id`.
     pub fn is_running(&self, run_id: &str) -> bool {
         self.lock().get(run_id).is_some_and(|run| run.status == RunStatus::Running)
     }

@@ -63,6 +63,8 @@ async fn load(system: &Arc<ActorSystem>, uri: String, run_id: Option<String>) ->
             system.run_recorder().record().await;
             if report.status == RunStatus::Completed {
                 progress.finish(report.bytes_read, report.bytes_total, &detail(&report));
+            } else {
+                progress.abandon();
             }
             println!("{}", report.summary);
             for error_file in &report.error_files {
@@ -96,7 +98,10 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
         kafka::ensure_topics(&config.kafka, &[(&topic, config.kafka.partitions)]).await?;
         let producer = kafka::producer(&config.kafka)?;
         let (mut read, mut invalid, mut published) = (0u64, 0u64, 0u64);
-        let mut last_progress = Instant::now();
+        // By bytes read of the files' sizes, when every size is known.
+        let total: Option<u64> = spec.files.iter().map(|file| file.size).sum();
+        let mut progress = Progress::start(format!("batch run {run_id} via {topic}"), Unit::Bytes);
+        let mut bytes_before = 0u64;
         let mut error_files = Vec::new();
         for file in &spec.files {
             let mut errors = crate::batch::ErrorFile::new(&spec, file);
@@ -138,21 +143,23 @@ pub fn publish(config: Config, uri: String, run_id: Option<String>) -> anyhow::R
                     in_flight.next().await.expect("not empty")?;
                     published += 1;
                 }
-                if last_progress.elapsed() >= Duration::from_secs(5) {
-                    tracing::info!(run_id, "{}: read {read} invalid {invalid} published {published}", file.uri);
-                    last_progress = Instant::now();
+                if read % 1_000 == 0 {
+                    let detail = format!("{}: read {read} invalid {invalid} published {published}", file.uri);
+                    progress.show(bytes_before + rows.bytes_read(), total, &detail);
                 }
             }
             while let Some(sent) = in_flight.next().await {
                 sent?;
                 published += 1;
             }
+            bytes_before += rows.bytes_read();
             if errors.has_rows() {
                 error_files.push(errors.finish(&s3).await.map_err(|e| anyhow::anyhow!(e))?);
             } else {
                 errors.remove_stale(&s3).await;
             }
         }
+        progress.finish(bytes_before, total.map(|total| total.max(bytes_before)), &format!("published {published}"));
         println!(
             "read {read} valid {} invalid {invalid} published {published} to {topic} in {:.1} s",
             read - invalid,

@@ -121,7 +121,7 @@ pub fn promote(config: &Config, version: &str) -> anyhow::Result<()> {
             progress.finish(done, total, &detail);
             break;
         };
-        eprintln!("promote {version}: going over {behind} history rows again, written while it walked");
+        tracing::info!("promote {version}: going over {behind} history rows again, written while it walked");
         promotion.catch_up_from = None;
         start = from;
         walk = Walk { last, rows: behind, number: walk.number + 1 };

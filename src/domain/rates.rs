@@ -1,6 +1,6 @@
 //! The status page's figures from samples of counters: rates per second
-//! between two readings, and latency quantiles over the observations two
-//! readings of a histogram's buckets apart.
+//! between two readings, latency quantiles over the observations two
+//! readings of a histogram's buckets apart, and the model version in use.
 
 /// Events per second between two readings of a counter taken `seconds`
 /// apart. A counter that went back (the process restarted) counts from 0.
@@ -40,9 +40,44 @@ pub fn quantile(bounds: &[f64], before: &[u64], after: &[u64], q: f64) -> Option
     Some(lower + (upper - lower) * (rank - below as f64) / in_bucket as f64)
 }
 
+/// The name whose count rose last over `readings` (oldest first, one map
+/// of counts by name each), else the one with the most in the last: the
+/// model version the pipeline uses now.
+pub fn rose_last(readings: &[&std::collections::BTreeMap<String, u64>]) -> Option<String> {
+    for pair in readings.windows(2).rev() {
+        let (before, after) = (pair[0], pair[1]);
+        if let Some((name, _)) = after.iter().find(|(name, count)| before.get(*name).copied().unwrap_or(0) < **count) {
+            return Some(name.clone());
+        }
+    }
+    readings.last()?.iter().max_by_key(|(_, count)| **count).map(|(name, _)| name.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counts(pairs: &[(&str, u64)]) -> std::collections::BTreeMap<String, u64> {
+        pairs.iter().map(|(name, count)| (name.to_string(), *count)).collect()
+    }
+
+    #[test]
+    fn the_version_in_use_is_the_one_that_rose_last() {
+        let readings = [
+            counts(&[("v1", 10)]),
+            counts(&[("v1", 20), ("v2", 1)]),
+            counts(&[("v1", 20), ("v2", 5)]),
+            counts(&[("v1", 20), ("v2", 5)]),
+        ];
+        assert_eq!(rose_last(&readings.iter().collect::<Vec<_>>()).as_deref(), Some("v2"));
+        let idle = [counts(&[("v1", 10), ("v2", 3)]), counts(&[("v1", 10), ("v2", 3)])];
+        assert_eq!(
+            rose_last(&idle.iter().collect::<Vec<_>>()).as_deref(),
+            Some("v1"),
+            "none rose: the one with the most"
+        );
+        assert_eq!(rose_last(&[]), None);
+    }
 
     #[test]
     fn a_rate_is_events_over_seconds_and_a_restart_counts_from_zero() {

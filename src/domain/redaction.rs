@@ -76,26 +76,38 @@ pub fn short_reason(error: impl std::fmt::Display) -> String {
     }
 }
 
-/// A dead letter's reason with every double-quoted part replaced by `"…"`:
-/// decoders quote the values they refuse, and a page that lists dead
-/// letters shows why and where, never what a record held.
+/// A dead letter's reason with every quoted part replaced by `"…"` or
+/// `` `…` ``: decoders quote the values they refuse, in double quotes
+/// (with `\"` inside) or in backticks. A page that lists dead letters
+/// shows why and where, never what a record held.
 pub fn without_quoted_values(reason: &str) -> String {
     let mut out = String::with_capacity(reason.len());
-    let mut rest = reason;
-    while let Some(open) = rest.find('"') {
-        out.push_str(&rest[..open]);
-        match rest[open + 1..].find('"') {
-            Some(close) => {
-                out.push_str("\"…\"");
-                rest = &rest[open + close + 2..];
-            }
-            None => {
-                out.push_str("\"…");
-                rest = "";
+    let mut chars = reason.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' && c != '`' {
+            out.push(c);
+            continue;
+        }
+        // Up to the closing quote of the same kind; a backslash escapes the next character.
+        let mut closed = false;
+        while let Some(inner) = chars.next() {
+            match inner {
+                '\\' => {
+                    chars.next();
+                }
+                _ if inner == c => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
             }
         }
+        out.push(c);
+        out.push('…');
+        if closed {
+            out.push(c);
+        }
     }
-    out.push_str(rest);
     out
 }
 
@@ -132,6 +144,15 @@ mod tests {
         );
         assert_eq!(without_quoted_values(r#"two "a" and "b""#), r#"two "…" and "…""#);
         assert_eq!(without_quoted_values(r#"cut "off"#), r#"cut "…"#);
+        assert_eq!(without_quoted_values(r#"debug "ab\"cd" escaped"#), r#"debug "…" escaped"#);
+        assert_eq!(
+            without_quoted_values("unknown variant `refundx`, expected `refund` or `transfer`"),
+            "unknown variant `…`, expected `…` or `…`"
+        );
+        assert_eq!(
+            without_quoted_values("invalid value: integer `-5`, expected u32"),
+            "invalid value: integer `…`, expected u32"
+        );
         assert_eq!(
             without_quoted_values("malformed JSON: expected value at line 1 column 1"),
             "malformed JSON: expected value at line 1 column 1"

@@ -45,13 +45,19 @@ impl BreakerState {
 
 static STATE: AtomicU8 = AtomicU8::new(BreakerState::Closed as u8);
 
+impl BreakerState {
+    fn from_u8(value: u8) -> BreakerState {
+        match value {
+            1 => BreakerState::HalfOpen,
+            2 => BreakerState::Open,
+            _ => BreakerState::Closed,
+        }
+    }
+}
+
 /// The current state of the ML API breaker.
 pub fn state() -> BreakerState {
-    match STATE.load(Ordering::Relaxed) {
-        1 => BreakerState::HalfOpen,
-        2 => BreakerState::Open,
-        _ => BreakerState::Closed,
-    }
+    BreakerState::from_u8(STATE.load(Ordering::Relaxed))
 }
 
 /// Records a state recloser reports. Recloser also reports the state a
@@ -64,11 +70,7 @@ fn record_transition(to: BreakerState) {
         return;
     }
     METRICS.breaker_transitions.with_label_values(&[to.as_str()]).inc();
-    let from = [BreakerState::Closed, BreakerState::HalfOpen, BreakerState::Open]
-        .into_iter()
-        .find(|state| *state as u8 == from)
-        .unwrap_or(BreakerState::Closed);
-    crate::observability::recent::note_breaker_transition(from.as_str(), to.as_str());
+    crate::observability::recent::note_breaker_transition(BreakerState::from_u8(from).as_str(), to.as_str());
     match to {
         BreakerState::Open => {
             tracing::warn!(state = to.as_str(), "ML API circuit breaker opened: predictions wait for the backfill")

@@ -78,6 +78,7 @@ impl Progress {
 
     /// `done` of `total` (None while unknown); `detail` is the counts so far.
     pub fn show(&mut self, done: u64, total: Option<u64>, detail: &str) {
+        let first = self.done_before.is_none();
         let before = *self.done_before.get_or_insert(done);
         // 100% once finished only: the last rows read may not be written yet.
         let done = total.map_or(done, |total| done.min(total.saturating_sub(1)));
@@ -87,6 +88,10 @@ impl Progress {
             }
             bar.set_position(done);
             bar.set_message(detail.to_string());
+            if first {
+                // A resumed run starts past 0: its rate counts from here.
+                bar.reset_eta();
+            }
         } else if self.last_line.elapsed() >= LINE_EVERY {
             tracing::info!("{}", self.line(done.saturating_sub(before), done, total, detail));
             self.last_line = Instant::now();
@@ -126,15 +131,23 @@ impl Progress {
             None => format!("{}: {rate}: {detail}", self.what),
         }
     }
-}
 
-impl Drop for Progress {
-    /// A run that ends early (an error) leaves its bar where it stopped.
-    fn drop(&mut self) {
+    /// Leaves the bar where it stopped (a run that ends early), so that
+    /// what is said next goes below it.
+    pub fn abandon(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.abandon();
             *shown() = None;
+            if !bar.is_hidden() {
+                eprintln!();
+            }
         }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 

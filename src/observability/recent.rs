@@ -63,7 +63,7 @@ pub fn note_dead_letter(failure: &crate::domain::dead_letter::Failure, source: S
         error_type: failure.error_type.as_str(),
         stage: failure.stage.as_str(),
         reason,
-        source,
+        source: crate::domain::redaction::redact(&source),
         destination,
     };
     push(&DEAD_LETTERS, DEAD_LETTERS_KEPT, seen);

@@ -60,7 +60,7 @@ impl Samples {
     }
 
     /// Reads the counters now.
-    pub fn take(&self) {
+    pub fn sample_now(&self) {
         let families = gathered();
         let records = OUTCOMES.map(|(_, outcome)| {
             ["kafka", "file"].iter().map(|source| METRICS.records.with_label_values(&[source, outcome]).get()).sum()
@@ -88,9 +88,12 @@ impl Samples {
 /// Samples the counters every [`SAMPLE_EVERY`], for as long as the service runs.
 pub async fn sample_counters(samples: Arc<Samples>) {
     let mut ticker = tokio::time::interval(SAMPLE_EVERY);
+    // After a stall, the next sample comes 2 s later, never at once: a
+    // rate is over 2 s, not over a few microseconds.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        samples.take();
+        samples.sample_now();
     }
 }
 
@@ -123,23 +126,12 @@ fn latency_buckets(families: &BTreeMap<String, MetricFamily>) -> (Vec<f64>, Vec<
     (bounds, counts)
 }
 
-/// The model version whose count rose last over `samples`, else the one
-/// with the most: the version the pipeline uses now.
+/// The model version `counts` says the pipeline uses now (see [`rates::rose_last`]).
 fn in_use<'a>(
     samples: &'a VecDeque<Sample>,
     counts: impl Fn(&'a Sample) -> &'a BTreeMap<String, u64>,
 ) -> Option<String> {
-    let pairs = samples.iter().zip(samples.iter().skip(1)).rev();
-    for (before, after) in pairs {
-        let rose =
-            counts(after).iter().find(|(version, count)| counts(before).get(*version).copied().unwrap_or(0) < **count);
-        if let Some((version, _)) = rose {
-            return Some(version.clone());
-        }
-    }
-    samples
-        .back()
-        .and_then(|last| counts(last).iter().max_by_key(|(_, count)| **count).map(|(version, _)| version.clone()))
+    rates::rose_last(&samples.iter().map(counts).collect::<Vec<_>>())
 }
 
 /// Everything the page shows but the runs, from the samples and the counters.
@@ -272,9 +264,15 @@ async fn runs(system: &ActorSystem) -> Result<(Vec<serde_json::Value>, Vec<serde
         if batches.get(&run_id).is_some_and(|(_, answer)| answer["instance"] != system.instance.as_str()) {
             continue;
         }
+        // A running run is current; a finished one keeps the time it was recorded.
+        let recorded_at = batches.get(&run_id).map(|(at, _)| *at);
+        let at = match report.status {
+            crate::batch::RunStatus::Running => Utc::now(),
+            _ => recorded_at.unwrap_or_else(Utc::now),
+        };
         let mut answer = serde_json::to_value(report).expect("a report serialises");
         answer["instance"] = system.instance.clone().into();
-        batches.insert(run_id, (Utc::now(), answer));
+        batches.insert(run_id, (at, answer));
     }
     let mut batches: Vec<(DateTime<Utc>, serde_json::Value)> = batches.into_values().collect();
     batches.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
@@ -295,34 +293,4 @@ pub async fn snapshot(system: &ActorSystem, samples: &Samples) -> serde_json::Va
     answer["repredictions"] = repredictions.into();
     answer["runs_error"] = error.into();
     answer
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(live: &[(&str, u64)]) -> Sample {
-        Sample {
-            at: Utc::now(),
-            records: [0; 4],
-            latency: Vec::new(),
-            live: live.iter().map(|(version, count)| (version.to_string(), *count)).collect(),
-            shadow: BTreeMap::new(),
-        }
-    }
-
-    #[test]
-    fn the_version_in_use_is_the_one_that_rose_last() {
-        let samples: VecDeque<Sample> = [
-            sample(&[("v1", 10)]),
-            sample(&[("v1", 20), ("v2", 1)]),
-            sample(&[("v1", 20), ("v2", 5)]),
-            sample(&[("v1", 20), ("v2", 5)]),
-        ]
-        .into();
-        assert_eq!(in_use(&samples, |s| &s.live).as_deref(), Some("v2"));
-        let idle: VecDeque<Sample> = [sample(&[("v1", 10), ("v2", 3)]), sample(&[("v1", 10), ("v2", 3)])].into();
-        assert_eq!(in_use(&idle, |s| &s.live).as_deref(), Some("v1"), "none rose: the one with the most");
-        assert_eq!(in_use(&VecDeque::new(), |s| &s.live), None);
-    }
 }

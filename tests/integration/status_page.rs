@@ -130,7 +130,7 @@ async fn the_status_page_shows_the_flow_in_a_real_browser() {
     let breaker: [(&str, &str); 6] = [
         ("TXNFLOW__ADMIN__TOKEN", TOKEN),
         ("TXNFLOW__BREAKER__WINDOW", "10"),
-        ("TXNFLOW__BREAKER__OPEN_MS", "2000"),
+        ("TXNFLOW__BREAKER__OPEN_MS", "3000"),
         ("TXNFLOW__PREDICT__MAX_RETRIES", "1"),
         ("TXNFLOW__PREDICT__RETRY_MAX_BACKOFF_MS", "200"),
         ("TXNFLOW__PREDICT__TIMEOUT_MS", "2000"),
@@ -227,8 +227,9 @@ async fn the_status_page_shows_the_flow_in_a_real_browser() {
         "[...document.querySelectorAll('#breaker-transitions li')].map(item => item.textContent.split(' ').slice(1).join(' '))",
     );
     let transitions: Vec<&str> = transitions.as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    // Newest first; the outage may have sent a trial or two back to open before the fault ended.
     assert_eq!(transitions.first(), Some(&"half_open → closed"), "newest first: {transitions:?}");
-    assert_eq!(transitions.last(), Some(&"closed → open"), "{transitions:?}");
+    assert!(transitions.contains(&"closed → open"), "{transitions:?}");
 
     // The producer stops: every partition's lag falls to 0, at the committed end.
     running.store(false, Ordering::Relaxed);

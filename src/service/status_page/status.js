@@ -39,13 +39,14 @@ async function load() {
     showLogin(token ? 'That token was refused.' : '');
     return;
   }
-  if (!response.ok) {
-    stale('status.json answered ' + response.status);
+  try {
+    if (!response.ok) throw new Error('status.json answered ' + response.status);
+    render(await response.json());
+  } catch (error) {
+    stale(error.message);
+  } finally {
     schedule();
-    return;
   }
-  render(await response.json());
-  schedule();
 }
 
 function stale(why) {
