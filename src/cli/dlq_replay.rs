@@ -64,6 +64,7 @@ async fn replay_topic(kafka: &KafkaConfig, options: &ReplayOptions) -> anyhow::R
     consumer.subscribe(&[&kafka.dlq_topic])?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
     // Out of the records past the group's committed offsets when it starts.
+    // Blocking librdkafka calls, once, before the replay reads anything.
     let pending = pending_records(&consumer, &kafka.dlq_topic);
     let mut progress = Progress::start(format!("dlq replay of {}", kafka.dlq_topic), Unit::Rows);
     let detail = |replayed: u64, skipped: u64| format!("replayed {replayed} skipped {skipped} (another error type)");
@@ -167,6 +168,9 @@ async fn replay_table(
     let pool = crate::db::pool(db);
     let mut replayed = 0u64;
     let mut failed: Vec<i64> = Vec::new();
+    let types = error_types.to_vec();
+    let pending = crate::db::blocking(&pool, move |c| crate::db::pending_dead_letters(c, &types)).await?;
+    let mut progress = Progress::start("dlq replay of the dead_letters table", Unit::Rows);
     loop {
         let types = error_types.to_vec();
         // The ones that failed stay pending: read past them.
@@ -174,6 +178,9 @@ async fn replay_table(
         let rows = crate::db::blocking(&pool, move |c| crate::db::dead_letters(c, &types, true, limit)).await?;
         let rows: Vec<_> = rows.into_iter().filter(|row| !failed.contains(&row.id)).collect();
         if rows.is_empty() {
+            let done = replayed + failed.len() as u64;
+            let detail = format!("replayed {replayed} failed {}", failed.len());
+            progress.finish(done, Some(pending.max(done)), &detail);
             if !failed.is_empty() {
                 anyhow::bail!(
                     "replayed {replayed} from the dead_letters table; {} could not be republished (ids {:?}), see the log",
@@ -203,8 +210,9 @@ async fn replay_table(
             }
             crate::db::blocking(&pool, move |c| crate::db::mark_replayed(c, row.id)).await?;
             replayed += 1;
+            let done = replayed + failed.len() as u64;
+            progress.show(done, Some(pending.max(done)), &format!("replayed {replayed} failed {}", failed.len()));
         }
-        tracing::info!(replayed, "replaying the dead_letters table");
     }
 }
 

@@ -99,6 +99,23 @@ pub fn dead_letters(
     .load(connection)?)
 }
 
+#[derive(diesel::QueryableByName)]
+struct Pending {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pending: i64,
+}
+
+/// How many stored dead letters of these types are not replayed yet.
+pub fn pending_dead_letters(connection: &mut PgConnection, error_types: &[String]) -> Result<u64, WriteError> {
+    use diesel::sql_types::{Array, Text};
+    let row: Pending = diesel::sql_query(
+        "SELECT count(*) AS pending FROM dead_letters WHERE error_type = ANY($1) AND replayed_at IS NULL",
+    )
+    .bind::<Array<Text>, _>(error_types)
+    .get_result(connection)?;
+    Ok(row.pending.max(0) as u64)
+}
+
 /// Marks a stored dead letter as replayed (it stays, for the record).
 pub fn mark_replayed(connection: &mut PgConnection, id: i64) -> Result<(), WriteError> {
     diesel::sql_query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1")
