@@ -118,7 +118,7 @@ async fn publish(params: &DlqPublisherParams, letter: DeadLetter) {
     match refused_by {
         None => {
             METRICS.dlq_records.with_label_values(&[letter.failure.error_type.as_str()]).inc();
-            crate::observability::recent::note_dead_letter(&letter.failure, letter.ack.origin().to_string(), "dlq");
+            crate::observability::recent::note_dead_letter(&letter.failure, &header_values, "dlq");
         }
         Some(reason) => {
             tracing::warn!(
@@ -129,8 +129,7 @@ async fn publish(params: &DlqPublisherParams, letter: DeadLetter) {
             );
             store(params, &letter, &header_values, &reason).await;
             METRICS.dead_letters_stored.with_label_values(&[letter.failure.error_type.as_str()]).inc();
-            let source = letter.ack.origin().to_string();
-            crate::observability::recent::note_dead_letter(&letter.failure, source, "dead_letters");
+            crate::observability::recent::note_dead_letter(&letter.failure, &header_values, "dead_letters");
         }
     }
     METRICS.records.with_label_values(&[letter.ack.origin().source_label(), "dead_lettered"]).inc();

@@ -283,6 +283,10 @@ fn insert_transactions(
     .bind::<Array<Nullable<Text>>, _>(batch_ids)
     .bind::<Array<Text>, _>(sources)
     .load::<StoredId>(connection)?;
+    // Every row new, the usual case on the records' path: nothing to look up.
+    if inserted.len() == rows.len() {
+        return Ok(Vec::new());
+    }
     let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().map(|row| row.id).collect();
     let (found_ids, found_runs): (Vec<uuid::Uuid>, Vec<Option<&str>>) = rows
         .iter()

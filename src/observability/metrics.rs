@@ -274,6 +274,11 @@ impl Metrics {
         }
     }
 
+    /// Records with this outcome (`read`, `written`, …), from Kafka and files together.
+    pub fn records_of(&self, outcome: &str) -> u64 {
+        ["kafka", "file"].iter().map(|source| self.records.with_label_values(&[source, outcome]).get()).sum()
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();

@@ -23,7 +23,8 @@ pub struct DeadLetterSeen {
     pub at: DateTime<Utc>,
     pub error_type: &'static str,
     pub stage: &'static str,
-    /// The reason, with any value it quoted replaced by `"…"`.
+    /// The reason, as the DLQ header has it; [`dead_letters`] gives it with
+    /// every quoted value replaced.
     pub reason: String,
     /// `topic/partition/offset` or `uri:line`.
     pub source: String,
@@ -55,22 +56,36 @@ pub fn breaker_transitions() -> Vec<BreakerTransition> {
     newest_first(&BREAKER_TRANSITIONS)
 }
 
-pub fn note_dead_letter(failure: &crate::domain::dead_letter::Failure, source: String, destination: &'static str) {
-    let reason =
-        crate::domain::redaction::short_reason(crate::domain::redaction::without_quoted_values(&failure.message));
+/// A dead letter sent or stored, from the DLQ headers already made for it.
+/// Only copies here, on the records' path; the reason and the source are
+/// cleaned when the page asks ([`dead_letters`]).
+pub fn note_dead_letter(
+    failure: &crate::domain::dead_letter::Failure,
+    headers: &[(&'static str, String)],
+    destination: &'static str,
+) {
+    let header = |name: &str| headers.iter().find(|(key, _)| *key == name).map_or_else(String::new, |(_, v)| v.clone());
     let seen = DeadLetterSeen {
         at: Utc::now(),
         error_type: failure.error_type.as_str(),
         stage: failure.stage.as_str(),
-        reason,
-        source: crate::domain::redaction::redact(&source),
+        reason: header("error_message"),
+        source: header("source"),
         destination,
     };
     push(&DEAD_LETTERS, DEAD_LETTERS_KEPT, seen);
 }
 
+/// The last dead letters, newest first, each reason without the values it
+/// quoted and each source without secrets.
 pub fn dead_letters() -> Vec<DeadLetterSeen> {
-    newest_first(&DEAD_LETTERS)
+    use crate::domain::redaction::{redact, short_reason, without_quoted_values};
+    let mut seen = newest_first(&DEAD_LETTERS);
+    for letter in &mut seen {
+        letter.reason = short_reason(without_quoted_values(&letter.reason));
+        letter.source = redact(&letter.source);
+    }
+    seen
 }
 
 #[cfg(test)]

@@ -103,12 +103,7 @@ async fn report_progress(system: Arc<ActorSystem>) {
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let count = |outcome: &str| {
-            ["kafka", "file"]
-                .iter()
-                .map(|source| METRICS.records.with_label_values(&[source, outcome]).get())
-                .sum::<u64>()
-        };
+        let count = |outcome: &str| METRICS.records_of(outcome);
         tracing::info!(
             "in {} written {} predicted {} dead-lettered {} buffer {} in-flight {} breaker {} (status page http://{}/)",
             count("read"),

@@ -62,9 +62,7 @@ impl Samples {
     /// Reads the counters now.
     pub fn sample_now(&self) {
         let families = gathered();
-        let records = OUTCOMES.map(|(_, outcome)| {
-            ["kafka", "file"].iter().map(|source| METRICS.records.with_label_values(&[source, outcome]).get()).sum()
-        });
+        let records = OUTCOMES.map(|(_, outcome)| METRICS.records_of(outcome));
         let (mut live, mut shadow) = (BTreeMap::new(), BTreeMap::new());
         for metric in families.get("txnflow_predictions_total").map_or(&[][..], |family| family.get_metric()) {
             let (version, kind) = (label(metric, "model_version"), label(metric, "kind"));
@@ -152,16 +150,8 @@ fn live_figures(system: &ActorSystem, samples: &Samples) -> serde_json::Value {
             .collect();
         rates.insert((*name).into(), series.into());
     }
-    let totals: serde_json::Map<String, serde_json::Value> = OUTCOMES
-        .iter()
-        .map(|(name, outcome)| {
-            let total: u64 = ["kafka", "file"]
-                .iter()
-                .map(|source| METRICS.records.with_label_values(&[source, outcome]).get())
-                .sum();
-            ((*name).to_string(), total.into())
-        })
-        .collect();
+    let totals: serde_json::Map<String, serde_json::Value> =
+        OUTCOMES.iter().map(|(name, outcome)| ((*name).to_string(), METRICS.records_of(outcome).into())).collect();
 
     let mut partitions: BTreeMap<(String, i64), serde_json::Value> = BTreeMap::new();
     for (family, field) in [("txnflow_consumer_lag", "lag"), ("txnflow_consumer_committed_offset", "committed_offset")]
@@ -185,18 +175,18 @@ fn live_figures(system: &ActorSystem, samples: &Samples) -> serde_json::Value {
         samples.back().zip(samples.get(window_start)).map_or(0, |(last, first)| (last.at - first.at).num_seconds());
 
     let config = &system.config;
-    let versions: std::collections::BTreeSet<&String> =
-        samples.back().map(|last| last.live.keys().chain(last.shadow.keys()).collect()).unwrap_or_default();
+    let mut versions: BTreeMap<&String, (u64, u64)> = BTreeMap::new();
+    if let Some(last) = samples.back() {
+        for (version, count) in &last.live {
+            versions.entry(version).or_default().0 = *count;
+        }
+        for (version, count) in &last.shadow {
+            versions.entry(version).or_default().1 = *count;
+        }
+    }
     let versions: Vec<serde_json::Value> = versions
         .into_iter()
-        .map(|version| {
-            let last = samples.back().expect("a version comes from a sample");
-            serde_json::json!({
-                "version": version,
-                "live": last.live.get(version).copied().unwrap_or(0),
-                "shadow": last.shadow.get(version).copied().unwrap_or(0),
-            })
-        })
+        .map(|(version, (live, shadow))| serde_json::json!({"version": version, "live": live, "shadow": shadow}))
         .collect();
     let agreement = |kind: &str| METRICS.shadow_agreement.with_label_values(&[kind]).get();
 

@@ -117,6 +117,17 @@ function progress(row, percent) {
   td.append(bar, ' ' + (percent === null || percent === undefined ? '–' : percent.toFixed(1) + '%'));
 }
 
+// A batch or re-prediction run: its id, status, bar, time left and counts.
+function runRow(row, run, counts) {
+  row.dataset.runId = run.run_id;
+  const id = cell(row, run.run_id);
+  if (run.uri) id.title = run.uri;
+  cell(row, run.status, 'run-status');
+  progress(row, run.percent);
+  cell(row, run.status === 'running' ? duration(run.eta_seconds) : '–');
+  for (const count of counts) cell(row, number(run[count]), 'number');
+}
+
 function render(status) {
   $('#login').hidden = true;
   $('#status').hidden = false;
@@ -171,26 +182,8 @@ function render(status) {
     cell(row, number(v.shadow), 'number');
   });
 
-  rows('#batches', status.batches, (row, run) => {
-    row.dataset.runId = run.run_id;
-    cell(row, run.run_id).title = run.uri;
-    cell(row, run.status, 'run-status');
-    progress(row, run.percent);
-    cell(row, run.status === 'running' ? duration(run.eta_seconds) : '–');
-    cell(row, number(run.read), 'number');
-    cell(row, number(run.written), 'number');
-    cell(row, number(run.dead_lettered), 'number');
-  });
-  rows('#repredictions', status.repredictions, (row, run) => {
-    row.dataset.runId = run.run_id;
-    cell(row, run.run_id);
-    cell(row, run.status, 'run-status');
-    progress(row, run.percent);
-    cell(row, run.status === 'running' ? duration(run.eta_seconds) : '–');
-    cell(row, number(run.selected), 'number');
-    cell(row, number(run.predicted), 'number');
-    cell(row, number(run.failed), 'number');
-  });
+  rows('#batches', status.batches, (row, run) => runRow(row, run, ['read', 'written', 'dead_lettered']));
+  rows('#repredictions', status.repredictions, (row, run) => runRow(row, run, ['selected', 'predicted', 'failed']));
   $('#runs-error').textContent = status.runs_error ? 'Runs unknown: ' + status.runs_error : '';
 
   rows('#dead-letters', status.dead_letters, (row, letter) => {
